@@ -1,0 +1,17 @@
+"""Backends, registered by target format. Each factory imports its backend only when asked for."""
+from .base import Backend, KVCache, backend_class, register_backend
+
+
+@register_backend("onnx")
+def _onnx():
+    from .onnx import OnnxBackend
+    return OnnxBackend
+
+
+@register_backend("torchscript")
+def _torchscript():
+    from .torchscript import TorchScriptBackend
+    return TorchScriptBackend
+
+
+__all__ = ["Backend", "KVCache", "backend_class", "register_backend"]

@@ -1,0 +1,169 @@
+"""The backend interface every target implements, and the KV cache the runtime owns.
+
+A backend runs one decoder step over new tokens with a cache:
+
+    cache = backend.allocate_cache(batch=4, capacity=256)
+    logits = backend.forward(cache, start=0, input_ids=ids[n, S], past_lengths=lens[n])
+
+`forward` works on the contiguous slot range [start, start + n) of the cache. Row r's new tokens sit at
+positions past_lengths[r] .. past_lengths[r] + S - 1 and attend to everything before them in that slot.
+The backend writes their keys/values into the cache in place and returns float32 logits [n, S, vocab].
+Prefill and decode are the same call with different S; the generation loop keeps active slots contiguous.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import RequestError
+
+CAPACITY_CHUNK = 256  # the cache grows in steps of this many positions
+
+
+class KVCache:
+    """All layers' keys and values in one array [layers, 2, batch, kv_heads, capacity, head_dim].
+
+    Slot b of every layer is contiguous, so a backend can bind `data[l, kv, start:start+n]` in place.
+    Works for numpy arrays and torch tensors alike (the backend supplies `zeros`).
+    """
+
+    def __init__(self, zeros: Callable[[tuple], Any], layers: int, kv_heads: int, head_dim: int,
+                 batch: int, capacity: int, max_capacity: int):
+        self._zeros = zeros
+        self.max_capacity = max_capacity
+        self.shape_tail = (kv_heads, head_dim)
+        self.data = zeros((layers, 2, batch, kv_heads, capacity, head_dim))
+        self.version = 0  # bumped whenever `data` is replaced, so backends can drop stale bindings
+
+    @property
+    def batch(self) -> int:
+        return self.data.shape[2]
+
+    @property
+    def capacity(self) -> int:
+        return self.data.shape[4]
+
+    def ensure_capacity(self, needed: int) -> None:
+        """Grow (copying the filled prefix) so that `needed` positions fit; chunked to avoid regrowing each step."""
+        if needed <= self.capacity:
+            return
+        if needed > self.max_capacity:
+            raise RequestError(f"sequence of {needed} tokens exceeds the artifact's max_sequence {self.max_capacity}")
+        new_cap = min(self.max_capacity, -(-needed // CAPACITY_CHUNK) * CAPACITY_CHUNK)
+        old = self.data
+        layers, two, batch, heads, cap, dim = old.shape
+        self.data = self._zeros((layers, two, batch, heads, new_cap, dim))
+        self.data[:, :, :, :, :cap] = old
+        self.version += 1
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        if src != dst:
+            self.data[:, :, dst] = self.data[:, :, src]
+
+    @property
+    def nbytes(self) -> int:
+        d = self.data
+        return int(d.nbytes) if hasattr(d, "nbytes") else int(d.element_size() * d.nelement())
+
+
+class Backend(ABC):
+    """Template methods: public `load/forward/close` check state and inputs; subclasses write `_impl`s."""
+
+    format: str = ""
+
+    def __init__(self, artifact_dir: Path, target: "TargetEntry", dims: "ModelDims", device: str = "cpu",
+                 threads: int | None = None):
+        self.artifact_dir = Path(artifact_dir)
+        self.target = target
+        self.dims = dims
+        self.device = device
+        self.threads = threads
+        self._loaded = False
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def load(self) -> "Backend":
+        if not self._loaded:
+            self._load_impl()
+            self._loaded = True
+        return self
+
+    def close(self) -> None:
+        if self._loaded:
+            self._close_impl()
+            self._loaded = False
+
+    def __enter__(self) -> "Backend":
+        return self.load()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- inference --------------------------------------------------------------------------------
+    def input_metadata(self) -> dict[str, tuple[str, tuple]]:
+        """name -> (dtype, shape) as the manifest declares it; strings are symbolic dims."""
+        io = self.target.io
+        return {t.name: (t.dtype, tuple(t.shape)) for t in io.inputs} if io else {}
+
+    def allocate_cache(self, batch: int, capacity: int) -> KVCache:
+        self._require_loaded()
+        bounds = self.target.shapes
+        if bounds and batch > bounds.max_batch:
+            raise RequestError(f"batch of {batch} exceeds the artifact's max_batch {bounds.max_batch}")
+        max_capacity = bounds.max_sequence if bounds else self.dims.max_positions
+        capacity = min(max_capacity, -(-max(capacity, 1) // CAPACITY_CHUNK) * CAPACITY_CHUNK)
+        return KVCache(self._zeros, self.dims.num_layers, self.dims.kv_heads, self.dims.head_dim,
+                       batch, capacity, max_capacity)
+
+    def forward(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray) -> np.ndarray:
+        self._require_loaded()
+        n, steps = input_ids.shape
+        if start < 0 or start + n > cache.batch:
+            raise RequestError(f"slots [{start}, {start + n}) outside a cache of {cache.batch} slots")
+        cache.ensure_capacity(int(past_lengths.max()) + steps)
+        return self._forward_impl(cache, start, np.ascontiguousarray(input_ids, dtype=np.int64),
+                                  np.ascontiguousarray(past_lengths, dtype=np.int64))
+
+    # -- subclass hooks ---------------------------------------------------------------------------
+    @abstractmethod
+    def _load_impl(self) -> None: ...
+
+    @abstractmethod
+    def _close_impl(self) -> None: ...
+
+    @abstractmethod
+    def _zeros(self, shape: tuple) -> Any:
+        """A zero-filled float array of `shape` on this backend's device (numpy or torch)."""
+
+    @abstractmethod
+    def _forward_impl(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray) -> np.ndarray: ...
+
+    def _require_loaded(self) -> None:
+        if not self._loaded:
+            raise RuntimeError(f"{type(self).__name__} used before load()")
+
+
+# -- registry ---------------------------------------------------------------------------------------
+_BACKENDS: dict[str, Callable[[], type[Backend]]] = {}
+
+
+def register_backend(fmt: str):
+    """Register a zero-argument factory returning the backend class (so heavy imports stay lazy)."""
+
+    def deco(factory):
+        if fmt in _BACKENDS:
+            raise ValueError(f"backend {fmt!r} registered twice")
+        _BACKENDS[fmt] = factory
+        return factory
+
+    return deco
+
+
+def backend_class(fmt: str) -> type[Backend]:
+    try:
+        factory = _BACKENDS[fmt]
+    except KeyError:
+        raise ValueError(f"no backend for format {fmt!r}; known: {', '.join(sorted(_BACKENDS))}") from None
+    return factory()

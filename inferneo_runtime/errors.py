@@ -1,0 +1,40 @@
+"""Error types the runtime raises; the CLI maps each to an exit code (see README)."""
+
+
+class InferneoError(Exception):
+    """Base class: every error the runtime means to show a user."""
+
+    exit_code = 1
+
+
+class ManifestError(InferneoError):
+    """inferneo.json is missing, unreadable or of an unknown schema version."""
+
+    exit_code = 3
+
+
+class IntegrityError(InferneoError):
+    """A file does not match the checksum or size the manifest recorded."""
+
+    exit_code = 4
+
+
+class MissingExtraError(InferneoError):
+    """An optional dependency (torch, tensorrt, boto3, ...) is needed and not installed."""
+
+    exit_code = 5
+
+    def __init__(self, what: str, extra: str, module: str):
+        super().__init__(f"{what} needs the '{module}' package: pip install 'inferneo[{extra}]'")
+
+
+class RequestError(InferneoError, ValueError):
+    """A generation request is invalid (bad parameter, too long for the artifact's bounds)."""
+
+    exit_code = 2
+
+
+class GoldenMismatch(InferneoError):
+    """The artifact no longer reproduces the goldens recorded at build time."""
+
+    exit_code = 6

@@ -1,0 +1,175 @@
+"""The artifact manifest (`inferneo.json`): the one contract between builder and runtime.
+
+The builder writes it last; the runtime reads it first and trusts nothing it does not list.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import IntegrityError, ManifestError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "inferneo.json"
+VALIDATION_NAME = "validation.json"
+TargetFormat = Literal["onnx", "torchscript", "tensorrt"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FileEntry(_Model):
+    path: str  # relative to the artifact root, forward slashes
+    sha256: str
+    size: int
+
+
+class TensorSpec(_Model):
+    name: str
+    dtype: str  # numpy-style name: float32, int64, ...
+    shape: list[Union[int, str]]  # ints are fixed, strings are symbolic dims
+
+
+class IOSignature(_Model):
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    # How the KV cache is passed: "per_layer" = past_key_values.{i}.key/value (+ present.* outputs bound
+    # to the same buffers); "stacked" = one [layers, 2, batch, kv_heads, capacity, head_dim] tensor.
+    kv_layout: Literal["per_layer", "stacked"]
+    kv_input: str = "past_key_values.{}.{}"  # per-layer template: layer index, "key"|"value"
+    kv_output: str = "present.{}.{}"
+
+
+class ShapeBounds(_Model):
+    max_batch: int = Field(ge=1)
+    max_sequence: int = Field(ge=2)
+
+
+class ValidationSummary(_Model):
+    status: Literal["passed", "failed", "skipped"]
+    reason: Optional[str] = None
+    max_abs_logits_error: Optional[float] = None
+    logits_atol: Optional[float] = None
+    token_match: Optional[bool] = None
+    first_divergence: Optional[int] = None  # generated-token index where greedy output first differs
+    prompts: int = 0
+    new_tokens: int = 0
+
+
+class TargetEntry(_Model):
+    format: TargetFormat
+    status: Literal["valid", "skipped"]
+    files: list[FileEntry] = []
+    dtype: str = "float32"
+    io: Optional[IOSignature] = None
+    shapes: Optional[ShapeBounds] = None
+    toolchain: dict[str, str] = {}  # opset, torch version, TensorRT version, ...
+    compatibility: dict[str, Union[str, int, float, list, None]] = {}  # GPU compute capability etc.
+    validation: ValidationSummary
+
+
+class ModelDims(_Model):
+    model_type: str
+    family: str
+    num_layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    max_positions: int
+
+
+class SourceInfo(_Model):
+    kind: Literal["hf", "path", "gguf", "s3"]
+    uri: str
+    revision: Optional[str] = None
+    weights_sha256: str
+
+
+class Golden(_Model):
+    prompt: str
+    prompt_ids: list[int]
+    tokens: list[int]  # the PyTorch reference's greedy continuation
+
+
+class GenerationDefaults(_Model):
+    eos_token_ids: list[int] = []
+    bos_token_id: Optional[int] = None
+    pad_token_id: Optional[int] = None
+
+
+class Manifest(_Model):
+    schema_version: int
+    name: str
+    task: Literal["text-generation"]
+    architecture: str
+    model: ModelDims
+    source: SourceInfo
+    generation: GenerationDefaults
+    root_files: list[FileEntry]
+    targets: dict[str, TargetEntry]
+    goldens: list[Golden]
+    toolchain: dict[str, str]
+    built_at: str
+    recipe_sha256: str
+    inferneo_version: str
+
+    def valid_targets(self) -> list[str]:
+        return [name for name, t in self.targets.items() if t.status == "valid"]
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
+
+
+def read_manifest(artifact_dir: Path) -> Manifest:
+    path = Path(artifact_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{path}: no manifest; is {artifact_dir} an Inferneo artifact directory?")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: unreadable manifest: {e}") from None
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{path}: manifest must be a JSON object")
+    version = raw.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ManifestError(f"{path}: schema_version {version!r} is not supported (this runtime reads {SCHEMA_VERSION})")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ManifestError(f"{path}: field {where}: {first['msg']}") from None
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(root: Path, path: Path) -> FileEntry:
+    return FileEntry(path=path.relative_to(root).as_posix(), sha256=sha256_file(path), size=path.stat().st_size)
+
+
+def verify_files(root: Path, entries: list[FileEntry]) -> None:
+    """Check size then sha256 of each listed file; raise naming the first file that does not match."""
+    root = Path(root)
+    for entry in entries:
+        path = root / entry.path
+        if not path.is_file():
+            raise IntegrityError(f"{path}: listed in the manifest but missing")
+        size = path.stat().st_size
+        if size != entry.size:
+            raise IntegrityError(f"{path}: size {size} does not match the manifest's {entry.size}")
+        digest = sha256_file(path)
+        if digest != entry.sha256:
+            raise IntegrityError(f"{path}: sha256 {digest[:12]}… does not match the manifest's {entry.sha256[:12]}…")
