@@ -18,6 +18,12 @@ from inferneo_runtime.manifest import IOSignature
 from ..architectures import DecoderSpec
 
 
+class TargetUnavailable(RuntimeError):
+    """The toolchain for a target is missing on this host (e.g. TensorRT); skippable with `optional: true`."""
+
+    exit_code = 5
+
+
 @dataclass
 class ExportResult:
     files: list[Path]              # absolute paths, all under out_dir/<format>/

@@ -59,9 +59,11 @@ class KVCache:
         self.data[:, :, :, :, :cap] = old
         self.version += 1
 
-    def copy_slot(self, src: int, dst: int) -> None:
+    def copy_slot(self, src: int, dst: int, length: int | None = None) -> None:
+        """Move slot `src`'s first `length` positions (all when None) into slot `dst`."""
         if src != dst:
-            self.data[:, :, dst] = self.data[:, :, src]
+            n = self.capacity if length is None else length
+            self.data[:, :, dst, :, :n] = self.data[:, :, src, :, :n]
 
     @property
     def nbytes(self) -> int:

@@ -1,0 +1,29 @@
+"""Build-side commands, imported by `inferneo_runtime.cli` only when such a command runs."""
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from .build import Progress, build
+from .recipe import load_recipe
+
+
+def run_build(recipe_path: Path, output: Optional[Path], quiet: bool = False) -> dict:
+    recipe = load_recipe(recipe_path)
+    # transformers/torch chatter (deprecations, GGUF notices) is not the user's business during a build
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    result = build(recipe, output, Progress(quiet=quiet))
+    return {
+        "ok": True,
+        "output": str(result.output),
+        "name": result.manifest.name,
+        "seconds": round(result.seconds, 2),
+        "targets": {name: {"status": t.status, "validation": t.validation.model_dump(mode="json")}
+                    for name, t in result.manifest.targets.items()},
+    }

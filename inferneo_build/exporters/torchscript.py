@@ -1,0 +1,216 @@
+"""TorchScript target: a compact project-owned decoder, traced once and saved as one `model.pt`.
+
+The traced module has the runtime's stacked-cache signature (see `inferneo_runtime.backends.base`):
+
+    logits, kv_cache = model(input_ids[n, S], position_ids[n, S], attention_mask[n, T],
+                             kv_cache[layers, 2, n, kv_heads, capacity, head_dim])
+
+Like gpt-fast's `KVCache.update`, each layer writes its new keys/values into the cache in place (a
+`scatter_` along the position axis, so rows may sit at different positions) and attends over the first
+T positions, T = attention_mask.shape[1]. The cache is owned by the runtime, not by the module: the
+tensor passed in may be a view of a bigger cache and the writes land in it. Every size is read from the
+inputs, so after tracing batch, step length, total length and capacity all stay dynamic.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inferneo_runtime.backends.torchscript import quiet_jit
+from inferneo_runtime.manifest import IOSignature, TensorSpec
+
+from ..architectures import DecoderSpec
+from . import ExportResult
+
+FILE_NAME = "model.pt"
+# Example inputs for tracing: nothing is 1 and S != T != capacity, so no size is specialized away.
+_TRACE_BATCH, _TRACE_PAST, _TRACE_STEPS, _TRACE_CAPACITY = 2, (3, 1), 3, 9
+
+
+def _param(array: np.ndarray) -> nn.Parameter:
+    return nn.Parameter(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), requires_grad=False)
+
+
+def _linear(weights: dict[str, np.ndarray], name: str) -> nn.Linear:
+    """nn.Linear from a MatMul-ready [in, out] canonical weight (+ optional bias), without random init."""
+    w = weights[f"{name}.weight"]
+    bias = weights.get(f"{name}.bias")
+    layer = nn.Linear(w.shape[0], w.shape[1], bias=bias is not None, device="meta")
+    layer.weight = _param(w.T)
+    if bias is not None:
+        layer.bias = _param(bias)
+    return layer
+
+
+class _Norm(nn.Module):
+    """RMSNorm (llama family, computed as HF does) or LayerNorm with bias (gpt2)."""
+
+    def __init__(self, weights: dict[str, np.ndarray], name: str, eps: float):
+        super().__init__()
+        self.weight = _param(weights[f"{name}.weight"])
+        bias = weights.get(f"{name}.bias")
+        self.bias = _param(bias) if bias is not None else None
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:
+            return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+class _MLP(nn.Module):
+    def __init__(self, spec: DecoderSpec, weights: dict[str, np.ndarray], prefix: str):
+        super().__init__()
+        self.gated = spec.mlp == "gated_silu"
+        self.gate = _linear(weights, f"{prefix}.gate") if self.gated else None
+        self.up = _linear(weights, f"{prefix}.up")
+        self.down = _linear(weights, f"{prefix}.down")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) -> torch.Tensor:
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # HF rotate_half
+    return x * cos + rotated * sin
+
+
+class _Attention(nn.Module):
+    def __init__(self, spec: DecoderSpec, weights: dict[str, np.ndarray], prefix: str):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = spec.heads, spec.kv_heads, spec.head_dim
+        self.groups = spec.heads // spec.kv_heads
+        self.rope = spec.positions == "rope"
+        self.qkv = _linear(weights, f"{prefix}.qkv")
+        self.o = _linear(weights, f"{prefix}.o")
+        self.split = [spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim, spec.kv_heads * spec.head_dim]
+
+    def forward(self, x, cache, cos, sin, write_index, mask):
+        # x [n, S, hidden]; cache [2, n, kv_heads, capacity, head_dim] (a view: written in place);
+        # write_index [n, kv_heads, S, head_dim] positions; mask [n, 1, S, T] bool, True = visible.
+        n, steps = x.shape[0], x.shape[1]
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q = q.view(n, steps, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(n, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(n, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.rope:
+            q, k = _rotate(q, cos, sin, self.head_dim // 2), _rotate(k, cos, sin, self.head_dim // 2)
+        cache[0].scatter_(2, write_index, k)
+        cache[1].scatter_(2, write_index, v)
+        total = mask.shape[-1]
+        keys, values = cache[0, :, :, :total], cache[1, :, :, :total]
+        if self.groups > 1:
+            # GQA without repeating the cache: fold each KV head's query group into the query axis.
+            q = q.reshape(n, self.kv_heads, self.groups * steps, self.head_dim)
+            mask = mask.unsqueeze(2).expand(n, 1, self.groups, steps, total).reshape(n, 1, self.groups * steps, total)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = out.reshape(n, self.heads, steps, self.head_dim).transpose(1, 2).reshape(n, steps, self.heads * self.head_dim)
+        return self.o(out)
+
+
+class _Block(nn.Module):
+    def __init__(self, spec: DecoderSpec, weights: dict[str, np.ndarray], i: int):
+        super().__init__()
+        prefix = f"layers.{i}"
+        self.attn_norm = _Norm(weights, f"{prefix}.attn_norm", spec.norm_eps)
+        self.attn = _Attention(spec, weights, prefix)
+        self.mlp_norm = _Norm(weights, f"{prefix}.mlp_norm", spec.norm_eps)
+        self.mlp = _MLP(spec, weights, prefix)
+
+    def forward(self, x, cache, cos, sin, write_index, mask):
+        x = x + self.attn(self.attn_norm(x), cache, cos, sin, write_index, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Decoder(nn.Module):
+    """The whole decoder over a runtime-owned stacked KV cache; see the module docstring for the signature."""
+
+    def __init__(self, spec: DecoderSpec, weights: dict[str, np.ndarray], max_sequence: int):
+        super().__init__()
+        self.kv_heads, self.head_dim = spec.kv_heads, spec.head_dim
+        self.sliding_window = spec.sliding_window
+        self.embed = _param(weights["embed"])
+        self.pos_embed = _param(weights["pos_embed"]) if spec.positions == "learned" else None
+        if spec.positions == "rope":
+            cos, sin = spec.rope_tables(max_sequence)
+            self.register_buffer("cos", torch.from_numpy(np.concatenate([cos, cos], axis=-1)))
+            self.register_buffer("sin", torch.from_numpy(np.concatenate([sin, sin], axis=-1)))
+        else:
+            self.cos = self.sin = None
+        self.blocks = nn.ModuleList(_Block(spec, weights, i) for i in range(spec.num_layers))
+        self.final_norm = _Norm(weights, "final_norm", spec.norm_eps)
+        head = weights["lm_head.weight"]
+        if head.shape[::-1] == self.embed.shape and np.array_equal(head.T, weights["embed"]):
+            self.lm_head = None  # tied: the embedding doubles as the head, stored once
+        else:
+            self.lm_head = _param(head.T)
+
+    def forward(self, input_ids, position_ids, attention_mask, kv_cache):
+        n, steps = input_ids.shape[0], input_ids.shape[1]
+        x = F.embedding(input_ids, self.embed)
+        cos = sin = None
+        if self.pos_embed is not None:
+            x = x + F.embedding(position_ids, self.pos_embed)
+        else:
+            cos = F.embedding(position_ids, self.cos).unsqueeze(1)  # [n, 1, S, head_dim]
+            sin = F.embedding(position_ids, self.sin).unsqueeze(1)
+        # Key j is visible to the query at position p iff j <= p, the mask keeps j, and (windowed) p - j < W.
+        # Key indices come from cumsum, not arange, so the trace bakes in no device or length.
+        key_pos = (torch.ones_like(attention_mask).cumsum(1) - 1).unsqueeze(1)  # [n, 1, T]
+        query_pos = position_ids.unsqueeze(2)  # [n, S, 1]
+        mask = (key_pos <= query_pos) & (attention_mask.unsqueeze(1) == 1)
+        if self.sliding_window is not None:
+            mask = mask & (query_pos - key_pos < self.sliding_window)
+        mask = mask.unsqueeze(1)  # [n, 1, S, T]
+        write_index = position_ids.view(n, 1, steps, 1).expand(n, self.kv_heads, steps, self.head_dim)
+        for i, block in enumerate(self.blocks):
+            x = block(x, kv_cache[i], cos, sin, write_index, mask)
+        head = self.lm_head if self.lm_head is not None else self.embed
+        logits = F.linear(self.final_norm(x), head)
+        return logits, kv_cache
+
+
+def _example_inputs(spec: DecoderSpec) -> tuple[torch.Tensor, ...]:
+    n, steps = _TRACE_BATCH, _TRACE_STEPS
+    past = torch.tensor(_TRACE_PAST)
+    positions = past[:, None] + torch.arange(steps)
+    total = past + steps
+    mask = (torch.arange(int(total.max()))[None] < total[:, None]).long()
+    ids = torch.arange(n * steps).view(n, steps) % spec.vocab
+    cache = torch.zeros(spec.num_layers, 2, n, spec.kv_heads, _TRACE_CAPACITY, spec.head_dim)
+    return ids, positions, mask, cache
+
+
+def io_signature(spec: DecoderSpec) -> IOSignature:
+    cache_shape = [spec.num_layers, 2, "batch", spec.kv_heads, "capacity", spec.head_dim]
+    cache = TensorSpec(name="kv_cache", dtype="float32", shape=cache_shape)
+    return IOSignature(
+        inputs=[
+            TensorSpec(name="input_ids", dtype="int64", shape=["batch", "sequence"]),
+            TensorSpec(name="position_ids", dtype="int64", shape=["batch", "sequence"]),
+            TensorSpec(name="attention_mask", dtype="int64", shape=["batch", "total_sequence"]),
+            cache,
+        ],
+        outputs=[TensorSpec(name="logits", dtype="float32", shape=["batch", "sequence", spec.vocab]), cache],
+        kv_layout="stacked",
+    )
+
+
+def export_torchscript(spec: DecoderSpec, weights: dict[str, np.ndarray], target, shapes, out_dir: Path) -> ExportResult:
+    """Build the decoder from canonical weights, trace it and save `out_dir/torchscript/model.pt`."""
+    # RoPE tables cover the artifact's max_sequence (and at least the trace example's positions).
+    rope_length = max(shapes.max_sequence, max(_TRACE_PAST) + _TRACE_STEPS)
+    model = Decoder(spec, weights, rope_length).eval()
+    path = Path(out_dir) / "torchscript" / FILE_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode(False), torch.no_grad(), quiet_jit():
+        traced = torch.jit.trace(model, _example_inputs(spec), check_trace=False)
+        torch.jit.save(traced, str(path))
+    return ExportResult(files=[path.resolve()], io=io_signature(spec), dtype="float32",
+                        toolchain={"torch": torch.__version__})

@@ -1,0 +1,52 @@
+"""Publish a finished staging directory at the output path atomically.
+
+The old artifact stays in place until the new one is complete. On Linux the two directories are swapped
+with renameat2(RENAME_EXCHANGE) in one step; elsewhere the old one is renamed aside first (and restored
+if the second rename fails).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def staging_dir(output: Path) -> Path:
+    """A fresh hidden directory beside `output` (same filesystem, so the final rename is atomic)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    path = output.parent / f".{output.name}.staging-{uuid.uuid4().hex[:8]}"
+    path.mkdir()
+    return path
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def publish(staging: Path, output: Path) -> None:
+    if not output.exists():
+        os.rename(staging, output)
+        return
+    if _exchange(staging, output):  # staging now holds the old artifact
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    aside = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(output, aside)
+    try:
+        os.rename(staging, output)
+    except OSError:
+        os.rename(aside, output)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)

@@ -1,0 +1,136 @@
+"""Open an artifact directory: read and verify the manifest, pick a target, load its backend."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+from .backends import backend_class
+from .backends.base import Backend
+from .errors import GoldenMismatch, InferneoError
+from .generation import GenerationParams, SequenceOutput, generate_ids, stream_tokens
+from .manifest import Manifest, read_manifest, verify_files
+from .tokenizer import Tokenizer
+
+# When no target is named, prefer the one that needs the fewest extras on this host.
+TARGET_PREFERENCE = ("onnx", "torchscript", "tensorrt")
+
+
+class TargetNotAvailable(InferneoError):
+    exit_code = 2
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_ids: list[int]
+    finish_reason: str
+
+
+def choose_target(manifest: Manifest, target: Optional[str]) -> str:
+    valid = manifest.valid_targets()
+    if target is not None:
+        entry = manifest.targets.get(target)
+        if entry is None:
+            raise TargetNotAvailable(f"artifact {manifest.name!r} has no target {target!r}; "
+                                     f"it has: {', '.join(manifest.targets) or 'none'}")
+        if entry.status != "valid":
+            raise TargetNotAvailable(f"target {target!r} of {manifest.name!r} was {entry.status} at build time: "
+                                     f"{entry.validation.reason or 'no reason recorded'}")
+        return target
+    for fmt in TARGET_PREFERENCE:
+        for name in valid:
+            if manifest.targets[name].format == fmt:
+                return name
+    raise TargetNotAvailable(f"artifact {manifest.name!r} has no valid target")
+
+
+def verify_artifact(root: Path, manifest: Manifest, targets: Sequence[str]) -> None:
+    """Checksum the root files and the named targets' files; raises IntegrityError naming the bad file."""
+    verify_files(root, manifest.root_files)
+    for name in targets:
+        verify_files(root, manifest.targets[name].files)
+
+
+class Model:
+    """A loaded artifact target: tokenizer + backend + the generation loop."""
+
+    def __init__(self, root: Path, manifest: Manifest, target: str, backend: Backend, tokenizer: Tokenizer):
+        self.root = root
+        self.manifest = manifest
+        self.target = target
+        self.backend = backend
+        self.tokenizer = tokenizer
+        eos = list(manifest.generation.eos_token_ids)
+        self.eos_ids = eos or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def encode(self, prompt: Union[str, Sequence[int]]) -> list[int]:
+        return list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode(prompt)
+
+    def generate(self, prompt: Union[str, Sequence[str]], max_new_tokens: int = 64, **params) -> Union[Completion, list[Completion]]:
+        """Greedy completion of one prompt (returns a Completion) or several batched together (a list)."""
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        outs = self.generate_ids([self.encode(p) for p in prompts], GenerationParams(max_new_tokens=max_new_tokens, **params))
+        completions = [self._completion(o) for o in outs]
+        return completions[0] if single else completions
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], params: GenerationParams,
+                     keep_logits: bool = False) -> list[SequenceOutput]:
+        return generate_ids(self.backend, prompts, params, self.eos_ids, keep_logits)
+
+    def stream_ids(self, prompts: Sequence[Sequence[int]], params: GenerationParams) -> Iterator:
+        return stream_tokens(self.backend, prompts, params, self.eos_ids)
+
+    def _completion(self, out: SequenceOutput) -> Completion:
+        return Completion(text=self.tokenizer.decode(out.token_ids), token_ids=out.token_ids,
+                          prompt_ids=out.prompt_ids, finish_reason=out.finish_reason or "length")
+
+    def check_goldens(self) -> list[dict]:
+        """Re-run the build's goldens on this host; raise GoldenMismatch if any differs."""
+        results = []
+        for g in self.manifest.goldens:
+            out = self.generate_ids([g.prompt_ids], GenerationParams(max_new_tokens=len(g.tokens)))[0]
+            got = out.token_ids
+            diverge = next((i for i, (a, b) in enumerate(zip(got, g.tokens)) if a != b),
+                           None if len(got) == len(g.tokens) else min(len(got), len(g.tokens)))
+            results.append({"prompt": g.prompt, "match": diverge is None, "first_divergence": diverge,
+                            "expected": g.tokens, "got": got})
+        bad = [r for r in results if not r["match"]]
+        if bad:
+            r = bad[0]
+            raise GoldenMismatch(f"target {self.target!r}: golden {r['prompt']!r} diverges at token {r['first_divergence']} "
+                                 f"({len(bad)} of {len(results)} goldens differ)")
+        return results
+
+
+def load(path: Union[str, Path], target: Optional[str] = None, device: str = "cpu",
+         threads: Optional[int] = None, verify: bool = True) -> Model:
+    """Open an artifact directory, verify what will be used, and load one target's backend.
+
+    verify=True checks the sha256 of the root files and the chosen target's files before loading.
+    """
+    root = Path(path)
+    manifest = read_manifest(root)
+    name = choose_target(manifest, target)
+    if verify:
+        verify_artifact(root, manifest, [name])
+    entry = manifest.targets[name]
+    backend = backend_class(entry.format)(root, entry, manifest.model, device=device, threads=threads)
+    tokenizer = Tokenizer(root)
+    backend.load()
+    return Model(root, manifest, name, backend, tokenizer)

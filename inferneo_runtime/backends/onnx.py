@@ -1,0 +1,100 @@
+"""ONNX Runtime backend for the graphs `inferneo_build.exporters.onnx` writes.
+
+Each layer's past and present KV are bound to the same memory, the cache's slot range
+`cache.data[l, 0|1, start:start+n]`, so GroupQueryAttention appends the new keys/values in place.
+Only numpy and onnxruntime are imported here: a runtime-only install serves ONNX artifacts without torch.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import ManifestError, RequestError
+from .base import Backend, KVCache
+
+# The built graph is already fused; ORT's extended/layout optimizations only add load time
+# (see shared/notes/FAST-DECODE.md section 6). BASIC keeps constant folding and redundant-node removal.
+GRAPH_OPTIMIZATION = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+
+
+class OnnxBackend(Backend):
+    format = "onnx"
+
+    def _load_impl(self) -> None:
+        io = self.target.io
+        if io is None or io.kv_layout != "per_layer":
+            raise ManifestError(f"{self.artifact_dir}: the onnx target must declare a per_layer KV layout")
+        model = self._model_path()
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = GRAPH_OPTIMIZATION
+        if self.threads:
+            opts.intra_op_num_threads = int(self.threads)
+        # else 0: ORT uses one thread per physical core, which measured best (FAST-DECODE.md section 6)
+        self._session = ort.InferenceSession(str(model), sess_options=opts, providers=self._providers())
+        declared = {i.name for i in self._session.get_inputs()}
+        self._has_position_ids = "position_ids" in declared
+        layers = self.dims.num_layers
+        self._kv_names = [(io.kv_input.format(l, kv), io.kv_output.format(l, kv))
+                          for l in range(layers) for kv in ("key", "value")]
+        missing = [p for p, _ in self._kv_names if p not in declared]
+        if missing:
+            raise ManifestError(f"{model}: graph lacks KV inputs {missing[:2]}...; declared: {sorted(declared)[:6]}...")
+        self._binding = None
+        self._bound_key = None
+
+    def _model_path(self):
+        onnx_files = [f.path for f in self.target.files if f.path.endswith(".onnx")]
+        if len(onnx_files) != 1:
+            raise ManifestError(f"{self.artifact_dir}: expected one .onnx file in the onnx target, found {onnx_files}")
+        return self.artifact_dir / onnx_files[0]
+
+    def _providers(self) -> list[str]:
+        if self.device.startswith("cuda"):
+            # GroupQueryAttention appends in place only when past and present are the same device buffer; this
+            # backend's cache is host memory (numpy), which a CUDA session would copy in and out every step.
+            raise RequestError(f"the onnx backend runs on cpu only (asked for {self.device!r}; onnxruntime "
+                               f"providers here: {', '.join(ort.get_available_providers())})")
+        return ["CPUExecutionProvider"]
+
+    def _close_impl(self) -> None:
+        self._session = self._binding = self._bound_key = None
+
+    def _zeros(self, shape: tuple) -> np.ndarray:
+        return np.zeros(shape, dtype=np.float32)
+
+    def _forward_impl(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray) -> np.ndarray:
+        n, steps = input_ids.shape
+        if steps > 1 and n > 1 and past_lengths.any():
+            # GroupQueryAttention takes several new tokens on a non-empty cache only for batch 1: one row at a time
+            return np.concatenate([self._forward_impl(cache, start + r, input_ids[r:r + 1], past_lengths[r:r + 1])
+                                   for r in range(n)])
+        binding = self._bind_cache(cache, start, n)
+        totals = past_lengths + steps
+        mask = (np.arange(int(totals.max()))[None, :] < totals[:, None]).astype(np.int64)  # right padding
+        feeds = [("input_ids", input_ids), ("attention_mask", mask)]
+        if self._has_position_ids:
+            feeds.append(("position_ids", past_lengths[:, None] + np.arange(steps, dtype=np.int64)))
+        for name, array in feeds:
+            binding.bind_input(name, "cpu", 0, np.int64, array.shape, array.ctypes.data)
+        logits = np.empty((n, steps, self.dims.vocab), dtype=np.float32)
+        binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        self._session.run_with_iobinding(binding)
+        return logits
+
+    def _bind_cache(self, cache: KVCache, start: int, n: int) -> ort.IOBinding:
+        """Bind past and present of every layer to the cache slots [start, start+n); reused while they stay put."""
+        data = cache.data
+        key = (data.ctypes.data, data.shape, start, n)
+        if key == self._bound_key:
+            return self._binding
+        binding = self._session.io_binding()
+        # logits first: bind order is output order, and a logits buffer of each step's shape is rebound per call
+        binding.bind_output("logits", "cpu")
+        shape = (n, *cache.shape_tail[:1], cache.capacity, cache.shape_tail[1])
+        for idx, (past, present) in enumerate(self._kv_names):
+            view = data[idx // 2, idx % 2, start:start + n]
+            assert view.flags.c_contiguous and view.shape == shape
+            binding.bind_input(past, "cpu", 0, np.float32, shape, view.ctypes.data)
+            binding.bind_output(present, "cpu", 0, np.float32, shape, view.ctypes.data)
+        self._binding, self._bound_key = binding, key
+        return binding

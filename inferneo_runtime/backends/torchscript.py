@@ -1,0 +1,75 @@
+"""TorchScript backend: runs `torchscript/model.pt` over a torch KV cache the runtime owns.
+
+Imported only when a torchscript target is chosen; it is the one runtime module that imports torch.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from contextlib import contextmanager
+
+import numpy as np
+
+from ..errors import InferneoError, MissingExtraError
+from .base import Backend, KVCache
+
+try:
+    import torch
+except ImportError:  # pragma: no cover - depends on the install
+    raise MissingExtraError("TorchScript artifacts", "torchscript", "torch") from None
+
+# torch >= 2.9 deprecates every torch.jit entry point ("`torch.jit.load` is deprecated. Please switch to ...").
+_JIT_DEPRECATION = r"`torch\.jit\.\w+` is deprecated"
+
+
+@contextmanager
+def quiet_jit():
+    """Silence exactly torch's torch.jit deprecation warnings; every other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_JIT_DEPRECATION, category=DeprecationWarning)
+        yield
+
+
+def _torch_device(device: str) -> "torch.device":
+    if device == "cpu":
+        return torch.device("cpu")
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        raise InferneoError(f"device {device!r} is not supported by the TorchScript backend; use 'cpu', 'cuda' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        raise InferneoError(f"device {device!r} requested but torch {torch.__version__} sees no CUDA device")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise InferneoError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return torch.device(device)
+
+
+class TorchScriptBackend(Backend):
+    format = "torchscript"
+    file_name = "torchscript/model.pt"
+
+    def _load_impl(self) -> None:
+        self._device = _torch_device(self.device)
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        path = self.artifact_dir / self.file_name
+        if not path.is_file():
+            raise InferneoError(f"{path}: TorchScript model file is missing")
+        with quiet_jit():
+            self._module = torch.jit.load(str(path), map_location=self._device).eval()
+
+    def _close_impl(self) -> None:
+        self._module = None
+
+    def _zeros(self, shape: tuple) -> "torch.Tensor":
+        return torch.zeros(shape, dtype=torch.float32, device=self._device)
+
+    def _forward_impl(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray) -> np.ndarray:
+        n, steps = input_ids.shape
+        ids = torch.from_numpy(input_ids).to(self._device)
+        past = torch.from_numpy(past_lengths).to(self._device)
+        positions = past[:, None] + torch.arange(steps, device=self._device)
+        total = past + steps
+        attention_mask = (torch.arange(int(past_lengths.max()) + steps, device=self._device)[None] < total[:, None])
+        with torch.inference_mode():
+            logits, _ = self._module(ids, positions, attention_mask.long(), cache.data[:, :, start:start + n])
+        return logits.float().cpu().numpy()

@@ -1,0 +1,206 @@
+"""The `inferneo` command. Thin: parse, call the Python API, print, map errors to exit codes.
+
+Runtime commands live here so a runtime-only host has them; build-side commands import `inferneo_build`
+only when they run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Inferneo: compile Hugging Face checkpoints into validated artifacts and run them.")
+out = Console()
+err = Console(stderr=True)
+
+EXIT_CODES = """Exit codes: 0 ok; 1 unexpected error; 2 bad input (recipe, arguments, request); 3 bad or unreadable
+manifest; 4 integrity failure (checksum/size); 5 missing extra or toolchain; 6 goldens do not reproduce;
+7 validation failed at build (nothing published)."""
+
+
+def _fail(e: BaseException, as_json: bool) -> "typer.Exit":
+    code = getattr(e, "exit_code", 1)
+    message = str(e) or type(e).__name__
+    if as_json:
+        payload = {"ok": False, "error": type(e).__name__, "message": message, "exit_code": code}
+        if getattr(e, "details", None) is not None:
+            payload["details"] = e.details
+        print(json.dumps(payload))
+    else:
+        err.print(f"[red]error:[/red] {message}", highlight=False)
+    if code == 1 and os.environ.get("INFERNEO_DEBUG"):
+        raise e
+    return typer.Exit(code)
+
+
+def _run(fn, as_json: bool):
+    try:
+        return fn()
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]")
+        raise typer.Exit(130)
+    except Exception as e:  # every error reaches the user as one line and an exit code
+        raise _fail(e, as_json) from None
+
+
+@app.command()
+def generate(
+    artifact: Path = typer.Argument(..., help="artifact directory"),
+    prompt: str = typer.Argument(..., help="prompt text"),
+    target: Optional[str] = typer.Option(None, help="target to run (default: onnx if present)"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    device: str = typer.Option("cpu", help="cpu or cuda[:N]"),
+    threads: Optional[int] = typer.Option(None, help="intra-op threads (default: physical cores)"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON object"),
+):
+    """Generate a completion from an artifact (greedy)."""
+
+    def go():
+        from . import load
+
+        t0 = time.perf_counter()
+        with load(artifact, target=target, device=device, threads=threads) as model:
+            t_load = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            c = model.generate(prompt, max_new_tokens=max_new_tokens)
+            t_gen = time.perf_counter() - t1
+            if as_json:
+                print(json.dumps({"ok": True, "model": model.name, "target": model.target, "text": c.text,
+                                  "token_ids": c.token_ids, "prompt_tokens": len(c.prompt_ids),
+                                  "finish_reason": c.finish_reason, "load_seconds": round(t_load, 3),
+                                  "generate_seconds": round(t_gen, 3)}))
+            else:
+                out.print(c.text, highlight=False, markup=False)
+                err.print(f"[dim]{model.name}/{model.target}: {len(c.token_ids)} tokens in {t_gen:.2f}s, "
+                          f"finish_reason={c.finish_reason}, load {t_load:.2f}s[/dim]")
+
+    _run(go, as_json)
+
+
+@app.command()
+def inspect(
+    artifact: Path = typer.Argument(..., help="artifact directory"),
+    as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
+):
+    """Show an artifact's manifest: model, targets, validation results, toolchain."""
+
+    def go():
+        from .manifest import read_manifest
+
+        m = read_manifest(artifact)
+        if as_json:
+            print(m.to_json(), end="")
+            return
+        out.print(f"[bold]{m.name}[/bold]  {m.architecture} · {m.model.num_layers} layers · hidden {m.model.hidden} · "
+                  f"vocab {m.model.vocab} · source {m.source.kind}:{m.source.uri}")
+        table = Table("target", "status", "files", "size", "validation", "max-abs err", "tokens")
+        for name, t in m.targets.items():
+            v = t.validation
+            size = sum(f.size for f in t.files)
+            table.add_row(name, t.status, str(len(t.files)), f"{size / 1e6:.1f} MB", v.status,
+                          "-" if v.max_abs_logits_error is None else f"{v.max_abs_logits_error:.2e}",
+                          "-" if v.token_match is None else ("match" if v.token_match else "diverge"))
+        out.print(table)
+        out.print(f"built {m.built_at} · schema {m.schema_version} · goldens {len(m.goldens)} · "
+                  f"torch {m.toolchain.get('torch')} · onnxruntime {m.toolchain.get('onnxruntime')}")
+
+    _run(go, as_json)
+
+
+@app.command()
+def validate(
+    artifact: Path = typer.Argument(..., help="artifact directory"),
+    target: Optional[str] = typer.Option(None, help="only this target"),
+    device: str = typer.Option("cpu", help="cpu or cuda[:N]"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON report"),
+):
+    """Re-check every checksum and re-run the build's goldens on this host."""
+
+    def go():
+        from .artifact import Model, verify_artifact
+        from .backends import backend_class
+        from .errors import GoldenMismatch, MissingExtraError
+        from .manifest import read_manifest
+        from .tokenizer import Tokenizer
+
+        m = read_manifest(artifact)
+        names = [target] if target else m.valid_targets()
+        if target and target not in m.targets:
+            raise ValueError(f"artifact {m.name!r} has no target {target!r}; it has: {', '.join(m.targets)}")
+        verify_artifact(artifact, m, names)
+        tokenizer = Tokenizer(artifact)
+        report, failed = {}, None
+        for name in names:
+            entry = m.targets[name]
+            try:
+                backend = backend_class(entry.format)(artifact, entry, m.model, device=device).load()
+            except MissingExtraError as e:
+                report[name] = {"status": "unavailable", "reason": str(e)}
+                continue
+            with Model(artifact, m, name, backend, tokenizer) as model:
+                try:
+                    results = model.check_goldens()
+                    report[name] = {"status": "passed", "goldens": len(results)}
+                except GoldenMismatch as e:
+                    report[name] = {"status": "failed", "reason": str(e)}
+                    failed = failed or e
+        if as_json:
+            print(json.dumps({"ok": failed is None, "artifact": str(artifact), "checksums": "verified", "targets": report}))
+        else:
+            out.print(f"[green]✓[/green] checksums verified ({len(m.root_files)} root files, targets: {', '.join(names)})")
+            for name, r in report.items():
+                mark = {"passed": "[green]✓[/green]", "failed": "[red]✗[/red]"}.get(r["status"], "[yellow]-[/yellow]")
+                out.print(f"{mark} {name}: {r['status']}" + (f" ({r.get('reason') or str(r.get('goldens')) + ' goldens'})"))
+        if failed:
+            raise typer.Exit(failed.exit_code)
+
+    _run(go, as_json)
+
+
+@app.command()
+def build(
+    recipe: Path = typer.Argument(..., help="recipe YAML file"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="artifact directory (default: the recipe's output)"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+):
+    """Build a recipe into a validated artifact (needs inferneo[build])."""
+
+    def go():
+        try:
+            from inferneo_build.cli import run_build
+        except ImportError as e:
+            from .errors import MissingExtraError
+
+            raise MissingExtraError("`inferneo build`", "build", getattr(e, "name", None) or "inferneo_build") from None
+        summary = run_build(recipe, output, quiet=quiet or as_json)
+        if as_json:
+            print(json.dumps(summary))
+        else:
+            out.print(f"[green]built[/green] {summary['output']} in {summary['seconds']:.1f}s: "
+                      + ", ".join(f"{t} {s['status']}" for t, s in summary["targets"].items()))
+
+    _run(go, as_json)
+
+
+@app.callback(epilog=EXIT_CODES)
+def _main():
+    pass
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

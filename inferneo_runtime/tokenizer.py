@@ -1,0 +1,90 @@
+"""Tokenization with `tokenizers` and chat templates with jinja2: no transformers on the deploy host."""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Optional, Sequence
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+from .errors import ManifestError, RequestError
+
+
+def _token_text(value) -> Optional[str]:
+    """tokenizer_config stores special tokens as a string or as an AddedToken dict."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """encode / decode / chat template over an artifact's tokenizer.json and tokenizer_config.json."""
+
+    def __init__(self, root: Path):
+        root = Path(root)
+        try:
+            self._tok = _HFTokenizer.from_file(str(root / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises plain Exception subclasses for bad files
+            raise ManifestError(f"{root / 'tokenizer.json'}: cannot load tokenizer: {e}") from None
+        config_path = root / "tokenizer_config.json"
+        self.config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        template_file = root / "chat_template.jinja"
+        self.chat_template: Optional[str] = (template_file.read_text(encoding="utf-8") if template_file.is_file()
+                                             else self.config.get("chat_template"))
+        self.bos_token = _token_text(self.config.get("bos_token"))
+        self.eos_token = _token_text(self.config.get("eos_token"))
+
+    def token_id(self, token: Optional[str]) -> Optional[int]:
+        return None if token is None else self._tok.token_to_id(token)
+
+    @property
+    def bos_id(self) -> Optional[int]:
+        return self.token_id(self.bos_token)
+
+    @property
+    def eos_id(self) -> Optional[int]:
+        return self.token_id(self.eos_token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # -- chat ---------------------------------------------------------------------------------------
+    @cached_property
+    def _compiled_template(self):
+        from jinja2 import StrictUndefined  # noqa: F401  (kept lenient like transformers)
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        if not self.chat_template:
+            raise RequestError("this artifact's tokenizer has no chat template; use plain prompts")
+
+        def raise_exception(message):
+            raise RequestError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        return env.from_string(self.chat_template)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render messages to the prompt text, as transformers' apply_chat_template(tokenize=False) does."""
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise RequestError(f"messages[{i}] needs 'role' and 'content'")
+        return self._compiled_template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+        )
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        # The template already places the special tokens, so none are added on top (as transformers does).
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)

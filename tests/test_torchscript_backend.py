@@ -1,0 +1,152 @@
+"""TorchScript target: export tiny checkpoints, run them through TorchScriptBackend, compare with HF."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from inferneo_build.architectures import canonical_weights, decoder_spec  # noqa: E402
+from inferneo_build.exporters.torchscript import export_torchscript  # noqa: E402
+from inferneo_runtime.backends.base import KVCache  # noqa: E402
+from inferneo_runtime.backends.torchscript import TorchScriptBackend  # noqa: E402
+from inferneo_runtime.manifest import ModelDims, ShapeBounds, TargetEntry, ValidationSummary  # noqa: E402
+
+from .tiny_models import make_tiny_checkpoint  # noqa: E402
+
+MODEL_TYPES = ["llama", "qwen2", "mistral", "gpt2"]
+NEW_TOKENS = 16
+SHAPES = SimpleNamespace(max_batch=4, max_sequence=512)
+PROMPTS = [[5, 17, 300, 42, 7, 99, 250, 3, 11], [8, 401, 66], [120, 9, 9, 31, 400, 77, 2, 14, 150, 19, 22, 5, 61]]
+
+
+def export_and_load(spec, weights, out_dir: Path) -> TorchScriptBackend:
+    result = export_torchscript(spec, weights, None, SHAPES, out_dir)
+    target = TargetEntry(format="torchscript", status="valid", io=result.io, dtype=result.dtype,
+                         shapes=ShapeBounds(max_batch=SHAPES.max_batch, max_sequence=SHAPES.max_sequence),
+                         toolchain=result.toolchain, validation=ValidationSummary(status="skipped"))
+    dims = ModelDims(model_type=spec.model_type, family=spec.family, num_layers=spec.num_layers, hidden=spec.hidden,
+                     heads=spec.heads, kv_heads=spec.kv_heads, head_dim=spec.head_dim, vocab=spec.vocab,
+                     max_positions=spec.max_positions)
+    return TorchScriptBackend(out_dir, target, dims, threads=2).load()
+
+
+class Case(SimpleNamespace):
+    """One exported checkpoint: `hf` (the reference), `backend`, `out_dir`."""
+
+
+def make_case(hf, out_dir: Path) -> Case:
+    spec = decoder_spec(hf.config)
+    weights = canonical_weights(spec, hf.state_dict())
+    return Case(hf=hf, spec=spec, backend=export_and_load(spec, weights, out_dir), out_dir=out_dir)
+
+
+@pytest.fixture(scope="module", params=MODEL_TYPES)
+def case(request, tmp_path_factory) -> Case:
+    ckpt = make_tiny_checkpoint(request.param, tmp_path_factory.mktemp(f"ckpt-{request.param}"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    yield make_case(hf, tmp_path_factory.mktemp(f"ts-{request.param}"))
+
+
+def hf_greedy(hf, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
+    hf.generation_config.eos_token_id = None  # run the full length; EOS handling is the generation loop's job
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          do_sample=False, max_new_tokens=new_tokens, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def backend_greedy(backend, prompt: list[int], cache: KVCache | None = None, slot: int = 0,
+                   new_tokens: int = NEW_TOKENS) -> list[int]:
+    cache = cache or backend.allocate_cache(batch=1, capacity=len(prompt) + new_tokens)
+    logits = backend.forward(cache, slot, np.array([prompt]), np.array([0]))
+    tokens = [int(logits[0, -1].argmax())]
+    while len(tokens) < new_tokens:
+        past = len(prompt) + len(tokens) - 1
+        logits = backend.forward(cache, slot, np.array([[tokens[-1]]]), np.array([past]))
+        tokens.append(int(logits[0, -1].argmax()))
+    return tokens
+
+
+def test_prefill_logits_match_hf(case):
+    ids = PROMPTS[0]
+    with torch.no_grad():
+        ref = case.hf(torch.tensor([ids])).logits.numpy()
+    cache = case.backend.allocate_cache(batch=1, capacity=len(ids))
+    logits = case.backend.forward(cache, 0, np.array([ids]), np.array([0]))
+    assert logits.dtype == np.float32 and logits.shape == (1, len(ids), case.spec.vocab)
+    np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=0)
+
+
+def test_greedy_decode_matches_hf_generate(case):
+    assert backend_greedy(case.backend, PROMPTS[0]) == hf_greedy(case.hf, PROMPTS[0])
+
+
+def test_batched_decode_matches_single_runs(case):
+    backend = case.backend
+    singles = [backend_greedy(backend, p) for p in PROMPTS]
+    cache = backend.allocate_cache(batch=3, capacity=64)
+    tokens = []
+    for slot, prompt in enumerate(PROMPTS):  # prefill each prompt into its own slot
+        logits = backend.forward(cache, slot, np.array([prompt]), np.array([0]))
+        tokens.append([int(logits[0, -1].argmax())])
+    past = np.array([len(p) for p in PROMPTS])
+    for _ in range(NEW_TOKENS - 1):  # then decode all three rows in one call
+        logits = backend.forward(cache, 0, np.array([[t[-1]] for t in tokens]), past)
+        for row, t in enumerate(tokens):
+            t.append(int(logits[row, -1].argmax()))
+        past += 1
+    assert tokens == singles
+
+
+def test_cache_growth_mid_generation(case):
+    backend, prompt = case.backend, PROMPTS[0]
+    expected = backend_greedy(backend, prompt)
+    # Start below the prompt + new tokens so the cache must grow (and be re-sliced) during decode.
+    cache = KVCache(backend._zeros, case.spec.num_layers, case.spec.kv_heads, case.spec.head_dim,
+                    batch=2, capacity=len(prompt) + 3, max_capacity=SHAPES.max_sequence)
+    assert backend_greedy(backend, prompt, cache=cache, slot=1) == expected
+    assert cache.version == 1 and cache.capacity > len(prompt) + NEW_TOKENS
+    assert not cache.data[:, :, 0].any()  # slot 0 untouched: writes landed only in the bound slot
+
+
+def test_load_and_export_show_no_deprecation_warnings(case, tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        TorchScriptBackend(case.out_dir, case.backend.target, case.backend.dims).load()
+        export_torchscript(case.spec, canonical_weights(case.spec, case.hf.state_dict()), None, SHAPES, tmp_path)
+    assert not [w for w in caught if issubclass(w.category, DeprecationWarning)], [str(w.message) for w in caught]
+
+
+def test_sliding_window_matches_hf(tmp_path):
+    config = transformers.AutoConfig.for_model(
+        "mistral", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, sliding_window=5, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(1)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() >= 2:
+                p.mul_(5.0)
+    case = make_case(hf, tmp_path)
+    assert case.spec.sliding_window == 5
+    prompt = PROMPTS[2]  # longer than the window
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits.numpy()
+    cache = case.backend.allocate_cache(batch=1, capacity=len(prompt))
+    np.testing.assert_allclose(case.backend.forward(cache, 0, np.array([prompt]), np.array([0])), ref, atol=1e-4, rtol=0)
+    assert backend_greedy(case.backend, prompt) == hf_greedy(hf, prompt)
+
+
+def test_cuda_request_without_cuda_is_a_clear_error(case):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    from inferneo_runtime.errors import InferneoError
+
+    with pytest.raises(InferneoError, match="no CUDA device"):
+        TorchScriptBackend(case.out_dir, case.backend.target, case.backend.dims, device="cuda").load()
