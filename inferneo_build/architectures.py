@@ -29,6 +29,8 @@ import numpy as np
 class UnsupportedArchitecture(ValueError):
     """The checkpoint's model_type has no entry in ARCHITECTURES."""
 
+    exit_code = 2
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -269,7 +271,8 @@ def canonical_weights(spec: DecoderSpec, state_dict: dict, dtype=np.float32) -> 
     out["final_norm.weight"] = fetch(names["final_norm.weight"])
     if "final_norm.bias" in names:
         out["final_norm.bias"] = fetch(names["final_norm.bias"])
-    head = linear(names["lm_head.weight"])
+    head = fetch(names["lm_head.weight"])  # lm_head is an nn.Linear [vocab, hidden] in every family (GPT-2 too)
+    head = np.ascontiguousarray(head.T) if head is not None else None
     out["lm_head.weight"] = head if head is not None else np.ascontiguousarray(out["embed"].T)
     missing = [k for k, v in out.items() if v is None]
     if missing:

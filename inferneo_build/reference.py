@@ -22,6 +22,11 @@ class _PerSlotCache:
     def batch(self) -> int:
         return len(self.slots)
 
+    nbytes = 0
+
+    def ensure_batch(self, slots: int) -> None:
+        self.slots += [None] * (slots - len(self.slots))
+
     def ensure_capacity(self, needed: int) -> None:
         self.capacity = max(self.capacity, needed)
 

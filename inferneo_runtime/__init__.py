@@ -7,8 +7,9 @@ from .artifact import Completion, Model, load
 from .errors import (GoldenMismatch, InferneoError, IntegrityError, ManifestError, MissingExtraError,
                      RequestError)
 from .generation import GenerationParams
+from .sampling import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "Model", "Completion", "GenerationParams", "InferneoError", "IntegrityError", "ManifestError",
+__all__ = ["load", "Model", "Completion", "GenerationParams", "SamplingParams", "InferneoError", "IntegrityError", "ManifestError",
            "MissingExtraError", "RequestError", "GoldenMismatch", "__version__"]

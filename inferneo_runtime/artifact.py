@@ -1,14 +1,15 @@
 """Open an artifact directory: read and verify the manifest, pick a target, load its backend."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 from .backends import backend_class
 from .backends.base import Backend
 from .errors import GoldenMismatch, InferneoError
-from .generation import GenerationParams, SequenceOutput, generate_ids, stream_tokens
+from .generation import SequenceOutput, generate_ids, stream_tokens
+from .sampling import SamplingParams
 from .manifest import Manifest, read_manifest, verify_files
 from .tokenizer import Tokenizer
 
@@ -26,6 +27,7 @@ class Completion:
     token_ids: list[int]
     prompt_ids: list[int]
     finish_reason: str
+    logprobs: list = field(default_factory=list)  # TokenLogprobs per generated token, when asked for
 
 
 def choose_target(manifest: Manifest, target: Optional[str]) -> str:
@@ -81,30 +83,50 @@ class Model:
     def encode(self, prompt: Union[str, Sequence[int]]) -> list[int]:
         return list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode(prompt)
 
-    def generate(self, prompt: Union[str, Sequence[str]], max_new_tokens: int = 64, **params) -> Union[Completion, list[Completion]]:
-        """Greedy completion of one prompt (returns a Completion) or several batched together (a list)."""
+    def generate(self, prompt: Union[str, Sequence[str]], **params) -> Union[Completion, list[Completion]]:
+        """Complete one prompt (returns a Completion) or several batched together (returns a list).
+
+        Keyword arguments are SamplingParams: max_new_tokens, temperature (0 = greedy), top_k, top_p, min_p,
+        repetition_penalty, presence_penalty, frequency_penalty, seed, min_new_tokens, stop, stop_token_ids,
+        logprobs, ignore_eos. With several prompts and a seed, prompt i uses seed + i.
+        """
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
-        outs = self.generate_ids([self.encode(p) for p in prompts], GenerationParams(max_new_tokens=max_new_tokens, **params))
+        outs = self.generate_ids([self.encode(p) for p in prompts], self._params(len(prompts), params))
         completions = [self._completion(o) for o in outs]
         return completions[0] if single else completions
 
-    def generate_ids(self, prompts: Sequence[Sequence[int]], params: GenerationParams,
-                     keep_logits: bool = False) -> list[SequenceOutput]:
-        return generate_ids(self.backend, prompts, params, self.eos_ids, keep_logits)
+    def chat(self, messages: list[dict], **params) -> Completion:
+        """Render `messages` with the artifact's chat template and complete them."""
+        return self._completion(self.generate_ids([self.tokenizer.encode_chat(messages)], SamplingParams(**params))[0])
 
-    def stream_ids(self, prompts: Sequence[Sequence[int]], params: GenerationParams) -> Iterator:
-        return stream_tokens(self.backend, prompts, params, self.eos_ids)
+    def stream(self, prompt: Union[str, list[dict]], **params) -> Iterator[str]:
+        """Yield text deltas as they become final; joined, they equal generate(...).text.
+        A list of messages is rendered with the chat template."""
+        ids = self.tokenizer.encode_chat(prompt) if isinstance(prompt, list) else self.encode(prompt)
+        for event in stream_tokens(self.backend, [ids], SamplingParams(**params), self.eos_ids, tokenizer=self.tokenizer):
+            if event.text:
+                yield event.text
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], params, keep_logits: bool = False) -> list[SequenceOutput]:
+        return generate_ids(self.backend, prompts, params, self.eos_ids, keep_logits, tokenizer=self.tokenizer)
+
+    @staticmethod
+    def _params(n: int, kwargs: dict):
+        base = SamplingParams(**kwargs)
+        if n == 1 or base.seed is None:
+            return base
+        return [replace(base, seed=base.seed + i) for i in range(n)]
 
     def _completion(self, out: SequenceOutput) -> Completion:
-        return Completion(text=self.tokenizer.decode(out.token_ids), token_ids=out.token_ids,
-                          prompt_ids=out.prompt_ids, finish_reason=out.finish_reason or "length")
+        return Completion(text=out.text, token_ids=out.token_ids, prompt_ids=out.prompt_ids,
+                          finish_reason=out.finish_reason or "length", logprobs=out.logprobs)
 
     def check_goldens(self) -> list[dict]:
         """Re-run the build's goldens on this host; raise GoldenMismatch if any differs."""
         results = []
         for g in self.manifest.goldens:
-            out = self.generate_ids([g.prompt_ids], GenerationParams(max_new_tokens=len(g.tokens)))[0]
+            out = self.generate_ids([g.prompt_ids], SamplingParams(max_new_tokens=len(g.tokens)))[0]
             got = out.token_ids
             diverge = next((i for i, (a, b) in enumerate(zip(got, g.tokens)) if a != b),
                            None if len(got) == len(g.tokens) else min(len(got), len(g.tokens)))
@@ -120,10 +142,14 @@ class Model:
 
 def load(path: Union[str, Path], target: Optional[str] = None, device: str = "cpu",
          threads: Optional[int] = None, verify: bool = True) -> Model:
-    """Open an artifact directory, verify what will be used, and load one target's backend.
+    """Open an artifact directory (or an s3:// URI), verify what will be used, and load one target's backend.
 
     verify=True checks the sha256 of the root files and the chosen target's files before loading.
     """
+    from . import s3
+
+    if s3.is_s3_uri(path):  # s3://bucket/prefix[/versions/<sha256>]: fetched once into the verified cache
+        path = s3.fetch(path)
     root = Path(path)
     manifest = read_manifest(root)
     name = choose_target(manifest, target)

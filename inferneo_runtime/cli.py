@@ -19,11 +19,11 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Inferneo: compile Hugging Face checkpoints into validated artifacts and run them.")
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 EXIT_CODES = """Exit codes: 0 ok; 1 unexpected error; 2 bad input (recipe, arguments, request); 3 bad or unreadable
 manifest; 4 integrity failure (checksum/size); 5 missing extra or toolchain; 6 goldens do not reproduce;
-7 validation failed at build (nothing published)."""
+7 validation failed at build (nothing published); 8 S3 error (missing bucket/key, access denied)."""
 
 
 def _fail(e: BaseException, as_json: bool) -> "typer.Exit":
@@ -189,6 +189,66 @@ def build(
         else:
             out.print(f"[green]built[/green] {summary['output']} in {summary['seconds']:.1f}s: "
                       + ", ".join(f"{t} {s['status']}" for t, s in summary["targets"].items()))
+
+    _run(go, as_json)
+
+
+@app.command()
+def push(
+    artifact: Path = typer.Argument(..., help="artifact directory"),
+    uri: str = typer.Argument(..., help="s3://bucket/prefix"),
+    jobs: int = typer.Option(8, "--jobs", "-j", min=1, help="parallel uploads"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+):
+    """Publish an artifact to S3: files, then the manifest, then LATEST (needs inferneo\\[build,s3])."""
+
+    def go():
+        try:
+            from inferneo_build.push import push as run_push
+        except ImportError as e:
+            from .errors import MissingExtraError
+
+            raise MissingExtraError("`inferneo push`", "build", getattr(e, "name", None) or "inferneo_build") from None
+        summary = run_push(artifact, uri, jobs=jobs, progress=not (quiet or as_json))
+        if summary["not_pushed"] and not as_json:
+            err.print(f"[yellow]warning:[/yellow] not in the manifest, so not pushed: {', '.join(summary['not_pushed'])}",
+                      highlight=False)
+        if as_json:
+            print(json.dumps(summary))
+        elif summary["uploaded"] == 0 and not summary["latest_updated"]:
+            out.print(f"nothing to upload: {summary['uri']} already publishes {summary['name']} version "
+                      f"{summary['version'][:12]} ({summary['files']} files verified)", highlight=False)
+        else:
+            out.print(f"[green]published[/green] {summary['name']} version {summary['version'][:12]} at {summary['uri']}: "
+                      f"uploaded {summary['uploaded']} of {summary['files']} files "
+                      f"({summary['bytes_uploaded'] / 1e6:.1f} MB) in {summary['seconds']:.1f}s", highlight=False)
+
+    _run(go, as_json)
+
+
+@app.command()
+def pull(
+    uri: str = typer.Argument(..., help="s3://bucket/prefix (LATEST) or s3://bucket/prefix/versions/<sha256>"),
+    dest: Path = typer.Argument(..., help="directory to write the artifact to"),
+    force: bool = typer.Option(False, "--force", help="replace DEST if it holds something else"),
+    jobs: int = typer.Option(8, "--jobs", "-j", min=1, help="parallel downloads"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+):
+    """Download an artifact from S3 into the verified cache and copy it to DEST (needs inferneo\\[s3])."""
+
+    def go():
+        from .s3 import pull as run_pull
+
+        summary = run_pull(uri, dest, force=force, progress=not (quiet or as_json), jobs=jobs)
+        if as_json:
+            print(json.dumps(summary))
+        else:
+            how = "already up to date" if summary["up_to_date"] else "verified and written"
+            src = "downloaded" if summary["downloaded"] else "from cache"
+            out.print(f"[green]{how}[/green] {summary['dest']}: {summary['name']} version {summary['version'][:12]} "
+                      f"({summary['files']} files, {summary['bytes'] / 1e6:.1f} MB, {src})", highlight=False)
 
     _run(go, as_json)
 

@@ -38,3 +38,9 @@ class GoldenMismatch(InferneoError):
     """The artifact no longer reproduces the goldens recorded at build time."""
 
     exit_code = 6
+
+
+class S3Error(InferneoError):
+    """An s3:// location cannot be used: missing bucket or key, access denied, unreachable endpoint."""
+
+    exit_code = 8

@@ -1,133 +1,230 @@
 """The one decode loop: every backend, build-time validation and the server run through it.
 
-Each prompt gets a slot in a runtime-owned KV cache. A prompt is prefilled once into its slot, then all
-active slots decode together, one token per step. Active slots are kept contiguous [0, n): when a
-sequence finishes, the last active slot is moved into its place, so finished sequences cost nothing
-and a waiting prompt takes the freed slot at the next step.
+Each request gets a slot in a runtime-owned KV cache. A prompt is prefilled once into its slot, then all
+active slots decode together, one token per step. Active slots stay contiguous [0, n): when a sequence
+finishes, the last active slot moves into its place, so finished sequences cost nothing and a waiting
+request takes a free slot at the next step (continuous batching).
 """
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from .backends.base import Backend
+from .backends.base import Backend, KVCache
+from .detokenize import StopStringDetokenizer
 from .errors import RequestError
+from .sampling import SamplingParams, TokenLogprobs, choose_token, token_logprobs
+from .tokenizer import Tokenizer
 
-
-@dataclass(frozen=True)
-class GenerationParams:
-    max_new_tokens: int = 64
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-
-    def __post_init__(self):
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise RequestError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+GenerationParams = SamplingParams  # the name the foundation API used
 
 
 @dataclass
 class SequenceOutput:
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: Optional[str] = None  # "stop" (EOS / stop token) or "length"
+    text: str = ""  # filled when the engine has a tokenizer
+    finish_reason: Optional[str] = None  # "stop" (EOS, stop token or stop string) or "length"
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logits: Optional[np.ndarray] = None  # [prompt_len, vocab], only with keep_logits
     step_logits: list[np.ndarray] = field(default_factory=list)  # logits each token was chosen from
 
 
 @dataclass(frozen=True)
 class TokenEvent:
-    index: int  # which prompt
+    request_id: int
     token_id: int
-    finish_reason: Optional[str]  # set on the sequence's last token
+    text: str  # newly final text (may be empty while a stop string or UTF-8 sequence is pending)
+    finish_reason: Optional[str]  # set on the request's last event
+    logprobs: Optional[TokenLogprobs] = None
 
 
-class _Sequence:
-    __slots__ = ("index", "out", "past", "params", "stop_ids")
-
-    def __init__(self, index: int, prompt: list[int], params: GenerationParams, eos_ids: frozenset[int]):
-        self.index = index
-        self.out = SequenceOutput(prompt_ids=list(prompt))
-        self.past = 0
+class Request:
+    def __init__(self, request_id: int, prompt_ids: Sequence[int], params: SamplingParams, eos_ids: frozenset[int],
+                 tokenizer: Optional[Tokenizer]):
+        self.id = request_id
         self.params = params
+        self.out = SequenceOutput(prompt_ids=list(prompt_ids))
+        self.past = 0
         self.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos_ids)
+        self.banned = np.fromiter(sorted(self.stop_ids), dtype=np.int64) if self.stop_ids else np.zeros(0, np.int64)
+        self.rng = np.random.default_rng(params.seed)
+        self.detok = StopStringDetokenizer(tokenizer, prompt_ids, params.stop) if tokenizer else None
+        self.cancelled = False
+
+    @property
+    def finished(self) -> bool:
+        return self.out.finish_reason is not None
 
     def accept(self, logits_row: np.ndarray, keep_logits: bool) -> TokenEvent:
-        token = int(np.argmax(logits_row))
+        p, out = self.params, self.out
+        banned = self.banned if len(out.token_ids) < p.min_new_tokens else ()
+        token = choose_token(logits_row, p, self.rng, out.prompt_ids + out.token_ids, out.token_ids, banned)
+        lp = token_logprobs(logits_row, token, p.logprobs) if p.logprobs is not None else None
+        if lp is not None:
+            out.logprobs.append(lp)
         if keep_logits:
-            self.out.step_logits.append(np.array(logits_row, dtype=np.float32))
-        self.out.token_ids.append(token)
+            out.step_logits.append(np.array(logits_row, dtype=np.float32))
+        out.token_ids.append(token)
+        text = ""
         if token in self.stop_ids:
-            self.out.finish_reason = "stop"
-        elif len(self.out.token_ids) >= self.params.max_new_tokens:
-            self.out.finish_reason = "length"
-        return TokenEvent(self.index, token, self.out.finish_reason)
+            out.finish_reason = "stop"
+        elif self.detok is not None:
+            text = self.detok.push(token)
+            if self.detok.stopped:
+                out.finish_reason = "stop"
+        if out.finish_reason is None and len(out.token_ids) >= p.max_new_tokens:
+            out.finish_reason = "length"
+        if out.finish_reason is not None and self.detok is not None:
+            text += self.detok.finish()
+            out.text = self.detok.text
+        elif self.detok is not None:
+            out.text = self.detok.text
+        return TokenEvent(self.id, token, text, out.finish_reason, lp)
 
 
-def check_fits(backend: Backend, prompts: Sequence[Sequence[int]], params: GenerationParams) -> None:
-    bounds = backend.target.shapes
-    limit = bounds.max_sequence if bounds else backend.dims.max_positions
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise RequestError(f"prompt {i} is empty after tokenization")
-        if len(p) + params.max_new_tokens > limit:
-            raise RequestError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={params.max_new_tokens} that is "
-                               f"{len(p) + params.max_new_tokens}, over the artifact's max_sequence {limit}")
+class Engine:
+    """Admits requests into cache slots and advances all of them one token per `step()`."""
 
+    def __init__(self, backend: Backend, eos_ids: Sequence[int] = (), tokenizer: Optional[Tokenizer] = None,
+                 keep_logits: bool = False):
+        self.backend = backend
+        self.eos_ids = frozenset(int(e) for e in eos_ids)
+        self.tokenizer = tokenizer
+        self.keep_logits = keep_logits
+        bounds = backend.target.shapes
+        self.max_batch = bounds.max_batch if bounds else 1
+        self.max_sequence = bounds.max_sequence if bounds else backend.dims.max_positions
+        self.waiting: deque[Request] = deque()
+        self.active: list[Request] = []  # active[i] lives in cache slot i
+        self.cache: Optional[KVCache] = None
+        self._ids = itertools.count()
 
-def stream_tokens(backend: Backend, prompts: Sequence[Sequence[int]], params: GenerationParams,
-                  eos_ids: Sequence[int] = (), keep_logits: bool = False,
-                  outputs: Optional[list[SequenceOutput]] = None) -> Iterator[TokenEvent]:
-    """Yield each generated token as it is chosen. `outputs`, if given, is filled with one entry per prompt."""
-    check_fits(backend, prompts, params)
-    eos = frozenset(int(e) for e in eos_ids)
-    seqs = [_Sequence(i, list(p), params, eos) for i, p in enumerate(prompts)]
-    if outputs is not None:
-        outputs[:] = [s.out for s in seqs]
-    bounds = backend.target.shapes
-    slots = min(len(seqs), bounds.max_batch if bounds else len(seqs))
-    cache = backend.allocate_cache(slots, max(len(p) for p in prompts) + params.max_new_tokens)
-    waiting = deque(seqs)
-    active: list[_Sequence] = []  # active[i] lives in cache slot i
+    # -- requests ---------------------------------------------------------------------------------
+    def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        if len(prompt_ids) == 0:
+            raise RequestError("the prompt is empty after tokenization")
+        total = len(prompt_ids) + params.max_new_tokens
+        if total > self.max_sequence:
+            raise RequestError(f"prompt of {len(prompt_ids)} tokens + max_new_tokens {params.max_new_tokens} = {total} "
+                               f"exceeds the artifact's max_sequence {self.max_sequence}")
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer")
 
-    while waiting or active:
-        while waiting and len(active) < slots:  # admit: prefill into the next free slot
-            seq = waiting.popleft()
-            prompt = np.asarray(seq.out.prompt_ids, dtype=np.int64)[None, :]
-            logits = backend.forward(cache, len(active), prompt, np.zeros(1, dtype=np.int64))
-            seq.past = prompt.shape[1]
-            if keep_logits:
-                seq.out.prompt_logits = np.array(logits[0], dtype=np.float32)
-            event = seq.accept(logits[0, -1], keep_logits)
-            yield event
-            if event.finish_reason is None:
-                active.append(seq)
-        if not active:
-            continue
+    def add(self, prompt_ids: Sequence[int], params: SamplingParams) -> Request:
+        self.check(prompt_ids, params)
+        req = Request(next(self._ids), prompt_ids, params, self.eos_ids, self.tokenizer)
+        self.waiting.append(req)
+        return req
 
-        last_tokens = np.fromiter((s.out.token_ids[-1] for s in active), dtype=np.int64, count=len(active))
-        past = np.fromiter((s.past for s in active), dtype=np.int64, count=len(active))
-        logits = backend.forward(cache, 0, last_tokens[:, None], past)
-        finished = []
-        for row, seq in enumerate(active):
-            seq.past += 1
-            event = seq.accept(logits[row, -1], keep_logits)
-            yield event
-            if event.finish_reason is not None:
-                finished.append(row)
-        for row in reversed(finished):  # swap the last active slot into each freed one
-            last = len(active) - 1
+    def cancel(self, request: Request) -> None:
+        """Stop a request (e.g. its client went away); its slot is freed at the next step."""
+        request.cancelled = True
+        if request in self.waiting:
+            self.waiting.remove(request)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.cache.nbytes if self.cache is not None else 0
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+        self._drop_cancelled()
+        self._admit(events)
+        if self.active:
+            self._decode(events)
+        if not self.has_work:
+            self.cache = None  # idle: give the cache memory back
+        return events
+
+    def _ensure_cache(self, slots: int, positions: int) -> KVCache:
+        if self.cache is None:
+            self.cache = self.backend.allocate_cache(slots, positions)
+        elif slots > self.cache.batch:
+            self.cache.ensure_batch(slots)
+        return self.cache
+
+    def _admit(self, events: list[TokenEvent]) -> None:
+        while self.waiting and len(self.active) < self.max_batch:
+            req = self.waiting.popleft()
+            slot = len(self.active)
+            need = len(req.out.prompt_ids) + req.params.max_new_tokens
+            # room for this request's whole generation now, so the cache does not regrow every chunk
+            cache = self._ensure_cache(min(self.max_batch, slot + 1 + len(self.waiting)), need)
+            cache.ensure_capacity(need)
+            prompt = np.asarray(req.out.prompt_ids, dtype=np.int64)[None, :]
+            logits = self.backend.forward(cache, slot, prompt, np.zeros(1, dtype=np.int64))
+            req.past = prompt.shape[1]
+            if self.keep_logits:
+                req.out.prompt_logits = np.array(logits[0], dtype=np.float32)
+            events.append(req.accept(logits[0, -1], self.keep_logits))
+            if not req.finished:
+                self.active.append(req)
+
+    def _decode(self, events: list[TokenEvent]) -> None:
+        n = len(self.active)
+        last = np.fromiter((r.out.token_ids[-1] for r in self.active), dtype=np.int64, count=n)
+        past = np.fromiter((r.past for r in self.active), dtype=np.int64, count=n)
+        logits = self.backend.forward(self.cache, 0, last[:, None], past)
+        for row, req in enumerate(self.active):
+            req.past += 1
+            events.append(req.accept(logits[row, -1], self.keep_logits))
+        self._compact([row for row, r in enumerate(self.active) if r.finished])
+
+    def _drop_cancelled(self) -> None:
+        rows = [row for row, r in enumerate(self.active) if r.cancelled]
+        for row in rows:
+            self.active[row].out.finish_reason = self.active[row].out.finish_reason or "cancelled"
+        self._compact(rows)
+
+    def _compact(self, rows: list[int]) -> None:
+        for row in reversed(rows):  # move the last active slot into each freed one
+            last = len(self.active) - 1
             if row != last:
-                cache.copy_slot(last, row, length=active[last].past)
-                active[row] = active[last]
-            active.pop()
+                self.cache.copy_slot(last, row, length=self.active[last].past)
+                self.active[row] = self.active[last]
+            self.active.pop()
 
 
-def generate_ids(backend: Backend, prompts: Sequence[Sequence[int]], params: GenerationParams,
-                 eos_ids: Sequence[int] = (), keep_logits: bool = False) -> list[SequenceOutput]:
+def _as_list(params: Union[SamplingParams, Sequence[SamplingParams]], n: int) -> list[SamplingParams]:
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise RequestError(f"{len(params)} parameter sets for {n} prompts")
+    return params
+
+
+def stream_tokens(backend: Backend, prompts: Sequence[Sequence[int]],
+                  params: Union[SamplingParams, Sequence[SamplingParams]], eos_ids: Sequence[int] = (),
+                  keep_logits: bool = False, outputs: Optional[list[SequenceOutput]] = None,
+                  tokenizer: Optional[Tokenizer] = None) -> Iterator[TokenEvent]:
+    """Yield each token event as it is produced; event.request_id is the prompt's index.
+    `outputs`, if given, is filled with one SequenceOutput per prompt (complete once the iterator ends)."""
+    engine = Engine(backend, eos_ids, tokenizer, keep_logits)
+    plist = _as_list(params, len(prompts))
+    for p, sp in zip(prompts, plist):
+        engine.check(p, sp)  # every request is checked before any compute
+    requests = [engine.add(p, sp) for p, sp in zip(prompts, plist)]
+    if outputs is not None:
+        outputs[:] = [r.out for r in requests]
+    while engine.has_work:
+        yield from engine.step()
+
+
+def generate_ids(backend: Backend, prompts: Sequence[Sequence[int]],
+                 params: Union[SamplingParams, Sequence[SamplingParams]], eos_ids: Sequence[int] = (),
+                 keep_logits: bool = False, tokenizer: Optional[Tokenizer] = None) -> list[SequenceOutput]:
     outputs: list[SequenceOutput] = []
-    for _ in stream_tokens(backend, prompts, params, eos_ids, keep_logits, outputs):
+    for _ in stream_tokens(backend, prompts, params, eos_ids, keep_logits, outputs, tokenizer):
         pass
     return outputs

@@ -15,9 +15,9 @@ from inferneo_build.architectures import canonical_weights, decoder_spec  # noqa
 from inferneo_build.exporters.torchscript import export_torchscript  # noqa: E402
 from inferneo_runtime.backends.base import KVCache  # noqa: E402
 from inferneo_runtime.backends.torchscript import TorchScriptBackend  # noqa: E402
-from inferneo_runtime.manifest import ModelDims, ShapeBounds, TargetEntry, ValidationSummary  # noqa: E402
+from inferneo_runtime.manifest import ModelDims, ShapeBounds, TargetEntry, ValidationSummary, file_entry  # noqa: E402
 
-from .tiny_models import make_tiny_checkpoint  # noqa: E402
+from tiny_models import make_tiny_checkpoint  # noqa: E402
 
 MODEL_TYPES = ["llama", "qwen2", "mistral", "gpt2"]
 NEW_TOKENS = 16
@@ -27,7 +27,8 @@ PROMPTS = [[5, 17, 300, 42, 7, 99, 250, 3, 11], [8, 401, 66], [120, 9, 9, 31, 40
 
 def export_and_load(spec, weights, out_dir: Path) -> TorchScriptBackend:
     result = export_torchscript(spec, weights, None, SHAPES, out_dir)
-    target = TargetEntry(format="torchscript", status="valid", io=result.io, dtype=result.dtype,
+    files = [file_entry(out_dir, f) for f in result.files]
+    target = TargetEntry(format="torchscript", status="valid", files=files, io=result.io, dtype=result.dtype,
                          shapes=ShapeBounds(max_batch=SHAPES.max_batch, max_sequence=SHAPES.max_sequence),
                          toolchain=result.toolchain, validation=ValidationSummary(status="skipped"))
     dims = ModelDims(model_type=spec.model_type, family=spec.family, num_layers=spec.num_layers, hidden=spec.hidden,

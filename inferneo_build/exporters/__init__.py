@@ -1,7 +1,8 @@
 """Exporters: one module per target format, each a function registered under its format name.
 
 An exporter takes the normalized decoder (`DecoderSpec` + canonical numpy weights), the recipe's target
-entry and shape bounds, and writes its files under `out_dir/<format>/`. It returns what the manifest
+entry and shape bounds, and writes its files into `out_dir`, the target's own folder in the artifact
+(`<artifact>/<target name>/`; backends find their files through the manifest's file list). It returns what the manifest
 needs to describe those files. Exporters never validate; `inferneo_build.validate` does that through the
 runtime.
 """
@@ -26,7 +27,7 @@ class TargetUnavailable(RuntimeError):
 
 @dataclass
 class ExportResult:
-    files: list[Path]              # absolute paths, all under out_dir/<format>/
+    files: list[Path]              # absolute paths, all under out_dir
     io: IOSignature
     dtype: str = "float32"
     toolchain: dict[str, str] = field(default_factory=dict)

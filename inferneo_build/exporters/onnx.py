@@ -74,7 +74,7 @@ class _GraphBuilder:
         self._data.close()
 
     def weight(self, name: str, array: np.ndarray) -> str:
-        array = np.ascontiguousarray(array)
+        array = np.ascontiguousarray(array, dtype=np.float32 if array.dtype.kind == "f" else array.dtype)
         if array.nbytes < _INLINE_BYTES:
             self.initializers.append(onnx.numpy_helper.from_array(array, name))
             return name
@@ -117,13 +117,13 @@ def export_onnx(spec: DecoderSpec, weights: dict[str, np.ndarray], target, shape
         raise ValueError(f"onnx opset {opset} is too old; the decoder graph needs opset >= {MIN_OPSET}")
     if spec.positions == "learned" and shapes.max_sequence > spec.max_positions:
         raise ValueError(f"max_sequence {shapes.max_sequence} exceeds the model's {spec.max_positions} learned positions")
-    out = Path(out_dir) / "onnx"
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_path, data_path = out / MODEL_NAME, out / DATA_NAME
 
     g = _GraphBuilder(data_path, opset)
     try:
-        logits = _build_decoder(g, spec, weights, shapes.max_sequence)
+        _build_decoder(g, spec, weights, shapes.max_sequence)
     finally:
         g.close()
 
@@ -132,10 +132,6 @@ def export_onnx(spec: DecoderSpec, weights: dict[str, np.ndarray], target, shape
     def value_info(t: TensorSpec):
         return helper.make_tensor_value_info(t.name, _ONNX_DTYPES[t.dtype], t.shape)
 
-    # the builder names its outputs after nodes; rename logits/presents to the IO contract
-    rename = {logits: "logits"}
-    for node in g.nodes:
-        node.output[:] = [rename.get(o, o) for o in node.output]
     graph = helper.make_graph(g.nodes, "inferneo_decoder", [value_info(t) for t in io.inputs],
                               [value_info(t) for t in io.outputs], initializer=g.initializers)
     model = helper.make_model(graph, producer_name="inferneo", opset_imports=[
@@ -150,8 +146,8 @@ def export_onnx(spec: DecoderSpec, weights: dict[str, np.ndarray], target, shape
     )
 
 
-def _build_decoder(g: _GraphBuilder, spec: DecoderSpec, w: dict[str, np.ndarray], max_sequence: int) -> str:
-    """Emit the whole decoder; returns the name of the logits tensor (renamed by the caller)."""
+def _build_decoder(g: _GraphBuilder, spec: DecoderSpec, w: dict[str, np.ndarray], max_sequence: int) -> None:
+    """Emit the whole decoder; graph inputs/outputs carry the IO contract's names."""
     rope = spec.positions == "rope"
     rms = spec.norm == "rms"
     eps = float(spec.norm_eps)
@@ -174,11 +170,15 @@ def _build_decoder(g: _GraphBuilder, spec: DecoderSpec, w: dict[str, np.ndarray]
     gqa_attrs = dict(num_heads=spec.heads, kv_num_heads=spec.kv_heads, do_rotary=int(rope))
     rotary_inputs: list[str] = []
     if rope:
+        if 2 * len(spec.rope_inv_freq) != spec.head_dim:
+            raise ValueError(f"partial rotary embeddings ({2 * len(spec.rope_inv_freq)} of {spec.head_dim} dims) "
+                             "are not supported by the onnx exporter")
         cos, sin = spec.rope_tables(max_sequence)
         rotary_inputs = [g.weight("model.rotary.cos_cache", cos), g.weight("model.rotary.sin_cache", sin)]
         gqa_attrs["rotary_interleaved"] = 0  # HF rotate_half
     if spec.sliding_window:
-        gqa_attrs["local_window_size"] = int(spec.sliding_window) - 1  # HF: a window of W keys incl. itself
+        # both count the query's own key: HF attends to keys q-W < k <= q, ORT's window is the same (measured)
+        gqa_attrs["local_window_size"] = int(spec.sliding_window)
 
     def norm(prefix: str, canon: str, hidden: str, residual: str | None, bias: str | None) -> tuple[str, str]:
         """(normed, new residual): fused residual add + norm, or a plain norm when residual is None."""
@@ -229,12 +229,12 @@ def _build_decoder(g: _GraphBuilder, spec: DecoderSpec, w: dict[str, np.ndarray]
         pending_bias = out_bias(f"{p}.mlp.down_proj", f"{c}.down")
 
     h, _ = norm("model.norm", "final_norm", hidden, residual, pending_bias)
-    return g.node("MatMul", [h, g.weight("lm_head.weight", w["lm_head.weight"])], "/lm_head")[0]
+    g.node("MatMul", [h, g.weight("lm_head.weight", w["lm_head.weight"])], "/lm_head", outputs=["logits"])
 
 
 def _mlp(g: _GraphBuilder, spec: DecoderSpec, w, p: str, c: str, h: str, linear, prefix_node) -> str:
     if spec.mlp == "gated_silu":
-        # gate and up packed into one MatMul, then SiLU(gate) * up
+        # gate and up packed into one MatMul, then SiLU(gate) * up (same speed as two MatMuls, fewer nodes)
         name = prefix_node(f"{p}.mlp.gate_up_proj")
         packed = np.concatenate([w[f"{c}.gate.weight"], w[f"{c}.up.weight"]], axis=1)
         gate_up = g.node("MatMul", [h, g.weight(f"{p}.mlp.gate_up_proj.weight", packed)], name)[0]

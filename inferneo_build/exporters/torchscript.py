@@ -35,15 +35,22 @@ def _param(array: np.ndarray) -> nn.Parameter:
     return nn.Parameter(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), requires_grad=False)
 
 
-def _linear(weights: dict[str, np.ndarray], name: str) -> nn.Linear:
-    """nn.Linear from a MatMul-ready [in, out] canonical weight (+ optional bias), without random init."""
-    w = weights[f"{name}.weight"]
-    bias = weights.get(f"{name}.bias")
-    layer = nn.Linear(w.shape[0], w.shape[1], bias=bias is not None, device="meta")
-    layer.weight = _param(w.T)
-    if bias is not None:
-        layer.bias = _param(bias)
-    return layer
+class _Linear(nn.Module):
+    """x @ W (+ b) with the canonical MatMul-ready [in, out] weight.
+
+    On CPU this layout is the faster one for decode's matrix-vector products (measured with MKL: ~10% over
+    nn.Linear's [out, in] for the layer weights, ~40% for the vocabulary-sized head).
+    """
+
+    def __init__(self, weights: dict[str, np.ndarray], name: str):
+        super().__init__()
+        self.weight = _param(weights[f"{name}.weight"])
+        bias = weights.get(f"{name}.bias")
+        self.bias = _param(bias) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(x, self.weight)
+        return y if self.bias is None else y + self.bias
 
 
 class _Norm(nn.Module):
@@ -65,10 +72,9 @@ class _Norm(nn.Module):
 class _MLP(nn.Module):
     def __init__(self, spec: DecoderSpec, weights: dict[str, np.ndarray], prefix: str):
         super().__init__()
-        self.gated = spec.mlp == "gated_silu"
-        self.gate = _linear(weights, f"{prefix}.gate") if self.gated else None
-        self.up = _linear(weights, f"{prefix}.up")
-        self.down = _linear(weights, f"{prefix}.down")
+        self.gate = _Linear(weights, f"{prefix}.gate") if spec.mlp == "gated_silu" else None
+        self.up = _Linear(weights, f"{prefix}.up")
+        self.down = _Linear(weights, f"{prefix}.down")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is not None:
@@ -87,8 +93,8 @@ class _Attention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = spec.heads, spec.kv_heads, spec.head_dim
         self.groups = spec.heads // spec.kv_heads
         self.rope = spec.positions == "rope"
-        self.qkv = _linear(weights, f"{prefix}.qkv")
-        self.o = _linear(weights, f"{prefix}.o")
+        self.qkv = _Linear(weights, f"{prefix}.qkv")
+        self.o = _Linear(weights, f"{prefix}.o")
         self.split = [spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim, spec.kv_heads * spec.head_dim]
 
     def forward(self, x, cache, cos, sin, write_index, mask):
@@ -145,11 +151,9 @@ class Decoder(nn.Module):
             self.cos = self.sin = None
         self.blocks = nn.ModuleList(_Block(spec, weights, i) for i in range(spec.num_layers))
         self.final_norm = _Norm(weights, "final_norm", spec.norm_eps)
-        head = weights["lm_head.weight"]
-        if head.shape[::-1] == self.embed.shape and np.array_equal(head.T, weights["embed"]):
-            self.lm_head = None  # tied: the embedding doubles as the head, stored once
-        else:
-            self.lm_head = _param(head.T)
+        # A separate [hidden, vocab] head even when tied: a second copy of the embedding, but the MatMul
+        # layout decodes measurably faster than multiplying by the [vocab, hidden] embedding.
+        self.lm_head = _Linear(weights, "lm_head")
 
     def forward(self, input_ids, position_ids, attention_mask, kv_cache):
         n, steps = input_ids.shape[0], input_ids.shape[1]
@@ -171,8 +175,7 @@ class Decoder(nn.Module):
         write_index = position_ids.view(n, 1, steps, 1).expand(n, self.kv_heads, steps, self.head_dim)
         for i, block in enumerate(self.blocks):
             x = block(x, kv_cache[i], cos, sin, write_index, mask)
-        head = self.lm_head if self.lm_head is not None else self.embed
-        logits = F.linear(self.final_norm(x), head)
+        logits = self.lm_head(self.final_norm(x))
         return logits, kv_cache
 
 
@@ -203,13 +206,16 @@ def io_signature(spec: DecoderSpec) -> IOSignature:
 
 
 def export_torchscript(spec: DecoderSpec, weights: dict[str, np.ndarray], target, shapes, out_dir: Path) -> ExportResult:
-    """Build the decoder from canonical weights, trace it and save `out_dir/torchscript/model.pt`."""
+    """Build the decoder from canonical weights, trace it and save `out_dir/model.pt` (out_dir is the target's own folder)."""
+    if spec.positions == "learned" and shapes.max_sequence > spec.max_positions:
+        raise ValueError(f"max_sequence {shapes.max_sequence} exceeds the {spec.max_positions} learned positions "
+                         f"of this {spec.model_type} checkpoint")
     # RoPE tables cover the artifact's max_sequence (and at least the trace example's positions).
     rope_length = max(shapes.max_sequence, max(_TRACE_PAST) + _TRACE_STEPS)
-    model = Decoder(spec, weights, rope_length).eval()
-    path = Path(out_dir) / "torchscript" / FILE_NAME
+    path = Path(out_dir) / FILE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode(False), torch.no_grad(), quiet_jit():
+        model = Decoder(spec, weights, rope_length).eval()
         traced = torch.jit.trace(model, _example_inputs(spec), check_trace=False)
         torch.jit.save(traced, str(path))
     return ExportResult(files=[path.resolve()], io=io_signature(spec), dtype="float32",

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import RequestError
+from ..errors import ManifestError, RequestError
 
 CAPACITY_CHUNK = 256  # the cache grows in steps of this many positions
 
@@ -57,6 +57,16 @@ class KVCache:
         layers, two, batch, heads, cap, dim = old.shape
         self.data = self._zeros((layers, two, batch, heads, new_cap, dim))
         self.data[:, :, :, :, :cap] = old
+        self.version += 1
+
+    def ensure_batch(self, slots: int) -> None:
+        """Grow the number of slots (copying the existing ones) for requests that joined a running batch."""
+        if slots <= self.batch:
+            return
+        old = self.data
+        layers, two, batch, heads, cap, dim = old.shape
+        self.data = self._zeros((layers, two, slots, heads, cap, dim))
+        self.data[:, :, :batch] = old
         self.version += 1
 
     def copy_slot(self, src: int, dst: int, length: int | None = None) -> None:
@@ -102,6 +112,13 @@ class Backend(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def model_file(self, suffix: str) -> Path:
+        """The target's file ending in `suffix`, as the manifest lists it (targets live in their own folder)."""
+        for f in self.target.files:
+            if f.path.endswith(suffix):
+                return self.artifact_dir / f.path
+        raise ManifestError(f"target {self.target.format!r} lists no *{suffix} file in the manifest")
 
     # -- inference --------------------------------------------------------------------------------
     def input_metadata(self) -> dict[str, tuple[str, tuple]]:

@@ -6,6 +6,8 @@ Only numpy and onnxruntime are imported here: a runtime-only install serves ONNX
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnxruntime as ort
 
@@ -27,9 +29,7 @@ class OnnxBackend(Backend):
         model = self._model_path()
         opts = ort.SessionOptions()
         opts.graph_optimization_level = GRAPH_OPTIMIZATION
-        if self.threads:
-            opts.intra_op_num_threads = int(self.threads)
-        # else 0: ORT uses one thread per physical core, which measured best (FAST-DECODE.md section 6)
+        opts.intra_op_num_threads = int(self.threads or physical_cores())  # 1 per core measured best (FAST-DECODE 6)
         self._session = ort.InferenceSession(str(model), sess_options=opts, providers=self._providers())
         declared = {i.name for i in self._session.get_inputs()}
         self._has_position_ids = "position_ids" in declared
@@ -98,3 +98,22 @@ class OnnxBackend(Backend):
             binding.bind_output(present, "cpu", 0, np.float32, shape, view.ctypes.data)
         self._binding, self._bound_key = binding, key
         return binding
+
+
+def physical_cores() -> int:
+    """Cores (not hyperthreads) this process may run on."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores, cpu, package = set(), None, "0"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = (part.strip() for part in line.partition(":"))
+                if key == "processor":
+                    cpu = int(value)
+                elif key == "physical id":
+                    package = value
+                elif key == "core id" and cpu in allowed:
+                    cores.add((package, value))
+    except OSError:
+        pass
+    return len(cores) or len(allowed)

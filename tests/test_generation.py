@@ -1,0 +1,117 @@
+"""The generation loop on real backends: seeds, stops, min_new_tokens, logprobs, streaming, batching."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import inferneo_runtime
+from conftest import PROMPTS
+from inferneo_runtime import RequestError, SamplingParams
+
+TARGETS = ["onnx", "torchscript"]
+
+
+@pytest.fixture(scope="module", params=TARGETS)
+def model(request, tiny_artifact):
+    with inferneo_runtime.load(tiny_artifact("llama"), target=request.param) as m:
+        yield m
+
+
+def test_seeded_sampling(model, tiny_artifact):
+    kw = dict(max_new_tokens=24, temperature=1.0, ignore_eos=True)
+    a = model.generate(PROMPTS[0], seed=11, **kw).token_ids
+    assert model.generate(PROMPTS[0], seed=11, **kw).token_ids == a
+    assert model.generate(PROMPTS[0], seed=12, **kw).token_ids != a
+    other = "torchscript" if model.target == "onnx" else "onnx"
+    with inferneo_runtime.load(tiny_artifact("llama"), target=other) as m2:  # same seed, other backend
+        assert m2.generate(PROMPTS[0], seed=11, **kw).token_ids == a
+    greedy = model.generate(PROMPTS[0], max_new_tokens=24, ignore_eos=True).token_ids
+    assert model.generate(PROMPTS[0], top_k=1, seed=3, **kw).token_ids == greedy
+
+
+def test_stop_token_and_min_new_tokens(model):
+    greedy = model.generate(PROMPTS[1], max_new_tokens=16, ignore_eos=True).token_ids
+    t = greedy[3]
+    first = greedy.index(t)
+    stopped = model.generate(PROMPTS[1], max_new_tokens=16, stop_token_ids=[t])
+    assert stopped.finish_reason == "stop" and stopped.token_ids == greedy[: first + 1]
+    held = model.generate(PROMPTS[1], max_new_tokens=16, stop_token_ids=[t], min_new_tokens=first + 2)
+    assert t not in held.token_ids[: first + 2]
+    assert model.generate(PROMPTS[1], max_new_tokens=5, ignore_eos=True).finish_reason == "length"
+
+
+def test_stop_string_across_token_boundary(model):
+    ids = model.generate(PROMPTS[2], max_new_tokens=20, ignore_eos=True).token_ids
+    pieces = [model.tokenizer.decode([t]) for t in ids]
+    full = model.generate(PROMPTS[2], max_new_tokens=20, ignore_eos=True).text
+    # a stop string made of the end of one token and the start of the next
+    k = next(i for i in range(2, len(pieces) - 1) if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 2)
+    stop = pieces[k][-2:] + pieces[k + 1][:2]
+    assert stop in full
+    out = model.generate(PROMPTS[2], max_new_tokens=20, ignore_eos=True, stop=[stop, "never-appears"])
+    assert out.finish_reason == "stop"
+    assert out.text == full[: full.index(stop)] and stop not in out.text
+    streamed = "".join(model.stream(PROMPTS[2], max_new_tokens=20, ignore_eos=True, stop=[stop]))
+    assert streamed == out.text
+
+
+def test_logprobs_match_the_reference_softmax(model, tiny_checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    out = model.generate(PROMPTS[0], max_new_tokens=8, ignore_eos=True, logprobs=3)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama"), dtype=torch.float32).eval()
+    seq = torch.tensor([out.prompt_ids + out.token_ids])
+    with torch.inference_mode():
+        logp = torch.log_softmax(hf(seq).logits[0].double(), -1).numpy()
+    n = len(out.prompt_ids)
+    for k, lp in enumerate(out.logprobs):
+        row = logp[n - 1 + k]
+        assert lp.token_id == out.token_ids[k]
+        assert lp.logprob == pytest.approx(row[lp.token_id], abs=1e-4)
+        assert [t for t, _ in lp.top] == list(np.argsort(-row)[:3])
+        assert np.exp([v for _, v in lp.top]).sum() <= 1.0 + 1e-6
+
+
+def test_streaming_equals_full_text(model):
+    kw = dict(max_new_tokens=24, temperature=0.8, seed=5, ignore_eos=True)
+    deltas = list(model.stream(PROMPTS[1], **kw))
+    full = model.generate(PROMPTS[1], **kw)
+    assert "".join(deltas) == full.text == model.tokenizer.decode(full.token_ids)
+    assert len(deltas) > 1
+
+
+def test_batch_of_four_equals_alone(model):
+    prompts = ["a", PROMPTS[0], PROMPTS[2], PROMPTS[1] + " and more words here"]
+    lengths = {len(model.tokenizer.encode(p)) for p in prompts}
+    assert len(lengths) == 4
+    batched = model.generate(prompts, max_new_tokens=16)
+    for p, b in zip(prompts, batched):
+        assert b.token_ids == model.generate(p, max_new_tokens=16).token_ids
+
+
+def test_requests_join_a_running_batch(model):
+    """Continuous batching: prompts beyond max_batch (4) and per-request lengths; each equals its solo run."""
+    prompts = [PROMPTS[i % 3] + " x" * i for i in range(7)]
+    params = [SamplingParams(max_new_tokens=3 + 2 * i, ignore_eos=True) for i in range(7)]
+    ids = [model.tokenizer.encode(p) for p in prompts]
+    together = model.generate_ids(ids, params)
+    for i in range(7):
+        assert together[i].token_ids == model.generate_ids([ids[i]], params[i])[0].token_ids
+
+
+def test_chat_uses_the_template(model):
+    msgs = [{"role": "user", "content": "Hello"}]
+    text = model.tokenizer.apply_chat_template(msgs)
+    assert text == "<s>user: Hello</s><s>assistant: "
+    assert model.chat(msgs, max_new_tokens=6).token_ids == model.generate_ids(
+        [model.tokenizer.encode(text, add_special_tokens=False)], SamplingParams(max_new_tokens=6))[0].token_ids
+
+
+def test_bad_requests_fail_before_compute(model):
+    with pytest.raises(RequestError, match="temperature"):
+        model.generate("hi", temperature=-1)
+    with pytest.raises(RequestError, match="max_sequence 128"):
+        model.generate(["hi", "hello " * 100], max_new_tokens=8)
+    with pytest.raises(RequestError, match="role"):
+        model.chat([{"content": "x"}])

@@ -1,0 +1,401 @@
+"""s3:// artifacts against a real S3-compatible server (moto, over HTTP in its own process; nothing is mocked
+in-process): push → pull → generate, interrupted pushes and downloads, corruption, concurrency, errors."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("boto3")
+pytest.importorskip("moto")
+
+from conftest import run_cli  # noqa: E402
+
+PROMPT = "The quick brown fox"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """`python -m moto.server` on a free local port; yields its endpoint URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"moto server did not start (see {log.name})")
+            time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+    log.close()
+
+
+@pytest.fixture
+def s3env(s3_server, monkeypatch, tmp_path):
+    """The standard AWS variables pointed at the local server, and a cache of this test's own."""
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("INFERNEO_CACHE_DIR", str(tmp_path / "cache"))
+    return s3_server
+
+
+@pytest.fixture
+def client(s3env):
+    import boto3
+
+    return boto3.client("s3")
+
+
+@pytest.fixture
+def bucket(client):
+    name = f"inferneo-test-{uuid.uuid4().hex[:10]}"
+    client.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def artifact(tiny_artifact):
+    return tiny_artifact("llama")
+
+
+def version_of(artifact: Path) -> str:
+    return hashlib.sha256((artifact / "inferneo.json").read_bytes()).hexdigest()
+
+
+def variant(artifact: Path, dest: Path, name: str, extra: dict[str, bytes] | None = None) -> Path:
+    """A copy of `artifact` whose manifest differs (another name, optional extra root files): a new version."""
+    from inferneo_runtime.manifest import file_entry, read_manifest
+
+    shutil.copytree(artifact, dest)
+    m = read_manifest(dest)
+    added = []
+    for rel, data in (extra or {}).items():
+        (dest / rel).write_bytes(data)
+        added.append(file_entry(dest, dest / rel))
+    (dest / "inferneo.json").write_text(m.model_copy(update={"name": name, "root_files": [*m.root_files, *added]}).to_json())
+    return dest
+
+
+def listed(artifact: Path) -> list[str]:
+    from inferneo_runtime.manifest import read_manifest
+    from inferneo_runtime.s3 import listed_files
+
+    return sorted(e.path for e in listed_files(read_manifest(artifact)))
+
+
+def latest(client, bucket: str, prefix: str) -> str:
+    return json.loads(client.get_object(Bucket=bucket, Key=f"{prefix}/LATEST")["Body"].read())["version"]
+
+
+def exists(client, bucket: str, key: str) -> bool:
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+        return True
+    except client.exceptions.ClientError:
+        return False
+
+
+def do_push(artifact: Path, uri: str, **kw) -> dict:
+    from inferneo_build.push import push
+
+    return push(artifact, uri, progress=False, **kw)
+
+
+def cache_entries() -> list[str]:
+    root = Path(os.environ["INFERNEO_CACHE_DIR"]) / "artifacts"
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def greedy(path, n: int = 8) -> list[int]:
+    import inferneo_runtime
+
+    with inferneo_runtime.load(path, target="onnx") as model:
+        return model.generate(PROMPT, max_new_tokens=n).token_ids
+
+
+# A subprocess that runs `body` after making the Nth S3 call of one kind kill the process on the spot (os._exit:
+# no cleanup, no finally blocks), through a botocore event hook on every client inferneo creates.
+DIE_AFTER = """
+import os, sys, threading
+import inferneo_runtime.s3 as s3m
+_make, _lock, _count = s3m.make_client, threading.Lock(), [0]
+def _hook(**kw):
+    with _lock:
+        _count[0] += 1
+        if _count[0] > {n}:
+            os._exit(17)
+def make_client():
+    c = _make()
+    c.meta.events.register("before-send.s3.{op}", _hook)
+    return c
+s3m.make_client = make_client
+"""
+
+
+def run_dying(op: str, n: int, body: str) -> subprocess.CompletedProcess:
+    script = DIE_AFTER.format(op=op, n=n) + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+
+
+# ------------------------------------------------------------------------------------------------------ tests
+
+def test_push_pull_generate_round_trip(s3env, client, bucket, artifact, tmp_path):
+    uri = f"s3://{bucket}/models/tiny"
+    version = version_of(artifact)
+    files = listed(artifact)
+
+    r = run_cli("push", str(artifact), uri, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    pushed = json.loads(r.stdout)
+    assert pushed["version"] == version and pushed["latest_updated"] and pushed["previous_version"] is None
+    assert pushed["uploaded"] == pushed["files"] == len(files) + 1 and pushed["skipped"] == 0
+    assert pushed["verified"] == {"sha256": len(files)}  # every file matched S3's own SHA256 checksum
+    assert latest(client, bucket, "models/tiny") == version
+    for rel in files + ["inferneo.json"]:
+        obj = client.get_object(Bucket=bucket, Key=f"models/tiny/versions/{version}/{rel}")["Body"].read()
+        assert obj == (artifact / rel).read_bytes(), rel
+
+    dest = tmp_path / "pulled"
+    r = run_cli("pull", uri, str(dest), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    pulled = json.loads(r.stdout)
+    assert pulled["version"] == version and pulled["downloaded"] and not pulled["up_to_date"]
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == sorted(files + ["inferneo.json"])
+    for rel in files + ["inferneo.json"]:
+        assert (dest / rel).read_bytes() == (artifact / rel).read_bytes(), rel
+    assert cache_entries() == [version]
+
+    # generate from the pulled copy and straight from the URI (the CLI's Path argument turns s3:// into s3:/)
+    expected = greedy(artifact)
+    assert greedy(dest) == expected
+    assert greedy(uri) == expected
+    r = run_cli("generate", uri, PROMPT, "--max-new-tokens", "8", "--target", "onnx", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["token_ids"] == expected
+
+    # a re-push of identical content uploads nothing, and says so
+    r = run_cli("push", str(artifact), uri, "--json")
+    again = json.loads(r.stdout)
+    assert r.returncode == 0 and again["uploaded"] == 0 and again["bytes_uploaded"] == 0
+    assert not again["latest_updated"] and again["skipped"] == again["files"]
+    r = run_cli("push", str(artifact), uri)
+    assert r.returncode == 0 and "nothing to upload" in r.stdout, r.stdout + r.stderr
+
+    # pulling again is a no-op; an unrelated non-empty destination is refused without --force
+    r = run_cli("pull", uri, str(dest), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["up_to_date"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    r = run_cli("pull", uri, str(other), "--json")
+    assert r.returncode == 2 and "--force" in json.loads(r.stdout)["message"]
+    assert (other / "keep.txt").read_text() == "mine"
+    r = run_cli("pull", uri, str(other), "--force", "--json")
+    assert r.returncode == 0 and not (other / "keep.txt").exists() and (other / "inferneo.json").is_file()
+
+    # an explicit version URI resolves without LATEST
+    from inferneo_runtime.s3 import fetch
+
+    assert fetch(f"{uri}/versions/{version}").name == version
+
+
+def test_multipart_upload_is_verified_and_resumable(s3env, client, bucket, artifact, tmp_path):
+    blob = os.urandom(11 << 20)  # three 5 MiB parts (S3's minimum part size)
+    art = variant(artifact, tmp_path / "big", "tiny-big", {"blob.bin": blob})
+    uri = f"s3://{bucket}/big"
+    kw = dict(multipart_threshold=5 << 20, multipart_chunksize=5 << 20)
+    first = do_push(art, uri, **kw)
+    assert first["uploaded"] == first["files"] and first["verified"]["sha256"] == len(listed(art))
+    head = client.head_object(Bucket=bucket, Key=f"big/versions/{first['version']}/blob.bin", ChecksumMode="ENABLED")
+    assert head["Metadata"]["sha256"] == hashlib.sha256(blob).hexdigest()
+    assert do_push(art, uri, **kw)["uploaded"] == 0  # the composite checksum matches: nothing re-sent
+    from inferneo_runtime.s3 import fetch
+
+    assert (fetch(uri) / "blob.bin").read_bytes() == blob
+
+
+def test_push_that_dies_half_way_leaves_previous_version_published(s3env, client, bucket, artifact, tmp_path):
+    uri = f"s3://{bucket}/models/tiny"
+    v1 = do_push(artifact, uri)["version"]
+    new = variant(artifact, tmp_path / "v2", "tiny-llama-v2")
+    v2 = version_of(new)
+    n_files = len(listed(new))
+    assert n_files > 4
+
+    r = run_dying("PutObject", 3, f"""
+        import sys
+        from inferneo_runtime.cli import main
+        sys.argv = ["inferneo", "push", {str(new)!r}, {uri!r}, "--jobs", "1", "--json"]
+        main()
+    """)
+    assert r.returncode == 17, r.stdout + r.stderr  # killed mid-push
+    done = [k["Key"] for k in client.list_objects_v2(Bucket=bucket, Prefix=f"models/tiny/versions/{v2}/").get("Contents", [])]
+    assert 0 < len(done) < n_files  # some files of the new version went up ...
+    assert not exists(client, bucket, f"models/tiny/versions/{v2}/inferneo.json")  # ... but never its manifest
+    assert latest(client, bucket, "models/tiny") == v1
+
+    import inferneo_runtime
+
+    with inferneo_runtime.load(uri) as model:  # readers still get the old version, whole
+        assert model.name == "tiny-llama" and len(model.generate(PROMPT, max_new_tokens=4).token_ids) >= 1
+    assert cache_entries() == [v1]
+
+    resumed = do_push(new, uri)  # a second push sends only what is missing, then flips LATEST
+    assert resumed["uploaded"] == n_files + 1 - len(done) and resumed["previous_version"] == v1
+    assert latest(client, bucket, "models/tiny") == v2
+    with inferneo_runtime.load(uri) as model:
+        assert model.name == "tiny-llama-v2"
+
+
+def test_download_that_dies_half_way_leaves_no_cache_entry(s3env, client, bucket, artifact):
+    uri = f"s3://{bucket}/tiny"
+    version = do_push(artifact, uri)["version"]
+    # GETs: LATEST, the manifest, then files; die after a few files have landed
+    r = run_dying("GetObject", 4, f"""
+        import inferneo_runtime
+        inferneo_runtime.load({uri!r})
+    """)
+    assert r.returncode == 17, r.stdout + r.stderr
+    cache = Path(os.environ["INFERNEO_CACHE_DIR"]) / "artifacts"
+    assert not (cache / version).exists()
+    assert list(cache.glob(f".{version}.partial-*"))  # the half-download is there, under a name nobody loads
+
+    expected = greedy(artifact)
+    assert greedy(uri) == expected  # the next load fetches again, verifies, and cleans up
+    assert cache_entries() == [version] and not list(cache.glob(".*partial*"))
+
+
+def test_flipped_byte_in_s3_is_reported_and_nothing_is_cached(s3env, client, bucket, artifact, tmp_path):
+    import inferneo_runtime
+    from inferneo_runtime.manifest import read_manifest
+
+    uri = f"s3://{bucket}/tiny"
+    version = do_push(artifact, uri)["version"]
+    victim = read_manifest(artifact).targets["onnx"].files[0].path
+    key = f"tiny/versions/{version}/{victim}"
+    data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0x01
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+
+    with pytest.raises(inferneo_runtime.IntegrityError, match=victim):
+        inferneo_runtime.load(uri)
+    cache = Path(os.environ["INFERNEO_CACHE_DIR"]) / "artifacts"
+    assert cache_entries() == [] and not list(cache.glob(".*partial*"))
+
+    dest = tmp_path / "pulled"
+    r = run_cli("pull", uri, str(dest), "--json")
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert victim in json.loads(r.stdout)["message"] and not dest.exists()
+
+    # a manifest that does not hash to its version is refused too
+    client.put_object(Bucket=bucket, Key=f"tiny/versions/{version}/inferneo.json",
+                      Body=(artifact / "inferneo.json").read_bytes() + b" ")
+    with pytest.raises(inferneo_runtime.IntegrityError, match="inferneo.json"):
+        inferneo_runtime.load(uri)
+    assert cache_entries() == []
+
+
+def test_two_processes_load_the_same_uri_at_once(s3env, bucket, artifact, tmp_path):
+    uri = f"s3://{bucket}/tiny"
+    version = do_push(artifact, uri)["version"]
+    go = tmp_path / "go"
+    script = textwrap.dedent(f"""
+        import json, os, time, inferneo_runtime
+        from inferneo_runtime.s3 import fetch_artifact
+        print("ready", flush=True)
+        while not os.path.exists({str(go)!r}):  # start both fetches at the same moment
+            time.sleep(0.005)
+        fetched = fetch_artifact({uri!r})
+        with inferneo_runtime.load({uri!r}, target="onnx") as m:
+            print(json.dumps({{"root": str(m.root), "downloaded": fetched.downloaded,
+                              "tokens": m.generate({PROMPT!r}, max_new_tokens=8).token_ids}}))
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready", p.communicate()[1]
+    go.touch()
+    outs = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=120)
+        assert p.returncode == 0, stderr
+        outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert sorted(o["downloaded"] for o in outs) == [False, True]  # one downloaded; the other waited, then reused it
+    assert outs[0]["tokens"] == outs[1]["tokens"] == greedy(artifact)
+    cache = Path(os.environ["INFERNEO_CACHE_DIR"]) / "artifacts"
+    assert Path(outs[0]["root"]) == Path(outs[1]["root"]) == cache / version
+    assert cache_entries() == [version] and not list(cache.glob(".*partial*"))
+
+
+def test_errors_name_the_bucket_and_key(s3env, bucket, artifact, tmp_path):
+    dest = str(tmp_path / "out")
+    missing = f"no-such-bucket-{uuid.uuid4().hex[:8]}"
+
+    r = run_cli("pull", f"s3://{missing}/models/x", dest, "--json")
+    err = json.loads(r.stdout)
+    assert r.returncode == 8 and err["error"] == "S3Error", r.stdout + r.stderr
+    assert missing in err["message"] and "does not exist" in err["message"]
+
+    r = run_cli("pull", f"s3://{bucket}/nothing/here", dest)  # human output on stderr
+    assert r.returncode == 8
+    assert f"s3://{bucket}/nothing/here/LATEST" in r.stderr and "inferneo push" in r.stderr
+
+    r = run_cli("pull", f"s3://{bucket}/nothing/versions/{'0' * 64}", dest, "--json")
+    assert r.returncode == 8 and f"s3://{bucket}/nothing/versions/{'0' * 64}/inferneo.json" in json.loads(r.stdout)["message"]
+
+    r = run_cli("push", str(artifact), f"s3://{missing}/p", "--json")
+    assert r.returncode == 8 and missing in json.loads(r.stdout)["message"]
+
+    r = run_cli("generate", f"s3://{bucket}/nothing", PROMPT, "--json")
+    assert r.returncode == 8 and "LATEST" in json.loads(r.stdout)["message"]
+    assert not Path(dest).exists()
+
+
+def test_without_boto3_s3_names_the_extra(artifact):
+    script = textwrap.dedent("""
+        import json, sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("boto3", "botocore", "s3transfer"):
+                    raise ImportError(f"{name} is blocked in this test")
+        sys.meta_path.insert(0, Block())
+        import inferneo_runtime, inferneo_runtime.cli
+        try:
+            inferneo_runtime.load("s3://bucket/prefix")
+            print(json.dumps({"error": None}))
+        except inferneo_runtime.MissingExtraError as e:
+            print(json.dumps({"error": str(e), "code": e.exit_code}))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "inferneo[s3]" in out["error"] and "boto3" in out["error"] and out["code"] == 5
+    r = subprocess.run([sys.executable, "-c", "import sys, inferneo_runtime, inferneo_runtime.cli; "
+                        "print([m for m in ('boto3', 'botocore') if m in sys.modules])"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr

@@ -1,0 +1,101 @@
+"""Sampling functions on fixed logits: distributions are right (chi-square), filters hold, bad params fail early."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inferneo_runtime import RequestError, SamplingParams
+from inferneo_runtime.sampling import choose_token, token_logprobs
+
+LOGITS = np.array([2.0, 1.5, 1.0, 0.2, -1.0, -3.0], dtype=np.float32)
+# chi-square 0.999 quantiles by degrees of freedom: a correct sampler fails this 1 time in 1000
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52}
+
+
+def _expected(temperature, top_p=1.0, top_k=0, min_p=0.0):
+    """The target distribution, computed independently of the code under test (sorted, explicit loops)."""
+    p = np.exp(LOGITS.astype(np.float64) / temperature)
+    p /= p.sum()
+    order = sorted(range(len(p)), key=lambda i: -p[i])
+    keep = set(order[:top_k]) if top_k else set(order)
+    mass, nucleus = 0.0, set()
+    for i in order:
+        if i in keep and mass < top_p:
+            nucleus.add(i)
+            mass += p[i]
+    keep &= nucleus
+    keep = {i for i in keep if p[i] >= min_p * max(p)}
+    q = np.array([p[i] if i in keep else 0.0 for i in range(len(p))])
+    return q / q.sum()
+
+
+def _draw(params, n=20000, seed=1234):
+    rng = np.random.default_rng(seed)
+    counts = np.zeros(len(LOGITS))
+    for _ in range(n):
+        counts[choose_token(LOGITS, params, rng, [], [])] += 1
+    return counts
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9), dict(temperature=1.3, top_k=3),
+                                dict(temperature=1.0, min_p=0.2)])
+def test_sampler_draws_from_the_right_distribution(kw):
+    n = 20000
+    counts = _draw(SamplingParams(**kw), n)
+    expected = _expected(**kw) * n
+    support = expected > 0
+    assert counts[~support].sum() == 0, "a filtered-out token was drawn"
+    chi2 = float((((counts - expected) ** 2)[support] / expected[support]).sum())
+    assert chi2 < CHI2_999[int(support.sum()) - 1], (chi2, counts, expected)
+
+
+def test_a_wrong_distribution_would_fail_the_check():
+    # the check is not vacuous: samples at temperature 1 are far off a temperature-0.5 target
+    n = 20000
+    counts = _draw(SamplingParams(temperature=1.0), n)
+    expected = _expected(0.5) * n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 > CHI2_999[5]
+
+
+def test_top_k_1_is_greedy_and_seed_reproducible():
+    rng = np.random.default_rng(0)
+    assert all(choose_token(LOGITS, SamplingParams(temperature=1.0, top_k=1), rng, [], []) == 0 for _ in range(50))
+    a = _draw(SamplingParams(temperature=1.0), n=200, seed=7)
+    b = _draw(SamplingParams(temperature=1.0), n=200, seed=7)
+    c = _draw(SamplingParams(temperature=1.0), n=200, seed=8)
+    assert (a == b).all() and not (a == c).all()
+
+
+def test_penalties():
+    rng = np.random.default_rng(0)
+    greedy = SamplingParams()
+    assert choose_token(LOGITS, greedy, rng, [0], [0]) == 0
+    # repetition penalty 2 halves token 0's positive logit (2.0 → 1.0), so token 1 (1.5) wins
+    assert choose_token(LOGITS, SamplingParams(repetition_penalty=2.0), rng, [0], []) == 1
+    # presence 0.3 + frequency 0.2 × 2 occurrences = 0.7 off token 0 → 1.3 < 1.5
+    assert choose_token(LOGITS, SamplingParams(presence_penalty=0.3, frequency_penalty=0.2), rng, [], [0, 0]) == 1
+    # banned ids (EOS before min_new_tokens) are never chosen
+    assert choose_token(LOGITS, greedy, rng, [], [], banned=[0, 1]) == 2
+    assert LOGITS[0] == 2.0  # inputs are not modified in place
+
+
+def test_logprobs_are_the_models_softmax():
+    lp = token_logprobs(LOGITS, 2, top_n=3)
+    p = np.exp(LOGITS.astype(np.float64))
+    p /= p.sum()
+    assert lp.logprob == pytest.approx(np.log(p[2]))
+    assert [t for t, _ in lp.top] == [0, 1, 2]
+    assert sum(np.exp(v) for _, v in lp.top) == pytest.approx(p[:3].sum())
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(temperature=-0.1), "temperature"), (dict(top_p=1.5), "top_p"), (dict(top_p=0.0), "top_p"),
+    (dict(top_k=-2), "top_k"), (dict(min_p=2.0), "min_p"), (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(presence_penalty=3.0), "presence_penalty"), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(min_new_tokens=10, max_new_tokens=5), "min_new_tokens"), (dict(logprobs=50), "logprobs"),
+    (dict(seed=-1), "seed"), (dict(stop=("",)), "stop"),
+])
+def test_bad_parameters_are_clear(kw, needle):
+    with pytest.raises(RequestError, match=needle):
+        SamplingParams(**kw)

@@ -1,0 +1,72 @@
+"""The real model: the bundled SmolLM2-135M recipe (GGUF → HF → ONNX + TorchScript), built once per session."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import inferneo_runtime
+from conftest import REPO, run_cli
+from inferneo_runtime.generation import GenerationParams
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    from transformers import AutoModelForCausalLM
+
+    from inferneo_build import load_recipe
+    from inferneo_build.source import resolve
+
+    checkpoint = resolve(load_recipe(REPO / "recipes" / "smollm2-135m.yaml"))  # the cached conversion
+    return AutoModelForCausalLM.from_pretrained(checkpoint.directory, dtype=torch.float32).eval()
+
+
+def test_manifest_records_validation(smollm2_artifact):
+    m = json.loads((smollm2_artifact / "inferneo.json").read_text())
+    assert m["source"]["kind"] == "gguf" and len(m["source"]["weights_sha256"]) == 64
+    assert m["generation"]["eos_token_ids"] == [2]
+    for name in ("onnx", "torchscript"):
+        v = m["targets"][name]["validation"]
+        assert v["status"] == "passed" and v["token_match"] and v["prompts"] == 3 and v["new_tokens"] == 32
+    assert not (smollm2_artifact / "tokenizer.model").exists()  # the 98 MB GGUF copy is not shipped
+
+
+def test_tokenizer_is_fixed(smollm2_artifact):
+    from transformers import AutoTokenizer
+
+    with inferneo_runtime.load(smollm2_artifact) as model:
+        ids = model.tokenizer.encode("Hello world")
+        assert ids[0] != 1  # no <|im_start|> prepended to plain text
+        assert model.eos_ids == [2] and model.tokenizer.eos_token == "<|im_end|>"
+    hf = AutoTokenizer.from_pretrained(smollm2_artifact)  # transformers reads the fixed files the same way
+    assert hf("Hello world").input_ids == ids and hf.eos_token_id == 2
+
+
+@pytest.mark.parametrize("target", ["onnx", "torchscript"])
+def test_greedy_equals_transformers(target, smollm2_artifact, hf_model):
+    with inferneo_runtime.load(smollm2_artifact, target=target) as model:
+        for prompt in PROMPTS:
+            ids = model.tokenizer.encode(prompt)
+            ours = model.generate_ids([ids], GenerationParams(max_new_tokens=32, ignore_eos=True))[0].token_ids
+            hf_model.generation_config.eos_token_id = None  # all 32 steps, as ignore_eos does
+            with torch.inference_mode():
+                ref = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                        do_sample=False, max_new_tokens=32, pad_token_id=2)
+            assert ours == ref[0, len(ids):].tolist(), (target, prompt)
+
+
+def test_generate_cli_says_paris(smollm2_artifact):
+    r = run_cli("generate", str(smollm2_artifact), "The capital of France is", "--max-new-tokens", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in json.loads(r.stdout)["text"]
+
+
+def test_validate_cli(smollm2_artifact):
+    r = run_cli("validate", str(smollm2_artifact), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert all(t["status"] == "passed" for t in json.loads(r.stdout)["targets"].values())
