@@ -19,6 +19,7 @@ from inferneo_runtime.manifest import (MANIFEST_NAME, SCHEMA_VERSION, VALIDATION
                                        Manifest, ModelDims, ShapeBounds, TargetEntry, ValidationSummary, file_entry)
 from inferneo_runtime.tokenizer import Tokenizer
 
+from . import build_cache
 from . import source as sources
 from .architectures import DecoderSpec, canonical_weights, decoder_spec
 from .exporters import TargetUnavailable, exporter_for
@@ -53,6 +54,7 @@ class BuildResult:
     manifest: Manifest
     reports: list[TargetReport] = field(default_factory=list)
     seconds: float = 0.0
+    cached: Optional[str] = None  # "output" or the cache URI when nothing was rebuilt
 
 
 class Progress:
@@ -106,13 +108,22 @@ def _dims(spec: DecoderSpec) -> ModelDims:
 
 
 def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Progress] = None,
-          recipe_text_sha256: Optional[str] = None) -> BuildResult:
+          recipe_text_sha256: Optional[str] = None, force: bool = False, cache: Optional[str] = None) -> BuildResult:
+    """Build `recipe` into `output`. Unless `force`, an output (or an entry in the `cache` s3:// prefix) built
+    from the same build key is reused instead of rebuilt; a fresh build is pushed to `cache` when given."""
     progress = progress or Progress(quiet=True)
-    output = Path(output or recipe.output_dir)
+    output = Path(output or recipe.output_dir).absolute()
     t_start = time.perf_counter()
 
     with progress.step(f"resolve source ({next(iter(recipe.source.model_dump(exclude={'tokenizer'}).values()))})"):
         checkpoint = sources.resolve(recipe, progress.log)
+    key = build_cache.build_key(recipe, checkpoint, toolchain_versions())
+
+    if not force:
+        hit = build_cache.reuse(key, output, cache, progress)
+        if hit is not None:
+            manifest, where = hit
+            return BuildResult(output=output, manifest=manifest, seconds=time.perf_counter() - t_start, cached=where)
 
     from transformers import AutoConfig
 
@@ -132,19 +143,22 @@ def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Prog
 
     staging = staging_dir(output)
     try:
-        result = _build_in(staging, recipe, checkpoint, spec, model, weights, progress, recipe_text_sha256)
+        result = _build_in(staging, recipe, checkpoint, spec, model, weights, progress, recipe_text_sha256, key)
         with progress.step(f"publish {output}"):
             publish(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if cache:
+        with progress.step(f"store in build cache {cache}"):
+            build_cache.store(key, output, cache)
     result.output = output
     result.seconds = time.perf_counter() - t_start
     return result
 
 
 def _build_in(staging: Path, recipe: Recipe, checkpoint, spec: DecoderSpec, model, weights, progress: Progress,
-              recipe_text_sha256: Optional[str]) -> BuildResult:
+              recipe_text_sha256: Optional[str], key: str) -> BuildResult:
     from .reference import TorchReference
 
     root_files = sources.copy_root_files(checkpoint, staging)
@@ -210,6 +224,7 @@ def _build_in(staging: Path, recipe: Recipe, checkpoint, spec: DecoderSpec, mode
         built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         recipe_sha256=recipe_text_sha256 or recipe.sha256(),
         inferneo_version=_version("inferneo"),
+        build_key=key,
     )
     (staging / MANIFEST_NAME).write_text(manifest.to_json())  # written last
     return BuildResult(output=staging, manifest=manifest, reports=reports)

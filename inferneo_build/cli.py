@@ -10,7 +10,8 @@ from .build import Progress, build
 from .recipe import load_recipe
 
 
-def run_build(recipe_path: Path, output: Optional[Path], quiet: bool = False) -> dict:
+def run_build(recipe_path: Path, output: Optional[Path], quiet: bool = False, force: bool = False,
+              cache: Optional[str] = None) -> dict:
     recipe = load_recipe(recipe_path)
     # transformers/torch chatter (deprecations, GGUF notices) is not the user's business during a build
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -18,12 +19,14 @@ def run_build(recipe_path: Path, output: Optional[Path], quiet: bool = False) ->
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    result = build(recipe, output, Progress(quiet=quiet))
+    result = build(recipe, output, Progress(quiet=quiet), force=force, cache=cache)
     return {
         "ok": True,
         "output": str(result.output),
         "name": result.manifest.name,
         "seconds": round(result.seconds, 2),
+        "cached": result.cached,
+        "build_key": result.manifest.build_key,
         "targets": {name: {"status": t.status, "validation": t.validation.model_dump(mode="json")}
                     for name, t in result.manifest.targets.items()},
     }

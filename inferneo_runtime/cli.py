@@ -173,8 +173,11 @@ def build(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="artifact directory (default: the recipe's output)"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+    force: bool = typer.Option(False, "--force", help="rebuild even when the output is up to date"),
+    cache: Optional[str] = typer.Option(None, "--cache", envvar="INFERNEO_BUILD_CACHE",
+                                        help="s3://bucket/prefix build cache shared between CI jobs"),
 ):
-    """Build a recipe into a validated artifact (needs inferneo[build])."""
+    """Build a recipe into a validated artifact (needs inferneo\[build])."""
 
     def go():
         try:
@@ -183,11 +186,12 @@ def build(
             from .errors import MissingExtraError
 
             raise MissingExtraError("`inferneo build`", "build", getattr(e, "name", None) or "inferneo_build") from None
-        summary = run_build(recipe, output, quiet=quiet or as_json)
+        summary = run_build(recipe, output, quiet=quiet or as_json, force=force, cache=cache)
         if as_json:
             print(json.dumps(summary))
         else:
-            out.print(f"[green]built[/green] {summary['output']} in {summary['seconds']:.1f}s: "
+            verb = "up to date" if summary["cached"] == "output" else ("from cache" if summary["cached"] else "built")
+            out.print(f"[green]{verb}[/green] {summary['output']} in {summary['seconds']:.1f}s: "
                       + ", ".join(f"{t} {s['status']}" for t, s in summary["targets"].items()))
 
     _run(go, as_json)

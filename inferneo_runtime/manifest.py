@@ -119,6 +119,8 @@ class Manifest(_Model):
     built_at: str
     recipe_sha256: str
     inferneo_version: str
+    # recipe + source weights/config + toolchain; equal keys mean a rebuild would produce the same artifact
+    build_key: Optional[str] = None
 
     def valid_targets(self) -> list[str]:
         return [name for name, t in self.targets.items() if t.status == "valid"]

@@ -56,6 +56,10 @@ class DestinationExists(InferneoError):
 
 # ---------------------------------------------------------------------------------------------- locations
 
+class NotPublished(S3Error):
+    """Nothing is published at the prefix (no LATEST); the build cache treats this as a miss."""
+
+
 def is_s3_uri(path: object) -> bool:
     """True for "s3://..." and for a Path made from one (pathlib collapses the "//" to "s3:/...")."""
     return isinstance(path, (str, PurePath)) and str(path).startswith("s3:/")
@@ -233,7 +237,7 @@ def resolve(client, loc: S3Location) -> str:
     except Exception as e:
         code, _ = _error_code(e)
         if code != "NoSuchBucket" and is_not_found(e):
-            raise S3Error(f"no artifact is published at {loc.uri()}: {loc.uri(key)} does not exist "
+            raise NotPublished(f"no artifact is published at {loc.uri()}: {loc.uri(key)} does not exist "
                           f"(publish one with `inferneo push ARTIFACT {loc.uri()}`)") from None
         raise s3_error(e, loc.bucket, key, "reading") from None
     try:

@@ -24,58 +24,6 @@ from conftest import run_cli  # noqa: E402
 PROMPT = "The quick brown fox"
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """`python -m moto.server` on a free local port; yields its endpoint URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"moto server did not start (see {log.name})")
-            time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=10)
-    log.close()
-
-
-@pytest.fixture
-def s3env(s3_server, monkeypatch, tmp_path):
-    """The standard AWS variables pointed at the local server, and a cache of this test's own."""
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("INFERNEO_CACHE_DIR", str(tmp_path / "cache"))
-    return s3_server
-
-
-@pytest.fixture
-def client(s3env):
-    import boto3
-
-    return boto3.client("s3")
-
-
-@pytest.fixture
-def bucket(client):
-    name = f"inferneo-test-{uuid.uuid4().hex[:10]}"
-    client.create_bucket(Bucket=name)
-    return name
 
 
 @pytest.fixture

@@ -1,0 +1,78 @@
+"""Content-addressed build cache.
+
+The build key hashes everything that determines an artifact: the normalized recipe (without its output
+path), the source's weights and config/tokenizer files, and the toolchain versions. A build whose key
+matches the output's manifest (and whose files still verify) is skipped; with `--cache s3://…` finished
+builds are pushed under `<cache>/<key>/` and later builds anywhere pull them instead of compiling.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from inferneo_runtime.artifact import verify_artifact
+from inferneo_runtime.errors import InferneoError
+from inferneo_runtime.manifest import Manifest, read_manifest, sha256_file
+
+from .publish import publish, staging_dir
+from .source import ROOT_FILES
+
+
+def build_key(recipe, checkpoint, toolchain: dict[str, str]) -> str:
+    source_files = {name: sha256_file(checkpoint.directory / name)
+                    for name in ROOT_FILES if (checkpoint.directory / name).is_file()}
+    payload = {
+        "recipe": recipe.sha256(),
+        "weights": checkpoint.info.weights_sha256,
+        "source_files": source_files,
+        "toolchain": {k: v for k, v in toolchain.items() if k != "python"} | {"python": toolchain["python"].rsplit(".", 1)[0]},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _up_to_date(output: Path, key: str) -> Optional[Manifest]:
+    try:
+        manifest = read_manifest(output)
+        if manifest.build_key != key:
+            return None
+        verify_artifact(output, manifest, manifest.valid_targets())
+        return manifest
+    except InferneoError:
+        return None  # missing, damaged or different: rebuild
+
+
+def reuse(key: str, output: Path, cache: Optional[str], progress) -> Optional[tuple[Manifest, str]]:
+    """The manifest and where it came from when this build can be skipped, else None."""
+    manifest = _up_to_date(output, key)
+    if manifest is not None:
+        progress.log(f"{output} is up to date (build key {key[:12]}); nothing to rebuild (use --force to rebuild)")
+        return manifest, "output"
+    if cache is None:
+        return None
+    from inferneo_runtime import s3
+
+    uri = f"{cache.rstrip('/')}/{key}"
+    try:
+        fetched = s3.fetch(uri, progress=False)
+    except s3.NotPublished:
+        return None  # a miss; other S3 errors (no bucket, access denied) are the user's to see
+    staging = staging_dir(output)
+    try:
+        shutil.copytree(fetched, staging, dirs_exist_ok=True)
+        manifest = read_manifest(staging)
+        verify_artifact(staging, manifest, manifest.valid_targets())
+        publish(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    progress.log(f"build cache hit: {uri} → {output}")
+    return manifest, uri
+
+
+def store(key: str, output: Path, cache: str) -> None:
+    from .push import push
+
+    push(output, f"{cache.rstrip('/')}/{key}", progress=False)

@@ -1,0 +1,354 @@
+"""OpenAI-compatible request and response models (pydantic).
+
+Request fields follow the order of OpenAI's API reference:
+  https://platform.openai.com/docs/api-reference/completions/create
+  https://platform.openai.com/docs/api-reference/chat/create
+Inferneo's extensions (vLLM's names) sit after them in one marked block. Unknown fields are accepted and
+logged, since clients send fields a server does not implement; OpenAI fields this server cannot honour
+(echo, suffix, logit_bias, best_of > n, tools, non-text response formats) are rejected with a 400.
+
+A request turns itself into SamplingParams with one precedence: the request's value, else the server's
+default, else the OpenAI API default (`to_sampling_params`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..errors import RequestError
+from ..sampling import MAX_LOGPROBS, SamplingParams
+
+logger = logging.getLogger("inferneo.server")
+
+# OpenAI's defaults where a request leaves a sampling field unset.
+API_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+
+
+class ParamError(RequestError):
+    """A request error about one field, which the error response names in `param`."""
+
+    def __init__(self, message: str, param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class OpenAIBaseModel(BaseModel):
+    """Accepts unknown fields and logs them (once per request) instead of failing."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _log_unknown_fields(self):
+        if self.model_extra:
+            logger.warning("%s: ignoring unknown field(s): %s", type(self).__name__, ", ".join(sorted(self.model_extra)))
+        return self
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool = False
+
+
+class _SamplingExtensions(BaseModel):
+    """Inferneo extensions, shared by both endpoints. Listed first among a request's bases, so pydantic
+    orders these fields after the OpenAI ones."""
+
+    # --- Inferneo extensions (not in OpenAI's API) -------------------------------------------------
+    top_k: Optional[int] = Field(None, ge=-1, description="sample from the k most likely tokens (0 or -1: all)")
+    min_p: Optional[float] = Field(None, ge=0, le=1, description="drop tokens below min_p x the top probability")
+    repetition_penalty: Optional[float] = Field(None, gt=0, description="transformers' rule over prompt + output; 1 = off")
+    min_tokens: int = Field(0, ge=0, description="generate at least this many tokens before EOS or stop tokens")
+    ignore_eos: bool = Field(False, description="keep generating past the EOS token")
+    stop_token_ids: Optional[list[int]] = Field(None, description="token ids that end generation, like EOS")
+    # --- end of extensions -------------------------------------------------------------------------
+
+
+class _Sampling:
+    """What both request types share: reading fields with request > server default > API default."""
+
+    def _value(self, name: str, defaults: dict):
+        value = getattr(self, name)
+        if value is None:
+            value = defaults.get(name, API_DEFAULTS.get(name))
+        return value
+
+    def _stops(self) -> tuple[str, ...]:
+        stop = self.stop
+        return () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+
+    def _sampling_params(self, max_tokens: int, logprobs: Optional[int], defaults: Optional[dict],
+                         seed_offset: int) -> SamplingParams:
+        defaults = defaults or {}
+        seed = self.seed if self.seed is None else self.seed + seed_offset
+        return SamplingParams(
+            max_new_tokens=max_tokens, min_new_tokens=min(self.min_tokens, max_tokens),
+            temperature=self._value("temperature", defaults), top_k=self._value("top_k", defaults),
+            top_p=self._value("top_p", defaults), min_p=self._value("min_p", defaults),
+            repetition_penalty=self._value("repetition_penalty", defaults),
+            presence_penalty=self._value("presence_penalty", defaults),
+            frequency_penalty=self._value("frequency_penalty", defaults),
+            seed=seed, stop=self._stops(), stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos, logprobs=logprobs)
+
+    def _reject_unsupported(self, checks: dict[str, bool]) -> None:
+        for name, bad in checks.items():
+            if bad:
+                raise ParamError(f"{name}: not supported by this server", param=name.split()[0])
+
+
+class _CompletionFields(OpenAIBaseModel):
+    # OpenAI's order: https://platform.openai.com/docs/api-reference/completions/create
+    model: str
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    best_of: Optional[int] = Field(None, ge=1)
+    echo: bool = False
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    logit_bias: Optional[dict[str, float]] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=128)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    seed: Optional[int] = Field(None, ge=0)
+    stop: Optional[Union[str, list[str]]] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    suffix: Optional[str] = None
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    user: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        if isinstance(self.prompt, list) and len(self.prompt) == 0:
+            raise ValueError("prompt must not be empty")
+        return self
+
+
+class CompletionRequest(_SamplingExtensions, _CompletionFields, _Sampling):
+    """POST /v1/completions (OpenAI's fields first, then the extension block)."""
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """The prompt(s) as a list: each a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+    def to_sampling_params(self, defaults: Optional[dict] = None, seed_offset: int = 0) -> SamplingParams:
+        self._reject_unsupported({"echo": self.echo, "suffix": self.suffix is not None, "logit_bias": bool(self.logit_bias),
+                                  "best_of other than n": self.best_of not in (None, self.n)})
+        max_tokens = self.max_tokens or (defaults or {}).get("max_tokens") or COMPLETIONS_DEFAULT_MAX_TOKENS
+        return self._sampling_params(max_tokens, self.logprobs, defaults, seed_offset)
+
+
+class ContentPart(OpenAIBaseModel):
+    type: str
+    text: Optional[str] = None
+
+
+class ChatMessage(OpenAIBaseModel):
+    role: str
+    content: Optional[Union[str, list[ContentPart]]] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise RequestError(f"message content of type {part.type!r} is not supported; only text")
+            parts.append(part.text)
+        return "".join(parts)
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: str
+
+
+class _ChatFields(OpenAIBaseModel):
+    # OpenAI's order: https://platform.openai.com/docs/api-reference/chat/create
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    logit_bias: Optional[dict[str, float]] = None
+    logprobs: bool = False
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: Optional[int] = Field(None, ge=1, description="deprecated by OpenAI for max_completion_tokens")
+    n: int = Field(1, ge=1, le=128)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    response_format: Optional[ResponseFormat] = None
+    seed: Optional[int] = Field(None, ge=0)
+    stop: Optional[Union[str, list[str]]] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    tool_choice: Optional[Any] = None
+    tools: Optional[list[Any]] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    user: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+
+class ChatCompletionRequest(_SamplingExtensions, _ChatFields, _Sampling):
+    """POST /v1/chat/completions (OpenAI's fields first, then the extension block)."""
+
+    def message_dicts(self) -> list[dict]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+    @property
+    def requested_max_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens or self.max_tokens
+
+    def to_sampling_params(self, default_max_tokens: int, defaults: Optional[dict] = None,
+                           seed_offset: int = 0) -> SamplingParams:
+        """`default_max_tokens` (the rest of the context, or the server's default) applies when the request sets none."""
+        self._reject_unsupported({"logit_bias": bool(self.logit_bias), "tools": bool(self.tools),
+                                  "tool_choice": self.tool_choice not in (None, "none"),
+                                  f"response_format {getattr(self.response_format, 'type', '')!r}":
+                                      self.response_format is not None and self.response_format.type != "text"})
+        max_tokens = self.requested_max_tokens or default_max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling_params(max_tokens, logprobs, defaults, seed_offset)
+
+
+# -- responses --------------------------------------------------------------------------------------
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CompletionLogprobs(BaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[Optional[float]] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: Optional[str] = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[UsageInfo] = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: Optional[list[ChatTokenLogprob]] = None
+
+
+class ResponseMessage(BaseModel):
+    role: str = "assistant"
+    content: Optional[str] = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ResponseMessage
+    logprobs: Optional[ChoiceLogprobs] = None
+    finish_reason: Optional[str] = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: dict[str, str]  # {"role": ...} first, then {"content": ...}, {} with the finish_reason
+    logprobs: Optional[ChoiceLogprobs] = None
+    finish_reason: Optional[str] = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Optional[UsageInfo] = None
+
+
+class ModelCard(BaseModel):
+    """OpenAI's model object, plus what the artifact's manifest says about the served target."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "inferneo"
+    # --- Inferneo extensions -------------------------------------------------------------------------
+    loaded: bool = False
+    source: Optional[str] = None
+    architecture: Optional[str] = None
+    format: Optional[str] = None
+    target: Optional[str] = None
+    dtype: Optional[str] = None
+    parameters: Optional[int] = Field(None, description="estimated: the target's weight bytes / dtype size")
+    weight_bytes: Optional[int] = None
+    max_context: Optional[int] = None
+    max_batch: Optional[int] = None
+    validation: Optional[dict[str, Any]] = None
+    targets: Optional[dict[str, dict[str, Any]]] = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+
+    error: ErrorInfo
