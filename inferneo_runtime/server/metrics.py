@@ -1,0 +1,83 @@
+"""Prometheus metrics for `GET /metrics` (prometheus-client, one CollectorRegistry per app).
+
+Request-path metrics are counters and histograms updated as requests run. Model state (loaded models,
+weight and KV-cache bytes, loads, evictions, sequences in flight) is read from the ModelRegistry at
+scrape time by a collector, so it cannot drift from the registry's own bookkeeping.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from ..registry import ModelRegistry
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _RegistryCollector:
+    def __init__(self, registry: ModelRegistry, in_flight: Callable[[], int], max_queue: int):
+        self.registry = registry
+        self.in_flight = in_flight
+        self.max_queue = max_queue
+
+    def collect(self):
+        entries = list(self.registry.entries.values())
+        g = GaugeMetricFamily("inferneo_models_loaded", "Models loaded now")
+        g.add_metric([], sum(e.state == "loaded" for e in entries))
+        yield g
+        g = GaugeMetricFamily("inferneo_models_registered", "Models this server can serve")
+        g.add_metric([], len(entries))
+        yield g
+        per_model = {
+            "inferneo_model_loaded": ("1 while the model is loaded", lambda e: int(e.state == "loaded")),
+            "inferneo_model_weight_bytes": ("Bytes of the served target's files", lambda e: e.weight_bytes),
+            "inferneo_kv_cache_bytes": ("Bytes of the model's KV cache now", lambda e: e.cache_bytes),
+            "inferneo_sequences_in_flight": ("Sequences running or waiting in the model's engine",
+                                             lambda e: e.driver.in_flight if e.driver is not None else 0),
+        }
+        for name, (doc, value) in per_model.items():
+            g = GaugeMetricFamily(name, doc, labels=["model"])
+            for e in entries:
+                g.add_metric([e.name], value(e))
+            yield g
+        for name, doc, attr in (("inferneo_model_loads", "Times the model was loaded", "loads"),
+                                ("inferneo_model_evictions", "Times the model was evicted to fit the budget", "evictions")):
+            c = CounterMetricFamily(name, doc, labels=["model"])
+            for e in entries:
+                c.add_metric([e.name], getattr(e, attr))
+            yield c
+        g = GaugeMetricFamily("inferneo_memory_used_bytes", "Weights + KV caches of the loaded models")
+        g.add_metric([], self.registry.memory_used())
+        yield g
+        if self.registry.memory_budget_bytes is not None:
+            g = GaugeMetricFamily("inferneo_memory_budget_bytes", "The memory budget for loaded models")
+            g.add_metric([], self.registry.memory_budget_bytes)
+            yield g
+        g = GaugeMetricFamily("inferneo_requests_in_flight", "Sequences admitted and not finished (all models)")
+        g.add_metric([], self.in_flight())
+        yield g
+        g = GaugeMetricFamily("inferneo_max_queue", "Most sequences in flight before requests get 429")
+        g.add_metric([], self.max_queue)
+        yield g
+
+
+class Metrics:
+    def __init__(self, registry: ModelRegistry, in_flight: Callable[[], int], max_queue: int):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("inferneo_requests", "Requests to the OpenAI endpoints by HTTP status "
+                                "(499: the client went away)", ["model", "endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("inferneo_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.generation_tokens = Counter("inferneo_generation_tokens", "Tokens generated", ["model"], registry=r)
+        self.ttft = Histogram("inferneo_time_to_first_token_seconds", "From request arrival to its first token",
+                              ["model"], buckets=TTFT_BUCKETS, registry=r)
+        self.latency = Histogram("inferneo_request_latency_seconds", "From request arrival to its last token",
+                                 ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        r.register(_RegistryCollector(registry, in_flight, max_queue))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
