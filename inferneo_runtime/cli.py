@@ -168,6 +168,45 @@ def validate(
 
 
 @app.command()
+def serve(
+    artifacts: Optional[list[str]] = typer.Argument(
+        None, help="artifact directories or s3:// URIs (default: artifacts/smollm2-135m if built)"),
+    host: Optional[str] = typer.Option(None, help="address to bind (default 127.0.0.1)"),
+    port: Optional[int] = typer.Option(None, help="port (default 8000)"),
+    log_level: Optional[str] = typer.Option(None, "--log-level", help="critical|error|warning|info|debug"),
+    lazy: Optional[bool] = typer.Option(None, "--lazy/--eager", help="load each model on its first request"),
+    max_models: Optional[int] = typer.Option(None, "--max-models", min=1, help="most models loaded at once"),
+    memory_budget_gb: Optional[float] = typer.Option(None, "--memory-budget-gb",
+                                                     help="weights + KV caches of loaded models, in GB (1e9 bytes)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML settings file (flags and INFERNEO_* env win)"),
+    threads: Optional[int] = typer.Option(None, min=1, help="intra-op threads per model (default: physical cores)"),
+    max_queue: Optional[int] = typer.Option(None, "--max-queue", min=1,
+                                            help="most sequences in flight; more get 429 (default 256)"),
+):
+    """Serve artifacts over an OpenAI-compatible HTTP API (needs inferneo\\[serve])."""
+
+    def go():
+        import importlib
+
+        from .errors import MissingExtraError
+
+        for module in ("fastapi", "uvicorn", "prometheus_client"):
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                raise MissingExtraError("`inferneo serve`", "serve", module) from None
+        from .server.app import run_server
+        from .server.config import load_server_config
+
+        settings = load_server_config(config, overrides=dict(
+            artifacts=artifacts, host=host, port=port, log_level=log_level, lazy=lazy, max_models=max_models,
+            memory_budget_gb=memory_budget_gb, threads=threads, max_queue=max_queue))
+        run_server(settings)
+
+    _run(go, as_json=False)
+
+
+@app.command()
 def build(
     recipe: Path = typer.Argument(..., help="recipe YAML file"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="artifact directory (default: the recipe's output)"),

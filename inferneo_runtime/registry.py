@@ -161,6 +161,16 @@ class ModelRegistry:
         return [e.name for e in self.entries.values() if e.state == "loaded"]
 
     # -- leases -----------------------------------------------------------------------------------
+    def try_acquire(self, name: str) -> Optional[Lease]:
+        """Lease model `name` if it is loaded; None otherwise. Never blocks beyond the registry lock."""
+        with self._cond:
+            e = self.entry(name)
+            if e.state != "loaded" or self._closed:
+                return None
+            e.leases += 1
+            e.last_used = time.monotonic()
+            return Lease(self, e)
+
     def acquire(self, name: str, wait_s: Optional[float] = None) -> Lease:
         """Lease model `name`, loading it (and evicting idle models) if needed. Blocks while loading or
         while busy models hold the budget, up to `wait_s` (default: the registry's)."""

@@ -16,6 +16,7 @@ import logging
 import threading
 from typing import Callable, Optional, Sequence, Union
 
+from ..errors import InferneoError
 from ..generation import Engine, Request, TokenEvent
 from ..sampling import SamplingParams
 
@@ -28,7 +29,7 @@ class Cancelled(Exception):
     """The ticket was cancelled (its client went away) before it finished."""
 
 
-class DriverStopped(Exception):
+class DriverStopped(InferneoError):
     """The driver is shutting down and takes no new work."""
 
 
