@@ -17,6 +17,7 @@ from typing import Callable, Optional
 from inferneo_runtime.backends import backend_class
 from inferneo_runtime.manifest import (MANIFEST_NAME, SCHEMA_VERSION, VALIDATION_NAME, GenerationDefaults, Golden,
                                        Manifest, ModelDims, ShapeBounds, TargetEntry, ValidationSummary, file_entry)
+from inferneo_runtime.signing import sign_artifact
 from inferneo_runtime.tokenizer import Tokenizer
 
 from . import build_cache
@@ -108,7 +109,8 @@ def _dims(spec: DecoderSpec) -> ModelDims:
 
 
 def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Progress] = None,
-          recipe_text_sha256: Optional[str] = None, force: bool = False, cache: Optional[str] = None) -> BuildResult:
+          recipe_text_sha256: Optional[str] = None, force: bool = False, cache: Optional[str] = None,
+          sign_key: Optional[Path] = None) -> BuildResult:
     """Build `recipe` into `output`. Unless `force`, an output (or an entry in the `cache` s3:// prefix) built
     from the same build key is reused instead of rebuilt; a fresh build is pushed to `cache` when given."""
     progress = progress or Progress(quiet=True)
@@ -123,6 +125,8 @@ def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Prog
         hit = build_cache.reuse(key, output, cache, progress)
         if hit is not None:
             manifest, where = hit
+            if sign_key:
+                sign_artifact(output, sign_key)
             return BuildResult(output=output, manifest=manifest, seconds=time.perf_counter() - t_start, cached=where)
 
     from transformers import AutoConfig
@@ -144,6 +148,8 @@ def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Prog
     staging = staging_dir(output)
     try:
         result = _build_in(staging, recipe, checkpoint, spec, model, weights, progress, recipe_text_sha256, key)
+        if sign_key:  # the signature goes in with the manifest, inside the atomic publish
+            progress.log(f"signed with key {sign_artifact(staging, sign_key)}")
         with progress.step(f"publish {output}"):
             publish(staging, output)
     except BaseException:

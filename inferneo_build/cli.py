@@ -11,7 +11,7 @@ from .recipe import load_recipe
 
 
 def run_build(recipe_path: Path, output: Optional[Path], quiet: bool = False, force: bool = False,
-              cache: Optional[str] = None) -> dict:
+              cache: Optional[str] = None, sign_key: Optional[Path] = None) -> dict:
     recipe = load_recipe(recipe_path)
     # transformers/torch chatter (deprecations, GGUF notices) is not the user's business during a build
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -19,7 +19,7 @@ def run_build(recipe_path: Path, output: Optional[Path], quiet: bool = False, fo
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    result = build(recipe, output, Progress(quiet=quiet), force=force, cache=cache)
+    result = build(recipe, output, Progress(quiet=quiet), force=force, cache=cache, sign_key=sign_key)
     return {
         "ok": True,
         "output": str(result.output),

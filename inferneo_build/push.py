@@ -25,6 +25,7 @@ from typing import Optional, Union
 
 from inferneo_runtime import s3
 from inferneo_runtime.errors import IntegrityError, S3Error
+from inferneo_runtime.signing import SIGNATURE_NAME
 from inferneo_runtime.manifest import MANIFEST_NAME, FileEntry, read_manifest
 
 
@@ -129,7 +130,7 @@ def push(artifact: Union[str, Path], uri: str, jobs: int = s3.DEFAULT_JOBS, prog
         raise S3Error(f"push takes a prefix (s3://bucket/prefix), not a version: versions are named by the sha256 "
                       f"of their manifest; push to {loc.uri()}")
     entries = s3.listed_files(manifest)
-    names = {e.path for e in entries} | {MANIFEST_NAME}
+    names = {e.path for e in entries} | {MANIFEST_NAME, SIGNATURE_NAME}
     not_pushed = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
                         if p.is_file() and p.relative_to(root).as_posix() not in names)
     client = s3.make_client()
@@ -144,7 +145,10 @@ def push(artifact: Union[str, Path], uri: str, jobs: int = s3.DEFAULT_JOBS, prog
     with s3.TransferBar(progress, f"push {version[:12]}", total) as bar:
         pusher = _Pusher(client, loc, version, root, config, bar)
         results = s3.run_parallel(pusher.file, entries, jobs)
-    # Every listed file is now in S3 and verified: the manifest may appear, and after it the pointer.
+    # Every listed file is now in S3 and verified: the signature (if any), then the manifest, then the pointer.
+    sig = root / SIGNATURE_NAME
+    if sig.is_file():  # the signature may change without the manifest changing (re-signed): always rewrite it
+        pusher.small(loc.version_key(version, SIGNATURE_NAME), sig.read_bytes(), skip_if_present=False)
     manifest_uploaded = pusher.small(loc.manifest_key(version), raw)
     latest_key = loc.latest_key
     try:

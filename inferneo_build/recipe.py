@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -54,22 +54,26 @@ class GGUFSource(_Strict):
 Source = Union[HubSource, PathSource, GGUFSource]
 
 
+# A target's name is its folder in the artifact: a plain name, never a path.
+TARGET_NAME = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="target folder name")
+
+
 class OnnxTarget(_Strict):
     format: Literal["onnx"]
-    name: Optional[str] = None
+    name: Optional[str] = TARGET_NAME
     opset: int = Field(17, ge=17, le=23)
     optional: bool = False
 
 
 class TorchScriptTarget(_Strict):
     format: Literal["torchscript"]
-    name: Optional[str] = None
+    name: Optional[str] = TARGET_NAME
     optional: bool = False
 
 
 class TensorRTTarget(_Strict):
     format: Literal["tensorrt"]
-    name: Optional[str] = None
+    name: Optional[str] = TARGET_NAME
     precision: Literal["fp32", "fp16", "bf16"] = "fp16"
     optional: bool = False
 
@@ -127,6 +131,15 @@ class Recipe(_Strict):
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def _union_tags() -> set[str]:
+    sources = {c.__name__ for c in get_args(Source)}
+    targets = {get_args(c.model_fields["format"].annotation)[0] for c in get_args(get_args(Target)[0])}
+    return sources | targets
+
+
+_UNION_TAGS = _union_tags()
+
+
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     try:
@@ -158,7 +171,7 @@ def _describe(path: Path, text: str, error: ValidationError) -> str:
         where = f"{path}:{line}" if line else str(path)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = f"unknown field {loc[-1]!r}"
+            msg = f"unknown field {loc[-1]!r}" if loc else "unknown field"
         elif err["type"] == "missing":
             msg = "required field is missing"
         lines.append(f"{where}: {field}: {msg}")
@@ -166,8 +179,8 @@ def _describe(path: Path, text: str, error: ValidationError) -> str:
 
 
 def _is_union_tag(part) -> bool:
-    # pydantic puts the union member's class name (or discriminator value) into `loc`
-    return isinstance(part, str) and (part[:1].isupper() or part in ("onnx", "torchscript", "tensorrt"))
+    # pydantic puts the union member tried (its class name, or the discriminator value) into `loc`
+    return isinstance(part, str) and (part in _UNION_TAGS or part.startswith("function-"))
 
 
 def _line_of(text: str, loc: list) -> Optional[int]:

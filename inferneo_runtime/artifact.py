@@ -48,6 +48,14 @@ def choose_target(manifest: Manifest, target: Optional[str]) -> str:
     raise TargetNotAvailable(f"artifact {manifest.name!r} has no valid target")
 
 
+def check_signature(root: Path, trusted_keys: Optional[Sequence[Union[str, Path]]] = None) -> Optional[str]:
+    """Verify the manifest's signature when trusted keys are configured; returns the signing key id."""
+    from .signing import resolve_trusted_keys, verify_signature
+
+    keys = resolve_trusted_keys(trusted_keys)
+    return verify_signature(root, keys) if keys else None
+
+
 def verify_artifact(root: Path, manifest: Manifest, targets: Sequence[str]) -> None:
     """Checksum the root files and the named targets' files; raises IntegrityError naming the bad file."""
     verify_files(root, manifest.root_files)
@@ -93,12 +101,12 @@ class Model:
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
         outs = self.generate_ids([self.encode(p) for p in prompts], self._params(len(prompts), params))
-        completions = [self._completion(o) for o in outs]
+        completions = [self.completion(o) for o in outs]
         return completions[0] if single else completions
 
     def chat(self, messages: list[dict], **params) -> Completion:
         """Render `messages` with the artifact's chat template and complete them."""
-        return self._completion(self.generate_ids([self.tokenizer.encode_chat(messages)], SamplingParams(**params))[0])
+        return self.completion(self.generate_ids([self.tokenizer.encode_chat(messages)], SamplingParams(**params))[0])
 
     def stream(self, prompt: Union[str, list[dict]], **params) -> Iterator[str]:
         """Yield text deltas as they become final; joined, they equal generate(...).text.
@@ -118,7 +126,7 @@ class Model:
             return base
         return [replace(base, seed=base.seed + i) for i in range(n)]
 
-    def _completion(self, out: SequenceOutput) -> Completion:
+    def completion(self, out: SequenceOutput) -> Completion:
         return Completion(text=out.text, token_ids=out.token_ids, prompt_ids=out.prompt_ids,
                           finish_reason=out.finish_reason or "length", logprobs=out.logprobs)
 
@@ -141,16 +149,20 @@ class Model:
 
 
 def load(path: Union[str, Path], target: Optional[str] = None, device: str = "cpu",
-         threads: Optional[int] = None, verify: bool = True) -> Model:
+         threads: Optional[int] = None, verify: bool = True,
+         trusted_keys: Optional[Sequence[Union[str, Path]]] = None) -> Model:
     """Open an artifact directory (or an s3:// URI), verify what will be used, and load one target's backend.
 
     verify=True checks the sha256 of the root files and the chosen target's files before loading.
+    trusted_keys (default: $INFERNEO_TRUSTED_KEYS): Ed25519 public keys; when any are given, the manifest's
+    signature must verify against one of them before anything else is read.
     """
     from . import s3
 
     if s3.is_s3_uri(path):  # s3://bucket/prefix[/versions/<sha256>]: fetched once into the verified cache
         path = s3.fetch(path)
     root = Path(path)
+    check_signature(root, trusted_keys)
     manifest = read_manifest(root)
     name = choose_target(manifest, target)
     if verify:

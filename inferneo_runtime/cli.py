@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -23,7 +24,8 @@ err = Console(stderr=True, soft_wrap=True)
 
 EXIT_CODES = """Exit codes: 0 ok; 1 unexpected error; 2 bad input (recipe, arguments, request); 3 bad or unreadable
 manifest; 4 integrity failure (checksum/size); 5 missing extra or toolchain; 6 goldens do not reproduce;
-7 validation failed at build (nothing published); 8 S3 error (missing bucket/key, access denied)."""
+7 validation failed at build (nothing published); 8 S3 error (missing bucket/key, access denied);
+9 signature missing, untrusted or invalid."""
 
 
 def _fail(e: BaseException, as_json: bool) -> "typer.Exit":
@@ -35,7 +37,7 @@ def _fail(e: BaseException, as_json: bool) -> "typer.Exit":
             payload["details"] = e.details
         print(json.dumps(payload))
     else:
-        err.print(f"[red]error:[/red] {message}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     if code == 1 and os.environ.get("INFERNEO_DEBUG"):
         raise e
     return typer.Exit(code)
@@ -53,26 +55,51 @@ def _run(fn, as_json: bool):
         raise _fail(e, as_json) from None
 
 
+TRUSTED_KEY_HELP = "Ed25519 public key the manifest must be signed with (repeatable; default $INFERNEO_TRUSTED_KEYS)"
+
+
 @app.command()
 def generate(
-    artifact: Path = typer.Argument(..., help="artifact directory"),
-    prompt: str = typer.Argument(..., help="prompt text"),
+    artifact: Path = typer.Argument(..., help="artifact directory or s3://bucket/prefix"),
+    prompt: str = typer.Argument(..., help="prompt text (with --chat: the user message)"),
     target: Optional[str] = typer.Option(None, help="target to run (default: onnx if present)"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    seed: Optional[int] = typer.Option(None, help="sampling seed (same seed, same tokens)"),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="stop string (repeatable)"),
+    chat: bool = typer.Option(False, "--chat", help="render PROMPT as a user message with the chat template"),
+    system: Optional[str] = typer.Option(None, "--system", help="system message (with --chat)"),
+    stream: bool = typer.Option(False, "--stream", help="print text as it is generated"),
     device: str = typer.Option("cpu", help="cpu or cuda[:N]"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads (default: physical cores)"),
+    trusted_key: Optional[list[Path]] = typer.Option(None, "--trusted-key", help=TRUSTED_KEY_HELP),
     as_json: bool = typer.Option(False, "--json", help="print a JSON object"),
 ):
-    """Generate a completion from an artifact (greedy)."""
+    """Generate a completion from an artifact."""
 
     def go():
         from . import load
 
+        params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                      stop=tuple(stop or ()))
         t0 = time.perf_counter()
-        with load(artifact, target=target, device=device, threads=threads) as model:
+        with load(artifact, target=target, device=device, threads=threads, trusted_keys=trusted_key) as model:
             t_load = time.perf_counter() - t0
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            ids = model.tokenizer.encode_chat(messages) if chat else model.encode(prompt)
             t1 = time.perf_counter()
-            c = model.generate(prompt, max_new_tokens=max_new_tokens)
+            if stream and not as_json:
+                for delta in model.stream(messages if chat else prompt, **params):
+                    sys.stdout.write(delta)
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+                err.print(f"[dim]{model.name}/{model.target}: {time.perf_counter() - t1:.2f}s, load {t_load:.2f}s[/dim]")
+                return
+            from .sampling import SamplingParams
+
+            c = model.completion(model.generate_ids([ids], SamplingParams(**params))[0])
             t_gen = time.perf_counter() - t1
             if as_json:
                 print(json.dumps({"ok": True, "model": model.name, "target": model.target, "text": c.text,
@@ -83,6 +110,25 @@ def generate(
                 out.print(c.text, highlight=False, markup=False)
                 err.print(f"[dim]{model.name}/{model.target}: {len(c.token_ids)} tokens in {t_gen:.2f}s, "
                           f"finish_reason={c.finish_reason}, load {t_load:.2f}s[/dim]")
+
+    _run(go, as_json)
+
+
+@app.command()
+def keygen(
+    path: Path = typer.Argument(..., help="where to write the private key; the public key goes to PATH.pub"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON object"),
+):
+    """Create an Ed25519 key pair for signing artifacts (build/push --sign, load --trusted-key)."""
+
+    def go():
+        from .signing import generate_keypair
+
+        private, public, kid = generate_keypair(path)
+        if as_json:
+            print(json.dumps({"ok": True, "private_key": str(private), "public_key": str(public), "key_id": kid}))
+        else:
+            out.print(f"key {kid}: private {private} (keep it secret), public {public} (give it to hosts)")
 
     _run(go, as_json)
 
@@ -122,17 +168,19 @@ def validate(
     artifact: Path = typer.Argument(..., help="artifact directory"),
     target: Optional[str] = typer.Option(None, help="only this target"),
     device: str = typer.Option("cpu", help="cpu or cuda[:N]"),
+    trusted_key: Optional[list[Path]] = typer.Option(None, "--trusted-key", help=TRUSTED_KEY_HELP),
     as_json: bool = typer.Option(False, "--json", help="print a JSON report"),
 ):
-    """Re-check every checksum and re-run the build's goldens on this host."""
+    """Re-check the signature (when keys are set), every checksum, and the build's goldens on this host."""
 
     def go():
-        from .artifact import Model, verify_artifact
+        from .artifact import Model, check_signature, verify_artifact
         from .backends import backend_class
         from .errors import GoldenMismatch, MissingExtraError
         from .manifest import read_manifest
         from .tokenizer import Tokenizer
 
+        signed_by = check_signature(artifact, trusted_key)
         m = read_manifest(artifact)
         names = [target] if target else m.valid_targets()
         if target and target not in m.targets:
@@ -155,7 +203,8 @@ def validate(
                     report[name] = {"status": "failed", "reason": str(e)}
                     failed = failed or e
         if as_json:
-            print(json.dumps({"ok": failed is None, "artifact": str(artifact), "checksums": "verified", "targets": report}))
+            print(json.dumps({"ok": failed is None, "artifact": str(artifact), "checksums": "verified",
+                              "signed_by": signed_by, "targets": report}))
         else:
             out.print(f"[green]✓[/green] checksums verified ({len(m.root_files)} root files, targets: {', '.join(names)})")
             for name, r in report.items():
@@ -215,6 +264,7 @@ def build(
     force: bool = typer.Option(False, "--force", help="rebuild even when the output is up to date"),
     cache: Optional[str] = typer.Option(None, "--cache", envvar="INFERNEO_BUILD_CACHE",
                                         help="s3://bucket/prefix build cache shared between CI jobs"),
+    sign: Optional[Path] = typer.Option(None, "--sign", help="Ed25519 private key: sign the manifest"),
 ):
     """Build a recipe into a validated artifact (needs inferneo\[build])."""
 
@@ -225,7 +275,7 @@ def build(
             from .errors import MissingExtraError
 
             raise MissingExtraError("`inferneo build`", "build", getattr(e, "name", None) or "inferneo_build") from None
-        summary = run_build(recipe, output, quiet=quiet or as_json, force=force, cache=cache)
+        summary = run_build(recipe, output, quiet=quiet or as_json, force=force, cache=cache, sign_key=sign)
         if as_json:
             print(json.dumps(summary))
         else:
@@ -243,6 +293,7 @@ def push(
     jobs: int = typer.Option(8, "--jobs", "-j", min=1, help="parallel uploads"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    sign: Optional[Path] = typer.Option(None, "--sign", help="Ed25519 private key: sign the manifest before pushing"),
 ):
     """Publish an artifact to S3: files, then the manifest, then LATEST (needs inferneo\\[build,s3])."""
 
@@ -253,6 +304,10 @@ def push(
             from .errors import MissingExtraError
 
             raise MissingExtraError("`inferneo push`", "build", getattr(e, "name", None) or "inferneo_build") from None
+        if sign:
+            from .signing import sign_artifact
+
+            sign_artifact(artifact, sign)
         summary = run_push(artifact, uri, jobs=jobs, progress=not (quiet or as_json))
         if summary["not_pushed"] and not as_json:
             err.print(f"[yellow]warning:[/yellow] not in the manifest, so not pushed: {', '.join(summary['not_pushed'])}",

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import IntegrityError, ManifestError
 
@@ -25,8 +25,17 @@ class _Model(BaseModel):
 
 class FileEntry(_Model):
     path: str  # relative to the artifact root, forward slashes
-    sha256: str
-    size: int
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+    @field_validator("path")
+    @classmethod
+    def _inside_artifact(cls, v: str) -> str:
+        # refused before any read: a manifest must not point outside its own directory
+        parts = v.split("/")
+        if not v or v.startswith("/") or "\\" in v or ":" in parts[0] or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"file path {v!r} must be relative, forward-slashed, without '.' or '..' parts")
+        return v
 
 
 class TensorSpec(_Model):
@@ -165,8 +174,11 @@ def file_entry(root: Path, path: Path) -> FileEntry:
 def verify_files(root: Path, entries: list[FileEntry]) -> None:
     """Check size then sha256 of each listed file; raise naming the first file that does not match."""
     root = Path(root)
+    real_root = root.resolve()
     for entry in entries:
         path = root / entry.path
+        if not path.resolve().is_relative_to(real_root):
+            raise IntegrityError(f"{path}: resolves outside the artifact directory (symlink?); refused")
         if not path.is_file():
             raise IntegrityError(f"{path}: listed in the manifest but missing")
         size = path.stat().st_size

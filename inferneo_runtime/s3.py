@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Callable, Iterator, Optional, Union
 
+from .signing import SIGNATURE_NAME
 from .errors import InferneoError, IntegrityError, ManifestError, MissingExtraError, S3Error
 from .manifest import MANIFEST_NAME, FileEntry, Manifest, read_manifest, sha256_file, verify_files
 
@@ -397,6 +398,12 @@ def _download_version(client, loc: S3Location, version: str, dest: Path, progres
         raise IntegrityError(f"{MANIFEST_NAME}: {loc.uri(key)} has sha256 {digest[:12]}…, not its version "
                              f"{version[:12]}…; nothing was cached")
     (dest / MANIFEST_NAME).write_bytes(raw)
+    try:  # a signature is optional here; load() decides whether one is required
+        (dest / SIGNATURE_NAME).write_bytes(
+            client.get_object(Bucket=loc.bucket, Key=loc.version_key(version, SIGNATURE_NAME))["Body"].read())
+    except Exception as e:
+        if not is_not_found(e):
+            raise s3_error(e, loc.bucket, loc.version_key(version, SIGNATURE_NAME), "reading") from None
     entries = listed_files(read_manifest(dest))
     config = transfer_config(jobs)
     total = sum(e.size for e in entries)
