@@ -137,6 +137,9 @@ def keygen(
 def inspect(
     artifact: Path = typer.Argument(..., help="artifact directory"),
     as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
+    check: bool = typer.Option(False, "--check", help="say whether each target can run on this host (versions, GPU, "
+                               "extras, memory) without loading it; exit 5 unless every valid target can"),
+    device: str = typer.Option("cpu", help="with --check: cpu or cuda[:N]"),
 ):
     """Show an artifact's manifest: model, targets, validation results, toolchain."""
 
@@ -144,6 +147,8 @@ def inspect(
         from .manifest import read_manifest
 
         m = read_manifest(artifact)
+        if check:
+            return _print_check(m, device, as_json)
         if as_json:
             print(m.to_json(), end="")
             return
@@ -161,6 +166,29 @@ def inspect(
                   f"torch {m.toolchain.get('torch')} · onnxruntime {m.toolchain.get('onnxruntime')}")
 
     _run(go, as_json)
+
+
+def _print_check(m, device: str, as_json: bool) -> None:
+    from .preflight import check_all
+
+    verdicts = check_all(m, device)
+    usable = [v for v in verdicts.values() if v.skipped is None]
+    ok = bool(usable) and all(v.ok for v in usable)
+    if as_json:
+        print(json.dumps({"ok": ok, "artifact": m.name, "device": device,
+                          "targets": {name: v.to_dict() for name, v in verdicts.items()}}))
+    else:
+        mark = {"ok": "[green]✓[/green]", "incompatible": "[red]✗[/red]", "skipped": "[yellow]-[/yellow]"}
+        for name, v in verdicts.items():
+            facts = ", ".join(f"{k} {v.facts[k]}" for k in ("tensorrt", "gpu", "compute_capability") if v.facts.get(k))
+            out.print(f"{mark[v.status]} {name} ({v.format}) on {device}: {v.status}"
+                      + (f" [dim]({facts})[/dim]" if facts else ""), highlight=False)
+            if v.skipped is not None:
+                out.print(f"    skipped at build time: {v.skipped}", highlight=False, markup=False)
+            for f in v.findings:
+                out.print(f"    {f.level}: {f.message}", highlight=False, markup=False)
+    if not ok:
+        raise typer.Exit(5)
 
 
 @app.command()

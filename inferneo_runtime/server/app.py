@@ -45,6 +45,7 @@ from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCom
 
 logger = logging.getLogger("inferneo.server")
 
+ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}  # path -> metrics label
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
 
 
@@ -226,6 +227,7 @@ class ServerState:
         self.in_flight = 0  # sequences admitted and not finished; changed on the event loop only
         self.metrics = Metrics(registry, lambda: self.in_flight, config.max_queue)
         self.shutting_down = False
+        self.defaults = {"max_tokens": config.default_max_tokens} if config.default_max_tokens else {}
 
     def reserve(self, sequences: int) -> int:
         limit = self.config.max_queue
@@ -237,17 +239,37 @@ class ServerState:
         self.in_flight += sequences
         return sequences
 
-    async def start(self, call: _Call, model: str, sequences: int) -> _Job:
-        """Reserve queue room and lease the model (loading it if needed)."""
-        self.registry.entry(model)  # 404 before anything else
-        call.model = model
-        reserved = self.reserve(sequences)
+    async def open_job(self, endpoint: str, model: str, sequences: int, prepare: Callable[[_Job], None]) -> _Job:
+        """Reserve queue room, lease the model (loading it if needed), then `prepare` (tokenize, check, submit).
+        On any error the request is counted with its status and everything taken is given back."""
+        call = _Call(self.metrics, endpoint)
+        job = None
         try:
-            lease = self.registry.try_acquire(model) or await asyncio.to_thread(self.registry.acquire, model)
-        except BaseException:
-            self.in_flight -= reserved
+            self.registry.entry(model)  # 404 before anything else
+            call.model = model
+            reserved = self.reserve(sequences)
+            try:
+                lease = self.registry.try_acquire(model) or await self._acquire_slow(model)
+            except BaseException:
+                self.in_flight -= reserved
+                raise
+            job = _Job(self, call, lease, reserved)
+            prepare(job)
+            return job
+        except BaseException as e:
+            if job is not None:
+                job.close()
+            call.finish(499 if isinstance(e, asyncio.CancelledError) else error_info(e)[0])
             raise
-        return _Job(self, call, lease, reserved)
+
+    async def _acquire_slow(self, model: str) -> Lease:
+        """Load or wait for room on a worker thread; a lease won after this request was cancelled is given back."""
+        future = asyncio.get_running_loop().run_in_executor(None, self.registry.acquire, model)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().release())
+            raise
 
     def check_context(self, job: _Job, prompt_ids: list[int], params: SamplingParams, param: str) -> None:
         max_seq = job.driver.max_sequence
@@ -324,6 +346,9 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
     # -- errors ------------------------------------------------------------------------------------------
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
+        endpoint = ENDPOINTS.get(request.url.path)
+        if endpoint:
+            _Call(state.metrics, endpoint).finish(400)
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         if first.get("type") == "json_invalid":
@@ -378,94 +403,75 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
     # -- completions -----------------------------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        call = _Call(state.metrics, "completions")
         prompts = body.prompts()
-        try:
-            job = await state.start(call, body.model, len(prompts) * body.n)
-        except BaseException as e:
-            call.finish(error_info(e)[0])
-            raise
-        try:
+
+        def prepare(job: _Job) -> None:
             ids_list, params = [], []
             for p in prompts:
                 ids = job.tokenizer.encode(p) if isinstance(p, str) else list(p)
                 job.prompt_tokens += len(ids)
-                for i in range(body.n):
-                    sp = body.to_sampling_params(seed_offset=i)
+                for i in range(body.n):  # choice p * n + i samples with seed + i
+                    sp = body.to_sampling_params(state.defaults, seed_offset=i)
                     state.check_context(job, ids, sp, "prompt")
                     ids_list.append(ids)
                     params.append(sp)
             job.submit(ids_list, params)
-        except BaseException as e:
-            job.close()
-            call.finish(error_info(e)[0])
-            raise
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
+
+        job = await state.open_job("completions", body.model, len(prompts) * body.n, prepare)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _EventStream(_stream_completion(job, rid, created, body, include_usage), on_close=partial(_end, job))
-        try:
-            async for _ in job.events():
-                pass
-        except BaseException as e:
-            call.finish(error_info(e)[0] if not isinstance(e, asyncio.CancelledError) else 499)
-            raise
-        finally:
-            job.close()
+            return _EventStream(_stream_completion(job, rid, created, body), on_close=partial(_end, job))
+        await _run_to_end(job)
         choices = [CompletionChoice(index=i, text=s.text, finish_reason=s.finish_reason,
                                     logprobs=_completion_logprobs(job.tokenizer, s.logprobs, 0)
                                     if body.logprobs is not None else None)
                    for i, s in enumerate(job.seqs)]
-        call.finish(200)
+        job.call.finish(200)
         return CompletionResponse(id=rid, created=created, model=body.model, choices=choices, usage=job.usage())
 
     # -- chat completions --------------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
-        call = _Call(state.metrics, "chat")
-        try:
-            job = await state.start(call, body.model, body.n)
-        except BaseException as e:
-            call.finish(error_info(e)[0])
-            raise
-        try:
+        def prepare(job: _Job) -> None:
             ids = job.tokenizer.encode_chat(body.message_dicts())
             job.prompt_tokens = len(ids)
-            room = job.driver.max_sequence - len(ids)
+            max_seq = job.driver.max_sequence
+            room = max_seq - len(ids)
             if room < 1 and body.requested_max_tokens is None:
-                raise ParamError(f"This model's maximum context length is {job.driver.max_sequence} tokens. However, "
-                                 f"your messages resulted in {len(ids)} tokens. Please reduce the length of the messages.",
+                raise ParamError(f"This model's maximum context length is {max_seq} tokens. However, your messages "
+                                 f"resulted in {len(ids)} tokens. Please reduce the length of the messages.",
                                  param="messages", code="context_length_exceeded")
             default_max = min(room, config.default_max_tokens) if config.default_max_tokens else room
-            params = [body.to_sampling_params(max(default_max, 1), seed_offset=i) for i in range(body.n)]
+            params = [body.to_sampling_params(max(default_max, 1), state.defaults, seed_offset=i)
+                      for i in range(body.n)]
             for sp in params:
                 state.check_context(job, ids, sp, "messages")
             job.submit([ids] * body.n, params)
-        except BaseException as e:
-            job.close()
-            call.finish(error_info(e)[0])
-            raise
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
+
+        job = await state.open_job("chat", body.model, body.n, prepare)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _EventStream(_stream_chat(job, rid, created, body, include_usage), on_close=partial(_end, job))
-        try:
-            async for _ in job.events():
-                pass
-        except BaseException as e:
-            call.finish(error_info(e)[0] if not isinstance(e, asyncio.CancelledError) else 499)
-            raise
-        finally:
-            job.close()
+            return _EventStream(_stream_chat(job, rid, created, body), on_close=partial(_end, job))
+        await _run_to_end(job)
         choices = [ChatChoice(index=i, message=ResponseMessage(content=s.text), finish_reason=s.finish_reason,
                               logprobs=_chat_logprobs(job.tokenizer, s.logprobs) if body.logprobs else None)
                    for i, s in enumerate(job.seqs)]
-        call.finish(200)
+        job.call.finish(200)
         return ChatCompletionResponse(id=rid, created=created, model=body.model, choices=choices, usage=job.usage())
 
     return app
+
+
+async def _run_to_end(job: _Job) -> None:
+    """Wait for every sequence of a non-streaming request; the lease and queue room are given back after."""
+    try:
+        async for _ in job.events():
+            pass
+    except BaseException as e:
+        job.call.finish(499 if isinstance(e, asyncio.CancelledError) else error_info(e)[0])
+        raise
+    finally:
+        job.close()
 
 
 def _end(job: _Job) -> None:
@@ -493,7 +499,9 @@ async def _guarded(job: _Job, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def _stream_completion(job: _Job, rid: str, created: int, body: CompletionRequest, include_usage: bool):
+def _stream_completion(job: _Job, rid: str, created: int, body: CompletionRequest):
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
     async def chunks():
         offsets = [0] * len(job.tickets)
         async for i, ev in job.events():
@@ -511,7 +519,9 @@ def _stream_completion(job: _Job, rid: str, created: int, body: CompletionReques
     return _guarded(job, chunks())
 
 
-def _stream_chat(job: _Job, rid: str, created: int, body: ChatCompletionRequest, include_usage: bool):
+def _stream_chat(job: _Job, rid: str, created: int, body: ChatCompletionRequest):
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
     def chunk(choices, usage=None) -> str:
         return _sse(ChatCompletionChunk(id=rid, created=created, model=body.model, choices=choices, usage=usage))
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Mapping, Optional, Union
+from typing import Literal, Mapping, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -53,12 +53,13 @@ class ServerConfig(BaseModel):
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     lazy: bool = Field(False, description="load each model on its first request instead of at startup")
     max_models: Optional[int] = Field(None, ge=1, description="most models loaded at once")
-    memory_budget_gb: Optional[float] = Field(None, gt=0, description="weights + KV caches of loaded models, GB (1e9 B)")
+    memory_budget_gb: Optional[float] = Field(None, gt=0, description="weights + KV caches of loaded models, "
+                                                                      "in GB (1e9 bytes)")
     max_queue: int = Field(256, ge=1, description="most sequences in flight (running + waiting); beyond: 429")
     threads: Optional[int] = Field(None, ge=1, description="intra-op threads per model (default: physical cores)")
     device: str = "cpu"
-    default_max_tokens: Optional[int] = Field(None, ge=1, description="chat max_tokens when a request sets none "
-                                                                       "(default: the rest of the context)")
+    default_max_tokens: Optional[int] = Field(None, ge=1, description="max_tokens when a request sets none (unset: "
+                                              "OpenAI's 16 for completions, the rest of the context for chat)")
     load_wait_s: float = Field(30.0, ge=0, description="how long a request waits for busy models to free the budget")
     graceful_timeout_s: float = Field(30.0, ge=0, description="how long shutdown waits for in-flight requests")
 

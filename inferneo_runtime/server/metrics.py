@@ -44,8 +44,9 @@ class _RegistryCollector:
             for e in entries:
                 g.add_metric([e.name], value(e))
             yield g
-        for name, doc, attr in (("inferneo_model_loads", "Times the model was loaded", "loads"),
-                                ("inferneo_model_evictions", "Times the model was evicted to fit the budget", "evictions")):
+        counters = (("inferneo_model_loads", "Times the model was loaded", "loads"),
+                    ("inferneo_model_evictions", "Times the model was evicted to fit the budget", "evictions"))
+        for name, doc, attr in counters:
             c = CounterMetricFamily(name, doc, labels=["model"])
             for e in entries:
                 c.add_metric([e.name], getattr(e, attr))

@@ -46,7 +46,8 @@ class OpenAIBaseModel(BaseModel):
     @model_validator(mode="after")
     def _log_unknown_fields(self):
         if self.model_extra:
-            logger.warning("%s: ignoring unknown field(s): %s", type(self).__name__, ", ".join(sorted(self.model_extra)))
+            logger.warning("%s: ignoring unknown field(s): %s", type(self).__name__,
+                           ", ".join(sorted(self.model_extra)))
         return self
 
 
@@ -61,7 +62,8 @@ class _SamplingExtensions(BaseModel):
     # --- Inferneo extensions (not in OpenAI's API) -------------------------------------------------
     top_k: Optional[int] = Field(None, ge=-1, description="sample from the k most likely tokens (0 or -1: all)")
     min_p: Optional[float] = Field(None, ge=0, le=1, description="drop tokens below min_p x the top probability")
-    repetition_penalty: Optional[float] = Field(None, gt=0, description="transformers' rule over prompt + output; 1 = off")
+    repetition_penalty: Optional[float] = Field(None, gt=0, description="transformers' rule over prompt + output; "
+                                                                        "1 = off")
     min_tokens: int = Field(0, ge=0, description="generate at least this many tokens before EOS or stop tokens")
     ignore_eos: bool = Field(False, description="keep generating past the EOS token")
     stop_token_ids: Optional[list[int]] = Field(None, description="token ids that end generation, like EOS")
@@ -144,7 +146,8 @@ class CompletionRequest(_SamplingExtensions, _CompletionFields, _Sampling):
         return list(p)
 
     def to_sampling_params(self, defaults: Optional[dict] = None, seed_offset: int = 0) -> SamplingParams:
-        self._reject_unsupported({"echo": self.echo, "suffix": self.suffix is not None, "logit_bias": bool(self.logit_bias),
+        self._reject_unsupported({"echo": self.echo, "suffix": self.suffix is not None,
+                                  "logit_bias": bool(self.logit_bias),
                                   "best_of other than n": self.best_of not in (None, self.n)})
         max_tokens = self.max_tokens or (defaults or {}).get("max_tokens") or COMPLETIONS_DEFAULT_MAX_TOKENS
         return self._sampling_params(max_tokens, self.logprobs, defaults, seed_offset)
@@ -221,7 +224,8 @@ class ChatCompletionRequest(_SamplingExtensions, _ChatFields, _Sampling):
 
     def to_sampling_params(self, default_max_tokens: int, defaults: Optional[dict] = None,
                            seed_offset: int = 0) -> SamplingParams:
-        """`default_max_tokens` (the rest of the context, or the server's default) applies when the request sets none."""
+        """`default_max_tokens` (the rest of the context, or the server's default) applies when the request
+        sets none."""
         self._reject_unsupported({"logit_bias": bool(self.logit_bias), "tools": bool(self.tools),
                                   "tool_choice": self.tool_choice not in (None, "none"),
                                   f"response_format {getattr(self.response_format, 'type', '')!r}":

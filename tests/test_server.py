@@ -1,0 +1,511 @@
+"""`inferneo serve`: a real server on 127.0.0.1, exercised with the openai client.
+
+Three kinds of server: `inferneo serve` subprocesses (the bundled-artifact default path, and a YAML config
+with env overrides for two models under a budget that fits one), and uvicorn in a thread when a test must
+hold the engine still (a gate on the backend's forward) to make queueing, disconnects, out-of-memory and
+shutdown deterministic.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+import httpx  # noqa: E402
+
+import inferneo_runtime  # noqa: E402
+from inferneo_runtime.tokenizer import Tokenizer  # noqa: E402
+
+PROMPTS = ["The quick brown fox", "Hello world, this is", "Inferneo compiles models", "lazy dog",
+           "a tiny tokenizer", "ahead of time", "with a KV cache", "jumps over the"]
+MESSAGES = [{"role": "user", "content": "Hello world, this is a tiny tokenizer."}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc=None, log: Path | None = None, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text() if log else ''}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"server at {url} not ready after {timeout}s:\n{log.read_text() if log else ''}")
+
+
+@contextmanager
+def serve_process(args: list[str], cwd: Path, env: dict | None = None, port: int | None = None):
+    """`inferneo serve ARGS` as a subprocess; stopped with SIGTERM, which must exit cleanly (0)."""
+    port = port or free_port()
+    log = cwd / f"serve-{port}.log"
+    cmd = [sys.executable, "-m", "inferneo_runtime.cli", "serve", *args, "--log-level", "warning"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, log)
+        yield SimpleNamespace(url=url, proc=proc, log=log)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+    # uvicorn shuts down gracefully, then re-raises the signal so the parent sees it
+    text = log.read_text()
+    assert rc in (0, -signal.SIGTERM) and "Traceback" not in text, f"unclean shutdown ({rc}):\n{text}"
+
+
+def client(url: str):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def metric(url: str, name: str, **labels) -> float:
+    """The value of one Prometheus sample (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        lname, _, rest = key.partition("{")
+        got = ",".join(sorted(p for p in rest.rstrip("}").split(",") if p))
+        if lname == name and got == want:
+            return float(value)
+    return 0.0
+
+
+# -- fixtures ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llama(tiny_artifact):
+    return tiny_artifact("llama")
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_artifact):
+    return tiny_artifact("qwen2")
+
+
+@pytest.fixture(scope="module")
+def local(llama):
+    with inferneo_runtime.load(llama) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def server(llama, tmp_path_factory):
+    """`inferneo serve` with no argument, in a directory whose artifacts/smollm2-135m is a built artifact."""
+    cwd = tmp_path_factory.mktemp("serve-default")
+    shutil.copytree(llama, cwd / "artifacts" / "smollm2-135m")
+    port = free_port()
+    with serve_process(["--port", str(port), "--max-queue", "64"], cwd, port=port) as s:
+        yield s
+
+
+# -- completions and chat ---------------------------------------------------------------------------------
+def test_completions_streamed_equals_full(server, local):
+    c = client(server.url)
+    prompt = PROMPTS[0]
+    full = c.completions.create(model="tiny-llama", prompt=prompt, max_tokens=24, temperature=0,
+                                extra_body={"ignore_eos": True})
+    expected = local.generate(prompt, max_new_tokens=24, ignore_eos=True)
+    assert full.choices[0].text == expected.text and full.choices[0].finish_reason == "length"
+    assert full.usage.prompt_tokens == len(local.tokenizer.encode(prompt)) == len(expected.prompt_ids)
+    assert full.usage.completion_tokens == 24 and full.usage.total_tokens == full.usage.prompt_tokens + 24
+    chunks = list(c.completions.create(model="tiny-llama", prompt=prompt, max_tokens=24, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == expected.text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 24 and chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_chat_streamed_equals_full(server, local):
+    c = client(server.url)
+    expected = local.chat(MESSAGES, max_new_tokens=20)
+    full = c.chat.completions.create(model="tiny-llama", messages=MESSAGES, max_tokens=20, temperature=0)
+    assert full.choices[0].message.role == "assistant" and full.choices[0].message.content == expected.text
+    assert full.choices[0].finish_reason == expected.finish_reason
+    assert full.usage.prompt_tokens == len(local.tokenizer.encode_chat(MESSAGES))
+    assert full.usage.completion_tokens == len(expected.token_ids)
+    stream = c.chat.completions.create(model="tiny-llama", messages=MESSAGES, max_tokens=20, temperature=0, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == expected.text
+    assert chunks[-1].choices[0].finish_reason == expected.finish_reason
+
+
+def test_raw_stream_ends_with_done(server):
+    body = {"model": "tiny-llama", "prompt": PROMPTS[1], "max_tokens": 5, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert all(ln.startswith("data: ") for ln in lines) and lines[-1] == "data: [DONE]"
+
+
+def test_n_seed_sampling_and_logprobs(server, local):
+    c = client(server.url)
+    kw = dict(model="tiny-llama", prompt=PROMPTS[2], max_tokens=12, temperature=1.0, seed=7, n=3,
+              extra_body={"ignore_eos": True, "top_k": 50, "min_p": 0.01, "repetition_penalty": 1.1})
+    a, b = c.completions.create(**kw), c.completions.create(**kw)
+    assert [ch.index for ch in a.choices] == [0, 1, 2]
+    assert [ch.text for ch in a.choices] == [ch.text for ch in b.choices]  # seeds reproduce
+    for i, ch in enumerate(a.choices):  # choice i used seed + i
+        ref = local.generate(PROMPTS[2], max_new_tokens=12, temperature=1.0, seed=7 + i, ignore_eos=True, top_k=50,
+                             min_p=0.01, repetition_penalty=1.1)
+        assert ch.text == ref.text
+    assert a.usage.completion_tokens == 36
+    lp = c.completions.create(model="tiny-llama", prompt=PROMPTS[2], max_tokens=6, temperature=0, logprobs=3,
+                              extra_body={"ignore_eos": True}).choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert all(v <= 0 for v in lp.token_logprobs) and all(1 <= len(t) <= 3 for t in lp.top_logprobs)
+    chat = c.chat.completions.create(model="tiny-llama", messages=MESSAGES, max_tokens=5, temperature=0,
+                                     logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 5 and all(len(t.top_logprobs) == 2 for t in content)
+    assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob)  # greedy picks the top token
+
+
+def test_stop_strings(server, local):
+    c = client(server.url)
+    full = local.generate(PROMPTS[2], max_new_tokens=20, ignore_eos=True).text
+    i = next(i for i in range(3, len(full) - 3) if full[i:i + 3].isascii() and full[i:i + 3].isprintable())
+    stop = full[i:i + 3]
+    out = c.completions.create(model="tiny-llama", prompt=PROMPTS[2], max_tokens=20, temperature=0, stop=[stop, "zzzz"],
+                               extra_body={"ignore_eos": True})
+    assert out.choices[0].finish_reason == "stop" and out.choices[0].text == full[: full.index(stop)]
+
+
+def test_eight_concurrent_streams(server, local):
+    """More clients than the artifact's max_batch (4): they join the running batch; each equals its solo run."""
+    expected = {p: local.generate(p, max_new_tokens=40, ignore_eos=True).text for p in PROMPTS}
+    barrier = threading.Barrier(len(PROMPTS))
+
+    def one(prompt):
+        c = client(server.url)
+        barrier.wait()
+        stream = c.completions.create(model="tiny-llama", prompt=prompt, max_tokens=40, temperature=0, stream=True,
+                                      extra_body={"ignore_eos": True})
+        return "".join(ch.choices[0].text for ch in stream if ch.choices)
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        got = dict(zip(PROMPTS, pool.map(one, PROMPTS)))
+    assert got == expected
+
+
+# -- models, health, metrics ------------------------------------------------------------------------------
+def test_models_health_ready_metrics(server, llama):
+    c = client(server.url)
+    assert [m.id for m in c.models.list().data] == ["tiny-llama"]
+    card = c.models.retrieve("tiny-llama").model_dump()
+    manifest = json.loads((llama / "inferneo.json").read_text())
+    onnx = manifest["targets"]["onnx"]
+    assert card["format"] == "onnx" and card["dtype"] == onnx["dtype"] and card["loaded"] is True
+    assert card["weight_bytes"] == sum(f["size"] for f in onnx["files"]) and card["parameters"] > 0
+    assert card["validation"]["status"] == "passed" and card["max_context"] == 128
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/ready").json()["loaded"] == ["tiny-llama"]
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("inferneo_requests_total", "inferneo_prompt_tokens_total", "inferneo_generation_tokens_total",
+                 "inferneo_time_to_first_token_seconds_bucket", "inferneo_request_latency_seconds_bucket",
+                 "inferneo_models_loaded", "inferneo_kv_cache_bytes", "inferneo_model_evictions_total"):
+        assert name in text
+    assert metric(server.url, "inferneo_models_loaded") == 1
+
+
+# -- errors -----------------------------------------------------------------------------------------------
+def test_errors_have_openai_shape_and_server_keeps_serving(server):
+    c = client(server.url)
+    r = httpx.post(f"{server.url}/v1/completions", content=b'{"model": "tiny-llama", "prompt": ',
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert "malformed JSON" in r.json()["error"]["message"]
+
+    with pytest.raises(openai.NotFoundError) as e:
+        c.completions.create(model="no-such-model", prompt="hi")
+    assert e.value.body["code"] == "model_not_found" and "tiny-llama" in e.value.body["message"]
+
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="tiny-llama", prompt="hi", max_tokens=-1)
+    assert e.value.body["param"] == "max_tokens"
+
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 20
+    n_prompt = len(Tokenizer(Path(server.log.parent / "artifacts" / "smollm2-135m")).encode(long_prompt))
+    assert n_prompt > 128
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="tiny-llama", prompt=long_prompt, max_tokens=10)
+    assert e.value.body["code"] == "context_length_exceeded"
+    assert "128" in e.value.body["message"] and str(n_prompt) in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": long_prompt}])
+    assert e.value.body["code"] == "context_length_exceeded"
+
+    with pytest.raises(openai.BadRequestError) as e:  # an OpenAI field this server cannot honour
+        c.completions.create(model="tiny-llama", prompt="hi", echo=True)
+    assert e.value.body["param"] == "echo"
+    # unknown fields are accepted (and logged)
+    assert c.completions.create(model="tiny-llama", prompt="hi", max_tokens=2, extra_body={"frobnicate": 1}).choices
+    assert metric(server.url, "inferneo_requests_total", model="", endpoint="completions", status="404") >= 1
+    assert metric(server.url, "inferneo_requests_total", model="tiny-llama", endpoint="completions", status="400") >= 2
+
+
+def test_client_disconnect_mid_stream(server):
+    body = {"model": "tiny-llama", "prompt": PROMPTS[0], "max_tokens": 120, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+        next(ln for ln in r.iter_lines() if ln.startswith("data: {"))
+    # the server keeps serving, and has no sequence left in flight
+    assert client(server.url).completions.create(model="tiny-llama", prompt="hi", max_tokens=3).choices
+    deadline = time.monotonic() + 5
+    while metric(server.url, "inferneo_requests_in_flight") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(server.url, "inferneo_requests_in_flight") == 0
+
+
+# -- several models -----------------------------------------------------------------------------------------
+def test_two_models_under_a_budget_that_fits_one(llama, qwen, tmp_path):
+    weights = {}
+    for a in (llama, qwen):
+        m = json.loads((a / "inferneo.json").read_text())
+        weights[m["name"]] = sum(f["size"] for f in m["targets"]["onnx"]["files"])
+    budget = max(weights.values()) + 200_000  # one model and its KV cache, not two
+    assert budget < sum(weights.values())
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"artifacts:\n  - {llama}\n  - path: {qwen}\n    target: onnx\nport: 1\nlazy: true\n"
+                      f"memory_budget_gb: 10\n")
+    port = free_port()
+    env = {"INFERNEO_PORT": str(port), "INFERNEO_MEMORY_BUDGET_GB": str(budget / 1e9)}  # env overrides the file
+    with serve_process(["--config", str(config)], tmp_path, env=env, port=port) as s:
+        c = client(s.url)
+        assert httpx.get(f"{s.url}/ready").json()["loaded"] == []  # lazy
+        outputs = {}
+        for name in ["tiny-llama", "tiny-qwen2", "tiny-llama", "tiny-qwen2"]:
+            text = c.completions.create(model=name, prompt=PROMPTS[0], max_tokens=8, temperature=0,
+                                        extra_body={"ignore_eos": True}).choices[0].text
+            assert outputs.setdefault(name, text) == text
+            assert metric(s.url, "inferneo_models_loaded") == 1
+            assert metric(s.url, "inferneo_model_loaded", model=name) == 1
+        for name, path in (("tiny-llama", llama), ("tiny-qwen2", qwen)):
+            with inferneo_runtime.load(path) as m:
+                assert outputs[name] == m.generate(PROMPTS[0], max_new_tokens=8, ignore_eos=True).text
+        assert metric(s.url, "inferneo_model_evictions_total", model="tiny-llama") == 2
+        assert metric(s.url, "inferneo_model_evictions_total", model="tiny-qwen2") == 1
+        assert metric(s.url, "inferneo_model_loads_total", model="tiny-llama") == 2
+        assert metric(s.url, "inferneo_memory_budget_bytes") == pytest.approx(budget, abs=2)
+        assert 0 < metric(s.url, "inferneo_memory_used_bytes") <= budget
+        assert [m.loaded for m in c.models.list().data] == [False, True]
+
+
+def test_registry_leases_and_budget(llama, qwen):
+    """A busy model is not evicted under its requests: the other waits, then fails with CapacityError."""
+    from inferneo_runtime.registry import CapacityError, ModelRegistry
+
+    reg = ModelRegistry([llama, qwen], max_models=1, wait_s=0.3)
+    try:
+        busy = reg.acquire("tiny-llama")
+        t0 = time.monotonic()
+        with pytest.raises(CapacityError, match="busy"):
+            reg.acquire("tiny-qwen2")
+        assert time.monotonic() - t0 >= 0.25 and reg.loaded() == ["tiny-llama"]
+        threading.Timer(0.1, busy.release).start()  # released while the next acquire waits
+        with reg.acquire("tiny-qwen2", wait_s=5) as lease:
+            assert lease.model.name == "tiny-qwen2" and reg.loaded() == ["tiny-qwen2"]
+        assert reg.entry("tiny-llama").evictions == 1
+    finally:
+        reg.close()
+    with pytest.raises(CapacityError, match="out of memory"):  # cannot fit even alone: fails at once
+        ModelRegistry([llama], memory_budget_bytes=1000).acquire("tiny-llama")
+
+
+def test_settings_precedence(tmp_path):
+    from inferneo_runtime.server.config import ConfigError, load_server_config
+
+    f = tmp_path / "s.yaml"
+    f.write_text("artifacts: [a, b]\nport: 9000\nmax_models: 3\nhost: 0.0.0.0\n")
+    cfg = load_server_config(f, overrides={"port": 9100, "lazy": None},
+                             env={"INFERNEO_PORT": "9001", "INFERNEO_MAX_MODELS": "2"})
+    assert (cfg.port, cfg.max_models, cfg.host, [a.path for a in cfg.artifacts]) == (9100, 2, "0.0.0.0", ["a", "b"])
+    with pytest.raises(ConfigError, match="INFERNEO_MEMORY_BUDGET_GB"):
+        load_server_config(None, env={"INFERNEO_MEMORY_BUDGET_GB": "lots"})
+    f.write_text("prot: 1\n")
+    with pytest.raises(ConfigError, match="prot"):
+        load_server_config(f, env={})
+
+
+def test_serve_without_artifact_says_how_to_build(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "inferneo_runtime.cli", "serve"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=60, env={k: v for k, v in os.environ.items() if k != "INFERNEO_ARTIFACTS"})
+    assert r.returncode == 2
+    assert "make demo" in r.stderr and "inferneo build recipes/smollm2-135m.yaml" in r.stderr
+
+
+def test_serve_without_fastapi_names_the_extra(tmp_path):
+    script = ("import sys\n"
+              "class Block:\n"
+              "    def find_spec(self, name, path=None, target=None):\n"
+              "        if name.split('.')[0] == 'fastapi': raise ImportError(name)\n"
+              "sys.meta_path.insert(0, Block())\n"
+              "from inferneo_runtime.cli import main\n"
+              "sys.argv = ['inferneo', 'serve']\n"
+              "main()\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 5 and "inferneo[serve]" in r.stderr, r.stderr
+
+
+def test_import_stays_slim():
+    r = subprocess.run([sys.executable, "-c", "import sys, inferneo_runtime, inferneo_runtime.cli, "
+                        "inferneo_runtime.registry, inferneo_runtime.server.config, inferneo_runtime.server.driver; "
+                        "print([m for m in ('fastapi', 'uvicorn', 'torch') if m in sys.modules])"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+# -- a server in this process, with the engine held still ----------------------------------------------------
+class Gate:
+    """Wraps a backend's forward: each call needs a permit while the gate is closed; counts calls."""
+
+    def __init__(self, forward):
+        self._forward = forward
+        self._cond = threading.Condition()
+        self.permits = None  # None: open
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.permits is None or self.permits > 0, timeout=20):
+                raise TimeoutError("gate never opened")
+            if self.permits is not None:
+                self.permits -= 1
+            self.calls += 1
+        return self._forward(*args, **kwargs)
+
+    def set(self, permits):
+        with self._cond:
+            self.permits = permits
+            self._cond.notify_all()
+
+
+@contextmanager
+def inproc_server(artifact: Path, **settings):
+    import uvicorn
+
+    from inferneo_runtime.server.app import build_registry, create_app
+    from inferneo_runtime.server.config import ServerConfig
+
+    config = ServerConfig(artifacts=[{"path": str(artifact)}], log_level="warning", graceful_timeout_s=10, **settings)
+    registry = build_registry(config)
+    registry.preload()
+    model = registry.entry(registry.names[0]).model
+    gate = Gate(model.backend.forward)
+    model.backend.forward = gate
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(registry, config), host="127.0.0.1", port=port,
+                                           log_level="warning", timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url)
+    try:
+        yield SimpleNamespace(url=url, registry=registry, model=model, gate=gate, server=server, thread=thread)
+    finally:
+        gate.set(None)
+        server.should_exit = True
+        thread.join(15)
+
+
+def _in_background(fn):
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(fn)
+    pool.shutdown(wait=False)
+    return future
+
+
+def _wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_queue_full_gets_429_then_serves(llama):
+    with inproc_server(llama, max_queue=2) as s:
+        driver = s.registry.entry("tiny-llama").driver
+        s.gate.set(0)
+        held = _in_background(lambda: client(s.url).completions.create(
+            model="tiny-llama", prompt=PROMPTS[0], max_tokens=4, n=2, temperature=0))
+        _wait_for(lambda: driver.in_flight == 2)
+        with pytest.raises(openai.RateLimitError) as e:
+            client(s.url).completions.create(model="tiny-llama", prompt="hi", max_tokens=2)
+        assert e.value.status_code == 429 and e.value.body["code"] == "queue_full"
+        s.gate.set(None)
+        assert len(held.result(20).choices) == 2
+        assert client(s.url).completions.create(model="tiny-llama", prompt="hi", max_tokens=2).choices
+
+
+def test_disconnect_cancels_the_request_and_frees_its_slot(llama):
+    with inproc_server(llama) as s:
+        driver = s.registry.entry("tiny-llama").driver
+        s.gate.set(1)  # the prefill (first token) only
+        body = {"model": "tiny-llama", "messages": MESSAGES, "max_tokens": 100, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{s.url}/v1/chat/completions", json=body) as r:
+            first = next(ln for ln in r.iter_lines() if ln.startswith("data: {"))  # the role chunk
+            assert '"role":"assistant"' in first
+        _wait_for(lambda: metric(s.url, "inferneo_requests_total", model="tiny-llama", endpoint="chat",
+                                 status="499") == 1)
+        s.gate.set(None)
+        _wait_for(lambda: driver.in_flight == 0 and not driver.engine.has_work)
+        assert s.gate.calls <= 3  # cancelled after a step or two, not 100 tokens
+        assert metric(s.url, "inferneo_requests_in_flight") == 0
+        assert client(s.url).completions.create(model="tiny-llama", prompt="hi", max_tokens=2).choices
+
+
+def test_out_of_memory_is_503_and_the_server_stays_up(llama, monkeypatch):
+    with inproc_server(llama) as s:
+        backend = s.model.backend
+        real = backend.allocate_cache
+
+        def fail_once(*a, **k):
+            monkeypatch.setattr(backend, "allocate_cache", real)
+            raise MemoryError("cannot allocate the KV cache")
+
+        monkeypatch.setattr(backend, "allocate_cache", fail_once)
+        with pytest.raises(openai.InternalServerError) as e:
+            client(s.url).completions.create(model="tiny-llama", prompt="hi", max_tokens=4)
+        assert e.value.status_code == 503 and e.value.body["code"] == "out_of_memory"
+        assert client(s.url).completions.create(model="tiny-llama", prompt="hi", max_tokens=4).choices
+        assert httpx.get(f"{s.url}/health").status_code == 200
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(llama):
+    with inproc_server(llama) as s:
+        s.gate.set(1)
+        pending = _in_background(lambda: client(s.url).completions.create(
+            model="tiny-llama", prompt=PROMPTS[1], max_tokens=10, temperature=0, extra_body={"ignore_eos": True}))
+        _wait_for(lambda: s.gate.calls == 1)
+        s.server.should_exit = True  # what SIGTERM does
+        time.sleep(0.2)
+        s.gate.set(None)
+        out = pending.result(20)
+        assert out.usage.completion_tokens == 10 and out.choices[0].finish_reason == "length"
+        s.thread.join(15)
+        assert not s.thread.is_alive() and s.registry.loaded() == []  # engines drained and models closed
