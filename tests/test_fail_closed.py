@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 import inferneo_build.exporters as exporters
+import inferneo_runtime
 from conftest import run_cli, tiny_recipe_fields, write_recipe
 from inferneo_build import ValidationFailed, build
 from inferneo_build.recipe import Recipe
+from inferneo_runtime.artifact import TargetNotAvailable
 
 
 def _perturbing(real_factory):
@@ -34,7 +36,7 @@ def test_perturbed_export_fails_and_publishes_nothing(tmp_path, tiny_checkpoint,
 
     monkeypatch.setitem(exporters._EXPORTERS, "onnx", _perturbing(exporters._EXPORTERS["onnx"]))
     with pytest.raises(ValidationFailed) as info:
-        build(recipe)
+        build(recipe, force=True)  # force: the build cache would otherwise find the output up to date
     report = {r.target: r for r in info.value.reports}
     assert not report["onnx"].passed and report["onnx"].max_abs_logits_error > 1e-3
     assert report["torchscript"].passed
@@ -61,7 +63,7 @@ def test_unavailable_tensorrt_target(tmp_path, tiny_checkpoint):
     """Without TensorRT a required tensorrt target fails clearly; `optional: true` records a skip."""
     out = tmp_path / "art"
     fields = tiny_recipe_fields(tiny_checkpoint("llama"), "t", out, targets=("onnx",))
-    fields["targets"].append({"format": "tensorrt"})
+    fields["targets"].append({"format": "tensorrt", "gpu_archs": ["8.0", "9.0"]})
     r = run_cli("build", str(write_recipe(tmp_path / "r.yaml", **fields)))
     assert r.returncode == 5 and "TensorRT" in r.stderr and not out.exists()
 
@@ -70,3 +72,11 @@ def test_unavailable_tensorrt_target(tmp_path, tiny_checkpoint):
     m = build(recipe).manifest
     assert m.targets["tensorrt"].status == "skipped" and "TensorRT" in m.targets["tensorrt"].validation.reason
     assert m.targets["onnx"].status == "valid"
+    assert not (out / "tensorrt").exists()  # a skip writes no engine, fake or partial
+    with pytest.raises(TargetNotAvailable, match="'tensorrt' of 't' was skipped at build time: TensorRT"):
+        inferneo_runtime.load(out, target="tensorrt")
+    r = run_cli("inspect", str(out), "--check", "--json")  # a recorded skip is not this host's problem
+    assert r.returncode == 0, r.stdout + r.stderr
+    checked = json.loads(r.stdout)["targets"]
+    assert checked["tensorrt"]["status"] == "skipped" and "TensorRT" in checked["tensorrt"]["skipped_reason"]
+    assert checked["onnx"]["status"] == "ok"
