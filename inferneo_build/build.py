@@ -3,12 +3,13 @@ atomic publish. Everything is written into a staging directory; nothing reaches 
 every required target passed validation."""
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -16,17 +17,18 @@ from typing import Callable, Optional
 
 from inferneo_runtime.backends import backend_class
 from inferneo_runtime.manifest import (MANIFEST_NAME, SCHEMA_VERSION, VALIDATION_NAME, GenerationDefaults, Golden,
-                                       Manifest, ModelDims, ShapeBounds, TargetEntry, ValidationSummary, file_entry)
+                                       Manifest, ModelDims, ShapeBounds, TargetEntry, Tolerances, ValidationSummary,
+                                       file_entry)
 from inferneo_runtime.signing import sign_artifact
 from inferneo_runtime.tokenizer import Tokenizer
 
 from . import build_cache
 from . import source as sources
 from .architectures import DecoderSpec, canonical_weights, decoder_spec
-from .exporters import TargetUnavailable, exporter_for
+from .exporters import Exporter, TargetUnavailable, exporter_for
 from .publish import publish, staging_dir
 from .recipe import Recipe
-from .validate import TargetReport, compare_target, run_reference
+from .validate import BUILTIN_TEXT, TargetReport, compare_target, run_reference, run_text_reference
 
 
 class BuildError(RuntimeError):
@@ -44,9 +46,64 @@ class ValidationFailed(BuildError):
 
     @property
     def details(self) -> list[dict]:
-        return [{"target": r.target, "passed": r.passed, "reason": r.reason,
-                 "max_abs_logits_error": r.max_abs_logits_error, "logits_atol": r.logits_atol,
-                 "first_divergence": [p.first_divergence for p in r.prompts]} for r in self.reports]
+        out = []
+        for r in self.reports:
+            d = {"target": r.target, "passed": r.passed, "reason": r.reason}
+            if getattr(r, "target_kind", None) == "encoder":
+                d.update(min_cosine=r.min_cosine, tolerance=r.tolerance, max_abs_error=r.max_abs_error)
+            else:
+                d.update(max_abs_logits_error=r.max_abs_logits_error, logits_atol=r.logits_atol,
+                         first_divergence=[p.first_divergence for p in r.prompts], criterion=r.criterion,
+                         precision=r.precision, tolerance=r.tolerance, top1_agreement=r.top1_agreement,
+                         mean_kl=r.mean_kl, perplexity_delta=r.perplexity_delta)
+            out.append(d)
+        return out
+
+
+class QuantizedCheckpoint(BuildError):
+    """The source is already quantized (GPTQ, AWQ, bitsandbytes, ...): its packed weights cannot be exported."""
+
+    exit_code = 2
+
+
+def check_not_quantized(config, directory: Path) -> None:
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return
+    method = (qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)) or "unknown"
+    method = getattr(method, "value", method)
+    raise QuantizedCheckpoint(
+        f"{directory}: the checkpoint is quantized (quantization_config.quant_method={method}); Inferneo exports "
+        "unquantized checkpoints only: float32/float16/bfloat16 weights as safetensors or .bin (source.path or "
+        "source.hf), or GGUF (source.gguf, dequantized on load). Build from the original model and add a target "
+        "with `precision: int4` or `precision: int8` to quantize it for deployment.")
+
+
+# Reduced-precision variants of a format; float32 comes from the exporter registry.
+def _reduced_onnx() -> Exporter:
+    from .exporters.onnx_quant import export_onnx_reduced
+    return export_onnx_reduced
+
+
+def _reduced_torchscript() -> Exporter:
+    from .exporters.torchscript_reduced import export_torchscript_reduced
+    return export_torchscript_reduced
+
+
+REDUCED_EXPORTERS: dict[str, Callable[[], Exporter]] = {"onnx": _reduced_onnx, "torchscript": _reduced_torchscript}
+
+
+def exporter_for_target(target) -> Exporter:
+    if target.format in REDUCED_EXPORTERS and getattr(target, "precision", "fp32") != "fp32":
+        return REDUCED_EXPORTERS[target.format]()
+    return exporter_for(target.format)
+
+
+def _with_adapters(key: str, checkpoint) -> str:
+    """Fold the adapters' hashes into the build key: the same base with other adapters is another build."""
+    if not checkpoint.info.adapters:
+        return key
+    return hashlib.sha256((key + "".join(a.sha256 for a in checkpoint.info.adapters)).encode()).hexdigest()
 
 
 @dataclass
@@ -119,7 +176,14 @@ def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Prog
 
     with progress.step(f"resolve source ({next(iter(recipe.source.model_dump(exclude={'tokenizer'}).values()))})"):
         checkpoint = sources.resolve(recipe, progress.log)
-    key = build_cache.build_key(recipe, checkpoint, toolchain_versions())
+        adapters = []
+        if recipe.source.adapters:
+            from .lora import read_adapter
+
+            adapters = [read_adapter(p) for p in recipe.source.adapters]
+            checkpoint = replace(checkpoint, info=checkpoint.info.model_copy(
+                update={"adapters": [a.info for a in adapters]}))
+    key = _with_adapters(build_cache.build_key(recipe, checkpoint, toolchain_versions()), checkpoint)
 
     if not force:
         hit = build_cache.reuse(key, output, cache, progress)
@@ -132,22 +196,39 @@ def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Prog
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(checkpoint.directory, trust_remote_code=False)
-    spec = decoder_spec(config)  # fails fast on an unsupported architecture, before loading weights
-    if recipe.shapes.max_sequence > spec.max_positions:
-        raise BuildError(f"shapes.max_sequence {recipe.shapes.max_sequence} exceeds the model's "
-                         f"max_position_embeddings {spec.max_positions}")
+    check_not_quantized(config, checkpoint.directory)
+    if recipe.is_encoder:
+        from .encoder import build_encoder_in, encoder_spec
 
-    with progress.step("load reference model (PyTorch)"):
-        import torch
-        from transformers import AutoModelForCausalLM
+        encoder = encoder_spec(config, recipe, checkpoint.directory)  # fails fast, before loading weights
+        with progress.step("load reference model (PyTorch)"):
+            model = encoder.load_model(checkpoint.directory)
+            _merge(model, adapters, progress)
 
-        model = AutoModelForCausalLM.from_pretrained(checkpoint.directory, dtype=torch.float32, trust_remote_code=False)
-        model.eval()
-        weights = canonical_weights(spec, model.state_dict())
+        def build_in(staging: Path) -> BuildResult:
+            return build_encoder_in(staging, recipe, checkpoint, encoder, model, progress, recipe_text_sha256, key)
+    else:
+        spec = decoder_spec(config)  # fails fast on an unsupported architecture, before loading weights
+        if recipe.shapes.max_sequence > spec.max_positions:
+            raise BuildError(f"shapes.max_sequence {recipe.shapes.max_sequence} exceeds the model's "
+                             f"max_position_embeddings {spec.max_positions}")
+
+        with progress.step("load reference model (PyTorch)"):
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(checkpoint.directory, dtype=torch.float32,
+                                                         trust_remote_code=False)
+            model.eval()
+            _merge(model, adapters, progress)
+            weights = canonical_weights(spec, model.state_dict())
+
+        def build_in(staging: Path) -> BuildResult:
+            return _build_in(staging, recipe, checkpoint, spec, model, weights, progress, recipe_text_sha256, key)
 
     staging = staging_dir(output)
     try:
-        result = _build_in(staging, recipe, checkpoint, spec, model, weights, progress, recipe_text_sha256, key)
+        result = build_in(staging)
         if sign_key:  # the signature goes in with the manifest, inside the atomic publish
             progress.log(f"signed with key {sign_artifact(staging, sign_key)}")
         with progress.step(f"publish {output}"):
@@ -163,6 +244,15 @@ def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Prog
     return result
 
 
+def _merge(model, adapters, progress: Progress) -> None:
+    """Merge LoRA adapters into the reference model, so the reference and every export carry them."""
+    if adapters:
+        from .lora import merge_adapters
+
+        modules = merge_adapters(model, adapters)
+        progress.log(f"merged {len(adapters)} LoRA adapter(s) into {len(modules)} modules")
+
+
 def _build_in(staging: Path, recipe: Recipe, checkpoint, spec: DecoderSpec, model, weights, progress: Progress,
               recipe_text_sha256: Optional[str], key: str) -> BuildResult:
     from .reference import TorchReference
@@ -176,7 +266,10 @@ def _build_in(staging: Path, recipe: Recipe, checkpoint, spec: DecoderSpec, mode
     prompt_ids = [tokenizer.encode(p) for p in val.prompts]
 
     with progress.step(f"reference greedy decode ({len(prompt_ids)} prompts × {val.max_new_tokens} tokens)"):
-        reference = run_reference(TorchReference(model, dims, bounds).load(), prompt_ids, val.max_new_tokens, eos_ids)
+        torch_reference = TorchReference(model, dims, bounds).load()
+        reference = run_reference(torch_reference, prompt_ids, val.max_new_tokens, eos_ids)
+        text_ids = tokenizer.encode(val.perplexity_text or BUILTIN_TEXT)[: min(recipe.shapes.max_sequence, 512)]
+        text = run_text_reference(torch_reference, text_ids) if len(text_ids) >= 2 else None
 
     targets: dict[str, TargetEntry] = {}
     reports: list[TargetReport] = []
@@ -184,7 +277,7 @@ def _build_in(staging: Path, recipe: Recipe, checkpoint, spec: DecoderSpec, mode
         name = recipe.target_name(target)
         try:
             with progress.step(f"export {name}"):
-                exported = exporter_for(target.format)(spec, weights, target, recipe.shapes, staging / name)
+                exported = exporter_for_target(target)(spec, weights, target, recipe.shapes, staging / name)
         except TargetUnavailable as e:
             if not target.optional:
                 raise
@@ -192,18 +285,25 @@ def _build_in(staging: Path, recipe: Recipe, checkpoint, spec: DecoderSpec, mode
             targets[name] = TargetEntry(format=target.format, status="skipped",
                                         validation=ValidationSummary(status="skipped", reason=str(e)))
             continue
+        precision = getattr(target, "precision", "fp32") if target.format != "tensorrt" else "fp32"
         entry = TargetEntry(format=target.format, status="valid", files=[file_entry(staging, p) for p in exported.files],
                             dtype=exported.dtype, io=exported.io, shapes=bounds, toolchain=exported.toolchain,
-                            compatibility=exported.compatibility, validation=ValidationSummary(status="skipped"))
+                            compatibility=exported.compatibility, validation=ValidationSummary(status="skipped"),
+                            precision=None if precision == "fp32" else precision)
+        # float32 must reproduce the reference exactly; reduced precisions are held to stated tolerances
+        tolerance = None if precision == "fp32" else Tolerances(**recipe.tolerance_for(target).model_dump(exclude={"cosine"}))
         with progress.step(f"validate {name} against the reference"):
-            with backend_class(target.format)(staging, entry, dims) as backend:
+            device = "cuda" if target.format == "tensorrt" else "cpu"  # engines run on the GPU that built them
+            with backend_class(target.format)(staging, entry, dims, device=device) as backend:
                 report = compare_target(name, backend, val.prompts, prompt_ids, reference, val.max_new_tokens,
-                                        val.logits_atol, eos_ids)
+                                        val.logits_atol, eos_ids, tolerance=tolerance, precision=precision, text=text)
         reports.append(report)
-        diverged = sum(p.first_divergence is not None for p in report.prompts)
-        progress.log(f"{name}: max-abs logits error {report.max_abs_logits_error:.2e} (atol {val.logits_atol:g}); "
-                     f"greedy tokens {'match' if not diverged else f'diverge on {diverged} prompts'}")
-        targets[name] = entry.model_copy(update={"validation": report.summary(val.max_new_tokens)})
+        progress.log(_describe_report(report, val.logits_atol))
+        update = {"validation": report.summary(val.max_new_tokens)}
+        if tolerance is not None:  # its greedy tokens may differ from the reference's: record its own goldens
+            update["goldens"] = [Golden(prompt=c.prompt, prompt_ids=ids, tokens=c.target_tokens)
+                                 for c, ids in zip(report.prompts, prompt_ids)]
+        targets[name] = entry.model_copy(update=update)
 
     failed = [r for r in reports if not r.passed]
     if failed:
@@ -213,8 +313,10 @@ def _build_in(staging: Path, recipe: Recipe, checkpoint, spec: DecoderSpec, mode
         raise BuildError("no target was built (all were skipped)")
 
     (staging / VALIDATION_NAME).write_text(json.dumps({
-        "reference": "transformers (PyTorch, float32)",
+        "reference": "transformers (PyTorch, float32)" + (" + merged LoRA adapters" if checkpoint.info.adapters else ""),
         "max_new_tokens": val.max_new_tokens,
+        "perplexity_text": {"builtin": val.perplexity_text is None, "tokens": len(text.ids) if text else 0,
+                            "reference_perplexity": text.perplexity if text else None},
         "targets": [r.to_dict() for r in reports],
     }, indent=2) + "\n")
     manifest = Manifest(
@@ -234,3 +336,16 @@ def _build_in(staging: Path, recipe: Recipe, checkpoint, spec: DecoderSpec, mode
     )
     (staging / MANIFEST_NAME).write_text(manifest.to_json())  # written last
     return BuildResult(output=staging, manifest=manifest, reports=reports)
+
+
+def _describe_report(r: TargetReport, atol: float) -> str:
+    diverged = sum(p.first_divergence is not None for p in r.prompts)
+    tokens = "match" if not diverged else f"diverge on {diverged} prompts"
+    if r.criterion == "exact":
+        return f"{r.target}: max-abs logits error {r.max_abs_logits_error:.2e} (atol {atol:g}); greedy tokens {tokens}"
+    tol = r.tolerance or {}
+    ppl = "" if r.perplexity_delta is None else (f"; perplexity {r.perplexity:.3f} vs {r.reference_perplexity:.3f} "
+                                                 f"({r.perplexity_delta:+.2%}, max +{tol.get('perplexity_delta', 0):.0%})")
+    return (f"{r.target} ({r.precision}): top-1 agreement {r.top1_agreement:.4f} (min {tol.get('top1_agreement', 0):g}) "
+            f"over {r.positions} positions; mean KL {r.mean_kl:.4f} (max {tol.get('mean_kl', float('inf')):g}){ppl}; "
+            f"greedy tokens {tokens}")

@@ -19,7 +19,14 @@ def run_build(recipe_path: Path, output: Optional[Path], quiet: bool = False, fo
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    result = build(recipe, output, Progress(quiet=quiet), force=force, cache=cache, sign_key=sign_key)
+    progress = Progress(quiet=quiet)
+    if cache and not force:  # no two CI jobs compile the same build key (fanout.build_lock)
+        from .fanout import build_key_of, build_lock
+
+        with build_lock(cache, build_key_of(recipe), progress.log):
+            result = build(recipe, output, progress, force=force, cache=cache, sign_key=sign_key)
+    else:
+        result = build(recipe, output, progress, force=force, cache=cache, sign_key=sign_key)
     return {
         "ok": True,
         "output": str(result.output),

@@ -34,21 +34,30 @@ class TokenizerOverrides(_Strict):
     chat_template: Optional[str] = None
 
 
+ADAPTERS = Field(default_factory=list, description="PEFT LoRA adapter directories (adapter_config.json + "
+                 "adapter_model.safetensors), merged into the weights in order before export")
+
+
 class HubSource(_Strict):
     hf: str = Field(description="Hugging Face repo id, read from the local HF cache (offline)")
     revision: Optional[str] = None
     tokenizer: TokenizerOverrides = TokenizerOverrides()
+    adapters: list[Path] = ADAPTERS
 
 
 class PathSource(_Strict):
-    path: Path = Field(description="local directory holding an HF checkpoint (config.json + weights)")
+    path: Path = Field(description="local directory holding an HF checkpoint (config.json + weights); "
+                                   "relative to the installed `package` when that is given")
+    package: Optional[str] = Field(None, description="installed distribution that ships the checkpoint directory")
     tokenizer: TokenizerOverrides = TokenizerOverrides()
+    adapters: list[Path] = ADAPTERS
 
 
 class GGUFSource(_Strict):
     gguf: Path = Field(description="GGUF file; relative to the installed `package` when that is given")
     package: Optional[str] = Field(None, description="installed distribution that ships the GGUF file")
     tokenizer: TokenizerOverrides = TokenizerOverrides()
+    adapters: list[Path] = ADAPTERS
 
 
 Source = Union[HubSource, PathSource, GGUFSource]
@@ -58,16 +67,96 @@ Source = Union[HubSource, PathSource, GGUFSource]
 TARGET_NAME = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="target folder name")
 
 
-class OnnxTarget(_Strict):
+class Tolerance(_Strict):
+    """How close a reduced-precision target must stay to the float32 reference; unset fields take the
+    precision's defaults (DEFAULT_TOLERANCES). Decoders are judged teacher-forced on the reference's greedy
+    sequences, plus perplexity on a small text; encoders on the cosine similarity of their outputs."""
+
+    top1_agreement: Optional[float] = Field(None, ge=0, le=1, description="minimum share of positions whose "
+                                            "argmax equals the reference's")
+    mean_kl: Optional[float] = Field(None, ge=0, description="maximum mean KL(reference || target) per position, nats")
+    perplexity_delta: Optional[float] = Field(None, ge=0, description="maximum relative perplexity increase "
+                                              "on the validation text (0.05 = 5%)")
+    cosine: Optional[float] = Field(None, ge=-1, le=1, description="encoders: minimum cosine similarity to the reference")
+
+
+# Defaults per precision, set from measurements on SmolLM2-135M (the bundled recipe's 3 prompts, 120 teacher-forced
+# positions) with some margin, so that a sound quantization passes and a broken or over-coarse one fails:
+#   int8 weight-only: top-1 0.933, KL 0.0045, ppl +1.3%   | int8 dynamic (per-tensor activations): 0.61, 0.64, +106%
+#   int4 RTN block 32: top-1 0.700, KL 0.45, ppl +13%     | int4 block 128 / 256: 0.62 / 0.60, 0.67 / 0.73, +49% / +37%
+#   fp16: 1.000, 0.00002, +0.04%
+# Small models lose more to quantization than large ones; a recipe tightens these for a model that can take it.
+# `cosine` applies to encoders (fp32 must match PyTorch to 0.9999).
+DEFAULT_TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(cosine=0.9999),
+    "fp16": Tolerance(top1_agreement=0.98, mean_kl=0.005, perplexity_delta=0.01, cosine=0.999),
+    "bf16": Tolerance(top1_agreement=0.93, mean_kl=0.03, perplexity_delta=0.03, cosine=0.995),
+    "int8": Tolerance(top1_agreement=0.90, mean_kl=0.01, perplexity_delta=0.02, cosine=0.99),
+    "int4": Tolerance(top1_agreement=0.65, mean_kl=0.55, perplexity_delta=0.20, cosine=0.98),
+}
+
+
+EXCLUDE = Field(default_factory=list, description="MatMul nodes whose name contains any of these strings stay "
+                "float32 (e.g. lm_head, down_proj)")
+
+
+class Int4Options(_Strict):
+    """Weight-only int4 (onnxruntime MatMulNBits); the defaults are onnxruntime-genai's layout (FAST-DECODE.md).
+    `algorithm: hqq` (half-quadratic, asymmetric: `symmetric` does not apply) keeps much closer to the float model
+    but takes minutes instead of seconds."""
+
+    algorithm: Literal["rtn", "hqq"] = "rtn"
+    block_size: Literal[16, 32, 64, 128, 256] = 32
+    symmetric: bool = True
+    accuracy_level: int = Field(4, ge=0, le=4, description="4 = int8 activations inside the MatMul (fastest on CPU); "
+                                "0 = float32 activations")
+    exclude: list[str] = EXCLUDE
+
+
+class Int8Options(_Strict):
+    """int8 weights. `weight_only` (default): MatMulNBits with 8-bit blocks of 32, activations quantized per block
+    inside the kernel (accuracy_level 4) or kept float32 (0). `dynamic`: onnxruntime's quantize_dynamic,
+    MatMulInteger with activations quantized per tensor on every call, which small LLMs with activation outliers
+    (SmolLM2's down_proj inputs) do not survive unless those MatMuls are excluded."""
+
+    method: Literal["weight_only", "dynamic"] = "weight_only"
+    accuracy_level: int = Field(4, ge=0, le=4, description="weight_only only: 4 = int8 activations per block "
+                                "(onnxruntime's fast kernel); 0 = float32 activations: closer to the reference "
+                                "(SmolLM2: top-1 0.983 vs 0.933) but ~20x slower on CPU, no fast kernel")
+    exclude: list[str] = EXCLUDE
+
+
+class _Reduced(_Strict):
+    """Fields shared by targets that can be built below float32."""
+
+    tolerance: Optional[Tolerance] = None
+
+    @property
+    def reduced(self) -> bool:
+        return self.precision != "fp32"
+
+
+class OnnxTarget(_Reduced):
     format: Literal["onnx"]
     name: Optional[str] = TARGET_NAME
     opset: int = Field(17, ge=17, le=23)
+    precision: Literal["fp32", "fp16", "int8", "int4"] = "fp32"
+    int4: Optional[Int4Options] = None
+    int8: Optional[Int8Options] = None
     optional: bool = False
 
+    @model_validator(mode="after")
+    def _options_match_precision(self):
+        for p in ("int4", "int8"):
+            if getattr(self, p) is not None and self.precision != p:
+                raise ValueError(f"`{p}` options need precision: {p} (this target is {self.precision})")
+        return self
 
-class TorchScriptTarget(_Strict):
+
+class TorchScriptTarget(_Reduced):
     format: Literal["torchscript"]
     name: Optional[str] = TARGET_NAME
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     optional: bool = False
 
 
@@ -75,6 +164,9 @@ class TensorRTTarget(_Strict):
     format: Literal["tensorrt"]
     name: Optional[str] = TARGET_NAME
     precision: Literal["fp32", "fp16", "bf16"] = "fp16"
+    gpu_archs: list[Annotated[str, Field(pattern=r"^\d+\.\d+$")]] = Field(
+        default_factory=list, description='compute capabilities to build engines for ("8.0", "9.0"), each on a GPU '
+        "of that architecture on the build host; empty: the build host's first GPU")
     optional: bool = False
 
 
@@ -87,19 +179,32 @@ class Shapes(_Strict):
 
 
 class Validation(_Strict):
-    prompts: list[str] = Field(min_length=1)
+    prompts: list[str] = Field(min_length=1, description="decoders: prompts to complete; encoders: texts to embed")
     max_new_tokens: int = Field(32, ge=1, le=4096)
     logits_atol: float = Field(1e-3, gt=0)
+    perplexity_text: Optional[str] = Field(None, min_length=1, description="text scored for the perplexity "
+                                           "check (default: a built-in English paragraph)")
+
+
+class Encoder(_Strict):
+    """Encoder tasks: how token states become one vector. `auto` reads the sentence-transformers files
+    (modules.json, 1_Pooling/config.json) and falls back to mean pooling without normalization."""
+
+    pooling: Literal["auto", "mean", "cls", "max", "mean_sqrt_len"] = "auto"
+    normalize: Optional[bool] = None
+    max_length: Optional[int] = Field(None, ge=2, description="default: sentence_bert_config.json's max_seq_length, "
+                                      "else the model's max_position_embeddings")
 
 
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     source: Source
-    task: Literal["text-generation"] = "text-generation"
+    task: Literal["text-generation", "feature-extraction", "text-classification"] = "text-generation"
     dtype: Literal["float32"] = "float32"
     targets: list[Target] = Field(min_length=1)
     shapes: Shapes = Shapes()
     validation: Validation
+    encoder: Optional[Encoder] = None
     output: Optional[Path] = None
 
     @field_validator("source", mode="before")
@@ -112,18 +217,52 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _unique_target_names(self):
-        names = [t.name or t.format for t in self.targets]
+        names = [self.target_name(t) for t in self.targets]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"targets: duplicate target name(s) {', '.join(dupes)}; give each a distinct `name`")
         return self
+
+    @model_validator(mode="after")
+    def _task_fits(self):
+        if self.is_encoder:
+            bad = [self.target_name(t) for t in self.targets if t.format == "tensorrt"]
+            if bad:
+                raise ValueError(f"targets: {', '.join(bad)}: task {self.task} builds onnx and torchscript targets only")
+            bad = [self.target_name(t) for t in self.targets if t.format == "onnx" and t.precision in ("fp16", "int4")]
+            if bad:
+                raise ValueError(f"targets: {', '.join(bad)}: task {self.task} builds onnx at fp32 or int8 only")
+        else:
+            if self.encoder is not None:
+                raise ValueError("encoder: only for the feature-extraction and text-classification tasks")
+            exact = [self.target_name(t) for t in self.targets
+                     if getattr(t, "tolerance", None) is not None and t.precision == "fp32"]
+            if exact:
+                raise ValueError(f"targets: {', '.join(exact)}: `tolerance` applies to reduced precisions; a float32 "
+                                 "decoder must reproduce the reference's greedy tokens exactly (validation.logits_atol)")
+        return self
+
+    @property
+    def is_encoder(self) -> bool:
+        return self.task != "text-generation"
 
     @property
     def output_dir(self) -> Path:
         return self.output or Path("artifacts") / self.name
 
     def target_name(self, target) -> str:
-        return target.name or target.format
+        """The target's folder: its `name`, else the format (`onnx`), suffixed by a reduced precision (`onnx-int4`)."""
+        if target.name:
+            return target.name
+        precision = getattr(target, "precision", "fp32")
+        return target.format if precision == "fp32" or target.format == "tensorrt" else f"{target.format}-{precision}"
+
+    def tolerance_for(self, target) -> Tolerance:
+        """The target's tolerance: its own fields over the defaults of its precision."""
+        precision = getattr(target, "precision", "fp32")
+        base = DEFAULT_TOLERANCES.get(precision, DEFAULT_TOLERANCES["fp32"])
+        own = getattr(target, "tolerance", None)
+        return base.model_copy(update=own.model_dump(exclude_none=True)) if own else base
 
     def sha256(self) -> str:
         """Hash of the normalized recipe (field order and YAML formatting do not matter)."""
@@ -206,7 +345,11 @@ def _line_of(text: str, loc: list) -> Optional[int]:
 
 def _check_files(path: Path, text: str, recipe: Recipe) -> None:
     src = recipe.source
-    if isinstance(src, PathSource):
+    for i, adapter in enumerate(src.adapters):
+        if not (adapter / "adapter_config.json").is_file():
+            raise RecipeError(f"{path}:{_line_of(text, ['source', 'adapters', i])}: source.adapters.{i}: "
+                              f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
+    if isinstance(src, PathSource) and src.package is None:
         if not (src.path / "config.json").is_file():
             raise RecipeError(f"{path}:{_line_of(text, ['source', 'path'])}: source.path: "
                               f"{src.path} is not an HF checkpoint directory (no config.json)")

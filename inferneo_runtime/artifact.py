@@ -1,10 +1,15 @@
 """Open an artifact directory: read and verify the manifest, pick a target, load its backend."""
 from __future__ import annotations
 
+import math
+import resource
+import sys
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
+from . import preflight
 from .backends import backend_class
 from .backends.base import Backend
 from .errors import GoldenMismatch, InferneoError
@@ -19,6 +24,50 @@ TARGET_PREFERENCE = ("onnx", "torchscript", "tensorrt")
 
 class TargetNotAvailable(InferneoError):
     exit_code = 2
+
+
+class OutOfMemory(InferneoError):
+    """A KV-cache allocation did not fit; nothing was allocated and the model stays usable."""
+
+
+def _is_oom(e: BaseException) -> bool:
+    # numpy raises MemoryError; torch raises OutOfMemoryError (CUDA) or RuntimeError "can't allocate memory" (CPU)
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e)))
+
+
+class _CacheMemory:
+    """Stands in for a backend's `_zeros`, the one allocator of its KV caches (first allocation and growth):
+    counts the cache arrays alive and their peak, and turns an allocation failure into OutOfMemory naming it."""
+
+    def __init__(self, backend: Backend, itemsize: int):
+        self._zeros = backend._zeros
+        self._device = backend.device
+        self._itemsize = itemsize
+        self._live: dict[int, tuple[weakref.ref, int]] = {}
+        self.peak = 0
+
+    def zeros(self, shape: tuple):
+        try:
+            array = self._zeros(shape)
+        except Exception as e:
+            if not _is_oom(e):
+                raise
+            layers, _, batch, heads, capacity, dim = shape
+            raise OutOfMemory(
+                f"out of memory allocating a KV cache of {batch} sequence(s) × {capacity} positions on {self._device}: "
+                f"{layers} layers × 2 (key, value) × {heads} KV heads × {dim} dims × {self._itemsize} bytes = "
+                f"{math.prod(shape) * self._itemsize / 1e9:.2f} GB; nothing was allocated and the model stays "
+                f"loaded") from None
+        key = id(array)
+        nbytes = math.prod(shape) * self._itemsize
+        self._live[key] = (weakref.ref(array, lambda _, key=key: self._live.pop(key, None)), nbytes)
+        self.peak = max(self.peak, self.nbytes)
+        return array
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for ref, n in list(self._live.values()) if ref() is not None)
 
 
 @dataclass
@@ -74,6 +123,26 @@ class Model:
         self.tokenizer = tokenizer
         eos = list(manifest.generation.eos_token_ids)
         self.eos_ids = eos or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+        dims, entry = manifest.model, manifest.targets[target]
+        itemsize = preflight.kv_bytes_per_position(dims, entry) // (dims.num_layers * 2 * dims.kv_heads * dims.head_dim)
+        self._caches = _CacheMemory(backend, itemsize)
+        backend._zeros = self._caches.zeros  # every cache this model allocates goes through the accounting
+
+    def memory(self) -> dict:
+        """Bytes this model holds: weights (the manifest's sizes of the files its backend loaded), the KV caches
+        alive now and their peak, and the process's peak (CUDA: torch's max_memory_allocated on the device,
+        which does not see TensorRT's own allocations; always: peak RSS)."""
+        entry = self.manifest.targets[self.target]
+        out = {"device": self.backend.device,
+               "weights_bytes": preflight.weights_bytes(entry, getattr(self.backend, "compute_capability", None)),
+               "kv_cache_bytes": self._caches.nbytes, "kv_cache_peak_bytes": self._caches.peak,
+               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
+        torch = sys.modules.get("torch")
+        if self.backend.device.startswith("cuda") and torch is not None and torch.cuda.is_available():
+            index = int(self.backend.device.partition(":")[2] or 0)
+            out["cuda_allocated_bytes"] = int(torch.cuda.memory_allocated(index))
+            out["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(index))
+        return out
 
     @property
     def name(self) -> str:
@@ -131,9 +200,10 @@ class Model:
                           finish_reason=out.finish_reason or "length", logprobs=out.logprobs)
 
     def check_goldens(self) -> list[dict]:
-        """Re-run the build's goldens on this host; raise GoldenMismatch if any differs."""
+        """Re-run the build's goldens on this host; raise GoldenMismatch if any differs.
+        A reduced-precision target is checked against its own recorded greedy tokens."""
         results = []
-        for g in self.manifest.goldens:
+        for g in self.manifest.targets[self.target].goldens or self.manifest.goldens:
             out = self.generate_ids([g.prompt_ids], SamplingParams(max_new_tokens=len(g.tokens)))[0]
             got = out.token_ids
             diverge = next((i for i, (a, b) in enumerate(zip(got, g.tokens)) if a != b),
@@ -165,8 +235,13 @@ def load(path: Union[str, Path], target: Optional[str] = None, device: str = "cp
     check_signature(root, trusted_keys)
     manifest = read_manifest(root)
     name = choose_target(manifest, target)
+    preflight.check(manifest, name, device).raise_for_errors()  # versions, GPU, extras, memory: before any file is read
     if verify:
         verify_artifact(root, manifest, [name])
+    if manifest.task != "text-generation":  # encoders: embeddings or class logits, no decode loop
+        from .embedding import EmbeddingModel
+
+        return EmbeddingModel.open(root, manifest, name, device=device, threads=threads)
     entry = manifest.targets[name]
     backend = backend_class(entry.format)(root, entry, manifest.model, device=device, threads=threads)
     tokenizer = Tokenizer(root)

@@ -152,16 +152,50 @@ def inspect(
         if as_json:
             print(m.to_json(), end="")
             return
-        out.print(f"[bold]{m.name}[/bold]  {m.architecture} · {m.model.num_layers} layers · hidden {m.model.hidden} · "
-                  f"vocab {m.model.vocab} · source {m.source.kind}:{m.source.uri}")
-        table = Table("target", "status", "files", "size", "validation", "max-abs err", "tokens")
+        out.print(f"[bold]{m.name}[/bold]  {m.task} · {m.architecture} · {m.model.num_layers} layers · hidden "
+                  f"{m.model.hidden} · vocab {m.model.vocab} · source {m.source.kind}:{m.source.uri}", highlight=False)
+        for a in m.source.adapters:
+            out.print(f"  LoRA adapter {a.path} (sha256 {a.sha256[:12]}…, r={a.rank}, alpha={a.alpha:g}, "
+                      f"{', '.join(a.target_modules)}) merged", highlight=False)
+        if m.encoder is not None:
+            e = m.encoder
+            how = (f"{e.pooling} pooling{', L2-normalized' if e.normalize else ''}" if e.output == "embedding"
+                   else f"labels {', '.join(e.labels or [])}")
+            out.print(f"  {e.output} [{e.dim}] · {how} · max_length {e.max_length}", highlight=False)
+        table = Table("target", "prec.", "status", "size", "validation", "max-abs err", "tokens")
+        table.columns[0].no_wrap = True
         for name, t in m.targets.items():
             v = t.validation
             size = sum(f.size for f in t.files)
-            table.add_row(name, t.status, str(len(t.files)), f"{size / 1e6:.1f} MB", v.status,
+            table.add_row(name, t.precision or "fp32", t.status, f"{size / 1e6:.1f} MB", v.status,
                           "-" if v.max_abs_logits_error is None else f"{v.max_abs_logits_error:.2e}",
                           "-" if v.token_match is None else ("match" if v.token_match else "diverge"))
         out.print(table)
+        judged = {n: t for n, t in m.targets.items() if t.validation.criterion == "tolerance"}
+        if judged:  # reduced precisions and encoders: each metric next to the threshold it had to meet
+            def metric(value, limit, fmt, sign):
+                if value is None:
+                    return "-"
+                return fmt.format(value) + ("" if limit is None else f" {sign}{fmt.format(limit)}")
+
+            if m.encoder is not None:
+                acc = Table("target", "texts", "min cosine", "max-abs err", title="agreement with the PyTorch reference")
+                for name, t in judged.items():
+                    v, tol = t.validation, t.validation.tolerance
+                    acc.add_row(name, str(v.prompts), metric(v.min_cosine, tol and tol.cosine, "{:.6f}", "≥"),
+                                "-" if v.max_abs_logits_error is None else f"{v.max_abs_logits_error:.2e}")
+            else:
+                acc = Table("target", "positions", "top-1 agreement", "mean KL", "ppl (ref)", "Δ ppl",
+                            title="teacher-forced vs the float32 reference: value, threshold")
+                for name, t in judged.items():
+                    v, tol = t.validation, t.validation.tolerance
+                    ppl = "-" if v.perplexity is None else f"{v.perplexity:.2f} ({v.reference_perplexity:.2f})"
+                    acc.add_row(name, str(v.positions or "-"),
+                                metric(v.top1_agreement, tol and tol.top1_agreement, "{:.3f}", "≥"),
+                                metric(v.mean_kl, tol and tol.mean_kl, "{:.4f}", "≤"), ppl,
+                                metric(v.perplexity_delta, tol and tol.perplexity_delta, "{:+.1%}", "≤"))
+            acc.columns[0].no_wrap = True
+            out.print(acc)
         out.print(f"built {m.built_at} · schema {m.schema_version} · goldens {len(m.goldens)} · "
                   f"torch {m.toolchain.get('torch')} · onnxruntime {m.toolchain.get('onnxruntime')}")
 
@@ -248,19 +282,56 @@ def validate(
 def serve(
     artifacts: Optional[list[str]] = typer.Argument(
         None, help="artifact directories or s3:// URIs (default: artifacts/smollm2-135m if built)"),
+    model: Optional[list[str]] = typer.Option(
+        None, "--model", help="model to serve (repeatable): artifact directory, s3:// URI, HF checkpoint directory or "
+        "hub id (compiled on demand, needs inferneo\\[build]), or model.onnx / model.pt / model.plan"),
+    model_type: Optional[str] = typer.Option(None, "--model-type", help="onnx|torchscript|tensorrt: the target "
+                                             "format to serve (artifacts), build (checkpoints) or read (model files)"),
+    model_class: Optional[str] = typer.Option(None, "--model-class", help="module:Class, a subclass of "
+                                              "inferneo_runtime.models.CustomModel"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer directory for bare model files"),
     host: Optional[str] = typer.Option(None, help="address to bind (default 127.0.0.1)"),
     port: Optional[int] = typer.Option(None, help="port (default 8000)"),
     log_level: Optional[str] = typer.Option(None, "--log-level", help="critical|error|warning|info|debug"),
-    lazy: Optional[bool] = typer.Option(None, "--lazy/--eager", help="load each model on its first request"),
+    lazy: Optional[bool] = typer.Option(None, "--lazy/--eager", "--lazy-loading/--eager-loading",
+                                        help="load each model on its first request"),
     max_models: Optional[int] = typer.Option(None, "--max-models", min=1, help="most models loaded at once"),
     memory_budget_gb: Optional[float] = typer.Option(None, "--memory-budget-gb",
                                                      help="weights + KV caches of loaded models, in GB (1e9 bytes)"),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="most tokens per sequence: checkpoints "
+                                                "are compiled for it, artifacts capped to it (not above their build)"),
+    max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", help="most sequences per engine step"),
+    max_concurrent_requests: Optional[int] = typer.Option(None, "--max-concurrent-requests",
+                                                          help="most requests in flight; more get 429"),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization", help="share of the CUDA "
+                                                           "device's memory for weights + KV caches (none on CPU)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto|half|bfloat16|float32: pick the target of that "
+                                        "precision (artifacts) or build it (checkpoints)"),
+    quantization: Optional[str] = typer.Option(None, "--quantization", help="int8|int4: pick (or build) a quantized "
+                                               "ONNX target"),
+    adapter: Optional[list[str]] = typer.Option(None, "--adapter", help="LoRA adapter directory (repeatable): merged "
+                                                "when a checkpoint is compiled; an artifact must carry it already"),
+    adapter_type: Optional[str] = typer.Option(None, "--adapter-type", help="lora (the one kind supported)"),
+    enable_metrics: Optional[bool] = typer.Option(None, "--enable-metrics/--disable-metrics",
+                                                  help="Prometheus metrics on /metrics (default on)"),
+    tensor_parallel_size: Optional[int] = typer.Option(None, "--tensor-parallel-size", min=1,
+                                                       help="accepted; above 1 is refused (no backend shards)"),
+    pipeline_parallel_size: Optional[int] = typer.Option(None, "--pipeline-parallel-size", min=1,
+                                                         help="accepted; above 1 is refused (no backend shards)"),
+    registry: Optional[str] = typer.Option(None, "--registry", help="JSON file the model registry is saved to and "
+                                           "restored from"),
+    trusted_key: Optional[list[str]] = typer.Option(None, "--trusted-key", help=TRUSTED_KEY_HELP),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda[:N] (default cpu)"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML settings file (flags and INFERNEO_* env win)"),
     threads: Optional[int] = typer.Option(None, min=1, help="intra-op threads per model (default: physical cores)"),
     max_queue: Optional[int] = typer.Option(None, "--max-queue", min=1,
                                             help="most sequences in flight; more get 429 (default 256)"),
+    ray: bool = typer.Option(False, "--ray", help="run replicas on Ray Serve: a local cluster, or RAY_ADDRESS's "
+                             "(needs inferneo\\[ray])"),
+    replicas: Optional[str] = typer.Option(None, "--replicas", help="with --ray: replica count (2), or a range to "
+                                           "autoscale in (1-4)"),
 ):
-    """Serve artifacts over an OpenAI-compatible HTTP API (needs inferneo\\[serve])."""
+    """Serve models over an OpenAI-compatible HTTP API (needs inferneo\\[serve])."""
 
     def go():
         import importlib
@@ -276,8 +347,17 @@ def serve(
         from .server.config import load_server_config
 
         settings = load_server_config(config, overrides=dict(
-            artifacts=artifacts, host=host, port=port, log_level=log_level, lazy=lazy, max_models=max_models,
-            memory_budget_gb=memory_budget_gb, threads=threads, max_queue=max_queue))
+            artifacts=artifacts, models=model, model_type=model_type, model_class=model_class, tokenizer=tokenizer,
+            host=host, port=port, log_level=log_level, lazy=lazy, max_models=max_models,
+            memory_budget_gb=memory_budget_gb, max_model_len=max_model_len, max_batch_size=max_batch_size,
+            max_concurrent_requests=max_concurrent_requests, gpu_memory_utilization=gpu_memory_utilization,
+            dtype=dtype, quantization=quantization, adapters=adapter, adapter_type=adapter_type,
+            enable_metrics=enable_metrics, tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size, registry_path=registry, trusted_keys=trusted_key,
+            device=device, threads=threads, max_queue=max_queue))
+        if ray or replicas:  # many replicas on Ray Serve, same app (inferneo_runtime/integrations/ray_serve.py)
+            from .integrations.ray_serve import serve_on_ray
+            return serve_on_ray(settings, replicas)
         run_server(settings)
 
     _run(go, as_json=False)
@@ -285,14 +365,17 @@ def serve(
 
 @app.command()
 def build(
-    recipe: Path = typer.Argument(..., help="recipe YAML file"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="artifact directory (default: the recipe's output)"),
+    recipe: Path = typer.Argument(..., help="recipe YAML file, or a directory of them (each is built)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="artifact directory (default: the recipe's "
+                                          "output); for a directory of recipes: the folder for <name>/ outputs"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
     force: bool = typer.Option(False, "--force", help="rebuild even when the output is up to date"),
     cache: Optional[str] = typer.Option(None, "--cache", envvar="INFERNEO_BUILD_CACHE",
                                         help="s3://bucket/prefix build cache shared between CI jobs"),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Ed25519 private key: sign the manifest"),
+    ray: bool = typer.Option(False, "--ray", help="one Ray task per recipe and per target, on a local cluster or "
+                             "RAY_ADDRESS's (needs inferneo\\[ray])"),
 ):
     """Build a recipe into a validated artifact (needs inferneo\[build])."""
 
@@ -303,6 +386,9 @@ def build(
             from .errors import MissingExtraError
 
             raise MissingExtraError("`inferneo build`", "build", getattr(e, "name", None) or "inferneo_build") from None
+        if recipe.is_dir() or ray:  # many recipes and/or Ray tasks: inferneo_build/fanout.py
+            return _print_fanout(recipe, output, as_json=as_json, quiet=quiet, force=force, cache=cache, sign=sign,
+                                 ray=ray)
         summary = run_build(recipe, output, quiet=quiet or as_json, force=force, cache=cache, sign_key=sign)
         if as_json:
             print(json.dumps(summary))
@@ -312,6 +398,27 @@ def build(
                       + ", ".join(f"{t} {s['status']}" for t, s in summary["targets"].items()))
 
     _run(go, as_json)
+
+
+def _print_fanout(path: Path, output: Optional[Path], *, as_json: bool, quiet: bool, force: bool,
+                  cache: Optional[str], sign: Optional[Path], ray: bool) -> None:
+    from inferneo_build.fanout import run_fanout
+
+    summary = run_fanout(path, output, quiet=quiet or as_json, force=force, cache=cache, sign_key=sign, use_ray=ray)
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        for r in summary["recipes"]:
+            if not r["ok"]:
+                err.print(f"[red]failed[/red] {r['recipe']}: {escape(r['message'])}", highlight=False)
+                continue
+            verb = "up to date" if r["cached"] == "output" else ("from cache" if r["cached"] else "built")
+            out.print(f"[green]{verb}[/green] {r['output']} in {r['seconds']:.1f}s: "
+                      + ", ".join(f"{t} {s['status']}" for t, s in r["targets"].items()), highlight=False)
+        out.print(f"{len(summary['recipes'])} recipe(s): {summary['built']} built, {summary['cached']} cached, "
+                  f"{summary['failed']} failed in {summary['seconds']:.1f}s" + (" (Ray)" if ray else ""))
+    if not summary["ok"]:
+        raise typer.Exit(summary["exit_code"])
 
 
 @app.command()
@@ -377,6 +484,130 @@ def pull(
                       f"({summary['files']} files, {summary['bytes'] / 1e6:.1f} MB, {src})", highlight=False)
 
     _run(go, as_json)
+
+
+@app.command()
+def bench(
+    artifact: Optional[Path] = typer.Argument(None, help="artifact directory (or --url: a running server)"),
+    target: Optional[list[str]] = typer.Option(None, help="only this target (repeatable; default: all valid)"),
+    compare: Optional[str] = typer.Option(None, help="peers on the same checkpoint: transformers,optimum,genai"),
+    checkpoint: Optional[Path] = typer.Option(None, help="HF checkpoint for the peers (default: the manifest's source)"),
+    runs: int = typer.Option(5, min=1, help="timed runs per measurement (medians, with min and max)"),
+    threads: Optional[int] = typer.Option(None, min=1, help="intra-op threads (default: physical cores)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    url: Optional[str] = typer.Option(None, "--url", help="benchmark a running server instead: latency, "
+                                      "TTFT, tokens/s of single, batched and concurrent requests"),
+    requests: int = typer.Option(20, "--requests", min=1, help="with --url: requests per run"),
+    concurrency: int = typer.Option(4, "--concurrency", min=1, help="with --url: clients at once / prompts per batch"),
+    model: Optional[str] = typer.Option(None, "--model", help="with --url: model to ask for (default: routed)"),
+):
+    """Measure load time, TTFT, decode tokens/s, long-position cost, batching and peak RSS per target."""
+    if url is not None:
+        from .bench_server import cli_bench_url
+
+        return _run(lambda: cli_bench_url(url, requests, concurrency, model, as_json, out), as_json)
+    if artifact is None:
+        raise typer.BadParameter("give an ARTIFACT directory, or --url of a running server")
+
+    def go():
+        from .bench import BenchSettings, print_report, run_bench
+
+        peers = tuple(p.strip() for p in compare.split(",") if p.strip()) if compare else ()
+        log = (lambda _: None) if as_json else (lambda m: err.print(f"[dim]{m}[/dim]", highlight=False))
+        report = run_bench(artifact, targets=target, compare=peers, checkpoint=checkpoint,
+                           settings=BenchSettings(runs=runs, threads=threads), log=log)
+        if as_json:
+            print(json.dumps({"ok": True, **report}))
+        else:
+            print_report(report, out)
+
+    _run(go, as_json)
+
+
+# -- deploy bundles (inferneo_build/deploy.py) -------------------------------------------------------------
+deploy_app = typer.Typer(no_args_is_help=True, help="Write an artifact as another serving engine's bundle: a "
+                         "Triton model repository, an LMI serving.properties, a KServe InferenceService.")
+app.add_typer(deploy_app, name="deploy")
+
+
+def _deploy(fn, as_json: bool, **kwargs) -> None:
+    def go():
+        try:
+            from inferneo_build import deploy
+        except ImportError as e:
+            from .errors import MissingExtraError
+
+            missing = getattr(e, "name", None) or "inferneo_build"
+            raise MissingExtraError("`inferneo deploy`", "build", missing) from None
+        summary = getattr(deploy, fn)(**kwargs)
+        if as_json:
+            print(json.dumps({k: v for k, v in summary.items() if k != "yaml" or kwargs.get("out") is None}))
+        elif fn == "write_kserve" and kwargs.get("out") is None:
+            sys.stdout.write(summary["yaml"])
+        else:
+            where = summary.get("repository") or summary.get("output")
+            out.print(f"[green]wrote[/green] {summary['engine']} bundle for {summary['model']} "
+                      f"({summary.get('target') or summary.get('storage_uri')}) at {where}", highlight=False)
+
+    _run(go, as_json)
+
+
+@deploy_app.command("triton")
+def deploy_triton(
+    artifact: str = typer.Argument(..., help="artifact directory (copied in) or s3:// URI (referenced, pinned)"),
+    out_dir: Path = typer.Argument(..., help="model repository directory (other models in it are kept)"),
+    target: Optional[str] = typer.Option(None, help="target to serve (default: the preferred valid one)"),
+    instances: int = typer.Option(1, "--instances", min=1, help="model instances (instance_group count)"),
+    device: Optional[str] = typer.Option(None, help="cuda: KIND_GPU instances (tensorrt targets always are)"),
+    threads: Optional[int] = typer.Option(None, min=1, help="intra-op threads per instance"),
+    default_max_tokens: Optional[int] = typer.Option(None, "--default-max-tokens", min=1),
+    force: bool = typer.Option(False, "--force", help="replace this model's folder if it exists"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON summary"),
+):
+    """Triton model repository: config.pbtxt (python backend, decoupled streaming) + 1/model.py."""
+    _deploy("write_triton", as_json, artifact=artifact, out=out_dir, target=target, instances=instances,
+            device=device, threads=threads, default_max_tokens=default_max_tokens, force=force)
+
+
+@deploy_app.command("lmi")
+def deploy_lmi(
+    artifact: str = typer.Argument(..., help="s3:// URI (serving.properties points at its version prefix) or a "
+                                   "directory (copied into OUT)"),
+    out_dir: Path = typer.Argument(..., help="directory for serving.properties, model.py, requirements.txt"),
+    target: Optional[str] = typer.Option(None, help="target to serve (default: the preferred valid one)"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda[:N]"),
+    threads: Optional[int] = typer.Option(None, min=1, help="intra-op threads"),
+    force: bool = typer.Option(False, "--force", help="replace OUT if it is not empty"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON summary"),
+):
+    """SageMaker / DJL LMI: serving.properties for the artifact's S3 prefix, with a python handler."""
+    _deploy("write_lmi", as_json, artifact=artifact, out=out_dir, target=target, device=device, threads=threads,
+            force=force)
+
+
+@deploy_app.command("kserve")
+def deploy_kserve(
+    artifact: str = typer.Argument(..., help="s3:// URI of a pushed artifact (pinned to its current version)"),
+    out_file: Optional[Path] = typer.Argument(None, help="YAML file or directory (default: print it)"),
+    image: str = typer.Option(..., "--image", help="container image with inferneo[kserve] installed"),
+    server: str = typer.Option("kserve", "--server", help="kserve (KServe v1/v2 protocols) or openai "
+                               "(inferneo serve's OpenAI-compatible API)"),
+    target: Optional[str] = typer.Option(None, help="target to serve (default: the preferred valid one)"),
+    name: Optional[str] = typer.Option(None, help="InferenceService name (default: from the model name)"),
+    namespace: Optional[str] = typer.Option(None, help="Kubernetes namespace"),
+    service_account: Optional[str] = typer.Option(None, "--service-account", help="service account with the "
+                                                  "S3 credentials"),
+    min_replicas: int = typer.Option(1, "--min-replicas", min=0),
+    max_replicas: Optional[int] = typer.Option(None, "--max-replicas", min=1),
+    cpu: str = typer.Option("1", help="CPU request and limit"),
+    memory: str = typer.Option("2Gi", help="memory request and limit"),
+    gpus: int = typer.Option(0, "--gpus", min=0, help="nvidia.com/gpu per replica (tensorrt targets: at least 1)"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON summary"),
+):
+    """KServe InferenceService whose predictor serves the S3 artifact (downloaded to /mnt/models)."""
+    _deploy("write_kserve", as_json, artifact=artifact, out=out_file, image=image, server=server, target=target,
+            name=name, namespace=namespace, service_account=service_account, min_replicas=min_replicas,
+            max_replicas=max_replicas, cpu=cpu, memory=memory, gpus=gpus)
 
 
 @app.callback(epilog=EXIT_CODES)

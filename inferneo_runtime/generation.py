@@ -162,7 +162,8 @@ class Engine:
             cache = self._ensure_cache(min(self.max_batch, slot + 1 + len(self.waiting)), need)
             cache.ensure_capacity(need)
             prompt = np.asarray(req.out.prompt_ids, dtype=np.int64)[None, :]
-            logits = self.backend.forward(cache, slot, prompt, np.zeros(1, dtype=np.int64))
+            logits = self.backend.forward(cache, slot, prompt, np.zeros(1, dtype=np.int64),
+                                          last_only=not self.keep_logits)
             req.past = prompt.shape[1]
             if self.keep_logits:
                 req.out.prompt_logits = np.array(logits[0], dtype=np.float32)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import ClassVar, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
 from .errors import IntegrityError, ManifestError
 
@@ -17,10 +17,23 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "inferneo.json"
 VALIDATION_NAME = "validation.json"
 TargetFormat = Literal["onnx", "torchscript", "tensorrt"]
+Task = Literal["text-generation", "feature-extraction", "text-classification"]
+Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Fields added to schema 1 after it shipped. They are left out of the JSON while unset, so a manifest that
+    # does not use them is written exactly as before (and stays readable by runtimes that predate them).
+    _ADDED: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_additions(self, handler):
+        data = handler(self)
+        for key in self._ADDED:
+            if key in data and data[key] in (None, [], {}):
+                del data[key]
+        return data
 
 
 class FileEntry(_Model):
@@ -48,8 +61,9 @@ class IOSignature(_Model):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     # How the KV cache is passed: "per_layer" = past_key_values.{i}.key/value (+ present.* outputs bound
-    # to the same buffers); "stacked" = one [layers, 2, batch, kv_heads, capacity, head_dim] tensor.
-    kv_layout: Literal["per_layer", "stacked"]
+    # to the same buffers); "stacked" = one [layers, 2, batch, kv_heads, capacity, head_dim] tensor;
+    # "none" = no cache (encoders).
+    kv_layout: Literal["per_layer", "stacked", "none"]
     kv_input: str = "past_key_values.{}.{}"  # per-layer template: layer index, "key"|"value"
     kv_output: str = "present.{}.{}"
 
@@ -59,7 +73,19 @@ class ShapeBounds(_Model):
     max_sequence: int = Field(ge=2)
 
 
+class Tolerances(_Model):
+    """The thresholds a target was judged by (recorded as applied, defaults filled in)."""
+
+    top1_agreement: Optional[float] = None  # minimum share of teacher-forced positions with the reference's argmax
+    mean_kl: Optional[float] = None  # maximum mean KL(reference || target), nats
+    perplexity_delta: Optional[float] = None  # maximum relative perplexity increase on the validation text
+    cosine: Optional[float] = None  # encoders: minimum cosine similarity to the reference
+
+
 class ValidationSummary(_Model):
+    _ADDED = frozenset({"criterion", "tolerance", "positions", "top1_agreement", "mean_kl", "perplexity",
+                        "reference_perplexity", "perplexity_delta", "min_cosine"})
+
     status: Literal["passed", "failed", "skipped"]
     reason: Optional[str] = None
     max_abs_logits_error: Optional[float] = None
@@ -68,9 +94,22 @@ class ValidationSummary(_Model):
     first_divergence: Optional[int] = None  # generated-token index where greedy output first differs
     prompts: int = 0
     new_tokens: int = 0
+    # "exact": greedy tokens equal the reference's and logits within logits_atol (float32 decoders);
+    # "tolerance": the metrics below within `tolerance` (reduced precisions, encoders)
+    criterion: Optional[Literal["exact", "tolerance"]] = None
+    tolerance: Optional[Tolerances] = None
+    positions: Optional[int] = None  # teacher-forced positions compared (prompt + reference tokens)
+    top1_agreement: Optional[float] = None
+    mean_kl: Optional[float] = None
+    perplexity: Optional[float] = None  # this target's, on the validation text
+    reference_perplexity: Optional[float] = None
+    perplexity_delta: Optional[float] = None  # (perplexity - reference) / reference
+    min_cosine: Optional[float] = None  # encoders: the worst cosine similarity over the validation texts
 
 
 class TargetEntry(_Model):
+    _ADDED = frozenset({"precision", "goldens"})
+
     format: TargetFormat
     status: Literal["valid", "skipped"]
     files: list[FileEntry] = []
@@ -80,6 +119,10 @@ class TargetEntry(_Model):
     toolchain: dict[str, str] = {}  # opset, torch version, TensorRT version, ...
     compatibility: dict[str, Union[str, int, float, list, None]] = {}  # GPU compute capability etc.
     validation: ValidationSummary
+    precision: Optional[Precision] = None  # None: fp32
+    # This target's own greedy continuations of the goldens' prompts, when a reduced precision makes them differ
+    # from the reference's (the manifest-level goldens); `inferneo validate` re-checks these for this target.
+    goldens: Optional[list["Golden"]] = None
 
 
 class ModelDims(_Model):
@@ -94,17 +137,49 @@ class ModelDims(_Model):
     max_positions: int
 
 
+class AdapterInfo(_Model):
+    """A LoRA adapter merged into the weights before export."""
+
+    path: str
+    sha256: str  # over adapter_config.json and the adapter weights
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    base_model: Optional[str] = None  # adapter_config.json's base_model_name_or_path
+
+
 class SourceInfo(_Model):
+    _ADDED = frozenset({"adapters"})
+
     kind: Literal["hf", "path", "gguf", "s3"]
     uri: str
     revision: Optional[str] = None
-    weights_sha256: str
+    weights_sha256: str  # of the base checkpoint (adapters carry their own hashes)
+    adapters: list[AdapterInfo] = []
 
 
 class Golden(_Model):
     prompt: str
     prompt_ids: list[int]
     tokens: list[int]  # the PyTorch reference's greedy continuation
+
+
+class EncoderGolden(_Model):
+    text: str
+    values: list[float]  # the reference's output for `text` (pooled embedding or class logits), float32 rounded
+
+
+class EncoderInfo(_Model):
+    """How an encoder artifact turns texts into its output (tasks feature-extraction, text-classification)."""
+
+    output: Literal["embedding", "logits"]
+    pooling: Optional[Literal["mean", "cls", "max", "mean_sqrt_len"]] = None  # embedding only
+    normalize: bool = False  # L2-normalize embeddings
+    max_length: int  # tokens per text (longer texts are truncated)
+    dim: int  # embedding size, or number of labels
+    labels: Optional[list[str]] = None  # text-classification: label of each logit
+    # the reference's outputs for the validation texts; a target must stay within its validation tolerance's cosine
+    goldens: list[EncoderGolden] = []
 
 
 class GenerationDefaults(_Model):
@@ -114,9 +189,11 @@ class GenerationDefaults(_Model):
 
 
 class Manifest(_Model):
+    _ADDED = frozenset({"encoder"})
+
     schema_version: int
     name: str
-    task: Literal["text-generation"]
+    task: Task
     architecture: str
     model: ModelDims
     source: SourceInfo
@@ -130,6 +207,7 @@ class Manifest(_Model):
     inferneo_version: str
     # recipe + source weights/config + toolchain; equal keys mean a rebuild would produce the same artifact
     build_key: Optional[str] = None
+    encoder: Optional[EncoderInfo] = None  # encoder tasks only
 
     def valid_targets(self) -> list[str]:
         return [name for name, t in self.targets.items() if t.status == "valid"]

@@ -1,29 +1,35 @@
-"""Several artifacts behind one server: lazy loading, a model budget, least-recently-used eviction.
+"""Several models behind one server: versions side by side, lazy loading, a model budget, LRU eviction.
 
-Each artifact is registered under its manifest name (the `model` a request asks for). Registration reads
-the manifest and picks the target, so the budget knows each model's weight bytes (the sum of the target's
-file sizes) before it is loaded; s3:// artifacts are fetched into the verified cache at registration.
+Each model is registered under a name and a version; `name@version` addresses one version and `name` the
+newest (versions compare numerically part by part: 1 < 2 < 10, 1.2 < 1.10). A model is anything
+`model_sources.resolve` accepts: an artifact directory or s3:// URI, a checkpoint compiled on demand, a bare
+model file, or a custom model class. Registration reads the manifest and picks the target, so the budget
+knows each model's weight bytes before it is loaded; s3:// artifacts are fetched into the verified cache then.
 
-`acquire(name)` returns a Lease on a loaded model and its EngineDriver, loading it first if needed. The
-budget is a count (`max_models`) and/or bytes (`memory_budget_bytes`: weights + each engine's KV-cache
-bytes). When loading would exceed it, idle models (no lease) are evicted, least recently used first. A
-model with leases is never evicted under its requests: the acquirer waits (up to `wait_s`) for leases to
-be released and then gives up with CapacityError. A model that cannot fit even alone fails at once.
-Loading happens outside the lock, so requests to models already loaded are not held up by it.
+`acquire(name)` returns a Lease on a loaded model and its driver, loading it first if needed. The budget is a
+count (`max_models`) and/or bytes (`memory_budget_bytes`: weights + each engine's KV-cache bytes). When
+loading would exceed it, idle models (no lease) are evicted, least recently used first. A model with leases
+is never evicted under its requests: the acquirer waits (up to `wait_s`) for leases to be released and then
+gives up with CapacityError. A model that cannot fit even alone fails at once. Loading happens outside the
+lock, so requests to models already loaded are not held up by it. `register`, `unregister`, `load` and
+`unload` change the set at run time; ModelManager (manager.py) adds persistence on top.
 """
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 from .errors import InferneoError
-from .manifest import Manifest, read_manifest
+from .manifest import Manifest
 
 logger = logging.getLogger("inferneo.server")
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int4": 0.5}
 
 
 class ModelNotFound(InferneoError):
@@ -43,9 +49,14 @@ class CapacityError(InferneoError):
 
 
 class RegistryError(InferneoError):
-    """The artifacts given to the registry cannot be served together (e.g. two share a name)."""
+    """The models given to the registry cannot be served together (e.g. two share a name and version), or a
+    change asked of it cannot be made (unregistering a busy model)."""
 
     exit_code = 2
+
+
+class ModelBusy(RegistryError):
+    """The model has requests in flight; it cannot be unloaded or unregistered now."""
 
 
 @dataclass(frozen=True)
@@ -54,16 +65,29 @@ class ArtifactSource:
     target: Optional[str] = None  # None: the runtime's preferred valid target
 
 
+def version_key(version: str) -> tuple:
+    """Order versions part by part, numbers numerically: 1 < 2 < 10, 1.2 < 1.10, and numbers before words."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[._+-]", version))
+
+
 @dataclass
 class Entry:
-    """One registered artifact and, while loaded, its Model and EngineDriver."""
+    """One registered model version and, while loaded, its model and driver."""
 
     name: str
     source: str
-    root: Path
-    manifest: Manifest
-    target: str
+    root: Optional[Path]
+    manifest: Optional[Manifest]
+    target: Optional[str]
     weight_bytes: int
+    version: str = "1"
+    kind: str = "artifact"  # artifact | checkpoint | file | custom
+    validated: bool = True
+    notes: list = field(default_factory=list)
+    resolved: object = None  # model_sources.Resolved: how to load it
+    spec: object = None  # the ModelConfig it was registered from (what persistence saves)
+    explicit_version: bool = False
+    registered_at: float = field(default_factory=time.time)
     state: str = "unloaded"  # unloaded | loading | loaded
     model: object = None
     driver: object = None
@@ -74,12 +98,24 @@ class Entry:
     error: Optional[str] = None  # the last load failure, if any
 
     @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
     def cache_bytes(self) -> int:
         return self.driver.cache_bytes if self.driver is not None else 0
 
     @property
     def memory_bytes(self) -> int:
         return self.weight_bytes + self.cache_bytes if self.state != "unloaded" else 0
+
+    @property
+    def max_batch(self) -> Optional[int]:
+        return getattr(self.resolved, "max_batch", None)
+
+    @property
+    def max_sequence(self) -> Optional[int]:
+        return getattr(self.resolved, "max_sequence", None)
 
 
 class Lease:
@@ -88,7 +124,7 @@ class Lease:
     def __init__(self, registry: "ModelRegistry", entry: Entry):
         self._registry = registry
         self.entry = entry
-        self.name = entry.name
+        self.name = registry.display_id(entry)
         self.model = entry.model
         self.driver = entry.driver
         self._released = False
@@ -105,19 +141,35 @@ class Lease:
         self.release()
 
 
-def _resolve(source: ArtifactSource) -> tuple[Path, Manifest, str]:
-    from . import s3
-    from .artifact import choose_target
+def _as_spec(src):
+    from .server.config import ModelConfig
 
-    root = Path(s3.fetch(source.path)) if s3.is_s3_uri(source.path) else Path(source.path)
-    manifest = read_manifest(root)
-    return root, manifest, choose_target(manifest, source.target)
+    if isinstance(src, ModelConfig):
+        return src
+    if isinstance(src, ArtifactSource):
+        return ModelConfig(path=src.path, target=src.target)
+    return ModelConfig(path=str(src))
+
+
+def _default_driver(name: str, model, entry: Entry):
+    from .embedding import EmbeddingDriver, EmbeddingModel
+    from .models import CustomDriver, CustomHost
+
+    if isinstance(model, CustomHost):
+        return CustomDriver(name, model)
+    if isinstance(model, EmbeddingModel):  # encoder artifacts: served by /v1/embeddings, no decode loop
+        return EmbeddingDriver(name, model)
+    from .server.driver import EngineDriver
+
+    return EngineDriver(name, model, max_batch=entry.max_batch, max_sequence=entry.max_sequence)
 
 
 class ModelRegistry:
-    def __init__(self, sources: Sequence[Union[str, ArtifactSource]], *, max_models: Optional[int] = None,
+    def __init__(self, sources: Sequence[Union[str, ArtifactSource, object]] = (), *, max_models: Optional[int] = None,
                  memory_budget_bytes: Optional[int] = None, device: str = "cpu", threads: Optional[int] = None,
-                 wait_s: float = 30.0, loader: Optional[Callable] = None, driver_factory: Optional[Callable] = None):
+                 wait_s: float = 30.0, loader: Optional[Callable] = None, driver_factory: Optional[Callable] = None,
+                 trusted_keys: Optional[Sequence[str]] = None, max_model_len: Optional[int] = None,
+                 max_batch_size: Optional[int] = None, allow_empty: bool = False):
         if max_models is not None and max_models < 1:
             raise RegistryError(f"max_models={max_models} must be >= 1")
         if memory_budget_bytes is not None and memory_budget_bytes <= 0:
@@ -127,38 +179,123 @@ class ModelRegistry:
         self.device = device
         self.threads = threads
         self.wait_s = wait_s
+        self.trusted_keys = list(trusted_keys) if trusted_keys else None
+        self.max_model_len = max_model_len
+        self.max_batch_size = max_batch_size
+        self.notes: list[str] = []  # said of every model (e.g. a flag that has no effect on this device)
         self._loader = loader
         self._driver_factory = driver_factory
         self._cond = threading.Condition()
         self._closed = False
-        self.entries: dict[str, Entry] = {}
+        self.entries: dict[str, Entry] = {}  # name@version -> Entry, in registration order
         for src in sources:
-            src = src if isinstance(src, ArtifactSource) else ArtifactSource(str(src))
-            root, manifest, target = _resolve(src)
-            if manifest.name in self.entries:
-                raise RegistryError(f"two artifacts are named {manifest.name!r}: {self.entries[manifest.name].source} "
-                                    f"and {src.path}; each model needs its own name")
-            weights = sum(f.size for f in manifest.targets[target].files)
-            self.entries[manifest.name] = Entry(manifest.name, src.path, root, manifest, target, weights)
-        if not self.entries:
+            spec = _as_spec(src)
+            resolved = self.resolve(spec)
+            if spec.version is None and any(e.name == resolved.name for e in self.entries.values()):
+                other = next(e for e in self.entries.values() if e.name == resolved.name)
+                raise RegistryError(f"two artifacts are named {resolved.name!r}: {other.source} and {spec.path}; each "
+                                    f"model needs its own name (or give each a version to serve them side by side)")
+            self._add(spec, resolved)
+        if not self.entries and not allow_empty:
             raise RegistryError("no artifacts to serve")
+
+    # -- registration -----------------------------------------------------------------------------
+    def resolve(self, spec):
+        from .model_sources import resolve
+
+        return resolve(spec, max_model_len=self.max_model_len, max_batch_size=self.max_batch_size,
+                       trusted_keys=self.trusted_keys, device=self.device)
+
+    def register(self, path=None, *, name: Optional[str] = None, version: Optional[str] = None,
+                 format: Optional[str] = None, target: Optional[str] = None, spec=None, **fields) -> Entry:
+        """Register a model (artifact, s3:// URI, checkpoint, model file, or `model_class=`); returns its Entry.
+        Without a version it gets the next integer after the name's versions ("1" for a new name)."""
+        from .server.config import ModelConfig
+
+        if spec is None:
+            values = {"path": str(path) if path is not None else ".", "name": name, "version": version,
+                      "format": format, "target": target, **fields}
+            try:
+                spec = ModelConfig.model_validate({k: v for k, v in values.items() if v is not None})
+            except Exception as e:  # noqa: BLE001 - pydantic's ValidationError, in one line
+                from .model_sources import ModelSourceError
+
+                raise ModelSourceError(f"cannot register {path}: {_first_error(e)}") from None
+        resolved = self.resolve(spec)
+        return self._add(spec, resolved)
+
+    def _add(self, spec, resolved) -> Entry:
+        with self._cond:
+            if self._closed:
+                raise RegistryError("the registry is closed")
+            version = spec.version
+            if version is None:
+                numbers = [int(e.version) for e in self.entries.values() if e.name == resolved.name
+                           and e.version.isdigit()]
+                version = str(max(numbers, default=0) + 1)
+            key = f"{resolved.name}@{version}"
+            if key in self.entries:
+                raise RegistryError(f"model {key} is already registered (from {self.entries[key].source}); "
+                                    f"give another version, or unregister it first")
+            e = Entry(name=resolved.name, source=str(resolved.source), root=resolved.root, manifest=resolved.manifest,
+                      target=resolved.target, weight_bytes=resolved.weight_bytes, version=version,
+                      kind=resolved.kind, validated=resolved.validated, notes=list(resolved.notes),
+                      resolved=resolved, spec=spec.model_copy(update={"version": version}),
+                      explicit_version=spec.version is not None)
+            self.entries[key] = e
+            self._cond.notify_all()
+        for note in e.notes:
+            logger.warning("model %s: %s", key, note)
+        return e
+
+    def unregister(self, name: str) -> Entry:
+        """Remove a model version (unloading it). Refused while it has requests in flight."""
+        with self._cond:
+            e = self.entry(name)
+            if e.leases:
+                raise ModelBusy(f"model {e.key} has {e.leases} request(s) in flight; retry when they finish")
+            if e.state == "loading":
+                raise ModelBusy(f"model {e.key} is loading; retry when it is loaded")
+            del self.entries[e.key]
+            if e.state == "loaded":
+                self._unload(e, timeout=None)
+            self._cond.notify_all()
+        logger.info("model %s: unregistered", e.key)
+        return e
 
     # -- lookups ----------------------------------------------------------------------------------
     @property
     def names(self) -> list[str]:
-        return list(self.entries)
+        return [self.display_id(e) for e in list(self.entries.values())]
+
+    def versions(self, name: str) -> list[Entry]:
+        """The versions of `name`, oldest first."""
+        return sorted((e for e in list(self.entries.values()) if e.name == name), key=lambda e: version_key(e.version))
+
+    def newest(self, name: str) -> Optional[Entry]:
+        versions = self.versions(name)
+        return versions[-1] if versions else None
+
+    def display_id(self, e: Entry) -> str:
+        """How a model is addressed and listed: its name for the newest version, name@version for older ones."""
+        newest = self.newest(e.name)
+        return e.name if newest is None or newest is e else e.key
 
     def entry(self, name: str) -> Entry:
         e = self.entries.get(name)
-        if e is None:
-            raise ModelNotFound(name, self.names)
-        return e
+        if e is not None:
+            return e
+        if name is not None and "@" not in name:
+            e = self.newest(name)
+            if e is not None:
+                return e
+        raise ModelNotFound(name, self.names)
 
     def memory_used(self) -> int:
-        return sum(e.memory_bytes for e in self.entries.values())
+        return sum(e.memory_bytes for e in list(self.entries.values()))
 
     def loaded(self) -> list[str]:
-        return [e.name for e in self.entries.values() if e.state == "loaded"]
+        return [self.display_id(e) for e in list(self.entries.values()) if e.state == "loaded"]
 
     # -- leases -----------------------------------------------------------------------------------
     def try_acquire(self, name: str) -> Optional[Lease]:
@@ -180,6 +317,8 @@ class ModelRegistry:
             while True:
                 if self._closed:
                     raise CapacityError("the server is shutting down")
+                if e.key not in self.entries:
+                    raise ModelNotFound(name, self.names)
                 if e.state == "loaded":
                     e.leases += 1
                     e.last_used = time.monotonic()
@@ -197,6 +336,23 @@ class ModelRegistry:
                 self._cond.wait(remaining)
         return self._load(e)
 
+    def load(self, name: str) -> Entry:
+        """Load a model now (evicting idle ones if the budget needs it); a no-op if it is loaded."""
+        with self.acquire(name) as lease:
+            return lease.entry
+
+    def unload(self, name: str) -> Entry:
+        """Unload an idle model; it stays registered and loads again on its next use."""
+        with self._cond:
+            e = self.entry(name)
+            if e.leases:
+                raise ModelBusy(f"model {e.key} has {e.leases} request(s) in flight; retry when they finish")
+            if e.state == "loaded":
+                self._unload(e, timeout=None)
+                logger.info("model %s: unloaded", e.key)
+            self._cond.notify_all()
+        return e
+
     def _release(self, e: Entry) -> None:
         with self._cond:
             e.leases -= 1
@@ -204,18 +360,18 @@ class ModelRegistry:
             self._cond.notify_all()
 
     def preload(self) -> list[str]:
-        """Load every artifact, in order, while it fits without evicting another; returns the names loaded.
+        """Load every model, in order, while it fits without evicting another; returns the names loaded.
         Load errors propagate (a server should not start on a broken artifact)."""
         done = []
-        for e in self.entries.values():
+        for e in list(self.entries.values()):
             with self._cond:
                 if e.state != "unloaded" or self._plan_room(e, evict=False) is None:
                     if e.state == "unloaded":
-                        logger.info("model %s: not loaded at startup (budget full); it loads on first use", e.name)
+                        logger.info("model %s: not loaded at startup (budget full); it loads on first use", e.key)
                     continue
                 e.state = "loading"
             self._load(e).release()
-            done.append(e.name)
+            done.append(self.display_id(e))
         return done
 
     # -- budget -----------------------------------------------------------------------------------
@@ -250,27 +406,35 @@ class ModelRegistry:
         if self.memory_budget_bytes is not None:
             budget.append(f"memory budget {self.memory_budget_bytes / 1e9:.3f} GB")
         if not waited:
-            return (f"out of memory: model {e.name!r} needs {e.weight_bytes / 1e9:.3f} GB of weights, more than the "
+            return (f"out of memory: model {e.key!r} needs {e.weight_bytes / 1e9:.3f} GB of weights, more than the "
                     f"{' and '.join(budget)}")
-        busy = [f"{r.name} ({r.leases} request(s))" for r in self.entries.values() if r.leases]
-        return (f"out of memory: model {e.name!r} ({e.weight_bytes / 1e9:.3f} GB) does not fit in the "
+        busy = [f"{r.key} ({r.leases} request(s))" for r in self.entries.values() if r.leases]
+        return (f"out of memory: model {e.key!r} ({e.weight_bytes / 1e9:.3f} GB) does not fit in the "
                 f"{' and '.join(budget)} (in use: {self.memory_used() / 1e9:.3f} GB) and the models holding it are "
                 f"busy: {', '.join(busy) or 'none'}; retry later")
 
     # -- load / evict -----------------------------------------------------------------------------
+    def _load_model(self, e: Entry):
+        if self._loader is not None:
+            return self._loader(e.root, target=e.target, device=self.device, threads=self.threads)
+        if e.resolved is not None:
+            return e.resolved.load(self.device, self.threads)
+        from .artifact import load
+
+        return load(e.root, target=e.target, device=self.device, threads=self.threads, trusted_keys=self.trusted_keys)
+
     def _load(self, e: Entry) -> Lease:
         """Load `e` (its state is already 'loading', so its weights count against the budget)."""
         t0 = time.perf_counter()
         try:
-            loader = self._loader
-            if loader is None:
-                from .artifact import load as loader
-            model = loader(e.root, target=e.target, device=self.device, threads=self.threads)
-            if self._driver_factory is None:
-                from .server.driver import EngineDriver
-                driver = EngineDriver(e.name, model)
-            else:
-                driver = self._driver_factory(e.name, model)
+            model = self._load_model(e)
+            name = self.display_id(e)
+            try:
+                driver = (self._driver_factory(name, model) if self._driver_factory is not None
+                          else _default_driver(name, model, e))
+            except BaseException:
+                model.close()
+                raise
         except BaseException as exc:
             with self._cond:
                 e.state = "unloaded"
@@ -283,13 +447,13 @@ class ModelRegistry:
             e.leases += 1
             e.last_used = time.monotonic()
             self._cond.notify_all()
-        logger.info("model %s: loaded %s target in %.2fs (%.1f MB of weights)", e.name, e.target,
+        logger.info("model %s: loaded %s in %.2fs (%.1f MB of weights)", e.key, e.target or e.kind,
                     time.perf_counter() - t0, e.weight_bytes / 1e6)
         return Lease(self, e)
 
     def _evict(self, e: Entry) -> None:
         """Unload an idle model (called under the lock; its driver has no work, so stopping is immediate)."""
-        logger.info("model %s: evicted (least recently used) to make room", e.name)
+        logger.info("model %s: evicted (least recently used) to make room", e.key)
         self._unload(e, timeout=None)
         e.evictions += 1
 
@@ -297,7 +461,7 @@ class ModelRegistry:
         driver, model = e.driver, e.model
         e.state, e.driver, e.model = "unloaded", None, None
         if driver is not None and not driver.stop(timeout):
-            logger.warning("model %s: requests still running after %.0fs; closing anyway", e.name, timeout or 0)
+            logger.warning("model %s: requests still running after %.0fs; closing anyway", e.key, timeout or 0)
         if model is not None:
             model.close()
 
@@ -309,3 +473,56 @@ class ModelRegistry:
             self._cond.notify_all()
         for e in loaded:
             self._unload(e, timeout)
+
+    # -- what a model is ------------------------------------------------------------------------
+    def describe(self, e: Entry) -> dict:
+        """A model's info: OpenAI's model object fields plus what Inferneo knows of it (the manifest's target,
+        version, memory, validation status, and notes on how the flags applied)."""
+        from datetime import datetime
+
+        info = {"id": self.display_id(e), "name": e.name, "version": e.version, "key": e.key,
+                "versions": [v.version for v in self.versions(e.name)], "loaded": e.state == "loaded",
+                "state": e.state, "kind": e.kind, "source": e.source, "validated": e.validated,
+                "notes": list(e.notes) + list(self.notes), "error": e.error, "weight_bytes": e.weight_bytes}
+        memory = {"weights_bytes": e.weight_bytes, "kv_cache_bytes": e.cache_bytes,
+                  "resident_bytes": e.memory_bytes}
+        model = e.model
+        if model is not None and hasattr(model, "memory"):
+            try:
+                memory.update(model.memory())
+            except Exception:  # noqa: BLE001 - memory figures are informative; never fail a listing on them
+                pass
+        info["memory"] = memory
+        if e.manifest is None:  # a custom model class
+            impl = getattr(getattr(e, "model", None), "impl", None)
+            info.update(created=int(e.registered_at), format="custom", target=None, dtype=None,
+                        model_class=getattr(e.resolved, "model_class", None),
+                        validation={"status": "skipped", "reason": "custom model class"},
+                        **(impl.info() if impl is not None else {}))
+            return info
+        m, t = e.manifest, e.manifest.targets[e.target]
+        try:
+            created = int(datetime.fromisoformat(m.built_at.replace("Z", "+00:00")).timestamp())
+        except ValueError:
+            created = int(e.registered_at)
+        size = DTYPE_BYTES.get(t.dtype)
+        from .model_sources import precision_of
+
+        info.update(
+            created=created, architecture=m.architecture, format=t.format, target=e.target, dtype=t.dtype,
+            precision=precision_of(t), parameters=int(e.weight_bytes / size) if size else None,
+            max_context=e.max_sequence or (t.shapes.max_sequence if t.shapes else m.model.max_positions),
+            max_batch=e.max_batch or (t.shapes.max_batch if t.shapes else None),
+            validation=t.validation.model_dump(exclude_none=True),
+            adapters=[{"path": a.path, "sha256": a.sha256, "rank": a.rank} for a in m.source.adapters],
+            targets={name: {"format": x.format, "status": x.status, "dtype": x.dtype, "precision": precision_of(x),
+                            "validation": x.validation.status} for name, x in m.targets.items()})
+        return info
+
+
+def _first_error(e: Exception) -> str:
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+    return str(e)

@@ -206,3 +206,43 @@ def test_cuda_is_refused_clearly(built):
     dims = ModelDims(**{k: getattr(built.spec, k) for k in ModelDims.model_fields})
     with pytest.raises(ValueError, match="cpu only"):
         OnnxBackend(built.artifact, built.target, dims, device="cuda").load()
+
+
+# -- fast paths --------------------------------------------------------------------------------------
+def test_last_only_logits_equal_the_full_last_row(built):
+    backend = built.backend()
+    assert backend.supports_last_only
+    prompt = prompts([17], seed=6)[0]
+    full = backend.forward(backend.allocate_cache(1, 32), 0, np.array([prompt]), np.array([0]))
+    last = backend.forward(backend.allocate_cache(1, 32), 0, np.array([prompt]), np.array([0]), last_only=True)
+    assert last.shape == (1, 1, built.spec.vocab)
+    np.testing.assert_allclose(last[0, 0], full[0, -1], atol=1e-5, rtol=0)
+
+
+def test_engine_fast_path_gives_the_full_logits_path_tokens(built):
+    """The Engine's last-position-only prefill (default) and its keep_logits path pick the same greedy tokens."""
+    from inferneo_runtime.generation import generate_ids
+    from inferneo_runtime.sampling import SamplingParams
+
+    backend = built.backend()
+    batch = prompts([5, 19, 11, 2], seed=7)
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    fast = generate_ids(backend, batch, params)
+    simple = generate_ids(backend, batch, params, keep_logits=True)
+    assert [o.token_ids for o in fast] == [o.token_ids for o in simple]
+    assert [len(o.token_ids) for o in fast] == [NEW_TOKENS] * len(batch)
+
+
+def test_chunked_head_matches_hf(checkpoints, tmp_path, monkeypatch):
+    """A vocabulary-sized head is split into column chunks (bounded memory while ORT pre-packs it)."""
+    import inferneo_build.exporters.onnx as onnx_exporter
+
+    monkeypatch.setattr(onnx_exporter, "_HEAD_CHUNK_BYTES", 40_000)  # the tiny head is 64 x 512 floats: 4 chunks
+    b = build(checkpoints["qwen2"], tmp_path)
+    model = onnx.load(str(b.artifact / "model.onnx"), load_external_data=False)
+    names = {n.name for n in model.graph.node}
+    assert {f"/lm_head/chunk.{i}/MatMul" for i in range(4)} <= names and "/lm_head/Concat" in names
+    backend = b.backend()
+    ids = prompts([12], seed=8)[0]
+    logits = backend.forward(backend.allocate_cache(1, 16), 0, np.array([ids]), np.array([0]))
+    np.testing.assert_allclose(logits[0], hf_logits(b.hf, ids), atol=ATOL, rtol=0)

@@ -509,3 +509,72 @@ def test_graceful_shutdown_finishes_in_flight_requests(llama):
         assert out.usage.completion_tokens == 10 and out.choices[0].finish_reason == "length"
         s.thread.join(15)
         assert not s.thread.is_alive() and s.registry.loaded() == []  # engines drained and models closed
+
+
+# -- the Python client and the latency benchmark -------------------------------------------------------------
+def test_inferneo_client_calls_and_typed_errors(server, local, tmp_path):
+    from inferneo_runtime import InferneoError
+    from inferneo_runtime.client import BadRequestError, InferneoClient, InvalidFormatError, ModelNotFoundError
+
+    c = InferneoClient(server.url)
+    expected = local.chat(MESSAGES, max_new_tokens=20)
+    chat = c.chat.completions.create(model="tiny-llama", messages=MESSAGES, max_tokens=20, temperature=0)
+    assert chat.choices[0].message.content == expected.text and chat.usage.completion_tokens == len(expected.token_ids)
+    chunks = list(c.chat.completions.create(model="tiny-llama", messages=MESSAGES, max_tokens=20, temperature=0,
+                                            stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == expected.text
+    text = local.generate(PROMPTS[0], max_new_tokens=10, ignore_eos=True).text
+    out = c.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=10, temperature=0,
+                               extra_body={"ignore_eos": True})
+    assert out.choices[0].text == text and out.to_dict()["object"] == "text_completion"
+    assert [m.id for m in c.models.list().data] == ["tiny-llama"]
+    info = c.models.get("tiny-llama")  # Inferneo's fields beside OpenAI's
+    assert (info.format, info.version, info.dtype, info.validation["status"]) == ("onnx", "1", "float32", "passed")
+    assert info.parameters > 0 and info.memory["weights_bytes"] == info.weight_bytes and info.loaded
+
+    with pytest.raises(ModelNotFoundError) as e:
+        c.completions.create(model="no-such-model", prompt="hi")
+    assert isinstance(e.value, InferneoError) and "model not found" in str(e.value) and e.value.status == 404
+    with pytest.raises(ModelNotFoundError):
+        list(c.chat.completions.create(model="no-such-model", messages=MESSAGES, stream=True))
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(InvalidFormatError) as e:
+        c.models.register("notes", str(tmp_path / "notes.txt"), format="onnx")
+    assert "invalid format" in str(e.value) and e.value.code == "invalid_format"
+    with pytest.raises(BadRequestError) as e:
+        c.completions.create(model="tiny-llama", prompt="hi", max_tokens=-1)
+    assert e.value.param == "max_tokens" and not isinstance(e.value, InvalidFormatError)
+
+
+def test_queue_full_is_an_overloaded_error_for_the_client(llama):
+    from inferneo_runtime.client import InferneoClient, OverloadedError
+
+    with inproc_server(llama, max_queue=1) as s:
+        s.gate.set(0)
+        held = _in_background(lambda: client(s.url).completions.create(model="tiny-llama", prompt="hi", max_tokens=2))
+        _wait_for(lambda: s.registry.entry("tiny-llama").driver.in_flight == 1)
+        with pytest.raises(OverloadedError) as e:
+            InferneoClient(s.url).completions.create(model="tiny-llama", prompt="hi", max_tokens=2)
+        assert e.value.status == 429 and e.value.code == "queue_full"
+        s.gate.set(None)
+        assert held.result(20).choices
+
+
+def test_latency_benchmark_against_the_server(server):
+    from inferneo_runtime.bench_server import format_report, run_bench
+
+    report = run_bench(server.url, requests=4, concurrency=2, model="tiny-llama", max_tokens=4)
+    assert [r["run"] for r in report["runs"]] == ["single", "batched", "concurrent"]
+    for r in report["runs"]:
+        assert r["errors"] == 0 and r["completion_tokens"] == 16, r
+        lat = r["latency_s"]
+        assert 0 < lat["median"] <= lat["p95"] <= lat["p99"] and lat["mean"] > 0
+        assert r["ttft_s"]["mean"] > 0 and r["tokens_per_s"] > 0
+    assert report["runs"][1]["requests"] == 2  # batched: 2 requests of 2 prompts
+    assert "p99" in format_report(report)
+    r = subprocess.run([sys.executable, "-m", "inferneo_runtime.cli", "bench", "--url", server.url, "--requests", "3",
+                        "--concurrency", "2", "--model", "tiny-llama", "--json"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["ok"] and [x["requests"] for x in out["runs"]] == [3, 2, 3]

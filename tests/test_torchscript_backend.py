@@ -151,3 +151,25 @@ def test_cuda_request_without_cuda_is_a_clear_error(case):
 
     with pytest.raises(InferneoError, match="no CUDA device"):
         TorchScriptBackend(case.out_dir, case.backend.target, case.backend.dims, device="cuda").load()
+
+
+def test_last_only_logits_equal_the_full_last_row(case):
+    backend, ids = case.backend, PROMPTS[2]
+    assert backend.supports_last_only
+    full = backend.forward(backend.allocate_cache(batch=1, capacity=32), 0, np.array([ids]), np.array([0]))
+    last = backend.forward(backend.allocate_cache(batch=1, capacity=32), 0, np.array([ids]), np.array([0]),
+                           last_only=True)
+    assert last.shape == (1, 1, case.spec.vocab)
+    np.testing.assert_allclose(last[0, 0], full[0, -1], atol=1e-5, rtol=0)
+
+
+def test_engine_fast_path_gives_the_full_logits_path_tokens(case):
+    """The Engine's last-position-only prefill (default) and its keep_logits path pick the same greedy tokens."""
+    from inferneo_runtime.generation import generate_ids
+    from inferneo_runtime.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    fast = generate_ids(case.backend, PROMPTS, params)
+    simple = generate_ids(case.backend, PROMPTS, params, keep_logits=True)
+    assert [o.token_ids for o in fast] == [o.token_ids for o in simple]
+    assert fast[0].token_ids == backend_greedy(case.backend, PROMPTS[0])

@@ -7,6 +7,15 @@ derived from `attention_mask` inside the graph. GroupQueryAttention's past and p
 [batch, kv_heads, max_cache, head_dim] shape, so the runtime binds both to one buffer and the op appends
 in place (no Concat, no copies).
 
+`logit_positions` (int64 [K]) picks the sequence positions whose logits are computed: the final hidden
+states are gathered before lm_head, so a prefill that only needs the next token runs the vocabulary-sized
+MatMul once instead of once per prompt token ([-1] = last only; 0..S-1 = every position, for validation).
+Memory: ONNX Runtime pre-packs every MatMul weight at load (its GEMM layout: ~20% faster decode and ~30%
+faster prefill here than unpacked) and then drops the original, while the external data file is memory-mapped.
+So the embedding table stays a separate initializer even when tied to lm_head: only the rows that are looked
+up become resident, whereas one shared tensor would be held twice (raw for Gather, packed for MatMul). The
+vocabulary-sized head is split into column chunks so that packing never holds a whole raw + packed copy at once.
+
 Node names are hierarchical and deterministic (`/model/layers.0/attn/qkv/MatMul`); a node's outputs are
 `<node>/output_<i>`. Weights go to one external-data file, written directly (no in-memory protobuf copy).
 """
@@ -29,6 +38,7 @@ MODEL_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
 _INLINE_BYTES = 1024  # smaller initializers stay inside model.onnx
 _ALIGN = 4096  # offsets in the data file are page-aligned (lets ORT mmap them)
+_HEAD_CHUNK_BYTES = 32 << 20  # lm_head columns per initializer (bounds the raw + packed overlap at load)
 
 # IO as data: name -> (dtype, shape). Strings are symbolic dims; "{kv}"/"{hd}"/"{vocab}" are filled per model.
 # The KV entries are per layer; past and present share one shape because the runtime binds them to one buffer.
@@ -36,9 +46,10 @@ _INPUTS = {
     "input_ids": ("int64", ["batch", "sequence"]),
     "attention_mask": ("int64", ["batch", "total_sequence"]),
     "position_ids": ("int64", ["batch", "sequence"]),  # learned positions only
+    "logit_positions": ("int64", ["logit_positions"]),  # which of the S positions get logits; negative counts from the end
 }
 _KV_SHAPE = ["batch", "{kv}", "max_cache", "{hd}"]
-_LOGITS = ("float32", ["batch", "sequence", "{vocab}"])
+_LOGITS = ("float32", ["batch", "logit_positions", "{vocab}"])
 _ONNX_DTYPES = {"int64": TensorProto.INT64, "float32": TensorProto.FLOAT, "int32": TensorProto.INT32}
 
 
@@ -49,7 +60,7 @@ def io_signature(spec: DecoderSpec) -> IOSignature:
     def shape(s):
         return [dims.get(d, d) for d in s]
 
-    names = ["input_ids", "attention_mask"] + (["position_ids"] if spec.positions == "learned" else [])
+    names = ["input_ids", "attention_mask"] + (["position_ids"] if spec.positions == "learned" else []) + ["logit_positions"]
     inputs = [TensorSpec(name=n, dtype=_INPUTS[n][0], shape=_INPUTS[n][1]) for n in names]
     outputs = [TensorSpec(name="logits", dtype=_LOGITS[0], shape=shape(_LOGITS[1]))]
     for i in range(spec.num_layers):
@@ -229,7 +240,15 @@ def _build_decoder(g: _GraphBuilder, spec: DecoderSpec, w: dict[str, np.ndarray]
         pending_bias = out_bias(f"{p}.mlp.down_proj", f"{c}.down")
 
     h, _ = norm("model.norm", "final_norm", hidden, residual, pending_bias)
-    g.node("MatMul", [h, g.weight("lm_head.weight", w["lm_head.weight"])], "/lm_head", outputs=["logits"])
+    h = g.node("Gather", [h, "logit_positions"], "/model/logit_positions", axis=1)[0]
+    head = w["lm_head.weight"]  # [hidden, vocab]
+    chunks = max(1, -(-head.nbytes // _HEAD_CHUNK_BYTES))
+    if chunks == 1:
+        g.node("MatMul", [h, g.weight("lm_head.weight", head)], "/lm_head", outputs=["logits"])
+        return
+    parts = [g.node("MatMul", [h, g.weight(f"lm_head.weight.{i}", part)], f"/lm_head/chunk.{i}")[0]
+             for i, part in enumerate(np.array_split(head, chunks, axis=1))]
+    g.node("Concat", parts, "/lm_head", outputs=["logits"], axis=-1)
 
 
 def _mlp(g: _GraphBuilder, spec: DecoderSpec, w, p: str, c: str, h: str, linear, prefix_node) -> str:
@@ -240,8 +259,8 @@ def _mlp(g: _GraphBuilder, spec: DecoderSpec, w, p: str, c: str, h: str, linear,
         gate_up = g.node("MatMul", [h, g.weight(f"{p}.mlp.gate_up_proj.weight", packed)], name)[0]
         gate, up = g.node("Split", [gate_up, g.const([spec.intermediate, spec.intermediate])], name, outputs=2,
                           axis=-1)
-        act = prefix_node(f"{p}.mlp.act_fn")
-        silu = g.node("Mul", [gate, g.node("Sigmoid", [gate], act)[0]], act)[0]
+        # SiLU(x) = x * sigmoid(x) is QuickGelu with alpha 1: one fused node instead of Sigmoid + Mul
+        silu = g.node("QuickGelu", [gate], prefix_node(f"{p}.mlp.act_fn"), domain=MS_DOMAIN, alpha=1.0)[0]
         y = g.node("Mul", [silu, up], prefix_node(f"{p}.mlp"))[0]
     elif spec.mlp == "gelu_tanh":
         up = linear(f"{p}.mlp.up_proj", f"{c}.up", h, with_bias=False)

@@ -3,7 +3,10 @@
 The traced module has the runtime's stacked-cache signature (see `inferneo_runtime.backends.base`):
 
     logits, kv_cache = model(input_ids[n, S], position_ids[n, S], attention_mask[n, T],
-                             kv_cache[layers, 2, n, kv_heads, capacity, head_dim])
+                             kv_cache[layers, 2, n, kv_heads, capacity, head_dim], logit_positions[K])
+
+`logit_positions` (indices into 0..S-1) picks the positions whose logits are computed, [S-1] for a
+prefill that only samples the next token, 0..S-1 for validation; logits are [n, K, vocab].
 
 Like gpt-fast's `KVCache.update`, each layer writes its new keys/values into the cache in place (a
 `scatter_` along the position axis, so rows may sit at different positions) and attends over the first
@@ -29,6 +32,7 @@ from . import ExportResult
 FILE_NAME = "model.pt"
 # Example inputs for tracing: nothing is 1 and S != T != capacity, so no size is specialized away.
 _TRACE_BATCH, _TRACE_PAST, _TRACE_STEPS, _TRACE_CAPACITY = 2, (3, 1), 3, 9
+_TRACE_LOGIT_POSITIONS = (0, 2)
 
 
 def _param(array: np.ndarray) -> nn.Parameter:
@@ -66,19 +70,25 @@ class _Norm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bias is not None:
             return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        # one op instead of five (pow, mean, add, rsqrt, mul): the same arithmetic, x * rsqrt(mean(x^2) + eps) * w
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class _MLP(nn.Module):
     def __init__(self, spec: DecoderSpec, weights: dict[str, np.ndarray], prefix: str):
         super().__init__()
-        self.gate = _Linear(weights, f"{prefix}.gate") if spec.mlp == "gated_silu" else None
-        self.up = _Linear(weights, f"{prefix}.up")
+        self.gated = spec.mlp == "gated_silu"
+        if self.gated:  # gate and up packed into one [hidden, 2 * intermediate] MatMul: one op fewer per layer
+            packed = np.concatenate([weights[f"{prefix}.gate.weight"], weights[f"{prefix}.up.weight"]], axis=1)
+            self.up = _Linear({f"{prefix}.gate_up.weight": packed}, f"{prefix}.gate_up")
+        else:
+            self.up = _Linear(weights, f"{prefix}.up")
         self.down = _Linear(weights, f"{prefix}.down")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate is not None:
-            return self.down(F.silu(self.gate(x)) * self.up(x))
+        if self.gated:
+            gate, up = self.up(x).chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
         return self.down(F.gelu(self.up(x), approximate="tanh"))
 
 
@@ -96,10 +106,11 @@ class _Attention(nn.Module):
         self.qkv = _Linear(weights, f"{prefix}.qkv")
         self.o = _Linear(weights, f"{prefix}.o")
         self.split = [spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim, spec.kv_heads * spec.head_dim]
+        self.scale = spec.head_dim ** -0.5
 
-    def forward(self, x, cache, cos, sin, write_index, mask):
+    def forward(self, x, cache, cos, sin, write_index, bias):
         # x [n, S, hidden]; cache [2, n, kv_heads, capacity, head_dim] (a view: written in place);
-        # write_index [n, kv_heads, S, head_dim] positions; mask [n, 1, S, T] bool, True = visible.
+        # write_index [n, kv_heads, S, head_dim] positions; bias [n, 1, groups * S, T] additive mask (0 or -inf).
         n, steps = x.shape[0], x.shape[1]
         q, k, v = self.qkv(x).split(self.split, dim=-1)
         q = q.view(n, steps, self.heads, self.head_dim).transpose(1, 2)
@@ -109,13 +120,14 @@ class _Attention(nn.Module):
             q, k = _rotate(q, cos, sin, self.head_dim // 2), _rotate(k, cos, sin, self.head_dim // 2)
         cache[0].scatter_(2, write_index, k)
         cache[1].scatter_(2, write_index, v)
-        total = mask.shape[-1]
+        total = bias.shape[-1]
         keys, values = cache[0, :, :, :total], cache[1, :, :, :total]
-        if self.groups > 1:
-            # GQA without repeating the cache: fold each KV head's query group into the query axis.
-            q = q.reshape(n, self.kv_heads, self.groups * steps, self.head_dim)
-            mask = mask.unsqueeze(2).expand(n, 1, self.groups, steps, total).reshape(n, 1, self.groups * steps, total)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        # GQA without repeating the cache: each KV head's query group is folded into the query axis, so every
+        # cached key/value is read once per KV head. Plain matmul/softmax (HF's eager attention): for decode
+        # the CPU flash kernel's per-call setup costs more than the attention itself.
+        q = q.reshape(n, self.kv_heads, self.groups * steps, self.head_dim) * self.scale
+        probs = torch.softmax(torch.matmul(q, keys.transpose(-1, -2)) + bias, dim=-1)
+        out = torch.matmul(probs, values)
         out = out.reshape(n, self.heads, steps, self.head_dim).transpose(1, 2).reshape(n, steps, self.heads * self.head_dim)
         return self.o(out)
 
@@ -129,8 +141,8 @@ class _Block(nn.Module):
         self.mlp_norm = _Norm(weights, f"{prefix}.mlp_norm", spec.norm_eps)
         self.mlp = _MLP(spec, weights, prefix)
 
-    def forward(self, x, cache, cos, sin, write_index, mask):
-        x = x + self.attn(self.attn_norm(x), cache, cos, sin, write_index, mask)
+    def forward(self, x, cache, cos, sin, write_index, bias):
+        x = x + self.attn(self.attn_norm(x), cache, cos, sin, write_index, bias)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -140,6 +152,7 @@ class Decoder(nn.Module):
     def __init__(self, spec: DecoderSpec, weights: dict[str, np.ndarray], max_sequence: int):
         super().__init__()
         self.kv_heads, self.head_dim = spec.kv_heads, spec.head_dim
+        self.groups = spec.heads // spec.kv_heads
         self.sliding_window = spec.sliding_window
         self.embed = _param(weights["embed"])
         self.pos_embed = _param(weights["pos_embed"]) if spec.positions == "learned" else None
@@ -155,7 +168,7 @@ class Decoder(nn.Module):
         # layout decodes measurably faster than multiplying by the [vocab, hidden] embedding.
         self.lm_head = _Linear(weights, "lm_head")
 
-    def forward(self, input_ids, position_ids, attention_mask, kv_cache):
+    def forward(self, input_ids, position_ids, attention_mask, kv_cache, logit_positions):
         n, steps = input_ids.shape[0], input_ids.shape[1]
         x = F.embedding(input_ids, self.embed)
         cos = sin = None
@@ -171,10 +184,15 @@ class Decoder(nn.Module):
         mask = (key_pos <= query_pos) & (attention_mask.unsqueeze(1) == 1)
         if self.sliding_window is not None:
             mask = mask & (query_pos - key_pos < self.sliding_window)
-        mask = mask.unsqueeze(1)  # [n, 1, S, T]
+        total = mask.shape[-1]
+        # one additive mask for every layer, laid out like the folded query groups: [n, 1, groups * S, T]
+        mask = mask.unsqueeze(1).unsqueeze(1).expand(n, 1, self.groups, steps, total)
+        bias = torch.zeros_like(mask, dtype=x.dtype).masked_fill(~mask, float("-inf"))
+        bias = bias.reshape(n, 1, self.groups * steps, total)
         write_index = position_ids.view(n, 1, steps, 1).expand(n, self.kv_heads, steps, self.head_dim)
         for i, block in enumerate(self.blocks):
-            x = block(x, kv_cache[i], cos, sin, write_index, mask)
+            x = block(x, kv_cache[i], cos, sin, write_index, bias)
+        x = x.index_select(1, logit_positions)  # only these positions go through the vocabulary-sized head
         logits = self.lm_head(self.final_norm(x))
         return logits, kv_cache
 
@@ -187,7 +205,8 @@ def _example_inputs(spec: DecoderSpec) -> tuple[torch.Tensor, ...]:
     mask = (torch.arange(int(total.max()))[None] < total[:, None]).long()
     ids = torch.arange(n * steps).view(n, steps) % spec.vocab
     cache = torch.zeros(spec.num_layers, 2, n, spec.kv_heads, _TRACE_CAPACITY, spec.head_dim)
-    return ids, positions, mask, cache
+    logit_positions = torch.tensor(_TRACE_LOGIT_POSITIONS)  # K != S, so K stays dynamic too
+    return ids, positions, mask, cache, logit_positions
 
 
 def io_signature(spec: DecoderSpec) -> IOSignature:
@@ -199,8 +218,9 @@ def io_signature(spec: DecoderSpec) -> IOSignature:
             TensorSpec(name="position_ids", dtype="int64", shape=["batch", "sequence"]),
             TensorSpec(name="attention_mask", dtype="int64", shape=["batch", "total_sequence"]),
             cache,
+            TensorSpec(name="logit_positions", dtype="int64", shape=["logit_positions"]),
         ],
-        outputs=[TensorSpec(name="logits", dtype="float32", shape=["batch", "sequence", spec.vocab]), cache],
+        outputs=[TensorSpec(name="logits", dtype="float32", shape=["batch", "logit_positions", spec.vocab]), cache],
         kv_layout="stacked",
     )
 

@@ -14,4 +14,10 @@ def _torchscript():
     return TorchScriptBackend
 
 
+@register_backend("tensorrt")
+def _tensorrt():
+    from .tensorrt import TensorRTBackend
+    return TensorRTBackend
+
+
 __all__ = ["Backend", "KVCache", "backend_class", "register_backend"]

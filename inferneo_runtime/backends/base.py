@@ -7,11 +7,14 @@ A backend runs one decoder step over new tokens with a cache:
 
 `forward` works on the contiguous slot range [start, start + n) of the cache. Row r's new tokens sit at
 positions past_lengths[r] .. past_lengths[r] + S - 1 and attend to everything before them in that slot.
-The backend writes their keys/values into the cache in place and returns float32 logits [n, S, vocab].
+The backend writes their keys/values into the cache in place and returns float32 logits [n, S, vocab],
+or [n, 1, vocab] for the last position only with `last_only=True` (what sampling needs; a prefill then
+skips the vocabulary-sized projection of every other prompt position when the backend supports it).
 Prefill and decode are the same call with different S; the generation loop keeps active slots contiguous.
 """
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable
@@ -85,6 +88,9 @@ class Backend(ABC):
     """Template methods: public `load/forward/close` check state and inputs; subclasses write `_impl`s."""
 
     format: str = ""
+    # True when `_forward_impl` takes `last_only=True` and computes only the last position's logits;
+    # otherwise `forward` slices them from the full result.
+    supports_last_only: bool = False
 
     def __init__(self, artifact_dir: Path, target: "TargetEntry", dims: "ModelDims", device: str = "cpu",
                  threads: int | None = None):
@@ -136,14 +142,19 @@ class Backend(ABC):
         return KVCache(self._zeros, self.dims.num_layers, self.dims.kv_heads, self.dims.head_dim,
                        batch, capacity, max_capacity)
 
-    def forward(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray) -> np.ndarray:
+    def forward(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray,
+                last_only: bool = False) -> np.ndarray:
         self._require_loaded()
         n, steps = input_ids.shape
         if start < 0 or start + n > cache.batch:
             raise RequestError(f"slots [{start}, {start + n}) outside a cache of {cache.batch} slots")
         cache.ensure_capacity(int(past_lengths.max()) + steps)
-        return self._forward_impl(cache, start, np.ascontiguousarray(input_ids, dtype=np.int64),
-                                  np.ascontiguousarray(past_lengths, dtype=np.int64))
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        past = np.ascontiguousarray(past_lengths, dtype=np.int64)
+        if last_only and self.supports_last_only:
+            return self._forward_impl(cache, start, ids, past, last_only=True)
+        logits = self._forward_impl(cache, start, ids, past)
+        return logits[:, -1:] if last_only else logits
 
     # -- subclass hooks ---------------------------------------------------------------------------
     @abstractmethod
@@ -157,11 +168,31 @@ class Backend(ABC):
         """A zero-filled float array of `shape` on this backend's device (numpy or torch)."""
 
     @abstractmethod
-    def _forward_impl(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray) -> np.ndarray: ...
+    def _forward_impl(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray) -> np.ndarray:
+        """Logits [n, S, vocab]; backends with `supports_last_only` also take `last_only=True` -> [n, 1, vocab]."""
 
     def _require_loaded(self) -> None:
         if not self._loaded:
             raise RuntimeError(f"{type(self).__name__} used before load()")
+
+
+def physical_cores() -> int:
+    """Cores (not hyperthreads) this process may run on: the default intra-op thread count of every backend."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores, cpu, package = set(), None, "0"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = (part.strip() for part in line.partition(":"))
+                if key == "processor":
+                    cpu = int(value)
+                elif key == "physical id":
+                    package = value
+                elif key == "core id" and cpu in allowed:
+                    cores.add((package, value))
+    except OSError:
+        pass
+    return len(cores) or len(allowed)
 
 
 # -- registry ---------------------------------------------------------------------------------------

@@ -1,22 +1,32 @@
 """ONNX Runtime backend for the graphs `inferneo_build.exporters.onnx` writes.
 
 Each layer's past and present KV are bound to the same memory, the cache's slot range
-`cache.data[l, 0|1, start:start+n]`, so GroupQueryAttention appends the new keys/values in place.
+`cache.data[l, 0|1, start:start+n]`, so GroupQueryAttention appends the new keys/values in place. The KV
+bindings are made once per cache buffer and slot range and reused every step; a step binds only its small
+int64 inputs and a logits buffer by pointer (no copies, no per-step allocation of the past).
 Only numpy and onnxruntime are imported here: a runtime-only install serves ONNX artifacts without torch.
 """
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import onnxruntime as ort
 
 from ..errors import ManifestError, RequestError
-from .base import Backend, KVCache
+from .base import Backend, KVCache, physical_cores
+
+__all__ = ["OnnxBackend", "physical_cores", "session_options"]
 
 # The built graph is already fused; ORT's extended/layout optimizations only add load time
 # (see shared/notes/FAST-DECODE.md section 6). BASIC keeps constant folding and redundant-node removal.
 GRAPH_OPTIMIZATION = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = GRAPH_OPTIMIZATION
+    opts.intra_op_num_threads = int(threads or physical_cores())  # 1 per core measured best (FAST-DECODE 6)
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return opts
 
 
 class OnnxBackend(Backend):
@@ -27,12 +37,12 @@ class OnnxBackend(Backend):
         if io is None or io.kv_layout != "per_layer":
             raise ManifestError(f"{self.artifact_dir}: the onnx target must declare a per_layer KV layout")
         model = self._model_path()
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = GRAPH_OPTIMIZATION
-        opts.intra_op_num_threads = int(self.threads or physical_cores())  # 1 per core measured best (FAST-DECODE 6)
-        self._session = ort.InferenceSession(str(model), sess_options=opts, providers=self._providers())
+        self._session = ort.InferenceSession(str(model), sess_options=session_options(self.threads),
+                                             providers=self._providers())
         declared = {i.name for i in self._session.get_inputs()}
         self._has_position_ids = "position_ids" in declared
+        # graphs built before `logit_positions` existed always return every position's logits
+        self.supports_last_only = "logit_positions" in declared
         layers = self.dims.num_layers
         self._kv_names = [(io.kv_input.format(l, kv), io.kv_output.format(l, kv))
                           for l in range(layers) for kv in ("key", "value")]
@@ -41,6 +51,12 @@ class OnnxBackend(Backend):
             raise ManifestError(f"{model}: graph lacks KV inputs {missing[:2]}...; declared: {sorted(declared)[:6]}...")
         self._binding = None
         self._bound_key = None
+        # Step inputs that never change are made once: a row of ones (sliced for a single sequence's mask),
+        # the last-position index, and 0..S-1 per prompt length.
+        bounds = self.target.shapes
+        self._ones = np.ones((1, bounds.max_sequence if bounds else self.dims.max_positions), dtype=np.int64)
+        self._last = np.array([-1], dtype=np.int64)
+        self._aranges: dict[int, np.ndarray] = {}
 
     def _model_path(self):
         onnx_files = [f.path for f in self.target.files if f.path.endswith(".onnx")]
@@ -62,24 +78,39 @@ class OnnxBackend(Backend):
     def _zeros(self, shape: tuple) -> np.ndarray:
         return np.zeros(shape, dtype=np.float32)
 
-    def _forward_impl(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray) -> np.ndarray:
+    def _forward_impl(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray,
+                      last_only: bool = False) -> np.ndarray:
         n, steps = input_ids.shape
         if steps > 1 and n > 1 and past_lengths.any():
             # GroupQueryAttention takes several new tokens on a non-empty cache only for batch 1: one row at a time
-            return np.concatenate([self._forward_impl(cache, start + r, input_ids[r:r + 1], past_lengths[r:r + 1])
-                                   for r in range(n)])
+            return np.concatenate([self._forward_impl(cache, start + r, input_ids[r:r + 1], past_lengths[r:r + 1],
+                                                      last_only) for r in range(n)])
         binding = self._bind_cache(cache, start, n)
-        totals = past_lengths + steps
-        mask = (np.arange(int(totals.max()))[None, :] < totals[:, None]).astype(np.int64)  # right padding
-        feeds = [("input_ids", input_ids), ("attention_mask", mask)]
+        if n == 1:
+            mask = self._ones[:, :int(past_lengths[0]) + steps]
+        else:
+            totals = past_lengths + steps
+            mask = (np.arange(int(totals.max()))[None, :] < totals[:, None]).astype(np.int64)  # right padding
+        binding.bind_input("input_ids", "cpu", 0, np.int64, input_ids.shape, input_ids.ctypes.data)
+        binding.bind_input("attention_mask", "cpu", 0, np.int64, mask.shape, mask.ctypes.data)
         if self._has_position_ids:
-            feeds.append(("position_ids", past_lengths[:, None] + np.arange(steps, dtype=np.int64)))
-        for name, array in feeds:
-            binding.bind_input(name, "cpu", 0, np.int64, array.shape, array.ctypes.data)
-        logits = np.empty((n, steps, self.dims.vocab), dtype=np.float32)
+            positions = past_lengths[:, None] + self._arange(steps)
+            binding.bind_input("position_ids", "cpu", 0, np.int64, positions.shape, positions.ctypes.data)
+        rows = steps
+        if self.supports_last_only:
+            picked = self._last if last_only or steps == 1 else self._arange(steps)
+            binding.bind_input("logit_positions", "cpu", 0, np.int64, picked.shape, picked.ctypes.data)
+            rows = len(picked)
+        logits = np.empty((n, rows, self.dims.vocab), dtype=np.float32)
         binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         self._session.run_with_iobinding(binding)
         return logits
+
+    def _arange(self, steps: int) -> np.ndarray:
+        a = self._aranges.get(steps)
+        if a is None:
+            a = self._aranges[steps] = np.arange(steps, dtype=np.int64)
+        return a
 
     def _bind_cache(self, cache: KVCache, start: int, n: int) -> ort.IOBinding:
         """Bind past and present of every layer to the cache slots [start, start+n); reused while they stay put."""
@@ -98,22 +129,3 @@ class OnnxBackend(Backend):
             binding.bind_output(present, "cpu", 0, np.float32, shape, view.ctypes.data)
         self._binding, self._bound_key = binding, key
         return binding
-
-
-def physical_cores() -> int:
-    """Cores (not hyperthreads) this process may run on."""
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-    cores, cpu, package = set(), None, "0"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = (part.strip() for part in line.partition(":"))
-                if key == "processor":
-                    cpu = int(value)
-                elif key == "physical id":
-                    package = value
-                elif key == "core id" and cpu in allowed:
-                    cores.add((package, value))
-    except OSError:
-        pass
-    return len(cores) or len(allowed)

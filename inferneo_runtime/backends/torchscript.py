@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from ..errors import InferneoError, ManifestError, MissingExtraError
-from .base import Backend, KVCache
+from .base import Backend, KVCache, physical_cores
 
 try:
     import torch
@@ -51,8 +51,9 @@ class TorchScriptBackend(Backend):
         if io is not None and io.kv_layout != "stacked":
             raise ManifestError(f"TorchScript target declares kv_layout {io.kv_layout!r}; this backend runs 'stacked'")
         self._device = _torch_device(self.device)
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        torch.set_num_threads(int(self.threads or physical_cores()))
+        # models traced before `logit_positions` existed take four inputs and return every position's logits
+        self.supports_last_only = io is not None and any(t.name == "logit_positions" for t in io.inputs)
         path = self.model_file(".pt")
         if not path.is_file():
             raise ManifestError(f"{path}: listed in the manifest but missing")
@@ -71,13 +72,18 @@ class TorchScriptBackend(Backend):
     def _zeros(self, shape: tuple) -> "torch.Tensor":
         return torch.zeros(shape, dtype=torch.float32, device=self._device)
 
-    def _forward_impl(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray) -> np.ndarray:
+    def _forward_impl(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray,
+                      last_only: bool = False) -> np.ndarray:
         n, steps = input_ids.shape
-        ids = torch.from_numpy(input_ids).to(self._device)
-        past = torch.from_numpy(past_lengths).to(self._device)
-        positions = past[:, None] + torch.arange(steps, device=self._device)
-        total = past + steps
-        attention_mask = (torch.arange(int(past_lengths.max()) + steps, device=self._device)[None] < total[:, None])
+        device = self._device
+        positions = past_lengths[:, None] + np.arange(steps)
+        total = past_lengths + steps
+        attention_mask = (np.arange(int(total.max()))[None] < total[:, None]).astype(np.int64)
+        inputs = [torch.from_numpy(a).to(device) for a in (input_ids, positions, attention_mask)]
+        inputs.append(cache.data[:, :, start:start + n])
+        if self.supports_last_only:
+            picked = np.array([steps - 1]) if last_only else np.arange(steps)
+            inputs.append(torch.from_numpy(picked).to(device))
         with torch.inference_mode():
-            logits, _ = self._module(ids, positions, attention_mask.long(), cache.data[:, :, start:start + n])
+            logits, _ = self._module(*inputs)
         return logits.float().cpu().numpy()

@@ -1,56 +1,82 @@
 """The FastAPI app: OpenAI-compatible endpoints over the registry's models and their engine drivers.
 
-A request: parse (pydantic; errors become OpenAI-shaped 400s) → find the model (404) → reserve room in
-the queue (429 when `max_queue` sequences are already in flight) → lease the model (loading it, or 503
-when it cannot fit the budget) → tokenize and check the context bound (400 naming the numbers) → submit
-one ticket per sequence (n per prompt, seed + i) to the model's EngineDriver → await TokenEvents on an
-asyncio.Queue fed from the driver thread with loop.call_soon_threadsafe → answer, or stream server-sent
-events ending in `data: [DONE]`. The lease and the queue room are given back when the answer ends; a
-streaming client that disconnects cancels its tickets, which frees their engine slots at the next step.
+A request: bound the body (413 over `max_request_bytes`) → parse (pydantic; errors become OpenAI-shaped 400s)
+→ check the per-request limits (n, max_tokens, prompt size, stop lists: 400) → route it (an explicit model
+name goes to that model; otherwise routing rules, A/B tests, the default model; routing.py) → find the model
+(404) → count a stream against its client (429 beyond `max_streams_per_client`) and the request against
+`max_concurrent_requests` (429) → reserve room in the queue (429 when `max_queue` sequences are already in
+flight) → lease the model (loading it, or 503 when it cannot fit the budget) → tokenize and check the
+context bound (400 naming the numbers) → submit one ticket per sequence (n per prompt, seed + i) to the
+model's driver → await TokenEvents on an asyncio.Queue fed from the driver thread with
+loop.call_soon_threadsafe → answer, or stream server-sent events ending in `data: [DONE]`. Everything taken
+is given back when the answer ends; a streaming client that disconnects cancels its tickets, which frees
+their engine slots at the next step.
 
 Validation errors are mapped to 400 (OpenAI answers bad parameters with 400, and so do the openai
-clients' BadRequestError), not FastAPI's default 422.
+clients' BadRequestError), not FastAPI's default 422. Management endpoints (register / load / unload /
+unregister models, routing rules, A/B tests) answer loopback clients, or any client with the admin token.
 """
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
 from functools import partial
 from typing import AsyncIterator, Callable, Optional
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..errors import InferneoError, RequestError
+from ..errors import InferneoError, MissingExtraError, RequestError
 from ..generation import TokenEvent
-from ..registry import ArtifactSource, CapacityError, Entry, Lease, ModelNotFound, ModelRegistry
+from ..registry import CapacityError, Entry, Lease, ModelBusy, ModelNotFound, ModelRegistry, RegistryError
 from ..sampling import SamplingParams, TokenLogprobs
-from .config import ServerConfig, artifacts_to_serve
+from .config import ModelConfig, ServerConfig, artifacts_to_serve
 from .driver import Cancelled, DriverStopped
+from .limits import BodyLimit, ClientStreams, check_request
 from .metrics import CONTENT_TYPE, Metrics
-from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-                       ChatTokenLogprob, ChoiceLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest,
-                       CompletionResponse, ErrorInfo, ErrorResponse, ModelCard, ModelList, ParamError, ResponseMessage,
-                       TopLogprob, UsageInfo)
+from .protocol import (ABTestRequest, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+                       ChatCompletionResponse, ChatTokenLogprob, ChoiceLogprobs, CompletionChoice, CompletionLogprobs,
+                       CompletionRequest, CompletionResponse, Embedding, EmbeddingRequest, EmbeddingResponse,
+                       EmbeddingUsage, ErrorInfo, ErrorResponse, ModelCard, ModelList,
+                       ParamError, RegisterModelRequest, ResponseMessage, RoutingRuleRequest, TopLogprob, UsageInfo)
+from .routing import Route, RouteContext, Router, RoutingError
 
 logger = logging.getLogger("inferneo.server")
 
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}  # path -> metrics label
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
+LOOPBACK = {"127.0.0.1", "::1", "localhost", "testclient"}
+ERROR_RESPONSES = {code: {"model": ErrorResponse, "description": text} for code, text in (
+    (400, "invalid request (OpenAI's shape; `param` names the field)"), (404, "unknown model"),
+    (413, "request body too large"), (429, "overloaded: queue full, too many requests or streams"),
+    (503, "out of memory, or shutting down"))}
+ADMIN_RESPONSES = {**ERROR_RESPONSES, 403: {"model": ErrorResponse, "description": "not allowed"},
+                   409: {"model": ErrorResponse, "description": "conflict: exists already, or busy"}}
 
 
 class QueueFull(InferneoError):
     """max_queue sequences are already in flight."""
+
+
+class Overloaded(InferneoError):
+    """max_concurrent_requests generation requests are already in flight."""
+
+
+class TooManyStreams(InferneoError):
+    """The client already has max_streams_per_client streams open."""
+
+
+class AdminForbidden(InferneoError):
+    """A management endpoint was called without the admin token, or from a non-loopback client."""
 
 
 # -- errors ---------------------------------------------------------------------------------------------
@@ -64,11 +90,21 @@ def error_info(e: BaseException) -> tuple[int, ErrorInfo]:
     """The HTTP status and OpenAI error object for an exception."""
     if isinstance(e, ModelNotFound):
         return 404, ErrorInfo(message=str(e), type="invalid_request_error", param="model", code="model_not_found")
+    if isinstance(e, RoutingError) and e.code in ("not_found", "conflict"):
+        return (404 if e.code == "not_found" else 409), ErrorInfo(message=str(e), type="invalid_request_error",
+                                                                   code=e.code)
     if isinstance(e, RequestError):
         return 400, ErrorInfo(message=str(e), type="invalid_request_error", param=getattr(e, "param", None),
                               code=getattr(e, "code", None))
-    if isinstance(e, QueueFull):
-        return 429, ErrorInfo(message=str(e), type="rate_limit_error", code="queue_full")
+    if isinstance(e, (QueueFull, Overloaded, TooManyStreams)):
+        code = {QueueFull: "queue_full", Overloaded: "overloaded", TooManyStreams: "too_many_streams"}[type(e)]
+        return 429, ErrorInfo(message=str(e), type="rate_limit_error", code=code)
+    if isinstance(e, AdminForbidden):
+        return 403, ErrorInfo(message=str(e), type="permission_error", code="forbidden")
+    if isinstance(e, ModelBusy):
+        return 409, ErrorInfo(message=str(e), type="invalid_request_error", code="model_busy")
+    if isinstance(e, RegistryError):
+        return 409, ErrorInfo(message=str(e), type="invalid_request_error", code="conflict")
     if isinstance(e, CapacityError) or _is_out_of_memory(e):
         msg = str(e) if isinstance(e, CapacityError) else f"out of memory: {e or type(e).__name__}; retry later"
         return 503, ErrorInfo(message=msg, type="service_unavailable", code="out_of_memory")
@@ -77,6 +113,21 @@ def error_info(e: BaseException) -> tuple[int, ErrorInfo]:
     if isinstance(e, InferneoError):
         return 500, ErrorInfo(message=str(e), type="server_error", code=type(e).__name__)
     return 500, ErrorInfo(message=f"internal error: {type(e).__name__}: {e}", type="server_error")
+
+
+def registration_error(e: BaseException) -> tuple[int, ErrorInfo]:
+    """Errors of registering a model over the API: what is wrong with the model given is the caller's 400."""
+    if isinstance(e, RegistryError):
+        return error_info(e)
+    code = ("missing_extra" if isinstance(e, MissingExtraError) else
+            "untrusted_artifact" if type(e).__name__ == "SignatureError" else
+            "s3_error" if type(e).__name__ == "S3Error" else "invalid_format")
+    text = str(e)
+    if callable(getattr(e, "errors", None)):  # pydantic: the first problem, in one line
+        first = e.errors()[0]
+        text = f"{'.'.join(str(p) for p in first['loc'])}: {first['msg'].removeprefix('Value error, ')}"
+    return 400, ErrorInfo(message=f"invalid format: {text}" if code == "invalid_format" else text,
+                          type="invalid_request_error", param="path", code=code)
 
 
 def error_response(status: int, info: ErrorInfo) -> JSONResponse:
@@ -90,17 +141,21 @@ def _sse(payload) -> str:
 
 # -- per-request bookkeeping ------------------------------------------------------------------------------
 class _Call:
-    """One HTTP request's metrics: counted once, with its final status."""
+    """One HTTP request's metrics: counted once, with its final status (and its A/B arm's, when it has one)."""
 
-    def __init__(self, metrics: Metrics, endpoint: str):
-        self.metrics = metrics
+    def __init__(self, state: "ServerState", endpoint: str):
+        self.state = state
+        self.metrics = state.metrics
         self.endpoint = endpoint
         self.model = ""  # a registered model's name once known (unknown names are not used as labels)
+        self.route: Optional[Route] = None
         self.started = time.perf_counter()
         self.first_token: Optional[float] = None
+        self.tokens = 0
         self.done = False
 
     def token(self) -> None:
+        self.tokens += 1
         if self.first_token is None:
             self.first_token = time.perf_counter()
             self.metrics.ttft.labels(self.model).observe(self.first_token - self.started)
@@ -109,9 +164,19 @@ class _Call:
         if self.done:
             return
         self.done = True
+        latency = time.perf_counter() - self.started
         self.metrics.requests.labels(self.model, self.endpoint, str(status)).inc()
         if status == 200:
-            self.metrics.latency.labels(self.model, self.endpoint).observe(time.perf_counter() - self.started)
+            self.metrics.latency.labels(self.model, self.endpoint).observe(latency)
+        route = self.route
+        if route is not None and route.ab_test:
+            m = self.metrics
+            m.ab_requests.labels(route.ab_test, route.arm, self.model, str(status)).inc()
+            if status == 200:
+                m.ab_latency.labels(route.ab_test, route.arm).observe(latency)
+                m.ab_tokens.labels(route.ab_test, route.arm).inc(self.tokens)
+            ttft = None if self.first_token is None else self.first_token - self.started
+            self.state.router.record(route, status == 200, latency, ttft, self.tokens)
 
 
 @dataclass
@@ -125,13 +190,15 @@ class _Seq:
 
 
 class _Job:
-    """One HTTP request's sequences on one leased model, and the queue their events arrive on."""
+    """One HTTP request's sequences on one leased model, and the queue their events arrive on. It owns what
+    the request took (lease, queue room, request and stream slots) and gives it all back on close."""
 
-    def __init__(self, state: "ServerState", call: _Call, lease: Lease, reserved: int):
+    def __init__(self, state: "ServerState", call: _Call, lease: Lease, reserved: int, held: "_Held"):
         self.state = state
         self.call = call
         self.lease = lease
         self.reserved = reserved
+        self.held = held
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.tickets = []
@@ -182,7 +249,7 @@ class _Job:
                          total_tokens=self.prompt_tokens + completion)
 
     def close(self) -> None:
-        """Cancel unfinished sequences, give back the lease and the queue room. Idempotent."""
+        """Cancel unfinished sequences, give back the lease, the queue room and the slots. Idempotent."""
         if self.closed:
             return
         self.closed = True
@@ -190,6 +257,24 @@ class _Job:
             self.driver.cancel(t)
         self.lease.release()
         self.state.in_flight -= self.reserved
+        self.held.release()
+
+
+class _Held:
+    """A request's request slot and stream slot, given back once."""
+
+    def __init__(self, state: "ServerState"):
+        self.state = state
+        self.request = False
+        self.stream_key: Optional[str] = None
+
+    def release(self) -> None:
+        if self.request:
+            self.request = False
+            self.state.requests_in_flight -= 1
+        if self.stream_key is not None:
+            self.state.streams.close(self.stream_key)
+            self.stream_key = None
 
 
 class _EventStream(StreamingResponse):
@@ -198,8 +283,8 @@ class _EventStream(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content, on_close: Callable[[], None]):
-        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def __init__(self, content, on_close: Callable[[], None], headers: Optional[dict] = None):
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
         self._on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
@@ -225,9 +310,15 @@ class ServerState:
         self.registry = registry
         self.config = config
         self.in_flight = 0  # sequences admitted and not finished; changed on the event loop only
+        self.requests_in_flight = 0  # generation requests admitted and not finished (event loop only)
         self.metrics = Metrics(registry, lambda: self.in_flight, config.max_queue)
+        self.router = Router(config.routing)
+        self.streams = ClientStreams(config.max_streams_per_client)
         self.shutting_down = False
         self.defaults = {"max_tokens": config.default_max_tokens} if config.default_max_tokens else {}
+        self.card_extras: dict = {}
+        if config.gpu_memory_utilization is not None:
+            self.card_extras["gpu_memory_utilization"] = config.gpu_memory_utilization
 
     def reserve(self, sequences: int) -> int:
         limit = self.config.max_queue
@@ -239,26 +330,55 @@ class ServerState:
         self.in_flight += sequences
         return sequences
 
-    async def open_job(self, endpoint: str, model: str, sequences: int, prepare: Callable[[_Job], None]) -> _Job:
-        """Reserve queue room, lease the model (loading it if needed), then `prepare` (tokenize, check, submit).
-        On any error the request is counted with its status and everything taken is given back."""
-        call = _Call(self.metrics, endpoint)
+    def route(self, body, request: Request) -> Route:
+        if isinstance(body, CompletionRequest):
+            prompt = "\n".join(p for p in body.prompts() if isinstance(p, str))
+        else:
+            prompt = "\n".join(m.text() if m.content is not None else "" for m in body.messages)
+        ctx = RouteContext(prompt=prompt, headers={k.lower(): v for k, v in request.headers.items()}, user=body.user)
+        names = list(dict.fromkeys(e.name for e in list(self.registry.entries.values())))
+        return self.router.route(body.model, ctx, names)
+
+    async def open_job(self, endpoint: str, body, request: Request, sequences: int,
+                       prepare: Callable[[_Job], None]) -> _Job:
+        """Check limits, route, take a request (and stream) slot, reserve queue room, lease the model (loading it
+        if needed), then `prepare` (tokenize, check, submit). On any error the request is counted with its
+        status and everything taken is given back."""
+        call = _Call(self, endpoint)
+        held = _Held(self)
         job = None
         try:
-            self.registry.entry(model)  # 404 before anything else
-            call.model = model
+            check_request(body, self.config)
+            route = self.route(body, request)
+            entry = self.registry.entry(route.model)  # 404 before anything else
+            call.model, call.route = self.registry.display_id(entry), route
+            if not route.explicit or route.ab_test:
+                self.metrics.routed.labels(route.rule or "", call.model).inc()
+            if body.stream:
+                held.stream_key = self.streams.open(request.client.host if request.client else None)
+                if held.stream_key is None:
+                    raise TooManyStreams(f"this client already has {self.config.max_streams_per_client} streams open "
+                                         f"(max_streams_per_client); retry when one ends")
+            limit = self.config.max_concurrent_requests
+            if limit is not None and self.requests_in_flight >= limit:
+                raise Overloaded(f"the server is at its limit of {limit} requests in flight "
+                                 f"(max_concurrent_requests); retry later")
+            self.requests_in_flight += 1
+            held.request = True
             reserved = self.reserve(sequences)
             try:
-                lease = self.registry.try_acquire(model) or await self._acquire_slow(model)
+                lease = self.registry.try_acquire(entry.key) or await self._acquire_slow(entry.key)
             except BaseException:
                 self.in_flight -= reserved
                 raise
-            job = _Job(self, call, lease, reserved)
+            job = _Job(self, call, lease, reserved, held)
             prepare(job)
             return job
         except BaseException as e:
             if job is not None:
                 job.close()
+            else:
+                held.release()
             call.finish(499 if isinstance(e, asyncio.CancelledError) else error_info(e)[0])
             raise
 
@@ -279,27 +399,24 @@ class ServerState:
                              f"{total} tokens ({len(prompt_ids)} in the {param}, {params.max_new_tokens} for the "
                              f"completion). Please reduce the length of the {param} or max_tokens.",
                              param=param, code="context_length_exceeded")
-        vocab = job.lease.model.manifest.model.vocab
-        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        model = job.lease.model
+        vocab = model.manifest.model.vocab if model.manifest is not None else getattr(model, "vocab_size", None)
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None) if vocab else None
         if bad is not None:
             raise ParamError(f"prompt token id {bad} is outside the model's vocabulary [0, {vocab})", param=param)
         job.driver.check(prompt_ids, params)
 
+    def card(self, e: Entry) -> ModelCard:
+        return ModelCard(**{**self.registry.describe(e), **self.card_extras})
 
-def _model_card(e: Entry) -> ModelCard:
-    t = e.manifest.targets[e.target]
-    try:
-        created = int(datetime.fromisoformat(e.manifest.built_at.replace("Z", "+00:00")).timestamp())
-    except ValueError:
-        created = 0
-    size = DTYPE_BYTES.get(t.dtype)
-    return ModelCard(
-        id=e.name, created=created, loaded=e.state == "loaded", source=e.source, architecture=e.manifest.architecture,
-        format=t.format, target=e.target, dtype=t.dtype, parameters=e.weight_bytes // size if size else None,
-        weight_bytes=e.weight_bytes, max_context=t.shapes.max_sequence if t.shapes else e.manifest.model.max_positions,
-        max_batch=t.shapes.max_batch if t.shapes else None, validation=t.validation.model_dump(exclude_none=True),
-        targets={name: {"format": x.format, "status": x.status, "dtype": x.dtype, "validation": x.validation.status}
-                 for name, x in e.manifest.targets.items()})
+    def response_headers(self, job: _Job) -> dict:
+        route = job.call.route
+        return {"X-Inferneo-Model": job.lease.entry.key, "X-Inferneo-Route": route.describe() if route else ""}
+
+    def model_field(self, body, job: _Job) -> str:
+        """The response's `model`: what the request named, or (routed, A/B) the model that answered."""
+        route = job.call.route
+        return body.model if route is not None and route.explicit and not route.ab_test else job.call.model
 
 
 def _token_text(tokenizer, token_id: int) -> str:
@@ -332,6 +449,8 @@ def _chat_logprobs(tokenizer, lps: list[TokenLogprobs]) -> ChoiceLogprobs:
 
 
 def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
+    """The app over `registry` (a ModelRegistry or ModelManager) with `config`'s settings. The registry is
+    closed (drained) when the app shuts down."""
     state = ServerState(registry, config)
 
     @asynccontextmanager
@@ -342,13 +461,14 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="Inferneo", version=__version__, lifespan=lifespan)
     app.state.inferneo = state
+    app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
 
     # -- errors ------------------------------------------------------------------------------------------
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         endpoint = ENDPOINTS.get(request.url.path)
         if endpoint:
-            _Call(state.metrics, endpoint).finish(400)
+            _Call(state, endpoint).finish(400)
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         if first.get("type") == "json_invalid":
@@ -361,7 +481,8 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(exc.status_code, ErrorInfo(message=str(exc.detail), type=kind))
+        code = {413: "request_too_large", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(exc.status_code, ErrorInfo(message=str(exc.detail), type=kind, code=code))
 
     @app.exception_handler(InferneoError)
     @app.exception_handler(MemoryError)
@@ -371,6 +492,18 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
         if status >= 500 and status != 503:
             logger.exception("request failed", exc_info=exc)
         return error_response(status, info)
+
+    def admin(request: Request) -> None:
+        """Management endpoints: the admin token when one is set, else loopback clients only."""
+        if not config.admin_api:
+            raise StarletteHTTPException(404, "the management API is off (admin_api: false)")
+        if config.admin_token:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {config.admin_token}".encode()):
+                raise AdminForbidden("the management API needs `Authorization: Bearer <admin token>`")
+        elif (request.client.host if request.client else None) not in LOOPBACK:
+            raise AdminForbidden("the management API answers loopback clients only; set an admin token "
+                                 "(INFERNEO_ADMIN_TOKEN) to use it from elsewhere")
 
     # -- health, models, metrics ---------------------------------------------------------------------------
     @app.get("/health")
@@ -382,27 +515,129 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
         loaded = registry.loaded()
         if state.shutting_down:
             return JSONResponse({"status": "not ready", "reason": "shutting down"}, status_code=503)
-        if not loaded and not config.lazy:
-            return JSONResponse({"status": "not ready", "reason": "no model is loaded",
-                                 "errors": {e.name: e.error for e in registry.entries.values() if e.error}},
+        entries = list(registry.entries.values())
+        errors = {e.key: e.error for e in entries if e.error}
+        # not ready: nothing to serve, or nothing loaded because loading failed (unloaded models load on use)
+        if not loaded and (not entries or (errors and not config.lazy)):
+            return JSONResponse({"status": "not ready", "reason": "no model is loaded", "errors": errors},
                                 status_code=503)
         return {"status": "ready", "models": registry.names, "loaded": loaded}
 
     @app.get("/metrics")
     async def metrics():
+        if not config.enable_metrics:
+            raise StarletteHTTPException(404, "metrics are off (enable_metrics: false)")
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList)
     async def list_models():
-        return ModelList(data=[_model_card(e) for e in registry.entries.values()])
+        return ModelList(data=[state.card(e) for e in list(registry.entries.values())])
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
     async def get_model(model_id: str):
-        return _model_card(registry.entry(model_id))
+        return state.card(registry.entry(model_id))
+
+    # -- model management ------------------------------------------------------------------------------
+    @app.post("/v1/models", status_code=201, response_model=ModelCard, responses=ADMIN_RESPONSES,
+              dependencies=[Depends(admin)])
+    async def register_model(body: RegisterModelRequest):
+        values = body.model_dump(exclude={"load"}, exclude_none=True)
+        for key, default in (("format", config.model_type), ("dtype", config.dtype),
+                             ("quantization", config.quantization), ("tokenizer", config.tokenizer)):
+            values.setdefault(key, default)
+        try:
+            spec = ModelConfig.model_validate({k: v for k, v in values.items() if v is not None})
+            entry = await asyncio.to_thread(registry.register, spec=spec)
+        except (InferneoError, ValueError, OSError) as e:
+            status, info = registration_error(e)
+            return error_response(status, info)
+        if body.load:
+            await asyncio.to_thread(registry.load, entry.key)
+        logger.info("model %s: registered from %s", entry.key, entry.source)
+        return state.card(entry)
+
+    @app.post("/v1/models/{model_id:path}/load", response_model=ModelCard, responses=ADMIN_RESPONSES,
+              dependencies=[Depends(admin)])
+    async def load_model(model_id: str):
+        entry = registry.entry(model_id)
+        await asyncio.to_thread(registry.load, entry.key)
+        return state.card(entry)
+
+    @app.post("/v1/models/{model_id:path}/unload", response_model=ModelCard, responses=ADMIN_RESPONSES,
+              dependencies=[Depends(admin)])
+    async def unload_model(model_id: str):
+        return state.card(await asyncio.to_thread(registry.unload, registry.entry(model_id).key))
+
+    @app.delete("/v1/models/{model_id:path}", responses=ADMIN_RESPONSES, dependencies=[Depends(admin)])
+    async def unregister_model(model_id: str):
+        entry = await asyncio.to_thread(registry.unregister, registry.entry(model_id).key)
+        return {"id": entry.key, "object": "model", "deleted": True}
+
+    @app.get("/v1/routing", dependencies=[Depends(admin)], responses=ADMIN_RESPONSES)
+    async def get_routing():
+        return state.router.to_dict()
+
+    @app.post("/v1/routing/rules", status_code=201, dependencies=[Depends(admin)], responses=ADMIN_RESPONSES)
+    async def add_rule(body: RoutingRuleRequest):
+        return state.router.add_rule(body.name, body.condition, body.model, body.priority).to_dict()
+
+    @app.delete("/v1/routing/rules/{name}", dependencies=[Depends(admin)], responses=ADMIN_RESPONSES)
+    async def delete_rule(name: str):
+        state.router.remove_rule(name)
+        return {"name": name, "deleted": True}
+
+    @app.get("/v1/ab_tests", dependencies=[Depends(admin)], responses=ADMIN_RESPONSES)
+    async def list_ab_tests():
+        return {"data": state.router.to_dict()["ab_tests"]}
+
+    @app.post("/v1/ab_tests", status_code=201, dependencies=[Depends(admin)], responses=ADMIN_RESPONSES)
+    async def add_ab_test(body: ABTestRequest):
+        return state.router.add_ab_test(body.name, body.model_a, body.model_b, body.traffic_split,
+                                        body.sticky).to_dict()
+
+    @app.get("/v1/ab_tests/{name}", dependencies=[Depends(admin)], responses=ADMIN_RESPONSES)
+    async def get_ab_test(name: str):
+        test = state.router.ab_tests.get(name)
+        if test is None:
+            raise RoutingError(f"no A/B test {name!r}; tests: {', '.join(state.router.ab_tests) or 'none'}",
+                               code="not_found")
+        return test.to_dict()
+
+    @app.delete("/v1/ab_tests/{name}", dependencies=[Depends(admin)], responses=ADMIN_RESPONSES)
+    async def delete_ab_test(name: str):
+        state.router.remove_ab_test(name)
+        return {"name": name, "deleted": True}
+
+    # -- embeddings (encoder artifacts: task feature-extraction) -------------------------------------------
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES)
+    async def embeddings(body: EmbeddingRequest):
+        import base64
+
+        from ..embedding import EmbeddingModel
+
+        texts = [body.input] if isinstance(body.input, str) else list(body.input)
+        if not texts:
+            raise ParamError("input must hold at least one text", param="input")
+        lease = await state._acquire_slow(body.model)
+        try:
+            model = lease.model
+            if not isinstance(model, EmbeddingModel) or model.info.output != "embedding":
+                raise ParamError(f"model {body.model!r} does not return embeddings", param="model")
+            if body.dimensions is not None and body.dimensions != model.dim:
+                raise ParamError(f"dimensions {body.dimensions} is not supported: {body.model!r} returns {model.dim}",
+                                 param="dimensions")
+            vectors = await anyio.to_thread.run_sync(model.embed, texts)
+            tokens = int(model.tokenize(texts)["attention_mask"].sum())
+        finally:
+            lease.release()
+        data = [Embedding(index=i, embedding=base64.b64encode(v.astype("<f4").tobytes()).decode()
+                          if body.encoding_format == "base64" else v.tolist()) for i, v in enumerate(vectors)]
+        return EmbeddingResponse(data=data, model=body.model, usage=EmbeddingUsage(prompt_tokens=tokens,
+                                                                                   total_tokens=tokens))
 
     # -- completions -----------------------------------------------------------------------------------
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
+    async def completions(body: CompletionRequest, request: Request, response: Response):
         prompts = body.prompts()
 
         def prepare(job: _Job) -> None:
@@ -417,21 +652,24 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
                     params.append(sp)
             job.submit(ids_list, params)
 
-        job = await state.open_job("completions", body.model, len(prompts) * body.n, prepare)
+        job = await state.open_job("completions", body, request, len(prompts) * body.n, prepare)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        model = state.model_field(body, job)
         if body.stream:
-            return _EventStream(_stream_completion(job, rid, created, body), on_close=partial(_end, job))
+            return _EventStream(_stream_completion(job, rid, created, body, model), on_close=partial(_end, job),
+                                headers=state.response_headers(job))
         await _run_to_end(job)
         choices = [CompletionChoice(index=i, text=s.text, finish_reason=s.finish_reason,
                                     logprobs=_completion_logprobs(job.tokenizer, s.logprobs, 0)
                                     if body.logprobs is not None else None)
                    for i, s in enumerate(job.seqs)]
         job.call.finish(200)
-        return CompletionResponse(id=rid, created=created, model=body.model, choices=choices, usage=job.usage())
+        response.headers.update(state.response_headers(job))
+        return CompletionResponse(id=rid, created=created, model=model, choices=choices, usage=job.usage())
 
     # -- chat completions --------------------------------------------------------------------------------
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
+    async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response):
         def prepare(job: _Job) -> None:
             ids = job.tokenizer.encode_chat(body.message_dicts())
             job.prompt_tokens = len(ids)
@@ -448,16 +686,19 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
                 state.check_context(job, ids, sp, "messages")
             job.submit([ids] * body.n, params)
 
-        job = await state.open_job("chat", body.model, body.n, prepare)
+        job = await state.open_job("chat", body, request, body.n, prepare)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        model = state.model_field(body, job)
         if body.stream:
-            return _EventStream(_stream_chat(job, rid, created, body), on_close=partial(_end, job))
+            return _EventStream(_stream_chat(job, rid, created, body, model), on_close=partial(_end, job),
+                                headers=state.response_headers(job))
         await _run_to_end(job)
         choices = [ChatChoice(index=i, message=ResponseMessage(content=s.text), finish_reason=s.finish_reason,
                               logprobs=_chat_logprobs(job.tokenizer, s.logprobs) if body.logprobs else None)
                    for i, s in enumerate(job.seqs)]
         job.call.finish(200)
-        return ChatCompletionResponse(id=rid, created=created, model=body.model, choices=choices, usage=job.usage())
+        response.headers.update(state.response_headers(job))
+        return ChatCompletionResponse(id=rid, created=created, model=model, choices=choices, usage=job.usage())
 
     return app
 
@@ -499,7 +740,7 @@ async def _guarded(job: _Job, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def _stream_completion(job: _Job, rid: str, created: int, body: CompletionRequest):
+def _stream_completion(job: _Job, rid: str, created: int, body: CompletionRequest, model: str):
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def chunks():
@@ -512,18 +753,18 @@ def _stream_completion(job: _Job, rid: str, created: int, body: CompletionReques
             if not ev.text and ev.finish_reason is None and lp is None:
                 continue
             choice = CompletionChoice(index=i, text=ev.text, logprobs=lp, finish_reason=ev.finish_reason)
-            yield _sse(CompletionResponse(id=rid, created=created, model=body.model, choices=[choice]))
+            yield _sse(CompletionResponse(id=rid, created=created, model=model, choices=[choice]))
         if include_usage:
-            yield _sse(CompletionResponse(id=rid, created=created, model=body.model, choices=[], usage=job.usage()))
+            yield _sse(CompletionResponse(id=rid, created=created, model=model, choices=[], usage=job.usage()))
 
     return _guarded(job, chunks())
 
 
-def _stream_chat(job: _Job, rid: str, created: int, body: ChatCompletionRequest):
+def _stream_chat(job: _Job, rid: str, created: int, body: ChatCompletionRequest, model: str):
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def chunk(choices, usage=None) -> str:
-        return _sse(ChatCompletionChunk(id=rid, created=created, model=body.model, choices=choices, usage=usage))
+        return _sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage))
 
     async def chunks():
         yield chunk([ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""}) for i in range(body.n)])
@@ -550,14 +791,61 @@ def _setup_logging(level: str) -> None:
         log.propagate = False
 
 
-def build_registry(config: ServerConfig) -> ModelRegistry:
-    sources = [ArtifactSource(a.path, a.target) for a in artifacts_to_serve(config)]
-    return ModelRegistry(sources, max_models=config.max_models, memory_budget_bytes=config.memory_budget_bytes,
-                         device=config.device, threads=config.threads, wait_s=config.load_wait_s)
+def _cuda_budget(config: ServerConfig) -> Optional[int]:
+    """--gpu-memory-utilization on a CUDA device: that share of the device's memory, as the memory budget."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    index = int(config.device.partition(":")[2] or 0)
+    return int(torch.cuda.get_device_properties(index).total_memory * config.gpu_memory_utilization)
+
+
+def build_registry(config: ServerConfig):
+    """The ModelManager `inferneo serve` runs: the configured models (and those saved in `registry_path`)."""
+    from ..manager import ModelManager
+
+    config.check_parallelism()
+    budget, notes = config.memory_budget_bytes, []
+    util = config.gpu_memory_utilization
+    if util is not None:
+        if config.device.startswith("cuda"):
+            cuda = _cuda_budget(config) if budget is None else None
+            if cuda is not None:
+                budget = cuda
+                notes.append(f"--gpu-memory-utilization {util}: memory budget {cuda / 1e9:.2f} GB of "
+                             f"{config.device} for weights + KV caches")
+            elif budget is not None:
+                notes.append(f"--gpu-memory-utilization {util}: not applied, --memory-budget-gb "
+                             f"{config.memory_budget_gb} sets the budget")
+        else:
+            notes.append(f"--gpu-memory-utilization {util} has no effect on {config.device}: it sets the CUDA "
+                         f"memory budget (weights + KV caches); use --memory-budget-gb for a CPU budget")
+            logger.warning(notes[-1])
+    manager = ModelManager(max_models=config.max_models, memory_budget_bytes=budget, lazy_loading=True,
+                           registry_path=config.registry_path, device=config.device, threads=config.threads,
+                           wait_s=config.load_wait_s, trusted_keys=config.trusted_keys or None,
+                           max_model_len=config.max_model_len, max_batch_size=config.max_batch_size)
+    try:
+        manager.notes.extend(notes)
+        configured = artifacts_to_serve(config)
+        for spec in configured:
+            manager.add_configured(spec)
+        if not manager.entries:
+            from .config import ConfigError
+
+            raise ConfigError(f"no model to serve: the registry {config.registry_path} restored none"
+                              + (f" ({'; '.join(manager.restore_errors.values())})" if manager.restore_errors else ""))
+    except BaseException:
+        manager.close(timeout=0)
+        raise
+    return manager
 
 
 def run_server(config: ServerConfig) -> None:
-    """Open the artifacts, load them unless lazy, and serve until SIGINT/SIGTERM (then drain and exit)."""
+    """Open the models, load them unless lazy, and serve until SIGINT/SIGTERM (then drain and exit)."""
     import uvicorn
 
     _setup_logging(config.log_level)

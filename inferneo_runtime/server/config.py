@@ -2,19 +2,37 @@
 
 Precedence, highest first: command-line flags, environment variables, the config file, the defaults below.
 Every field has an environment variable named INFERNEO_<FIELD> (INFERNEO_PORT, INFERNEO_HOST,
-INFERNEO_MAX_MODELS, INFERNEO_MEMORY_BUDGET_GB, ...); INFERNEO_ARTIFACTS is a comma-separated list.
+INFERNEO_MAX_MODELS, INFERNEO_MEMORY_BUDGET_GB, ...); list fields (INFERNEO_ARTIFACTS, INFERNEO_MODELS,
+INFERNEO_TRUSTED_KEYS, INFERNEO_ADAPTERS) are comma-separated. A few other names are accepted too
+(ENV_ALIASES: INFERNEO_MODEL, INFERNEO_GPU_MEMORY_UTIL).
 
     # serve.yaml
-    artifacts:
-      - artifacts/smollm2-135m
+    models:                       # (`artifacts:` is the same list under its older name)
+      - artifacts/smollm2-135m    # an artifact directory, s3:// URI, checkpoint directory, hub id or model file
       - path: s3://models/qwen2-0.5b
+        name: qwen
+        version: "2"
         target: onnx
+      - path: exports/model.onnx
+        format: onnx
+        tokenizer: artifacts/smollm2-135m
     host: 0.0.0.0
     port: 8000
     lazy: true
     max_models: 2
     memory_budget_gb: 4
     max_queue: 128
+    registry_path: /var/lib/inferneo/registry.json
+    routing:
+      default_model: smollm2-135m
+      rules:
+        - {name: code, condition: "prompt contains 'code'", model: qwen, priority: 10}
+        - {name: team, condition: "header x-team == 'ml'", model: qwen@2, priority: 5}
+      ab_tests:
+        - {name: compare, model_a: smollm2-135m, model_b: qwen, traffic_split: 0.3, sticky: user}
+
+Flags that apply to every model of the command (--model-type, --dtype, --quantization, --adapter, --tokenizer,
+--model-class) are the defaults of each `models:` entry, which may set its own.
 """
 from __future__ import annotations
 
@@ -23,12 +41,21 @@ from pathlib import Path
 from typing import Literal, Mapping, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import InferneoError
 
 DEFAULT_ARTIFACT = Path("artifacts/smollm2-135m")
 ENV_PREFIX = "INFERNEO_"
+ENV_ALIASES = {"INFERNEO_MODEL": "models", "INFERNEO_GPU_MEMORY_UTIL": "gpu_memory_utilization"}
+LIST_FIELDS = ("artifacts", "models", "trusted_keys", "adapters")
+MODEL_LIST_FIELDS = ("artifacts", "models")
+
+Format = Literal["onnx", "torchscript", "tensorrt"]
+# --dtype names (vLLM's) and what a target's precision must be for each; "auto" takes any.
+DTYPES = {"auto": None, "half": "fp16", "float16": "fp16", "fp16": "fp16", "bfloat16": "bf16", "bf16": "bf16",
+          "float": "fp32", "float32": "fp32", "fp32": "fp32"}
+QUANTIZATIONS = ("int8", "int4")  # what Inferneo's targets can be quantized to (ONNX)
 
 
 class ConfigError(InferneoError):
@@ -37,17 +64,83 @@ class ConfigError(InferneoError):
     exit_code = 2
 
 
-class ArtifactConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    path: str = Field(description="artifact directory or s3:// URI")
-    target: Optional[str] = Field(None, description="target to serve (default: the preferred valid one)")
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
 
-class ServerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def _check_dtype(v: Optional[str]) -> Optional[str]:
+    if v is not None and v not in DTYPES:
+        raise ValueError(f"dtype {v!r} is not one of {', '.join(DTYPES)}")
+    return v
 
-    artifacts: list[ArtifactConfig] = Field(default_factory=list, description="artifacts to serve, by path or URI")
+
+def _check_quantization(v: Optional[str]) -> Optional[str]:
+    if v is not None and v not in QUANTIZATIONS:
+        raise ValueError(f"quantization {v!r} is not supported; Inferneo serves {', '.join(QUANTIZATIONS)} "
+                         f"(ONNX targets built with that precision)")
+    return v
+
+
+class ModelConfig(_Strict):
+    """One model to serve. Unset fields take the command's flags (the ServerConfig fields of the same name)."""
+
+    path: str = Field(description="artifact directory, s3:// URI, HF checkpoint directory, hub id in the local HF "
+                                  "cache, or a bare model file (model.onnx / model.pt / model.plan)")
+    name: Optional[str] = Field(None, description="served name (default: the manifest's name, the checkpoint "
+                                                  "directory's name or the hub id)")
+    version: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$",
+                                   description="served side by side with other versions; `name` picks the newest")
+    target: Optional[str] = Field(None, description="artifact target to serve (default: chosen by format/dtype/"
+                                                    "quantization, else the preferred valid one)")
+    format: Optional[Format] = Field(None, description="--model-type: the target format (required for bare files)")
+    tokenizer: Optional[str] = Field(None, description="bare model files: directory holding tokenizer.json "
+                                                       "(default: the file's folder)")
+    model_class: Optional[str] = Field(None, description="module:Class of an inferneo_runtime.models.CustomModel")
+    dtype: Optional[str] = None
+    quantization: Optional[str] = None
+    adapters: Optional[list[str]] = Field(None, description="LoRA adapter directories (merged at compile time)")
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v):
+        return _check_dtype(v)
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantization(cls, v):
+        return _check_quantization(v)
+
+
+ArtifactConfig = ModelConfig  # the name this list had before it took more than artifacts
+
+
+class RoutingRuleConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    condition: str | dict = Field(description="\"prompt contains 'code'\", \"header x-team == 'ml'\", "
+                                              "\"user == 'bob'\", \"prompt matches '^def '\", or a mapping")
+    model: str = Field(description="a model name, name@version, or an A/B test's name")
+    priority: int = 0
+
+
+class ABTestConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    model_a: str
+    model_b: str
+    traffic_split: float = Field(0.5, ge=0, le=1, description="share of traffic sent to model_b")
+    sticky: Literal["user", "request_id"] = Field("user", description="what keeps a caller on one arm: the "
+                                                  "request's `user` (else X-User-ID, X-Request-ID), or X-Request-ID")
+
+
+class RoutingConfig(_Strict):
+    default_model: Optional[str] = Field(None, description="where requests without a model (or model \"auto\") go "
+                                         "when no rule matches (default: the only model, if there is one)")
+    rules: list[RoutingRuleConfig] = Field(default_factory=list)
+    ab_tests: list[ABTestConfig] = Field(default_factory=list)
+
+
+class ServerConfig(_Strict):
+    artifacts: list[ModelConfig] = Field(default_factory=list, description="models to serve (older name of `models`)")
+    models: list[ModelConfig] = Field(default_factory=list, description="models to serve (--model)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
@@ -63,23 +156,97 @@ class ServerConfig(BaseModel):
     load_wait_s: float = Field(30.0, ge=0, description="how long a request waits for busy models to free the budget")
     graceful_timeout_s: float = Field(30.0, ge=0, description="how long shutdown waits for in-flight requests")
 
+    # -- what each model is (defaults of every `models:` entry) -----------------------------------------
+    model_type: Optional[Format] = Field(None, description="--model-type: target format to serve / compile")
+    model_class: Optional[str] = Field(None, description="--model-class module:Class (a CustomModel subclass)")
+    tokenizer: Optional[str] = Field(None, description="tokenizer directory for bare model files")
+    dtype: str = Field("auto", description="--dtype: auto | half | float16 | bfloat16 | float32")
+    quantization: Optional[str] = Field(None, description="--quantization: int8 | int4")
+    adapters: list[str] = Field(default_factory=list, description="--adapter: LoRA adapter directories")
+    adapter_type: Literal["lora"] = "lora"
+    max_model_len: Optional[int] = Field(None, ge=16, description="most tokens per sequence (prompt + output); "
+                                         "checkpoints are compiled for it, artifacts are capped to it")
+    max_batch_size: Optional[int] = Field(None, ge=1, le=256, description="most sequences one engine step runs")
+    gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1, description="share of the CUDA device's memory "
+                                                    "for weights + KV caches (the memory budget); no effect on CPU")
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    trusted_keys: list[str] = Field(default_factory=list, description="Ed25519 public keys artifacts must be "
+                                    "signed with (empty: $INFERNEO_TRUSTED_KEYS, else no signature check)")
+    registry_path: Optional[str] = Field(None, description="JSON file the model registry is saved to and restored "
+                                         "from (models registered over the API survive a restart)")
+    routing: RoutingConfig = RoutingConfig()
+
+    # -- the HTTP surface -------------------------------------------------------------------------------
+    enable_metrics: bool = Field(True, description="serve Prometheus metrics on /metrics")
+    admin_api: bool = Field(True, description="model management endpoints (register/load/unload, routing)")
+    admin_token: Optional[str] = Field(None, description="bearer token for the management endpoints; unset: "
+                                       "they answer loopback clients only")
+    max_concurrent_requests: Optional[int] = Field(None, ge=1, description="most generation requests in flight; "
+                                                   "beyond: 429 (code overloaded)")
+    max_request_bytes: int = Field(8 << 20, ge=1024, description="largest request body; beyond: 413")
+    max_tokens_limit: Optional[int] = Field(None, ge=1, description="largest max_tokens a request may ask for "
+                                            "(default: the model's context)")
+    max_n: int = Field(16, ge=1, le=128, description="largest n (choices per prompt)")
+    max_prompts: int = Field(64, ge=1, description="most prompts in one completions request")
+    max_prompt_chars: int = Field(1_000_000, ge=1, description="most characters of prompt or messages per request")
+    max_stop: int = Field(16, ge=0, description="most stop strings, and most stop_token_ids, per request")
+    max_stop_chars: int = Field(256, ge=1, description="longest stop string")
+    max_streams_per_client: int = Field(16, ge=1, description="concurrent streaming requests per client address; "
+                                        "beyond: 429")
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v):
+        return _check_dtype(v)
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantization(cls, v):
+        return _check_quantization(v)
+
     @property
     def memory_budget_bytes(self) -> Optional[int]:
         return None if self.memory_budget_gb is None else int(self.memory_budget_gb * 1e9)
 
+    def check_parallelism(self) -> None:
+        """Tensor and pipeline parallelism are accepted flags, refused until a backend implements them."""
+        for flag, value in (("--tensor-parallel-size", self.tensor_parallel_size),
+                            ("--pipeline-parallel-size", self.pipeline_parallel_size)):
+            if value > 1:
+                raise ConfigError(f"{flag} {value}: no Inferneo backend shards a model across devices yet "
+                                  f"(onnx, torchscript and tensorrt each run on one device); use {flag} 1")
 
-def _artifact_list(value) -> list:
-    items = value.split(",") if isinstance(value, str) else list(value)
+
+def _split(value) -> list:
+    return [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else list(value)
+
+
+def _model_list(value) -> list:
+    items = _split(value) if isinstance(value, (str, Path)) else list(value)
     return [{"path": str(a).strip()} if isinstance(a, (str, Path)) else a for a in items if str(a).strip()]
+
+
+def _normalize(values: dict) -> dict:
+    for name in MODEL_LIST_FIELDS:
+        if values.get(name) is not None:
+            values[name] = _model_list(values[name])
+    for name in ("trusted_keys", "adapters"):
+        if isinstance(values.get(name), str):
+            values[name] = _split(values[name].replace(os.pathsep, ",") if name == "trusted_keys" else values[name])
+    return values
 
 
 def _from_env(env: Mapping[str, str]) -> dict:
     values = {}
+    for var, name in ENV_ALIASES.items():
+        if env.get(var):
+            values[name] = env[var]
     for name in ServerConfig.model_fields:
         raw = env.get(ENV_PREFIX + name.upper())
-        if raw is not None and raw != "":
-            values[name] = _artifact_list(raw) if name == "artifacts" else raw
-    return values
+        if raw is not None and raw != "" and name != "routing":
+            values[name] = raw
+    return _normalize(values)
 
 
 def _from_file(path: Path) -> dict:
@@ -93,9 +260,7 @@ def _from_file(path: Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config file must be a mapping of settings")
-    if "artifacts" in data and data["artifacts"] is not None:
-        data["artifacts"] = _artifact_list(data["artifacts"])
-    return data
+    return _normalize(data)
 
 
 def load_server_config(config_file: Optional[Path] = None, overrides: Optional[Mapping] = None,
@@ -106,9 +271,7 @@ def load_server_config(config_file: Optional[Path] = None, overrides: Optional[M
         sources.append((str(config_file), _from_file(config_file)))
     sources.append(("environment", _from_env(os.environ if env is None else env)))
     flags = {k: v for k, v in (overrides or {}).items() if v is not None and v != [] and v != ()}
-    if "artifacts" in flags:
-        flags["artifacts"] = _artifact_list(flags["artifacts"])
-    sources.append(("command line", flags))
+    sources.append(("command line", _normalize(flags)))
     merged: dict = {}
     origin: dict[str, str] = {}
     for where, values in sources:
@@ -122,16 +285,29 @@ def load_server_config(config_file: Optional[Path] = None, overrides: Optional[M
         field = str(first["loc"][0]) if first["loc"] else "?"
         where = origin.get(field, "settings")
         via = f" (INFERNEO_{field.upper()})" if where == "environment" else ""
-        raise ConfigError(f"{where}{via}: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+        msg = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{where}{via}: {'.'.join(str(p) for p in first['loc'])}: {msg}") from None
 
 
-def artifacts_to_serve(config: ServerConfig, cwd: Optional[Path] = None) -> list[ArtifactConfig]:
-    """The configured artifacts, or the bundled SmolLM2 build when none is configured and it exists."""
-    if config.artifacts:
-        return list(config.artifacts)
-    default = Path(cwd or Path.cwd()) / DEFAULT_ARTIFACT
-    if (default / "inferneo.json").is_file():
-        return [ArtifactConfig(path=str(DEFAULT_ARTIFACT))]
-    raise ConfigError(f"no artifact to serve: none was given and {DEFAULT_ARTIFACT} has not been built. "
-                      f"Build it with `make demo` or `inferneo build recipes/smollm2-135m.yaml`, "
-                      f"or pass artifact directories: `inferneo serve ARTIFACT [ARTIFACT ...]`")
+def artifacts_to_serve(config: ServerConfig, cwd: Optional[Path] = None) -> list[ModelConfig]:
+    """The configured models, or the bundled SmolLM2 build when none is configured and it exists.
+    Flags of the command fill what each model leaves unset."""
+    configured = list(config.artifacts) + list(config.models)
+    if not configured and config.model_class is None:
+        default = Path(cwd or Path.cwd()) / DEFAULT_ARTIFACT
+        if (default / "inferneo.json").is_file():
+            configured = [ModelConfig(path=str(DEFAULT_ARTIFACT))]
+        elif not config.registry_path or not Path(config.registry_path).is_file():
+            raise ConfigError(f"no artifact to serve: none was given and {DEFAULT_ARTIFACT} has not been built. "
+                              f"Build it with `make demo` or `inferneo build recipes/smollm2-135m.yaml`, "
+                              f"or pass artifact directories: `inferneo serve ARTIFACT [ARTIFACT ...]`")
+    if not configured and config.model_class is not None:
+        configured = [ModelConfig(path=".")]
+    return [with_defaults(m, config) for m in configured]
+
+
+def with_defaults(m: ModelConfig, config: ServerConfig) -> ModelConfig:
+    """`m` with the command's flags filling the fields it leaves unset."""
+    fill = {"format": config.model_type, "model_class": config.model_class, "tokenizer": config.tokenizer,
+            "dtype": config.dtype, "quantization": config.quantization, "adapters": list(config.adapters)}
+    return m.model_copy(update={k: v for k, v in fill.items() if getattr(m, k) is None})

@@ -49,9 +49,10 @@ class Ticket:
 class EngineDriver:
     """Owns one Engine and the thread that steps it while it has work."""
 
-    def __init__(self, name: str, model):
+    def __init__(self, name: str, model, max_batch: Optional[int] = None, max_sequence: Optional[int] = None):
         self.name = name
         self._model = model
+        self._caps = (max_batch, max_sequence)  # --max-batch-size / --max-model-len, within the artifact's bounds
         self.engine = self._new_engine()
         self.max_sequence = self.engine.max_sequence
         self.max_batch = self.engine.max_batch
@@ -66,7 +67,13 @@ class EngineDriver:
         self._thread.start()
 
     def _new_engine(self) -> Engine:
-        return Engine(self._model.backend, self._model.eos_ids, self._model.tokenizer)
+        engine = Engine(self._model.backend, self._model.eos_ids, self._model.tokenizer)
+        max_batch, max_sequence = self._caps
+        if max_batch is not None:
+            engine.max_batch = min(engine.max_batch, max_batch)
+        if max_sequence is not None:
+            engine.max_sequence = min(engine.max_sequence, max_sequence)
+        return engine
 
     # -- any thread -------------------------------------------------------------------------------
     def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -27,6 +27,9 @@ logger = logging.getLogger("inferneo.server")
 API_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
                 "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+MODEL_HELP = ("a model name (its newest version), name@version, or an A/B test's name; omitted or \"auto\": "
+              "routed by the server's routing rules (OpenAI requires it; Inferneo extension: optional)")
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
 class ParamError(RequestError):
@@ -45,9 +48,11 @@ class OpenAIBaseModel(BaseModel):
 
     @model_validator(mode="after")
     def _log_unknown_fields(self):
-        if self.model_extra:
-            logger.warning("%s: ignoring unknown field(s): %s", type(self).__name__,
-                           ", ".join(sorted(self.model_extra)))
+        if self.model_extra:  # names are the client's: quoted and capped, so they cannot forge log lines
+            names = sorted(self.model_extra)
+            shown = ", ".join(repr(n[:40]) for n in names[:8])
+            shown += f" and {len(names) - 8} more" if len(names) > 8 else ""
+            logger.warning("%s: ignoring unknown field(s): %s", type(self).__name__, shown)
         return self
 
 
@@ -66,7 +71,7 @@ class _SamplingExtensions(BaseModel):
                                                                         "1 = off")
     min_tokens: int = Field(0, ge=0, description="generate at least this many tokens before EOS or stop tokens")
     ignore_eos: bool = Field(False, description="keep generating past the EOS token")
-    stop_token_ids: Optional[list[int]] = Field(None, description="token ids that end generation, like EOS")
+    stop_token_ids: Optional[list[TokenId]] = Field(None, description="token ids that end generation, like EOS")
     # --- end of extensions -------------------------------------------------------------------------
 
 
@@ -105,7 +110,7 @@ class _Sampling:
 
 class _CompletionFields(OpenAIBaseModel):
     # OpenAI's order: https://platform.openai.com/docs/api-reference/completions/create
-    model: str
+    model: Optional[str] = Field(None, description=MODEL_HELP)
     prompt: Union[str, list[str], list[int], list[list[int]]]
     best_of: Optional[int] = Field(None, ge=1)
     echo: bool = False
@@ -183,7 +188,7 @@ class ResponseFormat(OpenAIBaseModel):
 class _ChatFields(OpenAIBaseModel):
     # OpenAI's order: https://platform.openai.com/docs/api-reference/chat/create
     messages: list[ChatMessage] = Field(min_length=1)
-    model: str
+    model: Optional[str] = Field(None, description=MODEL_HELP)
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     logit_bias: Optional[dict[str, float]] = None
     logprobs: bool = False
@@ -317,27 +322,39 @@ class ChatCompletionChunk(BaseModel):
 
 
 class ModelCard(BaseModel):
-    """OpenAI's model object, plus what the artifact's manifest says about the served target."""
+    """OpenAI's model object, plus what Inferneo knows of the served model (manifest, version, memory)."""
 
-    model_config = ConfigDict(protected_namespaces=())
+    model_config = ConfigDict(protected_namespaces=(), extra="allow")
 
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "inferneo"
     # --- Inferneo extensions -------------------------------------------------------------------------
+    name: Optional[str] = None
+    version: Optional[str] = None
+    versions: Optional[list[str]] = None
     loaded: bool = False
+    state: Optional[str] = None
+    kind: Optional[str] = Field(None, description="artifact | checkpoint (compiled on demand) | file (bare, "
+                                                  "unvalidated) | custom")
     source: Optional[str] = None
     architecture: Optional[str] = None
     format: Optional[str] = None
     target: Optional[str] = None
     dtype: Optional[str] = None
+    precision: Optional[str] = None
     parameters: Optional[int] = Field(None, description="estimated: the target's weight bytes / dtype size")
     weight_bytes: Optional[int] = None
+    memory: Optional[dict[str, Any]] = None
     max_context: Optional[int] = None
     max_batch: Optional[int] = None
+    validated: Optional[bool] = None
     validation: Optional[dict[str, Any]] = None
     targets: Optional[dict[str, dict[str, Any]]] = None
+    adapters: Optional[list[dict[str, Any]]] = None
+    notes: Optional[list[str]] = None
+    error: Optional[str] = None
 
 
 class ModelList(BaseModel):
@@ -352,7 +369,72 @@ class ErrorInfo(BaseModel):
     code: Optional[str] = None
 
 
+# -- embeddings (https://platform.openai.com/docs/api-reference/embeddings/create) -------------------------
+class EmbeddingRequest(OpenAIBaseModel):
+    input: Union[str, list[str]] = Field(description="a text or a list of texts (token arrays are not accepted)")
+    model: str
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[int] = Field(None, ge=1, description="not supported: must be omitted or equal the model's")
+    user: Optional[str] = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Union[list[float], str]
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
 class ErrorResponse(BaseModel):
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
 
     error: ErrorInfo
+
+
+# -- model management (Inferneo's own endpoints) --------------------------------------------------------
+class _AdminModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+ModelPath = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[^\x00]*$")]
+
+
+class RegisterModelRequest(_AdminModel):
+    """POST /v1/models: register a model (custom classes only from the command line or config file)."""
+
+    path: ModelPath = Field(description="artifact directory, s3:// URI, checkpoint directory, hub id or model file")
+    name: Optional[str] = Field(None, min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+    version: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+    format: Optional[Literal["onnx", "torchscript", "tensorrt"]] = None
+    target: Optional[str] = Field(None, min_length=1, max_length=64)
+    tokenizer: Optional[ModelPath] = None
+    dtype: Optional[str] = Field(None, max_length=16)
+    quantization: Optional[str] = Field(None, max_length=16)
+    adapters: Optional[list[ModelPath]] = Field(None, max_length=8)
+    load: bool = Field(False, description="load it now (default: on first use)")
+
+
+class RoutingRuleRequest(_AdminModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    condition: Union[Annotated[str, Field(max_length=1024)], dict[str, Any]]
+    model: str = Field(min_length=1, max_length=256)
+    priority: int = Field(0, ge=-1_000_000, le=1_000_000)
+
+
+class ABTestRequest(_AdminModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    model_a: str = Field(min_length=1, max_length=256)
+    model_b: str = Field(min_length=1, max_length=256)
+    traffic_split: float = Field(0.5, ge=0, le=1)
+    sticky: Literal["user", "request_id"] = "user"

