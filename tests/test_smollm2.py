@@ -70,3 +70,47 @@ def test_validate_cli(smollm2_artifact):
     r = run_cli("validate", str(smollm2_artifact), "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     assert all(t["status"] == "passed" for t in json.loads(r.stdout)["targets"].values())
+
+
+def test_chat_template_matches_transformers(smollm2_artifact):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(smollm2_artifact)
+    conversations = [
+        [{"role": "user", "content": "What is the tallest mountain?"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "日本の首都は？ 🗻"}],
+    ]
+    with inferneo_runtime.load(smollm2_artifact) as model:
+        for messages in conversations:
+            ours = model.tokenizer.encode_chat(messages)
+            theirs = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            assert ours == list(theirs)
+
+
+@pytest.mark.parametrize("target", ["onnx", "torchscript"])
+def test_batch_of_four_equals_alone(target, smollm2_artifact):
+    prompts = ["Hi", PROMPTS[0], PROMPTS[2], "Write a haiku about the sea and the wind in autumn:"]
+    with inferneo_runtime.load(smollm2_artifact, target=target) as model:
+        batched = model.generate(prompts, max_new_tokens=16)
+        for p, b in zip(prompts, batched):
+            assert b.token_ids == model.generate(p, max_new_tokens=16).token_ids, p
+
+
+def test_streaming_emoji_and_cjk(smollm2_artifact):
+    with inferneo_runtime.load(smollm2_artifact) as model:
+        # the detokenizer on real multi-byte text: byte-level tokens split characters across tokens
+        text = "Emoji 🎉🧑‍🚀 and CJK 東京タワー, 北京 — café"
+        from inferneo_runtime.detokenize import StopStringDetokenizer
+
+        ids = model.tokenizer.encode(text)
+        d = StopStringDetokenizer(model.tokenizer, [], ())
+        pieces = [d.push(t) for t in ids] + [d.finish()]
+        assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+        # and through the model, with sampling so the output wanders into multi-byte text
+        kw = dict(max_new_tokens=40, temperature=1.0, seed=3)
+        prompt = [{"role": "user", "content": "Reply only with emoji and Chinese characters: 🎉 你好"}]
+        deltas = list(model.stream(prompt, **kw))
+        full = model.chat(prompt, **kw)
+        assert "".join(deltas) == full.text == model.tokenizer.decode(full.token_ids)
+        assert not any("\ufffd" in d for d in deltas)
