@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from inferneo_runtime.embedding import EmbeddingModel, finish, make_runner
+from inferneo_runtime.embedding import EmbeddingModel, make_runner
 from inferneo_runtime.manifest import (MANIFEST_NAME, SCHEMA_VERSION, VALIDATION_NAME, EncoderGolden, EncoderInfo,
                                        GenerationDefaults, IOSignature, Manifest, ModelDims, ShapeBounds, TargetEntry,
                                        TensorSpec, ValidationSummary, file_entry)
