@@ -28,6 +28,7 @@ def test_every_target_is_measured(report):
         for key in ("ttft_ms", "decode_tok_s"):
             assert t[key]["n"] == 2 and 0 < t[key]["min"] <= t[key]["median"] <= t[key]["max"]
         assert t["load_s"] > 0 and t["peak_rss_generation_mb"] > 0 and t["runs_agree"]
+        assert t["verify_s"] > 0 and t["process_to_first_token_s"] > t["load_plus_first_token_s"]
         assert len(t["tokens"]) == report["new_tokens"]
         assert [x["position"] for x in t["long"]] == [32, 64, 124]  # tiny artifact: max_sequence 128
         conc = {c["requests"]: c for c in t["concurrency"]}

@@ -126,7 +126,8 @@ class _Attention(nn.Module):
         # cached key/value is read once per KV head. Plain matmul/softmax (HF's eager attention): for decode
         # the CPU flash kernel's per-call setup costs more than the attention itself.
         q = q.reshape(n, self.kv_heads, self.groups * steps, self.head_dim) * self.scale
-        probs = torch.softmax(torch.matmul(q, keys.transpose(-1, -2)) + bias, dim=-1)
+        scores = torch.matmul(q, keys.transpose(-1, -2)) + bias
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)  # as HF: softmax in float32
         out = torch.matmul(probs, values)
         out = out.reshape(n, self.heads, steps, self.head_dim).transpose(1, 2).reshape(n, steps, self.heads * self.head_dim)
         return self.o(out)
