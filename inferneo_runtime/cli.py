@@ -233,13 +233,17 @@ def validate(
     trusted_key: Optional[list[Path]] = typer.Option(None, "--trusted-key", help=TRUSTED_KEY_HELP),
     as_json: bool = typer.Option(False, "--json", help="print a JSON report"),
 ):
-    """Re-check the signature (when keys are set), every checksum, and the build's goldens on this host."""
+    """Re-check the signature (when keys are set), every checksum, and the build's goldens on this host.
+
+    Each target first passes preflight (versions, GPU, extras, memory); one this host cannot run is reported
+    as unavailable with the reason, and fails the command only when it was asked for with --target."""
 
     def go():
-        from .artifact import Model, check_signature, verify_artifact
+        from . import preflight
+        from .artifact import Model, check_signature
         from .backends import backend_class
         from .errors import GoldenMismatch, MissingExtraError
-        from .manifest import read_manifest
+        from .manifest import read_manifest, verify_files
         from .tokenizer import Tokenizer
 
         signed_by = check_signature(artifact, trusted_key)
@@ -247,17 +251,19 @@ def validate(
         names = [target] if target else m.valid_targets()
         if target and target not in m.targets:
             raise ValueError(f"artifact {m.name!r} has no target {target!r}; it has: {', '.join(m.targets)}")
-        verify_artifact(artifact, m, names)
-        tokenizer = Tokenizer(artifact)
+        verify_files(artifact, m.root_files)
         report, failed = {}, None
         for name in names:
-            entry = m.targets[name]
             try:
-                backend = backend_class(entry.format)(artifact, entry, m.model, device=device).load()
-            except MissingExtraError as e:
+                preflight.check(m, name, device).raise_for_errors()  # before any of the target's files is read
+                verify_files(artifact, m.targets[name].files)
+                model = _open_for_goldens(artifact, m, name, device, backend_class, Model, Tokenizer)
+            except (MissingExtraError, preflight.IncompatibleHost) as e:
                 report[name] = {"status": "unavailable", "reason": str(e)}
+                if target:  # asked for by name: this host cannot vouch for it
+                    failed = failed or e
                 continue
-            with Model(artifact, m, name, backend, tokenizer) as model:
+            with model:
                 try:
                     results = model.check_goldens()
                     report[name] = {"status": "passed", "goldens": len(results)}
@@ -268,14 +274,28 @@ def validate(
             print(json.dumps({"ok": failed is None, "artifact": str(artifact), "checksums": "verified",
                               "signed_by": signed_by, "targets": report}))
         else:
-            out.print(f"[green]✓[/green] checksums verified ({len(m.root_files)} root files, targets: {', '.join(names)})")
+            checked = [n for n, r in report.items() if r["status"] != "unavailable"]
+            out.print(f"[green]✓[/green] checksums verified ({len(m.root_files)} root files, targets: "
+                      f"{', '.join(checked) or 'none'})")
             for name, r in report.items():
                 mark = {"passed": "[green]✓[/green]", "failed": "[red]✗[/red]"}.get(r["status"], "[yellow]-[/yellow]")
-                out.print(f"{mark} {name}: {r['status']}" + (f" ({r.get('reason') or str(r.get('goldens')) + ' goldens'})"))
+                detail = r.get("reason") or f"{r.get('goldens')} goldens"
+                out.print(f"{mark} {name}: {r['status']} ({detail})", highlight=False)
         if failed:
             raise typer.Exit(failed.exit_code)
 
     _run(go, as_json)
+
+
+def _open_for_goldens(root: Path, m, name: str, device: str, backend_class, Model, Tokenizer):
+    """A loaded model with `check_goldens()`: the generation loop for decoders, the embedder for encoders."""
+    if m.task != "text-generation":
+        from .embedding import EmbeddingModel
+
+        return EmbeddingModel.open(root, m, name, device=device)
+    entry = m.targets[name]
+    backend = backend_class(entry.format)(root, entry, m.model, device=device).load()
+    return Model(root, m, name, backend, Tokenizer(root))
 
 
 @app.command()

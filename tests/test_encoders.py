@@ -110,6 +110,24 @@ def test_tiny_encoder_manifest_and_cli(tiny_bert_artifact):
     r = run_cli("inspect", str(root))
     assert r.returncode == 0 and "max pooling, L2-normalized" in r.stdout and "min cosine" in r.stdout, r.stdout
 
+    r = run_cli("validate", str(root), "--json")  # the embedder re-checks the build's goldens on this host
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    statuses = {n: t["status"] for n, t in report["targets"].items()}
+    assert report["ok"] and statuses == {"onnx": "passed", "onnx-int8": "passed", "torchscript": "passed"}
+
+
+def test_validate_fails_on_a_changed_encoder_golden(tiny_bert_artifact, tmp_path):
+    root = tmp_path / "edited"
+    shutil.copytree(tiny_bert_artifact.output, root)
+    manifest = json.loads((root / "inferneo.json").read_text())
+    golden = manifest["encoder"]["goldens"][0]
+    golden["values"] = [-v for v in golden["values"]]  # the opposite direction: cosine -1
+    (root / "inferneo.json").write_text(json.dumps(manifest))
+    r = run_cli("validate", str(root), "--target", "onnx", "--json")
+    assert r.returncode == 6, r.stdout + r.stderr
+    assert "below cosine" in json.loads(r.stdout)["targets"]["onnx"]["reason"]
+
 
 def test_pooling_override_and_fail_closed(tiny_bert, tmp_path):
     out = tmp_path / "cls"

@@ -206,6 +206,20 @@ def test_inspect_check_cli(artifact, tiny_artifact):
         assert "device 'cuda' requested but torch" in r.stdout and "onnxruntime-gpu" in r.stdout
 
 
+
+def test_validate_runs_preflight_per_target(artifact):
+    """`inferneo validate` checks each target's preflight before reading its files: the tensorrt target (whose
+    placeholder engines would fail their checksums) is reported unavailable here and the others still pass."""
+    r = run_cli("validate", str(artifact), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    targets = json.loads(r.stdout)["targets"]
+    assert targets["onnx"]["status"] == targets["torchscript"]["status"] == "passed"
+    assert targets["tensorrt"]["status"] == "unavailable" and "CUDA GPUs only" in targets["tensorrt"]["reason"]
+
+    r = run_cli("validate", str(artifact), "--target", "tensorrt", "--json")  # asked for by name: a failure
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert not json.loads(r.stdout)["ok"]
+
 # -- memory accounting -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("target", ["onnx", "torchscript"])
 def test_memory_report(tiny_artifact, target):
