@@ -3,6 +3,7 @@
     transformers  AutoModelForCausalLM.generate (torch, fp32)
     optimum       optimum-onnx ORTModelForCausalLM (its ONNX export, cached under $INFERNEO_CACHE_DIR/bench)
     genai         onnxruntime-genai with a model from its own builder (fp32, cpu; cached likewise)
+    genai-int4    the same with the builder's int4 (MatMulNBits) model: the peer of an `onnx-int4` target
 
 A peer that is not installed is skipped with a note. onnxruntime-genai's builder needs transformers 5,
 which the build extra pins below, so it usually lives in a separate environment: point
@@ -171,7 +172,7 @@ def _load_genai(job):
     cache = Path(job["cache"])
     if not (cache / "genai_config.json").is_file():  # build once with genai's own builder, outside the timed load
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", job["checkpoint"], "-o",
-                        str(cache), "-p", "fp32", "-e", "cpu", "-c", str(cache.with_name(cache.name + ".work"))],
+                        str(cache), "-p", job["peer"].partition("-")[2] or "fp32", "-e", "cpu", "-c", str(cache.with_name(cache.name + ".work"))],
                        check=True, capture_output=True)
     config_path = cache / "genai_config.json"
     config = json.loads(config_path.read_text())
@@ -203,7 +204,8 @@ class _PeerSession:
     def __init__(self, job):
         self.settings, self.prompt_ids = job["settings"], job["prompt_ids"]
         t = time.perf_counter()
-        load = {"transformers": _load_transformers, "optimum": _load_optimum, "genai": _load_genai}[job["peer"]]
+        load = {"transformers": _load_transformers, "optimum": _load_optimum, "genai": _load_genai,
+                "genai-int4": _load_genai}[job["peer"]]
         self.generate = load(job)
         self.load_s = job.get("load_s", time.perf_counter() - t)
         self.tokens = None

@@ -39,7 +39,7 @@ from .manifest import read_manifest
 PROMPT = [{"role": "user", "content": "Explain in a few sentences why the sky is blue."}]
 NEW_TOKENS = 128
 CONCURRENCY = (1, 4, 8)
-PEERS = ("transformers", "optimum", "genai")  # run by inferneo_build.bench_peers
+PEERS = ("transformers", "optimum", "genai", "genai-int4")  # run by inferneo_build.bench_peers
 LONG_ROUNDS, LONG_STEPS = 6, 4  # decode-step timing: rounds over the positions, steps per position per round
 RESULT_MARK = "@@inferneo-bench@@"  # a child's reply is the one stdout line starting with this
 

@@ -210,9 +210,10 @@ def _example_inputs(spec: DecoderSpec) -> tuple[torch.Tensor, ...]:
     return ids, positions, mask, cache, logit_positions
 
 
-def io_signature(spec: DecoderSpec) -> IOSignature:
+def io_signature(spec: DecoderSpec, cache_dtype: str = "float32") -> IOSignature:
+    """`cache_dtype` is the KV cache's element type; the runtime allocates the cache in it."""
     cache_shape = [spec.num_layers, 2, "batch", spec.kv_heads, "capacity", spec.head_dim]
-    cache = TensorSpec(name="kv_cache", dtype="float32", shape=cache_shape)
+    cache = TensorSpec(name="kv_cache", dtype=cache_dtype, shape=cache_shape)
     return IOSignature(
         inputs=[
             TensorSpec(name="input_ids", dtype="int64", shape=["batch", "sequence"]),

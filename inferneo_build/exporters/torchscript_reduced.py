@@ -1,10 +1,9 @@
 """Reduced-precision TorchScript targets (`precision: bf16 | fp16`): the project's traced decoder
 (`exporters.torchscript.Decoder`) with its weights and compute in the lower dtype, behind the same signature.
 
-The runtime's stacked KV cache stays float32 (the TorchScript backend allocates it), so the wrapper casts the
-slot range it is given to the compute dtype, runs the decoder, and writes the result back in place. That copy
-costs O(cached positions) per step; a backend that allocated the cache in the target's dtype would avoid it.
-Logits come back float32.
+The KV cache is kept in the compute dtype too: the IO signature declares it (`kv_cache` bfloat16/float16) and
+the runtime allocates the cache in that dtype, so a step writes its new keys/values in place with no cast of the
+cached positions (half the cache memory of float32). Logits come back float32.
 """
 from __future__ import annotations
 
@@ -29,20 +28,18 @@ class ReducedDecoder(nn.Module):
         self.dtype = dtype
 
     def forward(self, input_ids, position_ids, attention_mask, kv_cache, logit_positions):
-        cache = kv_cache.to(self.dtype)
-        logits, cache = self.decoder(input_ids, position_ids, attention_mask, cache, logit_positions)
-        kv_cache.copy_(cache)
+        logits, kv_cache = self.decoder(input_ids, position_ids, attention_mask, kv_cache, logit_positions)
         return logits.float(), kv_cache
 
 
-def _example_inputs(spec) -> tuple[torch.Tensor, ...]:
+def _example_inputs(spec, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     past = torch.tensor(_TRACE_PAST)
     n, steps = len(_TRACE_PAST), _TRACE_STEPS
     positions = past[:, None] + torch.arange(steps)
     total = past + steps
     mask = (torch.arange(int(total.max()))[None] < total[:, None]).long()
     ids = torch.arange(n * steps).view(n, steps) % spec.vocab
-    cache = torch.zeros(spec.num_layers, 2, n, spec.kv_heads, _TRACE_CAPACITY, spec.head_dim)
+    cache = torch.zeros(spec.num_layers, 2, n, spec.kv_heads, _TRACE_CAPACITY, spec.head_dim, dtype=dtype)
     return ids, positions, mask, cache, torch.tensor([0, steps - 1])
 
 
@@ -54,7 +51,7 @@ def export_torchscript_reduced(spec, weights, target, shapes, out_dir: Path) -> 
     rope_length = max(shapes.max_sequence, max(_TRACE_PAST) + _TRACE_STEPS)
     path = Path(out_dir) / FILE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = _example_inputs(spec)
+    example = _example_inputs(spec, dtype)
     with torch.inference_mode(False), torch.no_grad(), quiet_jit():
         model = ReducedDecoder(Decoder(spec, weights, rope_length).eval(), dtype).eval()
         try:
@@ -65,5 +62,5 @@ def export_torchscript_reduced(spec, weights, target, shapes, out_dir: Path) -> 
         traced = torch.jit.trace(model, example, check_trace=False)
         torch.jit.save(traced, str(path))
     dtype_name = str(dtype).removeprefix("torch.")
-    return ExportResult(files=[path.resolve()], io=io_signature(spec), dtype=dtype_name,
-                        toolchain={"torch": torch.__version__, "compute_dtype": dtype_name, "kv_cache": "float32"})
+    return ExportResult(files=[path.resolve()], io=io_signature(spec, cache_dtype=dtype_name), dtype=dtype_name,
+                        toolchain={"torch": torch.__version__, "compute_dtype": dtype_name, "kv_cache": dtype_name})

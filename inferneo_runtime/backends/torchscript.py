@@ -51,6 +51,9 @@ class TorchScriptBackend(Backend):
         if io is not None and io.kv_layout != "stacked":
             raise ManifestError(f"TorchScript target declares kv_layout {io.kv_layout!r}; this backend runs 'stacked'")
         self._device = _torch_device(self.device)
+        # the KV cache's dtype as the target declares it: float32, or the compute dtype of a bf16/fp16 target
+        declared = {t.name: t.dtype for t in io.inputs} if io is not None else {}
+        self._cache_dtype = getattr(torch, declared.get("kv_cache", "float32"))
         torch.set_num_threads(int(self.threads or physical_cores()))
         # models traced before `logit_positions` existed take four inputs and return every position's logits
         self.supports_last_only = io is not None and any(t.name == "logit_positions" for t in io.inputs)
@@ -70,7 +73,7 @@ class TorchScriptBackend(Backend):
         self._module = None
 
     def _zeros(self, shape: tuple) -> "torch.Tensor":
-        return torch.zeros(shape, dtype=torch.float32, device=self._device)
+        return torch.zeros(shape, dtype=self._cache_dtype, device=self._device)
 
     def _forward_impl(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray,
                       last_only: bool = False) -> np.ndarray:
