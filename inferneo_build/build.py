@@ -141,6 +141,28 @@ def toolchain_versions() -> dict[str, str]:
     return out
 
 
+def key_toolchain(recipe: Recipe) -> dict[str, str]:
+    """What the build key hashes besides the recipe and the source: the toolchain versions and, for a recipe
+    with tensorrt targets, the TensorRT version and the compute capabilities its engines are built for (an engine
+    tuned on one GPU architecture is a different artifact from one tuned on another)."""
+    out = toolchain_versions()
+    trt = [t for t in recipe.targets if t.format == "tensorrt"]
+    if trt:
+        from .exporters import TargetUnavailable
+        from .exporters.tensorrt import cuda_gpus, tensorrt_version
+
+        try:
+            out["tensorrt"] = tensorrt_version()
+        except TargetUnavailable:
+            out["tensorrt"] = "not installed"
+        gpus = cuda_gpus()
+        archs = {a for t in trt for a in t.gpu_archs}
+        if any(not t.gpu_archs for t in trt):  # "the build host's first GPU"
+            archs.add(gpus[0].compute_capability if gpus else "none")
+        out["tensorrt_compute_capabilities"] = ",".join(sorted(archs))
+    return out
+
+
 def _version(dist: str) -> str:
     try:
         return version(dist)
@@ -180,10 +202,10 @@ def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Prog
         if recipe.source.adapters:
             from .lora import read_adapter
 
-            adapters = [read_adapter(p) for p in recipe.source.adapters]
+            adapters = [read_adapter(p, recipe.allow_pickle) for p in recipe.source.adapters]
             checkpoint = replace(checkpoint, info=checkpoint.info.model_copy(
                 update={"adapters": [a.info for a in adapters]}))
-    key = _with_adapters(build_cache.build_key(recipe, checkpoint, toolchain_versions()), checkpoint)
+    key = _with_adapters(build_cache.build_key(recipe, checkpoint, key_toolchain(recipe)), checkpoint)
 
     if not force:
         hit = build_cache.reuse(key, output, cache, progress)
@@ -195,14 +217,14 @@ def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Prog
 
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(checkpoint.directory, trust_remote_code=False)
+    config = AutoConfig.from_pretrained(checkpoint.directory, trust_remote_code=recipe.trust_remote_code)
     check_not_quantized(config, checkpoint.directory)
     if recipe.is_encoder:
         from .encoder import build_encoder_in, encoder_spec
 
         encoder = encoder_spec(config, recipe, checkpoint.directory)  # fails fast, before loading weights
         with progress.step("load reference model (PyTorch)"):
-            model = encoder.load_model(checkpoint.directory)
+            model = encoder.load_model(checkpoint.directory, **sources.load_options(recipe))
             _merge(model, adapters, progress)
 
         def build_in(staging: Path) -> BuildResult:
@@ -218,7 +240,7 @@ def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Prog
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(checkpoint.directory, dtype=torch.float32,
-                                                         trust_remote_code=False)
+                                                         **sources.load_options(recipe))
             model.eval()
             _merge(model, adapters, progress)
             weights = canonical_weights(spec, model.state_dict())
@@ -285,7 +307,7 @@ def _build_in(staging: Path, recipe: Recipe, checkpoint, spec: DecoderSpec, mode
             targets[name] = TargetEntry(format=target.format, status="skipped",
                                         validation=ValidationSummary(status="skipped", reason=str(e)))
             continue
-        precision = getattr(target, "precision", "fp32") if target.format != "tensorrt" else "fp32"
+        precision = getattr(target, "precision", "fp32")
         entry = TargetEntry(format=target.format, status="valid", files=[file_entry(staging, p) for p in exported.files],
                             dtype=exported.dtype, io=exported.io, shapes=bounds, toolchain=exported.toolchain,
                             compatibility=exported.compatibility, validation=ValidationSummary(status="skipped"),

@@ -74,13 +74,15 @@ class EncoderSpec:
         return IOSignature(inputs=[TensorSpec(name=n, dtype="int64", shape=["batch", "sequence"]) for n in self.input_names],
                            outputs=[TensorSpec(name=self.output_name, dtype="float32", shape=out_shape)], kv_layout="none")
 
-    def load_model(self, directory: Path):
+    def load_model(self, directory: Path, trust_remote_code: bool = False, use_safetensors: Optional[bool] = True):
+        """`source.load_options(recipe)` gives the last two: safe unless the recipe opted in."""
         import torch
         from transformers import AutoModel, AutoModelForSequenceClassification
 
         cls = AutoModel if self.output == "embedding" else AutoModelForSequenceClassification
         # eager attention traces and exports as plain ops on every torch version
-        model = cls.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager", trust_remote_code=False)
+        model = cls.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager",
+                                    trust_remote_code=trust_remote_code, use_safetensors=use_safetensors)
         return model.eval()
 
 

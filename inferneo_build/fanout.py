@@ -69,16 +69,16 @@ def build_key_of(recipe: Recipe) -> str:
 
     from . import build_cache
     from . import source as sources
-    from .build import _with_adapters, toolchain_versions
+    from .build import _with_adapters, key_toolchain
 
     checkpoint = sources.resolve(recipe)
     if recipe.source.adapters:
         from .lora import read_adapter
 
-        adapters = [read_adapter(p) for p in recipe.source.adapters]
+        adapters = [read_adapter(p, recipe.allow_pickle) for p in recipe.source.adapters]
         info = checkpoint.info.model_copy(update={"adapters": [a.info for a in adapters]})
         checkpoint = replace(checkpoint, info=info)
-    return _with_adapters(build_cache.build_key(recipe, checkpoint, toolchain_versions()), checkpoint)
+    return _with_adapters(build_cache.build_key(recipe, checkpoint, key_toolchain(recipe)), checkpoint)
 
 
 # -- the S3 build lock ----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """LoRA adapters (PEFT format) merged into a model's weights before export.
 
-An adapter directory holds `adapter_config.json` and `adapter_model.safetensors` (or `.bin`). For every
+An adapter directory holds `adapter_config.json` and `adapter_model.safetensors` (or `.bin`, a pickle, read
+only when the recipe sets `allow_pickle: true`). For every
 target module, PEFT stores `...<module>.lora_A.weight` [r, in] and `...<module>.lora_B.weight` [out, r];
 merging adds `B @ A * scale` to the module's weight (scale = alpha / r, or alpha / sqrt(r) with rsLoRA),
 computed in the weight's dtype in the same order PEFT's `merge_and_unload` uses, so the merged weights
@@ -51,7 +52,7 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def read_adapter(path: Path) -> Adapter:
+def read_adapter(path: Path, allow_pickle: bool = False) -> Adapter:
     path = Path(path)
     config_path = path / CONFIG_NAME
     try:
@@ -73,6 +74,10 @@ def read_adapter(path: Path) -> Adapter:
     weights_file = next((path / n for n in WEIGHT_NAMES if (path / n).is_file()), None)
     if weights_file is None:
         raise AdapterError(f"{path}: no adapter weights ({' or '.join(WEIGHT_NAMES)})")
+    if weights_file.suffix != ".safetensors" and not allow_pickle:
+        from .source import pickle_refused
+
+        raise AdapterError(pickle_refused(str(path), [weights_file.name]))
     digest = hashlib.sha256()
     digest.update(sha256_file(config_path).encode() + b"\0" + sha256_file(weights_file).encode())
     targets = config.get("target_modules") or []

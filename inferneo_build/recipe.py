@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 
 class RecipeError(ValueError):
@@ -60,7 +61,33 @@ class GGUFSource(_Strict):
     adapters: list[Path] = ADAPTERS
 
 
-Source = Union[HubSource, PathSource, GGUFSource]
+class S3Source(_Strict):
+    s3: str = Field(description="s3://bucket/prefix/ holding an HF checkpoint (config.json, tokenizer files, "
+                                "*.safetensors); downloaded once into the cache, keyed by the objects' ETags")
+    tokenizer: TokenizerOverrides = TokenizerOverrides()
+    adapters: list[Path] = ADAPTERS
+
+    @field_validator("s3")
+    @classmethod
+    def _s3_uri(cls, v: str) -> str:
+        if not v.startswith("s3://") or not v[len("s3://"):].split("/", 1)[0]:
+            raise ValueError(f"{v!r} is not an s3:// URI naming a bucket (expected s3://bucket/prefix/)")
+        return v
+
+
+_SOURCE_KINDS = {"hf": HubSource, "path": PathSource, "gguf": GGUFSource, "s3": S3Source}
+
+
+def _source_kind(v) -> Optional[str]:
+    # The one kind key picks the model, so an error names that source's fields only, not every kind's.
+    if isinstance(v, dict):
+        kind = next((k for k in _SOURCE_KINDS if k in v), None)
+        return _SOURCE_KINDS[kind].__name__ if kind else None
+    return type(v).__name__
+
+
+Source = Annotated[Union[tuple(Annotated[c, Tag(c.__name__)] for c in _SOURCE_KINDS.values())],
+                   Discriminator(_source_kind)]
 
 
 # A target's name is its folder in the artifact: a plain name, never a path.
@@ -160,7 +187,7 @@ class TorchScriptTarget(_Reduced):
     optional: bool = False
 
 
-class TensorRTTarget(_Strict):
+class TensorRTTarget(_Reduced):
     format: Literal["tensorrt"]
     name: Optional[str] = TARGET_NAME
     precision: Literal["fp32", "fp16", "bf16"] = "fp16"
@@ -206,13 +233,20 @@ class Recipe(_Strict):
     validation: Validation
     encoder: Optional[Encoder] = None
     output: Optional[Path] = None
+    allow_pickle: bool = Field(False, description="load pickle-based weights (*.bin, *.pt, *.pth, *.ckpt) when the "
+                               "checkpoint or an adapter has no safetensors; unpickling can run arbitrary code")
+    trust_remote_code: bool = Field(False, description="run the Python code a checkpoint ships (config.json "
+                                    "`auto_map`); off: such checkpoints are refused")
 
     @field_validator("source", mode="before")
     @classmethod
     def _one_source_kind(cls, v):
-        kinds = [k for k in ("hf", "path", "gguf") if isinstance(v, dict) and k in v]
-        if isinstance(v, dict) and len(kinds) != 1:
-            raise ValueError("give exactly one of hf, path or gguf" + (f" (got {', '.join(kinds)})" if kinds else ""))
+        if isinstance(v, BaseModel):
+            return v
+        kinds = [k for k in _SOURCE_KINDS if isinstance(v, dict) and k in v]
+        if len(kinds) != 1:
+            raise ValueError("give a mapping with exactly one of hf, path, gguf or s3"
+                             + (f" (got {', '.join(kinds)})" if kinds else ""))
         return v
 
     @model_validator(mode="after")
@@ -266,12 +300,17 @@ class Recipe(_Strict):
 
     def sha256(self) -> str:
         """Hash of the normalized recipe (field order and YAML formatting do not matter)."""
-        payload = json.dumps(self.model_dump(mode="json", exclude={"output"}), sort_keys=True)
+        # Opt-ins left off are left out, so recipes written before they existed keep their hash (and build cache).
+        off = {f for f in _OPT_INS if not getattr(self, f)}
+        payload = json.dumps(self.model_dump(mode="json", exclude={"output"} | off), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
+_OPT_INS = ("allow_pickle", "trust_remote_code")
+
+
 def _union_tags() -> set[str]:
-    sources = {c.__name__ for c in get_args(Source)}
+    sources = {c.__name__ for c in _SOURCE_KINDS.values()}
     targets = {get_args(c.model_fields["format"].annotation)[0] for c in get_args(get_args(Target)[0])}
     return sources | targets
 

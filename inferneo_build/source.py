@@ -2,7 +2,11 @@
 
 GGUF files are converted once (transformers `gguf_file=`) into `$INFERNEO_CACHE_DIR/checkpoints/`,
 keyed by the GGUF's sha256, written to a temporary directory and renamed into place under a file lock,
-so concurrent builds share one conversion and an interrupted one leaves nothing half-written.
+so concurrent builds share one conversion and an interrupted one leaves nothing half-written. An s3://
+checkpoint is downloaded the same way, once, keyed by its objects' keys, ETags and sizes.
+
+Loading is safe by default: pickle-only weights (*.bin, *.pt, ...) and checkpoints that ship their own
+Python code (config.json `auto_map`) are refused unless the recipe sets `allow_pickle` / `trust_remote_code`.
 """
 from __future__ import annotations
 
@@ -18,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from inferneo_runtime.errors import S3Error
 from inferneo_runtime.manifest import SourceInfo, sha256_file
 
-from .recipe import GGUFSource, HubSource, PathSource, Recipe, TokenizerOverrides
+from .recipe import GGUFSource, HubSource, PathSource, Recipe, S3Source, TokenizerOverrides
 
 
 class SourceError(ValueError):
@@ -32,7 +37,7 @@ class SourceError(ValueError):
 # Files copied from the checkpoint to the artifact root (LMI layout: HF config + tokenizer at the root).
 ROOT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # torch.load / pickle: loading one can run arbitrary code
 
 
 @dataclass(frozen=True)
@@ -52,30 +57,77 @@ def resolve(recipe: Recipe, log: Callable[[str], None] = lambda _: None) -> Chec
     src = recipe.source
     if isinstance(src, PathSource):
         directory = _locate_in_package(src.package, src.path, "path") if src.package else src.path.resolve()
-        info = SourceInfo(kind="path", uri=f"{src.package}:{src.path.as_posix()}" if src.package else str(directory),
-                          weights_sha256=_weights_sha256(directory))
+        info = dict(kind="path", uri=f"{src.package}:{src.path.as_posix()}" if src.package else str(directory))
     elif isinstance(src, HubSource):
         directory = _hub_snapshot(src)
-        info = SourceInfo(kind="hf", uri=src.hf, revision=src.revision or directory.name,
-                          weights_sha256=_weights_sha256(directory))
+        info = dict(kind="hf", uri=src.hf, revision=src.revision or directory.name)
     elif isinstance(src, GGUFSource):
         gguf = _locate_gguf(src)
         digest = sha256_file(gguf)
         directory = _convert_gguf(gguf, digest, log)
-        info = SourceInfo(kind="gguf", uri=f"{src.package}:{src.gguf}" if src.package else str(gguf.resolve()),
-                          weights_sha256=digest)
+        info = dict(kind="gguf", uri=f"{src.package}:{src.gguf}" if src.package else str(gguf.resolve()),
+                    weights_sha256=digest)
+    elif isinstance(src, S3Source):
+        directory = _s3_checkpoint(src.s3, recipe.allow_pickle, log)
+        info = dict(kind="s3", uri=src.s3)
     else:  # pragma: no cover - the recipe schema admits nothing else
         raise SourceError(f"unsupported source {src!r}")
-    return Checkpoint(directory=directory, info=info, tokenizer=src.tokenizer)
+    check_safe_to_load(directory, recipe)  # before hashing: a refused checkpoint costs nothing more
+    if "weights_sha256" not in info:
+        info["weights_sha256"] = _weights_sha256(directory)
+    opted_in = {f: True for f in ("allow_pickle", "trust_remote_code") if getattr(recipe, f)}
+    return Checkpoint(directory=directory, info=SourceInfo(**info, **opted_in), tokenizer=src.tokenizer)
+
+
+def load_options(recipe: Recipe) -> dict:
+    """from_pretrained arguments for the checkpoint's config and model: run its code only when trusted, and
+    with pickles not allowed, read safetensors only (transformers would otherwise fall back to torch.load)."""
+    return {"trust_remote_code": recipe.trust_remote_code, "use_safetensors": None if recipe.allow_pickle else True}
+
+
+def check_safe_to_load(directory: Path, recipe: Recipe) -> None:
+    """Refuse pickle-only weights and checkpoint code the recipe did not opt into."""
+    pickled = pickle_only([p.name for p in directory.iterdir()])
+    if pickled and not recipe.allow_pickle:
+        raise SourceError(pickle_refused(str(directory), pickled))
+    config_path = directory / "config.json"
+    if recipe.trust_remote_code or not config_path.is_file():
+        return
+    try:
+        auto_map = json.loads(config_path.read_text(encoding="utf-8")).get("auto_map")
+    except (OSError, ValueError, AttributeError) as e:
+        raise SourceError(f"{config_path}: cannot read the model config: {e}") from None
+    if auto_map:
+        raise SourceError(f"{config_path}: the checkpoint ships its own Python code (auto_map: "
+                          f"{', '.join(sorted(auto_map))}), which loading it would run; set `trust_remote_code: true` "
+                          "in the recipe if you trust this checkpoint's code")
+
+
+def pickle_only(names: list[str]) -> list[str]:
+    """The pickle weight files among `names` when no safetensors file is there to load instead, else []."""
+    if any(n.endswith(".safetensors") for n in names):
+        return []
+    return sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+
+
+def pickle_refused(where: str, files: list[str]) -> str:
+    return (f"{where}: the weights are pickle files only ({', '.join(files)}), and unpickling can run arbitrary "
+            "code; convert them to safetensors, or set `allow_pickle: true` in the recipe if you trust them")
+
+
+def _weight_files(names: list[str]) -> list[str]:
+    """The weight files a build reads: the safetensors when there are any (only those are loaded), else pickles."""
+    safe = sorted(n for n in names if n.endswith(".safetensors"))
+    return safe or sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
 
 
 def _weights_sha256(directory: Path) -> str:
-    files = sorted(p for p in directory.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+    files = _weight_files([p.name for p in directory.iterdir() if p.is_file()])
     if not files:
-        raise SourceError(f"{directory}: no weight files (*.safetensors or *.bin)")
+        raise SourceError(f"{directory}: no weight files (*.safetensors, or *.bin with allow_pickle)")
     h = hashlib.sha256()
-    for p in files:
-        h.update(p.name.encode() + b"\0" + sha256_file(p).encode())
+    for name in files:
+        h.update(name.encode() + b"\0" + sha256_file(directory / name).encode())
     return h.hexdigest()
 
 
@@ -151,6 +203,92 @@ def _convert_gguf(gguf: Path, digest: str, log: Callable[[str], None]) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _s3_checkpoint(uri: str, allow_pickle: bool, log: Callable[[str], None]) -> Path:
+    """Download the HF checkpoint under an s3:// prefix once into the cache; errors name the URI (exit 2)."""
+    from inferneo_runtime import s3
+
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    prefix = prefix.strip("/")
+    try:
+        client = s3.make_client()
+        objects = _s3_objects(client, bucket, prefix)
+        files = _s3_checkpoint_files(uri, objects, allow_pickle)
+        # Keyed by what the listing says about each object: new weights under the same URI are another entry.
+        h = hashlib.sha256()
+        for name in files:
+            obj = objects[name]
+            h.update(f"s3://{bucket}/{obj['Key']}\0{obj.get('ETag', '')}\0{obj['Size']}\n".encode())
+        target = cache_root() / "checkpoints" / f"s3-{h.hexdigest()[:20]}"
+        with _file_lock(target.with_suffix(".lock")):
+            if (target / "config.json").is_file():
+                log(f"using {uri} downloaded before ({target})")
+            else:
+                _s3_download(client, uri, objects, files, target, log)
+        return target
+    except S3Error as e:
+        raise SourceError(f"source.s3: {uri}: {e}") from None
+
+
+def _s3_objects(client, bucket: str, prefix: str) -> dict[str, dict]:
+    """Name relative to the prefix -> the listing's entry (Key, ETag, Size) for every object under it."""
+    from inferneo_runtime import s3
+
+    start = f"{prefix}/" if prefix else ""
+    found = {}
+    with s3.s3_errors(bucket, prefix or None, "listing"):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=start):
+            for obj in page.get("Contents", []):
+                if not obj["Key"].endswith("/"):  # "folder" marker objects
+                    found[obj["Key"][len(start):]] = obj
+    return found
+
+
+def _s3_download(client, uri: str, objects: dict[str, dict], files: list[str], target: Path,
+                 log: Callable[[str], None]) -> None:
+    """Download `files` into a temporary directory renamed to `target` when complete (caller holds the lock)."""
+    from inferneo_runtime import s3
+
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    for stale in target.parent.glob(f".{target.name}.partial-*"):  # left by a download that died
+        shutil.rmtree(stale, ignore_errors=True)
+    size = sum(objects[n]["Size"] for n in files)
+    log(f"downloading {len(files)} files ({size / 1e6:.1f} MB) from {uri} (once; cached in {target.parent})")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        for name in files:
+            key = objects[name]["Key"]
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            with s3.s3_errors(bucket, key, "downloading"):
+                client.download_file(bucket, key, str(tmp / name), Config=s3.transfer_config())
+        # The entry is named by the first listing: an object replaced meanwhile would make the name lie.
+        now = _s3_objects(client, bucket, prefix.strip("/"))
+        changed = [n for n in files if (now.get(n) or {}).get("ETag") != objects[n].get("ETag")]
+        if changed:
+            raise SourceError(f"source.s3: {uri}: {', '.join(changed)} changed during the download; "
+                              "run the build again")
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _s3_checkpoint_files(uri: str, objects: dict[str, dict], allow_pickle: bool) -> list[str]:
+    """What a build reads from the prefix: config and tokenizer files (.json also one folder down, for the
+    sentence-transformers module configs) and the weights; other objects (optimizer states, sub-checkpoints)
+    are not downloaded."""
+    if not objects:
+        raise SourceError(f"source.s3: no objects under {uri}")
+    top = [n for n in objects if "/" not in n]
+    if "config.json" not in top:
+        raise SourceError(f"source.s3: no config.json under {uri}; expected an HF checkpoint directory "
+                          "(config.json, tokenizer files, *.safetensors)")
+    pickled = pickle_only(top)
+    if pickled and not allow_pickle:  # refused before downloading anything
+        raise SourceError(pickle_refused(f"source.s3: {uri}", pickled))
+    configs = [n for n in objects if n.endswith(".json") and n.count("/") <= 1]
+    tokenizer = [n for n in top if n.endswith((".txt", ".jinja"))]
+    return sorted(set(configs + tokenizer + _weight_files(top)))
 
 
 def copy_root_files(checkpoint: Checkpoint, dest: Path) -> list[Path]:

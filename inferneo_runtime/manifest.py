@@ -149,13 +149,16 @@ class AdapterInfo(_Model):
 
 
 class SourceInfo(_Model):
-    _ADDED = frozenset({"adapters"})
+    _ADDED = frozenset({"adapters", "allow_pickle", "trust_remote_code"})
 
     kind: Literal["hf", "path", "gguf", "s3"]
     uri: str
     revision: Optional[str] = None
     weights_sha256: str  # of the base checkpoint (adapters carry their own hashes)
     adapters: list[AdapterInfo] = []
+    # The recipe's opt-ins, recorded only when given (true); absent means off: no pickle, no checkpoint code.
+    allow_pickle: Optional[bool] = None
+    trust_remote_code: Optional[bool] = None
 
 
 class Golden(_Model):

@@ -6,6 +6,7 @@ What needs TensorRT and a GPU (the Polygraphy build, deserialize, execute_async_
 """
 from __future__ import annotations
 
+import importlib.machinery
 import shutil
 import sys
 import types
@@ -199,6 +200,7 @@ def fake_tensorrt(monkeypatch):
     """A `tensorrt` module that imports (as on a host with the wheel installed) but has no builder to reach."""
     module = types.ModuleType("tensorrt")
     module.__version__ = "10.9.0.34"
+    module.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # torch._dynamo looks modules up by spec
     monkeypatch.setitem(sys.modules, "tensorrt", module)
     return module
 
@@ -258,3 +260,48 @@ def test_backend_without_tensorrt_names_the_extra(tiny_artifact, tiny_checkpoint
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
     with pytest.raises(InferneoError, match="TensorRT engines run on CUDA GPUs only; asked for device 'cpu'"):
         TensorRTBackend(root, entry, manifest.model, device="cpu").load()
+
+
+def test_build_key_covers_tensorrt_version_and_gpu_archs(tiny_checkpoint, fake_tensorrt, monkeypatch):
+    """The build cache must not hand out an engine tuned for another GPU architecture or TensorRT release."""
+    from inferneo_build import build_cache
+    from inferneo_build.build import key_toolchain
+    from inferneo_build.recipe import Recipe
+    from inferneo_build.source import resolve
+
+    def recipe(**trt):
+        return Recipe.model_validate({"name": "t", "source": {"path": str(tiny_checkpoint("llama"))},
+                                      "targets": [{"format": "onnx"}, {"format": "tensorrt", "optional": True, **trt}],
+                                      "validation": {"prompts": ["hi"]}})
+
+    monkeypatch.setattr(trt_export, "cuda_gpus", lambda: [L4])
+    checkpoint = resolve(recipe())
+
+    def key(r):
+        return build_cache.build_key(r, checkpoint, key_toolchain(r))
+
+    host_gpu = key_toolchain(recipe())
+    assert host_gpu["tensorrt"] == "10.9.0.34" and host_gpu["tensorrt_compute_capabilities"] == "8.9"
+    assert key_toolchain(recipe(gpu_archs=["9.0", "8.0"]))["tensorrt_compute_capabilities"] == "8.0,9.0"
+    assert key(recipe(gpu_archs=["8.9"])) != key(recipe(gpu_archs=["9.0"]))
+    before = key(recipe())
+    fake_tensorrt.__version__ = "10.13.0.35"
+    assert key(recipe()) != before
+    monkeypatch.setattr(trt_export, "cuda_gpus", lambda: [A100])  # same recipe, another build host's GPU
+    assert key(recipe()) != key(recipe(gpu_archs=["8.9"]))
+    # recipes without tensorrt targets do not depend on TensorRT or the GPU at all
+    plain = Recipe.model_validate({"name": "t", "source": {"path": str(tiny_checkpoint("llama"))},
+                                   "targets": [{"format": "onnx"}], "validation": {"prompts": ["hi"]}})
+    assert "tensorrt" not in key_toolchain(plain)
+
+
+def test_reduced_precision_engines_are_judged_by_tolerances():
+    """fp16/bf16 engines are validated like other reduced-precision targets, not held to float32 exactness."""
+    from inferneo_build.recipe import DEFAULT_TOLERANCES, Recipe
+
+    r = Recipe.model_validate({"name": "t", "source": {"path": "."}, "validation": {"prompts": ["hi"]}, "targets": [
+        {"format": "tensorrt"}, {"format": "tensorrt", "name": "trt-bf16", "precision": "bf16",
+                                  "tolerance": {"top1_agreement": 0.9}}]})
+    fp16, bf16 = r.targets
+    assert fp16.reduced and r.tolerance_for(fp16) == DEFAULT_TOLERANCES["fp16"]
+    assert r.tolerance_for(bf16).top1_agreement == 0.9 and r.tolerance_for(bf16).mean_kl == DEFAULT_TOLERANCES["bf16"].mean_kl
