@@ -346,6 +346,9 @@ def serve(
     threads: Optional[int] = typer.Option(None, min=1, help="intra-op threads per model (default: physical cores)"),
     max_queue: Optional[int] = typer.Option(None, "--max-queue", min=1,
                                             help="most sequences in flight; more get 429 (default 256)"),
+    drain_timeout: Optional[float] = typer.Option(None, "--drain-timeout", min=0, help="on SIGTERM: /ready turns "
+                                                  "503 and running requests get this many seconds to finish; then "
+                                                  "they end with a 503 (default 30)"),
     ray: bool = typer.Option(False, "--ray", help="run replicas on Ray Serve: a local cluster, or RAY_ADDRESS's "
                              "(needs inferneo\\[ray])"),
     replicas: Optional[str] = typer.Option(None, "--replicas", help="with --ray: replica count (2), or a range to "
@@ -374,7 +377,7 @@ def serve(
             dtype=dtype, quantization=quantization, adapters=adapter, adapter_type=adapter_type,
             enable_metrics=enable_metrics, tensor_parallel_size=tensor_parallel_size,
             pipeline_parallel_size=pipeline_parallel_size, registry_path=registry, trusted_keys=trusted_key,
-            device=device, threads=threads, max_queue=max_queue))
+            device=device, threads=threads, max_queue=max_queue, graceful_timeout_s=drain_timeout))
         if ray or replicas:  # many replicas on Ray Serve, same app (inferneo_runtime/integrations/ray_serve.py)
             from .integrations.ray_serve import serve_on_ray
             return serve_on_ray(settings, replicas)
@@ -510,7 +513,7 @@ def pull(
 def bench(
     artifact: Optional[Path] = typer.Argument(None, help="artifact directory (or --url: a running server)"),
     target: Optional[list[str]] = typer.Option(None, help="only this target (repeatable; default: all valid)"),
-    compare: Optional[str] = typer.Option(None, help="peers on the same checkpoint: transformers,optimum,genai"),
+    compare: Optional[str] = typer.Option(None, help="peers on the same checkpoint: transformers,optimum,genai,genai-int4"),
     checkpoint: Optional[Path] = typer.Option(None, help="HF checkpoint for the peers (default: the manifest's source)"),
     runs: int = typer.Option(5, min=1, help="timed runs per measurement (medians, with min and max)"),
     threads: Optional[int] = typer.Option(None, min=1, help="intra-op threads (default: physical cores)"),

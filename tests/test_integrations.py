@@ -119,6 +119,7 @@ def test_ray_serve_replicas_answer_the_openai_client(ray_app, reference):
     assert _replicas().get("RUNNING") == 2
     ready = httpx.get(f"{ray_app['url']}/ready", timeout=10)
     assert ready.status_code == 200 and ready.json()["loaded"] == ["tiny-llama"]
+    assert ready.json()["warmed"] == ["tiny-llama"]  # each replica ran its warm-up generation before Ray routed to it
     client = _client(ray_app["url"])
     with ThreadPoolExecutor(6) as pool:  # enough requests that both replicas serve some
         texts = list(pool.map(lambda p: client.completions.create(model="tiny-llama", prompt=p, max_tokens=24,
@@ -292,8 +293,8 @@ def test_build_lock_serializes_jobs_on_one_key(s3env, bucket):
 
 # -- KServe ---------------------------------------------------------------------------------------------------
 def test_kserve_predictor_answers_through_the_model_server(artifact, reference, tmp_path):
-    pytest.importorskip("kserve", reason="KServe's SDK is not installed (pip install 'inferneo[kserve]'; it pins "
-                        "psutil<6 and protobuf<7, so it is not part of inferneo[test])")
+    pytest.importorskip("kserve", reason="KServe's SDK is not installed (pip install 'inferneo[kserve]' or "
+                        "'inferneo[test]')")
     import httpx
 
     port = free_port()

@@ -24,7 +24,10 @@ class WarmupFailed(InferneoError):
 
 
 def warmup_prompt(manifest) -> list[int]:
-    """The first golden's prompt (tokens the build already ran through this model), else the BOS token."""
+    """The first golden's prompt (tokens the build already ran through this model), else the BOS token (token 0
+    for a bare model file, which has no manifest)."""
+    if manifest is None:
+        return [0]
     if manifest.goldens:
         return list(manifest.goldens[0].prompt_ids)
     bos = manifest.generation.bos_token_id
@@ -55,15 +58,33 @@ def warm_up(driver, manifest, tokens: int = WARMUP_TOKENS, timeout: float = 120.
 
 
 def warm_up_registry(registry, tokens: int = WARMUP_TOKENS) -> dict[str, float]:
-    """Warm up every loaded model of a ModelRegistry (holding a lease so none is evicted meanwhile)."""
+    """Warm up every loaded model of a ModelRegistry (holding a lease so none is evicted meanwhile): a generation
+    model runs `warm_up` through its engine driver, an encoder embeds one text. Custom model classes are left to
+    their own `load()`. Returns {model: seconds} for the models warmed."""
+    from ..embedding import EmbeddingModel
+    from ..server.driver import EngineDriver
+
     seconds = {}
     for name in registry.loaded():
         lease = registry.try_acquire(name)
-        if lease is None:
+        if lease is None:  # evicted or closed since
             continue
         with lease:
-            seconds[name] = warm_up(lease.driver, lease.model.manifest, tokens)
+            if isinstance(lease.driver, EngineDriver):
+                seconds[name] = warm_up(lease.driver, lease.model.manifest, tokens)
+            elif isinstance(lease.model, EmbeddingModel):
+                t0 = time.perf_counter()
+                lease.model.embed(["warm up"])
+                seconds[name] = time.perf_counter() - t0
     return seconds
+
+
+def load_and_warm_up(registry, lazy: bool = False) -> dict[str, float]:
+    """What a server does before it reports ready (`inferneo serve`, each Ray Serve replica): load the models
+    (unless lazy: those load on first use and are not warmed here), then warm up each loaded one."""
+    if not lazy:
+        registry.preload()
+    return warm_up_registry(registry)
 
 
 class LoadedModel:

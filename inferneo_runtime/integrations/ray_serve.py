@@ -57,20 +57,18 @@ class InferneoReplica:
     def __init__(self, settings: Mapping[str, Any]):
         from ..server.app import build_registry, create_app
         from ..server.config import ServerConfig
-        from .common import warm_up_registry
 
         config = ServerConfig.model_validate(dict(settings))
         registry = build_registry(config)
         try:
-            if not config.lazy:
-                registry.preload()
-                warm_up_registry(registry)
+            app = create_app(registry, config)
+            app.state.inferneo.start_models()  # load + warm up, as `inferneo serve` does, before Ray routes here
         except BaseException:
             registry.close(timeout=0)
             raise
         self._registry = registry
         self._lazy = config.lazy
-        _replica["app"] = create_app(registry, config)
+        _replica["app"] = app
         logger.info("replica ready: %s", ", ".join(registry.loaded()) or "(lazy)")
 
     def check_health(self) -> None:

@@ -15,6 +15,11 @@ their engine slots at the next step.
 Validation errors are mapped to 400 (OpenAI answers bad parameters with 400, and so do the openai
 clients' BadRequestError), not FastAPI's default 422. Management endpoints (register / load / unload /
 unregister models, routing rules, A/B tests) answer loopback clients, or any client with the admin token.
+
+Lifecycle (run_server): the port opens at once (/health answers) while the models load and warm up on a
+thread; /ready answers 200 only after that. On SIGTERM the server drains (DrainingServer): /ready and new
+requests get 503, running requests and streams finish (for up to `graceful_timeout_s`, --drain-timeout; then
+they end with a 503), the port closes, the engines stop and the process exits 0.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -30,6 +36,7 @@ from functools import partial
 from typing import AsyncIterator, Callable, Optional
 
 import anyio
+import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -205,6 +212,7 @@ class _Job:
         self.seqs: list[_Seq] = []
         self.prompt_tokens = 0
         self.closed = False
+        state.jobs.add(self)
 
     @property
     def driver(self):
@@ -248,11 +256,16 @@ class _Job:
         return UsageInfo(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
                          total_tokens=self.prompt_tokens + completion)
 
+    def abort(self, error: Exception) -> None:
+        """End the request with `error` (its stream with an error event) at its next event wait."""
+        self.queue.put_nowait((0, error))
+
     def close(self) -> None:
         """Cancel unfinished sequences, give back the lease, the queue room and the slots. Idempotent."""
         if self.closed:
             return
         self.closed = True
+        self.state.jobs.discard(self)
         for t in self.tickets:
             self.driver.cancel(t)
         self.lease.release()
@@ -304,6 +317,28 @@ class _EventStream(StreamingResponse):
             self._on_close()
 
 
+class _RefuseWhileDraining:
+    """From SIGTERM on, new requests get 503 (with Connection: close, so clients reconnect elsewhere); probes and
+    metrics still answer. Requests already running are not affected."""
+
+    OPEN = ("/health", "/ready", "/metrics")
+
+    def __init__(self, app, state: "ServerState"):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not self.state.shutting_down or scope["path"] in self.OPEN:
+            return await self.app(scope, receive, send)
+        endpoint = ENDPOINTS.get(scope["path"])
+        if endpoint:
+            _Call(self.state, endpoint).finish(503)
+        response = error_response(503, ErrorInfo(message="the server is shutting down; retry on another replica",
+                                                 type="service_unavailable", code="shutting_down"))
+        response.headers["Connection"] = "close"
+        await response(scope, receive, send)
+
+
 # -- the server --------------------------------------------------------------------------------------------
 class ServerState:
     def __init__(self, registry: ModelRegistry, config: ServerConfig):
@@ -311,14 +346,26 @@ class ServerState:
         self.config = config
         self.in_flight = 0  # sequences admitted and not finished; changed on the event loop only
         self.requests_in_flight = 0  # generation requests admitted and not finished (event loop only)
+        self.jobs: set[_Job] = set()  # generation requests running (event loop only): what a drain timeout ends
         self.metrics = Metrics(registry, lambda: self.in_flight, config.max_queue)
         self.router = Router(config.routing)
         self.streams = ClientStreams(config.max_streams_per_client)
-        self.shutting_down = False
+        self.shutting_down = False  # from SIGTERM on (draining): /ready and new requests get 503
+        self.starting = False  # models loading and warming up at startup: /ready is 503
+        self.warmed: dict[str, float] = {}  # model -> seconds its warm-up generation took at startup
         self.defaults = {"max_tokens": config.default_max_tokens} if config.default_max_tokens else {}
         self.card_extras: dict = {}
         if config.gpu_memory_utilization is not None:
             self.card_extras["gpu_memory_utilization"] = config.gpu_memory_utilization
+
+    def start_models(self) -> None:
+        """Load the models (unless lazy) and warm each one up with a short generation through its engine: /ready
+        answers 503 until this returns, and stays 503 if it raised."""
+        from ..integrations.common import load_and_warm_up
+
+        self.starting = True
+        self.warmed = load_and_warm_up(self.registry, lazy=self.config.lazy)
+        self.starting = False
 
     def reserve(self, sequences: int) -> int:
         limit = self.config.max_queue
@@ -450,7 +497,8 @@ def _chat_logprobs(tokenizer, lps: list[TokenLogprobs]) -> ChoiceLogprobs:
 
 def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
     """The app over `registry` (a ModelRegistry or ModelManager) with `config`'s settings. The registry is
-    closed (drained) when the app shuts down."""
+    closed (drained) when the app shuts down. Loading and warming up the models is the caller's:
+    `app.state.inferneo.start_models()` (run_server runs it on a thread, a Ray replica in its constructor)."""
     state = ServerState(registry, config)
 
     @asynccontextmanager
@@ -462,6 +510,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="Inferneo", version=__version__, lifespan=lifespan)
     app.state.inferneo = state
     app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
+    app.add_middleware(_RefuseWhileDraining, state=state)
 
     # -- errors ------------------------------------------------------------------------------------------
     @app.exception_handler(RequestValidationError)
@@ -512,16 +561,21 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
 
     @app.get("/ready")
     async def ready():
-        loaded = registry.loaded()
+        """200 once the models loaded at startup are loaded and warmed up (lazy ones load on first use and do not
+        count); 503 while they load, when nothing can be served, and from SIGTERM on."""
         if state.shutting_down:
             return JSONResponse({"status": "not ready", "reason": "shutting down"}, status_code=503)
+        if state.starting:
+            return JSONResponse({"status": "not ready", "reason": "loading and warming up the models"},
+                                status_code=503)
+        loaded = registry.loaded()
         entries = list(registry.entries.values())
         errors = {e.key: e.error for e in entries if e.error}
         # not ready: nothing to serve, or nothing loaded because loading failed (unloaded models load on use)
         if not loaded and (not entries or (errors and not config.lazy)):
             return JSONResponse({"status": "not ready", "reason": "no model is loaded", "errors": errors},
                                 status_code=503)
-        return {"status": "ready", "models": registry.names, "loaded": loaded}
+        return {"status": "ready", "models": registry.names, "loaded": loaded, "warmed": list(state.warmed)}
 
     @app.get("/metrics")
     async def metrics():
@@ -844,19 +898,77 @@ def build_registry(config: ServerConfig):
     return manager
 
 
-def run_server(config: ServerConfig) -> None:
-    """Open the models, load them unless lazy, and serve until SIGINT/SIGTERM (then drain and exit)."""
-    import uvicorn
+class DrainingServer(uvicorn.Server):
+    """uvicorn's Server with a drain before its shutdown. On the first SIGTERM (or SIGINT) /ready turns 503 at
+    once and new requests get 503 while the port stays open and in-flight requests (streams too) run to their end,
+    so a load balancer takes the replica out before connections are refused. When no request is left, or
+    `drain_timeout` seconds have passed (generation requests still running then end with a 503), uvicorn's
+    shutdown runs: the port closes, the engines stop, and `run()` returns (exit status 0). A second signal
+    stops the server at once."""
 
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float):
+        super().__init__(config)
+        self.state = state
+        self.drain_timeout = drain_timeout
+        self.drain_deadline: Optional[float] = None
+        self._announced = False
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.drain_deadline is None and not self.should_exit:
+            self.state.shutting_down = True  # here, in the handler: the very next probe sees it
+            self.drain_deadline = time.monotonic() + self.drain_timeout
+            return  # not recorded as uvicorn's captured signal, which it re-raises after shutdown (exit -15, not 0)
+        super().handle_exit(sig, frame)
+        self.force_exit = True
+
+    async def on_tick(self, counter: int) -> bool:  # uvicorn calls it every 0.1 s
+        if self.drain_deadline is not None and not self.should_exit:
+            running, left = len(self.server_state.tasks), self.drain_deadline - time.monotonic()
+            if not self._announced:
+                self._announced = True
+                logger.warning("draining: /ready is 503, new requests get 503; waiting up to %.0fs for %d running "
+                               "request(s)", self.drain_timeout, running)
+            if not running or left <= 0:
+                if running:
+                    # generation requests end with a 503 (a stream: an error event and [DONE]) rather than a cut
+                    # connection; uvicorn cancels whatever else still runs after a second more
+                    jobs = list(self.state.jobs)
+                    for job in jobs:
+                        job.abort(DriverStopped("the server shut down (drain timeout) before this request finished"))
+                    logger.warning("drain timeout (%.0fs): ending %d running generation request(s) with a 503",
+                                   self.drain_timeout, len(jobs))
+                self.config.timeout_graceful_shutdown = max(left, 1.0)  # uvicorn's own wait for what is left
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def run_server(config: ServerConfig) -> None:
+    """Serve until SIGTERM/SIGINT, then drain (DrainingServer) and return. The port opens at once (/health
+    answers, /ready is 503) while the models load and warm up on a thread; a model that fails to load stops the
+    server and its error is raised here."""
     _setup_logging(config.log_level)
     registry = build_registry(config)
-    try:
-        loaded = [] if config.lazy else registry.preload()
-    except BaseException:
-        registry.close(timeout=0)
-        raise
-    lazy = [n for n in registry.names if n not in loaded]
-    logger.info("serving %s on http://%s:%d%s", ", ".join(registry.names), config.host, config.port,
-                f" ({', '.join(lazy)} load on first use)" if lazy else "")
-    uvicorn.run(create_app(registry, config), host=config.host, port=config.port, log_level=config.log_level,
-                timeout_graceful_shutdown=config.graceful_timeout_s)
+    app = create_app(registry, config)
+    state: ServerState = app.state.inferneo
+    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                                           timeout_graceful_shutdown=config.graceful_timeout_s),
+                            state, drain_timeout=config.graceful_timeout_s)
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            state.start_models()
+        except BaseException as e:  # noqa: BLE001 - a server should not run on a model that cannot load
+            if not state.shutting_down:
+                failed.append(e)
+                server.should_exit = True
+            return
+        loaded = registry.loaded()
+        lazy = [n for n in registry.names if n not in loaded]
+        logger.info("serving %s on http://%s:%d%s", ", ".join(registry.names), config.host, config.port,
+                    f" ({', '.join(lazy)} load on first use)" if lazy else "")
+
+    threading.Thread(target=start, name="inferneo-startup", daemon=True).start()
+    server.run()
+    if failed:
+        raise failed[0]

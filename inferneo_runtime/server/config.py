@@ -4,7 +4,7 @@ Precedence, highest first: command-line flags, environment variables, the config
 Every field has an environment variable named INFERNEO_<FIELD> (INFERNEO_PORT, INFERNEO_HOST,
 INFERNEO_MAX_MODELS, INFERNEO_MEMORY_BUDGET_GB, ...); list fields (INFERNEO_ARTIFACTS, INFERNEO_MODELS,
 INFERNEO_TRUSTED_KEYS, INFERNEO_ADAPTERS) are comma-separated. A few other names are accepted too
-(ENV_ALIASES: INFERNEO_MODEL, INFERNEO_GPU_MEMORY_UTIL).
+(ENV_ALIASES: INFERNEO_MODEL, INFERNEO_GPU_MEMORY_UTIL, INFERNEO_DRAIN_TIMEOUT).
 
     # serve.yaml
     models:                       # (`artifacts:` is the same list under its older name)
@@ -47,7 +47,8 @@ from ..errors import InferneoError
 
 DEFAULT_ARTIFACT = Path("artifacts/smollm2-135m")
 ENV_PREFIX = "INFERNEO_"
-ENV_ALIASES = {"INFERNEO_MODEL": "models", "INFERNEO_GPU_MEMORY_UTIL": "gpu_memory_utilization"}
+ENV_ALIASES = {"INFERNEO_MODEL": "models", "INFERNEO_GPU_MEMORY_UTIL": "gpu_memory_utilization",
+               "INFERNEO_DRAIN_TIMEOUT": "graceful_timeout_s"}
 LIST_FIELDS = ("artifacts", "models", "trusted_keys", "adapters")
 MODEL_LIST_FIELDS = ("artifacts", "models")
 
@@ -154,7 +155,8 @@ class ServerConfig(_Strict):
     default_max_tokens: Optional[int] = Field(None, ge=1, description="max_tokens when a request sets none (unset: "
                                               "OpenAI's 16 for completions, the rest of the context for chat)")
     load_wait_s: float = Field(30.0, ge=0, description="how long a request waits for busy models to free the budget")
-    graceful_timeout_s: float = Field(30.0, ge=0, description="how long shutdown waits for in-flight requests")
+    graceful_timeout_s: float = Field(30.0, ge=0, description="--drain-timeout: how long a shutdown (SIGTERM) waits "
+                                      "for in-flight requests before ending them with a 503")
 
     # -- what each model is (defaults of every `models:` entry) -----------------------------------------
     model_type: Optional[Format] = Field(None, description="--model-type: target format to serve / compile")
