@@ -39,21 +39,33 @@ def _param(array: np.ndarray) -> nn.Parameter:
     return nn.Parameter(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), requires_grad=False)
 
 
-class _Linear(nn.Module):
-    """x @ W (+ b) with the canonical MatMul-ready [in, out] weight.
+# Output columns of every projection are split into this many blocks, multiplied as one batched matmul.
+GEMV_SPLIT = 2
 
-    On CPU this layout is the faster one for decode's matrix-vector products (measured with MKL: ~10% over
-    nn.Linear's [out, in] for the layer weights, ~40% for the vocabulary-sized head).
+
+class _Linear(nn.Module):
+    """x @ W (+ b), the [in, out] weight stored as GEMV_SPLIT column blocks [split, in, out / split].
+
+    Decode multiplies one row by each weight, so it is memory-bound, and torch's CPU matmul runs a single-row
+    product on one thread (~15-20 GB/s here, whatever the thread count). A batched matmul over column blocks
+    spreads the blocks over the threads: measured on 2 cores, 1.6x on the [576, 3072] MLP projection and 1.7x on
+    the vocabulary-sized head. The [in, out] layout itself beats nn.Linear's [out, in] for these products.
     """
 
     def __init__(self, weights: dict[str, np.ndarray], name: str):
         super().__init__()
-        self.weight = _param(weights[f"{name}.weight"])
+        w = np.ascontiguousarray(weights[f"{name}.weight"], dtype=np.float32)
+        self.fan_in, self.fan_out = w.shape
+        self.split = GEMV_SPLIT if self.fan_out % GEMV_SPLIT == 0 else 1
+        blocks = w.reshape(self.fan_in, self.split, self.fan_out // self.split).transpose(1, 0, 2)
+        self.weight = _param(blocks)
         bias = weights.get(f"{name}.bias")
         self.bias = _param(bias) if bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.matmul(x, self.weight)
+        rows = x.reshape(1, -1, self.fan_in).expand(self.split, -1, self.fan_in)
+        y = torch.bmm(rows, self.weight)  # [split, rows, out / split]
+        y = y.transpose(0, 1).reshape(x.shape[:-1] + (self.fan_out,))
         return y if self.bias is None else y + self.bias
 
 
