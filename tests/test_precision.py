@@ -231,3 +231,17 @@ def test_smollm2_over_quantized_int4_fails_closed(tmp_path):
     assert not report.passed and report.mean_kl > DEFAULT_TOLERANCES["int4"].mean_kl
     assert not (tmp_path / "coarse").exists()
     assert np.isfinite(report.top1_agreement)
+
+
+def test_bench_judges_quantized_targets_by_their_own_bytes(tiny_reduced):
+    """`inferneo bench`'s roofline for a quantized target comes from the bytes it streams, not the float32 model's."""
+    from inferneo_runtime.bench import _streamed_bytes, _target_streamed_bytes
+
+    m = tiny_reduced.manifest
+    embedding = m.model.vocab * m.model.hidden * 4
+    fp32, int8, int4 = (_target_streamed_bytes(m, n) for n in ("onnx", "onnx-int8", "onnx-int4"))
+    assert fp32 == _streamed_bytes(m) == sum(f.size for f in m.targets["onnx"].files) - embedding
+    assert int4 == sum(f.size for f in m.targets["onnx-int4"].files) - embedding
+    assert 0 < int4 < int8 < fp32
+    bf16 = m.targets["torchscript-bf16"]
+    assert _target_streamed_bytes(m, "torchscript-bf16") == sum(f.size for f in bf16.files) - embedding // 2
