@@ -74,7 +74,8 @@ def check_not_quantized(config, directory: Path) -> None:
     method = getattr(method, "value", method)
     raise QuantizedCheckpoint(
         f"{directory}: the checkpoint is quantized (quantization_config.quant_method={method}); Inferneo exports "
-        "unquantized checkpoints only: float32/float16/bfloat16 weights as safetensors or .bin (source.path or "
+        "unquantized checkpoints only: float32/float16/bfloat16 weights as safetensors (or .bin with allow_pickle) "
+        "(source.path or "
         "source.hf), or GGUF (source.gguf, dequantized on load). Build from the original model and add a target "
         "with `precision: int4` or `precision: int8` to quantize it for deployment.")
 

@@ -3,6 +3,7 @@ entry points run with the engine's own request shapes (no Triton server or LMI c
 builds Triton-shaped request objects and DJL Input/Output stand-ins)."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import sys
@@ -47,12 +48,27 @@ def _load_module(path: Path, name: str):
 
 
 # -- Triton ---------------------------------------------------------------------------------------------
-def _parse_config(path: Path):
-    pytest.importorskip("tritonclient", reason="tritonclient (in inferneo[test]) parses config.pbtxt")
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
+@functools.cache
+def _model_config_pb2():
+    """tritonclient's ModelConfig proto module, loaded on its own: importing the `tritonclient.grpc` package also
+    registers Triton's `inference.*` gRPC service messages, which KServe registers too under another file name,
+    and protobuf's default pool refuses the second (so kserve could no longer be imported in this process)."""
+    import importlib.util
 
-    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    spec = importlib.util.find_spec("tritonclient")
+    if spec is None:
+        pytest.skip("tritonclient (in inferneo[test]) parses config.pbtxt")
+    path = Path(spec.submodule_search_locations[0]) / "grpc" / "model_config_pb2.py"
+    module_spec = importlib.util.spec_from_file_location("_triton_model_config_pb2", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def _parse_config(path: Path):
+    from google.protobuf import text_format
+
+    return text_format.Parse(path.read_text(), _model_config_pb2().ModelConfig())
 
 
 def test_triton_repository_layout_and_config(artifact, tmp_path):
@@ -68,7 +84,7 @@ def test_triton_repository_layout_and_config(artifact, tmp_path):
     verify_artifact(copied, read_manifest(copied), ["onnx"])
 
     config = _parse_config(model_dir / "config.pbtxt")
-    from tritonclient.grpc import model_config_pb2 as pb
+    pb = _model_config_pb2()
 
     assert config.name == "tiny-llama" and config.backend == "python" and config.max_batch_size == 0
     assert config.model_transaction_policy.decoupled  # streaming responses
