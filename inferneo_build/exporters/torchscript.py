@@ -210,14 +210,15 @@ class Decoder(nn.Module):
         return logits, kv_cache
 
 
-def _example_inputs(spec: DecoderSpec) -> tuple[torch.Tensor, ...]:
+def example_inputs(spec: DecoderSpec, cache_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """Inputs to trace the decoder with (the cache in `cache_dtype`)."""
     n, steps = _TRACE_BATCH, _TRACE_STEPS
     past = torch.tensor(_TRACE_PAST)
     positions = past[:, None] + torch.arange(steps)
     total = past + steps
     mask = (torch.arange(int(total.max()))[None] < total[:, None]).long()
     ids = torch.arange(n * steps).view(n, steps) % spec.vocab
-    cache = torch.zeros(spec.num_layers, 2, n, spec.kv_heads, _TRACE_CAPACITY, spec.head_dim)
+    cache = torch.zeros(spec.num_layers, 2, n, spec.kv_heads, _TRACE_CAPACITY, spec.head_dim, dtype=cache_dtype)
     logit_positions = torch.tensor(_TRACE_LOGIT_POSITIONS)  # K != S, so K stays dynamic too
     return ids, positions, mask, cache, logit_positions
 
@@ -239,18 +240,23 @@ def io_signature(spec: DecoderSpec, cache_dtype: str = "float32") -> IOSignature
     )
 
 
-def export_torchscript(spec: DecoderSpec, weights: dict[str, np.ndarray], target, shapes, out_dir: Path) -> ExportResult:
-    """Build the decoder from canonical weights, trace it and save `out_dir/model.pt` (out_dir is the target's own folder)."""
+def table_length(spec: DecoderSpec, shapes) -> int:
+    """Positions the decoder's RoPE tables cover: the artifact's max_sequence (and at least the trace example's);
+    a learned-position model cannot go past its own table."""
     if spec.positions == "learned" and shapes.max_sequence > spec.max_positions:
         raise ValueError(f"max_sequence {shapes.max_sequence} exceeds the {spec.max_positions} learned positions "
                          f"of this {spec.model_type} checkpoint")
-    # RoPE tables cover the artifact's max_sequence (and at least the trace example's positions).
-    rope_length = max(shapes.max_sequence, max(_TRACE_PAST) + _TRACE_STEPS)
+    return max(shapes.max_sequence, max(_TRACE_PAST) + _TRACE_STEPS)
+
+
+def export_torchscript(spec: DecoderSpec, weights: dict[str, np.ndarray], target, shapes, out_dir: Path) -> ExportResult:
+    """Build the decoder from canonical weights, trace it and save `out_dir/model.pt` (out_dir is the target's own folder)."""
+    rope_length = table_length(spec, shapes)
     path = Path(out_dir) / FILE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode(False), torch.no_grad(), quiet_jit():
         model = Decoder(spec, weights, rope_length).eval()
-        traced = torch.jit.trace(model, _example_inputs(spec), check_trace=False)
+        traced = torch.jit.trace(model, example_inputs(spec), check_trace=False)
         torch.jit.save(traced, str(path))
     return ExportResult(files=[path.resolve()], io=io_signature(spec), dtype="float32",
                         toolchain={"torch": torch.__version__})

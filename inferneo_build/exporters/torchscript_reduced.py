@@ -15,43 +15,29 @@ from torch import nn
 from inferneo_runtime.backends.torchscript import quiet_jit
 
 from . import ExportResult, TargetUnavailable
-from .torchscript import FILE_NAME, Decoder, io_signature
+from .torchscript import FILE_NAME, Decoder, example_inputs, io_signature, table_length
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-_TRACE_PAST, _TRACE_STEPS, _TRACE_CAPACITY = (3, 1), 3, 9  # nothing is 1 and S != T != capacity
 
 
 class ReducedDecoder(nn.Module):
+    """The decoder with weights, compute and KV cache in `dtype`; logits come back float32."""
+
     def __init__(self, decoder: nn.Module, dtype: torch.dtype):
         super().__init__()
         self.decoder = decoder.to(dtype)
-        self.dtype = dtype
 
     def forward(self, input_ids, position_ids, attention_mask, kv_cache, logit_positions):
         logits, kv_cache = self.decoder(input_ids, position_ids, attention_mask, kv_cache, logit_positions)
         return logits.float(), kv_cache
 
 
-def _example_inputs(spec, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    past = torch.tensor(_TRACE_PAST)
-    n, steps = len(_TRACE_PAST), _TRACE_STEPS
-    positions = past[:, None] + torch.arange(steps)
-    total = past + steps
-    mask = (torch.arange(int(total.max()))[None] < total[:, None]).long()
-    ids = torch.arange(n * steps).view(n, steps) % spec.vocab
-    cache = torch.zeros(spec.num_layers, 2, n, spec.kv_heads, _TRACE_CAPACITY, spec.head_dim, dtype=dtype)
-    return ids, positions, mask, cache, torch.tensor([0, steps - 1])
-
-
 def export_torchscript_reduced(spec, weights, target, shapes, out_dir: Path) -> ExportResult:
     dtype = DTYPES[target.precision]
-    if spec.positions == "learned" and shapes.max_sequence > spec.max_positions:
-        raise ValueError(f"max_sequence {shapes.max_sequence} exceeds the {spec.max_positions} learned positions "
-                         f"of this {spec.model_type} checkpoint")
-    rope_length = max(shapes.max_sequence, max(_TRACE_PAST) + _TRACE_STEPS)
+    rope_length = table_length(spec, shapes)
     path = Path(out_dir) / FILE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = _example_inputs(spec, dtype)
+    example = example_inputs(spec, cache_dtype=dtype)
     with torch.inference_mode(False), torch.no_grad(), quiet_jit():
         model = ReducedDecoder(Decoder(spec, weights, rope_length).eval(), dtype).eval()
         try:
