@@ -328,12 +328,7 @@ def _build_in(staging: Path, recipe: Recipe, checkpoint, spec: DecoderSpec, mode
                                  for c, ids in zip(report.prompts, prompt_ids)]
         targets[name] = entry.model_copy(update=update)
 
-    failed = [r for r in reports if not r.passed]
-    if failed:
-        lines = [f"{r.target}: {r.reason}" for r in failed]
-        raise ValidationFailed("validation failed; nothing was published:\n  " + "\n  ".join(lines), reports)
-    if not any(t.status == "valid" for t in targets.values()):
-        raise BuildError("no target was built (all were skipped)")
+    require_valid_targets(reports, targets)
 
     (staging / VALIDATION_NAME).write_text(json.dumps({
         "reference": "transformers (PyTorch, float32)" + (" + merged LoRA adapters" if checkpoint.info.adapters else ""),
@@ -360,6 +355,15 @@ def _build_in(staging: Path, recipe: Recipe, checkpoint, spec: DecoderSpec, mode
     (staging / MANIFEST_NAME).write_text(manifest.to_json())  # written last
     return BuildResult(output=staging, manifest=manifest, reports=reports)
 
+
+def require_valid_targets(reports, targets: dict[str, TargetEntry]) -> None:
+    """Fail closed: any target that missed its tolerances fails the build, and so does having no target at all."""
+    failed = [r for r in reports if not r.passed]
+    if failed:
+        lines = [f"{r.target}: {r.reason}" for r in failed]
+        raise ValidationFailed("validation failed; nothing was published:\n  " + "\n  ".join(lines), reports)
+    if not any(t.status == "valid" for t in targets.values()):
+        raise BuildError("no target was built (all were skipped)")
 
 def _describe_report(r: TargetReport, atol: float) -> str:
     diverged = sum(p.first_divergence is not None for p in r.prompts)

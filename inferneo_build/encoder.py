@@ -18,7 +18,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 
 from inferneo_runtime.embedding import EmbeddingModel, make_runner
 from inferneo_runtime.manifest import (MANIFEST_NAME, SCHEMA_VERSION, VALIDATION_NAME, EncoderGolden, EncoderInfo,
@@ -266,7 +265,7 @@ class _TorchRunner:
 
 def build_encoder_in(staging: Path, recipe: Recipe, checkpoint, spec: EncoderSpec, model, progress,
                      recipe_text_sha256: Optional[str], key: str):
-    from .build import BuildError, BuildResult, ValidationFailed, _version, toolchain_versions
+    from .build import BuildResult, _version, require_valid_targets, toolchain_versions
 
     root_files = sources.copy_root_files(checkpoint, staging)
     for rel in spec.st_files:
@@ -315,12 +314,7 @@ def build_encoder_in(staging: Path, recipe: Recipe, checkpoint, spec: EncoderSpe
                      f"max-abs error {report.max_abs_error:.2e}")
         targets[name] = entry.model_copy(update={"validation": report.summary()})
 
-    failed = [r for r in reports if not r.passed]
-    if failed:
-        lines = [f"{r.target}: {r.reason}" for r in failed]
-        raise ValidationFailed("validation failed; nothing was published:\n  " + "\n  ".join(lines), reports)
-    if not any(t.status == "valid" for t in targets.values()):
-        raise BuildError("no target was built (all were skipped)")
+    require_valid_targets(reports, targets)
 
     (staging / VALIDATION_NAME).write_text(json.dumps({
         "reference": "transformers (PyTorch, float32)" + (" + merged LoRA adapters" if checkpoint.info.adapters else ""),
