@@ -38,10 +38,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Mapping, Optional
+from typing import Annotated, Literal, Mapping, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import InferneoError
 
@@ -82,6 +82,11 @@ def _check_quantization(v: Optional[str]) -> Optional[str]:
     return v
 
 
+# checked the same way wherever they appear (a `models:` entry, or the server-wide defaults)
+DTypeName = Annotated[str, AfterValidator(_check_dtype)]
+QuantizationName = Annotated[str, AfterValidator(_check_quantization)]
+
+
 class ModelConfig(_Strict):
     """One model to serve. Unset fields take the command's flags (the ServerConfig fields of the same name)."""
 
@@ -97,19 +102,9 @@ class ModelConfig(_Strict):
     tokenizer: Optional[str] = Field(None, description="bare model files: directory holding tokenizer.json "
                                                        "(default: the file's folder)")
     model_class: Optional[str] = Field(None, description="module:Class of an inferneo_runtime.models.CustomModel")
-    dtype: Optional[str] = None
-    quantization: Optional[str] = None
+    dtype: Optional[DTypeName] = None
+    quantization: Optional[QuantizationName] = None
     adapters: Optional[list[str]] = Field(None, description="LoRA adapter directories (merged at compile time)")
-
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v):
-        return _check_dtype(v)
-
-    @field_validator("quantization")
-    @classmethod
-    def _quantization(cls, v):
-        return _check_quantization(v)
 
 
 ArtifactConfig = ModelConfig  # the name this list had before it took more than artifacts
@@ -162,8 +157,8 @@ class ServerConfig(_Strict):
     model_type: Optional[Format] = Field(None, description="--model-type: target format to serve / compile")
     model_class: Optional[str] = Field(None, description="--model-class module:Class (a CustomModel subclass)")
     tokenizer: Optional[str] = Field(None, description="tokenizer directory for bare model files")
-    dtype: str = Field("auto", description="--dtype: auto | half | float16 | bfloat16 | float32")
-    quantization: Optional[str] = Field(None, description="--quantization: int8 | int4")
+    dtype: DTypeName = Field("auto", description="--dtype: auto | half | float16 | bfloat16 | float32")
+    quantization: Optional[QuantizationName] = Field(None, description="--quantization: int8 | int4")
     adapters: list[str] = Field(default_factory=list, description="--adapter: LoRA adapter directories")
     adapter_type: Literal["lora"] = "lora"
     max_model_len: Optional[int] = Field(None, ge=16, description="most tokens per sequence (prompt + output); "
@@ -196,16 +191,6 @@ class ServerConfig(_Strict):
     max_stop_chars: int = Field(256, ge=1, description="longest stop string")
     max_streams_per_client: int = Field(16, ge=1, description="concurrent streaming requests per client address; "
                                         "beyond: 429")
-
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v):
-        return _check_dtype(v)
-
-    @field_validator("quantization")
-    @classmethod
-    def _quantization(cls, v):
-        return _check_quantization(v)
 
     @property
     def memory_budget_bytes(self) -> Optional[int]:
