@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -101,13 +104,58 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
                           env=full_env, timeout=timeout)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- `inferneo serve` in its own process ----------------------------------------------------------------------
+def wait_ready(url: str, proc=None, log: Path | None = None, timeout: float = 60) -> None:
+    """Poll `url`/ready until it answers 200; fail with the server's log if it exits or times out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text() if log else ''}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"server at {url} not ready after {timeout}s:\n{log.read_text() if log else ''}")
+
+
+@contextmanager
+def serve_subprocess(args: list[str], cwd: Path, port: int, env: dict | None = None, timeout: float = 60):
+    """`inferneo serve ARGS` (listening on `port`, which ARGS or `env` set) as a subprocess, yielded once ready as
+    (url, proc, log). SIGTERM at the end must drain and exit 0 with no traceback in the log."""
+    log = cwd / f"serve-{port}.log"
+    cmd = [sys.executable, "-m", "inferneo_runtime.cli", "serve", *args]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, log, timeout)
+        yield SimpleNamespace(url=url, proc=proc, log=log)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+    text = log.read_text()
+    assert rc == 0 and "Traceback" not in text, f"unclean shutdown ({rc}):\n{text}"
+
+
 # -- a real S3-compatible server (moto over HTTP, in its own process) -------------------------------------
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """`python -m moto.server` on a free local port; yields its endpoint URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=log, stderr=subprocess.STDOUT)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,19 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import run_cli, tiny_recipe_fields, write_recipe
+from conftest import free_port, run_cli, tiny_recipe_fields, write_recipe
 
 pytestmark = pytest.mark.integration
 
 PROMPTS = ["The quick brown fox", "Hello world, this is", "Inferneo compiles models"]
 MESSAGES = [{"role": "user", "content": "Hello world, this is a tiny tokenizer."}]
 APP = "inferneo-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate, timeout: float, what: str, poll: float = 0.25):

@@ -7,15 +7,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -23,52 +18,16 @@ pytest.importorskip("fastapi")
 import httpx  # noqa: E402
 
 import inferneo_runtime  # noqa: E402
+from conftest import free_port, serve_subprocess  # noqa: E402
 from inferneo_runtime.client import InferneoClient  # noqa: E402
 
 PROMPTS = ["The quick brown fox", "Hello world, this is", "Inferneo compiles models"]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
 def serve_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 300):
-    """`inferneo serve ARGS --port P` as a subprocess (its own --log-level, if any, is kept); SIGTERM at the end
-    must exit cleanly. Yields url, proc and the log path."""
+    """`inferneo serve ARGS --port P` as a subprocess (its own --log-level, if any, is kept)."""
     port = free_port()
-    log = cwd / f"serve-{port}.log"
-    cmd = [sys.executable, "-m", "inferneo_runtime.cli", "serve", *args, "--port", str(port)]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server not ready after {timeout}s:\n{log.read_text()}")
-            time.sleep(0.1)
-        yield SimpleNamespace(url=url, proc=proc, log=log)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = proc.wait()
-    text = log.read_text()
-    assert rc in (0, -signal.SIGTERM) and "Traceback" not in text, f"unclean shutdown ({rc}):\n{text}"
+    return serve_subprocess([*args, "--port", str(port)], cwd, port, env=env, timeout=timeout)
 
 
 def greedy(url: str, model: str | None, prompt: str, n: int = 8, headers: dict | None = None):

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +26,7 @@ openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
 
 import inferneo_runtime  # noqa: E402
+from conftest import free_port, serve_subprocess, wait_ready  # noqa: E402
 from inferneo_runtime.tokenizer import Tokenizer  # noqa: E402
 
 PROMPTS = ["The quick brown fox", "Hello world, this is", "Inferneo compiles models", "lazy dog",
@@ -35,48 +34,9 @@ PROMPTS = ["The quick brown fox", "Hello world, this is", "Inferneo compiles mod
 MESSAGES = [{"role": "user", "content": "Hello world, this is a tiny tokenizer."}]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, proc=None, log: Path | None = None, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text() if log else ''}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"server at {url} not ready after {timeout}s:\n{log.read_text() if log else ''}")
-
-
-@contextmanager
-def serve_process(args: list[str], cwd: Path, env: dict | None = None, port: int | None = None):
-    """`inferneo serve ARGS` as a subprocess; stopped with SIGTERM, which must exit cleanly (0)."""
-    port = port or free_port()
-    log = cwd / f"serve-{port}.log"
-    cmd = [sys.executable, "-m", "inferneo_runtime.cli", "serve", *args, "--log-level", "warning"]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, log)
-        yield SimpleNamespace(url=url, proc=proc, log=log)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = proc.wait()
-    # SIGTERM drains, then the process exits 0 (tests/test_server_lifecycle.py checks the drain itself)
-    text = log.read_text()
-    assert rc == 0 and "Traceback" not in text, f"unclean shutdown ({rc}):\n{text}"
+def serve_process(args: list[str], cwd: Path, port: int, env: dict | None = None):
+    """`inferneo serve ARGS --log-level warning` as a subprocess; ARGS or `env` put it on `port`."""
+    return serve_subprocess([*args, "--log-level", "warning"], cwd, port, env=env)
 
 
 def client(url: str):

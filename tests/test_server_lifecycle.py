@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
+from conftest import free_port  # noqa: E402
 
 PROMPT = "The quick brown fox"
 STEP_DELAY_S = 0.03  # per engine step (one token per sequence): 60 tokens take about 2 s
@@ -39,12 +39,6 @@ from inferneo_runtime.cli import main
 sys.argv = ["inferneo", "serve", *sys.argv[1:]]
 main()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate, timeout: float, what: str):
