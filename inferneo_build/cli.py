@@ -1,7 +1,6 @@
 """Build-side commands, imported by `inferneo_runtime.cli` only when such a command runs."""
 from __future__ import annotations
 
-import hashlib
 import warnings
 from pathlib import Path
 from typing import Optional

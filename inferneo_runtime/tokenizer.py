@@ -60,7 +60,6 @@ class Tokenizer:
     # -- chat ---------------------------------------------------------------------------------------
     @cached_property
     def _compiled_template(self):
-        from jinja2 import StrictUndefined  # noqa: F401  (kept lenient like transformers)
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         if not self.chat_template:
