@@ -283,14 +283,11 @@ def _target_streamed_bytes(manifest, name: str) -> int:
 
 
 def _streamed_bytes(manifest) -> int:
-    """Bytes a decode step reads: the fp32 weights once, less the embedding table (only its rows are read).
-    Taken from the smallest float32 target's files, which hold every weight once plus the table."""
-    sizes = [sum(f.size for f in t.files) for t in manifest.targets.values()
+    """Bytes a decode step of the float32 model reads: those of the smallest float32 target, whose files hold
+    every weight once plus the embedding table."""
+    sizes = [_target_streamed_bytes(manifest, name) for name, t in manifest.targets.items()
              if t.status == "valid" and t.dtype == "float32" and t.files]
-    if not sizes:
-        return 0
-    dims = manifest.model
-    return min(sizes) - dims.vocab * dims.hidden * 4
+    return min(sizes, default=0)
 
 
 def run_bench(artifact: Path, targets: Optional[list[str]] = None, compare: tuple[str, ...] = (),
