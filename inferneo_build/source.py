@@ -10,19 +10,18 @@ Python code (config.json `auto_map`) are refused unless the recipe sets `allow_p
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.metadata
 import json
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from inferneo_runtime.errors import S3Error
+from inferneo_runtime.s3 import cache_root, file_lock  # one cache dir and lock for builder and runtime
 from inferneo_runtime.manifest import SourceInfo, sha256_file
 
 from .recipe import GGUFSource, HubSource, PathSource, Recipe, S3Source, TokenizerOverrides
@@ -45,12 +44,6 @@ class Checkpoint:
     directory: Path
     info: SourceInfo
     tokenizer: TokenizerOverrides
-
-
-def cache_root() -> Path:
-    base = os.environ.get("INFERNEO_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "inferneo")
-    return Path(base)
 
 
 def resolve(recipe: Recipe, log: Callable[[str], None] = lambda _: None) -> Checkpoint:
@@ -172,20 +165,9 @@ def _locate_gguf(src: GGUFSource) -> Path:
     raise SourceError(f"source.gguf: {src.gguf} not found in the installed package {src.package!r}")
 
 
-@contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _convert_gguf(gguf: Path, digest: str, log: Callable[[str], None]) -> Path:
     target = cache_root() / "checkpoints" / f"gguf-{digest[:20]}"
-    with _file_lock(target.with_suffix(".lock")):
+    with file_lock(target.with_suffix(".lock")):
         if (target / "config.json").is_file():
             return target
         log(f"converting {gguf.name} to an HF checkpoint (once; cached in {target.parent})")
@@ -221,11 +203,11 @@ def _s3_checkpoint(uri: str, allow_pickle: bool, log: Callable[[str], None]) -> 
             obj = objects[name]
             h.update(f"s3://{bucket}/{obj['Key']}\0{obj.get('ETag', '')}\0{obj['Size']}\n".encode())
         target = cache_root() / "checkpoints" / f"s3-{h.hexdigest()[:20]}"
-        with _file_lock(target.with_suffix(".lock")):
+        with file_lock(target.with_suffix(".lock")):
             if (target / "config.json").is_file():
                 log(f"using {uri} downloaded before ({target})")
             else:
-                _s3_download(client, uri, objects, files, target, log)
+                _s3_download(client, uri, bucket, prefix, objects, files, target, log)
         return target
     except S3Error as e:
         raise SourceError(f"source.s3: {uri}: {e}") from None
@@ -245,12 +227,11 @@ def _s3_objects(client, bucket: str, prefix: str) -> dict[str, dict]:
     return found
 
 
-def _s3_download(client, uri: str, objects: dict[str, dict], files: list[str], target: Path,
-                 log: Callable[[str], None]) -> None:
+def _s3_download(client, uri: str, bucket: str, prefix: str, objects: dict[str, dict], files: list[str],
+                 target: Path, log: Callable[[str], None]) -> None:
     """Download `files` into a temporary directory renamed to `target` when complete (caller holds the lock)."""
     from inferneo_runtime import s3
 
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
     for stale in target.parent.glob(f".{target.name}.partial-*"):  # left by a download that died
         shutil.rmtree(stale, ignore_errors=True)
     size = sum(objects[n]["Size"] for n in files)
@@ -263,7 +244,7 @@ def _s3_download(client, uri: str, objects: dict[str, dict], files: list[str], t
             with s3.s3_errors(bucket, key, "downloading"):
                 client.download_file(bucket, key, str(tmp / name), Config=s3.transfer_config())
         # The entry is named by the first listing: an object replaced meanwhile would make the name lie.
-        now = _s3_objects(client, bucket, prefix.strip("/"))
+        now = _s3_objects(client, bucket, prefix)
         changed = [n for n in files if (now.get(n) or {}).get("ETag") != objects[n].get("ETag")]
         if changed:
             raise SourceError(f"source.s3: {uri}: {', '.join(changed)} changed during the download; "

@@ -299,7 +299,7 @@ def run_parallel(fn: Callable, items: list, jobs: int) -> list:
 # --------------------------------------------------------------------------------------------------- cache
 
 def cache_root() -> Path:
-    """Same rule as inferneo_build.source.cache_root (the runtime does not import the builder)."""
+    """$INFERNEO_CACHE_DIR, else inferneo under the user's cache dir; the builder's caches live here too."""
     base = os.environ.get("INFERNEO_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "inferneo")
     return Path(base)
