@@ -317,7 +317,7 @@ def _build_in(staging: Path, recipe: Recipe, checkpoint, spec: DecoderSpec, mode
         tolerance = None if precision == "fp32" else Tolerances(**recipe.tolerance_for(target).model_dump(exclude={"cosine"}))
         with progress.step(f"validate {name} against the reference"):
             device = "cuda" if target.format == "tensorrt" else "cpu"  # engines run on the GPU that built them
-            with backend_class(target.format)(staging, entry, dims, device=device) as backend:
+            with backend_class(target.format)(staging, entry, dims, device=device, host_cache=False) as backend:
                 report = compare_target(name, backend, val.prompts, prompt_ids, reference, val.max_new_tokens,
                                         val.logits_atol, eos_ids, tolerance=tolerance, precision=precision, text=text)
         reports.append(report)

@@ -41,6 +41,9 @@ NEW_TOKENS = 128
 CONCURRENCY = (1, 4, 8)
 PEERS = ("transformers", "optimum", "genai", "genai-int4")  # run by inferneo_build.bench_peers
 LONG_ROUNDS, LONG_STEPS = 6, 4  # decode-step timing: rounds over the positions, steps per position per round
+SESSION_SOURCES = {"cache": "mapped this host's packed copy (written by an earlier load)",
+                   "created": "loaded from the artifact and wrote this host's packed copy (later loads map it)",
+                   "artifact": "loaded from the artifact (host copy off or unwritable)"}
 RESULT_MARK = "@@inferneo-bench@@"  # a child's reply is the one stdout line starting with this
 
 
@@ -127,8 +130,11 @@ class TargetSession:
     # first step also runs the first decode step). The first request after load is the cold one.
     def ready(self) -> dict:
         first = self.generate([self.prompt_ids], 1)[0]
-        return {"load_s": round(self.t_load, 3), "first_token_s": round(first, 3),
-                "load_plus_first_token_s": round(self.t_load + first, 3)}
+        out = {"load_s": round(self.t_load, 3), "first_token_s": round(first, 3),
+               "load_plus_first_token_s": round(self.t_load + first, 3)}
+        if getattr(self.backend, "session_source", None):  # onnx: was the host's packed copy used or written?
+            out["session_source"] = self.backend.session_source
+        return out
 
     def verify(self) -> dict:
         """What load(verify=True), the default, adds: the sha256 of every file the target uses."""
@@ -474,6 +480,10 @@ def print_report(report: dict, console) -> None:
     if own:
         console.print("reduced-precision targets against the roofline of their own weight bytes: " + ", ".join(own),
                       highlight=False)
+    sources = [f"{n} {SESSION_SOURCES.get(t['session_source'], t['session_source'])}"
+               for n, t in report["targets"].items() if t.get("session_source")]
+    if sources:
+        console.print("onnx sessions: " + "; ".join(sources), highlight=False)
     verify = [f"{n} {t['verify_s']:.2f} s" for n, t in report["targets"].items() if "verify_s" in t]
     if verify:
         console.print("load s is load(verify=False); the default checksum pass adds " + ", ".join(verify),

@@ -294,7 +294,8 @@ def _open_for_goldens(root: Path, m, name: str, device: str, backend_class, Mode
 
         return EmbeddingModel.open(root, m, name, device=device)
     entry = m.targets[name]
-    backend = backend_class(entry.format)(root, entry, m.model, device=device).load()
+    # the artifact's own files, not this host's packed copy of them: validate judges what was shipped
+    backend = backend_class(entry.format)(root, entry, m.model, device=device, host_cache=False).load()
     return Model(root, m, name, backend, Tokenizer(root))
 
 
@@ -400,7 +401,7 @@ def build(
     ray: bool = typer.Option(False, "--ray", help="one Ray task per recipe and per target, on a local cluster or "
                              "RAY_ADDRESS's (needs inferneo\\[ray])"),
 ):
-    """Build a recipe into a validated artifact (needs inferneo\[build])."""
+    r"""Build a recipe into a validated artifact (needs inferneo\[build])."""
 
     def go():
         try:

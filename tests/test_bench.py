@@ -35,6 +35,7 @@ def test_every_target_is_measured(report):
         assert conc[1]["tok_s"] > 0 and conc[4]["tok_s"] > 0
         assert "max_batch is 4" in conc[8]["skipped"]
     assert report["targets"]["onnx"]["torch_imported"] is False  # the ONNX child never imports torch
+    assert report["targets"]["onnx"]["session_source"] in ("cache", "created")  # the host's packed copy
     assert report["targets"]["onnx"]["tokens"] == report["targets"]["torchscript"]["tokens"]
 
 
@@ -65,6 +66,7 @@ def test_human_table(tiny_artifact):
     r = run_cli("bench", str(tiny_artifact("llama")), "--runs", "1", "--target", "onnx", timeout=600)
     assert r.returncode == 0, r.stderr
     assert "roofline" in r.stdout and "onnx" in r.stdout and "torchscript" not in r.stdout
+    assert "onnx sessions: onnx " in r.stdout and "this host's packed copy" in r.stdout
 
 
 def test_bad_names_are_input_errors(tiny_artifact):

@@ -93,12 +93,15 @@ class Backend(ABC):
     supports_last_only: bool = False
 
     def __init__(self, artifact_dir: Path, target: "TargetEntry", dims: "ModelDims", device: str = "cpu",
-                 threads: int | None = None):
+                 threads: int | None = None, host_cache: bool = True):
         self.artifact_dir = Path(artifact_dir)
         self.target = target
         self.dims = dims
         self.device = device
         self.threads = threads
+        # may the backend keep a load-ready copy for this host in the local cache (onnx: its packed weights)?
+        # The builder says no: it loads from a staging directory on a machine that is rarely the deploy host.
+        self.host_cache = host_cache
         self._loaded = False
 
     # -- lifecycle --------------------------------------------------------------------------------

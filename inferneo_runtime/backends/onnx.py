@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import ManifestError, RequestError
+from . import onnx_cache
 from .base import Backend, KVCache, physical_cores
 
 __all__ = ["OnnxBackend", "physical_cores", "session_options"]
@@ -37,8 +38,9 @@ class OnnxBackend(Backend):
         if io is None or io.kv_layout != "per_layer":
             raise ManifestError(f"{self.artifact_dir}: the onnx target must declare a per_layer KV layout")
         model = self._model_path()
-        self._session = ort.InferenceSession(str(model), sess_options=session_options(self.threads),
-                                             providers=self._providers())
+        files = [f"{f.path} {f.sha256}" for f in self.target.files]
+        self._session, self.session_source = onnx_cache.open_session(
+            model, files, lambda: session_options(self.threads), self._providers(), use_cache=self.host_cache)
         declared = {i.name for i in self._session.get_inputs()}
         self._has_position_ids = "position_ids" in declared
         # graphs built before `logit_positions` existed always return every position's logits
