@@ -115,3 +115,15 @@ def test_rebuilding_an_artifact_in_place_drops_the_copy_of_its_old_version(tiny_
     assert run(deployed)[0] == "created"
     [new] = entries(cache)
     assert new != old and not old.exists()
+
+
+def test_no_copy_when_it_would_fill_the_disk(tiny_artifact, cache, monkeypatch, caplog):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, (1 << 40) - (512 << 20), 512 << 20))
+    with caplog.at_level(logging.WARNING, logger=onnx_cache.__name__):
+        source, _, tokens = run(tiny_artifact("llama"))
+    assert source == "artifact" and entries(cache) == [] and len(tokens) == 8
+    assert "not writing the packed onnx copy" in caplog.text and "0.5 GB free" in caplog.text

@@ -40,7 +40,8 @@ class OnnxBackend(Backend):
         model = self._model_path()
         files = [f"{f.path} {f.sha256}" for f in self.target.files]
         self._session, self.session_source = onnx_cache.open_session(
-            model, files, lambda: session_options(self.threads), self._providers(), use_cache=self.host_cache)
+            model, files, lambda: session_options(self.threads), self._providers(),
+            target_bytes=sum(f.size for f in self.target.files), use_cache=self.host_cache)
         declared = {i.name for i in self._session.get_inputs()}
         self._has_position_ids = "position_ids" in declared
         # graphs built before `logit_positions` existed always return every position's logits

@@ -66,17 +66,26 @@ def entry_key(files: Sequence[str], level: ort.GraphOptimizationLevel) -> str:
 
 
 def open_session(model: Path, files: Sequence[str], make_options: Callable[[], ort.SessionOptions],
-                 providers: list[str], use_cache: bool = True) -> tuple[ort.InferenceSession, str]:
-    """A session for `model` (whose target files are `files`: "path sha256" each), and where it came from: "cache" (the host's packed copy), "created" (loaded from
-    the artifact while writing that copy) or "artifact" (no cache: turned off, or it failed, with a warning)."""
-    if not (use_cache and enabled()):
+                 providers: list[str], target_bytes: int = 0,
+                 use_cache: bool = True) -> tuple[ort.InferenceSession, str]:
+    """A session for `model`, and where it came from.
+
+    `files` are the target's files as "path sha256" strings; `target_bytes` is their total size. The source is
+    "cache" (the host's packed copy), "created" (loaded from the artifact while writing that copy) or
+    "artifact" (no copy: turned off, too little disk, or it failed with a warning)."""
+    def from_artifact():
         return ort.InferenceSession(str(model), sess_options=make_options(), providers=providers), "artifact"
+
+    if not (use_cache and enabled()):
+        return from_artifact()
     level = make_options().graph_optimization_level
     root = cache_dir()
     entry = root / entry_key(files, level)
     session = _open_entry(entry, make_options, providers)
     if session is not None:
         return session, "cache"
+    if not _room_for(root, target_bytes):
+        return from_artifact()
     try:
         from ..s3 import file_lock
 
@@ -90,7 +99,24 @@ def open_session(model: Path, files: Sequence[str], make_options: Callable[[], o
     except Exception as e:  # a cache that cannot be written (read-only, disk full) must not stop serving
         log.warning("could not write the packed onnx copy of %s into %s (%s); loading from the artifact",
                     model, entry, e)
-        return ort.InferenceSession(str(model), sess_options=make_options(), providers=providers), "artifact"
+        return from_artifact()
+
+
+def _room_for(root: Path, target_bytes: int) -> bool:
+    """The copy holds the original weights and the packed ones (about twice the target). It is skipped, with a
+    warning, when writing it would leave less than 1 GiB free on the cache's disk."""
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return True  # let the write itself fail, with its own message
+    if free - 2 * target_bytes >= 1 << 30:
+        return True
+    log.warning("not writing the packed onnx copy into %s: %.1f GB free, it needs %.1f GB and 1 GB spare; "
+                "loading from the artifact", root, free / 1e9, 2 * target_bytes / 1e9)
+    return False
 
 
 def _open_entry(entry: Path, make_options, providers) -> ort.InferenceSession | None:
