@@ -232,7 +232,7 @@ def load(path: Union[str, Path], target: Optional[str] = None, device: str = "cp
     if s3.is_s3_uri(path):  # s3://bucket/prefix[/versions/<sha256>]: fetched once into the verified cache
         path = s3.fetch(path)
     root = Path(path)
-    check_signature(root, trusted_keys)
+    signed_by = check_signature(root, trusted_keys)
     manifest = read_manifest(root)
     name = choose_target(manifest, target)
     preflight.check(manifest, name, device).raise_for_errors()  # versions, GPU, extras, memory: before any file is read
@@ -243,7 +243,9 @@ def load(path: Union[str, Path], target: Optional[str] = None, device: str = "cp
 
         return EmbeddingModel.open(root, manifest, name, device=device, threads=threads)
     entry = manifest.targets[name]
-    backend = backend_class(entry.format)(root, entry, manifest.model, device=device, threads=threads)
+    # where signatures are required, only signed bytes run: not this host's unsigned packed copy of them
+    backend = backend_class(entry.format)(root, entry, manifest.model, device=device, threads=threads,
+                                          host_cache=signed_by is None)
     tokenizer = Tokenizer(root)
     backend.load()
     return Model(root, manifest, name, backend, tokenizer)

@@ -47,6 +47,15 @@ def test_signed_artifact_loads_with_its_key(signed, keys):
     assert r.returncode == 0 and json.loads(r.stdout)["signed_by"] == keys["ci"]["key_id"]
 
 
+def test_required_signatures_load_the_signed_files_not_the_hosts_packed_copy(signed, keys, tmp_path, monkeypatch):
+    monkeypatch.setenv("INFERNEO_CACHE_DIR", str(tmp_path / "cache"))
+    with inferneo_runtime.load(signed, target="onnx", trusted_keys=[keys["ci"]["public_key"]]) as m:
+        assert m.backend.session_source == "artifact"
+    assert not (tmp_path / "cache" / "onnx-prepacked").exists()
+    with inferneo_runtime.load(signed, target="onnx") as m:  # no keys configured: the copy is made
+        assert m.backend.session_source == "created"
+
+
 def test_edited_manifest_is_refused(signed, keys):
     m = json.loads((signed / "inferneo.json").read_text())
     m["name"] = "renamed"
