@@ -87,6 +87,9 @@ def generate(
         t0 = time.perf_counter()
         with load(artifact, target=target, device=device, threads=threads, trusted_keys=trusted_key) as model:
             t_load = time.perf_counter() - t0
+            source = getattr(model.backend, "session_source", None)
+            load_note = f"load {t_load:.2f}s" + (" (wrote this host's packed onnx copy; later loads map it)"
+                                                 if source == "created" else "")
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
             ids = model.tokenizer.encode_chat(messages) if chat else model.encode(prompt)
             t1 = time.perf_counter()
@@ -95,7 +98,7 @@ def generate(
                     sys.stdout.write(delta)
                     sys.stdout.flush()
                 sys.stdout.write("\n")
-                err.print(f"[dim]{model.name}/{model.target}: {time.perf_counter() - t1:.2f}s, load {t_load:.2f}s[/dim]")
+                err.print(f"[dim]{model.name}/{model.target}: {time.perf_counter() - t1:.2f}s, {load_note}[/dim]")
                 return
             from .sampling import SamplingParams
 
@@ -105,11 +108,11 @@ def generate(
                 print(json.dumps({"ok": True, "model": model.name, "target": model.target, "text": c.text,
                                   "token_ids": c.token_ids, "prompt_tokens": len(c.prompt_ids),
                                   "finish_reason": c.finish_reason, "load_seconds": round(t_load, 3),
-                                  "generate_seconds": round(t_gen, 3)}))
+                                  "session_source": source, "generate_seconds": round(t_gen, 3)}))
             else:
                 out.print(c.text, highlight=False, markup=False)
                 err.print(f"[dim]{model.name}/{model.target}: {len(c.token_ids)} tokens in {t_gen:.2f}s, "
-                          f"finish_reason={c.finish_reason}, load {t_load:.2f}s[/dim]")
+                          f"finish_reason={c.finish_reason}, {load_note}[/dim]")
 
     _run(go, as_json)
 

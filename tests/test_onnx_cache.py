@@ -127,3 +127,17 @@ def test_no_copy_when_it_would_fill_the_disk(tiny_artifact, cache, monkeypatch, 
         source, _, tokens = run(tiny_artifact("llama"))
     assert source == "artifact" and entries(cache) == [] and len(tokens) == 8
     assert "not writing the packed onnx copy" in caplog.text and "0.5 GB free" in caplog.text
+
+
+def test_generate_says_when_it_wrote_the_copy(tiny_artifact, tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    env = {"INFERNEO_CACHE_DIR": str(tmp_path / "cache")}
+    args = ("generate", str(tiny_artifact("llama")), "Hello", "--target", "onnx", "--max-new-tokens", "3")
+    first = run_cli(*args, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "wrote this host's packed onnx copy" in first.stderr
+    again = run_cli(*args, "--json", env=env)
+    assert again.returncode == 0 and json.loads(again.stdout)["session_source"] == "cache"
