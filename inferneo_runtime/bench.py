@@ -40,6 +40,7 @@ PROMPT = [{"role": "user", "content": "Explain in a few sentences why the sky is
 NEW_TOKENS = 128
 CONCURRENCY = (1, 4, 8)
 PEERS = ("transformers", "optimum", "genai", "genai-int4")  # run by inferneo_build.bench_peers
+QUANTIZED_PEERS = ("genai-int4",)  # no float32 roofline applies to them
 LONG_ROUNDS, LONG_STEPS = 6, 4  # decode-step timing: rounds over the positions, steps per position per round
 SESSION_SOURCES = {"cache": "mapped this host's packed copy (written by an earlier load)",
                    "created": "loaded from the artifact and wrote this host's packed copy (later loads map it)",
@@ -288,6 +289,17 @@ def _target_streamed_bytes(manifest, name: str) -> int:
     return max(0, sum(f.size for f in t.files) - dims.vocab * dims.hidden * element)
 
 
+def _roofline_for(group: str, name: str, manifest, read_gb_s: Optional[float],
+                  float32_roofline: Optional[float]) -> Optional[float]:
+    """The decode roofline a contender is judged by: a reduced-precision target's from its own bytes; float32
+    targets and peers stream the float32 model's; a quantized peer's bytes are not known here, so none."""
+    if group == "peers":
+        return None if name in QUANTIZED_PEERS else float32_roofline
+    if float32_roofline and read_gb_s and manifest.targets[name].precision is not None:
+        return round(read_gb_s * 1e9 / _target_streamed_bytes(manifest, name), 1)
+    return float32_roofline
+
+
 def _streamed_bytes(manifest) -> int:
     """Bytes a decode step of the float32 model reads: those of the smallest float32 target, whose files hold
     every weight once plus the embedding table."""
@@ -397,9 +409,8 @@ def run_bench(artifact: Path, targets: Optional[list[str]] = None, compare: tupl
     report["weights_streamed_bytes"] = streamed
     report["roofline_tok_s"] = round(bw["read_gb_s"] * 1e9 / streamed, 1) if streamed and "read_gb_s" in bw else None
     for (group, name), res in results.items():
-        roofline = report["roofline_tok_s"]  # peers run the float32 checkpoint
-        if group == "targets" and roofline and manifest.targets[name].precision is not None:
-            roofline = round(bw["read_gb_s"] * 1e9 / _target_streamed_bytes(manifest, name), 1)
+        roofline = _roofline_for(group, name, manifest, bw.get("read_gb_s"), report["roofline_tok_s"])
+        if group == "targets" and roofline != report["roofline_tok_s"]:
             res["roofline_tok_s"] = roofline
         if roofline and "decode_tok_s" in res:
             res["roofline_fraction"] = round(res["decode_tok_s"]["median"] / roofline, 3)

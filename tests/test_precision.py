@@ -245,3 +245,14 @@ def test_bench_judges_quantized_targets_by_their_own_bytes(tiny_reduced):
     assert 0 < int4 < int8 < fp32
     bf16 = m.targets["torchscript-bf16"]
     assert _target_streamed_bytes(m, "torchscript-bf16") == sum(f.size for f in bf16.files) - embedding // 2
+
+
+def test_bench_rooflines_per_contender(tiny_reduced):
+    from inferneo_runtime.bench import _roofline_for, _target_streamed_bytes
+
+    m, gb_s, fp32 = tiny_reduced.manifest, 30.0, 1234.5
+    assert _roofline_for("targets", "onnx", m, gb_s, fp32) == fp32
+    assert _roofline_for("targets", "onnx-int4", m, gb_s, fp32) == round(30e9 / _target_streamed_bytes(m, "onnx-int4"), 1)
+    assert _roofline_for("peers", "genai", m, gb_s, fp32) == fp32  # runs the float32 checkpoint
+    assert _roofline_for("peers", "genai-int4", m, gb_s, fp32) is None  # its own bytes are unknown: no fraction
+    assert _roofline_for("targets", "onnx-int4", m, None, None) is None  # bandwidth not measured
