@@ -75,9 +75,8 @@ def check_not_quantized(config, directory: Path) -> None:
     raise QuantizedCheckpoint(
         f"{directory}: the checkpoint is quantized (quantization_config.quant_method={method}); Inferneo exports "
         "unquantized checkpoints only: float32/float16/bfloat16 weights as safetensors (or .bin with allow_pickle) "
-        "(source.path or "
-        "source.hf), or GGUF (source.gguf, dequantized on load). Build from the original model and add a target "
-        "with `precision: int4` or `precision: int8` to quantize it for deployment.")
+        "(source.path or source.hf), or GGUF (source.gguf, dequantized on load). Build from the original model and "
+        "add a target with `precision: int4` or `precision: int8` to quantize it for deployment.")
 
 
 # Reduced-precision variants of a format; float32 comes from the exporter registry.
@@ -105,6 +104,21 @@ def _with_adapters(key: str, checkpoint) -> str:
     if not checkpoint.info.adapters:
         return key
     return hashlib.sha256((key + "".join(a.sha256 for a in checkpoint.info.adapters)).encode()).hexdigest()
+
+
+def resolve_and_key(recipe: Recipe, log: Callable[[str], None] = lambda _: None):
+    """(checkpoint, its LoRA adapters, build key): the recipe's source resolved (cached), its adapters read
+    (pickled ones only with allow_pickle) and recorded in the checkpoint info, and the key build() looks up."""
+    checkpoint = sources.resolve(recipe, log)
+    adapters = []
+    if recipe.source.adapters:
+        from .lora import read_adapter
+
+        adapters = [read_adapter(p, recipe.allow_pickle) for p in recipe.source.adapters]
+        checkpoint = replace(checkpoint, info=checkpoint.info.model_copy(
+            update={"adapters": [a.info for a in adapters]}))
+    key = _with_adapters(build_cache.build_key(recipe, checkpoint, key_toolchain(recipe)), checkpoint)
+    return checkpoint, adapters, key
 
 
 @dataclass
@@ -198,15 +212,7 @@ def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Prog
     t_start = time.perf_counter()
 
     with progress.step(f"resolve source ({next(iter(recipe.source.model_dump(exclude={'tokenizer'}).values()))})"):
-        checkpoint = sources.resolve(recipe, progress.log)
-        adapters = []
-        if recipe.source.adapters:
-            from .lora import read_adapter
-
-            adapters = [read_adapter(p, recipe.allow_pickle) for p in recipe.source.adapters]
-            checkpoint = replace(checkpoint, info=checkpoint.info.model_copy(
-                update={"adapters": [a.info for a in adapters]}))
-    key = _with_adapters(build_cache.build_key(recipe, checkpoint, key_toolchain(recipe)), checkpoint)
+        checkpoint, adapters, key = resolve_and_key(recipe, progress.log)
 
     if not force:
         hit = build_cache.reuse(key, output, cache, progress)

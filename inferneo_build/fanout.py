@@ -63,22 +63,11 @@ def _quiet_libraries() -> None:
 
 
 def build_key_of(recipe: Recipe) -> str:
-    """The key build() computes for `recipe` (resolving its source, which is cached): the same steps as
-    build.build's first lines, so a fan-out checks and locks exactly what build() will look up."""
-    from dataclasses import replace
+    """The key build() computes for `recipe` (resolving its source, which is cached), by the same function, so
+    a fan-out checks and locks exactly what build() will look up."""
+    from .build import resolve_and_key
 
-    from . import build_cache
-    from . import source as sources
-    from .build import _with_adapters, key_toolchain
-
-    checkpoint = sources.resolve(recipe)
-    if recipe.source.adapters:
-        from .lora import read_adapter
-
-        adapters = [read_adapter(p, recipe.allow_pickle) for p in recipe.source.adapters]
-        info = checkpoint.info.model_copy(update={"adapters": [a.info for a in adapters]})
-        checkpoint = replace(checkpoint, info=info)
-    return _with_adapters(build_cache.build_key(recipe, checkpoint, key_toolchain(recipe)), checkpoint)
+    return resolve_and_key(recipe)[2]
 
 
 # -- the S3 build lock ----------------------------------------------------------------------------------
