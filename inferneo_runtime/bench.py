@@ -133,7 +133,7 @@ class TargetSession:
         first = self.generate([self.prompt_ids], 1)[0]
         out = {"load_s": round(self.t_load, 3), "first_token_s": round(first, 3),
                "load_plus_first_token_s": round(self.t_load + first, 3)}
-        if getattr(self.backend, "session_source", None):  # onnx: was the host's packed copy used or written?
+        if self.backend.session_source:  # onnx: was the host's packed copy used or written?
             out["session_source"] = self.backend.session_source
         return out
 

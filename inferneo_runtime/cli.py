@@ -87,7 +87,7 @@ def generate(
         t0 = time.perf_counter()
         with load(artifact, target=target, device=device, threads=threads, trusted_keys=trusted_key) as model:
             t_load = time.perf_counter() - t0
-            source = getattr(model.backend, "session_source", None)
+            source = model.backend.session_source
             load_note = f"load {t_load:.2f}s" + (" (wrote this host's packed onnx copy; later loads map it)"
                                                  if source == "created" else "")
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

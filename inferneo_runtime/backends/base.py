@@ -91,6 +91,9 @@ class Backend(ABC):
     # True when `_forward_impl` takes `last_only=True` and computes only the last position's logits;
     # otherwise `forward` slices them from the full result.
     supports_last_only: bool = False
+    # Where the loaded model came from when the backend can load it more than one way (onnx: "cache", this
+    # host's packed copy; "created", the artifact while writing that copy; "artifact"); None otherwise.
+    session_source: str | None = None
 
     def __init__(self, artifact_dir: Path, target: "TargetEntry", dims: "ModelDims", device: str = "cpu",
                  threads: int | None = None, host_cache: bool = True):
