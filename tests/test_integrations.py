@@ -269,13 +269,18 @@ def test_build_lock_serializes_jobs_on_one_key(s3env, bucket):
     with build_lock(cache, key) as waited:
         assert not waited
 
+        contended = threading.Event()  # set by the second job's "waiting for it" log line
+
         def second():
-            with build_lock(cache, key, poll_s=0.05) as w:
+            with build_lock(cache, key, log=lambda _: contended.set(), poll_s=0.05) as w:
                 order.append(("second", w))
 
         t = threading.Thread(target=second)
         t.start()
-        time.sleep(0.5)
+        # wait for the second job to find the lock taken (not a fixed sleep: creating its S3 client can take longer
+        # on a busy machine, and the result written below would then be seen before the lock)
+        assert contended.wait(30)
+        time.sleep(0.2)
         assert t.is_alive()  # blocked on the lock
         order.append(("first", False))
         client = s3.make_client()  # the first job's result lands in the cache (what build_cache.store writes last)
