@@ -28,7 +28,8 @@ from .architectures import DecoderSpec, canonical_weights, decoder_spec
 from .exporters import Exporter, TargetUnavailable, exporter_for
 from .publish import publish, staging_dir
 from .recipe import Recipe
-from .validate import BUILTIN_TEXT, TargetReport, compare_target, run_reference, run_text_reference
+from .evaluation import EvaluationReference
+from .validate import TargetReport, compare_target, run_reference
 
 
 class BuildError(RuntimeError):
@@ -297,8 +298,11 @@ def _build_in(staging: Path, recipe: Recipe, checkpoint, spec: DecoderSpec, mode
     with progress.step(f"reference greedy decode ({len(prompt_ids)} prompts × {val.max_new_tokens} tokens)"):
         torch_reference = TorchReference(model, dims, bounds).load()
         reference = run_reference(torch_reference, prompt_ids, val.max_new_tokens, eos_ids)
-        text_ids = tokenizer.encode(val.perplexity_text or BUILTIN_TEXT)[: min(recipe.shapes.max_sequence, 512)]
-        text = run_text_reference(torch_reference, text_ids) if len(text_ids) >= 2 else None
+    evaluation = None
+    if any(getattr(t, "precision", "fp32") != "fp32" for t in recipe.targets):  # what reduced precisions are judged on
+        with progress.step("reference logits over the evaluation text"):
+            # its logits live in a temporary directory, removed by close() or when the object is collected
+            evaluation = EvaluationReference.run(torch_reference, tokenizer, val, recipe.shapes.max_sequence)
 
     targets: dict[str, TargetEntry] = {}
     reports: list[TargetReport] = []
@@ -325,7 +329,8 @@ def _build_in(staging: Path, recipe: Recipe, checkpoint, spec: DecoderSpec, mode
             device = "cuda" if target.format == "tensorrt" else "cpu"  # engines run on the GPU that built them
             with backend_class(target.format)(staging, entry, dims, device=device, host_cache=False) as backend:
                 report = compare_target(name, backend, val.prompts, prompt_ids, reference, val.max_new_tokens,
-                                        val.logits_atol, eos_ids, tolerance=tolerance, precision=precision, text=text)
+                                        val.logits_atol, eos_ids, tolerance=tolerance, precision=precision,
+                                        evaluation=evaluation, kernel_path=_kernel_path(target, precision))
         reports.append(report)
         progress.log(_describe_report(report, val.logits_atol))
         update = {"validation": report.summary(val.max_new_tokens)}
@@ -334,13 +339,16 @@ def _build_in(staging: Path, recipe: Recipe, checkpoint, spec: DecoderSpec, mode
                                  for c, ids in zip(report.prompts, prompt_ids)]
         targets[name] = entry.model_copy(update=update)
 
+    if evaluation is not None:
+        evaluation.close()
     require_valid_targets(reports, targets)
 
     (staging / VALIDATION_NAME).write_text(json.dumps({
         "reference": "transformers (PyTorch, float32)" + (" + merged LoRA adapters" if checkpoint.info.adapters else ""),
         "max_new_tokens": val.max_new_tokens,
-        "perplexity_text": {"builtin": val.perplexity_text is None, "tokens": len(text.ids) if text else 0,
-                            "reference_perplexity": text.perplexity if text else None},
+        "evaluation_text": None if evaluation is None else {
+            "source": evaluation.label, "tokens": evaluation.tokens, "windows": len(evaluation.windows),
+            "reference_perplexity": evaluation.reference.perplexity},
         "targets": [r.to_dict() for r in reports],
     }, indent=2) + "\n")
     manifest = Manifest(
@@ -362,6 +370,15 @@ def _build_in(staging: Path, recipe: Recipe, checkpoint, spec: DecoderSpec, mode
     return BuildResult(output=staging, manifest=manifest, reports=reports)
 
 
+def _kernel_path(target, precision: str) -> Optional[str]:
+    """int8/int4 ONNX figures depend on which of onnxruntime's int8-activation CPU kernels ran them."""
+    if target.format == "onnx" and precision in ("int8", "int4"):
+        from inferneo_runtime.cpu_kernels import quantized_kernel_path
+
+        return quantized_kernel_path()
+    return None
+
+
 def require_valid_targets(reports, targets: dict[str, TargetEntry]) -> None:
     """Fail closed: any target that missed its tolerances fails the build, and so does having no target at all."""
     failed = [r for r in reports if not r.passed]
@@ -379,6 +396,8 @@ def _describe_report(r: TargetReport, atol: float) -> str:
     tol = r.tolerance or {}
     ppl = "" if r.perplexity_delta is None else (f"; perplexity {r.perplexity:.3f} vs {r.reference_perplexity:.3f} "
                                                  f"({r.perplexity_delta:+.2%}, max +{tol.get('perplexity_delta', 0):.0%})")
+    sample = f"{r.positions} positions" + (f", {r.evaluation_tokens} of them evaluation text" if r.evaluation_tokens else "")
+    path = f"; measured on {r.kernel_path}" if r.kernel_path else ""
     return (f"{r.target} ({r.precision}): top-1 agreement {r.top1_agreement:.4f} (min {tol.get('top1_agreement', 0):g}) "
-            f"over {r.positions} positions; mean KL {r.mean_kl:.4f} (max {tol.get('mean_kl', float('inf')):g}){ppl}; "
-            f"greedy tokens {tokens}")
+            f"over {sample}; mean KL {r.mean_kl:.4f} (max {tol.get('mean_kl', float('inf')):g}){ppl}; "
+            f"greedy tokens {tokens}{path}")

@@ -209,8 +209,17 @@ class Validation(_Strict):
     prompts: list[str] = Field(min_length=1, description="decoders: prompts to complete; encoders: texts to embed")
     max_new_tokens: int = Field(32, ge=1, le=4096)
     logits_atol: float = Field(1e-3, gt=0)
-    perplexity_text: Optional[str] = Field(None, min_length=1, description="text scored for the perplexity "
-                                           "check (default: a built-in English paragraph)")
+    perplexity_text: Optional[str] = Field(None, min_length=1, description="one text that reduced precisions are "
+                                           "judged on teacher-forced (default: the shipped evaluation text)")
+    evaluation_files: list[Path] = Field(default_factory=list, description="UTF-8 text files that reduced precisions "
+                                         "are judged on teacher-forced (default: the shipped prose, code and dialogue, "
+                                         "inferneo_build/eval_text/)")
+
+    @model_validator(mode="after")
+    def _one_evaluation_text(self):
+        if self.perplexity_text and self.evaluation_files:
+            raise ValueError("give perplexity_text or evaluation_files, not both")
+        return self
 
 
 class Encoder(_Strict):
@@ -388,6 +397,10 @@ def _check_files(path: Path, text: str, recipe: Recipe) -> None:
         if not (adapter / "adapter_config.json").is_file():
             raise RecipeError(f"{path}:{_line_of(text, ['source', 'adapters', i])}: source.adapters.{i}: "
                               f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
+    for i, f in enumerate(recipe.validation.evaluation_files):
+        if not f.is_file():
+            raise RecipeError(f"{path}:{_line_of(text, ['validation', 'evaluation_files', i])}: "
+                              f"validation.evaluation_files.{i}: file {f} not found")
     if isinstance(src, PathSource) and src.package is None:
         if not (src.path / "config.json").is_file():
             raise RecipeError(f"{path}:{_line_of(text, ['source', 'path'])}: source.path: "

@@ -20,18 +20,8 @@ import numpy as np
 
 from inferneo_runtime.backends.base import Backend
 from inferneo_runtime.generation import GenerationParams, SequenceOutput, generate_ids
+from inferneo_runtime.goldens import prefill_logits
 from inferneo_runtime.manifest import Tolerances, ValidationSummary
-
-# Scored for the perplexity check unless the recipe gives its own `validation.perplexity_text`.
-BUILTIN_TEXT = (
-    "The history of the printing press is a story about how ideas travel. Before movable type, books were copied "
-    "by hand, which made them rare and expensive. When printers began to set letters in metal and press them onto "
-    "paper, the cost of a page fell sharply, and within a few decades presses were running in most large towns. "
-    "Scholars could compare the same text in different cities, merchants could print price lists, and ordinary "
-    "readers slowly gained access to pamphlets, almanacs and newspapers. The change was not only technical. It "
-    "altered how people argued, what they expected to know, and whom they trusted to tell them."
-)
-
 
 @dataclass
 class PromptComparison:
@@ -66,6 +56,8 @@ class TargetReport:
     perplexity: Optional[float] = None
     reference_perplexity: Optional[float] = None
     perplexity_delta: Optional[float] = None
+    evaluation_tokens: Optional[int] = None  # of `positions`, those from the evaluation text
+    kernel_path: Optional[str] = None
 
     def summary(self, new_tokens: int) -> ValidationSummary:
         divergences = [p.first_divergence for p in self.prompts if p.first_divergence is not None]
@@ -77,22 +69,11 @@ class TargetReport:
             prompts=len(self.prompts), new_tokens=new_tokens, criterion=self.criterion,
             tolerance=Tolerances(**self.tolerance) if self.tolerance else None, positions=self.positions or None,
             top1_agreement=self.top1_agreement, mean_kl=self.mean_kl, perplexity=self.perplexity,
-            reference_perplexity=self.reference_perplexity, perplexity_delta=self.perplexity_delta)
+            reference_perplexity=self.reference_perplexity, perplexity_delta=self.perplexity_delta,
+            evaluation_tokens=self.evaluation_tokens, kernel_path=self.kernel_path)
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class TextReference:
-    """The perplexity text's token ids and the reference's logits at every position."""
-
-    ids: list[int]
-    logits: np.ndarray  # [len(ids), vocab]
-
-    @property
-    def perplexity(self) -> float:
-        return perplexity(self.logits, self.ids)
 
 
 def run_reference(backend: Backend, prompt_ids: Sequence[list[int]], max_new_tokens: int,
@@ -100,17 +81,6 @@ def run_reference(backend: Backend, prompt_ids: Sequence[list[int]], max_new_tok
     params = GenerationParams(max_new_tokens=max_new_tokens)
     # one prompt per call: the reference runs unbatched
     return [generate_ids(backend, [ids], params, eos_ids, keep_logits=True)[0] for ids in prompt_ids]
-
-
-def prefill_logits(backend: Backend, ids: Sequence[int]) -> np.ndarray:
-    """Every position's logits [len(ids), vocab] from one prefill into a fresh cache."""
-    array = np.asarray(ids, dtype=np.int64)[None, :]
-    cache = backend.allocate_cache(1, array.shape[1])
-    return np.asarray(backend.forward(cache, 0, array, np.zeros(1, dtype=np.int64))[0], dtype=np.float32)
-
-
-def run_text_reference(backend: Backend, ids: Sequence[int]) -> TextReference:
-    return TextReference(ids=list(ids), logits=prefill_logits(backend, ids))
 
 
 def first_divergence(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
@@ -138,11 +108,16 @@ def agreement(reference: np.ndarray, target: np.ndarray, chunk: int = 64) -> tup
     return agree, kl
 
 
-def perplexity(logits: np.ndarray, ids: Sequence[int]) -> float:
-    """exp(mean negative log-likelihood of ids[1:]) given the logits at positions [0, len-1)."""
+def token_nll(logits: np.ndarray, ids: Sequence[int]) -> float:
+    """Summed negative log-likelihood of ids[1:] given the logits at positions [0, len-1)."""
     ids = np.asarray(ids)
     lp = _log_softmax(logits[: len(ids) - 1])
-    return float(np.exp(-lp[np.arange(len(ids) - 1), ids[1:]].mean()))
+    return float(-lp[np.arange(len(ids) - 1), ids[1:]].sum())
+
+
+def perplexity(logits: np.ndarray, ids: Sequence[int]) -> float:
+    """exp(mean negative log-likelihood of ids[1:]) given the logits at positions [0, len-1)."""
+    return float(np.exp(token_nll(logits, ids) / (len(ids) - 1)))
 
 
 def reference_sequence_logits(ref: SequenceOutput) -> tuple[list[int], np.ndarray]:
@@ -172,9 +147,11 @@ def _max_abs_error(ref: SequenceOutput, out: SequenceOutput, agree: int) -> tupl
 def compare_target(name: str, backend: Backend, prompts: Sequence[str], prompt_ids: Sequence[list[int]],
                    reference: Sequence[SequenceOutput], max_new_tokens: int, logits_atol: float,
                    eos_ids: Sequence[int], *, tolerance: Optional[Tolerances] = None, precision: str = "fp32",
-                   text: Optional[TextReference] = None) -> TargetReport:
+                   evaluation=None, kernel_path: Optional[str] = None) -> TargetReport:
     """Compare one target with the reference. `tolerance` None: the exact criterion; else the tolerance one.
-    Teacher-forced metrics (and perplexity when `text` is given) are measured and recorded either way."""
+    Teacher-forced metrics are measured and recorded either way: over the prompts' reference sequences, plus the
+    evaluation text's windows (and its perplexity) when `evaluation` (an evaluation.EvaluationReference) is given.
+    `kernel_path` names the host's quantized-kernel path the figures were measured on."""
     params = GenerationParams(max_new_tokens=max_new_tokens)
     comparisons = []
     agree_total, kl_total, positions, tf_nonfinite, tf_max_err = 0, 0.0, 0, False, 0.0
@@ -198,16 +175,18 @@ def compare_target(name: str, backend: Backend, prompts: Sequence[str], prompt_i
         comparisons.append(PromptComparison(prompt, len(ids), ref.token_ids, out.token_ids, err, div, nonfinite,
                                             seconds, positions=n, top1_agreement=hits / n, mean_kl=kl / n))
 
+    ppl = ref_ppl = delta = None
+    evaluation_tokens = None
+    if evaluation is not None:
+        scores = evaluation.score(backend)
+        tf_nonfinite = tf_nonfinite or not scores.finite
+        agree_total, kl_total, positions = agree_total + scores.agree, kl_total + scores.kl_sum, positions + scores.positions
+        evaluation_tokens = scores.positions
+        if scores.predicted:
+            ppl, ref_ppl = scores.perplexity, evaluation.reference.perplexity
+            delta = (ppl - ref_ppl) / ref_ppl
     top1 = agree_total / positions
     mean_kl = kl_total / positions
-    ppl = ref_ppl = delta = None
-    if text is not None:
-        got = prefill_logits(backend, text.ids)
-        if np.all(np.isfinite(got)):
-            ppl, ref_ppl = perplexity(got, text.ids), text.perplexity
-            delta = (ppl - ref_ppl) / ref_ppl
-        else:
-            tf_nonfinite = True
 
     problems = []
     if any(c.nonfinite for c in comparisons) or tf_nonfinite:
@@ -236,7 +215,7 @@ def compare_target(name: str, backend: Backend, prompts: Sequence[str], prompt_i
         logits_atol=logits_atol, prompts=comparisons, criterion="exact" if tolerance is None else "tolerance",
         precision=precision, tolerance=tolerance.model_dump(exclude_none=True) if tolerance else None,
         positions=positions, top1_agreement=top1, mean_kl=mean_kl, perplexity=ppl, reference_perplexity=ref_ppl,
-        perplexity_delta=delta)
+        perplexity_delta=delta, evaluation_tokens=evaluation_tokens, kernel_path=kernel_path)
 
 
 # -- encoders ----------------------------------------------------------------------------------------------

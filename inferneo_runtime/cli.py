@@ -268,8 +268,7 @@ def validate(
                 continue
             with model:
                 try:
-                    results = model.check_goldens()
-                    report[name] = {"status": "passed", "goldens": len(results)}
+                    report[name] = {"status": "passed", **_golden_summary(m, name, model.check_goldens())}
                 except GoldenMismatch as e:
                     report[name] = {"status": "failed", "reason": str(e)}
                     failed = failed or e
@@ -282,12 +281,35 @@ def validate(
                       f"{', '.join(checked) or 'none'})")
             for name, r in report.items():
                 mark = {"passed": "[green]✓[/green]", "failed": "[red]✗[/red]"}.get(r["status"], "[yellow]-[/yellow]")
-                detail = r.get("reason") or f"{r.get('goldens')} goldens"
+                detail = r.get("reason") or _describe_goldens(r)
                 out.print(f"{mark} {name}: {r['status']} ({detail})", highlight=False)
         if failed:
             raise typer.Exit(failed.exit_code)
 
     _run(go, as_json)
+
+
+def _golden_summary(m, name: str, results: list[dict]) -> dict:
+    """What `validate` reports for a target whose goldens held; reduced precisions add their tolerance figures."""
+    summary = {"goldens": len(results)}
+    if results and "positions" in results[0]:
+        from .cpu_kernels import quantized_kernel_path
+
+        positions = sum(r["positions"] for r in results)
+        summary.update(criterion="tolerance", positions=positions,
+                       top1_agreement=sum(r["agree"] for r in results) / max(positions, 1),
+                       min_top1_agreement=m.targets[name].validation.tolerance.top1_agreement,
+                       exact_goldens=sum(r["match"] for r in results), kernel_path=quantized_kernel_path(),
+                       build_kernel_path=m.targets[name].validation.kernel_path)
+    return summary
+
+
+def _describe_goldens(r: dict) -> str:
+    if r.get("criterion") != "tolerance":
+        return f"{r.get('goldens')} goldens"
+    return (f"top-1 agreement {r['top1_agreement']:.4f} ≥ {r['min_top1_agreement']:g} over {r['positions']} "
+            f"teacher-forced positions of {r['goldens']} goldens; {r['exact_goldens']} reproduce exactly; "
+            f"kernel path {r['kernel_path']} (build: {r['build_kernel_path'] or 'not recorded'})")
 
 
 def _open_for_goldens(root: Path, m, name: str, device: str, backend_class, Model, Tokenizer):

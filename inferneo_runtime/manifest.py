@@ -84,7 +84,8 @@ class Tolerances(_Model):
 
 class ValidationSummary(_Model):
     _ADDED = frozenset({"criterion", "tolerance", "positions", "top1_agreement", "mean_kl", "perplexity",
-                        "reference_perplexity", "perplexity_delta", "min_cosine"})
+                        "reference_perplexity", "perplexity_delta", "min_cosine", "evaluation_tokens",
+                        "kernel_path"})
 
     status: Literal["passed", "failed", "skipped"]
     reason: Optional[str] = None
@@ -105,6 +106,9 @@ class ValidationSummary(_Model):
     reference_perplexity: Optional[float] = None
     perplexity_delta: Optional[float] = None  # (perplexity - reference) / reference
     min_cosine: Optional[float] = None  # encoders: the worst cosine similarity over the validation texts
+    evaluation_tokens: Optional[int] = None  # of `positions`, those from the evaluation text (perplexity's sample)
+    # the host's quantized-kernel path these figures were measured on (cpu_kernels.py), e.g. "x86_64 avx2"
+    kernel_path: Optional[str] = None
 
 
 class TargetEntry(_Model):
