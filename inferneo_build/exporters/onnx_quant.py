@@ -97,8 +97,18 @@ def _nbits(src: Path, out_dir: Path, bits: int, block_size: int, symmetric: bool
 def quantize_int4(src: Path, out_dir: Path, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 4,
                   exclude: list[str] = (), algorithm: str = "rtn") -> list[Path]:
     """MatMulNBits 4-bit weight-only quantization of every MatMul with a constant weight (except `exclude`):
-    round-to-nearest per block (`rtn`) or half-quadratic optimization of scales and zero points (`hqq`)."""
+    round-to-nearest per block (`rtn`), half-quadratic optimization of scales and zero points (`hqq`), or a
+    least-squares scale search per block with integer zero points (`mse`, int4_mse.py)."""
+    if algorithm == "mse":
+        from .int4_mse import quantize_model
+
+        model = quantize_model(onnx.load(str(src)), block_size, accuracy_level, _matmuls_named(src, list(exclude)))
+        return _save(model, Path(out_dir))
     return _nbits(src, out_dir, 4, block_size, symmetric, accuracy_level, list(exclude), algorithm)
+
+
+def _matmuls_named(src: Path, patterns: list[str]) -> list[str]:
+    return _matmuls(onnx.load(str(src), load_external_data=False), patterns) if patterns else []
 
 
 def quantize_int8(src: Path, out_dir: Path, method: str = "weight_only", accuracy_level: int = 4,
@@ -157,7 +167,7 @@ def reduce_onnx(src: Path, out_dir: Path, target) -> tuple[list[Path], dict, str
     if precision == "int4":
         o = target.int4 or _defaults("int4")
         files = quantize_int4(src, out_dir, o.block_size, o.symmetric, o.accuracy_level, o.exclude, o.algorithm)
-        layout = "asymmetric" if o.algorithm == "hqq" or not o.symmetric else "symmetric"
+        layout = "asymmetric" if o.algorithm in ("hqq", "mse") or not o.symmetric else "symmetric"
         method = (f"MatMulNBits bits=4 {o.algorithm} block_size={o.block_size} {layout} "
                   f"accuracy_level={o.accuracy_level}")
         kept, dtype = o.exclude, "int4"
