@@ -23,7 +23,9 @@ LENIENT = {"top1_agreement": 0.3, "mean_kl": 0.5, "perplexity_delta": 0.5}
 def tiny_quantized(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("fidelity") / "tiny-int8"
     fields = tiny_recipe_fields(tiny_checkpoint("llama"), "tiny-int8", out, targets=())
-    fields["targets"] = [{"format": "onnx"}, {"format": "onnx", "precision": "int8", "tolerance": LENIENT}]
+    fields["targets"] = [{"format": "onnx"}, {"format": "onnx", "precision": "int8", "tolerance": LENIENT},
+                         {"format": "onnx", "precision": "int4", "name": "onnx-int4-mse", "int4": {"algorithm": "mse"},
+                          "tolerance": LENIENT}]
     return build(Recipe.model_validate(fields))
 
 
@@ -117,3 +119,43 @@ def test_deploy_host_check_holds_a_quantized_target_to_its_tolerance(tiny_quanti
     with inferneo_runtime.load(drifted, target="onnx") as model:  # float32 stays exact: drifted goldens fail it
         with pytest.raises(GoldenMismatch, match="diverges at token 0"):
             model.check_goldens()
+
+
+def test_mse_int4_runs_on_onnxruntimes_kernel_and_beats_round_to_nearest():
+    """The searched scales reconstruct blocks closer than the range's scale, and the packed MatMulNBits node
+    onnxruntime runs computes exactly the dequantized weights' product."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from inferneo_build.exporters import int4_mse
+
+    k, n = 256, 96
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    w[3, 5] = 0.9  # an outlier stretches its block's range
+    q, scales, zero = int4_mse.quantize_blocks(w.T, 32)
+    dequantized = (scales[..., None] * (q.astype(np.float32) - zero[..., None])).reshape(n, k)
+    blocks = w.T.reshape(n, -1, 32)
+    lo, hi = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
+    step = (hi - lo) / 15
+    zp = np.clip(np.round(-lo / step), 0, 15)
+    rtn = (step[..., None] * (np.clip(np.round(blocks / step[..., None]) + zp[..., None], 0, 15) - zp[..., None]))
+    assert np.square(dequantized - w.T).mean() < np.square(rtn.reshape(n, k) - w.T).mean()
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["A", "W"], ["Y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])],
+                              [numpy_helper.from_array(w, "W")])
+    model = int4_mse.quantize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), 32, 0, [])
+    assert [node.op_type for node in model.graph.node] == ["MatMulNBits"]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a = rng.standard_normal((3, k)).astype(np.float32)
+    np.testing.assert_allclose(session.run(None, {"A": a})[0], a @ dequantized.T, rtol=1e-4, atol=1e-4)
+
+
+def test_mse_int4_target_builds_and_validates(tiny_quantized):
+    entry = tiny_quantized.manifest.targets["onnx-int4-mse"]
+    assert entry.validation.status == "passed" and "mse" in entry.toolchain["quantization"]
+    with inferneo_runtime.load(tiny_quantized.output, target="onnx-int4-mse") as model:
+        assert model.check_goldens()
