@@ -2,8 +2,9 @@
 file is hashed, read or deserialized.
 
 Checks, in order (each mismatch is one message saying what the artifact was built for and what this host has):
-  extras              torch for TorchScript; tensorrt (+ torch) for TensorRT; onnxruntime-gpu for ONNX on CUDA
-  device              cpu | cuda | cuda:N, and whether the format runs there (TensorRT: CUDA only)
+  extras              torch for TorchScript; tensorrt (+ torch) for TensorRT
+  device              cpu | cuda | cuda:N, and whether the format runs there (TensorRT: CUDA only; ONNX: CPU
+                      only, as its backend refuses CUDA)
   cuda                a CUDA device with that index, as the backend's library sees it
   tensorrt_version    the engine's TensorRT version == the installed one (engines do not load across versions)
   compute_capability  an engine built for the GPU's compute capability
@@ -354,12 +355,14 @@ def _check_extras(v: Verdict, entry: TargetEntry, kind: str, host: Host) -> None
             v.error("extras", f"{err}" + (f" ({module} is installed but {note})" if note else ""),
                     missing_extra=(what, extra, module))
     if entry.format == "onnx" and kind == "cuda":
-        providers = host.onnx_providers()
+        # The onnx backend refuses CUDA whatever providers onnxruntime has (its KV cache is host memory, which
+        # a CUDA session would copy in and out every step), so preflight refuses it too.
+        providers = host.onnx_providers() if host.version("onnxruntime") is not None else []
         v.facts["onnxruntime_providers"] = providers
-        if "CUDAExecutionProvider" not in providers:
-            v.error("extras", f"ONNX on CUDA needs onnxruntime-gpu: this host's onnxruntime "
-                              f"{host.version('onnxruntime') or ''} has only {', '.join(providers)} "
-                              f"(pip install onnxruntime-gpu in place of onnxruntime)")
+        v.error("device", f"the onnx backend runs on cpu only: its KV cache is host memory, which a CUDA session "
+                          f"would copy in and out every step (onnxruntime providers here: "
+                          f"{', '.join(providers) or 'none'}); use device 'cpu', or a torchscript or tensorrt "
+                          f"target on {v.device!r}")
 
 
 def _check_cuda(v: Verdict, entry: TargetEntry, kind: str, index: int, host: Host) -> Optional[GPU]:

@@ -163,6 +163,18 @@ class _Request:
         return self.cancelled
 
 
+class _CancelledAfter(_Request):
+    """A request whose client goes away once the model has checked it `n` times (once per generated token)."""
+
+    def __init__(self, n, final_flag, **inputs):
+        super().__init__(final_flag, **inputs)
+        self.n, self.checks = n, 0
+
+    def is_cancelled(self):
+        self.checks += 1
+        return self.checks > self.n
+
+
 def _fake_pb_utils():
     pb = types.ModuleType("triton_python_backend_utils")
     pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
@@ -227,8 +239,21 @@ def test_triton_model_py_executes_triton_shaped_requests(artifact, reference, tm
             (response, flags), = bad.sender.sent
             assert flags == final and words in response.error.message()
         # a cancelled request ends with a bare final flag and frees its slot
-        assert cancelled.sender.sent[-1] == (None, final) or cancelled.sender.sent[-1][1] == final
+        assert cancelled.sender.sent == [(None, final)]
         assert model.pending == {}
+
+        # cancelled mid-generation (Triton's client goes away after two tokens): the engine stops stepping it.
+        # Alone in the engine, each decode step is one of its tokens; uncancelled it would run all 8.
+        assert reference[PROMPTS[0]].finish_reason == "length" and len(reference[PROMPTS[0]].token_ids) == 8
+        driver = model.loaded.driver
+        leaving = _CancelledAfter(2, final, text_input=np.array([PROMPTS[0].encode()], dtype=object),
+                                  max_tokens=np.array([8], dtype=np.int32))
+        steps_before = driver.steps
+        model.execute([leaving])
+        assert leaving.sender.done.wait(30), "no final response"
+        assert leaving.sender.sent == [(None, final)]  # no text: it was not finished
+        assert leaving.checks >= 2 and driver.steps - steps_before <= 4, driver.steps - steps_before
+        assert driver.idle and model.pending == {}
     finally:
         model.finalize()
 

@@ -13,7 +13,7 @@ import inferneo_runtime
 from conftest import REPO, run_cli
 from inferneo_build import ValidationFailed, build, load_recipe
 from inferneo_build.recipe import Recipe
-from inferneo_runtime.embedding import EmbeddingModel, pool
+from inferneo_runtime.embedding import EmbeddingModel
 
 TEXTS = ["A man is eating food.", "A cheetah chases its prey across a field.", "Hello",
          "Inferneo compiles models ahead of time and serves them with a verifying runtime."]
@@ -135,9 +135,15 @@ def test_pooling_override_and_fail_closed(tiny_bert, tmp_path):
                                  encoder={"pooling": "cls", "normalize": False}))
     with inferneo_runtime.load(built.output) as model:
         got = model.embed(TEXTS)
-        feeds = model.tokenize(TEXTS)
-        hidden = model._runner(feeds)
-    assert np.allclose(got, pool(hidden, feeds["attention_mask"], "cls"), atol=1e-6)
+    # the reference: sentence-transformers' own CLS pooling, no Normalize module, over the same checkpoint
+    st = pytest.importorskip("sentence_transformers")
+    from sentence_transformers.models import Pooling, Transformer
+
+    modules = [Transformer(str(tiny_bert), max_seq_length=48), Pooling(32, pooling_mode="cls")]
+    expected = st.SentenceTransformer(modules=modules, device="cpu").encode(TEXTS, convert_to_numpy=True)
+    as_saved = st.SentenceTransformer(str(tiny_bert), device="cpu").encode(TEXTS, convert_to_numpy=True)  # max + norm
+    assert np.abs(got - expected).max() < 1e-4
+    assert cosine(got, as_saved).min() < 0.99  # the override really replaced the checkpoint's pooling
     assert not np.allclose(np.linalg.norm(got, axis=-1), 1.0, atol=1e-3)
 
     with pytest.raises(ValidationFailed, match=r"onnx-int8: cosine similarity [\d.]+ \(text \d\) is below 1"):

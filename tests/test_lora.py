@@ -14,7 +14,8 @@ from inferneo_runtime import load
 
 peft = pytest.importorskip("peft")
 
-TARGET_MODULES = {"llama": ["q_proj", "v_proj", "up_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
+TARGET_MODULES = {"llama": ["q_proj", "v_proj", "up_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"],
+                  "qwen2": ["q_proj", "k_proj", "o_proj", "gate_proj"], "mistral": ["q_proj", "v_proj", "up_proj", "down_proj"]}
 
 
 def make_adapter(checkpoint, out, model_type="llama", seed=1, r=4, alpha=16):
@@ -35,11 +36,14 @@ def make_adapter(checkpoint, out, model_type="llama", seed=1, r=4, alpha=16):
 
 
 def peft_merged_greedy(checkpoint, adapter, prompt_ids, n):
-    """Greedy tokens from PEFT's merge_and_unload (the reference the artifact must reproduce)."""
+    """Greedy tokens from PEFT's merge_and_unload (the reference the artifact must reproduce); `adapter` may be a
+    list, merged one after another (none: the base model)."""
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    merged = peft.PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
+    merged = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    for one in adapter if isinstance(adapter, list) else [adapter]:
+        merged = peft.PeftModel.from_pretrained(merged, one).merge_and_unload()
+    merged.eval()
     outs = []
     with torch.no_grad():
         for ids in prompt_ids:
@@ -80,20 +84,44 @@ def _greedy(n):
     return SamplingParams(max_new_tokens=n, ignore_eos=True)
 
 
-def test_adapter_hash_is_part_of_the_build_key(tiny_checkpoint, tmp_path):
+def test_changed_adapter_weights_at_the_same_path_rebuild(tiny_checkpoint, tmp_path):
+    """The build key covers the adapter's weights, not its path: rewriting the adapter in place makes `build()`
+    rebuild (and the artifact carries the new adapter); an unchanged one is up to date."""
     ckpt = tiny_checkpoint("llama")
-    a1 = make_adapter(ckpt, tmp_path / "a1", seed=1)
-    a2 = make_adapter(ckpt, tmp_path / "a2", seed=2)
-    assert read_adapter(a1).info.sha256 != read_adapter(a2).info.sha256
-    from inferneo_build import source
-    from inferneo_build.build import _with_adapters
-    from dataclasses import replace
+    adapter = make_adapter(ckpt, tmp_path / "adapter", seed=1)
+    fields = tiny_recipe_fields(ckpt, "k", tmp_path / "k", targets=("onnx",))
+    fields["source"]["adapters"] = [str(adapter)]
+    fields["validation"]["max_new_tokens"] = 4
+    recipe = Recipe.model_validate(fields)
+    first = build(recipe)
+    assert first.cached is None and build(recipe).cached == "output"  # unchanged: nothing rebuilt
 
-    recipe = Recipe.model_validate(tiny_recipe_fields(ckpt, "k", tmp_path / "k", targets=("onnx",)))
-    checkpoint = source.resolve(recipe)
-    keys = {_with_adapters("base", replace(checkpoint, info=checkpoint.info.model_copy(
-        update={"adapters": [read_adapter(a).info]}))) for a in (a1, a2)}
-    assert len(keys) == 2 and "base" not in keys
+    make_adapter(ckpt, adapter, seed=2)  # same path, new weights
+    second = build(recipe)
+    assert second.cached is None, "changed adapter weights did not rebuild"
+    old, new = first.manifest.source.adapters[0].sha256, second.manifest.source.adapters[0].sha256
+    assert old != new == read_adapter(adapter).info.sha256
+    assert first.manifest.build_key != second.manifest.build_key
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral"])
+def test_stacked_adapters_merge_as_peft_does(model_type, tiny_checkpoint, tmp_path):
+    """Two adapters in `source.adapters` are both merged, in order, as PEFT merges one after the other; on
+    qwen2 (tied embeddings, k/o/gate projections) and mistral (one KV head)."""
+    ckpt = tiny_checkpoint(model_type)
+    adapters = [make_adapter(ckpt, tmp_path / f"a{i}", model_type, seed=i) for i in (1, 2)]
+    fields = tiny_recipe_fields(ckpt, "stacked", tmp_path / "stacked", targets=("onnx",))
+    fields["source"]["adapters"] = [str(a) for a in adapters]
+    built = build(Recipe.model_validate(fields))
+    assert [a.sha256 for a in built.manifest.source.adapters] == [read_adapter(a).info.sha256 for a in adapters]
+
+    n = 8
+    with load(built.output) as model:
+        prompt_ids = [model.encode(p) for p in PROMPTS]
+        got = [model.generate_ids([ids], _greedy(n))[0].token_ids for ids in prompt_ids]
+    assert got == peft_merged_greedy(ckpt, adapters, prompt_ids, n)
+    assert got != peft_merged_greedy(ckpt, adapters[:1], prompt_ids, n)  # the second adapter counted
+    assert got != peft_merged_greedy(ckpt, [], prompt_ids, n)
 
 
 def test_unsupported_adapters_are_refused(tiny_checkpoint, tmp_path):

@@ -117,10 +117,38 @@ def test_missing_extras(artifact):
     v = preflight.check(m, "torchscript", "cpu", _host(versions={"torch": None}))
     with pytest.raises(MissingExtraError, match=r"inferneo\[torchscript\]"):
         v.raise_for_errors()
-    v = preflight.check(m, "onnx", "cuda", _host(onnx_providers=["AzureExecutionProvider", "CPUExecutionProvider"]))
-    assert [f.check for f in v.errors] == ["extras"]
-    assert "onnxruntime-gpu" in v.errors[0].message and "AzureExecutionProvider, CPUExecutionProvider" in v.errors[0].message
-    assert preflight.check(m, "onnx", "cuda", _host(onnx_providers=["CUDAExecutionProvider", "CPUExecutionProvider"])).ok
+
+
+def test_onnx_on_cuda_is_refused_with_the_reason(artifact):
+    """The onnx backend refuses CUDA (test_onnx_backend.py::test_cuda_is_refused_clearly), so preflight does too,
+    even where onnxruntime has the CUDA provider, and says why."""
+    m = read_manifest(artifact)
+    for providers in (["AzureExecutionProvider", "CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]):
+        v = preflight.check(m, "onnx", "cuda", _host(onnx_providers=providers))
+        assert [f.check for f in v.errors] == ["device"], v.findings
+        msg = v.errors[0].message
+        assert "the onnx backend runs on cpu only" in msg and ", ".join(providers) in msg and "KV cache" in msg
+    assert preflight.check(m, "onnx", "cpu", _host(onnx_providers=["CUDAExecutionProvider", "CPUExecutionProvider"])).ok
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:0", "cuda:1"])
+def test_preflight_ok_means_load_succeeds(tiny_artifact, monkeypatch, device):
+    """For every target and device: preflight's "ok" (what `inspect --check` prints) means `load` succeeds, and
+    a refusal is preflight's. The host reports onnxruntime's CUDA provider (as onnxruntime-gpu would) and a GPU
+    (this host's, or an L4 where it has none); every other fact (torch's CUDA, versions, memory) is this host's
+    own. `load` runs its own preflight, so it is given the same host."""
+    artifact = tiny_artifact("llama")
+    m = read_manifest(artifact)
+    host = Host(onnx_providers=["CUDAExecutionProvider", "CPUExecutionProvider"], gpus=Host().gpus() or [L4])
+    monkeypatch.setattr(preflight, "Host", lambda: host)
+    for target in m.targets:
+        verdict = preflight.check(m, target, device, host)
+        if verdict.ok:
+            with inferneo_runtime.load(artifact, target=target, device=device) as model:
+                assert len(model.generate("The quick brown fox", max_new_tokens=2).token_ids) == 2
+        else:
+            with pytest.raises((IncompatibleHost, MissingExtraError)):
+                inferneo_runtime.load(artifact, target=target, device=device)
 
 
 def test_devices(artifact):
@@ -203,7 +231,7 @@ def test_inspect_check_cli(artifact, tiny_artifact):
         r = run_cli("inspect", str(artifact), "--check", "--device", "cuda")
         assert r.returncode == 5
         assert "✗ torchscript (torchscript) on cuda: incompatible" in r.stdout
-        assert "device 'cuda' requested but torch" in r.stdout and "onnxruntime-gpu" in r.stdout
+        assert "device 'cuda' requested but torch" in r.stdout and "the onnx backend runs on cpu only" in r.stdout
 
 
 

@@ -1,8 +1,8 @@
 """`inferneo serve`'s lifecycle for orchestrators: ready only once warmed up, and a drain on SIGTERM.
 
-The drain tests run the real `inferneo serve` (its signal handling, uvicorn, the engine) as a subprocess, with
-each engine step slowed by a fixed delay so that a 60-token stream is reliably still running when SIGTERM
-arrives (the tiny model alone generates 60 tokens in a few milliseconds).
+The drain tests run the real `inferneo serve` (its signal handling, uvicorn, the engine) as a subprocess whose
+engine steps the test holds: a gate file says how many steps may have run, so a stream is observed to have
+produced tokens and to be still running (held) when SIGTERM arrives, however loaded the machine is.
 """
 from __future__ import annotations
 
@@ -24,19 +24,32 @@ import httpx  # noqa: E402
 from conftest import free_port  # noqa: E402
 
 PROMPT = "The quick brown fox"
-STEP_DELAY_S = 0.03  # per engine step (one token per sequence): 60 tokens take about 2 s
 
-# `inferneo serve` as users run it, with Engine.step slowed down (the only change).
-SLOW_SERVE = f"""
-import sys, time
+# `inferneo serve` as users run it, with Engine.step gated (the only change): while GATE holds a number, a step
+# waits until fewer than that many steps have run; STEPS always holds how many have run. No GATE: steps run.
+GATED_SERVE = """
+import os, sys, time
 from inferneo_runtime import generation
-step = generation.Engine.step
-def slow_step(self):
-    time.sleep({STEP_DELAY_S})
+gate, steps_file = sys.argv[1:3]
+step, taken = generation.Engine.step, [0]
+def gated_step(self):
+    while True:
+        try:
+            with open(gate) as f:
+                allowed = int(f.read())
+        except FileNotFoundError:
+            break
+        if taken[0] < allowed:
+            break
+        time.sleep(0.005)
+    taken[0] += 1
+    with open(steps_file + ".tmp", "w") as f:
+        f.write(str(taken[0]))
+    os.replace(steps_file + ".tmp", steps_file)
     return step(self)
-generation.Engine.step = slow_step
+generation.Engine.step = gated_step
 from inferneo_runtime.cli import main
-sys.argv = ["inferneo", "serve", *sys.argv[1:]]
+sys.argv = ["inferneo", "serve", *sys.argv[3:]]
 main()
 """
 
@@ -56,15 +69,21 @@ def llama(tiny_artifact):
     return tiny_artifact("llama")
 
 
+def _write(path: Path, text: str) -> None:
+    path.with_suffix(".tmp").write_text(text)
+    os.replace(path.with_suffix(".tmp"), path)
+
+
 @contextmanager
-def slow_serve(artifact: Path, tmp_path: Path, *args: str):
-    """The subprocess; every /ready answer seen while it starts is recorded (`starting`)."""
+def gated_serve(artifact: Path, tmp_path: Path, *args: str):
+    """The subprocess; every /ready answer seen while it starts is recorded (`starting`). `hold(n)` lets n more
+    engine steps run and holds the next; `release()` lets every step run."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "serve.log"
+    log, gate, steps = tmp_path / "serve.log", tmp_path / "gate", tmp_path / "steps"
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVE, "--model", str(artifact), "--port", str(port),
-                                 "--threads", "1", "--log-level", "warning", *args],
+        proc = subprocess.Popen([sys.executable, "-c", GATED_SERVE, str(gate), str(steps), "--model", str(artifact),
+                                 "--port", str(port), "--threads", "1", "--log-level", "warning", *args],
                                 stdout=f, stderr=subprocess.STDOUT, env=os.environ.copy())
     starting = []
 
@@ -77,10 +96,19 @@ def slow_serve(artifact: Path, tmp_path: Path, *args: str):
         starting.append((r.status_code, r.json()))
         return r.status_code == 200
 
+    def hold(n: int) -> None:
+        taken = int(steps.read_text()) if steps.exists() else 0
+        _write(gate, str(taken + n))
+
+    def held() -> bool:  # the engine is waiting at the gate
+        return gate.exists() and steps.exists() and int(steps.read_text()) >= int(gate.read_text())
+
     try:
-        wait_until(ready, 60, f"serve did not get ready:\n{log.read_text()}")
-        yield SimpleNamespace(url=url, proc=proc, log=log, starting=starting)
+        wait_until(ready, 120, f"serve did not get ready:\n{log.read_text()}")
+        yield SimpleNamespace(url=url, proc=proc, log=log, starting=starting, hold=hold, held=held,
+                              release=lambda: gate.unlink(missing_ok=True))
     finally:
+        gate.unlink(missing_ok=True)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
@@ -140,22 +168,24 @@ def test_sigterm_drains_the_running_stream_then_exits_0(llama, tmp_path):
 
     with inferneo_runtime.load(llama, target="onnx") as model:
         expected = model.generate(PROMPT, max_new_tokens=60, ignore_eos=True).text
-    with slow_serve(llama, tmp_path, "--drain-timeout", "20") as s:
+    with gated_serve(llama, tmp_path, "--drain-timeout", "60") as s:
         # never ready before the warm-up: every answer before the first 200 was a 503 saying so
         assert all(code == 503 and body["reason"] == "loading and warming up the models"
                    for code, body in s.starting[:-1]), s.starting
         assert s.starting[-1][1]["warmed"] == ["tiny-llama"]
 
-        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=30)
+        s.hold(3)  # the prefill and two decode steps, then the stream waits, running
+        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=60)
         stream = iter(client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=60, temperature=0,
                                                 stream=True, stream_options={"include_usage": True},
                                                 extra_body={"ignore_eos": True}))
-        chunks = [next(stream)]  # generating
-        signalled = time.monotonic()
+        chunks = [next(stream)]  # it has produced tokens...
+        wait_until(s.held, 30, "the engine did not reach the gate")
+        assert chunks[0].choices and not chunks[0].choices[0].finish_reason  # ...and is still running
         s.proc.send_signal(signal.SIGTERM)
 
         # the drain: the port stays open while the stream runs, and answers 503
-        wait_until(lambda: httpx.get(f"{s.url}/ready").status_code == 503, 2, "/ready did not turn 503")
+        wait_until(lambda: httpx.get(f"{s.url}/ready").status_code == 503, 30, "/ready did not turn 503")
         assert httpx.get(f"{s.url}/ready").json()["reason"] == "shutting down"
         r = httpx.post(f"{s.url}/v1/completions", json={"model": "tiny-llama", "prompt": "hi", "max_tokens": 2})
         assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
@@ -164,18 +194,18 @@ def test_sigterm_drains_the_running_stream_then_exits_0(llama, tmp_path):
             client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "hi"}],
                                            max_tokens=2)
         assert e.value.status_code == 503
+        assert s.proc.poll() is None and s.held()  # everything above happened while the stream was held
 
+        s.release()
         chunks += list(stream)
         text = "".join(c.choices[0].text for c in chunks if c.choices)
         finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
         assert text == expected and finish == ["length"]
         assert chunks[-1].usage.completion_tokens == 60
 
-        rc = s.proc.wait(20)
-        exited_after = time.monotonic() - signalled
+        rc = s.proc.wait(60)
     assert rc == 0, s.log.read_text()
     assert "Traceback" not in s.log.read_text(), s.log.read_text()
-    print(f"drained a 60-token stream: exit 0 {exited_after:.1f}s after SIGTERM")
 
 
 def test_drain_timeout_bounds_the_wait(llama, tmp_path):
@@ -183,22 +213,45 @@ def test_drain_timeout_bounds_the_wait(llama, tmp_path):
     shutting_down) and [DONE] rather than a cut connection, and the process still exits 0."""
     import json
 
-    with slow_serve(llama, tmp_path, "--drain-timeout", "1") as s:
+    with gated_serve(llama, tmp_path, "--drain-timeout", "1") as s:
+        s.hold(3)  # the stream produces a few tokens, then is held past the drain timeout
         body = {"model": "tiny-llama", "prompt": PROMPT, "max_tokens": 120, "stream": True, "ignore_eos": True}
-        with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=30) as r:
+        with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
             events = [next(ln for ln in lines if ln.startswith("data: "))]
+            wait_until(s.held, 30, "the engine did not reach the gate")
             signalled = time.monotonic()
             s.proc.send_signal(signal.SIGTERM)
             events += [ln for ln in lines if ln.startswith("data: ")]
-        rc = s.proc.wait(20)
-        exited_after = time.monotonic() - signalled
+            ended_after = time.monotonic() - signalled
+            assert s.held()  # it was ended by the timeout, not by finishing
+        s.release()
+        rc = s.proc.wait(60)
     assert rc == 0, s.log.read_text()
-    assert 1 <= exited_after < 5, exited_after
-    # 120 tokens take ~3.6 s: the stream was ended early, and says why
+    assert ended_after >= 1, ended_after  # not before the drain timeout
+    # the stream was ended early, and says why
     assert events[-1] == "data: [DONE]"
     error = json.loads(events[-2].removeprefix("data: "))["error"]
     assert error["code"] == "shutting_down" and "drain timeout" in error["message"]
     assert len(events) - 2 < 120 and not any('"finish_reason":"length"' in e for e in events)
     log = s.log.read_text()
     assert "drain timeout (1s): ending 1 running generation request(s) with a 503" in log and "Traceback" not in log
+
+
+def test_a_second_signal_stops_the_server_at_once(llama, tmp_path):
+    """SIGTERM starts a drain that would wait up to 600 s for a held stream; a second SIGTERM ends the process
+    while that stream is still held (so without draining it), as uvicorn does: its exit status is the signal."""
+    with gated_serve(llama, tmp_path, "--drain-timeout", "600") as s:
+        s.hold(3)
+        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        stream = iter(client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=60, stream=True,
+                                                extra_body={"ignore_eos": True}))
+        assert not next(stream).choices[0].finish_reason
+        wait_until(s.held, 30, "the engine did not reach the gate")
+        s.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: httpx.get(f"{s.url}/ready").status_code == 503, 30, "/ready did not turn 503")
+        assert s.proc.poll() is None  # draining: the held stream keeps the process up
+        s.proc.send_signal(signal.SIGTERM)
+        rc = s.proc.wait(60)
+        assert s.held()  # the stream never finished: the process did not drain it
+    assert rc == -signal.SIGTERM, (rc, s.log.read_text())
