@@ -349,6 +349,8 @@ def check_all(manifest: Manifest, device: str = "cpu", host: Optional[Host] = No
 
 def _check_extras(v: Verdict, entry: TargetEntry, kind: str, host: Host) -> None:
     for module, what, extra in _EXTRAS.get(entry.format, []):
+        if module == "onnxruntime" and kind == "cuda":
+            extra = "gpu"
         version = host.version(module)
         v.facts[module] = version or "not installed"
         if version is None:
@@ -356,7 +358,7 @@ def _check_extras(v: Verdict, entry: TargetEntry, kind: str, host: Host) -> None
             err = MissingExtraError(what, extra, module)
             v.error("extras", f"{err}" + (f" ({module} is installed but {note})" if note else ""),
                     missing_extra=(what, extra, module))
-    if entry.format == "onnx" and kind == "cuda":
+    if entry.format == "onnx" and kind == "cuda" and host.version("onnxruntime") is not None:
         providers = host.onnx_providers()
         v.facts["onnxruntime_providers"] = providers
         if "CUDAExecutionProvider" not in providers:

@@ -37,7 +37,10 @@ def _first_installed(dists: tuple[str, ...]) -> tuple[Optional[str], Optional[st
 
 def onnxruntime_distribution() -> tuple[Optional[str], Optional[str]]:
     """(distribution, version) of the installed onnxruntime wheel, or (None, None)."""
-    if importlib.util.find_spec("onnxruntime") is None:
+    try:
+        if importlib.util.find_spec("onnxruntime") is None:
+            return None, None
+    except (ImportError, ValueError):
         return None, None
     return _first_installed(ONNXRUNTIME_DISTRIBUTIONS)
 

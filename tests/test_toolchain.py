@@ -6,6 +6,9 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import onnxruntime
 import pytest
@@ -98,3 +101,31 @@ def test_pt2_needs_the_same_minor(artifact):
     same = preflight.Verdict("pt2", "pt2", "cpu")
     preflight._check_torch_version(same, entry, preflight.Host(versions={"torch": "2.6.3"}))
     assert not same.findings
+
+
+def test_without_onnxruntime_the_runtime_names_both_extras(tiny_artifact):
+    """A bare `pip install inferneo` has neither onnxruntime wheel: the runtime still imports, `--version` says
+    so, and loading an ONNX target names the extra to install (cpu here, gpu for device cuda)."""
+    script = textwrap.dedent(f"""
+        import json, sys
+        class Block:  # behave as if neither onnxruntime wheel were installed
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "onnxruntime":
+                    raise ImportError(f"{{name}} is blocked in this test")
+        sys.meta_path.insert(0, Block())
+        import inferneo_runtime
+        from inferneo_runtime import toolchain
+        errors = {{}}
+        for device in ("cpu", "cuda"):
+            try:
+                inferneo_runtime.load({str(tiny_artifact("llama"))!r}, target="onnx", device=device)
+            except inferneo_runtime.InferneoError as e:
+                errors[device] = str(e)
+        print(json.dumps({{"report": toolchain.report()["onnxruntime"], "errors": errors}}))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["report"] == {"distribution": None, "version": None}
+    assert "pip install 'inferneo[cpu]'" in out["errors"]["cpu"]
+    assert "inferneo[gpu]" in out["errors"]["cuda"]
