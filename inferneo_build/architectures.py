@@ -206,17 +206,13 @@ def decoder_spec(config) -> DecoderSpec:
 
 
 def _rope_parameters(config) -> tuple[tuple[float, ...], float]:
-    # transformers owns the zoo of RoPE variants; reuse its init functions rather than re-deriving them.
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    # transformers 4 and 5 store RoPE differently; rope_config reads both and every static RoPE type
+    from .rope_config import RopeConfigError, rope_frequencies
 
-    scaling = getattr(config, "rope_scaling", None) or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type == "dynamic":
-        raise UnsupportedArchitecture("dynamic RoPE scaling depends on sequence length and cannot be exported statically")
-    if rope_type not in ROPE_INIT_FUNCTIONS:
-        raise UnsupportedArchitecture(f"rope_scaling type {rope_type!r} is not supported")
-    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
-    return tuple(float(x) for x in inv_freq.tolist()), float(attention_scaling)
+    try:
+        return rope_frequencies(config)
+    except RopeConfigError as e:
+        raise UnsupportedArchitecture(str(e)) from None
 
 
 def canonical_weights(spec: DecoderSpec, state_dict: dict, dtype=np.float32) -> dict[str, np.ndarray]:

@@ -5,10 +5,10 @@
     genai         onnxruntime-genai with a model from its own builder (fp32, cpu; cached likewise)
     genai-int4    the same with the builder's int4 (MatMulNBits) model: the peer of an `onnx-int4` target
 
-A peer that is not installed is skipped with a note. onnxruntime-genai's builder needs transformers 5,
-which the build extra pins below, so it usually lives in a separate environment: point
-INFERNEO_GENAI_PYTHON at that environment's python (it needs onnxruntime-genai and, to build the model
-once, transformers >= 5 and torch).
+A peer that is not installed is skipped with a note. onnxruntime-genai's builder needs transformers 5: in an
+environment with transformers 5 (inside the build extra's range), `pip install onnxruntime-genai` there and the
+genai peer runs with this interpreter; under transformers 4 point INFERNEO_GENAI_PYTHON at another
+environment's python (it needs onnxruntime-genai and, to build the model once, transformers >= 5 and torch).
 
 Each peer is a child process like the targets, driven by the same commands and measured the same way: TTFT
 is a one-token request, decode tokens/s counts the tokens after the first over the time they took, peak RSS

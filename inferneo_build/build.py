@@ -20,6 +20,7 @@ from inferneo_runtime.manifest import (MANIFEST_NAME, SCHEMA_VERSION, VALIDATION
                                        Manifest, ModelDims, ShapeBounds, TargetEntry, Tolerances, ValidationSummary,
                                        file_entry)
 from inferneo_runtime.signing import sign_artifact
+from inferneo_runtime.toolchain import onnxruntime_distribution
 from inferneo_runtime.tokenizer import Tokenizer
 
 from . import build_cache
@@ -152,8 +153,10 @@ class Progress:
 
 def toolchain_versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "inferneo": _version("inferneo")}
-    for dist in ("torch", "transformers", "onnx", "onnxruntime", "tokenizers", "numpy"):
+    for dist in ("torch", "transformers", "onnx", "tokenizers", "numpy"):
         out[dist] = _version(dist)
+    # whichever wheel provides the onnxruntime package (onnxruntime, onnxruntime-gpu, ...)
+    out["onnxruntime"] = onnxruntime_distribution()[1] or "not installed"
     return out
 
 

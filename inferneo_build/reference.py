@@ -2,6 +2,7 @@
 generation loop as every target. One sequence per forward call: validation feeds prompts one at a time."""
 from __future__ import annotations
 
+import inspect
 from types import SimpleNamespace
 
 import numpy as np
@@ -40,6 +41,8 @@ class TorchReference(Backend):
     def __init__(self, model: torch.nn.Module, dims: ModelDims, shapes: ShapeBounds):
         super().__init__(artifact_dir=".", target=SimpleNamespace(shapes=shapes, io=None), dims=dims)
         self.model = model
+        # transformers 5.2x renamed `past_key_values` (input and output) to `cache`; 4.57 has only the old name
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def _load_impl(self) -> None:
         self.model.eval()
@@ -58,6 +61,6 @@ class TorchReference(Backend):
             raise ValueError("the PyTorch reference runs one sequence per call")
         past = cache.slots[start] if past_lengths[0] > 0 else None
         with torch.inference_mode():
-            out = self.model(input_ids=torch.from_numpy(input_ids), past_key_values=past, use_cache=True)
-        cache.slots[start] = out.past_key_values
+            out = self.model(input_ids=torch.from_numpy(input_ids), **{self._cache_arg: past}, use_cache=True)
+        cache.slots[start] = getattr(out, self._cache_arg)
         return out.logits.float().numpy()

@@ -659,9 +659,37 @@ def deploy_kserve(
             max_replicas=max_replicas, cpu=cpu, memory=memory, gpus=gpus)
 
 
-@app.callback(epilog=EXIT_CODES)
-def _main():
-    pass
+def _print_version(as_json: bool) -> None:
+    from . import toolchain
+
+    info = toolchain.report()
+    if as_json:
+        print(json.dumps(info))
+        return
+    ort = info["onnxruntime"]
+    if ort["distribution"] is None:
+        ort_line = "not installed (pip install 'inferneo[cpu]', or 'inferneo[gpu]' on an NVIDIA host)"
+    else:
+        found = ", ".join(ort.get("providers", [])) or f"none: {ort.get('error', 'unknown')}"
+        ort_line = f"{ort['version']} ({ort['distribution']}; providers: {found})"
+    out.print(f"inferneo {info['inferneo']} (Python {info['python']})", highlight=False)
+    for name, value in (("torch", info["torch"]), ("transformers", info["transformers"]), ("onnxruntime", ort_line),
+                        ("tensorrt", info["tensorrt"]), ("onnxruntime-genai", info["onnxruntime_genai"])):
+        out.print(f"  {name:<18} {value or 'not installed'}", highlight=False, soft_wrap=True)
+
+
+@app.callback(invoke_without_command=True, epilog=EXIT_CODES)
+def _main(ctx: typer.Context,
+          version: bool = typer.Option(False, "--version", help="print Inferneo's version and the toolchain it sees"),
+          as_json: bool = typer.Option(False, "--json", help="with --version: print a JSON object")):
+    if version:
+        _print_version(as_json)
+        raise typer.Exit(0)
+    if as_json:  # a --json meant for a command, written before it
+        err.print("[red]error:[/red] --json before a command applies only to --version; write it after the command")
+        raise typer.Exit(2)
+    if ctx.invoked_subcommand is None:
+        out.print(ctx.get_help())
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ Checks, in order (each mismatch is one message saying what the artifact was buil
   device              cpu | cuda | cuda:N, and whether the format runs there (TensorRT: CUDA only; ONNX: CPU
                       only, as its backend refuses CUDA)
   cuda                a CUDA device with that index, as the backend's library sees it
+  torch_version       the torch that wrote a TorchScript (or .pt2) target can be read by the installed one
   tensorrt_version    the engine's TensorRT version == the installed one (engines do not load across versions)
   compute_capability  an engine built for the GPU's compute capability
   memory              free memory (GPU or host RAM) >= weights + the smallest KV cache; a warning when the
@@ -30,6 +31,7 @@ from typing import Literal, Optional
 from .backends.base import CAPACITY_CHUNK  # the smallest cache the runtime allocates
 from .errors import InferneoError, MissingExtraError
 from .manifest import Manifest, ModelDims, TargetEntry
+from .toolchain import torch_version_tuple
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float64": 8}
 _NOT_PROBED = object()
@@ -206,7 +208,7 @@ def _mem_available() -> Optional[int]:
 # -- the verdict ------------------------------------------------------------------------------------------
 @dataclass
 class Finding:
-    check: str  # extras | device | cuda | tensorrt_version | compute_capability | memory | status
+    check: str  # extras | device | cuda | torch_version | tensorrt_version | compute_capability | memory | status
     level: Literal["error", "warning"]
     message: str
     missing_extra: Optional[tuple[str, str, str]] = None  # (what, extra, module) for MissingExtraError
@@ -302,7 +304,7 @@ def _gb(n: Optional[int]) -> str:
 
 # -- the checks -------------------------------------------------------------------------------------------
 _EXTRAS = {  # format -> [(module, what, extra)]
-    "onnx": [("onnxruntime", "ONNX artifacts", "onnxruntime")],
+    "onnx": [("onnxruntime", "ONNX artifacts", "cpu")],  # or the gpu extra: either onnxruntime wheel works
     "torchscript": [("torch", "TorchScript artifacts", "torchscript")],
     "tensorrt": [("tensorrt", "TensorRT engines", "tensorrt"), ("torch", "TensorRT engines", "tensorrt")],
 }
@@ -333,6 +335,7 @@ def check(manifest: Manifest, target: str, device: str = "cpu", host: Optional[H
         v.error("device", str(e))
         return v
     _check_extras(v, entry, kind, host)
+    _check_torch_version(v, entry, host)
     gpu = _check_cuda(v, entry, kind, index, host) if kind == "cuda" else None
     if entry.format == "tensorrt":
         _check_tensorrt(v, entry, kind, gpu, host)
@@ -347,6 +350,8 @@ def check_all(manifest: Manifest, device: str = "cpu", host: Optional[Host] = No
 
 def _check_extras(v: Verdict, entry: TargetEntry, kind: str, host: Host) -> None:
     for module, what, extra in _EXTRAS.get(entry.format, []):
+        if module == "onnxruntime" and kind == "cuda":
+            extra = "gpu"
         version = host.version(module)
         v.facts[module] = version or "not installed"
         if version is None:
@@ -363,6 +368,37 @@ def _check_extras(v: Verdict, entry: TargetEntry, kind: str, host: Host) -> None
                           f"would copy in and out every step (onnxruntime providers here: "
                           f"{', '.join(providers) or 'none'}); use device 'cpu', or a torchscript or tensorrt "
                           f"target on {v.device!r}")
+
+
+# Which torch reads a torch-serialized target. TorchScript loads in the torch that wrote it and in newer ones; an
+# older torch may lack its operators or file-format version, so a newer writer is refused rather than risked.
+# A torch.export / AOTInductor package (.pt2) is compiled code for one torch minor.
+_TORCH_READS = {"torchscript": "same_or_newer", "pt2": "same_minor"}
+
+
+def _check_torch_version(v: Verdict, entry: TargetEntry, host: Host) -> None:
+    rule = _TORCH_READS.get(entry.format)
+    installed = host.version("torch")
+    if rule is None or installed is None:  # not a torch format, or torch is reported as a missing extra
+        return
+    built = entry.toolchain.get("torch")
+    v.facts["artifact_torch"] = built
+    wrote, have = torch_version_tuple(built), torch_version_tuple(installed)
+    if wrote is None or have is None:
+        v.warn("torch_version", f"no torch version is recorded for this {entry.format} target; it loads only if "
+                                f"torch {installed} can read what wrote it")
+        return
+    minor = f"{wrote[0]}.{wrote[1]}"
+    if rule == "same_or_newer" and have < wrote:
+        v.error("torch_version", f"the {entry.format} target was written by torch {built}; this host has torch "
+                                 f"{installed}, which cannot be relied on to read it (an older torch may lack its "
+                                 f"operators or file format): install torch>={minor} or rebuild the artifact with "
+                                 f"torch {installed}")
+    elif rule == "same_minor" and have != wrote:
+        v.error("torch_version", f"the {entry.format} target was compiled by torch {built}; this host has torch "
+                                 f"{installed}, and a compiled torch.export package loads only in the torch minor "
+                                 f"that built it: install torch=={minor}.* or rebuild the artifact with torch "
+                                 f"{installed}")
 
 
 def _check_cuda(v: Verdict, entry: TargetEntry, kind: str, index: int, host: Host) -> Optional[GPU]:
