@@ -14,7 +14,8 @@ their engine slots at the next step.
 
 Validation errors are mapped to 400 (OpenAI answers bad parameters with 400, and so do the openai
 clients' BadRequestError), not FastAPI's default 422. Management endpoints (register / load / unload /
-unregister models, routing rules, A/B tests) answer loopback clients, or any client with the admin token.
+unregister models, routing rules, A/B tests) are guarded by admin_guard.py (Host allow-list, Origin, JSON
+bodies, the admin token or a loopback peer); what they may register, by registration_policy.py.
 
 Lifecycle (run_server): the port opens at once (/health answers) while the models load and warm up on a
 thread; /ready answers 200 only after that. On SIGTERM the server drains (DrainingServer): /ready and new
@@ -24,7 +25,6 @@ they end with a 503), the port closes, the engines stop and the process exits 0.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import threading
@@ -47,6 +47,7 @@ from ..errors import InferneoError, MissingExtraError, RequestError
 from ..generation import TokenEvent
 from ..registry import CapacityError, Entry, Lease, ModelBusy, ModelNotFound, ModelRegistry, RegistryError
 from ..sampling import SamplingParams, TokenLogprobs
+from .admin_guard import AdminForbidden, AdminGuard, MisdirectedHost, NotJSON, binds_loopback
 from .config import ModelConfig, ServerConfig, artifacts_to_serve
 from .driver import Cancelled, DriverStopped
 from .limits import BodyLimit, ClientStreams, check_request
@@ -56,18 +57,22 @@ from .protocol import (ABTestRequest, ChatChoice, ChatChunkChoice, ChatCompletio
                        CompletionRequest, CompletionResponse, Embedding, EmbeddingRequest, EmbeddingResponse,
                        EmbeddingUsage, ErrorInfo, ErrorResponse, ModelCard, ModelList,
                        ParamError, RegisterModelRequest, ResponseMessage, RoutingRuleRequest, TopLogprob, UsageInfo)
+from .registration_policy import RegistrationRefused, check_registration
 from .routing import Route, RouteContext, Router, RoutingError
 
 logger = logging.getLogger("inferneo.server")
 
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}  # path -> metrics label
-LOOPBACK = {"127.0.0.1", "::1", "localhost", "testclient"}
 ERROR_RESPONSES = {code: {"model": ErrorResponse, "description": text} for code, text in (
     (400, "invalid request (OpenAI's shape; `param` names the field)"), (404, "unknown model"),
     (413, "request body too large"), (429, "overloaded: queue full, too many requests or streams"),
     (503, "out of memory, or shutting down"))}
 ADMIN_RESPONSES = {**ERROR_RESPONSES, 403: {"model": ErrorResponse, "description": "not allowed"},
-                   409: {"model": ErrorResponse, "description": "conflict: exists already, or busy"}}
+                   409: {"model": ErrorResponse, "description": "conflict: exists already, or busy"},
+                   415: {"model": ErrorResponse, "description": "not a JSON body"},
+                   421: {"model": ErrorResponse, "description": "Host not served (DNS rebinding)"}}
+# what a model card says only to admins: where the model came from and how its load failed
+ADMIN_ONLY_FIELDS = ("source", "notes", "adapters", "model_class")
 
 
 class QueueFull(InferneoError):
@@ -80,10 +85,6 @@ class Overloaded(InferneoError):
 
 class TooManyStreams(InferneoError):
     """The client already has max_streams_per_client streams open."""
-
-
-class AdminForbidden(InferneoError):
-    """A management endpoint was called without the admin token, or from a non-loopback client."""
 
 
 # -- errors ---------------------------------------------------------------------------------------------
@@ -108,6 +109,10 @@ def error_info(e: BaseException) -> tuple[int, ErrorInfo]:
         return 429, ErrorInfo(message=str(e), type="rate_limit_error", code=code)
     if isinstance(e, AdminForbidden):
         return 403, ErrorInfo(message=str(e), type="permission_error", code="forbidden")
+    if isinstance(e, MisdirectedHost):
+        return 421, ErrorInfo(message=str(e), type="permission_error", code="misdirected_host")
+    if isinstance(e, NotJSON):
+        return 415, ErrorInfo(message=str(e), type="invalid_request_error", code="unsupported_media_type")
     if isinstance(e, ModelBusy):
         return 409, ErrorInfo(message=str(e), type="invalid_request_error", code="model_busy")
     if isinstance(e, RegistryError):
@@ -542,17 +547,22 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
             logger.exception("request failed", exc_info=exc)
         return error_response(status, info)
 
+    guard = AdminGuard(config)
+
     def admin(request: Request) -> None:
-        """Management endpoints: the admin token when one is set, else loopback clients only."""
-        if not config.admin_api:
-            raise StarletteHTTPException(404, "the management API is off (admin_api: false)")
-        if config.admin_token:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {config.admin_token}".encode()):
-                raise AdminForbidden("the management API needs `Authorization: Bearer <admin token>`")
-        elif (request.client.host if request.client else None) not in LOOPBACK:
-            raise AdminForbidden("the management API answers loopback clients only; set an admin token "
-                                 "(INFERNEO_ADMIN_TOKEN) to use it from elsewhere")
+        guard.check(request)
+
+    def public_card(e: Entry, request: Request) -> ModelCard:
+        """A model's card; to non-admins without paths, notes or load errors (which hold paths and tracebacks)."""
+        card = state.card(e)
+        if guard.is_admin(request):
+            return card
+        data = card.model_dump()
+        for name in ADMIN_ONLY_FIELDS:
+            data.pop(name, None)
+        if data.get("error"):
+            data["error"] = "the last load failed (details for admins)"
+        return ModelCard(**data)
 
     # -- health, models, metrics ---------------------------------------------------------------------------
     @app.get("/health")
@@ -584,18 +594,28 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models", response_model=ModelList)
-    async def list_models():
-        return ModelList(data=[state.card(e) for e in list(registry.entries.values())])
+    async def list_models(request: Request):
+        return ModelList(data=[public_card(e, request) for e in list(registry.entries.values())])
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
-    async def get_model(model_id: str):
-        return state.card(registry.entry(model_id))
+    async def get_model(model_id: str, request: Request):
+        return public_card(registry.entry(model_id), request)
 
     # -- model management ------------------------------------------------------------------------------
     @app.post("/v1/models", status_code=201, response_model=ModelCard, responses=ADMIN_RESPONSES,
               dependencies=[Depends(admin)])
     async def register_model(body: RegisterModelRequest):
         values = body.model_dump(exclude={"load"}, exclude_none=True)
+        signed = bool(getattr(registry, "trusted_keys", None))
+        try:
+            check_registration(body.path, config, signed)
+            for field, paths in (("tokenizer", [body.tokenizer] if body.tokenizer else []),
+                                 ("adapters", body.adapters or [])):
+                for path in paths:
+                    check_registration(path, config, signed, field)
+        except RegistrationRefused as e:
+            logger.warning("refused to register %s over the API: %s", body.path[:200], e)
+            return error_response(*error_info(e))
         for key, default in (("format", config.model_type), ("dtype", config.dtype),
                              ("quantization", config.quantization), ("tokenizer", config.tokenizer)):
             values.setdefault(key, default)
@@ -606,7 +626,13 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
             status, info = registration_error(e)
             return error_response(status, info)
         if body.load:
-            await asyncio.to_thread(registry.load, entry.key)
+            try:
+                await asyncio.to_thread(registry.load, entry.key)
+            except BaseException as e:
+                await asyncio.to_thread(_forget, registry, entry.key)  # a model that failed to load is not kept
+                if isinstance(e, InferneoError) and not isinstance(e, (CapacityError, RegistryError)):
+                    return error_response(*registration_error(e))
+                raise
         logger.info("model %s: registered from %s", entry.key, entry.source)
         return state.card(entry)
 
@@ -755,6 +781,13 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
         return ChatCompletionResponse(id=rid, created=created, model=model, choices=choices, usage=job.usage())
 
     return app
+
+
+def _forget(registry, key: str) -> None:
+    try:
+        registry.unregister(key)
+    except Exception as e:  # noqa: BLE001 - the load error is what the caller needs to see
+        logger.warning("model %s: failed to load and could not be unregistered: %s", key, e)
 
 
 async def _run_to_end(job: _Job) -> None:
@@ -950,7 +983,13 @@ def run_server(config: ServerConfig) -> None:
     registry = build_registry(config)
     app = create_app(registry, config)
     state: ServerState = app.state.inferneo
+    if config.admin_api and not config.admin_token and not binds_loopback(config.host):
+        logger.warning("binding %s without an admin token: the management API is off (set INFERNEO_ADMIN_TOKEN)",
+                       config.host)
+    # proxy_headers off: the client address (admin loopback check, per-client caps) is the socket peer, never a
+    # header such as X-Forwarded-For
     server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                                           proxy_headers=False,
                                            timeout_graceful_shutdown=config.graceful_timeout_s),
                             state, drain_timeout=config.graceful_timeout_s)
     failed: list[BaseException] = []

@@ -1,0 +1,180 @@
+"""What a hostile probe found (issue 18), each against a real `inferneo serve` subprocess over HTTP: the management
+API reached by DNS rebinding, cross-origin posts or header tricks, code run through model loading, lock-out by
+abandoned requests, event-loop stalls, unlisted files read from a signed artifact."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+import httpx  # noqa: E402
+
+from conftest import free_port, serve_subprocess  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_artifact):
+    return tiny_artifact("llama")
+
+
+def serve(cwd: Path, config: str, extra: tuple = ()):
+    (cwd / "serve.yaml").write_text(config)
+    port = free_port()
+    return serve_subprocess(["--config", str(cwd / "serve.yaml"), "--log-level", "warning", "--port", str(port),
+                             *extra], cwd, port)
+
+
+def card(url: str, model: str, **kw) -> dict:
+    r = httpx.get(f"{url}/v1/models/{model}", timeout=30, **kw)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    return tmp_path_factory.mktemp("model-roots")
+
+
+@pytest.fixture(scope="module")
+def open_server(llama, roots, tmp_path_factory):
+    """Loopback-bound, no admin token, registration from `roots` with unsigned artifacts allowed."""
+    cwd = tmp_path_factory.mktemp("hardening")
+    with serve(cwd, f"models: [{llama}]\nmodel_roots: [{roots}]\nallow_unsigned_registration: true\n") as s:
+        yield s
+
+
+# -- the management API -------------------------------------------------------------------------------------
+def test_dns_rebinding_host_is_refused_and_changes_nothing(open_server):
+    url = open_server.url
+    assert card(url, "tiny-llama")["loaded"]
+    for host in ("evil.example", "evil.example:8000", "attacker.example."):
+        r = httpx.post(f"{url}/v1/models/tiny-llama/unload", json={}, headers={"Host": host}, timeout=30)
+        assert r.status_code == 421 and r.json()["error"]["code"] == "misdirected_host", r.text
+        r = httpx.post(f"{url}/v1/models", json={"path": "/tmp"}, headers={"Host": host}, timeout=30)
+        assert r.status_code == 421
+    assert card(url, "tiny-llama")["loaded"]  # nothing changed
+    # the same request with the host the server binds is served (the route works; only the Host was wrong)
+    r = httpx.post(f"{url}/v1/models/tiny-llama/unload", json={}, timeout=30)
+    assert r.status_code == 200 and not r.json()["loaded"]
+    assert httpx.post(f"{url}/v1/models/tiny-llama/load", json={}, timeout=60).status_code == 200
+
+
+def test_cross_origin_text_plain_post_is_refused(open_server):
+    url = open_server.url
+    body = json.dumps({}).encode()
+    r = httpx.post(f"{url}/v1/models/tiny-llama/unload", content=body, headers={"Content-Type": "text/plain"},
+                   timeout=30)
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", r.text
+    r = httpx.post(f"{url}/v1/models/tiny-llama/unload", timeout=30)  # no body, no type: a browser's simple POST
+    assert r.status_code == 415
+    r = httpx.post(f"{url}/v1/models/tiny-llama/unload", json={}, headers={"Origin": "http://evil.example"},
+                   timeout=30)
+    assert r.status_code == 403 and "origin" in r.json()["error"]["message"]
+    assert card(url, "tiny-llama")["loaded"]
+    r = httpx.get(f"{url}/v1/routing", headers={"Origin": f"http://127.0.0.1:{url.rsplit(':', 1)[1]}"}, timeout=30)
+    assert r.status_code == 200  # the server's own origin is fine
+
+
+def test_forwarded_headers_do_not_decide_who_is_loopback(llama, tmp_path):
+    """A loopback peer stays loopback whatever X-Forwarded-For claims; a server bound to every address needs the
+    admin token whatever the request claims to come from."""
+    with serve(tmp_path, f"models: [{llama}]\n") as s:
+        r = httpx.get(f"{s.url}/v1/routing", headers={"X-Forwarded-For": "203.0.113.7"}, timeout=30)
+        assert r.status_code == 200, r.text
+    wild = tmp_path / "wild"
+    wild.mkdir()
+    with serve(wild, f"models: [{llama}]\nhost: 0.0.0.0\n") as s:
+        for claim in ("localhost", "127.0.0.1", "testclient"):
+            r = httpx.post(f"{s.url}/v1/models/tiny-llama/unload", json={}, timeout=30,
+                           headers={"X-Forwarded-For": claim, "X-Real-IP": claim, "Forwarded": f"for={claim}"})
+            assert r.status_code == 403 and "admin token" in r.json()["error"]["message"], r.text
+        assert card(s.url, "tiny-llama")["loaded"]
+
+
+def _evil_torchscript(path: Path, marker: Path) -> None:
+    """A TorchScript module whose __setstate__ (run by torch.jit.load) creates `marker`: code run by loading."""
+    torch = pytest.importorskip("torch")
+
+    class Evil(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.marker = str(marker)
+            self.buf = torch.zeros(8, dtype=torch.uint8)
+
+        def forward(self, x):
+            return x
+
+        @torch.jit.export
+        def __getstate__(self):
+            return (self.marker, self.training)
+
+        @torch.jit.export
+        def __setstate__(self, state: tuple[str, bool]):
+            self.marker = state[0]
+            self.training = state[1]
+            self.buf = torch.from_file(self.marker, True, 8, dtype=torch.uint8)  # creates the marker file
+
+    torch.jit.script(Evil()).save(str(path))
+
+
+def test_bare_torchscript_over_the_api_is_refused_and_never_loaded(open_server, llama, roots):
+    evil = roots / "evil"
+    evil.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(llama / f, evil / f)
+    marker = roots / "pwned"
+    _evil_torchscript(evil / "model.pt", marker)
+    assert not marker.exists()
+    r = httpx.post(f"{open_server.url}/v1/models", timeout=120,
+                   json={"path": str(evil / "model.pt"), "format": "torchscript", "load": True})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "registration_refused", r.text
+    assert "run code" in r.json()["error"]["message"]
+    assert not marker.exists()
+    assert [m["id"] for m in httpx.get(f"{open_server.url}/v1/models").json()["data"]] == ["tiny-llama"]
+
+
+def test_registration_only_under_model_roots_and_errors_list_nothing(open_server, tmp_path):
+    url = open_server.url
+    for path in ("/etc", "/", str(tmp_path), "/etc/../root", "relative/dir", "s3://bucket/model"):
+        r = httpx.post(f"{url}/v1/models", json={"path": path}, timeout=30)
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["code"] == "registration_refused", r.text
+        assert "passwd" not in err["message"] and "hosts" not in err["message"] and "model root" in err["message"]
+
+
+def test_registration_is_off_without_model_roots(llama, tmp_path):
+    with serve(tmp_path, f"models: [{llama}]\n") as s:
+        r = httpx.post(f"{s.url}/v1/models", json={"path": str(llama), "name": "again"}, timeout=30)
+        assert r.status_code == 400 and "model_roots" in r.json()["error"]["message"], r.text
+
+
+def test_a_model_that_fails_to_load_is_not_kept(open_server, llama, roots):
+    broken = roots / "broken"
+    shutil.copytree(llama, broken)
+    data = broken / "onnx" / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # same size, one byte flipped: the checksum fails at load
+    data.write_bytes(bytes(raw))
+    r = httpx.post(f"{open_server.url}/v1/models", timeout=120,
+                   json={"path": str(broken), "name": "broken", "target": "onnx", "load": True})
+    assert r.status_code >= 400, r.text
+    assert "broken" not in [m["name"] for m in httpx.get(f"{open_server.url}/v1/models").json()["data"]]
+    ok = httpx.post(f"{open_server.url}/v1/models", timeout=120, json={"path": str(llama), "name": "fine"})
+    assert ok.status_code == 400 and "model root" in ok.json()["error"]["message"]  # llama is outside the roots
+
+
+def test_unsigned_artifacts_need_the_operators_opt_in_and_cards_hide_paths(llama, tmp_path):
+    roots = tmp_path / "roots"
+    shutil.copytree(llama, roots / "tiny")
+    config = f"models: [{llama}]\nmodel_roots: [{roots}]\nadmin_token: s3cret\n"
+    with serve(tmp_path, config) as s:
+        admin = {"Authorization": "Bearer s3cret"}
+        r = httpx.post(f"{s.url}/v1/models", json={"path": str(roots / "tiny"), "name": "copy"}, headers=admin,
+                       timeout=30)
+        assert r.status_code == 400 and "allow_unsigned_registration" in r.json()["error"]["message"], r.text
+        public = card(s.url, "tiny-llama")
+        assert not public.get("source") and not public.get("notes") and str(llama) not in json.dumps(public)
+        assert card(s.url, "tiny-llama", headers=admin)["source"] == str(llama)
