@@ -178,3 +178,17 @@ def test_unsigned_artifacts_need_the_operators_opt_in_and_cards_hide_paths(llama
         public = card(s.url, "tiny-llama")
         assert not public.get("source") and not public.get("notes") and str(llama) not in json.dumps(public)
         assert card(s.url, "tiny-llama", headers=admin)["source"] == str(llama)
+
+
+def test_a_manifest_with_an_absurd_size_is_refused_at_registration(open_server, llama, roots):
+    huge = roots / "huge"
+    shutil.copytree(llama, huge)
+    manifest = huge / "inferneo.json"
+    text = manifest.read_text()
+    data = json.loads(text)
+    data["targets"]["onnx"]["files"][0]["size"] = 10 ** 400
+    manifest.write_text(json.dumps(data))
+    r = httpx.post(f"{open_server.url}/v1/models", json={"path": str(huge), "name": "huge"}, timeout=60)
+    assert r.status_code == 400 and "size" in r.json()["error"]["message"], r.text
+    for path in ("/v1/models", "/metrics"):
+        assert httpx.get(f"{open_server.url}{path}", timeout=30).status_code == 200

@@ -80,7 +80,9 @@ def server(llama, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("serve-default")
     shutil.copytree(llama, cwd / "artifacts" / "smollm2-135m")
     port = free_port()
-    with serve_process(["--port", str(port), "--max-queue", "64"], cwd, port=port) as s:
+    # models may be registered over the API from the test run's temporary directories (the client test does)
+    roots = {"INFERNEO_MODEL_ROOTS": str(tmp_path_factory.getbasetemp()), "INFERNEO_ALLOW_UNSIGNED_REGISTRATION": "1"}
+    with serve_process(["--port", str(port), "--max-queue", "64"], cwd, port=port, env=roots) as s:
         yield s
 
 
