@@ -299,7 +299,7 @@ def _open_for_goldens(root: Path, m, name: str, device: str, backend_class, Mode
     entry = m.targets[name]
     # the artifact's own files, not this host's packed copy of them: validate judges what was shipped
     backend = backend_class(entry.format)(root, entry, m.model, device=device, host_cache=False).load()
-    return Model(root, m, name, backend, Tokenizer(root))
+    return Model(root, m, name, backend, Tokenizer(root, listed=m.listed_root_files()))
 
 
 @app.command()

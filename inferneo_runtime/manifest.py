@@ -217,6 +217,10 @@ class Manifest(_Model):
     build_key: Optional[str] = None
     encoder: Optional[EncoderInfo] = None  # encoder tasks only
 
+    def listed_root_files(self) -> set[str]:
+        """The root files this manifest lists (and a signature covers): the only ones the runtime reads."""
+        return {f.path for f in self.root_files}
+
     def valid_targets(self) -> list[str]:
         return [name for name, t in self.targets.items() if t.status == "valid"]
 

@@ -5,7 +5,7 @@ import json
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Collection, Optional, Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -22,16 +22,24 @@ def _token_text(value) -> Optional[str]:
 class Tokenizer:
     """encode / decode / chat template over an artifact's tokenizer.json and tokenizer_config.json."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, listed: Optional[Collection[str]] = None):
+        """`listed`: the artifact's manifest-listed root files. Given, only those are read: a file added to a signed
+        artifact after signing (a chat_template.jinja, say) is not used. None: a bare model's folder, read as is."""
         root = Path(root)
+
+        def usable(name: str) -> bool:
+            return (root / name).is_file() and (listed is None or name in listed)
+
+        if listed is not None and "tokenizer.json" not in listed:
+            raise ManifestError(f"{root}: the manifest does not list tokenizer.json")
         try:
             self._tok = _HFTokenizer.from_file(str(root / "tokenizer.json"))
         except Exception as e:  # tokenizers raises plain Exception subclasses for bad files
             raise ManifestError(f"{root / 'tokenizer.json'}: cannot load tokenizer: {e}") from None
         config_path = root / "tokenizer_config.json"
-        self.config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        self.config = json.loads(config_path.read_text(encoding="utf-8")) if usable(config_path.name) else {}
         template_file = root / "chat_template.jinja"
-        self.chat_template: Optional[str] = (template_file.read_text(encoding="utf-8") if template_file.is_file()
+        self.chat_template: Optional[str] = (template_file.read_text(encoding="utf-8") if usable(template_file.name)
                                              else self.config.get("chat_template"))
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))

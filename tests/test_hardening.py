@@ -192,3 +192,32 @@ def test_a_manifest_with_an_absurd_size_is_refused_at_registration(open_server, 
     assert r.status_code == 400 and "size" in r.json()["error"]["message"], r.text
     for path in ("/v1/models", "/metrics"):
         assert httpx.get(f"{open_server.url}{path}", timeout=30).status_code == 200
+
+
+# -- the runtime reads only what the manifest lists ---------------------------------------------------------------
+def test_an_unlisted_chat_template_added_after_signing_is_not_used(llama, tmp_path):
+    """The template moved into tokenizer_config.json (listed), chat_template.jinja dropped from the manifest, then
+    the artifact signed; a hostile chat_template.jinja added after signing must not be rendered."""
+    pytest.importorskip("cryptography")
+    from inferneo_runtime.manifest import sha256_file
+    from inferneo_runtime.signing import generate_keypair, sign_artifact
+
+    art = tmp_path / "art"
+    shutil.copytree(llama, art)
+    config = json.loads((art / "tokenizer_config.json").read_text())
+    config["chat_template"] = (art / "chat_template.jinja").read_text()
+    (art / "tokenizer_config.json").write_text(json.dumps(config))
+    (art / "chat_template.jinja").unlink()
+    manifest = json.loads((art / "inferneo.json").read_text())
+    manifest["root_files"] = [f for f in manifest["root_files"] if f["path"] != "chat_template.jinja"]
+    for f in manifest["root_files"]:
+        if f["path"] == "tokenizer_config.json":
+            f.update(sha256=sha256_file(art / f["path"]), size=(art / f["path"]).stat().st_size)
+    (art / "inferneo.json").write_text(json.dumps(manifest, indent=2))
+    _, public, _ = generate_keypair(tmp_path / "ci")
+    sign_artifact(art, tmp_path / "ci")
+    (art / "chat_template.jinja").write_text("{{ raise_exception('the unlisted template ran') }}")
+    with serve(tmp_path, f"models: [{art}]\ntrusted_keys: [{public}]\n") as s:
+        r = httpx.post(f"{s.url}/v1/chat/completions", timeout=60, json={
+            "model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 200, r.text
