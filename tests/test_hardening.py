@@ -221,3 +221,44 @@ def test_an_unlisted_chat_template_added_after_signing_is_not_used(llama, tmp_pa
         r = httpx.post(f"{s.url}/v1/chat/completions", timeout=60, json={
             "model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert r.status_code == 200, r.text
+
+
+# -- abandoned requests -------------------------------------------------------------------------------------
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def _until(condition, timeout: float, what: str):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(what)
+
+
+def test_an_abandoned_non_streaming_request_is_cancelled(llama, tmp_path):
+    """16 sequences of a non-streaming request whose client hangs up: their queue room frees within seconds (a
+    request needing the whole queue is admitted) and they stop generating (far fewer tokens than asked for)."""
+    import socket
+
+    with serve(tmp_path, f"models: [{llama}]\nmax_queue: 16\n") as s:
+        host, port = s.url.removeprefix("http://").split(":")
+        body = json.dumps({"model": "tiny-llama", "prompt": "hi", "n": 16, "max_tokens": 100, "ignore_eos": True,
+                           "temperature": 1.0}).encode()
+        before = _metric(s.url, "inferneo_generation_tokens_total")
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: " + host.encode() + b"\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        _until(lambda: _metric(s.url, "inferneo_requests_in_flight") >= 16, 30, "the request was not admitted")
+        sock.close()  # the client goes away
+        full = {"model": "tiny-llama", "prompt": "hi", "n": 16, "max_tokens": 2}
+        _until(lambda: httpx.post(f"{s.url}/v1/completions", json=full, timeout=30).status_code == 200, 10,
+               "the abandoned request's queue room was not freed")
+        generated = _metric(s.url, "inferneo_generation_tokens_total") - before - 16 * 2
+        assert generated < 16 * 100 / 2, f"the abandoned sequences ran on: {generated} tokens"

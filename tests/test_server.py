@@ -499,9 +499,9 @@ def test_inferneo_client_calls_and_typed_errors(server, local, tmp_path):
     assert isinstance(e.value, InferneoError) and "model not found" in str(e.value) and e.value.status == 404
     with pytest.raises(ModelNotFoundError):
         list(c.chat.completions.create(model="no-such-model", messages=MESSAGES, stream=True))
-    (tmp_path / "notes.txt").write_text("not a model")
+    (tmp_path / "notes.onnx").write_text("not a model")  # (.onnx: other bare files are refused over the API)
     with pytest.raises(InvalidFormatError) as e:
-        c.models.register("notes", str(tmp_path / "notes.txt"), format="onnx")
+        c.models.register("notes", str(tmp_path / "notes.onnx"), format="onnx")
     assert "invalid format" in str(e.value) and e.value.code == "invalid_format"
     with pytest.raises(BadRequestError) as e:
         c.completions.create(model="tiny-llama", prompt="hi", max_tokens=-1)

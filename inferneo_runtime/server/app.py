@@ -87,6 +87,14 @@ class TooManyStreams(InferneoError):
     """The client already has max_streams_per_client streams open."""
 
 
+class TooManySequences(InferneoError):
+    """The client already has max_sequences_per_client sequences in flight."""
+
+
+class ClientGone(InferneoError):
+    """The client closed its connection before a non-streaming answer was ready; its sequences were cancelled."""
+
+
 # -- errors ---------------------------------------------------------------------------------------------
 def _is_out_of_memory(e: BaseException) -> bool:
     text = str(e).lower()
@@ -104,8 +112,11 @@ def error_info(e: BaseException) -> tuple[int, ErrorInfo]:
     if isinstance(e, RequestError):
         return 400, ErrorInfo(message=str(e), type="invalid_request_error", param=getattr(e, "param", None),
                               code=getattr(e, "code", None))
-    if isinstance(e, (QueueFull, Overloaded, TooManyStreams)):
-        code = {QueueFull: "queue_full", Overloaded: "overloaded", TooManyStreams: "too_many_streams"}[type(e)]
+    if isinstance(e, ClientGone):
+        return 499, ErrorInfo(message=str(e), type="invalid_request_error", code="client_closed_request")
+    if isinstance(e, (QueueFull, Overloaded, TooManyStreams, TooManySequences)):
+        code = {QueueFull: "queue_full", Overloaded: "overloaded", TooManyStreams: "too_many_streams",
+                TooManySequences: "too_many_sequences"}[type(e)]
         return 429, ErrorInfo(message=str(e), type="rate_limit_error", code=code)
     if isinstance(e, AdminForbidden):
         return 403, ErrorInfo(message=str(e), type="permission_error", code="forbidden")
@@ -285,11 +296,20 @@ class _Held:
         self.state = state
         self.request = False
         self.stream_key: Optional[str] = None
+        self.client: Optional[str] = None  # whose sequences `sequences` counts
+        self.sequences = 0
 
     def release(self) -> None:
         if self.request:
             self.request = False
             self.state.requests_in_flight -= 1
+        if self.sequences:
+            left = self.state.client_sequences.get(self.client, 0) - self.sequences
+            if left > 0:
+                self.state.client_sequences[self.client] = left
+            else:
+                self.state.client_sequences.pop(self.client, None)
+            self.sequences = 0
         if self.stream_key is not None:
             self.state.streams.close(self.stream_key)
             self.stream_key = None
@@ -352,6 +372,7 @@ class ServerState:
         self.in_flight = 0  # sequences admitted and not finished; changed on the event loop only
         self.requests_in_flight = 0  # generation requests admitted and not finished (event loop only)
         self.jobs: set[_Job] = set()  # generation requests running (event loop only): what a drain timeout ends
+        self.client_sequences: dict[str, int] = {}  # client address -> sequences in flight (event loop only)
         self.metrics = Metrics(registry, lambda: self.in_flight, config.max_queue)
         self.router = Router(config.routing)
         self.streams = ClientStreams(config.max_streams_per_client)
@@ -417,6 +438,14 @@ class ServerState:
                                  f"(max_concurrent_requests); retry later")
             self.requests_in_flight += 1
             held.request = True
+            client = request.client.host if request.client else "unknown"
+            cap = self.config.max_sequences_per_client
+            if self.client_sequences.get(client, 0) + sequences > cap:
+                raise TooManySequences(f"this client would have more than {cap} sequences in flight "
+                                       f"(max_sequences_per_client; {self.client_sequences.get(client, 0)} now); "
+                                       f"retry when its requests end")
+            self.client_sequences[client] = self.client_sequences.get(client, 0) + sequences
+            held.client, held.sequences = client, sequences
             reserved = self.reserve(sequences)
             try:
                 lease = self.registry.try_acquire(entry.key) or await self._acquire_slow(entry.key)
@@ -738,7 +767,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
         if body.stream:
             return _EventStream(_stream_completion(job, rid, created, body, model), on_close=partial(_end, job),
                                 headers=state.response_headers(job))
-        await _run_to_end(job)
+        await _run_to_end(job, request)
         choices = [CompletionChoice(index=i, text=s.text, finish_reason=s.finish_reason,
                                     logprobs=_completion_logprobs(job.tokenizer, s.logprobs, 0)
                                     if body.logprobs is not None else None)
@@ -759,7 +788,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
                 raise ParamError(f"This model's maximum context length is {max_seq} tokens. However, your messages "
                                  f"resulted in {len(ids)} tokens. Please reduce the length of the messages.",
                                  param="messages", code="context_length_exceeded")
-            default_max = min(room, config.default_max_tokens) if config.default_max_tokens else room
+            default_max = min(room, config.default_max_tokens or config.max_chat_default_tokens)
             params = [body.to_sampling_params(max(default_max, 1), state.defaults, seed_offset=i)
                       for i in range(body.n)]
             for sp in params:
@@ -772,7 +801,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
         if body.stream:
             return _EventStream(_stream_chat(job, rid, created, body, model), on_close=partial(_end, job),
                                 headers=state.response_headers(job))
-        await _run_to_end(job)
+        await _run_to_end(job, request)
         choices = [ChatChoice(index=i, message=ResponseMessage(content=s.text), finish_reason=s.finish_reason,
                               logprobs=_chat_logprobs(job.tokenizer, s.logprobs) if body.logprobs else None)
                    for i, s in enumerate(job.seqs)]
@@ -790,16 +819,28 @@ def _forget(registry, key: str) -> None:
         logger.warning("model %s: failed to load and could not be unregistered: %s", key, e)
 
 
-async def _run_to_end(job: _Job) -> None:
-    """Wait for every sequence of a non-streaming request; the lease and queue room are given back after."""
+async def _run_to_end(job: _Job, request: Request) -> None:
+    """Wait for every sequence of a non-streaming request; the lease and queue room are given back after. A client
+    that closes its connection meanwhile ends the request: its sequences are cancelled at the engine's next step."""
+    watcher = asyncio.ensure_future(_watch_disconnect(job, request))
     try:
         async for _ in job.events():
             pass
     except BaseException as e:
-        job.call.finish(499 if isinstance(e, asyncio.CancelledError) else error_info(e)[0])
+        job.call.finish(499 if isinstance(e, (asyncio.CancelledError, ClientGone)) else error_info(e)[0])
         raise
     finally:
+        watcher.cancel()
         job.close()
+
+
+async def _watch_disconnect(job: _Job, request: Request) -> None:
+    # the body has been read, so the next ASGI message is the disconnect (uvicorn sends it when the socket closes)
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.abort(ClientGone("the client closed the connection; its sequences were cancelled"))
+            return
 
 
 def _end(job: _Job) -> None:
