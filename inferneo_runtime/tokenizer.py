@@ -60,7 +60,9 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL (encode does not): a long prompt tokenized on a worker thread then does
+        # not stall the server's event loop
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -68,7 +70,7 @@ class Tokenizer:
     # -- chat ---------------------------------------------------------------------------------------
     @cached_property
     def _compiled_template(self):
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from .safe_template import BoundedEnvironment
 
         if not self.chat_template:
             raise RequestError("this artifact's tokenizer has no chat template; use plain prompts")
@@ -76,21 +78,22 @@ class Tokenizer:
         def raise_exception(message):
             raise RequestError(f"chat template: {message}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        return env.from_string(self.chat_template)
+        return env, env.bounded(self.chat_template)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render messages to the prompt text, as transformers' apply_chat_template(tokenize=False) does."""
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise RequestError(f"messages[{i}] needs 'role' and 'content'")
-        return self._compiled_template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-        )
+        from .safe_template import render
+
+        env, template = self._compiled_template
+        return render(template, env, dict(messages=messages, add_generation_prompt=add_generation_prompt,
+                                          bos_token=self.bos_token or "", eos_token=self.eos_token or ""))
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         # The template already places the special tokens, so none are added on top (as transformers does).

@@ -262,3 +262,62 @@ def test_an_abandoned_non_streaming_request_is_cancelled(llama, tmp_path):
                "the abandoned request's queue room was not freed")
         generated = _metric(s.url, "inferneo_generation_tokens_total") - before - 16 * 2
         assert generated < 16 * 100 / 2, f"the abandoned sequences ran on: {generated} tokens"
+
+
+# -- heavy work stays off the event loop --------------------------------------------------------------------------
+def _health_while(url: str, send) -> tuple[httpx.Response, list[float]]:
+    """Run `send()` (one hostile request) on a thread and probe /health until it answers: the probes' latencies."""
+    import threading
+    import time
+
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("r", send()))
+    worker.start()
+    latencies = []
+    with httpx.Client(timeout=30) as probe:  # one client: making one per probe costs more than the probe
+        while worker.is_alive():
+            t0 = time.perf_counter()
+            assert probe.get(f"{url}/health").status_code == 200
+            latencies.append(time.perf_counter() - t0)
+    worker.join()
+    return result["r"], latencies
+
+
+def test_health_answers_while_a_hostile_chat_template_runs(llama, tmp_path):
+    from inferneo_runtime.manifest import sha256_file
+
+    art = tmp_path / "art"
+    shutil.copytree(llama, art)
+    template = art / "chat_template.jinja"
+    template.write_text("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")
+    manifest = json.loads((art / "inferneo.json").read_text())
+    for f in manifest["root_files"]:
+        if f["path"] == "chat_template.jinja":
+            f.update(sha256=sha256_file(template), size=template.stat().st_size)
+    (art / "inferneo.json").write_text(json.dumps(manifest, indent=2))
+    with serve(tmp_path, f"models: [{art}]\n") as s:
+        r, latencies = _health_while(s.url, lambda: httpx.post(f"{s.url}/v1/chat/completions", timeout=120, json={
+            "model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "template_limit_exceeded", r.text
+        assert len(latencies) >= 3 and max(latencies) < 0.5, latencies
+        ok = httpx.post(f"{s.url}/v1/completions", json={"model": "tiny-llama", "prompt": "hi", "max_tokens": 2})
+        assert ok.status_code == 200
+
+
+def test_health_answers_while_a_huge_prompt_is_tokenized_and_hostile_fields_are_400s(llama, tmp_path):
+    with serve(tmp_path, f"models: [{llama}]\nmax_messages: 64\n") as s:
+        # 900k characters, encoded here (not on the sending thread, where it would stall this process's probes)
+        body = json.dumps({"model": "tiny-llama", "prompt": "漢字かな" * 225_000, "max_tokens": 2}).encode()
+        r, latencies = _health_while(s.url, lambda: httpx.post(f"{s.url}/v1/completions", timeout=120, content=body,
+                                                               headers={"Content-Type": "application/json"}))
+        assert r.status_code == 400 and r.json()["error"]["param"] in ("prompt", "messages"), r.text
+        assert len(latencies) >= 3 and max(latencies) < 0.5, latencies
+        chat = f"{s.url}/v1/chat/completions"
+        r = httpx.post(chat, timeout=60, json={"model": "tiny-llama", "messages": [{"role": "user", "content": ""}] * 65})
+        assert r.status_code == 400 and "max_messages" in r.json()["error"]["message"], r.text
+        r = httpx.post(chat, timeout=60, json={"model": "tiny-llama", "messages": [{"role": "x" * 300, "content": "hi"}]})
+        assert r.status_code == 400 and "role" in r.json()["error"]["param"], r.text
+        for field in ("repetition_penalty", "temperature", "top_p"):
+            r = httpx.post(chat, timeout=60, content=b'{"model": "tiny-llama", "messages": [{"role": "user", "content":'
+                           b' "hi"}], "' + field.encode() + b'": Infinity}', headers={"Content-Type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text

@@ -242,10 +242,16 @@ class _Job:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, item))
 
     def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+        """Called on a worker thread (ServerState._prepare_off_loop); the job may be closed meanwhile (the client
+        gave up, the time budget ran out): a ticket submitted after its close is cancelled at once."""
+        if self.closed:
+            return
         self.state.metrics.prompt_tokens.labels(self.call.model).inc(self.prompt_tokens)
         for ids, p in zip(prompts, params):
             self.seqs.append(_Seq())
             self.tickets.append(self.driver.submit(ids, p, partial(self._sink, len(self.tickets))))
+            if self.closed:  # close() ran while this ticket was being added: it may not have seen it
+                self.driver.cancel(self.tickets[-1])
 
     async def events(self) -> AsyncIterator[tuple[int, TokenEvent]]:
         """Each TokenEvent (with its choice index) until every sequence has finished; raises a sequence's error."""
@@ -453,7 +459,7 @@ class ServerState:
                 self.in_flight -= reserved
                 raise
             job = _Job(self, call, lease, reserved, held)
-            prepare(job)
+            await self._prepare_off_loop(job, prepare)
             return job
         except BaseException as e:
             if job is not None:
@@ -462,6 +468,20 @@ class ServerState:
                 held.release()
             call.finish(499 if isinstance(e, asyncio.CancelledError) else error_info(e)[0])
             raise
+
+    async def _prepare_off_loop(self, job: "_Job", prepare: Callable[["_Job"], None]) -> None:
+        """Template, tokenize and submit on a worker thread (templates are bounded, tokenizing releases the GIL),
+        so /health and other requests are answered meanwhile; a request over its time budget gets a 400."""
+        budget = self.config.request_cpu_budget_s
+        future = asyncio.get_running_loop().run_in_executor(None, prepare, job)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), budget)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())  # its outcome no longer matters
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            raise ParamError(f"preparing this request (chat template, tokenizing) took longer than this server's "
+                             f"limit of {budget:g}s (request_cpu_budget_s)", param="messages") from None
 
     async def _acquire_slow(self, model: str) -> Lease:
         """Load or wait for room on a worker thread; a lease won after this request was cancelled is given back."""
