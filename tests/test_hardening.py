@@ -321,3 +321,17 @@ def test_health_answers_while_a_huge_prompt_is_tokenized_and_hostile_fields_are_
             r = httpx.post(chat, timeout=60, content=b'{"model": "tiny-llama", "messages": [{"role": "user", "content":'
                            b' "hi"}], "' + field.encode() + b'": Infinity}', headers={"Content-Type": "application/json"})
             assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+def test_a_catastrophic_routing_regex_does_not_stall_the_server(open_server):
+    url = open_server.url
+    r = httpx.post(f"{url}/v1/routing/rules", timeout=30, json={
+        "name": "evil", "condition": "prompt matches '(a|aa)+$'", "model": "tiny-llama"})
+    assert r.status_code == 201, r.text
+    try:
+        body = {"prompt": "a" * 60 + "b", "max_tokens": 2}  # no model: the rules are tried; ~fib(60) steps for re
+        r, latencies = _health_while(url, lambda: httpx.post(f"{url}/v1/completions", json=body, timeout=120))
+        assert r.status_code == 200, r.text
+        assert max(latencies) < 0.5, latencies
+    finally:
+        httpx.delete(f"{url}/v1/routing/rules/evil", timeout=30)

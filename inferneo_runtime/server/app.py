@@ -428,7 +428,7 @@ class ServerState:
         job = None
         try:
             check_request(body, self.config)
-            route = self.route(body, request)
+            route = await asyncio.to_thread(self.route, body, request)  # rule regexes: off the event loop
             entry = self.registry.entry(route.model)  # 404 before anything else
             call.model, call.route = self.registry.display_id(entry), route
             if not route.explicit or route.ab_test:
