@@ -27,7 +27,7 @@ from . import build_cache
 from . import source as sources
 from .architectures import DecoderSpec, canonical_weights, decoder_spec
 from .exporters import Exporter, TargetUnavailable, exporter_for
-from .publish import publish, staging_dir
+from .publish import check_output, publish, staging_dir
 from .recipe import Recipe
 from .evaluation import EvaluationReference
 from .validate import TargetReport, compare_target, run_reference
@@ -213,6 +213,7 @@ def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Prog
     from the same build key is reused instead of rebuilt; a fresh build is pushed to `cache` when given."""
     progress = progress or Progress(quiet=True)
     output = Path(output or recipe.output_dir).absolute()
+    check_output(output, force)  # before any work: never replace what is not an artifact
     t_start = time.perf_counter()
 
     with progress.step(f"resolve source ({next(iter(recipe.source.model_dump(exclude={'tokenizer'}).values()))})"):

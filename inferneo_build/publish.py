@@ -17,6 +17,34 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
+class OutputNotReplaceable(Exception):
+    """The output path holds something that is not an Inferneo artifact; a build would replace it."""
+
+    exit_code = 2
+
+
+def check_output(output: Path, force: bool = False) -> None:
+    """Refuse (unless `force`) an output a build would destroy: `/`, the working directory or one of its
+    ancestors, or an existing directory (or file) that holds no inferneo.json."""
+    output = Path(os.path.abspath(output))
+    if force:
+        return
+    cwd = Path(os.path.abspath(os.getcwd()))
+    if output == Path(output.anchor) or output == cwd or output in cwd.parents:
+        what = "/" if output == Path(output.anchor) else "the working directory" if output == cwd else \
+            "an ancestor of the working directory"
+        raise OutputNotReplaceable(f"output {output} is {what}; a build replaces its output directory whole. Choose "
+                                   f"a directory of its own (e.g. artifacts/<name>), or pass --force")
+    if output.is_dir():
+        if any(output.iterdir()) and not (output / "inferneo.json").is_file():
+            raise OutputNotReplaceable(f"output {output} exists, is not empty and holds no inferneo.json (not an "
+                                       f"Inferneo artifact); a build would replace what it holds. Choose another "
+                                       f"output, or pass --force")
+    elif output.exists() or output.is_symlink():
+        raise OutputNotReplaceable(f"output {output} exists and is not a directory; choose another output, or pass "
+                                   f"--force")
+
+
 def staging_dir(output: Path) -> Path:
     """A fresh hidden directory beside `output` (same filesystem, so the final rename is atomic)."""
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -264,6 +264,6 @@ def load(path: Union[str, Path], target: Optional[str] = None, device: str = "cp
     # where signatures are required, only signed bytes run: not this host's unsigned packed copy of them
     backend = backend_class(entry.format)(root, entry, manifest.model, device=device, threads=threads,
                                           host_cache=signed_by is None)
-    tokenizer = Tokenizer(root)
+    tokenizer = Tokenizer(root, listed=manifest.listed_root_files())  # only what the manifest (signature) covers
     backend.load()
     return Model(root, manifest, name, backend, tokenizer)

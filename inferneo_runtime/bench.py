@@ -323,7 +323,7 @@ def run_bench(artifact: Path, targets: Optional[list[str]] = None, compare: tupl
     bad = [p for p in compare if p not in PEERS]
     if bad:
         raise BenchError(f"unknown peer {', '.join(bad)}; known: {', '.join(PEERS)}")
-    tokenizer = Tokenizer(artifact)
+    tokenizer = Tokenizer(artifact, listed=manifest.listed_root_files())
     prompt_ids = tokenizer.encode_chat(PROMPT) if tokenizer.chat_template else tokenizer.encode(PROMPT[0]["content"])
     threads = settings.threads or physical_cores()
     bounds = [t.shapes.max_sequence for t in manifest.targets.values() if t.shapes]

@@ -321,7 +321,7 @@ def _open_for_goldens(root: Path, m, name: str, device: str, backend_class, Mode
     entry = m.targets[name]
     # the artifact's own files, not this host's packed copy of them: validate judges what was shipped
     backend = backend_class(entry.format)(root, entry, m.model, device=device, host_cache=False).load()
-    return Model(root, m, name, backend, Tokenizer(root))
+    return Model(root, m, name, backend, Tokenizer(root, listed=m.listed_root_files()))
 
 
 @app.command()
@@ -419,7 +419,8 @@ def build(
                                           "output); for a directory of recipes: the folder for <name>/ outputs"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
-    force: bool = typer.Option(False, "--force", help="rebuild even when the output is up to date"),
+    force: bool = typer.Option(False, "--force", help="rebuild even when the output is up to date, and replace an "
+                               "output that is not an artifact"),
     cache: Optional[str] = typer.Option(None, "--cache", envvar="INFERNEO_BUILD_CACHE",
                                         help="s3://bucket/prefix build cache shared between CI jobs"),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Ed25519 private key: sign the manifest"),

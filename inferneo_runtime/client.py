@@ -241,10 +241,10 @@ class _Models:
         return self._client._request("POST", "/v1/models", json={k: v for k, v in body.items() if v is not None})
 
     def load(self, model_id: str) -> Obj:
-        return self._client._request("POST", f"/v1/models/{model_id}/load")
+        return self._client._request("POST", f"/v1/models/{model_id}/load", json={})  # the server takes JSON only
 
     def unload(self, model_id: str) -> Obj:
-        return self._client._request("POST", f"/v1/models/{model_id}/unload")
+        return self._client._request("POST", f"/v1/models/{model_id}/unload", json={})
 
     def delete(self, model_id: str) -> Obj:
         return self._client._request("DELETE", f"/v1/models/{model_id}")

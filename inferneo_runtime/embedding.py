@@ -165,7 +165,7 @@ class EmbeddingModel:
         """The runtime's Tokenizer over the same files (what the server reads `tokenizer` for)."""
         from .tokenizer import Tokenizer
 
-        return Tokenizer(self.root)
+        return Tokenizer(self.root, listed=self.manifest.listed_root_files() if self.manifest else None)
 
     # -- inference ----------------------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import ClassVar, Literal, Optional, Union
+from typing import Annotated, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
@@ -19,6 +19,11 @@ VALIDATION_NAME = "validation.json"
 TargetFormat = Literal["onnx", "torchscript", "tensorrt"]
 Task = Literal["text-generation", "feature-extraction", "text-classification"]
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
+# Bounds on every number that reaches arithmetic (memory estimates, cache shapes, metrics): a manifest saying
+# 10**400 is refused when it is read, not a 500 for every later request that multiplies it.
+Count = Annotated[int, Field(ge=0, le=1 << 24)]  # dims, heads, layers, positions, tokens
+TokenId = Annotated[int, Field(ge=0, lt=1 << 31)]
+Finite = Annotated[float, Field(allow_inf_nan=False, ge=-1e12, le=1e12)]
 
 
 class _Model(BaseModel):
@@ -39,7 +44,7 @@ class _Model(BaseModel):
 class FileEntry(_Model):
     path: str  # relative to the artifact root, forward slashes
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=1 << 44)  # bytes; 16 TiB
 
     @field_validator("path")
     @classmethod
@@ -54,7 +59,7 @@ class FileEntry(_Model):
 class TensorSpec(_Model):
     name: str
     dtype: str  # numpy-style name: float32, int64, ...
-    shape: list[Union[int, str]]  # ints are fixed, strings are symbolic dims
+    shape: list[Union[Annotated[int, Field(ge=-1, le=1 << 24)], str]]  # ints are fixed, strings are symbolic dims
 
 
 class IOSignature(_Model):
@@ -69,8 +74,8 @@ class IOSignature(_Model):
 
 
 class ShapeBounds(_Model):
-    max_batch: int = Field(ge=1)
-    max_sequence: int = Field(ge=2)
+    max_batch: int = Field(ge=1, le=1 << 16)
+    max_sequence: int = Field(ge=2, le=1 << 24)
 
 
 class Tolerances(_Model):
@@ -132,13 +137,13 @@ class TargetEntry(_Model):
 class ModelDims(_Model):
     model_type: str
     family: str
-    num_layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    max_positions: int
+    num_layers: Count
+    hidden: Count
+    heads: Count
+    kv_heads: Count
+    head_dim: Count
+    vocab: Count
+    max_positions: Count
 
 
 class AdapterInfo(_Model):
@@ -146,8 +151,8 @@ class AdapterInfo(_Model):
 
     path: str
     sha256: str  # over adapter_config.json and the adapter weights
-    rank: int
-    alpha: float
+    rank: Count
+    alpha: Finite
     target_modules: list[str]
     base_model: Optional[str] = None  # adapter_config.json's base_model_name_or_path
 
@@ -167,13 +172,13 @@ class SourceInfo(_Model):
 
 class Golden(_Model):
     prompt: str
-    prompt_ids: list[int]
-    tokens: list[int]  # the PyTorch reference's greedy continuation
+    prompt_ids: list[TokenId]
+    tokens: list[TokenId]  # the PyTorch reference's greedy continuation
 
 
 class EncoderGolden(_Model):
     text: str
-    values: list[float]  # the reference's output for `text` (pooled embedding or class logits), float32 rounded
+    values: list[Finite]  # the reference's output for `text` (pooled embedding or class logits), float32 rounded
 
 
 class EncoderInfo(_Model):
@@ -182,17 +187,17 @@ class EncoderInfo(_Model):
     output: Literal["embedding", "logits"]
     pooling: Optional[Literal["mean", "cls", "max", "mean_sqrt_len"]] = None  # embedding only
     normalize: bool = False  # L2-normalize embeddings
-    max_length: int  # tokens per text (longer texts are truncated)
-    dim: int  # embedding size, or number of labels
+    max_length: Count  # tokens per text (longer texts are truncated)
+    dim: Count  # embedding size, or number of labels
     labels: Optional[list[str]] = None  # text-classification: label of each logit
     # the reference's outputs for the validation texts; a target must stay within its validation tolerance's cosine
     goldens: list[EncoderGolden] = []
 
 
 class GenerationDefaults(_Model):
-    eos_token_ids: list[int] = []
-    bos_token_id: Optional[int] = None
-    pad_token_id: Optional[int] = None
+    eos_token_ids: list[TokenId] = []
+    bos_token_id: Optional[TokenId] = None
+    pad_token_id: Optional[TokenId] = None
 
 
 class Manifest(_Model):
@@ -215,6 +220,10 @@ class Manifest(_Model):
     # recipe + source weights/config + toolchain; equal keys mean a rebuild would produce the same artifact
     build_key: Optional[str] = None
     encoder: Optional[EncoderInfo] = None  # encoder tasks only
+
+    def listed_root_files(self) -> set[str]:
+        """The root files this manifest lists (and a signature covers): the only ones the runtime reads."""
+        return {f.path for f in self.root_files}
 
     def valid_targets(self) -> list[str]:
         return [name for name, t in self.targets.items() if t.status == "valid"]

@@ -109,9 +109,9 @@ def resolve(spec, *, max_model_len: Optional[int] = None, max_batch_size: Option
         elif p.is_dir() and (p / "config.json").is_file():
             r = _checkpoint(spec, p, None, max_model_len, max_batch_size, keys)
         elif p.is_dir():
-            files = sorted(x.name for x in p.iterdir())[:8]
+            # (what the directory holds is not listed: over the API that would let a caller read directories)
             raise ModelSourceError(f"{path}: not an Inferneo artifact (no inferneo.json) nor a Hugging Face checkpoint "
-                                   f"(no config.json); it holds: {', '.join(files) or 'nothing'}. --model takes an "
+                                   f"(no config.json). --model takes an "
                                    f"artifact directory, an s3:// URI, a checkpoint directory, a hub id, or a "
                                    f"model.onnx / model.pt / model.plan file with --model-type")
         elif HUB_ID.match(path) and not path.startswith((".", "/")):

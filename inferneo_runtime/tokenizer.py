@@ -5,7 +5,7 @@ import json
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Collection, Optional, Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -22,16 +22,24 @@ def _token_text(value) -> Optional[str]:
 class Tokenizer:
     """encode / decode / chat template over an artifact's tokenizer.json and tokenizer_config.json."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, listed: Optional[Collection[str]] = None):
+        """`listed`: the artifact's manifest-listed root files. Given, only those are read: a file added to a signed
+        artifact after signing (a chat_template.jinja, say) is not used. None: a bare model's folder, read as is."""
         root = Path(root)
+
+        def usable(name: str) -> bool:
+            return (root / name).is_file() and (listed is None or name in listed)
+
+        if listed is not None and "tokenizer.json" not in listed:
+            raise ManifestError(f"{root}: the manifest does not list tokenizer.json")
         try:
             self._tok = _HFTokenizer.from_file(str(root / "tokenizer.json"))
         except Exception as e:  # tokenizers raises plain Exception subclasses for bad files
             raise ManifestError(f"{root / 'tokenizer.json'}: cannot load tokenizer: {e}") from None
         config_path = root / "tokenizer_config.json"
-        self.config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        self.config = json.loads(config_path.read_text(encoding="utf-8")) if usable(config_path.name) else {}
         template_file = root / "chat_template.jinja"
-        self.chat_template: Optional[str] = (template_file.read_text(encoding="utf-8") if template_file.is_file()
+        self.chat_template: Optional[str] = (template_file.read_text(encoding="utf-8") if usable(template_file.name)
                                              else self.config.get("chat_template"))
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
@@ -52,7 +60,9 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL (encode does not): a long prompt tokenized on a worker thread then does
+        # not stall the server's event loop
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -60,7 +70,7 @@ class Tokenizer:
     # -- chat ---------------------------------------------------------------------------------------
     @cached_property
     def _compiled_template(self):
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from .safe_template import BoundedEnvironment
 
         if not self.chat_template:
             raise RequestError("this artifact's tokenizer has no chat template; use plain prompts")
@@ -68,21 +78,22 @@ class Tokenizer:
         def raise_exception(message):
             raise RequestError(f"chat template: {message}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        return env.from_string(self.chat_template)
+        return env, env.bounded(self.chat_template)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render messages to the prompt text, as transformers' apply_chat_template(tokenize=False) does."""
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise RequestError(f"messages[{i}] needs 'role' and 'content'")
-        return self._compiled_template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-        )
+        from .safe_template import render
+
+        env, template = self._compiled_template
+        return render(template, env, dict(messages=messages, add_generation_prompt=add_generation_prompt,
+                                          bos_token=self.bos_token or "", eos_token=self.eos_token or ""))
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         # The template already places the special tokens, so none are added on top (as transformers does).

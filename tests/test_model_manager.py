@@ -225,7 +225,10 @@ def test_two_versions_side_by_side_and_the_registry_survives_a_restart(llama, lo
     registry = tmp_path / "registry.json"
     v1, v2 = local_greedy(llama, PROMPTS[1]), local_greedy(local_artifact, PROMPTS[1])
     assert v1 != v2  # (the adapter changed the model, so the versions are told apart by their text)
-    with serve_cli(["--model", str(llama), "--registry", str(registry), "--log-level", "warning"], tmp_path) as s:
+    roots = {"INFERNEO_MODEL_ROOTS": f"{llama.parent},{local_artifact.parent}",  # registered over the API below
+             "INFERNEO_ALLOW_UNSIGNED_REGISTRATION": "1"}
+    with serve_cli(["--model", str(llama), "--registry", str(registry), "--log-level", "warning"], tmp_path,
+                   env=roots) as s:
         c = InferneoClient(s.url)
         c.models.register("tiny", str(llama), version="1")
         card = c.models.register("tiny", str(local_artifact), version="2", target="onnx")

@@ -80,7 +80,9 @@ def server(llama, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("serve-default")
     shutil.copytree(llama, cwd / "artifacts" / "smollm2-135m")
     port = free_port()
-    with serve_process(["--port", str(port), "--max-queue", "64"], cwd, port=port) as s:
+    # models may be registered over the API from the test run's temporary directories (the client test does)
+    roots = {"INFERNEO_MODEL_ROOTS": str(tmp_path_factory.getbasetemp()), "INFERNEO_ALLOW_UNSIGNED_REGISTRATION": "1"}
+    with serve_process(["--port", str(port), "--max-queue", "64"], cwd, port=port, env=roots) as s:
         yield s
 
 
@@ -510,9 +512,9 @@ def test_inferneo_client_calls_and_typed_errors(server, local, tmp_path):
     assert isinstance(e.value, InferneoError) and "model not found" in str(e.value) and e.value.status == 404
     with pytest.raises(ModelNotFoundError):
         list(c.chat.completions.create(model="no-such-model", messages=MESSAGES, stream=True))
-    (tmp_path / "notes.txt").write_text("not a model")
+    (tmp_path / "notes.onnx").write_text("not a model")  # (.onnx: other bare files are refused over the API)
     with pytest.raises(InvalidFormatError) as e:
-        c.models.register("notes", str(tmp_path / "notes.txt"), format="onnx")
+        c.models.register("notes", str(tmp_path / "notes.onnx"), format="onnx")
     assert "invalid format" in str(e.value) and e.value.code == "invalid_format"
     with pytest.raises(BadRequestError) as e:
         c.completions.create(model="tiny-llama", prompt="hi", max_tokens=-1)

@@ -148,7 +148,8 @@ def test_serve_trusted_keys(llama, tmp_path):
     signed = tmp_path / "signed"
     shutil.copytree(llama, signed)
     sign_artifact(signed, tmp_path / "ci")
-    with serve_cli(["--model", str(signed), "--trusted-key", str(public), "--log-level", "warning"], tmp_path) as s:
+    with serve_cli(["--model", str(signed), "--trusted-key", str(public), "--log-level", "warning"], tmp_path,
+                   env={"INFERNEO_MODEL_ROOTS": str(tmp_path)}) as s:  # API registration from tmp_path
         assert post(s.url, {"model": "tiny-llama", "prompt": "hi", "max_tokens": 2}).status_code == 200
         # a bare file has no signature: refused while keys are configured
         r = httpx.post(f"{s.url}/v1/models", json={"path": str(signed / "onnx" / "model.onnx"), "format": "onnx",

@@ -14,7 +14,8 @@ their engine slots at the next step.
 
 Validation errors are mapped to 400 (OpenAI answers bad parameters with 400, and so do the openai
 clients' BadRequestError), not FastAPI's default 422. Management endpoints (register / load / unload /
-unregister models, routing rules, A/B tests) answer loopback clients, or any client with the admin token.
+unregister models, routing rules, A/B tests) are guarded by admin_guard.py (Host allow-list, Origin, JSON
+bodies, the admin token or a loopback peer); what they may register, by registration_policy.py.
 
 Lifecycle (run_server): the port opens at once (/health answers) while the models load and warm up on a
 thread; /ready answers 200 only after that. On SIGTERM the server drains (DrainingServer): /ready and new
@@ -24,7 +25,6 @@ they end with a 503), the port closes, the engines stop and the process exits 0.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import threading
@@ -47,6 +47,7 @@ from ..errors import InferneoError, MissingExtraError, RequestError
 from ..generation import TokenEvent
 from ..registry import CapacityError, Entry, Lease, ModelBusy, ModelNotFound, ModelRegistry, RegistryError
 from ..sampling import SamplingParams, TokenLogprobs
+from .admin_guard import AdminForbidden, AdminGuard, MisdirectedHost, NotJSON, binds_loopback
 from .config import ModelConfig, ServerConfig, artifacts_to_serve
 from .driver import Cancelled, DriverStopped
 from .limits import BodyLimit, ClientStreams, check_request
@@ -56,18 +57,22 @@ from .protocol import (ABTestRequest, ChatChoice, ChatChunkChoice, ChatCompletio
                        CompletionRequest, CompletionResponse, Embedding, EmbeddingRequest, EmbeddingResponse,
                        EmbeddingUsage, ErrorInfo, ErrorResponse, ModelCard, ModelList,
                        ParamError, RegisterModelRequest, ResponseMessage, RoutingRuleRequest, TopLogprob, UsageInfo)
+from .registration_policy import RegistrationRefused, check_registration
 from .routing import Route, RouteContext, Router, RoutingError
 
 logger = logging.getLogger("inferneo.server")
 
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}  # path -> metrics label
-LOOPBACK = {"127.0.0.1", "::1", "localhost", "testclient"}
 ERROR_RESPONSES = {code: {"model": ErrorResponse, "description": text} for code, text in (
     (400, "invalid request (OpenAI's shape; `param` names the field)"), (404, "unknown model"),
     (413, "request body too large"), (429, "overloaded: queue full, too many requests or streams"),
     (503, "out of memory, or shutting down"))}
 ADMIN_RESPONSES = {**ERROR_RESPONSES, 403: {"model": ErrorResponse, "description": "not allowed"},
-                   409: {"model": ErrorResponse, "description": "conflict: exists already, or busy"}}
+                   409: {"model": ErrorResponse, "description": "conflict: exists already, or busy"},
+                   415: {"model": ErrorResponse, "description": "not a JSON body"},
+                   421: {"model": ErrorResponse, "description": "Host not served (DNS rebinding)"}}
+# what a model card says only to admins: where the model came from and how its load failed
+ADMIN_ONLY_FIELDS = ("source", "notes", "adapters", "model_class")
 
 
 class QueueFull(InferneoError):
@@ -82,8 +87,12 @@ class TooManyStreams(InferneoError):
     """The client already has max_streams_per_client streams open."""
 
 
-class AdminForbidden(InferneoError):
-    """A management endpoint was called without the admin token, or from a non-loopback client."""
+class TooManySequences(InferneoError):
+    """The client already has max_sequences_per_client sequences in flight."""
+
+
+class ClientGone(InferneoError):
+    """The client closed its connection before a non-streaming answer was ready; its sequences were cancelled."""
 
 
 # -- errors ---------------------------------------------------------------------------------------------
@@ -103,11 +112,18 @@ def error_info(e: BaseException) -> tuple[int, ErrorInfo]:
     if isinstance(e, RequestError):
         return 400, ErrorInfo(message=str(e), type="invalid_request_error", param=getattr(e, "param", None),
                               code=getattr(e, "code", None))
-    if isinstance(e, (QueueFull, Overloaded, TooManyStreams)):
-        code = {QueueFull: "queue_full", Overloaded: "overloaded", TooManyStreams: "too_many_streams"}[type(e)]
+    if isinstance(e, ClientGone):
+        return 499, ErrorInfo(message=str(e), type="invalid_request_error", code="client_closed_request")
+    if isinstance(e, (QueueFull, Overloaded, TooManyStreams, TooManySequences)):
+        code = {QueueFull: "queue_full", Overloaded: "overloaded", TooManyStreams: "too_many_streams",
+                TooManySequences: "too_many_sequences"}[type(e)]
         return 429, ErrorInfo(message=str(e), type="rate_limit_error", code=code)
     if isinstance(e, AdminForbidden):
         return 403, ErrorInfo(message=str(e), type="permission_error", code="forbidden")
+    if isinstance(e, MisdirectedHost):
+        return 421, ErrorInfo(message=str(e), type="permission_error", code="misdirected_host")
+    if isinstance(e, NotJSON):
+        return 415, ErrorInfo(message=str(e), type="invalid_request_error", code="unsupported_media_type")
     if isinstance(e, ModelBusy):
         return 409, ErrorInfo(message=str(e), type="invalid_request_error", code="model_busy")
     if isinstance(e, RegistryError):
@@ -226,10 +242,16 @@ class _Job:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, item))
 
     def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+        """Called on a worker thread (ServerState._prepare_off_loop); the job may be closed meanwhile (the client
+        gave up, the time budget ran out): a ticket submitted after its close is cancelled at once."""
+        if self.closed:
+            return
         self.state.metrics.prompt_tokens.labels(self.call.model).inc(self.prompt_tokens)
         for ids, p in zip(prompts, params):
             self.seqs.append(_Seq())
             self.tickets.append(self.driver.submit(ids, p, partial(self._sink, len(self.tickets))))
+            if self.closed:  # close() ran while this ticket was being added: it may not have seen it
+                self.driver.cancel(self.tickets[-1])
 
     async def events(self) -> AsyncIterator[tuple[int, TokenEvent]]:
         """Each TokenEvent (with its choice index) until every sequence has finished; raises a sequence's error."""
@@ -280,11 +302,20 @@ class _Held:
         self.state = state
         self.request = False
         self.stream_key: Optional[str] = None
+        self.client: Optional[str] = None  # whose sequences `sequences` counts
+        self.sequences = 0
 
     def release(self) -> None:
         if self.request:
             self.request = False
             self.state.requests_in_flight -= 1
+        if self.sequences:
+            left = self.state.client_sequences.get(self.client, 0) - self.sequences
+            if left > 0:
+                self.state.client_sequences[self.client] = left
+            else:
+                self.state.client_sequences.pop(self.client, None)
+            self.sequences = 0
         if self.stream_key is not None:
             self.state.streams.close(self.stream_key)
             self.stream_key = None
@@ -347,6 +378,7 @@ class ServerState:
         self.in_flight = 0  # sequences admitted and not finished; changed on the event loop only
         self.requests_in_flight = 0  # generation requests admitted and not finished (event loop only)
         self.jobs: set[_Job] = set()  # generation requests running (event loop only): what a drain timeout ends
+        self.client_sequences: dict[str, int] = {}  # client address -> sequences in flight (event loop only)
         self.metrics = Metrics(registry, lambda: self.in_flight, config.max_queue)
         self.router = Router(config.routing)
         self.streams = ClientStreams(config.max_streams_per_client)
@@ -396,7 +428,7 @@ class ServerState:
         job = None
         try:
             check_request(body, self.config)
-            route = self.route(body, request)
+            route = await asyncio.to_thread(self.route, body, request)  # rule regexes: off the event loop
             entry = self.registry.entry(route.model)  # 404 before anything else
             call.model, call.route = self.registry.display_id(entry), route
             if not route.explicit or route.ab_test:
@@ -412,6 +444,14 @@ class ServerState:
                                  f"(max_concurrent_requests); retry later")
             self.requests_in_flight += 1
             held.request = True
+            client = request.client.host if request.client else "unknown"
+            cap = self.config.max_sequences_per_client
+            if self.client_sequences.get(client, 0) + sequences > cap:
+                raise TooManySequences(f"this client would have more than {cap} sequences in flight "
+                                       f"(max_sequences_per_client; {self.client_sequences.get(client, 0)} now); "
+                                       f"retry when its requests end")
+            self.client_sequences[client] = self.client_sequences.get(client, 0) + sequences
+            held.client, held.sequences = client, sequences
             reserved = self.reserve(sequences)
             try:
                 lease = self.registry.try_acquire(entry.key) or await self._acquire_slow(entry.key)
@@ -419,7 +459,7 @@ class ServerState:
                 self.in_flight -= reserved
                 raise
             job = _Job(self, call, lease, reserved, held)
-            prepare(job)
+            await self._prepare_off_loop(job, prepare)
             return job
         except BaseException as e:
             if job is not None:
@@ -428,6 +468,20 @@ class ServerState:
                 held.release()
             call.finish(499 if isinstance(e, asyncio.CancelledError) else error_info(e)[0])
             raise
+
+    async def _prepare_off_loop(self, job: "_Job", prepare: Callable[["_Job"], None]) -> None:
+        """Template, tokenize and submit on a worker thread (templates are bounded, tokenizing releases the GIL),
+        so /health and other requests are answered meanwhile; a request over its time budget gets a 400."""
+        budget = self.config.request_cpu_budget_s
+        future = asyncio.get_running_loop().run_in_executor(None, prepare, job)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), budget)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())  # its outcome no longer matters
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            raise ParamError(f"preparing this request (chat template, tokenizing) took longer than this server's "
+                             f"limit of {budget:g}s (request_cpu_budget_s)", param="messages") from None
 
     async def _acquire_slow(self, model: str) -> Lease:
         """Load or wait for room on a worker thread; a lease won after this request was cancelled is given back."""
@@ -542,17 +596,22 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
             logger.exception("request failed", exc_info=exc)
         return error_response(status, info)
 
+    guard = AdminGuard(config)
+
     def admin(request: Request) -> None:
-        """Management endpoints: the admin token when one is set, else loopback clients only."""
-        if not config.admin_api:
-            raise StarletteHTTPException(404, "the management API is off (admin_api: false)")
-        if config.admin_token:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {config.admin_token}".encode()):
-                raise AdminForbidden("the management API needs `Authorization: Bearer <admin token>`")
-        elif (request.client.host if request.client else None) not in LOOPBACK:
-            raise AdminForbidden("the management API answers loopback clients only; set an admin token "
-                                 "(INFERNEO_ADMIN_TOKEN) to use it from elsewhere")
+        guard.check(request)
+
+    def public_card(e: Entry, request: Request) -> ModelCard:
+        """A model's card; to non-admins without paths, notes or load errors (which hold paths and tracebacks)."""
+        card = state.card(e)
+        if guard.is_admin(request):
+            return card
+        data = card.model_dump()
+        for name in ADMIN_ONLY_FIELDS:
+            data.pop(name, None)
+        if data.get("error"):
+            data["error"] = "the last load failed (details for admins)"
+        return ModelCard(**data)
 
     # -- health, models, metrics ---------------------------------------------------------------------------
     @app.get("/health")
@@ -584,18 +643,28 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models", response_model=ModelList)
-    async def list_models():
-        return ModelList(data=[state.card(e) for e in list(registry.entries.values())])
+    async def list_models(request: Request):
+        return ModelList(data=[public_card(e, request) for e in list(registry.entries.values())])
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
-    async def get_model(model_id: str):
-        return state.card(registry.entry(model_id))
+    async def get_model(model_id: str, request: Request):
+        return public_card(registry.entry(model_id), request)
 
     # -- model management ------------------------------------------------------------------------------
     @app.post("/v1/models", status_code=201, response_model=ModelCard, responses=ADMIN_RESPONSES,
               dependencies=[Depends(admin)])
     async def register_model(body: RegisterModelRequest):
         values = body.model_dump(exclude={"load"}, exclude_none=True)
+        signed = bool(getattr(registry, "trusted_keys", None))
+        try:
+            check_registration(body.path, config, signed)
+            for field, paths in (("tokenizer", [body.tokenizer] if body.tokenizer else []),
+                                 ("adapters", body.adapters or [])):
+                for path in paths:
+                    check_registration(path, config, signed, field)
+        except RegistrationRefused as e:
+            logger.warning("refused to register %s over the API: %s", body.path[:200], e)
+            return error_response(*error_info(e))
         for key, default in (("format", config.model_type), ("dtype", config.dtype),
                              ("quantization", config.quantization), ("tokenizer", config.tokenizer)):
             values.setdefault(key, default)
@@ -606,7 +675,13 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
             status, info = registration_error(e)
             return error_response(status, info)
         if body.load:
-            await asyncio.to_thread(registry.load, entry.key)
+            try:
+                await asyncio.to_thread(registry.load, entry.key)
+            except BaseException as e:
+                await asyncio.to_thread(_forget, registry, entry.key)  # a model that failed to load is not kept
+                if isinstance(e, InferneoError) and not isinstance(e, (CapacityError, RegistryError)):
+                    return error_response(*registration_error(e))
+                raise
         logger.info("model %s: registered from %s", entry.key, entry.source)
         return state.card(entry)
 
@@ -712,7 +787,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
         if body.stream:
             return _EventStream(_stream_completion(job, rid, created, body, model), on_close=partial(_end, job),
                                 headers=state.response_headers(job))
-        await _run_to_end(job)
+        await _run_to_end(job, request)
         choices = [CompletionChoice(index=i, text=s.text, finish_reason=s.finish_reason,
                                     logprobs=_completion_logprobs(job.tokenizer, s.logprobs, 0)
                                     if body.logprobs is not None else None)
@@ -733,7 +808,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
                 raise ParamError(f"This model's maximum context length is {max_seq} tokens. However, your messages "
                                  f"resulted in {len(ids)} tokens. Please reduce the length of the messages.",
                                  param="messages", code="context_length_exceeded")
-            default_max = min(room, config.default_max_tokens) if config.default_max_tokens else room
+            default_max = min(room, config.default_max_tokens or config.max_chat_default_tokens)
             params = [body.to_sampling_params(max(default_max, 1), state.defaults, seed_offset=i)
                       for i in range(body.n)]
             for sp in params:
@@ -746,7 +821,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
         if body.stream:
             return _EventStream(_stream_chat(job, rid, created, body, model), on_close=partial(_end, job),
                                 headers=state.response_headers(job))
-        await _run_to_end(job)
+        await _run_to_end(job, request)
         choices = [ChatChoice(index=i, message=ResponseMessage(content=s.text), finish_reason=s.finish_reason,
                               logprobs=_chat_logprobs(job.tokenizer, s.logprobs) if body.logprobs else None)
                    for i, s in enumerate(job.seqs)]
@@ -757,16 +832,35 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
     return app
 
 
-async def _run_to_end(job: _Job) -> None:
-    """Wait for every sequence of a non-streaming request; the lease and queue room are given back after."""
+def _forget(registry, key: str) -> None:
+    try:
+        registry.unregister(key)
+    except Exception as e:  # noqa: BLE001 - the load error is what the caller needs to see
+        logger.warning("model %s: failed to load and could not be unregistered: %s", key, e)
+
+
+async def _run_to_end(job: _Job, request: Request) -> None:
+    """Wait for every sequence of a non-streaming request; the lease and queue room are given back after. A client
+    that closes its connection meanwhile ends the request: its sequences are cancelled at the engine's next step."""
+    watcher = asyncio.ensure_future(_watch_disconnect(job, request))
     try:
         async for _ in job.events():
             pass
     except BaseException as e:
-        job.call.finish(499 if isinstance(e, asyncio.CancelledError) else error_info(e)[0])
+        job.call.finish(499 if isinstance(e, (asyncio.CancelledError, ClientGone)) else error_info(e)[0])
         raise
     finally:
+        watcher.cancel()
         job.close()
+
+
+async def _watch_disconnect(job: _Job, request: Request) -> None:
+    # the body has been read, so the next ASGI message is the disconnect (uvicorn sends it when the socket closes)
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.abort(ClientGone("the client closed the connection; its sequences were cancelled"))
+            return
 
 
 def _end(job: _Job) -> None:
@@ -950,7 +1044,13 @@ def run_server(config: ServerConfig) -> None:
     registry = build_registry(config)
     app = create_app(registry, config)
     state: ServerState = app.state.inferneo
+    if config.admin_api and not config.admin_token and not binds_loopback(config.host):
+        logger.warning("binding %s without an admin token: the management API is off (set INFERNEO_ADMIN_TOKEN)",
+                       config.host)
+    # proxy_headers off: the client address (admin loopback check, per-client caps) is the socket peer, never a
+    # header such as X-Forwarded-For
     server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                                           proxy_headers=False,
                                            timeout_graceful_shutdown=config.graceful_timeout_s),
                             state, drain_timeout=config.graceful_timeout_s)
     failed: list[BaseException] = []

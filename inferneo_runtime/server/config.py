@@ -49,7 +49,7 @@ DEFAULT_ARTIFACT = Path("artifacts/smollm2-135m")
 ENV_PREFIX = "INFERNEO_"
 ENV_ALIASES = {"INFERNEO_MODEL": "models", "INFERNEO_GPU_MEMORY_UTIL": "gpu_memory_utilization",
                "INFERNEO_DRAIN_TIMEOUT": "graceful_timeout_s"}
-LIST_FIELDS = ("artifacts", "models", "trusted_keys", "adapters")
+LIST_FIELDS = ("artifacts", "models", "trusted_keys", "adapters", "allowed_hosts", "model_roots")
 MODEL_LIST_FIELDS = ("artifacts", "models")
 
 Format = Literal["onnx", "torchscript", "tensorrt"]
@@ -178,7 +178,13 @@ class ServerConfig(_Strict):
     enable_metrics: bool = Field(True, description="serve Prometheus metrics on /metrics")
     admin_api: bool = Field(True, description="model management endpoints (register/load/unload, routing)")
     admin_token: Optional[str] = Field(None, description="bearer token for the management endpoints; unset: "
-                                       "they answer loopback clients only")
+                                       "they answer loopback clients of a loopback-bound server only")
+    allowed_hosts: list[str] = Field(default_factory=list, description="Host names the management endpoints answer "
+                                     "for, beside loopback names, IP addresses and the bind address (DNS rebinding)")
+    model_roots: list[str] = Field(default_factory=list, description="directories and s3:// prefixes models may be "
+                                   "registered from over the API (empty: the API registers none)")
+    allow_unsigned_registration: bool = Field(False, description="let the API register artifacts no trusted key "
+                                              "signed (loading a model can run its code)")
     max_concurrent_requests: Optional[int] = Field(None, ge=1, description="most generation requests in flight; "
                                                    "beyond: 429 (code overloaded)")
     max_request_bytes: int = Field(8 << 20, ge=1024, description="largest request body; beyond: 413")
@@ -191,6 +197,13 @@ class ServerConfig(_Strict):
     max_stop_chars: int = Field(256, ge=1, description="longest stop string")
     max_streams_per_client: int = Field(16, ge=1, description="concurrent streaming requests per client address; "
                                         "beyond: 429")
+    max_sequences_per_client: int = Field(64, ge=1, description="sequences (prompts x n) in flight per client "
+                                          "address; beyond: 429")
+    max_messages: int = Field(1024, ge=1, description="most chat messages in one request")
+    max_chat_default_tokens: int = Field(1024, ge=1, description="the most a chat request without max_tokens "
+                                         "generates (with default_max_tokens unset)")
+    request_cpu_budget_s: float = Field(5.0, gt=0, description="longest time parsing, templating and tokenizing "
+                                        "one request may take; beyond: 400")
 
     @property
     def memory_budget_bytes(self) -> Optional[int]:
@@ -218,7 +231,7 @@ def _normalize(values: dict) -> dict:
     for name in MODEL_LIST_FIELDS:
         if values.get(name) is not None:
             values[name] = _model_list(values[name])
-    for name in ("trusted_keys", "adapters"):
+    for name in ("trusted_keys", "adapters", "allowed_hosts", "model_roots"):
         if isinstance(values.get(name), str):
             values[name] = _split(values[name].replace(os.pathsep, ",") if name == "trusted_keys" else values[name])
     return values

@@ -89,8 +89,12 @@ def check_request(body, config) -> None:
         chars = sum(len(p) for p in prompts)
         param = "prompt"
     else:
-        chars = sum(len(m.content) if isinstance(m.content, str) else
-                    sum(len(p.text or "") for p in m.content or ()) for m in body.messages)
+        if len(body.messages) > config.max_messages:
+            raise ParamError(f"{len(body.messages)} messages exceed this server's limit of {config.max_messages} "
+                             f"(max_messages)", param="messages")
+        # every string of a message counts (a 1M-character role is as much work as a 1M-character content)
+        chars = sum(len(m.role) + len(m.name or "") + (len(m.content) if isinstance(m.content, str) else
+                    sum(len(p.text or "") + len(p.type) for p in m.content or ())) for m in body.messages)
         param = "messages"
     texts = [p for p in body.prompts() if isinstance(p, str)] if isinstance(body, CompletionRequest) else [
         m.content if isinstance(m.content, str) else "".join(p.text or "" for p in m.content or ())

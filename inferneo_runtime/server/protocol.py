@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import RequestError
 from ..sampling import MAX_LOGPROBS, SamplingParams
@@ -41,10 +41,15 @@ class ParamError(RequestError):
         self.code = code
 
 
-class OpenAIBaseModel(BaseModel):
-    """Accepts unknown fields and logs them (once per request) instead of failing."""
+MAX_MESSAGES = 100_000  # a hard bound checked before the messages are validated (max_messages is the setting)
+ShortText = Annotated[str, Field(max_length=256)]  # roles, names, types, ids: never long
 
-    model_config = ConfigDict(extra="allow")
+
+class OpenAIBaseModel(BaseModel):
+    """Accepts unknown fields and logs them (once per request) instead of failing. Floats must be finite
+    (Infinity and NaN are 400s naming the field)."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _log_unknown_fields(self):
@@ -63,6 +68,8 @@ class StreamOptions(OpenAIBaseModel):
 class _SamplingExtensions(BaseModel):
     """Inferneo extensions, shared by both endpoints. Listed first among a request's bases, so pydantic
     orders these fields after the OpenAI ones."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     # --- Inferneo extensions (not in OpenAI's API) -------------------------------------------------
     top_k: Optional[int] = Field(None, ge=-1, description="sample from the k most likely tokens (0 or -1: all)")
@@ -110,7 +117,7 @@ class _Sampling:
 
 class _CompletionFields(OpenAIBaseModel):
     # OpenAI's order: https://platform.openai.com/docs/api-reference/completions/create
-    model: Optional[str] = Field(None, description=MODEL_HELP)
+    model: Optional[str] = Field(None, max_length=512, description=MODEL_HELP)
     prompt: Union[str, list[str], list[int], list[list[int]]]
     best_of: Optional[int] = Field(None, ge=1)
     echo: bool = False
@@ -127,7 +134,7 @@ class _CompletionFields(OpenAIBaseModel):
     suffix: Optional[str] = None
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    user: Optional[str] = None
+    user: Optional[str] = Field(None, max_length=512)
 
     @model_validator(mode="after")
     def _check(self):
@@ -159,14 +166,14 @@ class CompletionRequest(_SamplingExtensions, _CompletionFields, _Sampling):
 
 
 class ContentPart(OpenAIBaseModel):
-    type: str
+    type: ShortText
     text: Optional[str] = None
 
 
 class ChatMessage(OpenAIBaseModel):
-    role: str
-    content: Optional[Union[str, list[ContentPart]]] = None
-    name: Optional[str] = None
+    role: ShortText
+    content: Optional[Union[str, Annotated[list[ContentPart], Field(max_length=1024)]]] = None
+    name: Optional[ShortText] = None
 
     def text(self) -> str:
         if self.content is None:
@@ -188,7 +195,14 @@ class ResponseFormat(OpenAIBaseModel):
 class _ChatFields(OpenAIBaseModel):
     # OpenAI's order: https://platform.openai.com/docs/api-reference/chat/create
     messages: list[ChatMessage] = Field(min_length=1)
-    model: Optional[str] = Field(None, description=MODEL_HELP)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _not_too_many(cls, v):  # before each message is validated: a list of 270k messages fails at once
+        if isinstance(v, list) and len(v) > MAX_MESSAGES:
+            raise ValueError(f"{len(v)} messages are more than {MAX_MESSAGES}")
+        return v
+    model: Optional[str] = Field(None, max_length=512, description=MODEL_HELP)
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     logit_bias: Optional[dict[str, float]] = None
     logprobs: bool = False
@@ -206,7 +220,7 @@ class _ChatFields(OpenAIBaseModel):
     tools: Optional[list[Any]] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    user: Optional[str] = None
+    user: Optional[str] = Field(None, max_length=512)
 
     @model_validator(mode="after")
     def _check(self):
@@ -375,7 +389,7 @@ class EmbeddingRequest(OpenAIBaseModel):
     model: str
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Optional[int] = Field(None, ge=1, description="not supported: must be omitted or equal the model's")
-    user: Optional[str] = None
+    user: Optional[str] = Field(None, max_length=512)
 
 
 class Embedding(BaseModel):

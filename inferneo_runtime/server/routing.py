@@ -20,6 +20,7 @@ Conditions (strings, or mappings with the same parts):
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import threading
 import uuid
@@ -31,6 +32,8 @@ from ..errors import RequestError
 AUTO_MODELS = ("", "auto", "default")
 OPS = {"contains": "contains", "matches": "matches", "==": "equals", "equals": "equals", "!=": "not_equals",
        "not_equals": "not_equals", "startswith": "startswith"}
+logger = logging.getLogger("inferneo.server")
+REGEX_TIMEOUT_S = 0.1  # longest a routing rule's regular expression may search one request
 _CONDITION = re.compile(r"^\s*(?P<field>prompt|user|header\s+(?P<header>[A-Za-z0-9_-]+))\s+"
                         r"(?P<op>contains|matches|startswith|==|!=)\s+(?P<q>['\"])(?P<value>.*)(?P=q)\s*$", re.S)
 
@@ -57,7 +60,7 @@ class Condition:
     op: str  # contains | matches | equals | not_equals | startswith
     value: str
     header: Optional[str] = None
-    _regex: Optional[re.Pattern] = None
+    _regex: Optional[object] = None  # a compiled `regex` pattern
 
     @classmethod
     def parse(cls, spec) -> "Condition":
@@ -88,9 +91,11 @@ class Condition:
             raise RoutingError("condition on a header: name the header (header: x-team)")
         c = cls(fld, op, value, header.lower() if fld == "header" else None)
         if op == "matches":
+            import regex  # the `regex` engine: a search takes a timeout (re's cannot), so (a|aa)+$ cannot stall
+
             try:
-                c._regex = re.compile(value)
-            except re.error as e:
+                c._regex = regex.compile(value)
+            except regex.error as e:
                 raise RoutingError(f"condition regular expression {value!r}: {e}") from None
         return c
 
@@ -106,7 +111,12 @@ class Condition:
         if self.op == "contains":
             return self.value.lower() in subject.lower()
         if self.op == "matches":
-            return self._regex.search(subject) is not None
+            try:
+                return self._regex.search(subject, timeout=REGEX_TIMEOUT_S, concurrent=True) is not None  # GIL freed
+            except TimeoutError:
+                logger.warning("routing rule regular expression %r gave up after %.2fs on a %d-character subject; "
+                               "treated as no match", self.value[:100], REGEX_TIMEOUT_S, len(subject))
+                return False
         if self.op == "startswith":
             return subject.startswith(self.value)
         if self.op == "equals":
