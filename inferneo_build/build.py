@@ -246,11 +246,13 @@ def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Prog
             import torch
             from transformers import AutoModelForCausalLM
 
+            # transformers' sdpa path drops attention soft-capping (Gemma 2): the reference then runs eager attention
+            eager = {"attn_implementation": "eager"} if spec.attn_softcap is not None else {}
             model = AutoModelForCausalLM.from_pretrained(checkpoint.directory, dtype=torch.float32,
-                                                         **sources.load_options(recipe))
+                                                         **sources.load_options(recipe), **eager)
             model.eval()
             _merge(model, adapters, progress)
-            weights = canonical_weights(spec, model.state_dict())
+            weights = canonical_weights(spec, model.state_dict(), config=model.config)
 
         def build_in(staging: Path) -> BuildResult:
             return _build_in(staging, recipe, checkpoint, spec, model, weights, progress, recipe_text_sha256, key)
