@@ -46,6 +46,21 @@ TINY_CONFIGS |= {
     "ministral": _BASE | dict(model_type="mistral", sliding_window=5, num_key_value_heads=1, head_dim=32),
 }
 
+# Outside the fused table: the generic path (transformers' own modeling code, traced)
+_GENERIC = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+TINY_CONFIGS |= {
+    "gpt_neox": _GENERIC | dict(model_type="gpt_neox", rotary_pct=0.5, use_parallel_residual=True,
+                                tie_word_embeddings=False),
+    "stablelm": _GENERIC | dict(model_type="stablelm", num_key_value_heads=2, partial_rotary_factor=0.25),
+    "phi": _GENERIC | dict(model_type="phi", partial_rotary_factor=0.5, qk_layernorm=False, resid_pdrop=0.0,
+                           embd_pdrop=0.0, attention_dropout=0.0),
+    "starcoder2": _GENERIC | dict(model_type="starcoder2", num_key_value_heads=1, sliding_window=5, tie_word_embeddings=False,
+                                  residual_dropout=0.0, embedding_dropout=0.0),
+    "falcon": dict(model_type="falcon", vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_kv_heads=1, new_decoder_architecture=True, bos_token_id=1, eos_token_id=2,
+                   max_position_embeddings=256),
+}
 _VARIED = set(TINY_CONFIGS) - {"llama", "qwen2", "mistral", "gpt2"}
 
 
