@@ -327,8 +327,15 @@ def _build_in(staging: Path, recipe: Recipe, checkpoint, spec: DecoderSpec, mode
         name = recipe.target_name(target)
         try:
             with progress.step(f"export {name}"):
-                exporter = exporter_for_target(target) if weights is not None else _generic_exporter()
-                exported = exporter(spec, weights, target, recipe.shapes, staging / name)
+                if weights is None:  # no fused entry: every target takes the generic path
+                    exported = _generic_exporter()(spec, None, target, recipe.shapes, staging / name)
+                elif getattr(target, "path", "fused") == "generic":  # asked for, beside the fused targets
+                    from .generic import generic_spec
+
+                    exported = _generic_exporter()(generic_spec(model, "path: generic in the recipe"), None, target,
+                                                   recipe.shapes, staging / name)
+                else:
+                    exported = exporter_for_target(target)(spec, weights, target, recipe.shapes, staging / name)
         except TargetUnavailable as e:
             if not target.optional:
                 raise

@@ -69,3 +69,23 @@ def test_generic_onnx_target_fails_clearly(tiny_checkpoint, tmp_path):
     assert r.returncode == 5, r.stderr
     assert "generic path" in r.stderr and "torchscript" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_generic_beside_fused(tiny_checkpoint, tmp_path):
+    """`path: generic` traces transformers' code for a fused model_type too, as a second target to compare."""
+    from inferneo_build import build
+    from inferneo_build.recipe import Recipe
+
+    fields = tiny_recipe_fields(tiny_checkpoint("llama"), "tiny-llama", tmp_path / "out")
+    fields["targets"] = [{"format": "torchscript"}, {"format": "torchscript", "path": "generic"}]
+    artifact = build(Recipe.model_validate(fields)).output
+    targets = json.loads((artifact / "inferneo.json").read_text())["targets"]
+    assert set(targets) == {"torchscript", "torchscript-generic"}
+    assert targets["torchscript-generic"]["toolchain"]["path"] == "generic"
+    assert "path" not in targets["torchscript"]["toolchain"]
+    params = GenerationParams(max_new_tokens=STEPS, ignore_eos=True)
+    outs = {}
+    for name in targets:
+        with inferneo_runtime.load(artifact, target=name) as model:
+            outs[name] = model.generate_ids([model.tokenizer.encode(PROMPTS[1])], params)[0].token_ids
+    assert outs["torchscript"] == outs["torchscript-generic"]
