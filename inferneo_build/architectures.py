@@ -98,7 +98,8 @@ _SANDWICH = {"layers.{}.post_attn_norm.weight": _LAYER + "post_attention_layerno
              "layers.{}.mlp_norm.weight": _LAYER + "pre_feedforward_layernorm.weight",
              "layers.{}.post_mlp_norm.weight": _LAYER + "post_feedforward_layernorm.weight"}
 # OLMo 2: no norm before attention or the MLP; norms on their outputs instead
-_OLMO2_WEIGHTS = {k: v for k, v in _LLAMA_WEIGHTS.items() if k not in ("layers.{}.attn_norm.weight", "layers.{}.mlp_norm.weight")}
+_OLMO2_WEIGHTS = {k: v for k, v in _LLAMA_WEIGHTS.items()
+                  if k not in ("layers.{}.attn_norm.weight", "layers.{}.mlp_norm.weight")}
 _OLMO2_WEIGHTS |= _QK_NORM | {"layers.{}.post_attn_norm.weight": _LAYER + "post_attention_layernorm.weight",
                               "layers.{}.post_mlp_norm.weight": _LAYER + "post_feedforward_layernorm.weight"}
 # Phi-3: fused qkv_proj and gate_up_proj (split into the canonical gate/up at load)
@@ -260,7 +261,8 @@ class DecoderSpec:
     def __post_init__(self):
         if not self.layers:
             rope = "global" if self.positions == "rope" else None
-            object.__setattr__(self, "layers", tuple(LayerAttention(self.sliding_window, rope) for _ in range(self.num_layers)))
+            uniform = tuple(LayerAttention(self.sliding_window, rope) for _ in range(self.num_layers))
+            object.__setattr__(self, "layers", uniform)
         if self.positions == "rope" and not self.ropes and self.rope_inv_freq:
             object.__setattr__(self, "ropes", {"global": Rope(self.rope_inv_freq, self.rope_attention_scaling)})
 
