@@ -1,33 +1,42 @@
 """Supported decoder architectures as data.
 
-Every exporter consumes one normalized description of a decoder (`DecoderSpec` plus a flat dict of
-numpy weights with canonical names), so adding an architecture means adding a table entry here,
-not a branch in each exporter.
+Every exporter consumes one normalized description of a decoder (`DecoderSpec`, a set of feature switches,
+plus a flat dict of numpy weights with canonical names), so adding an architecture means adding a table entry
+here, not a branch in each exporter. The switches are read from the HF config where it says them (head_dim,
+layer_types, sliding window, RoPE settings, soft-capping, multipliers, tied embeddings, activation) and from the
+family's table entry where only the modeling code says them (norm weight offset, q/k norm shape, which norms
+exist: a norm is present when its weight is named in the entry).
 
 Canonical weight names (all matrices are MatMul-ready, i.e. [in_features, out_features]):
     embed                      [vocab, hidden]
     pos_embed                  [max_positions, hidden]        (learned positions only)
-    layers.{i}.attn_norm.weight / .bias                        (bias: LayerNorm only)
+    layers.{i}.attn_norm.weight / .bias     before attention (absent: post-norm layers, OLMo 2)
+    layers.{i}.post_attn_norm.weight        on the attention output, before the residual add (Gemma 2/3, OLMo 2)
+    layers.{i}.q_norm.weight / k_norm.weight  RMSNorm of q and k, per head [head_dim] or whole [heads*head_dim]
     layers.{i}.qkv.weight      [hidden, (heads + 2*kv_heads) * head_dim]  packed Q|K|V
     layers.{i}.qkv.bias        optional
     layers.{i}.o.weight        [heads*head_dim, hidden]   (+ optional .bias)
-    layers.{i}.mlp_norm.weight / .bias
+    layers.{i}.mlp_norm.weight / .bias      before the MLP
+    layers.{i}.post_mlp_norm.weight         on the MLP output, before the residual add
     layers.{i}.gate.weight     [hidden, intermediate]         (gated MLPs only)
     layers.{i}.up.weight       [hidden, intermediate]     (+ optional .bias)
     layers.{i}.down.weight     [intermediate, hidden]     (+ optional .bias)
     final_norm.weight / .bias
-    lm_head.weight             [hidden, vocab]
+    lm_head.weight             [hidden, vocab]            absent when tied to `embed` (stored once)
+
+Folded at load, so no exporter sees them: the norm weight offset (Gemma's 1 + w) and Granite's residual
+multiplier (into the o and down projections).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Literal, Optional
 
 import numpy as np
 
 
 class UnsupportedArchitecture(ValueError):
-    """The checkpoint's model_type has no entry in ARCHITECTURES."""
+    """The checkpoint's model_type has no entry in ARCHITECTURES, or uses a setting the fused exporters lack."""
 
     exit_code = 2
 
@@ -39,7 +48,6 @@ class ArchSpec:
     family: Literal["llama", "gpt2"]
     norm: Literal["rms", "layer"]
     positions: Literal["rope", "learned"]
-    mlp: Literal["gated_silu", "gelu_tanh"]
     # canonical dim name -> HF config attribute (first one present wins)
     config_names: dict[str, tuple[str, ...]]
     # canonical weight name (with {} for the layer index) -> HF state-dict name
@@ -47,6 +55,9 @@ class ArchSpec:
     # HF stores Linear weights [out, in] (transpose) or Conv1D weights [in, out] (keep)
     transpose_linear: bool = True
     min_transformers: str = "4.45"
+    norm_offset: float = 0.0          # RMSNorm multiplies by (offset + w): Gemma's 1 + w
+    embed_scale_sqrt_hidden: bool = False  # Gemma: embeddings * sqrt(hidden)
+    qk_norm: Optional[Literal["head", "whole"]] = None  # RMSNorm of q and k per head (Qwen3, Gemma 3) or whole (OLMo 2)
 
 
 _LLAMA_CONFIG = {
@@ -58,30 +69,51 @@ _LLAMA_CONFIG = {
     "vocab": ("vocab_size",),
     "norm_eps": ("rms_norm_eps",),
     "max_positions": ("max_position_embeddings",),
+    "activation": ("hidden_act",),
 }
+_LAYER = "model.layers.{}."
 _LLAMA_WEIGHTS = {
     "embed": "model.embed_tokens.weight",
-    "layers.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
-    "layers.{}.q.weight": "model.layers.{}.self_attn.q_proj.weight",
-    "layers.{}.k.weight": "model.layers.{}.self_attn.k_proj.weight",
-    "layers.{}.v.weight": "model.layers.{}.self_attn.v_proj.weight",
-    "layers.{}.q.bias": "model.layers.{}.self_attn.q_proj.bias",
-    "layers.{}.k.bias": "model.layers.{}.self_attn.k_proj.bias",
-    "layers.{}.v.bias": "model.layers.{}.self_attn.v_proj.bias",
-    "layers.{}.o.weight": "model.layers.{}.self_attn.o_proj.weight",
-    "layers.{}.o.bias": "model.layers.{}.self_attn.o_proj.bias",
-    "layers.{}.mlp_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
-    "layers.{}.gate.weight": "model.layers.{}.mlp.gate_proj.weight",
-    "layers.{}.up.weight": "model.layers.{}.mlp.up_proj.weight",
-    "layers.{}.down.weight": "model.layers.{}.mlp.down_proj.weight",
+    "layers.{}.attn_norm.weight": _LAYER + "input_layernorm.weight",
+    "layers.{}.q.weight": _LAYER + "self_attn.q_proj.weight",
+    "layers.{}.k.weight": _LAYER + "self_attn.k_proj.weight",
+    "layers.{}.v.weight": _LAYER + "self_attn.v_proj.weight",
+    "layers.{}.q.bias": _LAYER + "self_attn.q_proj.bias",
+    "layers.{}.k.bias": _LAYER + "self_attn.k_proj.bias",
+    "layers.{}.v.bias": _LAYER + "self_attn.v_proj.bias",
+    "layers.{}.o.weight": _LAYER + "self_attn.o_proj.weight",
+    "layers.{}.o.bias": _LAYER + "self_attn.o_proj.bias",
+    "layers.{}.mlp_norm.weight": _LAYER + "post_attention_layernorm.weight",
+    "layers.{}.gate.weight": _LAYER + "mlp.gate_proj.weight",
+    "layers.{}.up.weight": _LAYER + "mlp.up_proj.weight",
+    "layers.{}.down.weight": _LAYER + "mlp.down_proj.weight",
     "final_norm.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
 }
-_LLAMA = ArchSpec(family="llama", norm="rms", positions="rope", mlp="gated_silu",
-                  config_names=_LLAMA_CONFIG, weight_names=_LLAMA_WEIGHTS)
+_QK_NORM = {"layers.{}.q_norm.weight": _LAYER + "self_attn.q_norm.weight",
+            "layers.{}.k_norm.weight": _LAYER + "self_attn.k_norm.weight"}
+# Gemma 2/3: a norm before and after both attention and the MLP ("sandwich")
+_SANDWICH = {"layers.{}.post_attn_norm.weight": _LAYER + "post_attention_layernorm.weight",
+             "layers.{}.mlp_norm.weight": _LAYER + "pre_feedforward_layernorm.weight",
+             "layers.{}.post_mlp_norm.weight": _LAYER + "post_feedforward_layernorm.weight"}
+# OLMo 2: no norm before attention or the MLP; norms on their outputs instead
+_OLMO2_WEIGHTS = {k: v for k, v in _LLAMA_WEIGHTS.items()
+                  if k not in ("layers.{}.attn_norm.weight", "layers.{}.mlp_norm.weight")}
+_OLMO2_WEIGHTS |= _QK_NORM | {"layers.{}.post_attn_norm.weight": _LAYER + "post_attention_layernorm.weight",
+                              "layers.{}.post_mlp_norm.weight": _LAYER + "post_feedforward_layernorm.weight"}
+# Phi-3: fused qkv_proj and gate_up_proj (split into the canonical gate/up at load)
+_PHI3_WEIGHTS = {k: v for k, v in _LLAMA_WEIGHTS.items()
+                 if not k.startswith(("layers.{}.q.", "layers.{}.k.", "layers.{}.v.", "layers.{}.gate.", "layers.{}.up."))}
+_PHI3_WEIGHTS |= {"layers.{}.qkv.weight": _LAYER + "self_attn.qkv_proj.weight",
+                  "layers.{}.gate_up.weight": _LAYER + "mlp.gate_up_proj.weight"}
+
+_LLAMA = ArchSpec(family="llama", norm="rms", positions="rope", config_names=_LLAMA_CONFIG, weight_names=_LLAMA_WEIGHTS)
+_GEMMA_CONFIG = _LLAMA_CONFIG | {"activation": ("hidden_activation", "hidden_act")}
+_GEMMA = ArchSpec(family="llama", norm="rms", positions="rope", config_names=_GEMMA_CONFIG,
+                  weight_names=_LLAMA_WEIGHTS, norm_offset=1.0, embed_scale_sqrt_hidden=True)
 
 _GPT2 = ArchSpec(
-    family="gpt2", norm="layer", positions="learned", mlp="gelu_tanh", transpose_linear=False,
+    family="gpt2", norm="layer", positions="learned", transpose_linear=False,
     config_names={
         "num_layers": ("n_layer",),
         "hidden": ("n_embd",),
@@ -91,6 +123,7 @@ _GPT2 = ArchSpec(
         "vocab": ("vocab_size",),
         "norm_eps": ("layer_norm_epsilon",),
         "max_positions": ("n_positions",),
+        "activation": ("activation_function",),
     },
     weight_names={
         "embed": "transformer.wte.weight",
@@ -113,14 +146,32 @@ _GPT2 = ArchSpec(
     },
 )
 
-# HF model_type -> spec. Mistral and Qwen2 are Llama-shaped (Qwen2 adds q/k/v biases, which the
-# optional bias entries pick up).
+# HF model_type -> spec. Everything the config says (head_dim, layer_types, windows, RoPE, soft-caps, multipliers,
+# tied embeddings) is read by decoder_spec(); the entry only names weights and what the modeling code hard-codes.
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
-    "qwen2": _LLAMA,
+    "qwen2": _LLAMA,  # q/k/v biases: the optional bias entries pick them up
+    "granite": _LLAMA,  # multipliers come from the config
+    "smollm3": _LLAMA,  # no_rope_layers comes from the config
+    "qwen3": ArchSpec(family="llama", norm="rms", positions="rope", config_names=_LLAMA_CONFIG,
+                      weight_names=_LLAMA_WEIGHTS | _QK_NORM, qk_norm="head"),
+    "olmo2": ArchSpec(family="llama", norm="rms", positions="rope", config_names=_LLAMA_CONFIG,
+                      weight_names=_OLMO2_WEIGHTS, qk_norm="whole"),
+    "phi3": ArchSpec(family="llama", norm="rms", positions="rope", config_names=_LLAMA_CONFIG,
+                     weight_names=_PHI3_WEIGHTS),
+    "gemma": _GEMMA,
+    "gemma2": ArchSpec(family="llama", norm="rms", positions="rope", config_names=_GEMMA_CONFIG,
+                       weight_names=_LLAMA_WEIGHTS | _SANDWICH, norm_offset=1.0, embed_scale_sqrt_hidden=True),
+    "gemma3_text": ArchSpec(family="llama", norm="rms", positions="rope", config_names=_GEMMA_CONFIG,
+                            weight_names=_LLAMA_WEIGHTS | _SANDWICH | _QK_NORM, norm_offset=1.0,
+                            embed_scale_sqrt_hidden=True, qk_norm="head"),
     "gpt2": _GPT2,
 }
+
+# HF activation name -> canonical MLP kind (gated for the Llama-shaped families, plain for GPT-2)
+_GATED_MLPS = {"silu": "gated_silu", "gelu_pytorch_tanh": "gated_gelu_tanh", "gelu_tanh": "gated_gelu_tanh"}
+_PLAIN_MLPS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 def arch_for(model_type: str) -> ArchSpec:
@@ -128,19 +179,60 @@ def arch_for(model_type: str) -> ArchSpec:
         return ARCHITECTURES[model_type]
     except KeyError:
         raise UnsupportedArchitecture(
-            f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
+            f"model_type {model_type!r} has no fused table entry; fused: {', '.join(sorted(ARCHITECTURES))}"
         ) from None
 
 
 @dataclass(frozen=True)
+class Rope:
+    """One RoPE table set: inverse frequencies for the rotated pairs (fewer than head_dim / 2 with partial
+    rotary) and the cos/sin amplitude. LongRoPE also has `long_inv_freq`, used for a whole forward call whose
+    sequence (past + new tokens) is longer than `switch_length`, as transformers switches it: keys cached
+    before the switch keep their short-factor rotation."""
+
+    inv_freq: tuple[float, ...]
+    attention_scaling: float = 1.0
+    long_inv_freq: Optional[tuple[float, ...]] = None
+    switch_length: Optional[int] = None
+
+    @property
+    def rotary_dim(self) -> int:
+        return 2 * len(self.inv_freq)
+
+    def tables(self, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin [rows, rotary_dim // 2] float32; with LongRoPE the long-factor rows follow the short ones
+        (row = position + length once the call's sequence passes switch_length)."""
+        cos, sin = _tables(self.inv_freq, self.attention_scaling, length)
+        if self.long_inv_freq is None:
+            return cos, sin
+        lcos, lsin = _tables(self.long_inv_freq, self.attention_scaling, length)
+        return np.concatenate([cos, lcos]), np.concatenate([sin, lsin])
+
+
+def _tables(inv_freq, scale: float, length: int) -> tuple[np.ndarray, np.ndarray]:
+    # float32 as transformers computes them (inv_freq and positions in float32, then cos/sin times the scaling)
+    inv = np.asarray(inv_freq, dtype=np.float32)
+    angles = np.arange(length, dtype=np.float32)[:, None] * inv[None, :]
+    return (np.cos(angles) * np.float32(scale)).astype(np.float32), (np.sin(angles) * np.float32(scale)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """Per-layer attention switches (from `layer_types`, `no_rope_layers`, the sliding window)."""
+
+    window: Optional[int] = None       # keys with query - key < window are visible (None: all)
+    rope: Optional[str] = "global"     # key into DecoderSpec.ropes; None: no RoPE on this layer
+
+
+@dataclass(frozen=True)
 class DecoderSpec:
-    """Dimensions and numerics of a decoder, independent of the HF architecture it came from."""
+    """Dimensions, numerics and feature switches of a decoder, independent of the HF architecture it came from."""
 
     model_type: str
     family: Literal["llama", "gpt2"]
     norm: Literal["rms", "layer"]
     positions: Literal["rope", "learned"]
-    mlp: Literal["gated_silu", "gelu_tanh"]
+    mlp: Literal["gated_silu", "gated_gelu_tanh", "gelu_tanh"]
     num_layers: int
     hidden: int
     heads: int
@@ -150,20 +242,56 @@ class DecoderSpec:
     vocab: int
     norm_eps: float
     max_positions: int
-    sliding_window: int | None = None
-    # RoPE: per-pair inverse frequencies and the amplitude scaling (llama3/yarn scale cos/sin)
+    sliding_window: int | None = None  # the window when every layer has the same one (else per layer)
+    # RoPE of the global layers, kept flat for exporters that know only uniform layers
     rope_inv_freq: tuple[float, ...] = field(default=(), repr=False)
     rope_attention_scaling: float = 1.0
+    # feature switches (defaults: plain Llama / GPT-2)
+    layers: tuple[LayerAttention, ...] = ()
+    ropes: dict = field(default_factory=dict, repr=False, compare=False)  # name -> Rope
+    qk_norm: Optional[Literal["head", "whole"]] = None
+    embed_scale: float = 1.0          # Gemma sqrt(hidden) (rounded to float32), Granite embedding_multiplier
+    attn_scale: Optional[float] = None  # softmax scale; None: head_dim ** -0.5
+    attn_softcap: Optional[float] = None   # scores = cap * tanh(scores / cap)
+    final_softcap: Optional[float] = None  # logits = cap * tanh(logits / cap)
+    logits_divisor: float = 1.0       # Granite logits_scaling
+    tied: bool = False                # lm_head is `embed` (stored once)
+
+    def __post_init__(self):
+        if not self.layers:
+            rope = "global" if self.positions == "rope" else None
+            uniform = tuple(LayerAttention(self.sliding_window, rope) for _ in range(self.num_layers))
+            object.__setattr__(self, "layers", uniform)
+        if self.positions == "rope" and not self.ropes and self.rope_inv_freq:
+            object.__setattr__(self, "ropes", {"global": Rope(self.rope_inv_freq, self.rope_attention_scaling)})
+
+    @property
+    def scale(self) -> float:
+        return self.attn_scale if self.attn_scale is not None else self.head_dim ** -0.5
 
     def rope_tables(self, length: int) -> tuple[np.ndarray, np.ndarray]:
-        """cos and sin tables [length, head_dim // 2] in float32."""
-        inv = np.asarray(self.rope_inv_freq, dtype=np.float64)
-        angles = np.arange(length, dtype=np.float64)[:, None] * inv[None, :]
-        scale = self.rope_attention_scaling
-        return (np.cos(angles) * scale).astype(np.float32), (np.sin(angles) * scale).astype(np.float32)
+        """cos and sin tables [length, head_dim // 2] of the global RoPE (uniform-layer exporters)."""
+        return self.ropes["global"].tables(length)
+
+    def non_uniform_features(self) -> list[str]:
+        """Switches beyond plain Llama / GPT-2 in use (exporters that lack them refuse such a spec)."""
+        out = []
+        if self.mlp == "gated_gelu_tanh":
+            out.append("GELU-tanh gated MLP")
+        if len({(layer.window, layer.rope) for layer in self.layers}) > 1:
+            out.append("per-layer attention types")
+        if any(r.long_inv_freq is not None or 2 * len(r.inv_freq) != self.head_dim for r in self.ropes.values()):
+            out.append("LongRoPE / partial rotary")
+        for name in ("qk_norm", "attn_softcap", "final_softcap", "attn_scale"):
+            if getattr(self, name) is not None:
+                out.append(name)
+        if self.embed_scale != 1.0 or self.logits_divisor != 1.0:
+            out.append("embedding / logits multipliers")
+        return out
 
     def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "rope_inv_freq"}
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("rope_inv_freq", "ropes", "layers")}
+        d["layers"] = [{"window": layer.window, "rope": layer.rope} for layer in self.layers]
         return d
 
 
@@ -176,47 +304,108 @@ def _config_value(config, names: tuple[str, ...]):
 
 
 def decoder_spec(config) -> DecoderSpec:
-    """Normalize an HF PretrainedConfig into a DecoderSpec (raises for unsupported settings)."""
+    """Normalize an HF PretrainedConfig into a DecoderSpec (raises UnsupportedArchitecture for anything the fused
+    exporters do not cover; the build then takes the generic path)."""
     arch = arch_for(config.model_type)
     dims = {name: _config_value(config, attrs) for name, attrs in arch.config_names.items()}
-    if dims["intermediate"] is None and arch.family == "gpt2":
-        dims["intermediate"] = 4 * dims["hidden"]
+    if arch.family == "gpt2":
+        dims["intermediate"] = dims["intermediate"] or 4 * dims["hidden"]
+        dims["activation"] = dims["activation"] or "gelu_new"
     missing = [k for k, v in dims.items() if v is None]
     if missing:
         raise UnsupportedArchitecture(f"{config.model_type} config lacks {', '.join(missing)}")
-    head_dim = getattr(config, "head_dim", None) or dims["hidden"] // dims["heads"]
+    activation = dims.pop("activation")
+    mlp = (_PLAIN_MLPS if arch.family == "gpt2" else _GATED_MLPS).get(activation)
+    if mlp is None:
+        raise UnsupportedArchitecture(f"{config.model_type} activation {activation!r} is not supported")
+    head_dim = int(getattr(config, "head_dim", None) or dims["hidden"] // dims["heads"])
+    layers, ropes, uniform_window = _layer_attention(config, arch, dims["num_layers"])
+    if getattr(config, "mlp_bias", False):  # attention biases are picked up by the optional bias entries
+        raise UnsupportedArchitecture(f"{config.model_type} mlp_bias=True is not supported")
 
-    inv_freq: tuple[float, ...] = ()
-    attention_scaling = 1.0
-    if arch.positions == "rope":
-        inv_freq, attention_scaling = _rope_parameters(config)
-
-    sliding_window = None
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        sliding_window = int(config.sliding_window)
-    if arch.family == "gpt2" and getattr(config, "activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise UnsupportedArchitecture(f"gpt2 activation {config.activation_function!r} is not supported")
-
+    embed_scale = 1.0
+    if arch.embed_scale_sqrt_hidden:
+        embed_scale = float(np.float32(dims["hidden"] ** 0.5))  # transformers rounds the normalizer to the dtype
+    embed_scale *= float(getattr(config, "embedding_multiplier", None) or 1.0)
+    attn_scale = getattr(config, "attention_multiplier", None)  # Granite: replaces 1 / sqrt(head_dim)
+    if getattr(config, "query_pre_attn_scalar", None):  # Gemma 2/3
+        attn_scale = float(config.query_pre_attn_scalar) ** -0.5
+    glob = ropes.get("global")
     return DecoderSpec(
         model_type=config.model_type, family=arch.family, norm=arch.norm, positions=arch.positions,
-        mlp=arch.mlp, head_dim=int(head_dim), sliding_window=sliding_window,
-        rope_inv_freq=inv_freq, rope_attention_scaling=float(attention_scaling),
+        mlp=mlp, head_dim=head_dim, sliding_window=uniform_window,
+        rope_inv_freq=glob.inv_freq if glob else (), rope_attention_scaling=glob.attention_scaling if glob else 1.0,
+        layers=layers, ropes=ropes, qk_norm=arch.qk_norm, embed_scale=embed_scale,
+        attn_scale=float(attn_scale) if attn_scale is not None else None,
+        attn_softcap=_positive(getattr(config, "attn_logit_softcapping", None)),
+        final_softcap=_positive(getattr(config, "final_logit_softcapping", None)),
+        logits_divisor=float(getattr(config, "logits_scaling", None) or 1.0),
+        tied=bool(getattr(config, "tie_word_embeddings", False)),
         **{k: (float(v) if k == "norm_eps" else int(v)) for k, v in dims.items()},
     )
 
 
-def _rope_parameters(config) -> tuple[tuple[float, ...], float]:
-    # transformers 4 and 5 store RoPE differently; rope_config reads both and every static RoPE type
-    from .rope_config import RopeConfigError, rope_frequencies
+def _positive(value) -> Optional[float]:
+    return float(value) if value else None
+
+
+def _layer_attention(config, arch: ArchSpec, num_layers: int):
+    """(per-layer switches, RoPE tables by name, the window when all layers share it)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        unknown = set(layer_types) - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise UnsupportedArchitecture(f"{config.model_type} layer_types {sorted(unknown)} are not supported")
+        windows = [int(window) if t == "sliding_attention" and window else None for t in layer_types]
+    else:  # Mistral: one window for every layer
+        on = window and getattr(config, "use_sliding_window", True)
+        windows = [int(window) if on else None] * num_layers
+    if arch.positions != "rope":
+        return tuple(LayerAttention(w, None) for w in windows), {}, _uniform(windows)
+
+    ropes = {"global": rope_for(config)}
+    names = ["global"] * num_layers
+    if getattr(config, "rope_local_base_freq", None) and layer_types is not None:  # Gemma 3: local layers' own theta
+        ropes["local"] = rope_for(config, theta=config.rope_local_base_freq, plain=True)
+        names = ["local" if t == "sliding_attention" else "global" for t in layer_types]
+    no_rope = getattr(config, "no_rope_layers", None)  # SmolLM3: 1 = this layer uses RoPE
+    if no_rope is not None:
+        names = [n if use else None for n, use in zip(names, no_rope)]
+    return tuple(LayerAttention(w, n) for w, n in zip(windows, names)), ropes, _uniform(windows)
+
+
+def _uniform(windows: list) -> Optional[int]:
+    return windows[0] if len(set(windows)) == 1 else None
+
+
+def rope_for(config, theta: Optional[float] = None, plain: bool = False) -> Rope:
+    """The config's RoPE (or a plain one with another theta: Gemma 3's local layers), read through rope_config
+    (transformers 4.57 and 5.x) and computed as transformers does, so every scaling type matches it exactly."""
+    from .rope_config import RopeConfigError, plain_frequencies, rope_config, rope_frequencies
 
     try:
-        return rope_frequencies(config)
+        rope = rope_config(config)
+        if plain or theta is not None:
+            return Rope(plain_frequencies(config, float(theta if theta is not None else rope.theta),
+                                          rope.partial_rotary_factor), 1.0)
+        inv_freq, attention_scaling = rope_frequencies(config)
     except RopeConfigError as e:
         raise UnsupportedArchitecture(str(e)) from None
+    result = Rope(inv_freq, attention_scaling)
+    if rope.rope_type == "longrope":
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        # transformers: seq_len = max(position_ids) + 1; long factors once seq_len > original_max_position_embeddings
+        switch = int(getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
+        long_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu", seq_len=switch + 1)
+        result = Rope(result.inv_freq, result.attention_scaling, tuple(float(x) for x in long_freq.tolist()), switch)
+    return result
 
 
-def canonical_weights(spec: DecoderSpec, state_dict: dict, dtype=np.float32) -> dict[str, np.ndarray]:
-    """Map an HF state dict (torch tensors or numpy arrays) to canonical, MatMul-ready numpy weights."""
+def canonical_weights(spec: DecoderSpec, state_dict: dict, dtype=np.float32, config=None) -> dict[str, np.ndarray]:
+    """Map an HF state dict (torch tensors or numpy arrays) to canonical, MatMul-ready numpy weights.
+    `config` supplies multipliers folded into weights (Granite's residual_multiplier)."""
     arch = arch_for(spec.model_type)
 
     def fetch(hf_name: str):
@@ -238,6 +427,7 @@ def canonical_weights(spec: DecoderSpec, state_dict: dict, dtype=np.float32) -> 
     out["embed"] = fetch(names["embed"])
     if "pos_embed" in names:
         out["pos_embed"] = fetch(names["pos_embed"])
+    norms = ("attn_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm", "q_norm", "k_norm")
     for i in range(spec.num_layers):
         def put(canon: str, is_linear: bool = False):
             key = canon.format(i) if "{}" in canon else canon
@@ -248,12 +438,16 @@ def canonical_weights(spec: DecoderSpec, state_dict: dict, dtype=np.float32) -> 
             if value is not None:
                 out[key] = value
 
-        put("layers.{}.attn_norm.weight"); put("layers.{}.attn_norm.bias")
-        put("layers.{}.mlp_norm.weight"); put("layers.{}.mlp_norm.bias")
+        for n in norms:
+            put(f"layers.{{}}.{n}.weight"); put(f"layers.{{}}.{n}.bias")
         put("layers.{}.o.weight", True); put("layers.{}.o.bias")
         put("layers.{}.gate.weight", True)
         put("layers.{}.up.weight", True); put("layers.{}.up.bias")
         put("layers.{}.down.weight", True); put("layers.{}.down.bias")
+        if "layers.{}.gate_up.weight" in names:  # Phi-3: [gate | up] along the output axis
+            gate_up = linear(names["layers.{}.gate_up.weight"].format(i))
+            out[f"layers.{i}.gate.weight"], out[f"layers.{i}.up.weight"] = (
+                np.ascontiguousarray(part) for part in np.split(gate_up, 2, axis=1))
         if "layers.{}.qkv.weight" in names:
             put("layers.{}.qkv.weight", True); put("layers.{}.qkv.bias")
         else:  # pack separate q/k/v projections into one MatMul
@@ -267,13 +461,35 @@ def canonical_weights(spec: DecoderSpec, state_dict: dict, dtype=np.float32) -> 
     out["final_norm.weight"] = fetch(names["final_norm.weight"])
     if "final_norm.bias" in names:
         out["final_norm.bias"] = fetch(names["final_norm.bias"])
-    head = fetch(names["lm_head.weight"])  # lm_head is an nn.Linear [vocab, hidden] in every family (GPT-2 too)
-    head = np.ascontiguousarray(head.T) if head is not None else None
-    out["lm_head.weight"] = head if head is not None else np.ascontiguousarray(out["embed"].T)
+    if not spec.tied:
+        head = fetch(names["lm_head.weight"])  # lm_head is an nn.Linear [vocab, hidden] in every family (GPT-2 too)
+        out["lm_head.weight"] = np.ascontiguousarray(head.T) if head is not None else None
     missing = [k for k, v in out.items() if v is None]
     if missing:
         raise UnsupportedArchitecture(f"checkpoint lacks weights for {', '.join(missing)}")
+    _fold(spec, arch, out, config)
     return out
+
+
+def _fold(spec: DecoderSpec, arch: ArchSpec, w: dict[str, np.ndarray], config) -> None:
+    """Fold constant multipliers into weights, so exporters never see them."""
+    if arch.norm_offset and spec.norm == "rms":  # Gemma: x_normed * (1 + w), computed in float32 as HF does
+        for k in w:
+            if k.endswith("norm.weight"):
+                w[k] = (w[k] + np.float32(arch.norm_offset)).astype(np.float32)
+    residual = getattr(config, "residual_multiplier", None) if config is not None else None
+    if residual is not None and residual != 1.0:  # Granite: residual + branch * m
+        for i in range(spec.num_layers):
+            for name in ("o", "down"):
+                for part in ("weight", "bias"):
+                    key = f"layers.{i}.{name}.{part}"
+                    if key in w:
+                        w[key] = (w[key] * np.float32(residual)).astype(np.float32)
+
+
+def head_matrix(spec: DecoderSpec, weights: dict[str, np.ndarray]) -> np.ndarray:
+    """lm_head as [hidden, vocab] (a transposed copy of the embedding when tied), for exporters that need one."""
+    return weights["lm_head.weight"] if not spec.tied else np.ascontiguousarray(weights["embed"].T)
 
 
 WeightLoader = Callable[[], dict[str, np.ndarray]]

@@ -25,7 +25,7 @@ from inferneo_runtime.tokenizer import Tokenizer
 
 from . import build_cache
 from . import source as sources
-from .architectures import DecoderSpec, canonical_weights, decoder_spec
+from .architectures import DecoderSpec, UnsupportedArchitecture, canonical_weights, decoder_spec
 from .exporters import Exporter, TargetUnavailable, exporter_for
 from .publish import check_output, publish, staging_dir
 from .recipe import Recipe
@@ -99,6 +99,11 @@ def exporter_for_target(target) -> Exporter:
     if target.format in REDUCED_EXPORTERS and getattr(target, "precision", "fp32") != "fp32":
         return REDUCED_EXPORTERS[target.format]()
     return exporter_for(target.format)
+
+
+def _generic_exporter() -> Exporter:
+    from .generic import export_generic_torchscript
+    return export_generic_torchscript
 
 
 def _with_adapters(key: str, checkpoint) -> str:
@@ -242,8 +247,12 @@ def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Prog
         def build_in(staging: Path) -> BuildResult:
             return build_encoder_in(staging, recipe, checkpoint, encoder, model, progress, recipe_text_sha256, key)
     else:
-        spec = decoder_spec(config)  # fails fast on an unsupported architecture, before loading weights
-        if recipe.shapes.max_sequence > spec.max_positions:
+        try:
+            spec = decoder_spec(config)  # fails fast on a bad setting, before loading weights
+            generic_reason = None
+        except UnsupportedArchitecture as e:  # no fused entry: transformers' own modeling code, validated alike
+            spec, generic_reason = None, str(e)
+        if spec is not None and recipe.shapes.max_sequence > spec.max_positions:
             raise BuildError(f"shapes.max_sequence {recipe.shapes.max_sequence} exceeds the model's "
                              f"max_position_embeddings {spec.max_positions}")
 
@@ -251,11 +260,23 @@ def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Prog
             import torch
             from transformers import AutoModelForCausalLM
 
+            # transformers' sdpa path drops attention soft-capping (Gemma 2): the reference then runs eager attention
+            eager = {"attn_implementation": "eager"} if spec is not None and spec.attn_softcap is not None else {}
             model = AutoModelForCausalLM.from_pretrained(checkpoint.directory, dtype=torch.float32,
-                                                         **sources.load_options(recipe))
+                                                         **sources.load_options(recipe), **eager)
             model.eval()
             _merge(model, adapters, progress)
-            weights = canonical_weights(spec, model.state_dict())
+            if spec is not None:
+                weights = canonical_weights(spec, model.state_dict(), config=model.config)
+            else:
+                from .generic import generic_spec
+
+                spec, weights = generic_spec(model, generic_reason), None
+                progress.log(f"generic path for model_type {config.model_type!r} ({generic_reason}): "
+                             "transformers' own modeling code, traced into the torchscript target")
+                if recipe.shapes.max_sequence > spec.max_positions:
+                    raise BuildError(f"shapes.max_sequence {recipe.shapes.max_sequence} exceeds the model's "
+                                     f"max_position_embeddings {spec.max_positions}")
 
         def build_in(staging: Path) -> BuildResult:
             return _build_in(staging, recipe, checkpoint, spec, model, weights, progress, recipe_text_sha256, key)
@@ -314,7 +335,15 @@ def _build_in(staging: Path, recipe: Recipe, checkpoint, spec: DecoderSpec, mode
         name = recipe.target_name(target)
         try:
             with progress.step(f"export {name}"):
-                exported = exporter_for_target(target)(spec, weights, target, recipe.shapes, staging / name)
+                if weights is None:  # no fused entry: every target takes the generic path
+                    exported = _generic_exporter()(spec, None, target, recipe.shapes, staging / name)
+                elif getattr(target, "path", "fused") == "generic":  # asked for, beside the fused targets
+                    from .generic import generic_spec
+
+                    exported = _generic_exporter()(generic_spec(model, "path: generic in the recipe"), None, target,
+                                                   recipe.shapes, staging / name)
+                else:
+                    exported = exporter_for_target(target)(spec, weights, target, recipe.shapes, staging / name)
         except TargetUnavailable as e:
             if not target.optional:
                 raise

@@ -193,6 +193,14 @@ class TorchScriptTarget(_Reduced):
     name: Optional[str] = TARGET_NAME
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     optional: bool = False
+    path: Literal["fused", "generic"] = Field("fused", description="generic: trace transformers' own modeling code "
+                                              "even when the model_type has a fused entry (fp32; to compare them)")
+
+    @model_validator(mode="after")
+    def _generic_is_fp32(self):
+        if self.path == "generic" and self.precision != "fp32":
+            raise ValueError(f"path: generic exports float32 only (this target is {self.precision})")
+        return self
 
 
 class TensorRTTarget(_Reduced):
@@ -306,6 +314,8 @@ class Recipe(_Strict):
         if target.name:
             return target.name
         precision = getattr(target, "precision", "fp32")
+        if getattr(target, "path", "fused") == "generic":
+            return f"{target.format}-generic"
         return target.format if precision == "fp32" or target.format == "tensorrt" else f"{target.format}-{precision}"
 
     def tolerance_for(self, target) -> Tolerance:

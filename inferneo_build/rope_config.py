@@ -61,17 +61,22 @@ def rope_config(config, layer_type: Optional[str] = None) -> RopeConfig:
     return RopeConfig(rope_type=rope_type, theta=float(theta), partial_rotary_factor=float(partial), parameters=block)
 
 
+def plain_frequencies(config, theta: float, partial_rotary_factor: float = 1.0) -> tuple[float, ...]:
+    """Unscaled RoPE's inverse frequencies with base `theta`, in transformers' float32 arithmetic."""
+    import torch
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = int(head_dim * partial_rotary_factor)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
+    return tuple(float(x) for x in inv_freq.tolist())
+
+
 def rope_frequencies(config, layer_type: Optional[str] = None) -> tuple[tuple[float, ...], float]:
     """(inverse frequencies, attention scaling of cos/sin) exactly as the checkpoint's transformers model computes
     them: plain RoPE here (the same float32 arithmetic), every scaled type through transformers' own init function."""
-    import torch
-
     rope = rope_config(config, layer_type)
     if rope.rope_type == "default":
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        dim = int(head_dim * rope.partial_rotary_factor)
-        inv_freq = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
-        return tuple(float(x) for x in inv_freq.tolist()), 1.0
+        return plain_frequencies(config, rope.theta, rope.partial_rotary_factor), 1.0
 
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 

@@ -241,8 +241,27 @@ def test_chunked_head_matches_hf(checkpoints, tmp_path, monkeypatch):
     b = build(checkpoints["qwen2"], tmp_path)
     model = onnx.load(str(b.artifact / "model.onnx"), load_external_data=False)
     names = {n.name for n in model.graph.node}
-    assert {f"/lm_head/chunk.{i}/MatMul" for i in range(4)} <= names and "/lm_head/Concat" in names
+    # the tiny qwen2 ties its head: Gemm(transB) over row ranges of the embedding
+    assert {f"/lm_head/chunk.{i}/Gemm" for i in range(4)} <= names and "/lm_head/Concat" in names
     backend = b.backend()
     ids = prompts([12], seed=8)[0]
     logits = backend.forward(backend.allocate_cache(1, 16), 0, np.array([ids]), np.array([0]))
     np.testing.assert_allclose(logits[0], hf_logits(b.hf, ids), atol=ATOL, rtol=0)
+
+
+def test_tied_head_is_stored_once(checkpoints, tmp_path):
+    """A tied lm_head reads the embedding's own bytes in the data file (issue 21: it was stored twice)."""
+    b = build(checkpoints["qwen2"], tmp_path)
+    model = onnx.load(str(b.artifact / "model.onnx"), load_external_data=False)
+
+    def extent(t):
+        info = {e.key: e.value for e in t.external_data}
+        return int(info.get("offset", 0)), int(info["length"])
+
+    external = {t.name: extent(t) for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    start, length = external["model.embed_tokens.weight"]
+    heads = [v for k, v in external.items() if k.startswith("lm_head.weight")]
+    assert heads and all(start <= o and o + n <= start + length for o, n in heads)
+    assert sum(n for _, n in heads) == length  # the whole table, once
+    others = sum(n for k, (_, n) in external.items() if not k.startswith("lm_head.weight"))
+    assert (b.artifact / "model.onnx.data").stat().st_size < others + 4096 * len(external)  # page alignment only

@@ -17,6 +17,52 @@ TINY_CONFIGS = {
                  bos_token_id=1, eos_token_id=2),
 }
 
+# The families of issue 21, each with awkward shapes: head_dim != hidden / heads, one KV head, windows shorter
+# than the tests' sequences, partial rotary, LongRoPE switching inside the tests' sequences, tied and untied.
+_BASE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+TINY_CONFIGS |= {
+    "qwen3": _BASE | dict(model_type="qwen3", head_dim=48, num_key_value_heads=1, tie_word_embeddings=True),
+    "llama3": _BASE | dict(model_type="llama", tie_word_embeddings=True, rope_theta=500000.0, head_dim=32,
+                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    # Phi-4-mini's shape: partial rotary 0.75 (12 of 16 dims), LongRoPE switching at 16 positions, tied
+    "phi3": _BASE | dict(model_type="phi3", partial_rotary_factor=0.75, original_max_position_embeddings=16,
+                         tie_word_embeddings=True, pad_token_id=0,
+                         rope_scaling={"type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.7, 2.0, 2.5],
+                                       "long_factor": [1.5, 2.0, 3.0, 5.0, 8.0, 12.0]}),
+    "gemma": _BASE | dict(model_type="gemma", head_dim=32, num_key_value_heads=1, hidden_act="gelu_pytorch_tanh"),
+    "gemma2": _BASE | dict(model_type="gemma2", head_dim=32, sliding_window=6, query_pre_attn_scalar=20,
+                           attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                           layer_types=["sliding_attention", "full_attention"]),
+    "gemma3_text": _BASE | dict(model_type="gemma3_text", head_dim=32, num_key_value_heads=1, sliding_window=6,
+                                query_pre_attn_scalar=24, rope_local_base_freq=100.0, rope_theta=10000.0,
+                                rope_scaling={"rope_type": "linear", "factor": 2.0}, num_hidden_layers=3,
+                                layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "granite": _BASE | dict(model_type="granite", embedding_multiplier=3.0, attention_multiplier=0.1,
+                            residual_multiplier=0.5, logits_scaling=2.0, tie_word_embeddings=False),
+    "olmo2": _BASE | dict(model_type="olmo2", tie_word_embeddings=False),
+    "smollm3": _BASE | dict(model_type="smollm3", no_rope_layers=[1, 0], tie_word_embeddings=True, pad_token_id=0),
+    "ministral": _BASE | dict(model_type="mistral", sliding_window=5, num_key_value_heads=1, head_dim=32),
+}
+
+# Outside the fused table: the generic path (transformers' own modeling code, traced)
+_GENERIC = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+TINY_CONFIGS |= {
+    "gpt_neox": _GENERIC | dict(model_type="gpt_neox", rotary_pct=0.5, use_parallel_residual=True,
+                                tie_word_embeddings=False),
+    "stablelm": _GENERIC | dict(model_type="stablelm", num_key_value_heads=2, partial_rotary_factor=0.25),
+    "phi": _GENERIC | dict(model_type="phi", partial_rotary_factor=0.5, qk_layernorm=False, resid_pdrop=0.0,
+                           embd_pdrop=0.0, attention_dropout=0.0),
+    "starcoder2": _GENERIC | dict(model_type="starcoder2", num_key_value_heads=1, sliding_window=5, tie_word_embeddings=False,
+                                  residual_dropout=0.0, embedding_dropout=0.0),
+    "falcon": dict(model_type="falcon", vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_kv_heads=1, new_decoder_architecture=True, bos_token_id=1, eos_token_id=2,
+                   max_position_embeddings=256),
+}
+_VARIED = set(TINY_CONFIGS) - {"llama", "qwen2", "mistral", "gpt2"}
+
 
 def make_tiny_checkpoint(model_type: str, out_dir: Path, seed: int = 0) -> Path:
     """Save a random-weight HF checkpoint plus a small byte-level BPE tokenizer into out_dir."""
@@ -28,8 +74,11 @@ def make_tiny_checkpoint(model_type: str, out_dir: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # random init is small; widen it so greedy paths are not all one token
-        for p in model.parameters():
-            if p.dim() >= 2:
+        for name, p in model.named_parameters():
+            if model_type in _VARIED and p.dim() < 2 and "norm" in name:
+                p.add_(torch.randn_like(p) * 0.5)  # norms (incl. Gemma's zero-initialized ones) that matter
+            elif p.dim() >= 2 and not (model_type in _VARIED and "embed" in name):
+                # a tied embedding at init scale, so the residual stream is not just the input token's echo
                 p.mul_(5.0)
     model.eval()
     out_dir = Path(out_dir)

@@ -53,6 +53,16 @@ _LOGITS = ("float32", ["batch", "logit_positions", "{vocab}"])
 _ONNX_DTYPES = {"int64": TensorProto.INT64, "float32": TensorProto.FLOAT, "int32": TensorProto.INT32}
 
 
+def needs_position_ids(spec: DecoderSpec) -> bool:
+    """Learned positions, and RoPE that GroupQueryAttention cannot apply itself (partial rotary, LongRoPE's per-row
+    switch), read the positions from the input."""
+    return spec.positions == "learned" or any(not _fused_rope(spec, r) for r in spec.ropes.values())
+
+
+def _fused_rope(spec: DecoderSpec, rope) -> bool:
+    return rope.long_inv_freq is None and rope.rotary_dim == spec.head_dim
+
+
 def io_signature(spec: DecoderSpec) -> IOSignature:
     """The graph's inputs and outputs, in graph order; also the manifest's IO entry."""
     dims = {"{kv}": spec.kv_heads, "{hd}": spec.head_dim, "{vocab}": spec.vocab}
@@ -60,7 +70,7 @@ def io_signature(spec: DecoderSpec) -> IOSignature:
     def shape(s):
         return [dims.get(d, d) for d in s]
 
-    names = ["input_ids", "attention_mask"] + (["position_ids"] if spec.positions == "learned" else []) + ["logit_positions"]
+    names = ["input_ids", "attention_mask"] + (["position_ids"] if needs_position_ids(spec) else []) + ["logit_positions"]
     inputs = [TensorSpec(name=n, dtype=_INPUTS[n][0], shape=_INPUTS[n][1]) for n in names]
     outputs = [TensorSpec(name="logits", dtype=_LOGITS[0], shape=shape(_LOGITS[1]))]
     for i in range(spec.num_layers):
@@ -80,6 +90,7 @@ class _GraphBuilder:
         self._data = open(data_path, "wb")
         self._data_name = data_path.name
         self._consts: dict[tuple, str] = {}
+        self.offsets: dict[str, int] = {}
 
     def close(self) -> None:
         self._data.close()
@@ -92,11 +103,23 @@ class _GraphBuilder:
         offset = -(-self._data.tell() // _ALIGN) * _ALIGN
         self._data.seek(offset)
         self._data.write(array.tobytes())
-        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
+        self._external(name, array.dtype, array.shape, offset, array.nbytes)
+        self.offsets[name] = offset
+        return name
+
+    def _external(self, name: str, dtype, shape, offset: int, length: int) -> None:
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=shape,
                         data_location=TensorProto.EXTERNAL)
-        for k, v in (("location", self._data_name), ("offset", str(offset)), ("length", str(array.nbytes))):
+        for k, v in (("location", self._data_name), ("offset", str(offset)), ("length", str(length))):
             t.external_data.add(key=k, value=v)
         self.initializers.append(t)
+
+    def rows_of(self, name: str, base: str, array: np.ndarray, start: int, stop: int) -> str:
+        """An initializer for rows [start, stop) of the already written `base` (= `array`): the same bytes of the
+        data file, not a copy (a tied lm_head's chunks of the embedding)."""
+        row = array.shape[1] * array.itemsize
+        self._external(name, array.dtype, (stop - start, *array.shape[1:]), self.offsets[base] + start * row,
+                       (stop - start) * row)
         return name
 
     def const(self, value, dtype=np.int64) -> str:
@@ -128,6 +151,9 @@ def export_onnx(spec: DecoderSpec, weights: dict[str, np.ndarray], target, shape
         raise ValueError(f"onnx opset {opset} is too old; the decoder graph needs opset >= {MIN_OPSET}")
     if spec.positions == "learned" and shapes.max_sequence > spec.max_positions:
         raise ValueError(f"max_sequence {shapes.max_sequence} exceeds the model's {spec.max_positions} learned positions")
+    if spec.head_dim % 16:
+        raise ValueError(f"head_dim {spec.head_dim}: onnxruntime's GroupQueryAttention needs a multiple of 16 "
+                         "(use the torchscript target)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_path, data_path = out / MODEL_NAME, out / DATA_NAME
@@ -159,7 +185,6 @@ def export_onnx(spec: DecoderSpec, weights: dict[str, np.ndarray], target, shape
 
 def _build_decoder(g: _GraphBuilder, spec: DecoderSpec, w: dict[str, np.ndarray], max_sequence: int) -> None:
     """Emit the whole decoder; graph inputs/outputs carry the IO contract's names."""
-    rope = spec.positions == "rope"
     rms = spec.norm == "rms"
     eps = float(spec.norm_eps)
 
@@ -172,24 +197,34 @@ def _build_decoder(g: _GraphBuilder, spec: DecoderSpec, w: dict[str, np.ndarray]
     total_len = g.node("Gather", [shape, g.const(1)], f"{m}/total_len", axis=0)[0]
     total_len = g.node("Cast", [total_len], f"{m}/total_len", to=TensorProto.INT32)[0]
 
-    x = g.node("Gather", [g.weight("model.embed_tokens.weight", w["embed"]), "input_ids"], "/model/embed_tokens")[0]
-    if not rope:
+    embed = g.weight("model.embed_tokens.weight", w["embed"])
+    x = g.node("Gather", [embed, "input_ids"], "/model/embed_tokens")[0]
+    if spec.embed_scale != 1.0:  # Gemma sqrt(hidden), Granite embedding_multiplier
+        x = g.node("Mul", [x, g.const(spec.embed_scale, np.float32)], "/model/embed_scale")[0]
+    if spec.positions == "learned":
         pos = g.node("Gather", [g.weight("model.embed_positions.weight", w["pos_embed"]), "position_ids"],
                      "/model/embed_positions")[0]
         x = g.node("Add", [x, pos], "/model/embed")[0]
 
-    gqa_attrs = dict(num_heads=spec.heads, kv_num_heads=spec.kv_heads, do_rotary=int(rope))
-    rotary_inputs: list[str] = []
-    if rope:
-        if 2 * len(spec.rope_inv_freq) != spec.head_dim:
-            raise ValueError(f"partial rotary embeddings ({2 * len(spec.rope_inv_freq)} of {spec.head_dim} dims) "
-                             "are not supported by the onnx exporter")
-        cos, sin = spec.rope_tables(max_sequence)
-        rotary_inputs = [g.weight("model.rotary.cos_cache", cos), g.weight("model.rotary.sin_cache", sin)]
-        gqa_attrs["rotary_interleaved"] = 0  # HF rotate_half
-    if spec.sliding_window:
-        # both count the query's own key: HF attends to keys q-W < k <= q, ORT's window is the same (measured)
-        gqa_attrs["local_window_size"] = int(spec.sliding_window)
+    # RoPE tables by name. GroupQueryAttention rotates q and k itself with full-width tables; partial rotary and
+    # LongRoPE go through RotaryEmbedding nodes on explicit positions instead (LongRoPE: a row whose sequence
+    # passes the switch reads the long-factor rows, stored after the short ones).
+    rope_inputs: dict[str, tuple[str, str, str | None]] = {}
+    for name, rope in spec.ropes.items():
+        cos, sin = rope.tables(max_sequence)
+        cos_name = g.weight(f"model.rotary.{name}.cos_cache", cos)
+        sin_name = g.weight(f"model.rotary.{name}.sin_cache", sin)
+        positions = None
+        if not _fused_rope(spec, rope):
+            positions = "position_ids"
+            if rope.long_inv_freq is not None:
+                r = f"/model/rotary.{name}/longrope"
+                last = g.node("Slice", ["position_ids", g.const([-1]), g.const([2**62]), g.const([1])], f"{r}/last")[0]
+                switched = g.node("Greater", [last, g.const(rope.switch_length - 1)], f"{r}/switched")[0]
+                offset = g.node("Mul", [g.node("Cast", [switched], f"{r}/cast", to=TensorProto.INT64)[0],
+                                        g.const(max_sequence)], f"{r}/offset")[0]
+                positions = g.node("Add", ["position_ids", offset], f"{r}/rows")[0]
+        rope_inputs[name] = (cos_name, sin_name, positions)
 
     def norm(prefix: str, canon: str, hidden: str, residual: str | None, bias: str | None) -> tuple[str, str]:
         """(normed, new residual): fused residual add + norm, or a plain norm when residual is None."""
@@ -205,6 +240,15 @@ def _build_decoder(g: _GraphBuilder, spec: DecoderSpec, w: dict[str, np.ndarray]
         outs = g.node(op, [hidden, residual, gamma, *beta, *([bias] if bias else [])], name, domain=MS_DOMAIN,
                       outputs=[f"{name}/{op}/output_0", "", "", f"{name}/{op}/output_3"], epsilon=eps)
         return outs[0], outs[3]
+
+    def plain_norm(prefix: str, canon: str, x: str) -> str:
+        return norm(prefix, canon, x, None, None)[0]
+
+    def add_residual(hidden: str, residual: str | None, bias: str | None, name: str) -> str:
+        """residual + hidden (+ bias) where no norm follows to fuse the add into (post-norm layers)."""
+        if bias:
+            hidden = g.node("Add", [hidden, bias], f"{name}/bias")[0]
+        return hidden if residual is None else g.node("Add", [residual, hidden], f"{name}/residual")[0]
 
     def prefix_node(prefix: str) -> str:  # "model.layers.0.input_layernorm" -> "/model/layers.0/input_layernorm"
         parts = prefix.split(".")
@@ -222,58 +266,149 @@ def _build_decoder(g: _GraphBuilder, spec: DecoderSpec, w: dict[str, np.ndarray]
     def out_bias(prefix: str, canon: str) -> str | None:  # folded into the next Skip*Normalization
         return g.weight(f"{prefix}.bias", w[f"{canon}.bias"]) if f"{canon}.bias" in w else None
 
+    def has(canon: str) -> bool:
+        return f"{canon}.weight" in w
+
     residual = pending_bias = None
     hidden = x
     for i in range(spec.num_layers):
         p, c = f"model.layers.{i}", f"layers.{i}"
-        h, residual = norm(f"{p}.input_layernorm", f"{c}.attn_norm", hidden, residual, pending_bias)
-        qkv = linear(f"{p}.attn.qkv", f"{c}.qkv", h)
-        attn_name = f"/model/layers.{i}/attn/GroupQueryAttention"
-        attn = g.node("GroupQueryAttention",
-                      [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
-                       *rotary_inputs], f"/model/layers.{i}/attn", domain=MS_DOMAIN,
-                      outputs=[f"{attn_name}/output_0", f"present.{i}.key", f"present.{i}.value"], **gqa_attrs)[0]
-        o = linear(f"{p}.attn.o_proj", f"{c}.o", attn, with_bias=False)
-        h, residual = norm(f"{p}.post_attention_layernorm", f"{c}.mlp_norm", o, residual,
-                           out_bias(f"{p}.attn.o_proj", f"{c}.o"))
-        hidden = _mlp(g, spec, w, p, c, h, linear, prefix_node)
-        pending_bias = out_bias(f"{p}.mlp.down_proj", f"{c}.down")
+        if has(f"{c}.attn_norm"):
+            h, residual = norm(f"{p}.input_layernorm", f"{c}.attn_norm", hidden, residual, pending_bias)
+        else:  # post-norm layer (OLMo 2): attention reads the residual stream itself
+            h = residual = add_residual(hidden, residual, pending_bias, f"/model/layers.{i}/attn_input")
+        attn = _attention(g, spec, w, i, p, c, h, seqlens_k, total_len, rope_inputs, linear, plain_norm)
+        post = has(f"{c}.post_attn_norm")
+        o = linear(f"{p}.attn.o_proj", f"{c}.o", attn, with_bias=post)
+        if post:  # sandwich (Gemma 2/3) or post-norm (OLMo 2): normalize the branch before the residual add
+            o = plain_norm(f"{p}.post_attention_norm", f"{c}.post_attn_norm", o)
+        bias = None if post else out_bias(f"{p}.attn.o_proj", f"{c}.o")
+        if has(f"{c}.mlp_norm"):
+            h, residual = norm(f"{p}.pre_mlp_layernorm", f"{c}.mlp_norm", o, residual, bias)
+        else:
+            h = residual = add_residual(o, residual, bias, f"/model/layers.{i}/mlp_input")
+        post = has(f"{c}.post_mlp_norm")
+        hidden = _mlp(g, spec, w, p, c, h, linear, prefix_node, with_bias=post)
+        if post:
+            hidden = plain_norm(f"{p}.post_mlp_norm", f"{c}.post_mlp_norm", hidden)
+        pending_bias = None if post else out_bias(f"{p}.mlp.down_proj", f"{c}.down")
 
     h, _ = norm("model.norm", "final_norm", hidden, residual, pending_bias)
     h = g.node("Gather", [h, "logit_positions"], "/model/logit_positions", axis=1)[0]
+    post_ops = spec.logits_divisor != 1.0 or spec.final_softcap is not None
+    logits = _lm_head(g, spec, w, h, embed, "/lm_head/output" if post_ops else "logits")
+    if spec.logits_divisor != 1.0:  # Granite
+        last = spec.final_softcap is None
+        logits = g.node("Div", [logits, g.const(spec.logits_divisor, np.float32)], "/logits_scaling",
+                        outputs=["logits"] if last else 1)[0]
+    if spec.final_softcap is not None:  # Gemma 2: cap * tanh(logits / cap)
+        cap = g.const(spec.final_softcap, np.float32)
+        t = g.node("Tanh", [g.node("Div", [logits, cap], "/final_softcap/div")[0]], "/final_softcap")[0]
+        g.node("Mul", [t, cap], "/final_softcap/mul", outputs=["logits"])
+
+
+def _attention(g: _GraphBuilder, spec: DecoderSpec, w, i: int, p: str, c: str, h: str, seqlens_k: str,
+               total_len: str, rope_inputs, linear, plain_norm) -> str:
+    """One layer's GroupQueryAttention (its window, scale, soft-cap and RoPE from the layer's switches)."""
+    layer = spec.layers[i]
+    name = f"/model/layers.{i}/attn"
+    qkv = linear(f"{p}.attn.qkv", f"{c}.qkv", h)
+    attrs = dict(num_heads=spec.heads, kv_num_heads=spec.kv_heads, scale=float(spec.scale))
+    if layer.window:
+        # both count the query's own key: HF attends to keys q-W < k <= q, ORT's window is the same (measured)
+        attrs["local_window_size"] = int(layer.window)
+    if spec.attn_softcap is not None:
+        attrs["softcap"] = float(spec.attn_softcap)
+    rope = spec.ropes[layer.rope] if layer.rope else None
+    fused_rope = rope is not None and _fused_rope(spec, rope)
+    attrs["do_rotary"] = int(fused_rope)
+    rotary = list(rope_inputs[layer.rope][:2]) if fused_rope else []
+    if fused_rope:
+        attrs["rotary_interleaved"] = 0  # HF rotate_half
+    if spec.qk_norm is None and (rope is None or fused_rope):
+        qkv_inputs = [qkv, "", ""]  # packed: GroupQueryAttention splits it
+    else:
+        q_size, kv_size = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+        q, k, v = g.node("Split", [qkv, g.const([q_size, kv_size, kv_size])], f"{name}/split", outputs=3, axis=-1)
+        if spec.qk_norm == "whole":  # OLMo 2
+            q = plain_norm(f"{p}.attn.q_norm", f"{c}.q_norm", q)
+            k = plain_norm(f"{p}.attn.k_norm", f"{c}.k_norm", k)
+        elif spec.qk_norm == "head":  # Qwen3, Gemma 3: per head, before RoPE
+            q = _per_head(g, q, spec.head_dim, lambda t: plain_norm(f"{p}.attn.q_norm", f"{c}.q_norm", t), f"{name}/q_norm")
+            k = _per_head(g, k, spec.head_dim, lambda t: plain_norm(f"{p}.attn.k_norm", f"{c}.k_norm", t), f"{name}/k_norm")
+        if rope is not None and not fused_rope:
+            cos, sin, positions = rope_inputs[layer.rope]
+            for label, heads in (("q", spec.heads), ("k", spec.kv_heads)):
+                t = q if label == "q" else k
+                t = g.node("RotaryEmbedding", [t, positions, cos, sin], f"{name}/{label}_rotary", domain=MS_DOMAIN,
+                           interleaved=0, num_heads=heads, rotary_embedding_dim=rope.rotary_dim)[0]
+                q, k = (t, k) if label == "q" else (q, t)
+        qkv_inputs = [q, k, v]
+    attn_name = f"{name}/GroupQueryAttention"
+    return g.node("GroupQueryAttention",
+                  [*qkv_inputs, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len, *rotary],
+                  name, domain=MS_DOMAIN, outputs=[f"{attn_name}/output_0", f"present.{i}.key", f"present.{i}.value"],
+                  **attrs)[0]
+
+
+def _per_head(g: _GraphBuilder, x: str, head_dim: int, fn, name: str) -> str:
+    """Apply `fn` over [batch, seq, heads, head_dim] and return [batch, seq, heads * head_dim]."""
+    heads = g.node("Reshape", [x, g.const([0, 0, -1, head_dim])], f"{name}/heads")[0]
+    return g.node("Reshape", [fn(heads), g.const([0, 0, -1])], f"{name}/merge")[0]
+
+
+def _lm_head(g: _GraphBuilder, spec: DecoderSpec, w, h: str, embed: str, output: str) -> str:
+    """The vocabulary projection, split into column chunks. Tied: Gemm(transB) over row ranges of the embedding's
+    own bytes in the data file, so the matrix is stored once."""
+    if spec.tied:
+        table = w["embed"]  # [vocab, hidden]
+        chunks = max(1, -(-table.nbytes // _HEAD_CHUNK_BYTES))
+        bounds = np.linspace(0, table.shape[0], chunks + 1).astype(int)
+        flat = g.node("Reshape", [h, g.const([-1, spec.hidden])], "/lm_head/flatten")[0]
+        parts = [g.node("Gemm", [flat, g.rows_of(f"lm_head.weight.{k}", embed, table, int(a), int(b))],
+                        f"/lm_head/chunk.{k}", transB=1)[0] for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        y = parts[0] if chunks == 1 else g.node("Concat", parts, "/lm_head", axis=-1)[0]
+        # [batch, K, hidden] -> [batch, K, vocab] as shape arithmetic (no Concat node in a decode graph)
+        lead = g.node("Mul", [g.node("Shape", [h], "/lm_head/shape")[0], g.const([1, 1, 0])], "/lm_head/lead")[0]
+        shape = g.node("Add", [lead, g.const([0, 0, spec.vocab])], "/lm_head/out_shape")[0]
+        return g.node("Reshape", [y, shape], "/lm_head/unflatten", outputs=[output])[0]
     head = w["lm_head.weight"]  # [hidden, vocab]
     chunks = max(1, -(-head.nbytes // _HEAD_CHUNK_BYTES))
     if chunks == 1:
-        g.node("MatMul", [h, g.weight("lm_head.weight", head)], "/lm_head", outputs=["logits"])
-        return
+        return g.node("MatMul", [h, g.weight("lm_head.weight", head)], "/lm_head", outputs=[output])[0]
     parts = [g.node("MatMul", [h, g.weight(f"lm_head.weight.{i}", part)], f"/lm_head/chunk.{i}")[0]
              for i, part in enumerate(np.array_split(head, chunks, axis=1))]
-    g.node("Concat", parts, "/lm_head", outputs=["logits"], axis=-1)
+    return g.node("Concat", parts, "/lm_head", outputs=[output], axis=-1)[0]
 
 
-def _mlp(g: _GraphBuilder, spec: DecoderSpec, w, p: str, c: str, h: str, linear, prefix_node) -> str:
-    if spec.mlp == "gated_silu":
-        # gate and up packed into one MatMul, then SiLU(gate) * up (same speed as two MatMuls, fewer nodes)
+def _mlp(g: _GraphBuilder, spec: DecoderSpec, w, p: str, c: str, h: str, linear, prefix_node,
+         with_bias: bool = False) -> str:
+    if spec.mlp in ("gated_silu", "gated_gelu_tanh"):
+        # gate and up packed into one MatMul, then act(gate) * up (same speed as two MatMuls, fewer nodes)
         name = prefix_node(f"{p}.mlp.gate_up_proj")
         packed = np.concatenate([w[f"{c}.gate.weight"], w[f"{c}.up.weight"]], axis=1)
         gate_up = g.node("MatMul", [h, g.weight(f"{p}.mlp.gate_up_proj.weight", packed)], name)[0]
         gate, up = g.node("Split", [gate_up, g.const([spec.intermediate, spec.intermediate])], name, outputs=2,
                           axis=-1)
-        # SiLU(x) = x * sigmoid(x) is QuickGelu with alpha 1: one fused node instead of Sigmoid + Mul
-        silu = g.node("QuickGelu", [gate], prefix_node(f"{p}.mlp.act_fn"), domain=MS_DOMAIN, alpha=1.0)[0]
-        y = g.node("Mul", [silu, up], prefix_node(f"{p}.mlp"))[0]
+        if spec.mlp == "gated_silu":
+            # SiLU(x) = x * sigmoid(x) is QuickGelu with alpha 1: one fused node instead of Sigmoid + Mul
+            act = g.node("QuickGelu", [gate], prefix_node(f"{p}.mlp.act_fn"), domain=MS_DOMAIN, alpha=1.0)[0]
+        else:  # Gemma: GELU with the tanh approximation
+            act = g.node("FastGelu", [gate], prefix_node(f"{p}.mlp.act_fn"), domain=MS_DOMAIN)[0]
+        y = g.node("Mul", [act, up], prefix_node(f"{p}.mlp"))[0]
     elif spec.mlp == "gelu_tanh":
         up = linear(f"{p}.mlp.up_proj", f"{c}.up", h, with_bias=False)
         bias = [g.weight(f"{p}.mlp.up_proj.bias", w[f"{c}.up.bias"])] if f"{c}.up.bias" in w else []
         y = g.node("FastGelu", [up, *bias], prefix_node(f"{p}.mlp.act_fn"), domain=MS_DOMAIN)[0]
     else:
         raise ValueError(f"mlp {spec.mlp!r} is not supported by the onnx exporter")
-    return linear(f"{p}.mlp.down_proj", f"{c}.down", y, with_bias=False)
+    return linear(f"{p}.mlp.down_proj", f"{c}.down", y, with_bias=with_bias)
 
 
 def _rms_norm(g: _GraphBuilder, name: str, x: str, gamma: str, eps: float) -> str:
     """RMSNorm from standard ops (SimplifiedLayerNormalization is ORT-only in the ai.onnx domain, which
-    onnx.checker rejects). Used once, on the embeddings; every later norm is a fused Skip* op."""
+    onnx.checker rejects). Used where no residual add precedes the norm (the embeddings, q/k norms, the norms on
+    a branch's output); every other norm is a fused Skip* op."""
     sq = g.node("Mul", [x, x], f"{name}/square")[0]
     mean = g.reduce("ReduceMean", sq, [-1], f"{name}/mean", keepdims=1)
     var = g.node("Add", [mean, g.const(eps, np.float32)], f"{name}/add_eps")[0]

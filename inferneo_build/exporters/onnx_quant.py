@@ -198,10 +198,16 @@ def _defaults(precision: str):
 
 def export_onnx_reduced(spec, weights, target, shapes, out_dir: Path) -> ExportResult:
     """The decoder's float32 graph (exporters.onnx), then reduced to the target's precision; same IO."""
+    from dataclasses import replace
+
+    from ..architectures import head_matrix
     from .onnx import export_onnx
 
     out_dir = Path(out_dir)
     stage = out_dir / _STAGE
+    if spec.tied:  # the quantizers reduce MatMuls: give the head its own [hidden, vocab] MatMul to quantize
+        weights = {**weights, "lm_head.weight": head_matrix(spec, weights)}
+        spec = replace(spec, tied=False)
     try:
         base = export_onnx(spec, weights, target, shapes, stage)
         src = next(p for p in base.files if p.suffix == ".onnx")

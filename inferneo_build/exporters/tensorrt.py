@@ -43,7 +43,7 @@ import numpy as np
 
 from inferneo_runtime.manifest import IOSignature, TensorSpec
 
-from ..architectures import DecoderSpec
+from ..architectures import DecoderSpec, head_matrix
 from . import ExportResult, TargetUnavailable
 
 ONNX_NAME = "model.onnx"
@@ -157,6 +157,14 @@ def _decoder_module(spec: DecoderSpec, weights: dict[str, np.ndarray], max_seque
     import torch
     import torch.nn.functional as F
     from torch import nn
+
+    extra = spec.non_uniform_features()
+    if "layers.0.attn_norm.weight" not in weights or any(k.endswith("post_attn_norm.weight") for k in weights):
+        extra.append("post / sandwich norms")
+    if extra:
+        raise ValueError(f"the tensorrt exporter builds uniform Llama / GPT-2 layers only; this {spec.model_type} "
+                         f"checkpoint uses: {', '.join(extra)} (use the onnx or torchscript target)")
+    weights = {**weights, "lm_head.weight": head_matrix(spec, weights)}
 
     def param(name: str) -> nn.Parameter:
         array = np.ascontiguousarray(weights[name], dtype=np.float32)

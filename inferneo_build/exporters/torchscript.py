@@ -86,10 +86,15 @@ class _Norm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
+def _optional_norm(weights: dict[str, np.ndarray], name: str, eps: float) -> _Norm | None:
+    return _Norm(weights, name, eps) if f"{name}.weight" in weights else None
+
+
 class _MLP(nn.Module):
     def __init__(self, spec: DecoderSpec, weights: dict[str, np.ndarray], prefix: str):
         super().__init__()
-        self.gated = spec.mlp == "gated_silu"
+        self.gated = spec.mlp in ("gated_silu", "gated_gelu_tanh")
+        self.silu = spec.mlp == "gated_silu"
         if self.gated:  # gate and up packed into one [hidden, 2 * intermediate] MatMul: one op fewer per layer
             packed = np.concatenate([weights[f"{prefix}.gate.weight"], weights[f"{prefix}.up.weight"]], axis=1)
             self.up = _Linear({f"{prefix}.gate_up.weight": packed}, f"{prefix}.gate_up")
@@ -100,36 +105,51 @@ class _MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
             gate, up = self.up(x).chunk(2, dim=-1)
-            return self.down(F.silu(gate) * up)
+            gate = F.silu(gate) if self.silu else F.gelu(gate, approximate="tanh")
+            return self.down(gate * up)
         return self.down(F.gelu(self.up(x), approximate="tanh"))
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) -> torch.Tensor:
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # HF rotate_half
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """HF apply_rotary_pos_emb: rotate_half over the first rotary_dim features (all of them unless partial)."""
+    if rotary_dim < x.shape[-1]:
+        return torch.cat((_rotate(x[..., :rotary_dim], cos, sin, rotary_dim), x[..., rotary_dim:]), dim=-1)
+    half = rotary_dim // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
 
 
 class _Attention(nn.Module):
-    def __init__(self, spec: DecoderSpec, weights: dict[str, np.ndarray], prefix: str):
+    def __init__(self, spec: DecoderSpec, weights: dict[str, np.ndarray], prefix: str, layer: int):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = spec.heads, spec.kv_heads, spec.head_dim
         self.groups = spec.heads // spec.kv_heads
-        self.rope = spec.positions == "rope"
+        self.rope = spec.layers[layer].rope
+        self.rotary_dim = spec.ropes[self.rope].rotary_dim if self.rope else 0
         self.qkv = _Linear(weights, f"{prefix}.qkv")
         self.o = _Linear(weights, f"{prefix}.o")
         self.split = [spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim, spec.kv_heads * spec.head_dim]
-        self.scale = spec.head_dim ** -0.5
+        self.scale = spec.scale
+        self.softcap = spec.attn_softcap
+        self.qk_norm = spec.qk_norm
+        self.q_norm = _optional_norm(weights, f"{prefix}.q_norm", spec.norm_eps)
+        self.k_norm = _optional_norm(weights, f"{prefix}.k_norm", spec.norm_eps)
 
     def forward(self, x, cache, cos, sin, write_index, bias):
         # x [n, S, hidden]; cache [2, n, kv_heads, capacity, head_dim] (a view: written in place);
         # write_index [n, kv_heads, S, head_dim] positions; bias [n, 1, groups * S, T] additive mask (0 or -inf).
         n, steps = x.shape[0], x.shape[1]
         q, k, v = self.qkv(x).split(self.split, dim=-1)
-        q = q.view(n, steps, self.heads, self.head_dim).transpose(1, 2)
-        k = k.view(n, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "whole":  # OLMo 2: over the whole projection
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(n, steps, self.heads, self.head_dim)
+        k = k.view(n, steps, self.kv_heads, self.head_dim)
+        if self.qk_norm == "head":  # Qwen3, Gemma 3: per head, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(n, steps, self.kv_heads, self.head_dim).transpose(1, 2)
-        if self.rope:
-            q, k = _rotate(q, cos, sin, self.head_dim // 2), _rotate(k, cos, sin, self.head_dim // 2)
+        if self.rope is not None:
+            q, k = _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
         cache[0].scatter_(2, write_index, k)
         cache[1].scatter_(2, write_index, v)
         total = bias.shape[-1]
@@ -138,7 +158,10 @@ class _Attention(nn.Module):
         # cached key/value is read once per KV head. Plain matmul/softmax (HF's eager attention): for decode
         # the CPU flash kernel's per-call setup costs more than the attention itself.
         q = q.reshape(n, self.kv_heads, self.groups * steps, self.head_dim) * self.scale
-        scores = torch.matmul(q, keys.transpose(-1, -2)) + bias
+        scores = torch.matmul(q, keys.transpose(-1, -2))
+        if self.softcap is not None:  # Gemma 2
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores + bias
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)  # as HF: softmax in float32
         out = torch.matmul(probs, values)
         out = out.reshape(n, self.heads, steps, self.head_dim).transpose(1, 2).reshape(n, steps, self.heads * self.head_dim)
@@ -146,17 +169,26 @@ class _Attention(nn.Module):
 
 
 class _Block(nn.Module):
+    """Pre-norm (Llama), sandwich (Gemma 2/3: norms before and after each branch) or post-norm (OLMo 2): each
+    norm exists when the checkpoint has its weight."""
+
     def __init__(self, spec: DecoderSpec, weights: dict[str, np.ndarray], i: int):
         super().__init__()
         prefix = f"layers.{i}"
-        self.attn_norm = _Norm(weights, f"{prefix}.attn_norm", spec.norm_eps)
-        self.attn = _Attention(spec, weights, prefix)
-        self.mlp_norm = _Norm(weights, f"{prefix}.mlp_norm", spec.norm_eps)
+        eps = spec.norm_eps
+        self.attn_norm = _optional_norm(weights, f"{prefix}.attn_norm", eps)
+        self.post_attn_norm = _optional_norm(weights, f"{prefix}.post_attn_norm", eps)
+        self.attn = _Attention(spec, weights, prefix, i)
+        self.mlp_norm = _optional_norm(weights, f"{prefix}.mlp_norm", eps)
+        self.post_mlp_norm = _optional_norm(weights, f"{prefix}.post_mlp_norm", eps)
         self.mlp = _MLP(spec, weights, prefix)
+        self.rope, self.window = spec.layers[i].rope, spec.layers[i].window
 
     def forward(self, x, cache, cos, sin, write_index, bias):
-        x = x + self.attn(self.attn_norm(x), cache, cos, sin, write_index, bias)
-        return x + self.mlp(self.mlp_norm(x))
+        h = self.attn(self.attn_norm(x) if self.attn_norm is not None else x, cache, cos, sin, write_index, bias)
+        x = x + (self.post_attn_norm(h) if self.post_attn_norm is not None else h)
+        h = self.mlp(self.mlp_norm(x) if self.mlp_norm is not None else x)
+        return x + (self.post_mlp_norm(h) if self.post_mlp_norm is not None else h)
 
 
 class Decoder(nn.Module):
@@ -166,47 +198,72 @@ class Decoder(nn.Module):
         super().__init__()
         self.kv_heads, self.head_dim = spec.kv_heads, spec.head_dim
         self.groups = spec.heads // spec.kv_heads
-        self.sliding_window = spec.sliding_window
+        self.embed_scale, self.logits_divisor, self.final_softcap = spec.embed_scale, spec.logits_divisor, spec.final_softcap
         self.embed = _param(weights["embed"])
         self.pos_embed = _param(weights["pos_embed"]) if spec.positions == "learned" else None
-        if spec.positions == "rope":
-            cos, sin = spec.rope_tables(max_sequence)
-            self.register_buffer("cos", torch.from_numpy(np.concatenate([cos, cos], axis=-1)))
-            self.register_buffer("sin", torch.from_numpy(np.concatenate([sin, sin], axis=-1)))
-        else:
-            self.cos = self.sin = None
+        # RoPE tables by name (global, Gemma 3's local); LongRoPE: long-factor rows after the short ones
+        self.table_length = max_sequence
+        self.rope_switch: dict[str, int | None] = {}
+        for name, rope in spec.ropes.items():
+            cos, sin = rope.tables(max_sequence)
+            self.register_buffer(f"cos_{name}", torch.from_numpy(np.concatenate([cos, cos], axis=-1)))
+            self.register_buffer(f"sin_{name}", torch.from_numpy(np.concatenate([sin, sin], axis=-1)))
+            self.rope_switch[name] = rope.switch_length if rope.long_inv_freq is not None else None
         self.blocks = nn.ModuleList(_Block(spec, weights, i) for i in range(spec.num_layers))
         self.final_norm = _Norm(weights, "final_norm", spec.norm_eps)
-        # A separate [hidden, vocab] head even when tied: a second copy of the embedding, but the MatMul
-        # layout decodes measurably faster than multiplying by the [vocab, hidden] embedding.
-        self.lm_head = _Linear(weights, "lm_head")
+        if spec.tied:  # the embedding itself, stored once; its [vocab, hidden] rows split into GEMV_SPLIT blocks
+            self.lm_head = None
+            self.head_split = GEMV_SPLIT if spec.vocab % GEMV_SPLIT == 0 else 1
+        else:
+            # [hidden, vocab] column blocks: the MatMul layout decodes measurably faster than [vocab, hidden]
+            self.lm_head = _Linear(weights, "lm_head")
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is not None:
+            return self.lm_head(x)
+        hidden = self.embed.shape[1]
+        blocks = self.embed.view(self.head_split, -1, hidden).transpose(1, 2)  # [split, hidden, vocab / split]
+        rows = x.reshape(1, -1, hidden).expand(self.head_split, -1, hidden)
+        y = torch.bmm(rows, blocks).transpose(0, 1)
+        return y.reshape(x.shape[:-1] + (self.embed.shape[0],))
 
     def forward(self, input_ids, position_ids, attention_mask, kv_cache, logit_positions):
         n, steps = input_ids.shape[0], input_ids.shape[1]
         x = F.embedding(input_ids, self.embed)
-        cos = sin = None
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        tables = {}
         if self.pos_embed is not None:
             x = x + F.embedding(position_ids, self.pos_embed)
-        else:
-            cos = F.embedding(position_ids, self.cos).unsqueeze(1)  # [n, 1, S, head_dim]
-            sin = F.embedding(position_ids, self.sin).unsqueeze(1)
+        for name, switch in self.rope_switch.items():
+            rows = position_ids
+            if switch is not None:  # LongRoPE: a call whose sequence passes the switch uses the long factors
+                rows = position_ids + (position_ids[:, -1:] + 1 > switch).long() * self.table_length
+            tables[name] = (F.embedding(rows, getattr(self, f"cos_{name}")).unsqueeze(1),  # [n, 1, S, rotary_dim]
+                            F.embedding(rows, getattr(self, f"sin_{name}")).unsqueeze(1))
         # Key j is visible to the query at position p iff j <= p, the mask keeps j, and (windowed) p - j < W.
         # Key indices come from cumsum, not arange, so the trace bakes in no device or length.
         key_pos = (torch.ones_like(attention_mask).cumsum(1) - 1).unsqueeze(1)  # [n, 1, T]
         query_pos = position_ids.unsqueeze(2)  # [n, S, 1]
-        mask = (key_pos <= query_pos) & (attention_mask.unsqueeze(1) == 1)
-        if self.sliding_window is not None:
-            mask = mask & (query_pos - key_pos < self.sliding_window)
-        total = mask.shape[-1]
-        # one additive mask for every layer, laid out like the folded query groups: [n, 1, groups * S, T]
-        mask = mask.unsqueeze(1).unsqueeze(1).expand(n, 1, self.groups, steps, total)
-        bias = torch.zeros_like(mask, dtype=x.dtype).masked_fill(~mask, float("-inf"))
-        bias = bias.reshape(n, 1, self.groups * steps, total)
+        causal = (key_pos <= query_pos) & (attention_mask.unsqueeze(1) == 1)
+        total = causal.shape[-1]
+        biases = {}
+        for window in {block.window for block in self.blocks}:
+            mask = causal if window is None else causal & (query_pos - key_pos < window)
+            # one additive mask per window, laid out like the folded query groups: [n, 1, groups * S, T]
+            mask = mask.unsqueeze(1).unsqueeze(1).expand(n, 1, self.groups, steps, total)
+            bias = torch.zeros_like(mask, dtype=x.dtype).masked_fill(~mask, float("-inf"))
+            biases[window] = bias.reshape(n, 1, self.groups * steps, total)
         write_index = position_ids.view(n, 1, steps, 1).expand(n, self.kv_heads, steps, self.head_dim)
         for i, block in enumerate(self.blocks):
-            x = block(x, kv_cache[i], cos, sin, write_index, bias)
+            cos, sin = tables[block.rope] if block.rope is not None else (None, None)
+            x = block(x, kv_cache[i], cos, sin, write_index, biases[block.window])
         x = x.index_select(1, logit_positions)  # only these positions go through the vocabulary-sized head
-        logits = self.lm_head(self.final_norm(x))
+        logits = self._head(self.final_norm(x))
+        if self.logits_divisor != 1.0:  # Granite
+            logits = logits / self.logits_divisor
+        if self.final_softcap is not None:  # Gemma 2
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits, kv_cache
 
 

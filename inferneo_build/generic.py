@@ -1,0 +1,161 @@
+"""The generic path: a causal LM whose `model_type` has no fused table entry (or uses a setting the fused
+exporters lack) is exported from transformers' own modeling code, traced into the TorchScript target's IO
+contract (`exporters.torchscript`: stacked KV cache owned by the runtime, written in place at `position_ids`,
+logits at `logit_positions`), and validated by the same fail-closed harness as every fused target.
+
+How HF's module meets the contract: its attention layers call `past_key_values.update(k, v, layer)`; a cache
+object over the runtime's tensor scatters the new keys/values into their positions and hands back the first
+T = attention_mask.shape[1] positions; the causal / padding (/ sliding-window) mask is passed as a 4-D additive
+mask, which transformers uses as given. The artifact is labelled generic: `model.family` in the manifest and
+`path: generic` in the target's toolchain.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .exporters import ExportResult, TargetUnavailable
+
+FAMILY = "generic"
+
+
+@dataclass(frozen=True)
+class GenericSpec:
+    """What the build needs of a generic decoder: the manifest's dims (read off a probe forward) and the model."""
+
+    model_type: str
+    num_layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    max_positions: int
+    reason: str  # why the fused path did not take it
+    model: Any = field(default=None, repr=False, compare=False)
+    family: str = FAMILY
+    sliding_window: Optional[int] = None
+
+
+def generic_spec(model, reason: str) -> GenericSpec:
+    """Dims from the config and from one probe forward (the cache's real [batch, kv_heads, seq, head_dim])."""
+    import torch
+    from transformers import DynamicCache
+
+    config = model.config
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([[1, 2]]), past_key_values=DynamicCache(), use_cache=True)
+    layers = _cache_layers(out.past_key_values)
+    keys = layers[0][0]
+    if keys.dim() != 4:
+        raise TargetUnavailable(f"model_type {config.model_type!r}: its cache holds {keys.dim()}-D keys, not the "
+                                "[batch, kv_heads, seq, head_dim] the generic path runs")
+    max_positions = (getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+                     or getattr(config, "max_sequence_length", None) or 2048)
+    window = getattr(config, "sliding_window", None)
+    return GenericSpec(
+        model_type=config.model_type, num_layers=len(layers), hidden=int(config.hidden_size),
+        heads=int(config.num_attention_heads), kv_heads=int(keys.shape[1]), head_dim=int(keys.shape[3]),
+        vocab=int(out.logits.shape[-1]), max_positions=int(max_positions), reason=reason, model=model,
+        sliding_window=int(window) if isinstance(window, int) and window > 0 else None)
+
+
+def _cache_layers(cache) -> list[tuple]:
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(k, v) for k, v in cache]
+
+
+def _runtime_cache_class():
+    from transformers.cache_utils import Cache
+
+    class RuntimeCache(Cache):
+        """transformers' Cache interface over the runtime's stacked cache [layers, 2, n, kv_heads, capacity, head_dim]."""
+
+        def __init__(self, kv_cache, write_index, total):
+            self.kv_cache, self.write_index, self.total = kv_cache, write_index, total
+            self.layers = []
+
+        def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+            layer = self.kv_cache[layer_idx]
+            layer[0].scatter_(2, self.write_index, key_states.to(layer.dtype))
+            layer[1].scatter_(2, self.write_index, value_states.to(layer.dtype))
+            return layer[0, :, :, :self.total], layer[1, :, :, :self.total]
+
+        def get_seq_length(self, layer_idx=0):
+            return 0  # positions come from position_ids / cache_position, never from here
+
+        def get_mask_sizes(self, cache_position, layer_idx=0):
+            return self.total, 0
+
+        @property
+        def is_compileable(self):
+            return False
+
+        def __len__(self):
+            return self.kv_cache.shape[0]
+
+    return RuntimeCache
+
+
+def _wrapper(spec: GenericSpec):
+    import torch
+    from torch import nn
+
+    runtime_cache = _runtime_cache_class()
+
+    class GenericDecoder(nn.Module):
+        """HF's causal LM behind the TorchScript target's signature."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, position_ids, attention_mask, kv_cache, logit_positions):
+            n, steps = input_ids.shape[0], input_ids.shape[1]
+            key_pos = (torch.ones_like(attention_mask).cumsum(1) - 1).unsqueeze(1)  # [n, 1, T]
+            query_pos = position_ids.unsqueeze(2)  # [n, S, 1]
+            visible = (key_pos <= query_pos) & (attention_mask.unsqueeze(1) == 1)
+            if spec.sliding_window is not None:
+                visible = visible & (query_pos - key_pos < spec.sliding_window)
+            dtype = kv_cache.dtype
+            mask = torch.zeros_like(visible, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min).unsqueeze(1)
+            write_index = position_ids.view(n, 1, steps, 1).expand(n, spec.kv_heads, steps, spec.head_dim)
+            cache = runtime_cache(kv_cache, write_index, attention_mask.shape[1])
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                             past_key_values=cache, cache_position=position_ids[0], use_cache=True,
+                             logits_to_keep=logit_positions, return_dict=True)
+            return out.logits.float(), kv_cache
+
+    return GenericDecoder
+
+
+def export_generic_torchscript(spec: GenericSpec, weights, target, shapes, out_dir: Path) -> ExportResult:
+    """Trace HF's module (eager attention) into `out_dir/model.pt` with the TorchScript target's IO signature."""
+    import torch
+
+    from inferneo_runtime.backends.torchscript import quiet_jit
+
+    from .exporters.torchscript import FILE_NAME, example_inputs, io_signature
+
+    if target.format != "torchscript" or getattr(target, "precision", "fp32") != "fp32":
+        raise TargetUnavailable(
+            f"model_type {spec.model_type!r} takes the generic path ({spec.reason}); it exports the float32 "
+            f"torchscript target only, not {target.format} {getattr(target, 'precision', 'fp32')} "
+            "(mark the target optional or drop it)")
+    model = spec.model
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = "eager"  # plain matmul/softmax: traces without data-dependent kernels
+    path = Path(out_dir) / FILE_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with torch.inference_mode(False), torch.no_grad(), quiet_jit():
+            wrapper = _wrapper(spec)(model).eval()
+            traced = torch.jit.trace(wrapper, example_inputs(spec), check_trace=False, strict=False)
+            torch.jit.save(traced, str(path))
+    finally:
+        model.config._attn_implementation = previous
+    return ExportResult(files=[path.resolve()], io=io_signature(spec), dtype="float32",
+                        toolchain={"torch": torch.__version__, "path": FAMILY,
+                                   "transformers_modeling": f"{type(model).__module__}.{type(model).__name__}"})

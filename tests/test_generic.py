@@ -1,0 +1,91 @@
+"""The generic path: model types outside the fused table are exported from transformers' own modeling code
+(traced into the torchscript target), validated fail-closed like every target, and labelled generic."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import inferneo_runtime
+from conftest import run_cli, tiny_recipe_fields, write_recipe
+from inferneo_runtime.generation import GenerationParams
+from test_families import PROMPTS, STEPS, hf_greedy
+
+GENERIC_TYPES = ["gpt_neox", "stablelm", "phi", "starcoder2", "falcon"]
+
+
+@pytest.fixture(scope="module")
+def generic_artifact(tiny_checkpoint, tmp_path_factory):
+    from inferneo_build import build
+    from inferneo_build.recipe import Recipe
+
+    built = {}
+
+    def get(model_type: str):
+        if model_type not in built:
+            out = tmp_path_factory.mktemp(f"generic-{model_type}") / model_type
+            fields = tiny_recipe_fields(tiny_checkpoint(model_type), f"tiny-{model_type}", out)
+            fields["targets"] = [{"format": "torchscript"}, {"format": "onnx", "optional": True}]
+            built[model_type] = build(Recipe.model_validate(fields)).output
+        return built[model_type]
+
+    return get
+
+
+@pytest.mark.parametrize("model_type", GENERIC_TYPES)
+def test_generic_greedy_matches_transformers(model_type, generic_artifact, tiny_checkpoint):
+    artifact = generic_artifact(model_type)
+    manifest = json.loads((artifact / "inferneo.json").read_text())
+    assert manifest["model"]["family"] == "generic" and manifest["architecture"] == model_type
+    ts = manifest["targets"]["torchscript"]
+    assert ts["status"] == "valid" and ts["toolchain"]["path"] == "generic"
+    assert ts["validation"]["token_match"] is True
+    # the fused-only onnx target is skipped with the reason, not silently dropped
+    assert manifest["targets"]["onnx"]["status"] == "skipped"
+    assert "generic path" in manifest["targets"]["onnx"]["validation"]["reason"]
+
+    with inferneo_runtime.load(artifact, target="torchscript") as model:
+        ids = [model.tokenizer.encode(p) for p in PROMPTS]
+        expected = [hf_greedy(tiny_checkpoint(model_type), p, STEPS) for p in ids]
+        assert any(len(set(e)) >= 4 for e in expected), expected
+        params = GenerationParams(max_new_tokens=STEPS, ignore_eos=True)
+        for p, e in zip(ids, expected):
+            assert model.generate_ids([p], params)[0].token_ids == e, (model_type, "alone")
+        assert [b.token_ids for b in model.generate_ids(ids, params)] == expected, (model_type, "batch")
+
+
+def test_build_cli_says_generic(tiny_checkpoint, tmp_path):
+    recipe = write_recipe(tmp_path / "recipe.yaml", **tiny_recipe_fields(
+        tiny_checkpoint("stablelm"), "tiny-stablelm", tmp_path / "out", targets=("torchscript",)))
+    r = run_cli("build", str(recipe))
+    assert r.returncode == 0, r.stderr
+    assert "generic path for model_type 'stablelm'" in r.stderr
+
+
+def test_generic_onnx_target_fails_clearly(tiny_checkpoint, tmp_path):
+    recipe = write_recipe(tmp_path / "recipe.yaml", **tiny_recipe_fields(
+        tiny_checkpoint("stablelm"), "tiny-stablelm", tmp_path / "out", targets=("onnx",)))
+    r = run_cli("build", str(recipe))
+    assert r.returncode == 5, r.stderr
+    assert "generic path" in r.stderr and "torchscript" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_generic_beside_fused(tiny_checkpoint, tmp_path):
+    """`path: generic` traces transformers' code for a fused model_type too, as a second target to compare."""
+    from inferneo_build import build
+    from inferneo_build.recipe import Recipe
+
+    fields = tiny_recipe_fields(tiny_checkpoint("llama"), "tiny-llama", tmp_path / "out")
+    fields["targets"] = [{"format": "torchscript"}, {"format": "torchscript", "path": "generic"}]
+    artifact = build(Recipe.model_validate(fields)).output
+    targets = json.loads((artifact / "inferneo.json").read_text())["targets"]
+    assert set(targets) == {"torchscript", "torchscript-generic"}
+    assert targets["torchscript-generic"]["toolchain"]["path"] == "generic"
+    assert "path" not in targets["torchscript"]["toolchain"]
+    params = GenerationParams(max_new_tokens=STEPS, ignore_eos=True)
+    outs = {}
+    for name in targets:
+        with inferneo_runtime.load(artifact, target=name) as model:
+            outs[name] = model.generate_ids([model.tokenizer.encode(PROMPTS[1])], params)[0].token_ids
+    assert outs["torchscript"] == outs["torchscript-generic"]
