@@ -15,6 +15,7 @@ from .backends.base import Backend
 from .errors import GoldenMismatch, InferneoError
 from .generation import SequenceOutput, generate_ids, stream_tokens
 from .sampling import SamplingParams
+from .prefix_cache import PrefixCache
 from .speculative import SpeculationStats
 from .manifest import Manifest, read_manifest, verify_files
 from .tokenizer import Tokenizer
@@ -123,6 +124,10 @@ class Model:
         self.backend = backend
         self.tokenizer = tokenizer
         self.spec_stats = SpeculationStats()  # drafted and kept tokens of every speculative generate on this model
+        # Optional settings of every generate on this model: a PrefixCache shared by its calls (e.g.
+        # `model.prefix_cache = PrefixCache(max_bytes=256 << 20)`) and a per-step prompt-token budget.
+        self.prefix_cache: Optional[PrefixCache] = None
+        self.prefill_chunk: Optional[int] = None
         eos = list(manifest.generation.eos_token_ids)
         self.eos_ids = eos or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
         dims, entry = manifest.model, manifest.targets[target]
@@ -191,14 +196,16 @@ class Model:
         ids = self.tokenizer.encode_chat(prompt) if isinstance(prompt, list) else self.encode(prompt)
         speculative = params.pop("speculative", None)
         for event in stream_tokens(self.backend, [ids], SamplingParams(**params), self.eos_ids, tokenizer=self.tokenizer,
-                                   speculative=speculative, spec_stats=self.spec_stats):
+                                   speculative=speculative, spec_stats=self.spec_stats, prefix_cache=self.prefix_cache,
+                                   prefill_chunk=self.prefill_chunk):
             if event.text:
                 yield event.text
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], params, keep_logits: bool = False,
                      speculative=None) -> list[SequenceOutput]:
         return generate_ids(self.backend, prompts, params, self.eos_ids, keep_logits, tokenizer=self.tokenizer,
-                            speculative=speculative, spec_stats=self.spec_stats)
+                            speculative=speculative, spec_stats=self.spec_stats, prefix_cache=self.prefix_cache,
+                            prefill_chunk=self.prefill_chunk)
 
     @staticmethod
     def _params(n: int, kwargs: dict):

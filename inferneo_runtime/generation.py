@@ -5,6 +5,11 @@ active slots decode together, one token per step. Active slots stay contiguous [
 finishes, the last active slot moves into its place, so finished sequences cost nothing and a waiting
 request takes a free slot at the next step (continuous batching).
 
+A prompt whose leading blocks are in the prefix cache (prefix_cache.py) starts from a copy of their keys and
+values and prefills only the rest. With a prefill budget (`prefill_chunk`), a step prefills at most that many
+prompt tokens: a long prompt is prefilled over several steps, in the slot after the active ones, while the
+active slots keep decoding one step each time.
+
 With speculation (speculative.py), a step feeds each slot its last token plus the tokens its drafter
 proposed, keeps the drafts the sampler agrees with (sampling.verify_draft) and one more token, and
 leaves the slot's length at what it kept: the rejected positions are overwritten by the next step.
@@ -21,6 +26,7 @@ import numpy as np
 from .backends.base import Backend, KVCache
 from .detokenize import StopStringDetokenizer
 from .errors import RequestError
+from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, TokenLogprobs, choose_token, token_logprobs, verify_draft
 from .speculative import SpeculationState, SpeculationStats, SpeculativeConfig, resolve as resolve_speculative
 from .tokenizer import Tokenizer
@@ -61,6 +67,7 @@ class Request:
         self.rng = np.random.default_rng(params.seed)
         self.detok = StopStringDetokenizer(tokenizer, prompt_ids, params.stop) if tokenizer else None
         self.cancelled = False
+        self.prompt_logits: list[np.ndarray] = []  # per prefill chunk, with keep_logits
         self.spec = SpeculationState(speculative) if speculative is not None else None
 
     @property
@@ -114,8 +121,14 @@ class Engine:
     """Admits requests into cache slots and advances all of them one token per `step()`."""
 
     def __init__(self, backend: Backend, eos_ids: Sequence[int] = (), tokenizer: Optional[Tokenizer] = None,
-                 keep_logits: bool = False, speculative=None, spec_stats: Optional[SpeculationStats] = None):
+                 keep_logits: bool = False, speculative=None, spec_stats: Optional[SpeculationStats] = None,
+                 prefix_cache: Optional[PrefixCache] = None, prefill_chunk: Optional[int] = None):
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise RequestError(f"prefill_chunk={prefill_chunk!r} is invalid: must be an integer >= 1 (or None: no limit)")
         self.backend = backend
+        # prompt logits must cover every position, so a keep_logits engine (validation) computes them all
+        self.prefix_cache = prefix_cache if not keep_logits else None
+        self.prefill_chunk = prefill_chunk  # most prompt tokens prefilled per step (None: whole prompts)
         self.speculative = resolve_speculative(speculative)  # the default of requests that do not choose
         self.spec_stats = spec_stats if spec_stats is not None else SpeculationStats()
         self.eos_ids = frozenset(int(e) for e in eos_ids)
@@ -126,6 +139,8 @@ class Engine:
         self.max_sequence = bounds.max_sequence if bounds else backend.dims.max_positions
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []  # active[i] lives in cache slot i
+        self.prefilling: Optional[Request] = None  # a prompt part-way through prefill, in slot len(active)
+        self._prefill_slot = 0
         self.cache: Optional[KVCache] = None
         self._ids = itertools.count()
 
@@ -156,7 +171,7 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.active)
+        return bool(self.waiting or self.active or self.prefilling)
 
     @property
     def cache_bytes(self) -> int:
@@ -166,7 +181,7 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         events: list[TokenEvent] = []
         self._drop_cancelled()
-        self._admit(events)
+        self._prefill(events)
         if self.active:
             self._decode(events)
         if not self.has_work:
@@ -180,23 +195,49 @@ class Engine:
             self.cache.ensure_batch(slots)
         return self.cache
 
-    def _admit(self, events: list[TokenEvent]) -> None:
-        while self.waiting and len(self.active) < self.max_batch:
-            req = self.waiting.popleft()
-            slot = len(self.active)
-            need = len(req.out.prompt_ids) + req.params.max_new_tokens
-            # room for this request's whole generation now, so the cache does not regrow every chunk
-            cache = self._ensure_cache(min(self.max_batch, slot + 1 + len(self.waiting)), need)
-            cache.ensure_capacity(need)
-            prompt = np.asarray(req.out.prompt_ids, dtype=np.int64)[None, :]
-            logits = self.backend.forward(cache, slot, prompt, np.zeros(1, dtype=np.int64),
+    def _prefill(self, events: list[TokenEvent]) -> None:
+        """Prefill waiting prompts into free slots, within this step's budget of prompt tokens."""
+        budget = self.prefill_chunk or float("inf")
+        while budget > 0:
+            req = self.prefilling
+            if req is None:
+                if not self.waiting or len(self.active) >= self.max_batch:
+                    return
+                req = self._start(self.waiting.popleft())
+            slot, prompt = len(self.active), req.out.prompt_ids
+            if self._prefill_slot != slot:  # active slots were freed below it
+                self.cache.copy_slot(self._prefill_slot, slot, length=req.past)
+                self._prefill_slot = slot
+            take = int(min(budget, len(prompt) - req.past))
+            chunk = np.asarray(prompt[req.past:req.past + take], dtype=np.int64)[None, :]
+            logits = self.backend.forward(self.cache, slot, chunk, np.array([req.past], dtype=np.int64),
                                           last_only=not self.keep_logits)
-            req.past = prompt.shape[1]
+            req.past += take
+            budget -= take
             if self.keep_logits:
-                req.out.prompt_logits = np.array(logits[0], dtype=np.float32)
+                req.prompt_logits.append(np.array(logits[0], dtype=np.float32))
+            if req.past < len(prompt):
+                continue  # the budget ran out mid-prompt; the next step goes on
+            self.prefilling = None
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(self.cache, slot, prompt, req.past)
+            if self.keep_logits:
+                req.out.prompt_logits = np.concatenate(req.prompt_logits)
+                req.prompt_logits = []
             events.append(req.accept(logits[0, -1], self.keep_logits))
             if not req.finished:
                 self.active.append(req)
+
+    def _start(self, req: Request) -> Request:
+        """Give `req` the slot after the active ones, room for its whole generation, and its cached prefix."""
+        slot = len(self.active)
+        need = len(req.out.prompt_ids) + req.params.max_new_tokens
+        # room for this request's whole generation now, so the cache does not regrow every chunk
+        cache = self._ensure_cache(min(self.max_batch, slot + 1 + len(self.waiting)), need)
+        cache.ensure_capacity(need)
+        req.past = self.prefix_cache.load(cache, slot, req.out.prompt_ids) if self.prefix_cache is not None else 0
+        self.prefilling, self._prefill_slot = req, slot
+        return req
 
     def _decode(self, events: list[TokenEvent]) -> None:
         n = len(self.active)
@@ -230,6 +271,9 @@ class Engine:
         self._compact([row for row, r in enumerate(self.active) if r.finished])
 
     def _drop_cancelled(self) -> None:
+        if self.prefilling is not None and self.prefilling.cancelled:
+            self.prefilling.out.finish_reason = "cancelled"
+            self.prefilling = None
         rows = [row for row, r in enumerate(self.active) if r.cancelled]
         for row in rows:
             self.active[row].out.finish_reason = self.active[row].out.finish_reason or "cancelled"
@@ -237,6 +281,10 @@ class Engine:
 
     def _compact(self, rows: list[int]) -> None:
         for row in reversed(rows):  # move the last active slot into each freed one
+            req = self.active[row]
+            if self.prefix_cache is not None and req.out.finish_reason != "cancelled":
+                # a chat's next turn starts with this one's prompt and answer
+                self.prefix_cache.store(self.cache, row, req.out.prompt_ids + req.out.token_ids, req.past)
             last = len(self.active) - 1
             if row != last:
                 self.cache.copy_slot(last, row, length=self.active[last].past)
@@ -257,11 +305,13 @@ def stream_tokens(backend: Backend, prompts: Sequence[Sequence[int]],
                   params: Union[SamplingParams, Sequence[SamplingParams]], eos_ids: Sequence[int] = (),
                   keep_logits: bool = False, outputs: Optional[list[SequenceOutput]] = None,
                   tokenizer: Optional[Tokenizer] = None, speculative=None,
-                  spec_stats: Optional[SpeculationStats] = None) -> Iterator[TokenEvent]:
+                  spec_stats: Optional[SpeculationStats] = None, prefix_cache: Optional[PrefixCache] = None,
+                  prefill_chunk: Optional[int] = None) -> Iterator[TokenEvent]:
     """Yield each token event as it is produced; event.request_id is the prompt's index.
     `outputs`, if given, is filled with one SequenceOutput per prompt (complete once the iterator ends).
-    `speculative`: see speculative.resolve; `spec_stats`, if given, counts drafted and kept tokens."""
-    engine = Engine(backend, eos_ids, tokenizer, keep_logits, speculative, spec_stats)
+    `speculative`: see speculative.resolve; `spec_stats`, if given, counts drafted and kept tokens.
+    `prefix_cache` (shared across calls) and `prefill_chunk`: see Engine."""
+    engine = Engine(backend, eos_ids, tokenizer, keep_logits, speculative, spec_stats, prefix_cache, prefill_chunk)
     plist = _as_list(params, len(prompts))
     for p, sp in zip(prompts, plist):
         engine.check(p, sp)  # every request is checked before any compute
@@ -275,8 +325,10 @@ def stream_tokens(backend: Backend, prompts: Sequence[Sequence[int]],
 def generate_ids(backend: Backend, prompts: Sequence[Sequence[int]],
                  params: Union[SamplingParams, Sequence[SamplingParams]], eos_ids: Sequence[int] = (),
                  keep_logits: bool = False, tokenizer: Optional[Tokenizer] = None, speculative=None,
-                 spec_stats: Optional[SpeculationStats] = None) -> list[SequenceOutput]:
+                 spec_stats: Optional[SpeculationStats] = None, prefix_cache: Optional[PrefixCache] = None,
+                 prefill_chunk: Optional[int] = None) -> list[SequenceOutput]:
     outputs: list[SequenceOutput] = []
-    for _ in stream_tokens(backend, prompts, params, eos_ids, keep_logits, outputs, tokenizer, speculative, spec_stats):
+    for _ in stream_tokens(backend, prompts, params, eos_ids, keep_logits, outputs, tokenizer, speculative, spec_stats,
+                           prefix_cache, prefill_chunk):
         pass
     return outputs
