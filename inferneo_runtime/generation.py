@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -159,6 +159,9 @@ class Engine:
         """Queue a request. `speculative`: this request's setting (see speculative.resolve), or the engine's."""
         self.check(prompt_ids, params)
         spec = self.speculative if speculative is ENGINE_DEFAULT else resolve_speculative(speculative)
+        k = params.speculative_tokens
+        if k is not None:  # the request's own number of draft tokens (0: off), with the engine's drafter settings
+            spec = replace(spec or SpeculativeConfig(), num_tokens=k) if k else None
         req = Request(next(self._ids), prompt_ids, params, self.eos_ids, self.tokenizer, spec)
         self.waiting.append(req)
         return req

@@ -33,6 +33,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: Optional[int] = None  # top-n log-probabilities per generated token (0 = only the chosen one)
+    # tokens drafted per step by speculative decoding (0 = off); None = the engine's setting. Output is unchanged.
+    speculative_tokens: Optional[int] = None
 
     def __post_init__(self):
         def bad(name, rule):
@@ -59,6 +61,9 @@ class SamplingParams:
             bad("seed", "must be a non-negative integer")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}]")
+        if self.speculative_tokens is not None and (not isinstance(self.speculative_tokens, int)
+                                                    or not 0 <= self.speculative_tokens <= 16):
+            bad("speculative_tokens", "must be an integer in [0, 16] (0 = off)")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "stop strings must be non-empty strings")
         object.__setattr__(self, "stop", tuple(self.stop))

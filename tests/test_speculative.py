@@ -167,3 +167,44 @@ def test_sampled_speculation_is_seeded_and_reaches_the_api(model):
     assert model.generate(PROMPTS[1], max_new_tokens=20, ignore_eos=True, speculative=3).token_ids == greedy.token_ids
     streamed = "".join(model.stream(PROMPTS[1], max_new_tokens=20, ignore_eos=True, speculative="ngram"))
     assert streamed == greedy.text
+
+
+# -- exposed: `inferneo generate` and `inferneo serve` -----------------------------------------------------------
+def test_generate_cli_speculates_with_the_same_tokens(tiny_artifact):
+    import json
+
+    from conftest import run_cli
+
+    base = ["generate", str(tiny_artifact("llama")), PROMPTS[0] + " " + PROMPTS[0], "--max-new-tokens", "30", "--json"]
+    plain = json.loads(run_cli(*base).stdout)
+    spec = json.loads(run_cli(*base, "--speculative", "ngram", "--speculative-tokens", "5").stdout)
+    assert spec["token_ids"] == plain["token_ids"] and spec["speculative_drafted"] > 0
+    bad = run_cli(*base, "--speculative", "medusa")
+    assert bad.returncode != 0 and "medusa" in bad.stdout + bad.stderr
+
+
+def test_server_speculates_caches_prefixes_and_reports_it(tiny_artifact, tmp_path):
+    openai = pytest.importorskip("openai")
+    from conftest import free_port, serve_subprocess
+    from test_server import metric
+
+    art = tiny_artifact("llama")
+    prompt = PROMPTS[1] + " " + PROMPTS[2] + " " + PROMPTS[2]  # 23 tokens: a whole 16-token block to cache
+    with inferneo_runtime.load(art) as local:
+        expect = local.generate(prompt, max_new_tokens=24, ignore_eos=True).text
+    port = free_port()
+    args = [str(art), "--port", str(port), "--speculative", "ngram", "--speculative-tokens", "3",
+            "--prefix-cache-mb", "4", "--prefill-chunk", "5", "--log-level", "warning"]
+    with serve_subprocess(args, tmp_path, port) as srv:
+        c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        texts = [c.completions.create(model="tiny-llama", prompt=prompt, max_tokens=24, temperature=0,
+                                      extra_body={"ignore_eos": True, **extra}).choices[0].text
+                 for extra in ({}, {"speculative_tokens": 0}, {"speculative_tokens": 6})]
+        assert texts == [expect] * 3
+        drafted = metric(srv.url, "inferneo_spec_draft_tokens_total", model="tiny-llama")
+        accepted = metric(srv.url, "inferneo_spec_accepted_tokens_total", model="tiny-llama")
+        assert drafted > 0 and 0 < accepted <= drafted
+        assert metric(srv.url, "inferneo_spec_acceptance_rate", model="tiny-llama") == pytest.approx(accepted / drafted)
+        assert metric(srv.url, "inferneo_prefix_cache_hit_tokens_total", model="tiny-llama") > 0
+        with pytest.raises(openai.BadRequestError):
+            c.completions.create(model="tiny-llama", prompt=prompt, max_tokens=4, extra_body={"speculative_tokens": 99})
