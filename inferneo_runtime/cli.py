@@ -545,8 +545,32 @@ def bench(
     requests: int = typer.Option(20, "--requests", min=1, help="with --url: requests per run"),
     concurrency: int = typer.Option(4, "--concurrency", min=1, help="with --url: clients at once / prompts per batch"),
     model: Optional[str] = typer.Option(None, "--model", help="with --url: model to ask for (default: routed)"),
+    workloads: bool = typer.Option(False, "--workloads", help="instead: copy-heavy and chat tokens/s with n-gram "
+                                   "speculation, TTFT with a cached 1,000-token prefix, inter-token latency while a "
+                                   "long prompt arrives (one target: --target, default onnx)"),
+    prefill_chunk: int = typer.Option(128, "--prefill-chunk", min=1, help="with --workloads: the chunk size"),
+    speculative_tokens: int = typer.Option(4, "--speculative-tokens", min=1, max=16,
+                                           help="with --workloads: most tokens drafted per step"),
 ):
     """Measure load time, TTFT, decode tokens/s, long-position cost, batching and peak RSS per target."""
+    if workloads:
+        if artifact is None:
+            raise typer.BadParameter("--workloads needs an ARTIFACT directory")
+
+        def go_workloads():
+            from .bench_workloads import print_workloads, run_workloads
+            from .speculative import SpeculativeConfig
+
+            log = (lambda _: None) if as_json else (lambda m: err.print(f"[dim]{m}[/dim]", highlight=False))
+            report = run_workloads(artifact, target=target[0] if target else None, runs=runs, threads=threads,
+                                   prefill_chunk=prefill_chunk, spec=SpeculativeConfig(num_tokens=speculative_tokens),
+                                   log=log)
+            if as_json:
+                print(json.dumps({"ok": True, **report}))
+            else:
+                print_workloads(report, out)
+
+        return _run(go_workloads, as_json)
     if url is not None:
         from .bench_server import cli_bench_url
 

@@ -208,3 +208,17 @@ def test_server_speculates_caches_prefixes_and_reports_it(tiny_artifact, tmp_pat
         assert metric(srv.url, "inferneo_prefix_cache_hit_tokens_total", model="tiny-llama") > 0
         with pytest.raises(openai.BadRequestError):
             c.completions.create(model="tiny-llama", prompt=prompt, max_tokens=4, extra_body={"speculative_tokens": 99})
+
+
+def test_bench_workloads_report_each_comparison(tiny_artifact):
+    import json
+
+    from conftest import run_cli
+
+    r = run_cli("bench", str(tiny_artifact("llama")), "--workloads", "--runs", "1", "--prefill-chunk", "16", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["copy"]["identical_tokens"] and report["chat"]["identical_tokens"]
+    assert report["copy"]["ratio"] > 0 and 0 <= report["copy"]["acceptance_rate"] <= 1
+    assert report["prefix"]["prefix_tokens"] == 88 and report["prefix"]["cached_ttft_ms"] > 0
+    assert report["interleave"]["prefill_chunk"] == 16 and report["interleave"]["p99_ratio_chunked"] > 0
