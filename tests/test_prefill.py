@@ -146,3 +146,20 @@ def test_running_streams_decode_between_chunks_of_a_long_prompt(model):
         engine.step()
     for req, p in zip(running + [late], short + [long_ids]):
         assert req.out.token_ids == _run(model, [p], req.params)[0].token_ids
+
+
+def test_a_prompt_cancelled_mid_prefill_frees_its_slot(model):
+    engine = Engine(model.backend, model.eos_ids, model.tokenizer, prefill_chunk=8)
+    short = model.tokenizer.encode(PROMPTS[1])
+    running = engine.add(short, SamplingParams(max_new_tokens=30, ignore_eos=True))
+    engine.step()
+    doomed = engine.add(_prompts(model, 1)[0] * 2, SamplingParams(max_new_tokens=5, ignore_eos=True))
+    engine.step()
+    assert engine.prefilling is doomed and 0 < doomed.past < len(doomed.out.prompt_ids)
+    engine.cancel(doomed)
+    after = engine.add(_prompts(model, 2)[1], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    while engine.has_work:
+        engine.step()
+    assert doomed.out.finish_reason == "cancelled" and not doomed.out.token_ids
+    assert running.out.token_ids == _run(model, [short], running.params)[0].token_ids
+    assert after.out.token_ids == _run(model, [after.out.prompt_ids], after.params)[0].token_ids
