@@ -17,6 +17,8 @@ from .errors import GoldenMismatch, InferneoError
 from .generation import SequenceOutput, generate_ids, stream_tokens
 from .goldens import teacher_forced_agreement
 from .sampling import SamplingParams
+from .prefix_cache import PrefixCache
+from .speculative import SpeculationStats
 from .manifest import Manifest, read_manifest, verify_files
 from .tokenizer import Tokenizer
 
@@ -123,6 +125,11 @@ class Model:
         self.target = target
         self.backend = backend
         self.tokenizer = tokenizer
+        self.spec_stats = SpeculationStats()  # drafted and kept tokens of every speculative generate on this model
+        # Optional settings of every generate on this model: a PrefixCache shared by its calls (e.g.
+        # `model.prefix_cache = PrefixCache(max_bytes=256 << 20)`) and a per-step prompt-token budget.
+        self.prefix_cache: Optional[PrefixCache] = None
+        self.prefill_chunk: Optional[int] = None
         eos = list(manifest.generation.eos_token_ids)
         self.eos_ids = eos or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
         dims, entry = manifest.model, manifest.targets[target]
@@ -168,27 +175,39 @@ class Model:
         Keyword arguments are SamplingParams: max_new_tokens, temperature (0 = greedy), top_k, top_p, min_p,
         repetition_penalty, presence_penalty, frequency_penalty, seed, min_new_tokens, stop, stop_token_ids,
         logprobs, ignore_eos. With several prompts and a seed, prompt i uses seed + i.
+        `speculative` ("ngram", a number of draft tokens, or a SpeculativeConfig) drafts and verifies several
+        tokens per step: greedy output is unchanged, sampled output keeps its distribution.
         """
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
-        outs = self.generate_ids([self.encode(p) for p in prompts], self._params(len(prompts), params))
+        speculative = params.pop("speculative", None)
+        outs = self.generate_ids([self.encode(p) for p in prompts], self._params(len(prompts), params),
+                                 speculative=speculative)
         completions = [self.completion(o) for o in outs]
         return completions[0] if single else completions
 
     def chat(self, messages: list[dict], **params) -> Completion:
         """Render `messages` with the artifact's chat template and complete them."""
-        return self.completion(self.generate_ids([self.tokenizer.encode_chat(messages)], SamplingParams(**params))[0])
+        speculative = params.pop("speculative", None)
+        return self.completion(self.generate_ids([self.tokenizer.encode_chat(messages)], SamplingParams(**params),
+                                                 speculative=speculative)[0])
 
     def stream(self, prompt: Union[str, list[dict]], **params) -> Iterator[str]:
         """Yield text deltas as they become final; joined, they equal generate(...).text.
         A list of messages is rendered with the chat template."""
         ids = self.tokenizer.encode_chat(prompt) if isinstance(prompt, list) else self.encode(prompt)
-        for event in stream_tokens(self.backend, [ids], SamplingParams(**params), self.eos_ids, tokenizer=self.tokenizer):
+        speculative = params.pop("speculative", None)
+        for event in stream_tokens(self.backend, [ids], SamplingParams(**params), self.eos_ids, tokenizer=self.tokenizer,
+                                   speculative=speculative, spec_stats=self.spec_stats, prefix_cache=self.prefix_cache,
+                                   prefill_chunk=self.prefill_chunk):
             if event.text:
                 yield event.text
 
-    def generate_ids(self, prompts: Sequence[Sequence[int]], params, keep_logits: bool = False) -> list[SequenceOutput]:
-        return generate_ids(self.backend, prompts, params, self.eos_ids, keep_logits, tokenizer=self.tokenizer)
+    def generate_ids(self, prompts: Sequence[Sequence[int]], params, keep_logits: bool = False,
+                     speculative=None) -> list[SequenceOutput]:
+        return generate_ids(self.backend, prompts, params, self.eos_ids, keep_logits, tokenizer=self.tokenizer,
+                            speculative=speculative, spec_stats=self.spec_stats, prefix_cache=self.prefix_cache,
+                            prefill_chunk=self.prefill_chunk)
 
     @staticmethod
     def _params(n: int, kwargs: dict):

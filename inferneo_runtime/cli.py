@@ -72,6 +72,10 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="render PROMPT as a user message with the chat template"),
     system: Optional[str] = typer.Option(None, "--system", help="system message (with --chat)"),
     stream: bool = typer.Option(False, "--stream", help="print text as it is generated"),
+    speculative: Optional[str] = typer.Option(None, "--speculative", help="ngram: draft tokens from earlier text "
+                                              "and verify them in one step (same output, fewer passes)"),
+    speculative_tokens: int = typer.Option(4, "--speculative-tokens", min=1, max=16,
+                                           help="with --speculative: most tokens drafted per step"),
     device: str = typer.Option("cpu", help="cpu or cuda[:N]"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads (default: physical cores)"),
     trusted_key: Optional[list[Path]] = typer.Option(None, "--trusted-key", help=TRUSTED_KEY_HELP),
@@ -82,6 +86,9 @@ def generate(
     def go():
         from . import load
 
+        from .speculative import SpeculativeConfig
+
+        spec = SpeculativeConfig(speculative, speculative_tokens) if speculative else None  # checked before loading
         params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                       stop=tuple(stop or ()))
         t0 = time.perf_counter()
@@ -94,7 +101,7 @@ def generate(
             ids = model.tokenizer.encode_chat(messages) if chat else model.encode(prompt)
             t1 = time.perf_counter()
             if stream and not as_json:
-                for delta in model.stream(messages if chat else prompt, **params):
+                for delta in model.stream(messages if chat else prompt, speculative=spec, **params):
                     sys.stdout.write(delta)
                     sys.stdout.flush()
                 sys.stdout.write("\n")
@@ -102,13 +109,15 @@ def generate(
                 return
             from .sampling import SamplingParams
 
-            c = model.completion(model.generate_ids([ids], SamplingParams(**params))[0])
+            c = model.completion(model.generate_ids([ids], SamplingParams(**params), speculative=spec)[0])
             t_gen = time.perf_counter() - t1
             if as_json:
+                extra = {"speculative_drafted": model.spec_stats.drafted,
+                         "speculative_accepted": model.spec_stats.accepted} if spec else {}
                 print(json.dumps({"ok": True, "model": model.name, "target": model.target, "text": c.text,
                                   "token_ids": c.token_ids, "prompt_tokens": len(c.prompt_ids),
                                   "finish_reason": c.finish_reason, "load_seconds": round(t_load, 3),
-                                  "session_source": source, "generate_seconds": round(t_gen, 3)}))
+                                  "session_source": source, "generate_seconds": round(t_gen, 3), **extra}))
             else:
                 out.print(c.text, highlight=False, markup=False)
                 err.print(f"[dim]{model.name}/{model.target}: {len(c.token_ids)} tokens in {t_gen:.2f}s, "
@@ -347,6 +356,14 @@ def serve(
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="most tokens per sequence: checkpoints "
                                                 "are compiled for it, artifacts capped to it (not above their build)"),
     max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", help="most sequences per engine step"),
+    speculative: Optional[str] = typer.Option(None, "--speculative", help="ngram: draft tokens from earlier text and "
+                                              "verify them in one step (same output)"),
+    speculative_tokens: Optional[int] = typer.Option(None, "--speculative-tokens", min=1, max=16,
+                                                     help="most tokens drafted per step (default 4)"),
+    prefix_cache_mb: Optional[float] = typer.Option(None, "--prefix-cache-mb", min=0, help="memory per model for "
+                                                    "reused prompt prefixes' keys/values (default 0: off)"),
+    prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", min=1, help="most prompt tokens prefilled "
+                                                "per engine step (default: whole prompts)"),
     max_concurrent_requests: Optional[int] = typer.Option(None, "--max-concurrent-requests",
                                                           help="most requests in flight; more get 429"),
     gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization", help="share of the CUDA "
@@ -399,7 +416,8 @@ def serve(
             artifacts=artifacts, models=model, model_type=model_type, model_class=model_class, tokenizer=tokenizer,
             host=host, port=port, log_level=log_level, lazy=lazy, max_models=max_models,
             memory_budget_gb=memory_budget_gb, max_model_len=max_model_len, max_batch_size=max_batch_size,
-            max_concurrent_requests=max_concurrent_requests, gpu_memory_utilization=gpu_memory_utilization,
+            speculative=speculative, speculative_tokens=speculative_tokens, prefix_cache_mb=prefix_cache_mb,
+            prefill_chunk=prefill_chunk, max_concurrent_requests=max_concurrent_requests, gpu_memory_utilization=gpu_memory_utilization,
             dtype=dtype, quantization=quantization, adapters=adapter, adapter_type=adapter_type,
             enable_metrics=enable_metrics, tensor_parallel_size=tensor_parallel_size,
             pipeline_parallel_size=pipeline_parallel_size, registry_path=registry, trusted_keys=trusted_key,
@@ -550,8 +568,32 @@ def bench(
     requests: int = typer.Option(20, "--requests", min=1, help="with --url: requests per run"),
     concurrency: int = typer.Option(4, "--concurrency", min=1, help="with --url: clients at once / prompts per batch"),
     model: Optional[str] = typer.Option(None, "--model", help="with --url: model to ask for (default: routed)"),
+    workloads: bool = typer.Option(False, "--workloads", help="instead: copy-heavy and chat tokens/s with n-gram "
+                                   "speculation, TTFT with a cached 1,000-token prefix, inter-token latency while a "
+                                   "long prompt arrives (one target: --target, default onnx)"),
+    prefill_chunk: int = typer.Option(128, "--prefill-chunk", min=1, help="with --workloads: the chunk size"),
+    speculative_tokens: int = typer.Option(4, "--speculative-tokens", min=1, max=16,
+                                           help="with --workloads: most tokens drafted per step"),
 ):
     """Measure load time, TTFT, decode tokens/s, long-position cost, batching and peak RSS per target."""
+    if workloads:
+        if artifact is None:
+            raise typer.BadParameter("--workloads needs an ARTIFACT directory")
+
+        def go_workloads():
+            from .bench_workloads import print_workloads, run_workloads
+            from .speculative import SpeculativeConfig
+
+            log = (lambda _: None) if as_json else (lambda m: err.print(f"[dim]{m}[/dim]", highlight=False))
+            report = run_workloads(artifact, target=target[0] if target else None, runs=runs, threads=threads,
+                                   prefill_chunk=prefill_chunk, spec=SpeculativeConfig(num_tokens=speculative_tokens),
+                                   log=log)
+            if as_json:
+                print(json.dumps({"ok": True, **report}))
+            else:
+                print_workloads(report, out)
+
+        return _run(go_workloads, as_json)
     if url is not None:
         from .bench_server import cli_bench_url
 

@@ -4,12 +4,21 @@ Each request gets a slot in a runtime-owned KV cache. A prompt is prefilled once
 active slots decode together, one token per step. Active slots stay contiguous [0, n): when a sequence
 finishes, the last active slot moves into its place, so finished sequences cost nothing and a waiting
 request takes a free slot at the next step (continuous batching).
+
+A prompt whose leading blocks are in the prefix cache (prefix_cache.py) starts from a copy of their keys and
+values and prefills only the rest. With a prefill budget (`prefill_chunk`), a step prefills at most that many
+prompt tokens: a long prompt is prefilled over several steps, in the slot after the active ones, while the
+active slots keep decoding one step each time.
+
+With speculation (speculative.py), a step feeds each slot its last token plus the tokens its drafter
+proposed, keeps the drafts the sampler agrees with (sampling.verify_draft) and one more token, and
+leaves the slot's length at what it kept: the rejected positions are overwritten by the next step.
 """
 from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -17,10 +26,13 @@ import numpy as np
 from .backends.base import Backend, KVCache
 from .detokenize import StopStringDetokenizer
 from .errors import RequestError
-from .sampling import SamplingParams, TokenLogprobs, choose_token, token_logprobs
+from .prefix_cache import PrefixCache
+from .sampling import SamplingParams, TokenLogprobs, choose_token, token_logprobs, verify_draft
+from .speculative import SpeculationState, SpeculationStats, SpeculativeConfig, resolve as resolve_speculative
 from .tokenizer import Tokenizer
 
 GenerationParams = SamplingParams  # the name the foundation API used
+ENGINE_DEFAULT = "default"  # a request's `speculative` when it follows the engine's setting
 
 
 @dataclass
@@ -45,7 +57,7 @@ class TokenEvent:
 
 class Request:
     def __init__(self, request_id: int, prompt_ids: Sequence[int], params: SamplingParams, eos_ids: frozenset[int],
-                 tokenizer: Optional[Tokenizer]):
+                 tokenizer: Optional[Tokenizer], speculative: Optional[SpeculativeConfig] = None):
         self.id = request_id
         self.params = params
         self.out = SequenceOutput(prompt_ids=list(prompt_ids))
@@ -55,15 +67,33 @@ class Request:
         self.rng = np.random.default_rng(params.seed)
         self.detok = StopStringDetokenizer(tokenizer, prompt_ids, params.stop) if tokenizer else None
         self.cancelled = False
+        self.prompt_logits: list[np.ndarray] = []  # per prefill chunk, with keep_logits
+        self.spec = SpeculationState(speculative) if speculative is not None else None
 
     @property
     def finished(self) -> bool:
         return self.out.finish_reason is not None
 
-    def accept(self, logits_row: np.ndarray, keep_logits: bool) -> TokenEvent:
+    def draft(self) -> tuple[list[int], Optional[np.ndarray]]:
+        """Tokens to verify after the last one (none without speculation); at most as many as may still be
+        emitted after one more, so a step never writes past the request's own positions."""
+        if self.spec is None:
+            return [], None
+        out = self.out
+        room = self.params.max_new_tokens - len(out.token_ids) - 1
+        return self.spec.draft(out.prompt_ids + out.token_ids, room) if room > 0 else ([], None)
+
+    def accept(self, logits_row: np.ndarray, keep_logits: bool, draft: Optional[int] = None,
+               draft_probs: Optional[np.ndarray] = None) -> TokenEvent:
+        """Choose the next token from `logits_row`; with a `draft`, by the rejection rule (it is kept iff the
+        event's token equals it)."""
         p, out = self.params, self.out
         banned = self.banned if len(out.token_ids) < p.min_new_tokens else ()
-        token = choose_token(logits_row, p, self.rng, out.prompt_ids + out.token_ids, out.token_ids, banned)
+        context = out.prompt_ids + out.token_ids
+        if draft is None:
+            token = choose_token(logits_row, p, self.rng, context, out.token_ids, banned)
+        else:
+            token = verify_draft(logits_row, p, self.rng, context, out.token_ids, draft, draft_probs, banned)
         lp = token_logprobs(logits_row, token, p.logprobs) if p.logprobs is not None else None
         if lp is not None:
             out.logprobs.append(lp)
@@ -91,8 +121,16 @@ class Engine:
     """Admits requests into cache slots and advances all of them one token per `step()`."""
 
     def __init__(self, backend: Backend, eos_ids: Sequence[int] = (), tokenizer: Optional[Tokenizer] = None,
-                 keep_logits: bool = False):
+                 keep_logits: bool = False, speculative=None, spec_stats: Optional[SpeculationStats] = None,
+                 prefix_cache: Optional[PrefixCache] = None, prefill_chunk: Optional[int] = None):
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise RequestError(f"prefill_chunk={prefill_chunk!r} is invalid: must be an integer >= 1 (or None: no limit)")
         self.backend = backend
+        # prompt logits must cover every position, so a keep_logits engine (validation) computes them all
+        self.prefix_cache = prefix_cache if not keep_logits else None
+        self.prefill_chunk = prefill_chunk  # most prompt tokens prefilled per step (None: whole prompts)
+        self.speculative = resolve_speculative(speculative)  # the default of requests that do not choose
+        self.spec_stats = spec_stats if spec_stats is not None else SpeculationStats()
         self.eos_ids = frozenset(int(e) for e in eos_ids)
         self.tokenizer = tokenizer
         self.keep_logits = keep_logits
@@ -101,6 +139,8 @@ class Engine:
         self.max_sequence = bounds.max_sequence if bounds else backend.dims.max_positions
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []  # active[i] lives in cache slot i
+        self.prefilling: Optional[Request] = None  # a prompt part-way through prefill, in slot len(active)
+        self._prefill_slot = 0
         self.cache: Optional[KVCache] = None
         self._ids = itertools.count()
 
@@ -115,9 +155,14 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer")
 
-    def add(self, prompt_ids: Sequence[int], params: SamplingParams) -> Request:
+    def add(self, prompt_ids: Sequence[int], params: SamplingParams, speculative=ENGINE_DEFAULT) -> Request:
+        """Queue a request. `speculative`: this request's setting (see speculative.resolve), or the engine's."""
         self.check(prompt_ids, params)
-        req = Request(next(self._ids), prompt_ids, params, self.eos_ids, self.tokenizer)
+        spec = self.speculative if speculative is ENGINE_DEFAULT else resolve_speculative(speculative)
+        k = params.speculative_tokens
+        if k is not None:  # the request's own number of draft tokens (0: off), with the engine's drafter settings
+            spec = replace(spec or SpeculativeConfig(), num_tokens=k) if k else None
+        req = Request(next(self._ids), prompt_ids, params, self.eos_ids, self.tokenizer, spec)
         self.waiting.append(req)
         return req
 
@@ -129,7 +174,7 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.active)
+        return bool(self.waiting or self.active or self.prefilling)
 
     @property
     def cache_bytes(self) -> int:
@@ -139,7 +184,7 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         events: list[TokenEvent] = []
         self._drop_cancelled()
-        self._admit(events)
+        self._prefill(events)
         if self.active:
             self._decode(events)
         if not self.has_work:
@@ -153,35 +198,85 @@ class Engine:
             self.cache.ensure_batch(slots)
         return self.cache
 
-    def _admit(self, events: list[TokenEvent]) -> None:
-        while self.waiting and len(self.active) < self.max_batch:
-            req = self.waiting.popleft()
-            slot = len(self.active)
-            need = len(req.out.prompt_ids) + req.params.max_new_tokens
-            # room for this request's whole generation now, so the cache does not regrow every chunk
-            cache = self._ensure_cache(min(self.max_batch, slot + 1 + len(self.waiting)), need)
-            cache.ensure_capacity(need)
-            prompt = np.asarray(req.out.prompt_ids, dtype=np.int64)[None, :]
-            logits = self.backend.forward(cache, slot, prompt, np.zeros(1, dtype=np.int64),
+    def _prefill(self, events: list[TokenEvent]) -> None:
+        """Prefill waiting prompts into free slots, within this step's budget of prompt tokens."""
+        budget = self.prefill_chunk or float("inf")
+        while budget > 0:
+            req = self.prefilling
+            if req is None:
+                if not self.waiting or len(self.active) >= self.max_batch:
+                    return
+                req = self._start(self.waiting.popleft())
+            slot, prompt = len(self.active), req.out.prompt_ids
+            if self._prefill_slot != slot:  # active slots were freed below it
+                self.cache.copy_slot(self._prefill_slot, slot, length=req.past)
+                self._prefill_slot = slot
+            take = int(min(budget, len(prompt) - req.past))
+            chunk = np.asarray(prompt[req.past:req.past + take], dtype=np.int64)[None, :]
+            logits = self.backend.forward(self.cache, slot, chunk, np.array([req.past], dtype=np.int64),
                                           last_only=not self.keep_logits)
-            req.past = prompt.shape[1]
+            req.past += take
+            budget -= take
             if self.keep_logits:
-                req.out.prompt_logits = np.array(logits[0], dtype=np.float32)
+                req.prompt_logits.append(np.array(logits[0], dtype=np.float32))
+            if req.past < len(prompt):
+                continue  # the budget ran out mid-prompt; the next step goes on
+            self.prefilling = None
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(self.cache, slot, prompt, req.past)
+            if self.keep_logits:
+                req.out.prompt_logits = np.concatenate(req.prompt_logits)
+                req.prompt_logits = []
             events.append(req.accept(logits[0, -1], self.keep_logits))
             if not req.finished:
                 self.active.append(req)
 
+    def _start(self, req: Request) -> Request:
+        """Give `req` the slot after the active ones, room for its whole generation, and its cached prefix."""
+        slot = len(self.active)
+        need = len(req.out.prompt_ids) + req.params.max_new_tokens
+        # room for this request's whole generation now, so the cache does not regrow every chunk
+        cache = self._ensure_cache(min(self.max_batch, slot + 1 + len(self.waiting)), need)
+        cache.ensure_capacity(need)
+        req.past = self.prefix_cache.load(cache, slot, req.out.prompt_ids) if self.prefix_cache is not None else 0
+        self.prefilling, self._prefill_slot = req, slot
+        return req
+
     def _decode(self, events: list[TokenEvent]) -> None:
         n = len(self.active)
-        last = np.fromiter((r.out.token_ids[-1] for r in self.active), dtype=np.int64, count=n)
         past = np.fromiter((r.past for r in self.active), dtype=np.int64, count=n)
-        logits = self.backend.forward(self.cache, 0, last[:, None], past)
-        for row, req in enumerate(self.active):
-            req.past += 1
-            events.append(req.accept(logits[row, -1], self.keep_logits))
+        # A backend that verifies several tokens per row only one row at a time (onnx) would turn one batched
+        # pass into n passes: there, requests speculate while they run alone.
+        drafts = [r.draft() for r in self.active] if n == 1 or self.backend.multi_token_batches else [([], None)] * n
+        width = 1 + max(len(d) for d, _ in drafts)
+        ids = np.empty((n, width), dtype=np.int64)
+        for row, (req, (draft, _)) in enumerate(zip(self.active, drafts)):
+            ids[row, 0] = req.out.token_ids[-1]
+            ids[row, 1:1 + len(draft)] = draft
+            ids[row, 1 + len(draft):] = ids[row, 0]  # padding: its positions are past the row's length, never read
+        logits = self.backend.forward(self.cache, 0, ids, past)
+        for row, (req, (draft, probs)) in enumerate(zip(self.active, drafts)):
+            req.past += 1  # the last token is in the cache now
+            kept = 0
+            for i, token in enumerate(draft):
+                event = req.accept(logits[row, i], self.keep_logits, token, None if probs is None else probs[i])
+                events.append(event)
+                if event.token_id != token or req.finished:
+                    break
+                kept += 1
+                req.past += 1  # the draft's keys/values, written by this step, stay
+            else:
+                events.append(req.accept(logits[row, len(draft)], self.keep_logits))
+            if draft:
+                req.spec.update(len(draft), kept)
+                stats = self.spec_stats
+                stats.drafted, stats.accepted, stats.steps = stats.drafted + len(draft), stats.accepted + kept, stats.steps + 1
         self._compact([row for row, r in enumerate(self.active) if r.finished])
 
     def _drop_cancelled(self) -> None:
+        if self.prefilling is not None and self.prefilling.cancelled:
+            self.prefilling.out.finish_reason = "cancelled"
+            self.prefilling = None
         rows = [row for row, r in enumerate(self.active) if r.cancelled]
         for row in rows:
             self.active[row].out.finish_reason = self.active[row].out.finish_reason or "cancelled"
@@ -189,6 +284,10 @@ class Engine:
 
     def _compact(self, rows: list[int]) -> None:
         for row in reversed(rows):  # move the last active slot into each freed one
+            req = self.active[row]
+            if self.prefix_cache is not None and req.out.finish_reason != "cancelled":
+                # a chat's next turn starts with this one's prompt and answer
+                self.prefix_cache.store(self.cache, row, req.out.prompt_ids + req.out.token_ids, req.past)
             last = len(self.active) - 1
             if row != last:
                 self.cache.copy_slot(last, row, length=self.active[last].past)
@@ -208,10 +307,14 @@ def _as_list(params: Union[SamplingParams, Sequence[SamplingParams]], n: int) ->
 def stream_tokens(backend: Backend, prompts: Sequence[Sequence[int]],
                   params: Union[SamplingParams, Sequence[SamplingParams]], eos_ids: Sequence[int] = (),
                   keep_logits: bool = False, outputs: Optional[list[SequenceOutput]] = None,
-                  tokenizer: Optional[Tokenizer] = None) -> Iterator[TokenEvent]:
+                  tokenizer: Optional[Tokenizer] = None, speculative=None,
+                  spec_stats: Optional[SpeculationStats] = None, prefix_cache: Optional[PrefixCache] = None,
+                  prefill_chunk: Optional[int] = None) -> Iterator[TokenEvent]:
     """Yield each token event as it is produced; event.request_id is the prompt's index.
-    `outputs`, if given, is filled with one SequenceOutput per prompt (complete once the iterator ends)."""
-    engine = Engine(backend, eos_ids, tokenizer, keep_logits)
+    `outputs`, if given, is filled with one SequenceOutput per prompt (complete once the iterator ends).
+    `speculative`: see speculative.resolve; `spec_stats`, if given, counts drafted and kept tokens.
+    `prefix_cache` (shared across calls) and `prefill_chunk`: see Engine."""
+    engine = Engine(backend, eos_ids, tokenizer, keep_logits, speculative, spec_stats, prefix_cache, prefill_chunk)
     plist = _as_list(params, len(prompts))
     for p, sp in zip(prompts, plist):
         engine.check(p, sp)  # every request is checked before any compute
@@ -224,8 +327,11 @@ def stream_tokens(backend: Backend, prompts: Sequence[Sequence[int]],
 
 def generate_ids(backend: Backend, prompts: Sequence[Sequence[int]],
                  params: Union[SamplingParams, Sequence[SamplingParams]], eos_ids: Sequence[int] = (),
-                 keep_logits: bool = False, tokenizer: Optional[Tokenizer] = None) -> list[SequenceOutput]:
+                 keep_logits: bool = False, tokenizer: Optional[Tokenizer] = None, speculative=None,
+                 spec_stats: Optional[SpeculationStats] = None, prefix_cache: Optional[PrefixCache] = None,
+                 prefill_chunk: Optional[int] = None) -> list[SequenceOutput]:
     outputs: list[SequenceOutput] = []
-    for _ in stream_tokens(backend, prompts, params, eos_ids, keep_logits, outputs, tokenizer):
+    for _ in stream_tokens(backend, prompts, params, eos_ids, keep_logits, outputs, tokenizer, speculative, spec_stats,
+                           prefix_cache, prefill_chunk):
         pass
     return outputs

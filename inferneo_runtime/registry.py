@@ -151,7 +151,7 @@ def _as_spec(src):
     return ModelConfig(path=str(src))
 
 
-def _default_driver(name: str, model, entry: Entry):
+def _default_driver(name: str, model, entry: Entry, engine_options: Optional[dict] = None):
     from .embedding import EmbeddingDriver, EmbeddingModel
     from .models import CustomDriver, CustomHost
 
@@ -161,7 +161,8 @@ def _default_driver(name: str, model, entry: Entry):
         return EmbeddingDriver(name, model)
     from .server.driver import EngineDriver
 
-    return EngineDriver(name, model, max_batch=entry.max_batch, max_sequence=entry.max_sequence)
+    return EngineDriver(name, model, max_batch=entry.max_batch, max_sequence=entry.max_sequence,
+                        **(engine_options or {}))
 
 
 class ModelRegistry:
@@ -169,7 +170,8 @@ class ModelRegistry:
                  memory_budget_bytes: Optional[int] = None, device: str = "cpu", threads: Optional[int] = None,
                  wait_s: float = 30.0, loader: Optional[Callable] = None, driver_factory: Optional[Callable] = None,
                  trusted_keys: Optional[Sequence[str]] = None, max_model_len: Optional[int] = None,
-                 max_batch_size: Optional[int] = None, allow_empty: bool = False):
+                 max_batch_size: Optional[int] = None, allow_empty: bool = False,
+                 engine_options: Optional[dict] = None):
         if max_models is not None and max_models < 1:
             raise RegistryError(f"max_models={max_models} must be >= 1")
         if memory_budget_bytes is not None and memory_budget_bytes <= 0:
@@ -182,6 +184,7 @@ class ModelRegistry:
         self.trusted_keys = list(trusted_keys) if trusted_keys else None
         self.max_model_len = max_model_len
         self.max_batch_size = max_batch_size
+        self.engine_options = engine_options  # EngineDriver keywords: speculative, prefix_cache_bytes, prefill_chunk
         self.notes: list[str] = []  # said of every model (e.g. a flag that has no effect on this device)
         self._loader = loader
         self._driver_factory = driver_factory
@@ -431,7 +434,7 @@ class ModelRegistry:
             name = self.display_id(e)
             try:
                 driver = (self._driver_factory(name, model) if self._driver_factory is not None
-                          else _default_driver(name, model, e))
+                          else _default_driver(name, model, e, self.engine_options))
             except BaseException:
                 model.close()
                 raise

@@ -33,6 +33,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: Optional[int] = None  # top-n log-probabilities per generated token (0 = only the chosen one)
+    # tokens drafted per step by speculative decoding (0 = off); None = the engine's setting. Output is unchanged.
+    speculative_tokens: Optional[int] = None
 
     def __post_init__(self):
         def bad(name, rule):
@@ -59,6 +61,9 @@ class SamplingParams:
             bad("seed", "must be a non-negative integer")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}]")
+        if self.speculative_tokens is not None and (not isinstance(self.speculative_tokens, int)
+                                                    or not 0 <= self.speculative_tokens <= 16):
+            bad("speculative_tokens", "must be an integer in [0, 16] (0 = off)")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "stop strings must be non-empty strings")
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -116,22 +121,57 @@ def filter_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     return probs / probs.sum()
 
 
-def choose_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, context: Sequence[int],
-                 generated: Sequence[int], banned: Sequence[int] = ()) -> int:
-    """Pick the next token from one row of logits. `banned` ids (e.g. EOS before min_new_tokens) are excluded."""
-    needs_copy = params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty or len(banned)
-    x = np.array(logits, dtype=np.float32) if needs_copy else logits
-    if needs_copy:
-        apply_penalties(x, params, context, generated)
-        if len(banned):
-            x[np.asarray(banned, dtype=np.int64)] = -np.inf
-    if params.greedy:
-        return int(np.argmax(x))
-    probs = filter_probs(x, params)
+def _processed(logits: np.ndarray, params: SamplingParams, context: Sequence[int], generated: Sequence[int],
+               banned: Sequence[int]) -> np.ndarray:
+    """The logits after penalties and the `banned` mask (a copy only when something changes them)."""
+    if not (params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty or len(banned)):
+        return logits
+    x = np.array(logits, dtype=np.float32)
+    apply_penalties(x, params, context, generated)
+    if len(banned):
+        x[np.asarray(banned, dtype=np.int64)] = -np.inf
+    return x
+
+
+def _draw(probs: np.ndarray, rng: np.random.Generator) -> int:
     # inverse-CDF draw with one uniform per step: the same seed gives the same tokens on every backend
     u = rng.random()
     idx = int(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right"))
     return min(idx, probs.size - 1)
+
+
+def choose_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, context: Sequence[int],
+                 generated: Sequence[int], banned: Sequence[int] = ()) -> int:
+    """Pick the next token from one row of logits. `banned` ids (e.g. EOS before min_new_tokens) are excluded."""
+    x = _processed(logits, params, context, generated, banned)
+    if params.greedy:
+        return int(np.argmax(x))
+    return _draw(filter_probs(x, params), rng)
+
+
+def verify_draft(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, context: Sequence[int],
+                 generated: Sequence[int], draft: int, draft_probs: Optional[np.ndarray] = None,
+                 banned: Sequence[int] = ()) -> int:
+    """Speculative sampling's rejection rule: the next token, given a drafted one, distributed exactly as
+    `choose_token` would draw it. The draft is kept (the returned token equals it) with probability
+    min(1, p(draft) / q(draft)); otherwise the token is drawn from the residual max(0, p - q), renormalized.
+    p is the sampler's distribution from these logits, q the drafter's (`draft_probs`; None = the drafter
+    proposed `draft` with certainty, as n-gram lookup does). Greedy: the draft is kept iff it is the argmax."""
+    x = _processed(logits, params, context, generated, banned)
+    if params.greedy:
+        return int(np.argmax(x))
+    p = filter_probs(x, params)
+    q_draft = 1.0 if draft_probs is None else float(draft_probs[draft])
+    if q_draft > 0 and rng.random() * q_draft < p[draft]:
+        return int(draft)
+    if draft_probs is None:
+        residual = p.copy()
+        residual[draft] = 0.0
+    else:
+        residual = np.maximum(p - draft_probs, 0.0)
+    if residual.sum() <= 0:  # p == q: a rejection has probability 0; draw from p (never reached in exact arithmetic)
+        residual = p
+    return _draw(residual / residual.sum(), rng)
 
 
 def token_logprobs(logits: np.ndarray, token: int, top_n: int) -> TokenLogprobs:

@@ -94,6 +94,9 @@ class Backend(ABC):
     # Where the loaded model came from when the backend can load it more than one way (onnx: "cache", this
     # host's packed copy; "created", the artifact while writing that copy; "artifact"); None otherwise.
     session_source: str | None = None
+    # False when `_forward_impl` runs several new tokens per row on a non-empty cache one row at a time (onnx's
+    # GroupQueryAttention): the loop then verifies speculative drafts only while a single request runs.
+    multi_token_batches: bool = True
 
     def __init__(self, artifact_dir: Path, target: "TargetEntry", dims: "ModelDims", device: str = "cpu",
                  threads: int | None = None, host_cache: bool = True):

@@ -32,6 +32,7 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 
 class OnnxBackend(Backend):
     format = "onnx"
+    multi_token_batches = False  # see _forward_impl
 
     def _load_impl(self) -> None:
         io = self.target.io

@@ -975,7 +975,8 @@ def build_registry(config: ServerConfig):
     manager = ModelManager(max_models=config.max_models, memory_budget_bytes=budget, lazy_loading=True,
                            registry_path=config.registry_path, device=config.device, threads=config.threads,
                            wait_s=config.load_wait_s, trusted_keys=config.trusted_keys or None,
-                           max_model_len=config.max_model_len, max_batch_size=config.max_batch_size)
+                           max_model_len=config.max_model_len, max_batch_size=config.max_batch_size,
+                           engine_options=config.engine_options())
     try:
         manager.notes.extend(notes)
         configured = artifacts_to_serve(config)

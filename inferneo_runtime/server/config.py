@@ -164,6 +164,14 @@ class ServerConfig(_Strict):
     max_model_len: Optional[int] = Field(None, ge=16, description="most tokens per sequence (prompt + output); "
                                          "checkpoints are compiled for it, artifacts are capped to it")
     max_batch_size: Optional[int] = Field(None, ge=1, le=256, description="most sequences one engine step runs")
+    speculative: Optional[Literal["ngram"]] = Field(None, description="--speculative: draft tokens by n-gram lookup "
+                                                    "and verify them in one step (same output, fewer passes)")
+    speculative_tokens: int = Field(4, ge=1, le=16, description="--speculative-tokens: most tokens drafted per step "
+                                    "(requests may set speculative_tokens themselves; 0 turns it off for one)")
+    prefix_cache_mb: float = Field(0, ge=0, description="--prefix-cache-mb: memory per model for the keys/values of "
+                                   "prompt prefixes shared across requests (0: off)")
+    prefill_chunk: Optional[int] = Field(None, ge=1, description="--prefill-chunk: most prompt tokens prefilled per "
+                                         "engine step, so long prompts do not stall running streams (unset: whole)")
     gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1, description="share of the CUDA device's memory "
                                                     "for weights + KV caches (the memory budget); no effect on CPU")
     tensor_parallel_size: int = Field(1, ge=1)
@@ -204,6 +212,13 @@ class ServerConfig(_Strict):
                                          "generates (with default_max_tokens unset)")
     request_cpu_budget_s: float = Field(5.0, gt=0, description="longest time parsing, templating and tokenizing "
                                         "one request may take; beyond: 400")
+
+    def engine_options(self) -> dict:
+        """The EngineDriver settings of every model this server runs."""
+        from ..speculative import SpeculativeConfig
+
+        return {"speculative": SpeculativeConfig(self.speculative, self.speculative_tokens) if self.speculative else None,
+                "prefix_cache_bytes": int(self.prefix_cache_mb * (1 << 20)), "prefill_chunk": self.prefill_chunk}
 
     @property
     def memory_budget_bytes(self) -> Optional[int]:

@@ -18,7 +18,9 @@ from typing import Callable, Optional, Sequence, Union
 
 from ..errors import InferneoError
 from ..generation import Engine, Request, TokenEvent
+from ..prefix_cache import PrefixCache
 from ..sampling import SamplingParams
+from ..speculative import SpeculationStats
 
 logger = logging.getLogger("inferneo.server")
 
@@ -49,10 +51,15 @@ class Ticket:
 class EngineDriver:
     """Owns one Engine and the thread that steps it while it has work."""
 
-    def __init__(self, name: str, model, max_batch: Optional[int] = None, max_sequence: Optional[int] = None):
+    def __init__(self, name: str, model, max_batch: Optional[int] = None, max_sequence: Optional[int] = None,
+                 speculative=None, prefix_cache_bytes: int = 0, prefill_chunk: Optional[int] = None):
         self.name = name
         self._model = model
         self._caps = (max_batch, max_sequence)  # --max-batch-size / --max-model-len, within the artifact's bounds
+        # engine settings that outlive a failed engine: its prefix cache holds only completed prefills
+        self._speculative, self._prefill_chunk = speculative, prefill_chunk
+        self.spec_stats = SpeculationStats()
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         self.engine = self._new_engine()
         self.max_sequence = self.engine.max_sequence
         self.max_batch = self.engine.max_batch
@@ -67,7 +74,9 @@ class EngineDriver:
         self._thread.start()
 
     def _new_engine(self) -> Engine:
-        engine = Engine(self._model.backend, self._model.eos_ids, self._model.tokenizer)
+        engine = Engine(self._model.backend, self._model.eos_ids, self._model.tokenizer,
+                        speculative=self._speculative, spec_stats=self.spec_stats, prefix_cache=self.prefix_cache,
+                        prefill_chunk=self._prefill_chunk)
         max_batch, max_sequence = self._caps
         if max_batch is not None:
             engine.max_batch = min(engine.max_batch, max_batch)
@@ -154,7 +163,7 @@ class EngineDriver:
                 self._finish(ticket, event)
             else:
                 self._send(ticket, event)
-        self.cache_bytes = self.engine.cache_bytes
+        self.cache_bytes = self.engine.cache_bytes + (self.prefix_cache.nbytes if self.prefix_cache else 0)
 
     def _send(self, ticket: Ticket, item) -> None:
         try:

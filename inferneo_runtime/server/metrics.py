@@ -52,6 +52,7 @@ class _RegistryCollector:
             for e in entries:
                 c.add_metric([label[id(e)]], getattr(e, attr))
             yield c
+        yield from _engine_counters(entries, label)
         g = GaugeMetricFamily("inferneo_memory_used_bytes", "Weights + KV caches of the loaded models")
         g.add_metric([], self.registry.memory_used())
         yield g
@@ -65,6 +66,35 @@ class _RegistryCollector:
         g = GaugeMetricFamily("inferneo_max_queue", "Most sequences in flight before requests get 429")
         g.add_metric([], self.max_queue)
         yield g
+
+
+def _engine_counters(entries, label):
+    """Speculative decoding and prefix caching, per model, from its driver (absent for custom/embedding models)."""
+    drivers = [(label[id(e)], e.driver) for e in entries if getattr(e.driver, "spec_stats", None) is not None]
+    spec = (("inferneo_spec_draft_tokens", "Tokens drafted by speculative decoding", "drafted"),
+            ("inferneo_spec_accepted_tokens", "Drafted tokens the model kept", "accepted"))
+    for name, doc, attr in spec:
+        c = CounterMetricFamily(name, doc, labels=["model"])
+        for model, d in drivers:
+            c.add_metric([model], getattr(d.spec_stats, attr))
+        yield c
+    g = GaugeMetricFamily("inferneo_spec_acceptance_rate", "Share of drafted tokens kept (0 before any draft)",
+                          labels=["model"])
+    for model, d in drivers:
+        g.add_metric([model], d.spec_stats.acceptance_rate)
+    yield g
+    cached = [(model, d.prefix_cache) for model, d in drivers if d.prefix_cache is not None]
+    pc = (("inferneo_prefix_cache_hit_tokens", "Prompt tokens whose keys/values came from the prefix cache", "hit_tokens"),
+          ("inferneo_prefix_cache_lookup_tokens", "Prompt tokens looked up in the prefix cache", "lookup_tokens"))
+    for name, doc, attr in pc:
+        c = CounterMetricFamily(name, doc, labels=["model"])
+        for model, p in cached:
+            c.add_metric([model], getattr(p, attr))
+        yield c
+    g = GaugeMetricFamily("inferneo_prefix_cache_bytes", "Bytes held by the prefix cache", labels=["model"])
+    for model, p in cached:
+        g.add_metric([model], p.nbytes)
+    yield g
 
 
 class Metrics:

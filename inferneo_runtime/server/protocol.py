@@ -79,6 +79,8 @@ class _SamplingExtensions(BaseModel):
     min_tokens: int = Field(0, ge=0, description="generate at least this many tokens before EOS or stop tokens")
     ignore_eos: bool = Field(False, description="keep generating past the EOS token")
     stop_token_ids: Optional[list[TokenId]] = Field(None, description="token ids that end generation, like EOS")
+    speculative_tokens: Optional[int] = Field(None, ge=0, le=16, description="tokens drafted per step by speculative "
+                                              "decoding (0: off; unset: the server's setting); output is unchanged")
     # --- end of extensions -------------------------------------------------------------------------
 
 
@@ -107,7 +109,7 @@ class _Sampling:
             presence_penalty=self._value("presence_penalty", defaults),
             frequency_penalty=self._value("frequency_penalty", defaults),
             seed=seed, stop=self._stops(), stop_token_ids=tuple(self.stop_token_ids or ()),
-            ignore_eos=self.ignore_eos, logprobs=logprobs)
+            ignore_eos=self.ignore_eos, logprobs=logprobs, speculative_tokens=self.speculative_tokens)
 
     def _reject_unsupported(self, checks: dict[str, bool]) -> None:
         for name, bad in checks.items():

@@ -1,0 +1,178 @@
+"""`inferneo bench --workloads`: what speculation, prefix caching and chunked prefill buy, on one target.
+
+Each workload runs the same requests with the feature off and on, alternating round by round (so a busy
+moment on a shared machine hits both alike), and reports medians and their ratio:
+- copy: a copy-heavy task (edit a given passage of code): single-stream tokens/s, plain vs n-gram speculation,
+  and whether their greedy tokens are identical;
+- chat: free chat, the same comparison (speculation must back off when its drafts are rejected);
+- prefix: time to first token of a question after a shared ~1,000-token system prompt, uncached vs cached;
+- interleave: inter-token latency (p50, p99) of running streams alone, while a ~2,000-token prompt arrives
+  prefilled whole, and while it arrives in chunks of `prefill_chunk` tokens.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .generation import Engine, generate_ids
+from .prefix_cache import PrefixCache
+from .sampling import SamplingParams
+from .speculative import SpeculationStats, SpeculativeConfig
+
+CODE = '''def load_users(path):
+    users = []
+    with open(path) as f:
+        for line in f:
+            name, email, age = line.strip().split(",")
+            users.append({"name": name, "email": email, "age": int(age)})
+    return users
+
+
+def adults(users):
+    return [u for u in users if u["age"] >= 18]
+'''
+COPY = [{"role": "user", "content": "Rewrite this Python code exactly, but rename the function load_users to "
+                                    "read_users. Output only the code.\n\n" + CODE}]
+CHAT = [{"role": "user", "content": "Explain in a few sentences why the sky is blue."}]
+SYSTEM_LINE = ("You are a careful assistant for a hardware store. Answer questions about tools, paint, garden "
+               "supplies and opening hours politely and briefly, and never invent prices. ")
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def _tokens_per_s(model, ids: list[int], n_new: int, spec) -> tuple[float, list[int], SpeculationStats]:
+    """Greedy single-stream tokens/s (prefill included), the tokens, and the drafting counts (spec None: plain)."""
+    stats = SpeculationStats()
+    t0 = time.perf_counter()
+    out = generate_ids(model.backend, [ids], SamplingParams(max_new_tokens=n_new), model.eos_ids,
+                       tokenizer=model.tokenizer, speculative=spec, spec_stats=stats)[0]
+    return len(out.token_ids) / (time.perf_counter() - t0), out.token_ids, stats
+
+
+def speculation(model, messages, n_new: int, runs: int, spec: SpeculativeConfig, limit: int) -> dict:
+    n_new = min(n_new, limit // 2)
+    ids = model.tokenizer.encode_chat(messages)[-(limit - n_new):]  # (cut from the left for a small artifact)
+    _tokens_per_s(model, ids, n_new, None)  # warm-up
+    plain, fast, same, drafted, accepted = [], [], True, 0, 0
+    for _ in range(runs):
+        tps, base_tokens, _ = _tokens_per_s(model, ids, n_new, None)
+        plain.append(tps)
+        tps, tokens, stats = _tokens_per_s(model, ids, n_new, spec)
+        fast.append(tps)
+        same &= tokens == base_tokens
+        drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
+    return {"prompt_tokens": len(ids), "new_tokens": len(base_tokens), "plain_tok_s": round(_median(plain), 1),
+            "speculative_tok_s": round(_median(fast), 1), "ratio": round(_median(fast) / _median(plain), 2),
+            "identical_tokens": same, "acceptance_rate": round(accepted / drafted, 3) if drafted else 0.0}
+
+
+def _ttft(model, ids, prefix_cache) -> float:
+    engine = Engine(model.backend, model.eos_ids, model.tokenizer, prefix_cache=prefix_cache)
+    req = engine.add(ids, SamplingParams(max_new_tokens=1))
+    t0 = time.perf_counter()
+    while not req.out.token_ids:
+        engine.step()
+    return time.perf_counter() - t0
+
+
+def prefix(model, prefix_tokens: int, runs: int) -> dict:
+    tok = model.tokenizer
+    line = tok.encode(SYSTEM_LINE, add_special_tokens=False)
+    system = (line * (prefix_tokens // len(line) + 1))[:prefix_tokens]
+    questions = [tok.encode(f" Question {i}: when do you open on Sunday?", add_special_tokens=False)
+                 for i in range(runs + 1)]
+    cache = PrefixCache(max_bytes=1 << 30)
+    _ttft(model, system + questions[0], cache)  # warms the backend and stores the shared prefix
+    uncached, cached = [], []
+    for q in questions[1:]:
+        uncached.append(_ttft(model, system + q, None))
+        cached.append(_ttft(model, system + q, cache))
+    return {"prefix_tokens": prefix_tokens, "uncached_ttft_ms": round(1e3 * _median(uncached), 1),
+            "cached_ttft_ms": round(1e3 * _median(cached), 1), "ratio": round(_median(cached) / _median(uncached), 3)}
+
+
+def _intervals(model, streams: list[list[int]], long_ids: Optional[list[int]], chunk: Optional[int], steps: int) -> list[float]:
+    """Seconds between consecutive tokens of the running streams while `long_ids` (if any) arrives."""
+    engine = Engine(model.backend, model.eos_ids, model.tokenizer, prefill_chunk=chunk)
+    running = [engine.add(s, SamplingParams(max_new_tokens=2 * steps + 4, ignore_eos=True)) for s in streams]
+    while len(engine.active) < len(running):
+        engine.step()
+    engine.step()
+    if long_ids is not None:
+        late = engine.add(long_ids, SamplingParams(max_new_tokens=1, ignore_eos=True))
+    gaps, last = [], time.perf_counter()
+    for _ in range(steps):
+        events = engine.step()
+        now = time.perf_counter()
+        if any(e.request_id == running[0].id for e in events):
+            gaps.append(now - last)
+            last = now
+        if long_ids is not None and late.finished and len(gaps) >= steps // 2:
+            break
+    return gaps
+
+
+def interleave(model, long_tokens: int, chunk: int, steps: int, runs: int) -> dict:
+    tok = model.tokenizer
+    streams = [tok.encode_chat(CHAT)[-16:], tok.encode_chat(COPY)[-16:]]  # short prompts, long answers
+    line = tok.encode(SYSTEM_LINE, add_special_tokens=False)
+    long_ids = (line * (long_tokens // len(line) + 1))[:long_tokens]
+    alone, whole, chunked = [], [], []
+    for _ in range(runs):
+        alone += _intervals(model, streams, None, None, steps)
+        whole += _intervals(model, streams, long_ids, None, steps)
+        chunked += _intervals(model, streams, long_ids, chunk, steps)
+
+    def pct(xs, q):
+        return round(1e3 * float(np.percentile(xs, q)), 1)
+
+    return {"long_prompt_tokens": long_tokens, "prefill_chunk": chunk, "streams": len(streams),
+            "alone_ms": {"p50": pct(alone, 50), "p99": pct(alone, 99)},
+            "whole_prefill_ms": {"p50": pct(whole, 50), "p99": pct(whole, 99)},
+            "chunked_prefill_ms": {"p50": pct(chunked, 50), "p99": pct(chunked, 99)},
+            "p99_ratio_whole": round(pct(whole, 99) / pct(alone, 99), 2),
+            "p99_ratio_chunked": round(pct(chunked, 99) / pct(alone, 99), 2)}
+
+
+def run_workloads(artifact: Path, target: Optional[str] = None, runs: int = 3, new_tokens: int = 128,
+                  prefix_tokens: int = 1000, long_tokens: int = 1900, prefill_chunk: int = 128,
+                  spec: SpeculativeConfig = SpeculativeConfig(), threads: Optional[int] = None,
+                  log: Callable[[str], None] = lambda _: None) -> dict:
+    from . import load
+
+    with load(artifact, target=target, threads=threads) as model:
+        bounds = model.backend.target.shapes
+        limit = bounds.max_sequence if bounds else model.backend.dims.max_positions
+        prefix_tokens, long_tokens = min(prefix_tokens, limit - 40), min(long_tokens, limit - 8)
+        report = {"artifact": model.name, "target": model.target, "runs": runs,
+                  "speculative": {"method": spec.method, "num_tokens": spec.num_tokens}}
+        log("copy-heavy task: plain vs n-gram speculation")
+        report["copy"] = speculation(model, COPY, new_tokens, runs, spec, limit)
+        log("free chat: plain vs n-gram speculation")
+        report["chat"] = speculation(model, CHAT, new_tokens, runs, spec, limit)
+        log(f"shared {prefix_tokens}-token system prompt: TTFT uncached vs cached")
+        report["prefix"] = prefix(model, prefix_tokens, runs)
+        log(f"inter-token latency while a {long_tokens}-token prompt arrives")
+        report["interleave"] = interleave(model, long_tokens, prefill_chunk, steps=min(24, limit // 4), runs=runs)
+    return report
+
+
+def print_workloads(report: dict, console) -> None:
+    c, ch, p, i = report["copy"], report["chat"], report["prefix"], report["interleave"]
+    console.print(f"{report['artifact']}/{report['target']}: workloads, medians of {report['runs']} alternating runs")
+    for name, r in (("copy-heavy", c), ("free chat", ch)):
+        console.print(f"  {name}: {r['plain_tok_s']} -> {r['speculative_tok_s']} tok/s with {report['speculative']['method']} "
+                      f"speculation = {r['ratio']}x; identical tokens: {r['identical_tokens']}; "
+                      f"acceptance {r['acceptance_rate']:.0%}")
+    console.print(f"  shared {p['prefix_tokens']}-token prefix: TTFT {p['uncached_ttft_ms']} ms uncached, "
+                  f"{p['cached_ttft_ms']} ms cached = {p['ratio']:.1%}")
+    console.print(f"  inter-token p99 of {i['streams']} streams: {i['alone_ms']['p99']} ms alone, "
+                  f"{i['whole_prefill_ms']['p99']} ms while a {i['long_prompt_tokens']}-token prompt prefills whole "
+                  f"({i['p99_ratio_whole']}x), {i['chunked_prefill_ms']['p99']} ms in chunks of {i['prefill_chunk']} "
+                  f"({i['p99_ratio_chunked']}x)")
