@@ -47,8 +47,11 @@ def check_output(output: Path, force: bool = False) -> None:
 
 def staging_dir(output: Path) -> Path:
     """A fresh hidden directory beside `output` (same filesystem, so the final rename is atomic)."""
+    from inferneo_runtime.stale import owned_name, remove_stale
+
     output.parent.mkdir(parents=True, exist_ok=True)
-    path = output.parent / f".{output.name}.staging-{uuid.uuid4().hex[:8]}"
+    remove_stale(output.parent, f".{output.name}.staging-")  # left by builds that were killed
+    path = output.parent / owned_name(f".{output.name}.staging-")
     path.mkdir()
     return path
 

@@ -13,7 +13,7 @@ from . import preflight
 from .backends import backend_class
 from .backends.base import Backend
 from .cpu_kernels import quantized_kernel_path
-from .errors import GoldenMismatch, InferneoError
+from .errors import GoldenMismatch, InferneoError, IntegrityError
 from .generation import SequenceOutput, generate_ids, stream_tokens
 from .goldens import teacher_forced_agreement
 from .sampling import SamplingParams
@@ -266,15 +266,26 @@ def load(path: Union[str, Path], target: Optional[str] = None, device: str = "cp
     """
     from . import s3
 
-    if s3.is_s3_uri(path):  # s3://bucket/prefix[/versions/<sha256>]: fetched once into the verified cache
-        path = s3.fetch(path)
+    uri = str(path) if s3.is_s3_uri(path) else None
+    if uri:  # s3://bucket/prefix[/versions/<sha256>]: fetched once into the verified cache
+        path = s3.fetch(uri)
     root = Path(path)
     signed_by = check_signature(root, trusted_keys)
     manifest = read_manifest(root)
     name = choose_target(manifest, target)
     preflight.check(manifest, name, device).raise_for_errors()  # versions, GPU, extras, memory: before any file is read
     if verify:
-        verify_artifact(root, manifest, [name])
+        try:
+            verify_artifact(root, manifest, [name])
+        except IntegrityError:
+            if uri is None:
+                raise
+            # a cache entry damaged after it was verified (a flipped byte keeps the size the cheap check sees):
+            # download it again, once; the same version hashes to the same manifest, so only files change
+            s3.drop_entry(root)
+            root = Path(s3.fetch(uri))
+            signed_by = check_signature(root, trusted_keys)
+            verify_artifact(root, manifest, [name])
     if manifest.task != "text-generation":  # encoders: embeddings or class logits, no decode loop
         from .embedding import EmbeddingModel
 

@@ -40,6 +40,7 @@ from typing import Callable, Iterator, Optional, Union
 
 from .signing import SIGNATURE_NAME
 from .errors import InferneoError, IntegrityError, ManifestError, MissingExtraError, S3Error
+from .stale import owned_name, remove_stale
 from .manifest import MANIFEST_NAME, FileEntry, Manifest, read_manifest, sha256_file, verify_files
 
 LATEST_NAME = "LATEST"
@@ -383,6 +384,12 @@ def fetch_artifact(uri: Union[str, PurePath], progress: bool = False, jobs: int 
     return result(True)
 
 
+def drop_entry(entry: Path) -> None:
+    """Remove a cache entry whose files fail verification, so that the next fetch downloads it again."""
+    with file_lock(entry.parent / f"{entry.name}.lock"):
+        shutil.rmtree(entry, ignore_errors=True)
+
+
 def _download_version(client, loc: S3Location, version: str, dest: Path, progress: bool, jobs: int) -> None:
     key = loc.manifest_key(version)
     try:
@@ -463,7 +470,8 @@ def pull(uri: Union[str, PurePath], dest: Path, force: bool = False, progress: b
             raise DestinationExists(f"{dest} exists and is not version {fetched.version[:12]}… of this artifact; "
                                     "pass --force to replace it")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = dest.parent / f".{dest.name}.pull-{uuid.uuid4().hex[:8]}"
+    remove_stale(dest.parent, f".{dest.name}.pull-")  # left by pulls that were killed
+    staging = dest.parent / owned_name(f".{dest.name}.pull-")
     aside = None
     try:
         for rel in [e.path for e in entries] + [MANIFEST_NAME]:

@@ -2,11 +2,14 @@
 and cleans what dead builds left behind."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 from conftest import REPO, tiny_recipe_fields, write_recipe
+from inferneo_build import build
+from inferneo_build.recipe import Recipe
 
 
 def _build(recipe: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -30,3 +33,16 @@ def test_output_over_a_directory_with_files_is_refused(tiny_checkpoint, tmp_path
         assert f"output {named} " in r.stderr and what in r.stderr.replace("\n", " "), r.stderr
     assert (project / "src" / "main.py").read_text() == "print('precious')\n"
     assert (project / ".git" / "HEAD").is_file() and sorted(p.name for p in project.iterdir()) == [".git", "src"]
+
+
+def test_a_killed_builds_staging_is_removed_by_the_next_build(tiny_checkpoint, tmp_path):
+    from inferneo_runtime.stale import owned_name
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    out = tmp_path / "art"
+    stale = tmp_path / owned_name(".art.staging-").replace(f".{os.getpid()}.", f".{proc.pid}.")
+    (stale / "onnx").mkdir(parents=True)
+    (stale / "onnx" / "model.onnx.data").write_bytes(b"x" * 4096)
+    build(Recipe.model_validate(tiny_recipe_fields(tiny_checkpoint("llama"), "art", out, targets=("onnx",))))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]

@@ -345,3 +345,47 @@ def test_without_boto3_s3_names_the_extra(artifact):
                         "print([m for m in ('boto3', 'botocore') if m in sys.modules])"],
                        capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_cache_entry_damaged_in_place_is_downloaded_again(s3env, bucket, artifact):
+    """A same-size flipped byte passes the cache's cheap size check; load's checksum catches it, and the entry is
+    fetched again instead of failing on every load from then on."""
+    import inferneo_runtime
+    from inferneo_runtime.s3 import artifacts_cache
+
+    uri = f"s3://{bucket}/damaged"
+    version = do_push(artifact, uri)["version"]
+    expected = greedy(uri)
+    entry = artifacts_cache() / version
+    data = next(p for p in (entry / "onnx").iterdir() if p.suffix == ".data")
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with inferneo_runtime.load(uri, target="onnx") as model:
+        assert model.generate(PROMPT, max_new_tokens=8).token_ids == expected
+    assert hashlib.sha256(data.read_bytes()).hexdigest() == hashlib.sha256(
+        (artifact / data.relative_to(entry)).read_bytes()).hexdigest()
+
+
+def test_a_killed_pulls_staging_is_removed_by_the_next_pull(s3env, bucket, artifact, tmp_path):
+    from inferneo_runtime.stale import owned_name
+
+    uri = f"s3://{bucket}/stale"
+    do_push(artifact, uri)
+    pulls = tmp_path / "pulls"
+    dest = pulls / "out"
+    dead = pulls / owned_name(".out.pull-").replace(f".{os.getpid()}.", f".{_dead_pid()}.")
+    alive = pulls / owned_name(".out.pull-").replace(f".{os.getpid()}.", f".{os.getppid()}.")
+    for d in (dead, alive):
+        (d / "onnx").mkdir(parents=True)
+        (d / "onnx" / "model.onnx.data").write_bytes(b"x" * 1024)
+    r = run_cli("pull", uri, str(dest), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not dead.exists() and alive.exists()  # a running process's staging is left alone
+    assert sorted(p.name for p in pulls.iterdir()) == sorted(["out", alive.name])
