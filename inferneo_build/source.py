@@ -177,6 +177,7 @@ def _convert_gguf(gguf: Path, digest: str, log: Callable[[str], None]) -> Path:
         try:
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            _drop_gguf_quantization_marker(model)
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             # The slow-tokenizer "vocab file" of a GGUF conversion is a full copy of the GGUF; tokenizer.json suffices.
@@ -185,6 +186,15 @@ def _convert_gguf(gguf: Path, digest: str, log: Callable[[str], None]) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _drop_gguf_quantization_marker(model) -> None:
+    """transformers 5 marks a model loaded from GGUF as quantized ("gguf") and refuses to save it, although its
+    weights were already dequantized to float on load; the saved checkpoint is a plain float one (as 4.57 writes)."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
 
 
 def _s3_checkpoint(uri: str, allow_pickle: bool, log: Callable[[str], None]) -> Path:
