@@ -11,7 +11,8 @@ STAMP5 := $(VENV5)/.installed
 ORT    ?= cpu
 # The build-and-parity tests of the tiny checkpoints (and SmolLM2's), run under both transformers majors.
 PARITY_TESTS ?= tests/test_build_tiny.py tests/test_rope_config.py tests/test_lora.py tests/test_s3_source.py \
-	tests/test_safe_loading.py tests/test_fail_closed.py tests/test_toolchain.py tests/test_smollm2.py
+	tests/test_safe_loading.py tests/test_fail_closed.py tests/test_toolchain.py tests/test_smollm2.py \
+	tests/test_families.py tests/test_generic.py tests/test_recipe.py
 
 .PHONY: install demo test test-transformers5 clean
 

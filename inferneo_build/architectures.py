@@ -364,9 +364,16 @@ def _layer_attention(config, arch: ArchSpec, num_layers: int):
     if arch.positions != "rope":
         return tuple(LayerAttention(w, None) for w in windows), {}, _uniform(windows)
 
-    ropes = {"global": rope_for(config)}
-    names = ["global"] * num_layers
-    if getattr(config, "rope_local_base_freq", None) and layer_types is not None:  # Gemma 3: local layers' own theta
+    from .rope_config import per_layer_type
+
+    if per_layer_type(config) and layer_types is not None:  # transformers 5's Gemma 3: a RoPE block per layer type
+        table = {"full_attention": "global", "sliding_attention": "local"}
+        ropes = {table[t]: rope_for(config, layer_type=t) for t in set(layer_types)}
+        names = [table[t] for t in layer_types]
+    else:
+        ropes = {"global": rope_for(config)}
+        names = ["global"] * num_layers
+    if getattr(config, "rope_local_base_freq", None) and layer_types is not None:  # Gemma 3 (4.x): local layers' theta
         ropes["local"] = rope_for(config, theta=config.rope_local_base_freq, plain=True)
         names = ["local" if t == "sliding_attention" else "global" for t in layer_types]
     no_rope = getattr(config, "no_rope_layers", None)  # SmolLM3: 1 = this layer uses RoPE
@@ -379,17 +386,17 @@ def _uniform(windows: list) -> Optional[int]:
     return windows[0] if len(set(windows)) == 1 else None
 
 
-def rope_for(config, theta: Optional[float] = None, plain: bool = False) -> Rope:
-    """The config's RoPE (or a plain one with another theta: Gemma 3's local layers), read through rope_config
-    (transformers 4.57 and 5.x) and computed as transformers does, so every scaling type matches it exactly."""
+def rope_for(config, theta: Optional[float] = None, plain: bool = False, layer_type: Optional[str] = None) -> Rope:
+    """The config's RoPE (or a plain one with another theta: Gemma 3's local layers under 4.x; or one layer type's
+    block under 5.x), read through rope_config and computed as transformers does, so every scaling type matches."""
     from .rope_config import RopeConfigError, plain_frequencies, rope_config, rope_frequencies
 
     try:
-        rope = rope_config(config)
+        rope = rope_config(config, layer_type)
         if plain or theta is not None:
             return Rope(plain_frequencies(config, float(theta if theta is not None else rope.theta),
                                           rope.partial_rotary_factor), 1.0)
-        inv_freq, attention_scaling = rope_frequencies(config)
+        inv_freq, attention_scaling = rope_frequencies(config, layer_type)
     except RopeConfigError as e:
         raise UnsupportedArchitecture(str(e)) from None
     result = Rope(inv_freq, attention_scaling)

@@ -62,6 +62,12 @@ class ValidationFailed(BuildError):
         return out
 
 
+class UnusableCheckpoint(BuildError):
+    """The checkpoint cannot be compiled as given: weights missing for its model class, or a foreign tokenizer."""
+
+    exit_code = 2
+
+
 class QuantizedCheckpoint(BuildError):
     """The source is already quantized (GPTQ, AWQ, bitsandbytes, ...): its packed weights cannot be exported."""
 
@@ -262,8 +268,15 @@ def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Prog
 
             # transformers' sdpa path drops attention soft-capping (Gemma 2): the reference then runs eager attention
             eager = {"attn_implementation": "eager"} if spec is not None and spec.attn_softcap is not None else {}
-            model = AutoModelForCausalLM.from_pretrained(checkpoint.directory, dtype=torch.float32,
-                                                         **sources.load_options(recipe), **eager)
+            model, loading = AutoModelForCausalLM.from_pretrained(
+                checkpoint.directory, dtype=torch.float32, output_loading_info=True,
+                **sources.load_options(recipe), **eager)
+            if loading.get("missing_keys"):  # transformers filled them with random values: nothing to compile
+                missing = sorted(loading["missing_keys"])
+                raise UnusableCheckpoint(f"{checkpoint.directory}: model_type {config.model_type!r} loaded as "
+                                 f"{type(model).__name__} lacks {len(missing)} weight(s) in the checkpoint "
+                                 f"({', '.join(missing[:4])}{', …' if len(missing) > 4 else ''}); "
+                                 "is it a causal language model?")
             model.eval()
             _merge(model, adapters, progress)
             if spec is not None:
@@ -319,6 +332,10 @@ def _build_in(staging: Path, recipe: Recipe, checkpoint, spec: DecoderSpec, mode
     bounds = ShapeBounds(max_batch=recipe.shapes.max_batch, max_sequence=recipe.shapes.max_sequence)
     val = recipe.validation
     prompt_ids = [tokenizer.encode(p) for p in val.prompts]
+    for i, ids in enumerate(prompt_ids, 1):
+        if ids and max(ids) >= dims.vocab:  # a tokenizer from another model: the reference would index past its table
+            raise UnusableCheckpoint(f"validation prompt {i} encodes to token id {max(ids)}, but the checkpoint's vocabulary "
+                             f"has {dims.vocab} entries: its tokenizer belongs to another model")
 
     with progress.step(f"reference greedy decode ({len(prompt_ids)} prompts × {val.max_new_tokens} tokens)"):
         torch_reference = TorchReference(model, dims, bounds).load()

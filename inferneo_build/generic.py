@@ -46,6 +46,13 @@ def generic_spec(model, reason: str) -> GenericSpec:
     config = model.config
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([[1, 2]]), past_key_values=DynamicCache(), use_cache=True)
+        changed = model(input_ids=torch.tensor([[1, 3]]), past_key_values=DynamicCache(), use_cache=True)
+    if not torch.allclose(out.logits[:, 0], changed.logits[:, 0], atol=1e-5):  # a later token moved an earlier logit
+        from .architectures import ARCHITECTURES, UnsupportedArchitecture
+
+        raise UnsupportedArchitecture(
+            f"model_type {config.model_type!r} is not causal (its first position's logits depend on the next token): "
+            f"neither the generic path nor a fused entry takes it; fused: {', '.join(sorted(ARCHITECTURES))}")
     layers = _cache_layers(out.past_key_values)
     keys = layers[0][0]
     if keys.dim() != 4:
@@ -77,7 +84,7 @@ def _runtime_cache_class():
             self.kv_cache, self.write_index, self.total = kv_cache, write_index, total
             self.layers = []
 
-        def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # 5.x passes kwargs=, 4.x cache_kwargs
             layer = self.kv_cache[layer_idx]
             layer[0].scatter_(2, self.write_index, key_states.to(layer.dtype))
             layer[1].scatter_(2, self.write_index, value_states.to(layer.dtype))

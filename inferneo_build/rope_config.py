@@ -44,6 +44,15 @@ def _parameters_block(config, layer_type: Optional[str]) -> dict:
     return block
 
 
+def per_layer_type(config) -> Optional[tuple[str, ...]]:
+    """The layer types with their own RoPE block (transformers 5's Gemma 3: full/sliding), or None when one
+    block serves every layer."""
+    block = getattr(config, "rope_parameters", None)
+    if block and all(isinstance(v, dict) for v in dict(block).values()):
+        return tuple(block)
+    return None
+
+
 def rope_config(config, layer_type: Optional[str] = None) -> RopeConfig:
     """The RoPE type, base and scaling parameters of an HF config (either transformers major)."""
     block = _parameters_block(config, layer_type)

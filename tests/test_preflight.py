@@ -270,12 +270,13 @@ def test_memory_report(tiny_artifact, target):
 def test_absurd_cache_is_a_clear_error(tiny_artifact, tmp_path, target):
     root = tmp_path / "art"
     shutil.copytree(tiny_artifact("llama"), root)
-    _edit(root, lambda raw: raw["targets"][target]["shapes"].update(max_batch=2**40))
+    # the largest bounds a manifest may declare: 2^16 sequences × 2^24 positions is ~5 × 10^14 bytes here
+    _edit(root, lambda raw: raw["targets"][target]["shapes"].update(max_batch=2**16, max_sequence=2**24))
     with inferneo_runtime.load(root, target=target) as model:
         with pytest.raises(OutOfMemory) as info:
-            model.backend.allocate_cache(2**40, 128)
+            model.backend.allocate_cache(2**16, 2**24)
         msg = str(info.value)
-        assert msg.startswith(f"out of memory allocating a KV cache of {2**40} sequence(s) × 128 positions on cpu")
+        assert msg.startswith(f"out of memory allocating a KV cache of {2**16} sequence(s) × {2**24} positions on cpu")
         assert "2 layers × 2 (key, value) × 2 KV heads × 16 dims × 4 bytes" in msg and "nothing was allocated" in msg
         assert model.memory()["kv_cache_bytes"] == 0
         assert len(model.generate("The quick brown fox", max_new_tokens=4).token_ids) == 4  # still usable

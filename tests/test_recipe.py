@@ -57,15 +57,52 @@ def test_missing_gguf_file(tmp_path, tiny_checkpoint):
     _cli_fails(write_recipe(tmp_path / "r.yaml", **fields), out, "source.gguf", "x.gguf")
 
 
-def test_unsupported_architecture(tmp_path):
-    from transformers import BertConfig, BertModel
+def _bert_checkpoint(path, head: bool):
+    """A tiny BERT (an encoder: bidirectional attention) with a tokenizer that fits its vocabulary."""
+    from transformers import BertConfig, BertLMHeadModel, BertModel
 
-    ckpt = tmp_path / "bert"
-    BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32)).save_pretrained(ckpt)
+    from tiny_models import _write_tokenizer
+
+    config = BertConfig(vocab_size=512, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32)
+    (BertLMHeadModel if head else BertModel)(config).save_pretrained(path)
+    _write_tokenizer(path, 512)
+    return path
+
+
+def test_base_model_without_lm_head_is_refused_before_export(tmp_path):
+    """transformers would fill the missing head with random values, and both sides of validation would agree."""
+    ckpt = _bert_checkpoint(tmp_path / "bert", head=False)
     out = tmp_path / "out"
-    payload = _cli_fails(write_recipe(tmp_path / "r.yaml", **tiny_recipe_fields(ckpt, "t", out)), out, "'bert'")
+    _cli_fails(write_recipe(tmp_path / "r.yaml", **tiny_recipe_fields(ckpt, "t", out)), out,
+               "'bert'", "BertLMHeadModel", "cls.predictions", "causal language model")
+
+
+def test_unsupported_architecture(tmp_path):
+    """A complete model that is not causal: the generic path's probe sees it and lists what is fused."""
+    ckpt = _bert_checkpoint(tmp_path / "bert", head=True)
+    out = tmp_path / "out"
+    payload = _cli_fails(write_recipe(tmp_path / "r.yaml", **tiny_recipe_fields(ckpt, "t", out)), out,
+                         "'bert'", "not causal")
     assert "llama" in payload["message"]  # lists what is supported
+
+
+def test_tokenizer_of_another_model_is_refused(tmp_path, tiny_checkpoint):
+    """A tokenizer with more tokens than the checkpoint embeds would crash the reference with an IndexError."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tiny_models import TINY_CONFIGS
+
+    fields = dict(TINY_CONFIGS["llama"], vocab_size=300)  # the tokenizer beside it has 512 tokens
+    ckpt = tmp_path / "ckpt"
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields)).save_pretrained(ckpt)
+    for f in tiny_checkpoint("llama").glob("*token*"):
+        shutil.copy(f, ckpt / f.name)
+    out = tmp_path / "out"
+    _cli_fails(write_recipe(tmp_path / "r.yaml", **tiny_recipe_fields(ckpt, "t", out)), out,
+               "validation prompt 2 encodes to token id", "300 entries", "another model")
 
 
 def test_missing_recipe_file(tmp_path):
