@@ -33,7 +33,8 @@ def pickle_checkpoint(tiny_checkpoint, tmp_path):
     src = tiny_checkpoint("llama")
     dest = tmp_path / "pickled"
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns("*.safetensors"))
-    AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).save_pretrained(dest, safe_serialization=False)
+    # torch.save directly: transformers 5's save_pretrained writes safetensors only
+    torch.save(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).state_dict(), dest / "pytorch_model.bin")
     assert (dest / "pytorch_model.bin").is_file() and not list(dest.glob("*.safetensors"))
     return dest
 
