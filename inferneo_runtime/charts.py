@@ -192,7 +192,7 @@ def bench_figures(report: dict) -> dict:
     # 1. decode step time against position
     rows = list(_contenders(report))
     if any(r.get("long") or "decode_tok_s" in r for _, _, r in rows):
-        fig = _figure(7.5, 4.2)
+        fig = _figure(8, 5.2)
         ax = fig.subplots()
         for i, (group, label, r) in enumerate(rows):
             color = f"C{i}"
@@ -218,7 +218,7 @@ def bench_figures(report: dict) -> dict:
         ax.set_title(f"{model}: decode step time by position (lower is better)")
         ax.set_xlabel("position (tokens already in the KV cache)")
         ax.set_ylabel("ms per decode step")
-        ax.legend(loc="best")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
         figures["decode_step_ms"] = fig
 
     # 2. aggregate tokens/s against concurrent requests
@@ -248,7 +248,7 @@ def bench_figures(report: dict) -> dict:
         bars = ax.barh(labels, [f for _, f in fractions], color=[f"C{i}" for i in range(len(fractions))], height=0.55)
         for bar, (label, f) in zip(bars, fractions):
             bar.set_gid(series_id("roofline-fraction", label))
-            ax.annotate(f"{100 * f:.0f}%", (f, bar.get_y() + bar.get_height() / 2), xytext=(3, 0),
+            ax.annotate(f"{100 * f:.0f}%" if f >= 0.1 else f"{100 * f:.1f}%", (f, bar.get_y() + bar.get_height() / 2), xytext=(3, 0),
                         textcoords="offset points", va="center", fontsize=8)
         ax.axvline(1.0, color=LIMIT, linestyle=":", linewidth=1.5, label="roofline (100%)", gid=series_id("roofline"))
         ax.set_xlim(0, max(1.1, max(f for _, f in fractions) * 1.15))

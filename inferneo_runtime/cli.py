@@ -574,8 +574,13 @@ def bench(
     prefill_chunk: int = typer.Option(128, "--prefill-chunk", min=1, help="with --workloads: the chunk size"),
     speculative_tokens: int = typer.Option(4, "--speculative-tokens", min=1, max=16,
                                            help="with --workloads: most tokens drafted per step"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="also write charts (SVG and PNG) into this directory: "
+                                        "decode step ms by position, tokens/s by concurrency, share of the roofline "
+                                        "(needs inferneo\\[plot])"),
 ):
     """Measure load time, TTFT, decode tokens/s, long-position cost, batching and peak RSS per target."""
+    if plot is not None and (workloads or url is not None):
+        raise typer.BadParameter("--plot charts the artifact bench; it does not go with --workloads or --url")
     if workloads:
         if artifact is None:
             raise typer.BadParameter("--workloads needs an ARTIFACT directory")
@@ -605,9 +610,18 @@ def bench(
         from .bench import BenchSettings, print_report, run_bench
 
         peers = tuple(p.strip() for p in compare.split(",") if p.strip()) if compare else ()
+        if plot is not None:  # before minutes of benchmarking, not after
+            from .charts import require
+
+            require("`inferneo bench --plot`")
         log = (lambda _: None) if as_json else (lambda m: err.print(f"[dim]{m}[/dim]", highlight=False))
         report = run_bench(artifact, targets=target, compare=peers, checkpoint=checkpoint,
                            settings=BenchSettings(runs=runs, threads=threads), log=log)
+        if plot is not None:
+            from .charts import write_bench_charts
+
+            report["charts"] = [str(p) for p in write_bench_charts(report, plot)]
+            log(f"charts: {', '.join(report['charts'])}")
         if as_json:
             print(json.dumps({"ok": True, **report}))
         else:
