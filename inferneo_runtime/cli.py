@@ -152,6 +152,8 @@ def inspect(
     check: bool = typer.Option(False, "--check", help="say whether each target can run on this host (versions, GPU, "
                                "extras, memory) without loading it; exit 5 unless every valid target can"),
     device: str = typer.Option("cpu", help="with --check: cpu or cuda[:N]"),
+    html: Optional[Path] = typer.Option(None, "--html", help="write a self-contained HTML report (manifest, "
+                                        "targets, validation and its chart, goldens) to this file"),
 ):
     """Show an artifact's manifest: model, targets, validation results, toolchain."""
 
@@ -159,6 +161,16 @@ def inspect(
         from .manifest import read_manifest
 
         m = read_manifest(artifact)
+        if html is not None:
+            from .report import write_html_report
+
+            path = write_html_report(artifact, m, html)
+            if as_json:
+                print(json.dumps({"ok": True, "artifact": str(artifact), "html": str(path)}))
+            else:
+                out.print(f"[green]wrote[/green] {escape(str(path))} ({m.name}: {len(m.targets)} targets)",
+                          highlight=False)
+            return
         if check:
             return _print_check(m, device, as_json)
         if as_json:
