@@ -144,12 +144,15 @@ class BuildResult:
 
 
 class Progress:
-    """Step-by-step progress on stderr; `quiet` for library use."""
+    """Step-by-step progress on stderr; `quiet` for library use (and under INFERNEO_PROGRESS=0). The spinner of a
+    running step is drawn on a terminal only; elsewhere (a CI log) each step is one line when it ends."""
 
     def __init__(self, quiet: bool = False):
         from rich.console import Console
 
-        self.console = Console(stderr=True, quiet=quiet)
+        from inferneo_runtime.progress import progress_off
+
+        self.console = Console(stderr=True, quiet=quiet or progress_off())
 
     def log(self, message: str) -> None:
         self.console.print(f"  [dim]{message}[/dim]")
@@ -157,7 +160,10 @@ class Progress:
     @contextmanager
     def step(self, message: str):
         t0 = time.perf_counter()
-        with self.console.status(message):
+        if self.console.is_terminal and not self.console.quiet:
+            with self.console.status(message):
+                yield
+        else:
             yield
         self.console.print(f"[green]✓[/green] {message} [dim]({time.perf_counter() - t0:.1f}s)[/dim]")
 
