@@ -268,6 +268,7 @@ def validate(
         from .backends import backend_class
         from .errors import GoldenMismatch, MissingExtraError
         from .manifest import read_manifest, verify_files
+        from .s3 import TransferBar  # rich bars with bytes and rate; drawn only on a terminal
         from .tokenizer import Tokenizer
 
         signed_by = check_signature(artifact, trusted_key)
@@ -280,7 +281,9 @@ def validate(
         for name in names:
             try:
                 preflight.check(m, name, device).raise_for_errors()  # before any of the target's files is read
-                verify_files(artifact, m.targets[name].files)
+                files = m.targets[name].files
+                with TransferBar(not as_json, f"sha256 {name}", sum(f.size for f in files)) as bar:
+                    verify_files(artifact, files, on_bytes=bar.advance)
                 model = _open_for_goldens(artifact, m, name, device, backend_class, Model, Tokenizer)
             except (MissingExtraError, preflight.IncompatibleHost) as e:
                 report[name] = {"status": "unavailable", "reason": str(e)}

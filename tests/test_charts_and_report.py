@@ -228,3 +228,11 @@ def test_gguf_conversion_bars_are_silenced():
     with _no_progress_bars():
         assert gguf_utils.tqdm(range(2)).disable and not hf_logging.is_progress_bar_enabled()
     assert gguf_utils.tqdm is before
+
+
+def test_validate_hash_bar_only_when_asked_or_on_a_terminal(built):
+    out, _, _ = built
+    r = run_cli("validate", str(out), env={"INFERNEO_PROGRESS": "1"})
+    assert r.returncode == 0 and "sha256 onnx" in r.stderr, r.stdout + r.stderr
+    r = run_cli("validate", str(out))  # stderr is a pipe here: no bar
+    assert r.returncode == 0 and "sha256 onnx" not in r.stderr, r.stdout + r.stderr
