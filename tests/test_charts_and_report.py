@@ -236,3 +236,18 @@ def test_validate_hash_bar_only_when_asked_or_on_a_terminal(built):
     assert r.returncode == 0 and "sha256 onnx" in r.stderr, r.stdout + r.stderr
     r = run_cli("validate", str(out))  # stderr is a pipe here: no bar
     assert r.returncode == 0 and "sha256 onnx" not in r.stderr, r.stdout + r.stderr
+
+
+def test_ray_merge_redraws_the_chart_over_every_target(built, tmp_path):
+    """`build --ray` merges per-target sub-builds: validation.svg is redrawn from the merged validation.json."""
+    from inferneo_build.fanout import _merge
+    from inferneo_build.recipe import load_recipe
+
+    out, _, recipe = built
+    merged = tmp_path / "merged"
+    summary = _merge(load_recipe(recipe), "k" * 64, [("onnx", out)], merged, None, None)
+    assert summary["ok"]
+    m = read_manifest(merged)
+    assert [f.path for f in m.root_files].count(charts.VALIDATION_CHART_NAME) == 1
+    verify_files(merged, m.root_files)
+    assert charts.series_id("logits-error", "onnx") in svg_groups(merged / charts.VALIDATION_CHART_NAME)
