@@ -251,3 +251,13 @@ def test_ray_merge_redraws_the_chart_over_every_target(built, tmp_path):
     assert [f.path for f in m.root_files].count(charts.VALIDATION_CHART_NAME) == 1
     verify_files(merged, m.root_files)
     assert charts.series_id("logits-error", "onnx") in svg_groups(merged / charts.VALIDATION_CHART_NAME)
+
+
+def test_runtime_imports_without_matplotlib():
+    import subprocess
+    import sys
+
+    code = ("import sys, inferneo_runtime, inferneo_runtime.cli, inferneo_runtime.charts, inferneo_runtime.report; "
+            "print('matplotlib' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
