@@ -144,12 +144,15 @@ class BuildResult:
 
 
 class Progress:
-    """Step-by-step progress on stderr; `quiet` for library use."""
+    """Step-by-step progress on stderr; `quiet` for library use (and under INFERNEO_PROGRESS=0). The spinner of a
+    running step is drawn on a terminal only; elsewhere (a CI log) each step is one line when it ends."""
 
     def __init__(self, quiet: bool = False):
         from rich.console import Console
 
-        self.console = Console(stderr=True, quiet=quiet)
+        from inferneo_runtime.progress import progress_off
+
+        self.console = Console(stderr=True, quiet=quiet or progress_off())
 
     def log(self, message: str) -> None:
         self.console.print(f"  [dim]{message}[/dim]")
@@ -157,7 +160,10 @@ class Progress:
     @contextmanager
     def step(self, message: str):
         t0 = time.perf_counter()
-        with self.console.status(message):
+        if self.console.is_terminal and not self.console.quiet:
+            with self.console.status(message):
+                yield
+        else:
             yield
         self.console.print(f"[green]✓[/green] {message} [dim]({time.perf_counter() - t0:.1f}s)[/dim]")
 
@@ -393,20 +399,22 @@ def _build_in(staging: Path, recipe: Recipe, checkpoint, spec: DecoderSpec, mode
         evaluation.close()
     require_valid_targets(reports, targets)
 
-    (staging / VALIDATION_NAME).write_text(json.dumps({
+    validation = {
         "reference": "transformers (PyTorch, float32)" + (" + merged LoRA adapters" if checkpoint.info.adapters else ""),
         "max_new_tokens": val.max_new_tokens,
         "evaluation_text": None if evaluation is None else {
             "source": evaluation.label, "tokens": evaluation.tokens, "windows": len(evaluation.windows),
             "reference_perplexity": evaluation.reference.perplexity},
         "targets": [r.to_dict() for r in reports],
-    }, indent=2) + "\n")
+    }
+    (staging / VALIDATION_NAME).write_text(json.dumps(validation, indent=2) + "\n")
+    chart = validation_chart(staging, validation, recipe.name, progress.log)  # written before it is hashed below
     manifest = Manifest(
         schema_version=SCHEMA_VERSION, name=recipe.name, task=recipe.task, architecture=spec.model_type, model=dims,
         source=checkpoint.info,
         generation=GenerationDefaults(eos_token_ids=eos_ids, bos_token_id=tokenizer.bos_id,
                                       pad_token_id=getattr(model.config, "pad_token_id", None)),
-        root_files=[file_entry(staging, p) for p in root_files + [staging / VALIDATION_NAME]],
+        root_files=[file_entry(staging, p) for p in root_files + [staging / VALIDATION_NAME] + chart],
         targets=targets,
         goldens=[Golden(prompt=p, prompt_ids=ids, tokens=ref.token_ids)
                  for p, ids, ref in zip(val.prompts, prompt_ids, reference)],
@@ -418,6 +426,23 @@ def _build_in(staging: Path, recipe: Recipe, checkpoint, spec: DecoderSpec, mode
     )
     (staging / MANIFEST_NAME).write_text(manifest.to_json())  # written last
     return BuildResult(output=staging, manifest=manifest, reports=reports)
+
+
+def validation_chart(staging: Path, validation: dict, name: str, log: Callable[[str], None]) -> list[Path]:
+    """Write validation.svg (the chart of `validation`) into `staging`: [its path], or [] with a log line when
+    matplotlib is not installed or the chart could not be drawn. A chart never fails a build."""
+    from inferneo_runtime import charts
+
+    if not charts.available():
+        log(f"no {charts.VALIDATION_CHART_NAME}: matplotlib is not installed ({charts.PLOT_INSTALL})")
+        return []
+    try:
+        path = charts.write_validation_chart(validation, staging / charts.VALIDATION_CHART_NAME, name)
+    except Exception as e:  # a drawing problem is not a validation problem
+        (staging / charts.VALIDATION_CHART_NAME).unlink(missing_ok=True)
+        log(f"no {charts.VALIDATION_CHART_NAME}: {type(e).__name__}: {e}")
+        return []
+    return [path] if path is not None else []
 
 
 def _kernel_path(target, precision: str) -> Optional[str]:

@@ -316,17 +316,21 @@ def build_encoder_in(staging: Path, recipe: Recipe, checkpoint, spec: EncoderSpe
 
     require_valid_targets(reports, targets)
 
-    (staging / VALIDATION_NAME).write_text(json.dumps({
+    validation = {
         "reference": "transformers (PyTorch, float32)" + (" + merged LoRA adapters" if checkpoint.info.adapters else ""),
         "task": spec.task, "pooling": spec.pooling, "normalize": spec.normalize,
         "targets": [r.to_dict() for r in reports],
-    }, indent=2) + "\n")
+    }
+    (staging / VALIDATION_NAME).write_text(json.dumps(validation, indent=2) + "\n")
+    from .build import validation_chart
+
+    chart = validation_chart(staging, validation, recipe.name, progress.log)
     goldens = [EncoderGolden(text=t, values=[round(float(v), 7) for v in row]) for t, row in zip(texts, reference)]
     manifest = Manifest(
         schema_version=SCHEMA_VERSION, name=recipe.name, task=recipe.task, architecture=spec.model_type, model=spec.dims,
         source=checkpoint.info,
         generation=GenerationDefaults(pad_token_id=getattr(model.config, "pad_token_id", None)),
-        root_files=[file_entry(staging, p) for p in root_files + [staging / VALIDATION_NAME]],
+        root_files=[file_entry(staging, p) for p in root_files + [staging / VALIDATION_NAME] + chart],
         targets=targets, goldens=[], toolchain=toolchain_versions(),
         built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         recipe_sha256=recipe_text_sha256 or recipe.sha256(), inferneo_version=_version("inferneo"), build_key=key,

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from inferneo_runtime.errors import InferneoError, MissingExtraError
+from inferneo_runtime.charts import VALIDATION_CHART_NAME
 from inferneo_runtime.manifest import (MANIFEST_NAME, VALIDATION_NAME, TargetEntry, ValidationSummary, file_entry,
                                        read_manifest)
 
@@ -224,7 +225,7 @@ def _merge(recipe: Recipe, key: str, parts: list[tuple[str, object]], output: Pa
     staging = staging_dir(output)
     try:
         for f in base.root_files:
-            if f.path != VALIDATION_NAME:
+            if f.path not in (VALIDATION_NAME, VALIDATION_CHART_NAME):  # both redone for every target below
                 (staging / f.path).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(first_dir / f.path, staging / f.path)
         first_report = first_dir / VALIDATION_NAME
@@ -242,11 +243,14 @@ def _merge(recipe: Recipe, key: str, parts: list[tuple[str, object]], output: Pa
             targets[name] = manifests[name].targets[name]
             if (part / VALIDATION_NAME).is_file():
                 report_targets += json.loads((part / VALIDATION_NAME).read_text()).get("targets", [])
-        root_files = [f for f in base.root_files if f.path != VALIDATION_NAME]
+        root_files = [f for f in base.root_files if f.path not in (VALIDATION_NAME, VALIDATION_CHART_NAME)]
         if report:
+            from .build import validation_chart
+
             report["targets"] = report_targets
             (staging / VALIDATION_NAME).write_text(json.dumps(report, indent=2) + "\n")
             root_files.append(file_entry(staging, staging / VALIDATION_NAME))
+            root_files += [file_entry(staging, p) for p in validation_chart(staging, report, base.name, lambda _: None)]
         manifest = base.model_copy(update={
             "targets": targets, "root_files": root_files, "build_key": key, "recipe_sha256": recipe.sha256(),
             "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})

@@ -10,12 +10,14 @@ Python code (config.json `auto_map`) are refused unless the recipe sets `allow_p
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -175,8 +177,9 @@ def _convert_gguf(gguf: Path, digest: str, log: Callable[[str], None]) -> Path:
 
         tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
         try:
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            with _no_progress_bars():  # the build draws its own progress; tqdm's would interleave with it
+                tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
             _drop_gguf_quantization_marker(model)
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
@@ -186,6 +189,31 @@ def _convert_gguf(gguf: Path, digest: str, log: Callable[[str], None]) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextmanager
+def _no_progress_bars():
+    """Silence transformers' and the Hub's tqdm bars for the block: transformers' GGUF loader imports tqdm itself
+    (its "Converting and de-quantizing GGUF tensors" bar ignores disable_progress_bar), so it is patched too."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # also the Hub's bars
+    module = original = None
+    try:
+        import transformers.modeling_gguf_pytorch_utils as module
+
+        original = module.tqdm
+        module.tqdm = functools.partial(original, disable=True)
+    except (ImportError, AttributeError):
+        module = None
+    try:
+        yield
+    finally:
+        if module is not None:
+            module.tqdm = original
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _drop_gguf_quantization_marker(model) -> None:

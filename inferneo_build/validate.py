@@ -37,6 +37,10 @@ class PromptComparison:
     positions: int = 0
     top1_agreement: Optional[float] = None
     mean_kl: Optional[float] = None
+    # max |reference - target| of the prompt's (prefill) logits, and of each decode step's logits while the
+    # greedy inputs still agree (steps after a divergence ran on other inputs: not compared); None: non-finite
+    prompt_logits_error: Optional[float] = None
+    step_logits_errors: list[Optional[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -130,18 +134,21 @@ def reference_sequence_logits(ref: SequenceOutput) -> tuple[list[int], np.ndarra
     return ids, logits
 
 
-def _max_abs_error(ref: SequenceOutput, out: SequenceOutput, agree: int) -> tuple[float, bool]:
-    """Max |ref - target| over the prompt logits and the decode steps whose inputs still agree."""
+def _logits_errors(ref: SequenceOutput, out: SequenceOutput, agree: int) -> list[Optional[float]]:
+    """Max |ref - target| of the prompt logits, then of each decode step whose inputs still agree (None where
+    the target's logits are not finite)."""
     pairs = [(ref.prompt_logits, out.prompt_logits)]
     # step k's logits were computed from the same inputs while tokens[:k] agree
     pairs += list(zip(ref.step_logits[: agree + 1], out.step_logits[: agree + 1]))
-    err, nonfinite = 0.0, False
-    for r, t in pairs:
-        if not np.all(np.isfinite(t)):
-            nonfinite = True
-            continue
-        err = max(err, float(np.max(np.abs(r.astype(np.float64) - t.astype(np.float64)))))
-    return err, nonfinite
+    return [float(np.max(np.abs(r.astype(np.float64) - t.astype(np.float64)))) if np.all(np.isfinite(t)) else None
+            for r, t in pairs]
+
+
+def _max_abs_error(ref: SequenceOutput, out: SequenceOutput, agree: int) -> tuple[float, bool]:
+    """Max |ref - target| over the prompt logits and the decode steps whose inputs still agree."""
+    errors = _logits_errors(ref, out, agree)
+    finite = [e for e in errors if e is not None]
+    return max(finite, default=0.0), len(finite) < len(errors)
 
 
 def compare_target(name: str, backend: Backend, prompts: Sequence[str], prompt_ids: Sequence[list[int]],
@@ -161,7 +168,9 @@ def compare_target(name: str, backend: Backend, prompts: Sequence[str], prompt_i
         seconds = time.perf_counter() - t0
         div = first_divergence(ref.token_ids, out.token_ids)
         agree = len(ref.token_ids) if div is None else div
-        err, nonfinite = _max_abs_error(ref, out, agree)
+        errors = _logits_errors(ref, out, agree)
+        finite = [e for e in errors if e is not None]
+        err, nonfinite = max(finite, default=0.0), len(finite) < len(errors)
 
         forced_ids, ref_logits = reference_sequence_logits(ref)
         got = prefill_logits(backend, forced_ids)
@@ -173,7 +182,8 @@ def compare_target(name: str, backend: Backend, prompts: Sequence[str], prompt_i
             tf_nonfinite, hits, kl = True, 0, float("inf")
         agree_total, kl_total, positions = agree_total + hits, kl_total + kl, positions + n
         comparisons.append(PromptComparison(prompt, len(ids), ref.token_ids, out.token_ids, err, div, nonfinite,
-                                            seconds, positions=n, top1_agreement=hits / n, mean_kl=kl / n))
+                                            seconds, positions=n, top1_agreement=hits / n, mean_kl=kl / n,
+                                            prompt_logits_error=errors[0], step_logits_errors=errors[1:]))
 
     ppl = ref_ppl = delta = None
     evaluation_tokens = None

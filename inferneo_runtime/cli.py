@@ -152,6 +152,8 @@ def inspect(
     check: bool = typer.Option(False, "--check", help="say whether each target can run on this host (versions, GPU, "
                                "extras, memory) without loading it; exit 5 unless every valid target can"),
     device: str = typer.Option("cpu", help="with --check: cpu or cuda[:N]"),
+    html: Optional[Path] = typer.Option(None, "--html", help="write a self-contained HTML report (manifest, "
+                                        "targets, validation and its chart, goldens) to this file"),
 ):
     """Show an artifact's manifest: model, targets, validation results, toolchain."""
 
@@ -159,6 +161,16 @@ def inspect(
         from .manifest import read_manifest
 
         m = read_manifest(artifact)
+        if html is not None:
+            from .report import write_html_report
+
+            path = write_html_report(artifact, m, html)
+            if as_json:
+                print(json.dumps({"ok": True, "artifact": str(artifact), "html": str(path)}))
+            else:
+                out.print(f"[green]wrote[/green] {escape(str(path))} ({m.name}: {len(m.targets)} targets)",
+                          highlight=False)
+            return
         if check:
             return _print_check(m, device, as_json)
         if as_json:
@@ -256,6 +268,7 @@ def validate(
         from .backends import backend_class
         from .errors import GoldenMismatch, MissingExtraError
         from .manifest import read_manifest, verify_files
+        from .s3 import TransferBar  # rich bars with bytes and rate; drawn only on a terminal
         from .tokenizer import Tokenizer
 
         signed_by = check_signature(artifact, trusted_key)
@@ -268,7 +281,9 @@ def validate(
         for name in names:
             try:
                 preflight.check(m, name, device).raise_for_errors()  # before any of the target's files is read
-                verify_files(artifact, m.targets[name].files)
+                files = m.targets[name].files
+                with TransferBar(not as_json, f"sha256 {name}", sum(f.size for f in files)) as bar:
+                    verify_files(artifact, files, on_bytes=bar.advance)
                 model = _open_for_goldens(artifact, m, name, device, backend_class, Model, Tokenizer)
             except (MissingExtraError, preflight.IncompatibleHost) as e:
                 report[name] = {"status": "unavailable", "reason": str(e)}
@@ -574,8 +589,13 @@ def bench(
     prefill_chunk: int = typer.Option(128, "--prefill-chunk", min=1, help="with --workloads: the chunk size"),
     speculative_tokens: int = typer.Option(4, "--speculative-tokens", min=1, max=16,
                                            help="with --workloads: most tokens drafted per step"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="also write charts (SVG and PNG) into this directory: "
+                                        "decode step ms by position, tokens/s by concurrency, share of the roofline "
+                                        "(needs inferneo\\[plot])"),
 ):
     """Measure load time, TTFT, decode tokens/s, long-position cost, batching and peak RSS per target."""
+    if plot is not None and (workloads or url is not None):
+        raise typer.BadParameter("--plot charts the artifact bench; it does not go with --workloads or --url")
     if workloads:
         if artifact is None:
             raise typer.BadParameter("--workloads needs an ARTIFACT directory")
@@ -605,9 +625,18 @@ def bench(
         from .bench import BenchSettings, print_report, run_bench
 
         peers = tuple(p.strip() for p in compare.split(",") if p.strip()) if compare else ()
+        if plot is not None:  # before minutes of benchmarking, not after
+            from .charts import require
+
+            require("`inferneo bench --plot`")
         log = (lambda _: None) if as_json else (lambda m: err.print(f"[dim]{m}[/dim]", highlight=False))
         report = run_bench(artifact, targets=target, compare=peers, checkpoint=checkpoint,
                            settings=BenchSettings(runs=runs, threads=threads), log=log)
+        if plot is not None:
+            from .charts import write_bench_charts
+
+            report["charts"] = [str(p) for p in write_bench_charts(report, plot)]
+            log(f"charts: {', '.join(report['charts'])}")
         if as_json:
             print(json.dumps({"ok": True, **report}))
         else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal, Optional, Union
+from typing import Annotated, Callable, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
@@ -253,11 +253,13 @@ def read_manifest(artifact_dir: Path) -> Manifest:
         raise ManifestError(f"{path}: field {where}: {first['msg']}") from None
 
 
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+def sha256_file(path: Path, chunk: int = 8 << 20, on_bytes: Optional[Callable[[int], None]] = None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+            if on_bytes is not None:
+                on_bytes(len(block))
     return h.hexdigest()
 
 
@@ -265,8 +267,9 @@ def file_entry(root: Path, path: Path) -> FileEntry:
     return FileEntry(path=path.relative_to(root).as_posix(), sha256=sha256_file(path), size=path.stat().st_size)
 
 
-def verify_files(root: Path, entries: list[FileEntry]) -> None:
-    """Check size then sha256 of each listed file; raise naming the first file that does not match."""
+def verify_files(root: Path, entries: list[FileEntry], on_bytes: Optional[Callable[[int], None]] = None) -> None:
+    """Check size then sha256 of each listed file; raise naming the first file that does not match. `on_bytes`
+    is called with each block's size as it is hashed (a progress bar)."""
     root = Path(root)
     real_root = root.resolve()
     for entry in entries:
@@ -278,6 +281,6 @@ def verify_files(root: Path, entries: list[FileEntry]) -> None:
         size = path.stat().st_size
         if size != entry.size:
             raise IntegrityError(f"{path}: size {size} does not match the manifest's {entry.size}")
-        digest = sha256_file(path)
+        digest = sha256_file(path, on_bytes=on_bytes)
         if digest != entry.sha256:
             raise IntegrityError(f"{path}: sha256 {digest[:12]}… does not match the manifest's {entry.sha256[:12]}…")

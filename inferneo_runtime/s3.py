@@ -253,11 +253,14 @@ def resolve(client, loc: S3Location) -> str:
 # ------------------------------------------------------------------------------------------------ progress
 
 class TransferBar:
-    """A rich progress bar on stderr (thread-safe `advance`); a no-op when disabled."""
+    """A rich progress bar on stderr with bytes, rate and time left (thread-safe `advance`); a no-op when disabled,
+    when stderr is not a terminal, or under INFERNEO_PROGRESS=0 (inferneo_runtime.progress)."""
 
     def __init__(self, enabled: bool, description: str, total: int):
+        from .progress import bars_enabled
+
         self._progress = self._task = None
-        if enabled:
+        if enabled and bars_enabled():
             from rich.console import Console
             from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                        TransferSpeedColumn)
