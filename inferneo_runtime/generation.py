@@ -65,7 +65,8 @@ class Request:
         self.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos_ids)
         self.banned = np.fromiter(sorted(self.stop_ids), dtype=np.int64) if self.stop_ids else np.zeros(0, np.int64)
         self.rng = np.random.default_rng(params.seed)
-        self.detok = StopStringDetokenizer(tokenizer, prompt_ids, params.stop) if tokenizer else None
+        self.detok = (StopStringDetokenizer(tokenizer, prompt_ids, params.stop, params.include_stop_str_in_output,
+                                            params.skip_special_tokens) if tokenizer else None)
         self.cancelled = False
         self.prompt_logits: list[np.ndarray] = []  # per prefill chunk, with keep_logits
         self.spec = SpeculationState(speculative) if speculative is not None else None
