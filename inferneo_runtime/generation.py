@@ -155,6 +155,9 @@ class Engine:
                                f"exceeds the artifact's max_sequence {self.max_sequence}")
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer")
+        vocab = getattr(self.backend.dims, "vocab", None)
+        if vocab and any(t >= vocab for t, _ in params.logit_bias):
+            raise RequestError(f"logit_bias: a token id is outside the model's vocabulary [0, {vocab})")
 
     def add(self, prompt_ids: Sequence[int], params: SamplingParams, speculative=ENGINE_DEFAULT) -> Request:
         """Queue a request. `speculative`: this request's setting (see speculative.resolve), or the engine's."""

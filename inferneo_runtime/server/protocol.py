@@ -13,6 +13,7 @@ default, else the OpenAI API default (`to_sampling_params`).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -119,7 +120,7 @@ class _Sampling:
         """OpenAI's logit_bias: {"token id": bias in [-100, 100]}. (The vocabulary bound is checked with the model.)"""
         out = []
         for key, bias in (self.logit_bias or {}).items():
-            if not key.strip().isdigit() or int(key) > 2**31 - 1:
+            if not re.fullmatch(r"\s*[0-9]{1,10}\s*", key) or int(key) > 2**31 - 1:
                 raise ParamError(f"logit_bias: {key[:40]!r} is not a token id (a non-negative integer)",
                                  param="logit_bias")
             if not -100 <= bias <= 100:
