@@ -183,6 +183,9 @@ def test_api_key_guards_inference_and_leaves_probes_open(server, client):
         assert httpx.post(f"{server.url}{path}", json={"prompt": "hi", "tokens": [5]}).status_code == 401
     for path in ("/health", "/ready", "/metrics", "/version"):
         assert httpx.get(f"{server.url}{path}").status_code == 200, path
+    assert httpx.get(f"{server.url}/v1/models/{NAME}").status_code == 401
+    admin = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert admin.status_code == 200  # the admin token, the stronger credential, opens them too
     # the admin token is not weakened: the API key does not open the management endpoints
     r = httpx.post(f"{server.url}/v1/models/{NAME}/load", json={}, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 403
