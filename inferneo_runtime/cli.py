@@ -407,6 +407,12 @@ def serve(
     drain_timeout: Optional[float] = typer.Option(None, "--drain-timeout", min=0, help="on SIGTERM: /ready turns "
                                                   "503 and running requests get this many seconds to finish; then "
                                                   "they end with a 503 (default 30)"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="require `Authorization: Bearer KEY` on the "
+                                          "inference endpoints (or INFERNEO_API_KEY; /health and /metrics stay open)"),
+    served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="the name the model is served "
+                                                    "under in /v1/models and requests, instead of its own"),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Jinja chat template file used "
+                                                "instead of the model's own"),
     ray: bool = typer.Option(False, "--ray", help="run replicas on Ray Serve: a local cluster, or RAY_ADDRESS's "
                              "(needs inferneo\\[ray])"),
     replicas: Optional[str] = typer.Option(None, "--replicas", help="with --ray: replica count (2), or a range to "
@@ -436,7 +442,8 @@ def serve(
             dtype=dtype, quantization=quantization, adapters=adapter, adapter_type=adapter_type,
             enable_metrics=enable_metrics, tensor_parallel_size=tensor_parallel_size,
             pipeline_parallel_size=pipeline_parallel_size, registry_path=registry, trusted_keys=trusted_key,
-            device=device, threads=threads, max_queue=max_queue, graceful_timeout_s=drain_timeout))
+            device=device, threads=threads, max_queue=max_queue, graceful_timeout_s=drain_timeout,
+            api_key=api_key, served_model_name=served_model_name, chat_template=chat_template))
         if ray or replicas:  # many replicas on Ray Serve, same app (inferneo_runtime/integrations/ray_serve.py)
             from .integrations.ray_serve import serve_on_ray
             return serve_on_ray(settings, replicas)
@@ -457,6 +464,12 @@ def build(
     cache: Optional[str] = typer.Option(None, "--cache", envvar="INFERNEO_BUILD_CACHE",
                                         help="s3://bucket/prefix build cache shared between CI jobs"),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Ed25519 private key: sign the manifest"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="require `Authorization: Bearer KEY` on the "
+                                          "inference endpoints (or INFERNEO_API_KEY; /health and /metrics stay open)"),
+    served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="the name the model is served "
+                                                    "under in /v1/models and requests, instead of its own"),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Jinja chat template file used "
+                                                "instead of the model's own"),
     ray: bool = typer.Option(False, "--ray", help="one Ray task per recipe and per target, on a local cluster or "
                              "RAY_ADDRESS's (needs inferneo\\[ray])"),
 ):

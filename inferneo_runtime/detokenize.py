@@ -6,6 +6,7 @@ joined, are the completion's text, so streamed and non-streamed output are the s
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Sequence
 
 from .tokenizer import Tokenizer
@@ -14,8 +15,11 @@ _CONTEXT_TOKENS = 5  # prompt tokens decoded with the output so leading-space ru
 
 
 class StopStringDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], stop: Sequence[str] = ()):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], stop: Sequence[str] = (),
+                 include_stop: bool = False, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
+        self.include_stop = include_stop  # vLLM's include_stop_str_in_output: cut after the stop string
+        self.skip_special = skip_special_tokens
         self.ids: list[int] = list(prompt_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
@@ -25,7 +29,7 @@ class StopStringDetokenizer:
         self.stopped = False
 
     def _decode_new(self) -> str:
-        decode = self.tokenizer.decode
+        decode = partial(self.tokenizer.decode, skip_special_tokens=self.skip_special)
         before = decode(self.ids[self.prefix_offset:self.read_offset])
         after = decode(self.ids[self.prefix_offset:])
         if len(after) > len(before) and not after.endswith("\ufffd"):
@@ -43,7 +47,8 @@ class StopStringDetokenizer:
             search_from = max(0, self.released - max(len(s) for s in self.stop) + 1)
             hits = [(i, s) for s in self.stop if (i := self.text.find(s, search_from)) >= 0]
             if hits:
-                cut = min(i for i, _ in hits)
+                i, s = min(hits)
+                cut = i + len(s) if self.include_stop else i
                 self.text = self.text[:cut]
                 self.stopped = True
                 return self._release(cut)
@@ -53,8 +58,9 @@ class StopStringDetokenizer:
     def finish(self) -> str:
         """The sequence ended (EOS or length): release whatever is held back."""
         if not self.stopped:
-            tail = self.tokenizer.decode(self.ids[self.prefix_offset:])
-            head = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+            decode = partial(self.tokenizer.decode, skip_special_tokens=self.skip_special)
+            tail = decode(self.ids[self.prefix_offset:])
+            head = decode(self.ids[self.prefix_offset:self.read_offset])
             if len(tail) > len(head):  # an incomplete byte sequence at the very end is emitted as is
                 self.text += tail[len(head):]
                 self.prefix_offset = self.read_offset = len(self.ids)

@@ -65,7 +65,8 @@ class Request:
         self.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos_ids)
         self.banned = np.fromiter(sorted(self.stop_ids), dtype=np.int64) if self.stop_ids else np.zeros(0, np.int64)
         self.rng = np.random.default_rng(params.seed)
-        self.detok = StopStringDetokenizer(tokenizer, prompt_ids, params.stop) if tokenizer else None
+        self.detok = (StopStringDetokenizer(tokenizer, prompt_ids, params.stop, params.include_stop_str_in_output,
+                                            params.skip_special_tokens) if tokenizer else None)
         self.cancelled = False
         self.prompt_logits: list[np.ndarray] = []  # per prefill chunk, with keep_logits
         self.spec = SpeculationState(speculative) if speculative is not None else None
@@ -154,6 +155,9 @@ class Engine:
                                f"exceeds the artifact's max_sequence {self.max_sequence}")
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer")
+        vocab = getattr(self.backend.dims, "vocab", None)
+        if vocab and any(t >= vocab for t, _ in params.logit_bias):
+            raise RequestError(f"logit_bias: a token id is outside the model's vocabulary [0, {vocab})")
 
     def add(self, prompt_ids: Sequence[int], params: SamplingParams, speculative=ENGINE_DEFAULT) -> Request:
         """Queue a request. `speculative`: this request's setting (see speculative.resolve), or the engine's."""

@@ -1,6 +1,6 @@
 """Sampling parameters and pure functions from logits to a token (numpy, no device sync, no state but the RNG).
 
-Order of processing, as vLLM and transformers do it: penalties → min_new_tokens mask → temperature →
+Order of processing, as vLLM and transformers do it: logit_bias → penalties → min_new_tokens mask → temperature →
 top-k → top-p → min-p → draw. `logprobs` are the model's own log-softmax (before any processing).
 """
 from __future__ import annotations
@@ -35,6 +35,10 @@ class SamplingParams:
     logprobs: Optional[int] = None  # top-n log-probabilities per generated token (0 = only the chosen one)
     # tokens drafted per step by speculative decoding (0 = off); None = the engine's setting. Output is unchanged.
     speculative_tokens: Optional[int] = None
+    # OpenAI's logit_bias: (token id, bias in [-100, 100]) pairs added to the logits before anything else
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    include_stop_str_in_output: bool = False  # vLLM: keep the matched stop string at the end of the text
+    skip_special_tokens: bool = True  # vLLM: leave special tokens out of the output text
 
     def __post_init__(self):
         def bad(name, rule):
@@ -66,6 +70,11 @@ class SamplingParams:
             bad("speculative_tokens", "must be an integer in [0, 16] (0 = off)")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "stop strings must be non-empty strings")
+        bias = tuple((int(t), float(b)) for t, b in (self.logit_bias.items() if isinstance(self.logit_bias, dict)
+                                                      else self.logit_bias))
+        if any(t < 0 or not -100 <= b <= 100 for t, b in bias):
+            bad("logit_bias", "token ids must be >= 0 and biases in [-100, 100]")
+        object.__setattr__(self, "logit_bias", bias)
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
@@ -123,10 +132,14 @@ def filter_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
 
 def _processed(logits: np.ndarray, params: SamplingParams, context: Sequence[int], generated: Sequence[int],
                banned: Sequence[int]) -> np.ndarray:
-    """The logits after penalties and the `banned` mask (a copy only when something changes them)."""
-    if not (params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty or len(banned)):
+    """The logits after logit_bias, penalties and the `banned` mask (a copy only when something changes them)."""
+    if not (params.logit_bias or params.repetition_penalty != 1.0 or params.presence_penalty
+            or params.frequency_penalty or len(banned)):
         return logits
     x = np.array(logits, dtype=np.float32)
+    if params.logit_bias:  # OpenAI adds the bias to the raw logits, so it steers greedy decoding too
+        ids, bias = zip(*params.logit_bias)
+        np.add.at(x, np.asarray(ids, dtype=np.int64), np.asarray(bias, dtype=np.float32))
     apply_penalties(x, params, context, generated)
     if len(banned):
         x[np.asarray(banned, dtype=np.int64)] = -np.inf

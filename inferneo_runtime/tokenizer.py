@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Collection, Optional, Sequence
 
@@ -70,31 +70,55 @@ class Tokenizer:
     # -- chat ---------------------------------------------------------------------------------------
     @cached_property
     def _compiled_template(self):
-        from .safe_template import BoundedEnvironment
-
         if not self.chat_template:
             raise RequestError("this artifact's tokenizer has no chat template; use plain prompts")
+        return compile_chat_template(self.chat_template)
 
-        def raise_exception(message):
-            raise RequestError(f"chat template: {message}")
-
-        env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        return env, env.bounded(self.chat_template)
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render messages to the prompt text, as transformers' apply_chat_template(tokenize=False) does."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, template_kwargs: Optional[dict] = None,
+                            template: Optional[str] = None) -> str:
+        """Render messages to the prompt text, as transformers' apply_chat_template(tokenize=False) does.
+        `template_kwargs`: extra template variables (vLLM's chat_template_kwargs, e.g. enable_thinking);
+        `template`: a template used instead of the artifact's (--chat-template);
+        `continue_final_message`: end the text right after the last message's content, so the model goes on
+        with it (transformers' and vLLM's rule)."""
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise RequestError(f"messages[{i}] needs 'role' and 'content'")
         from .safe_template import render
 
-        env, template = self._compiled_template
-        return render(template, env, dict(messages=messages, add_generation_prompt=add_generation_prompt,
-                                          bos_token=self.bos_token or "", eos_token=self.eos_token or ""))
+        env, compiled = compile_chat_template(template) if template else self._compiled_template
+        # the request's variables first: it may not replace the messages or the special tokens
+        variables = {**(template_kwargs or {}), "messages": messages, "add_generation_prompt": add_generation_prompt,
+                     "bos_token": self.bos_token or "", "eos_token": self.eos_token or ""}
+        text = render(compiled, env, variables)
+        if continue_final_message:
+            final = str(messages[-1]["content"]).strip() if messages else ""
+            at = text.rfind(final) if final else -1
+            if at < 0:
+                raise RequestError("continue_final_message: the chat template does not show the final message's "
+                                   "content as is, so it cannot be continued")
+            text = text[:at + len(final)]
+        return text
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **options) -> list[int]:
+        """`options`: apply_chat_template's continue_final_message, template_kwargs and template."""
         # The template already places the special tokens, so none are added on top (as transformers does).
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        text = self.apply_chat_template(messages, add_generation_prompt, **options)
+        return self.encode(text, add_special_tokens=False)
+
+
+@lru_cache(maxsize=8)
+def compile_chat_template(source: str):
+    """The sandboxed (safe_template) environment and compiled template for a chat template's source; cached, so a
+    --chat-template shared by every model is compiled once."""
+    from .safe_template import BoundedEnvironment
+
+    def raise_exception(message):
+        raise RequestError(f"chat template: {message}")
+
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env, env.bounded(source)

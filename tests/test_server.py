@@ -224,8 +224,8 @@ def test_errors_have_openai_shape_and_server_keeps_serving(server):
     assert e.value.body["code"] == "context_length_exceeded"
 
     with pytest.raises(openai.BadRequestError) as e:  # an OpenAI field this server cannot honour
-        c.completions.create(model="tiny-llama", prompt="hi", echo=True)
-    assert e.value.body["param"] == "echo"
+        c.completions.create(model="tiny-llama", prompt="hi", suffix="!")
+    assert e.value.body["param"] == "suffix"
     # unknown fields are accepted (and logged)
     assert c.completions.create(model="tiny-llama", prompt="hi", max_tokens=2, extra_body={"frobnicate": 1}).choices
     assert metric(server.url, "inferneo_requests_total", model="", endpoint="completions", status="404") >= 1

@@ -25,6 +25,7 @@ they end with a 503), the port closes, the engines stop and the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import threading
@@ -40,6 +41,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
@@ -48,15 +50,16 @@ from ..generation import TokenEvent
 from ..registry import CapacityError, Entry, Lease, ModelBusy, ModelNotFound, ModelRegistry, RegistryError
 from ..sampling import SamplingParams, TokenLogprobs
 from .admin_guard import AdminForbidden, AdminGuard, MisdirectedHost, NotJSON, binds_loopback
-from .config import ModelConfig, ServerConfig, artifacts_to_serve
+from .config import ModelConfig, ServerConfig, artifacts_to_serve, read_chat_template
 from .driver import Cancelled, DriverStopped
 from .limits import BodyLimit, ClientStreams, check_request
 from .metrics import CONTENT_TYPE, Metrics
 from .protocol import (ABTestRequest, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatTokenLogprob, ChoiceLogprobs, CompletionChoice, CompletionLogprobs,
-                       CompletionRequest, CompletionResponse, Embedding, EmbeddingRequest, EmbeddingResponse,
-                       EmbeddingUsage, ErrorInfo, ErrorResponse, ModelCard, ModelList,
-                       ParamError, RegisterModelRequest, ResponseMessage, RoutingRuleRequest, TopLogprob, UsageInfo)
+                       CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, Embedding,
+                       EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, ErrorInfo, ErrorResponse, ModelCard,
+                       ModelList, ParamError, RegisterModelRequest, ResponseMessage, RoutingRuleRequest,
+                       TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse, TopLogprob, UsageInfo)
 from .registration_policy import RegistrationRefused, check_registration
 from .routing import Route, RouteContext, Router, RoutingError
 
@@ -370,6 +373,41 @@ class _RefuseWhileDraining:
         await response(scope, receive, send)
 
 
+class _RequireAPIKey:
+    """With an API key set (--api-key, INFERNEO_API_KEY), the inference endpoints answer only requests bearing it
+    (or the admin token, the stronger credential); else 401 in OpenAI's shape. Probes, /metrics, /version and the
+    management endpoints (which the admin guard keeps) are not affected. A middleware, so nothing of an
+    unauthenticated request is parsed."""
+
+    PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize")
+
+    def __init__(self, app, config: ServerConfig):
+        self.app = app
+        self.keys = [f"Bearer {k}".encode() for k in (config.api_key, config.admin_token) if k]
+        self.on = bool(config.api_key)
+
+    def guarded(self, scope) -> bool:
+        path = scope["path"]
+        # GET /v1/models and /v1/models/{id} list the served models; their POST/DELETE are the admin guard's
+        return path in self.PATHS or (path.startswith("/v1/models") and scope["method"] in ("GET", "HEAD"))
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not self.on or not self.guarded(scope):
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        ok = False
+        for key in self.keys:  # constant time for each; every key is compared
+            ok |= hmac.compare_digest(given, key)
+        if ok:
+            return await self.app(scope, receive, send)
+        message = ("missing API key: send `Authorization: Bearer <key>`" if not given else
+                   "incorrect API key provided")
+        response = error_response(401, ErrorInfo(message=message, type="invalid_request_error",
+                                                 code="invalid_api_key"))
+        response.headers["WWW-Authenticate"] = "Bearer"
+        await response(scope, receive, send)
+
+
 # -- the server --------------------------------------------------------------------------------------------
 class ServerState:
     def __init__(self, registry: ModelRegistry, config: ServerConfig):
@@ -387,6 +425,7 @@ class ServerState:
         self.warmed: dict[str, float] = {}  # model -> seconds its warm-up generation took at startup
         self.defaults = {"max_tokens": config.default_max_tokens} if config.default_max_tokens else {}
         self.card_extras: dict = {}
+        self.chat_template = read_chat_template(config)  # --chat-template: used instead of each model's own
         if config.gpu_memory_utilization is not None:
             self.card_extras["gpu_memory_utilization"] = config.gpu_memory_utilization
 
@@ -505,7 +544,23 @@ class ServerState:
         bad = next((t for t in prompt_ids if not 0 <= t < vocab), None) if vocab else None
         if bad is not None:
             raise ParamError(f"prompt token id {bad} is outside the model's vocabulary [0, {vocab})", param=param)
+        bad = next((t for t, _ in params.logit_bias if not t < vocab), None) if vocab else None
+        if bad is not None:
+            raise ParamError(f"logit_bias: token id {bad} is outside the model's vocabulary [0, {vocab})",
+                             param="logit_bias")
         job.driver.check(prompt_ids, params)
+
+    def encode_chat(self, tokenizer, body) -> list[int]:
+        """A chat request's (or /tokenize's) prompt ids, with its template options and --chat-template."""
+        options = body.template_options()
+        if self.chat_template is not None:
+            options["template"] = self.chat_template
+        if not hasattr(tokenizer, "apply_chat_template"):  # a custom model's text codec renders its own way
+            if options["continue_final_message"] or options["template_kwargs"]:
+                raise ParamError("this model renders chats itself: continue_final_message and chat_template_kwargs "
+                                 "do not apply", param="messages")
+            return tokenizer.encode_chat(body.message_dicts(), body.add_generation_prompt)
+        return tokenizer.encode_chat(body.message_dicts(), body.add_generation_prompt, **options)
 
     def card(self, e: Entry) -> ModelCard:
         return ModelCard(**{**self.registry.describe(e), **self.card_extras})
@@ -564,6 +619,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="Inferneo", version=__version__, lifespan=lifespan)
     app.state.inferneo = state
     app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
+    app.add_middleware(_RequireAPIKey, config=config)  # outside BodyLimit: a keyless request is not read
     app.add_middleware(_RefuseWhileDraining, state=state)
 
     # -- errors ------------------------------------------------------------------------------------------
@@ -737,6 +793,49 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
         state.router.remove_ab_test(name)
         return {"name": name, "deleted": True}
 
+    # -- vLLM's tokenizer endpoints and /version ------------------------------------------------------------
+    async def lease_for(model: Optional[str], request: Request) -> Lease:
+        """The model a /tokenize or /detokenize request names (or the routing default), leased (loaded if need be)."""
+        ctx = RouteContext(prompt="", headers={k.lower(): v for k, v in request.headers.items()}, user=None)
+        names = list(dict.fromkeys(e.name for e in list(registry.entries.values())))
+        entry = registry.entry(state.router.route(model, ctx, names).model)
+        return registry.try_acquire(entry.key) or await state._acquire_slow(entry.key)
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
+    async def tokenize(body: dict, request: Request):
+        # vLLM's two shapes: {prompt} or {messages} (a union would name the wrong one's fields in errors)
+        try:
+            body = (TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest).model_validate(body)
+        except ValidationError as e:  # answered as FastAPI's own validation errors are: a 400 naming the field
+            raise RequestValidationError(e.errors()) from None
+        lease = await lease_for(body.model, request)
+        try:
+            tokenizer = lease.model.tokenizer
+            if isinstance(body, TokenizeChatRequest):
+                ids = await asyncio.to_thread(state.encode_chat, tokenizer, body)
+            else:
+                ids = await asyncio.to_thread(tokenizer.encode, body.prompt, body.add_special_tokens)
+            return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=lease.driver.max_sequence)
+        finally:
+            lease.release()
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
+    async def detokenize(body: DetokenizeRequest, request: Request):
+        lease = await lease_for(body.model, request)
+        try:
+            model = lease.model
+            vocab = model.manifest.model.vocab if model.manifest is not None else getattr(model, "vocab_size", None)
+            bad = next((t for t in body.tokens if not t < vocab), None) if vocab else None
+            if bad is not None:
+                raise ParamError(f"token id {bad} is outside the model's vocabulary [0, {vocab})", param="tokens")
+            return DetokenizeResponse(prompt=await asyncio.to_thread(model.tokenizer.decode, body.tokens))
+        finally:
+            lease.release()
+
     # -- embeddings (encoder artifacts: task feature-extraction) -------------------------------------------
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES)
     async def embeddings(body: EmbeddingRequest):
@@ -768,12 +867,16 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest, request: Request, response: Response):
         prompts = body.prompts()
+        echoed: list[str] = []  # with echo: the text of each prompt
 
         def prepare(job: _Job) -> None:
             ids_list, params = [], []
             for p in prompts:
                 ids = job.tokenizer.encode(p) if isinstance(p, str) else list(p)
                 job.prompt_tokens += len(ids)
+                if body.echo:  # each choice's text starts with its prompt (token prompts: decoded)
+                    echoed.append(p if isinstance(p, str) else
+                                  job.tokenizer.decode(ids, skip_special_tokens=body.skip_special_tokens))
                 for i in range(body.n):  # choice p * n + i samples with seed + i
                     sp = body.to_sampling_params(state.defaults, seed_offset=i)
                     state.check_context(job, ids, sp, "prompt")
@@ -785,10 +888,11 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         model = state.model_field(body, job)
         if body.stream:
-            return _EventStream(_stream_completion(job, rid, created, body, model), on_close=partial(_end, job),
-                                headers=state.response_headers(job))
+            return _EventStream(_stream_completion(job, rid, created, body, model, echoed),
+                                on_close=partial(_end, job), headers=state.response_headers(job))
         await _run_to_end(job, request)
-        choices = [CompletionChoice(index=i, text=s.text, finish_reason=s.finish_reason,
+        choices = [CompletionChoice(index=i, text=(echoed[i // body.n] if echoed else "") + s.text,
+                                    finish_reason=s.finish_reason,
                                     logprobs=_completion_logprobs(job.tokenizer, s.logprobs, 0)
                                     if body.logprobs is not None else None)
                    for i, s in enumerate(job.seqs)]
@@ -800,7 +904,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response):
         def prepare(job: _Job) -> None:
-            ids = job.tokenizer.encode_chat(body.message_dicts())
+            ids = state.encode_chat(job.tokenizer, body)
             job.prompt_tokens = len(ids)
             max_seq = job.driver.max_sequence
             room = max_seq - len(ids)
@@ -888,11 +992,15 @@ async def _guarded(job: _Job, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def _stream_completion(job: _Job, rid: str, created: int, body: CompletionRequest, model: str):
+def _stream_completion(job: _Job, rid: str, created: int, body: CompletionRequest, model: str,
+                       echoed: list[str]):
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def chunks():
         offsets = [0] * len(job.tickets)
+        for i in range(len(job.tickets) if echoed else 0):  # echo: each choice's prompt first, as vLLM streams it
+            choice = CompletionChoice(index=i, text=echoed[i // body.n])
+            yield _sse(CompletionResponse(id=rid, created=created, model=model, choices=[choice]))
         async for i, ev in job.events():
             lp = None
             if ev.logprobs is not None:

@@ -187,6 +187,15 @@ class ServerConfig(_Strict):
     admin_api: bool = Field(True, description="model management endpoints (register/load/unload, routing)")
     admin_token: Optional[str] = Field(None, description="bearer token for the management endpoints; unset: "
                                        "they answer loopback clients of a loopback-bound server only")
+    api_key: Optional[str] = Field(None, min_length=1, description="--api-key: bearer token the inference endpoints "
+                                   "(completions, chat, embeddings, model listing, /tokenize, /detokenize) require; "
+                                   "unset: they are open. /health, /ready, /metrics and /version stay open")
+    served_model_name: Optional[str] = Field(None, min_length=1, max_length=256,
+                                             pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$",
+                                             description="--served-model-name: the name the one configured model is "
+                                             "served under, instead of its own (as vLLM)")
+    chat_template: Optional[str] = Field(None, description="--chat-template: a Jinja chat template file used instead "
+                                         "of each model's own (rendered in the same sandbox)")
     allowed_hosts: list[str] = Field(default_factory=list, description="Host names the management endpoints answer "
                                      "for, beside loopback names, IP addresses and the bind address (DNS rebinding)")
     model_roots: list[str] = Field(default_factory=list, description="directories and s3:// prefixes models may be "
@@ -318,7 +327,28 @@ def artifacts_to_serve(config: ServerConfig, cwd: Optional[Path] = None) -> list
                               f"or pass artifact directories: `inferneo serve ARTIFACT [ARTIFACT ...]`")
     if not configured and config.model_class is not None:
         configured = [ModelConfig(path=".")]
+    if config.served_model_name is not None:
+        if len(configured) != 1:
+            raise ConfigError(f"--served-model-name names one model; {len(configured)} are configured (give each "
+                              f"a `name:` in the config file instead)")
+        configured = [configured[0].model_copy(update={"name": config.served_model_name})]
     return [with_defaults(m, config) for m in configured]
+
+
+def read_chat_template(config: ServerConfig) -> Optional[str]:
+    """--chat-template's text, compiled once here so a broken template stops the server at startup."""
+    if config.chat_template is None:
+        return None
+    from ..tokenizer import compile_chat_template
+
+    try:
+        text = Path(config.chat_template).read_text(encoding="utf-8")
+        compile_chat_template(text)
+    except OSError as e:
+        raise ConfigError(f"--chat-template {config.chat_template}: cannot read it: {e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001 - jinja2's syntax errors
+        raise ConfigError(f"--chat-template {config.chat_template}: not a valid template: {e}") from None
+    return text
 
 
 def with_defaults(m: ModelConfig, config: ServerConfig) -> ModelConfig:

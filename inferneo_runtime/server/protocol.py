@@ -5,7 +5,7 @@ Request fields follow the order of OpenAI's API reference:
   https://platform.openai.com/docs/api-reference/chat/create
 Inferneo's extensions (vLLM's names) sit after them in one marked block. Unknown fields are accepted and
 logged, since clients send fields a server does not implement; OpenAI fields this server cannot honour
-(echo, suffix, logit_bias, best_of > n, tools, non-text response formats) are rejected with a 400.
+(suffix, echo with logprobs, best_of > n, tools, non-text response formats) are rejected with a 400.
 
 A request turns itself into SamplingParams with one precedence: the request's value, else the server's
 default, else the OpenAI API default (`to_sampling_params`).
@@ -13,6 +13,7 @@ default, else the OpenAI API default (`to_sampling_params`).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -81,6 +82,8 @@ class _SamplingExtensions(BaseModel):
     stop_token_ids: Optional[list[TokenId]] = Field(None, description="token ids that end generation, like EOS")
     speculative_tokens: Optional[int] = Field(None, ge=0, le=16, description="tokens drafted per step by speculative "
                                               "decoding (0: off; unset: the server's setting); output is unchanged")
+    include_stop_str_in_output: bool = Field(False, description="keep the stop string that ended the text in it")
+    skip_special_tokens: bool = Field(True, description="leave special tokens out of the output text")
     # --- end of extensions -------------------------------------------------------------------------
 
 
@@ -109,7 +112,22 @@ class _Sampling:
             presence_penalty=self._value("presence_penalty", defaults),
             frequency_penalty=self._value("frequency_penalty", defaults),
             seed=seed, stop=self._stops(), stop_token_ids=tuple(self.stop_token_ids or ()),
-            ignore_eos=self.ignore_eos, logprobs=logprobs, speculative_tokens=self.speculative_tokens)
+            ignore_eos=self.ignore_eos, logprobs=logprobs, speculative_tokens=self.speculative_tokens,
+            logit_bias=self._logit_bias(), include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens)
+
+    def _logit_bias(self) -> tuple[tuple[int, float], ...]:
+        """OpenAI's logit_bias: {"token id": bias in [-100, 100]}. (The vocabulary bound is checked with the model.)"""
+        out = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not re.fullmatch(r"\s*[0-9]{1,10}\s*", key) or int(key) > 2**31 - 1:
+                raise ParamError(f"logit_bias: {key[:40]!r} is not a token id (a non-negative integer)",
+                                 param="logit_bias")
+            if not -100 <= bias <= 100:
+                raise ParamError(f"logit_bias: the bias of token {key} is {bias}; it must be in [-100, 100]",
+                                 param="logit_bias")
+            out.append((int(key), float(bias)))
+        return tuple(out)
 
     def _reject_unsupported(self, checks: dict[str, bool]) -> None:
         for name, bad in checks.items():
@@ -124,7 +142,7 @@ class _CompletionFields(OpenAIBaseModel):
     best_of: Optional[int] = Field(None, ge=1)
     echo: bool = False
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    logit_bias: Optional[dict[str, float]] = None
+    logit_bias: Optional[dict[str, float]] = Field(None, max_length=1024)
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     max_tokens: Optional[int] = Field(None, ge=1)
     n: int = Field(1, ge=1, le=128)
@@ -160,8 +178,8 @@ class CompletionRequest(_SamplingExtensions, _CompletionFields, _Sampling):
         return list(p)
 
     def to_sampling_params(self, defaults: Optional[dict] = None, seed_offset: int = 0) -> SamplingParams:
-        self._reject_unsupported({"echo": self.echo, "suffix": self.suffix is not None,
-                                  "logit_bias": bool(self.logit_bias),
+        self._reject_unsupported({"suffix": self.suffix is not None,
+                                  "echo with logprobs": self.echo and self.logprobs is not None,
                                   "best_of other than n": self.best_of not in (None, self.n)})
         max_tokens = self.max_tokens or (defaults or {}).get("max_tokens") or COMPLETIONS_DEFAULT_MAX_TOKENS
         return self._sampling_params(max_tokens, self.logprobs, defaults, seed_offset)
@@ -206,7 +224,7 @@ class _ChatFields(OpenAIBaseModel):
         return v
     model: Optional[str] = Field(None, max_length=512, description=MODEL_HELP)
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    logit_bias: Optional[dict[str, float]] = None
+    logit_bias: Optional[dict[str, float]] = Field(None, max_length=1024)
     logprobs: bool = False
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     max_tokens: Optional[int] = Field(None, ge=1, description="deprecated by OpenAI for max_completion_tokens")
@@ -233,8 +251,34 @@ class _ChatFields(OpenAIBaseModel):
         return self
 
 
-class ChatCompletionRequest(_SamplingExtensions, _ChatFields, _Sampling):
-    """POST /v1/chat/completions (OpenAI's fields first, then the extension block)."""
+class _ChatTemplateOptions(BaseModel):
+    """vLLM's chat template fields (chat completions and /tokenize)."""
+
+    # --- Inferneo extensions (vLLM's names) ----------------------------------------------------------
+    add_generation_prompt: bool = Field(True, description="end the prompt with the assistant turn's opening")
+    continue_final_message: bool = Field(False, description="let the model continue the last message (no new turn)")
+    chat_template_kwargs: Optional[dict[str, Any]] = Field(None, max_length=64, description="extra variables for "
+                                                           "the chat template, e.g. {\"enable_thinking\": false}")
+    # --- end of extensions -------------------------------------------------------------------------
+
+    @model_validator(mode="after")
+    def _check_template_options(self):
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true "
+                             "(set add_generation_prompt: false)")
+        for key in self.chat_template_kwargs or {}:  # template variable names; never the renderer's own
+            if not key.isidentifier() or key.startswith("_") or len(key) > 64:
+                raise ValueError(f"chat_template_kwargs: {key[:40]!r} is not a template variable name")
+        return self
+
+    def template_options(self) -> dict:
+        """Tokenizer.encode_chat's options for this request (the server adds `template`)."""
+        return {"continue_final_message": self.continue_final_message,
+                "template_kwargs": self.chat_template_kwargs or None}
+
+
+class ChatCompletionRequest(_ChatTemplateOptions, _SamplingExtensions, _ChatFields, _Sampling):
+    """POST /v1/chat/completions (OpenAI's fields first, then the extension blocks)."""
 
     def message_dicts(self) -> list[dict]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
@@ -247,7 +291,7 @@ class ChatCompletionRequest(_SamplingExtensions, _ChatFields, _Sampling):
                            seed_offset: int = 0) -> SamplingParams:
         """`default_max_tokens` (the rest of the context, or the server's default) applies when the request
         sets none."""
-        self._reject_unsupported({"logit_bias": bool(self.logit_bias), "tools": bool(self.tools),
+        self._reject_unsupported({"tools": bool(self.tools),
                                   "tool_choice": self.tool_choice not in (None, "none"),
                                   f"response_format {getattr(self.response_format, 'type', '')!r}":
                                       self.response_format is not None and self.response_format.type != "text"})
@@ -383,6 +427,40 @@ class ErrorInfo(BaseModel):
     type: str
     param: Optional[str] = None
     code: Optional[str] = None
+
+
+# -- vLLM's tokenizer endpoints ------------------------------------------------------------------------
+class TokenizeCompletionRequest(OpenAIBaseModel):
+    """POST /tokenize with a prompt."""
+
+    model: Optional[str] = Field(None, max_length=512, description=MODEL_HELP)
+    prompt: str = Field(max_length=1_000_000)
+    add_special_tokens: bool = True
+
+
+class TokenizeChatRequest(_ChatTemplateOptions, OpenAIBaseModel):
+    """POST /tokenize with chat messages, rendered as /v1/chat/completions renders them."""
+
+    model: Optional[str] = Field(None, max_length=512, description=MODEL_HELP)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+
+    def message_dicts(self) -> list[dict]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(OpenAIBaseModel):
+    model: Optional[str] = Field(None, max_length=512, description=MODEL_HELP)
+    tokens: list[TokenId] = Field(max_length=1_000_000)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 # -- embeddings (https://platform.openai.com/docs/api-reference/embeddings/create) -------------------------

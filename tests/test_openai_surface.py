@@ -1,0 +1,211 @@
+"""The OpenAI surface vLLM users expect (issue 24): logit_bias, echo, stream_options.include_usage, vLLM's
+extension fields, /tokenize, /detokenize, /version, --api-key, --served-model-name and --chat-template, each
+against one real `inferneo serve` subprocess, through the official openai client (extra_body for vLLM's fields)
+and httpx."""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+import httpx  # noqa: E402
+
+import inferneo_runtime  # noqa: E402
+from conftest import free_port, serve_subprocess  # noqa: E402
+from inferneo_runtime.tokenizer import Tokenizer  # noqa: E402
+
+KEY = "sk-test-key"
+ADMIN = "admin-token"
+NAME = "my-model"  # --served-model-name
+PROMPT = "The quick brown fox"
+# --chat-template: a template of its own, with a variable a request sets through chat_template_kwargs
+TEMPLATE = ("{% if enable_thinking %}THINK {% endif %}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+            "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+MESSAGES = [{"role": "user", "content": "Hello world, this is a tiny tokenizer."}]
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_artifact):
+    return tiny_artifact("llama")
+
+
+@pytest.fixture(scope="module")
+def tok(llama):
+    return Tokenizer(llama)
+
+
+@pytest.fixture(scope="module")
+def server(llama, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("openai-surface")
+    (cwd / "template.jinja").write_text(TEMPLATE)
+    port = free_port()
+    args = [str(llama), "--port", str(port), "--log-level", "warning", "--api-key", KEY, "--served-model-name", NAME,
+            "--chat-template", str(cwd / "template.jinja")]
+    with serve_subprocess(args, cwd, port, env={"INFERNEO_ADMIN_TOKEN": ADMIN}) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def post(server, path: str, json: dict, key: str = KEY) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=json, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+def greedy(client, prompt: str = PROMPT, n_tokens: int = 12, **extra):
+    return client.completions.create(model=NAME, prompt=prompt, max_tokens=n_tokens, temperature=0,
+                                     extra_body={"ignore_eos": True, **extra})
+
+
+# -- logit_bias ---------------------------------------------------------------------------------------------
+def test_logit_bias_steers_greedy_decoding(client, tok, llama):
+    forced = tok.encode(" fox", add_special_tokens=False)[0]
+    out = greedy(client, logit_bias={str(forced): 100})
+    assert out.choices[0].text == tok.decode([forced] * 12)  # +100: that token every step
+    with inferneo_runtime.load(llama) as local:  # the greedy token ids, which the text alone may not tell
+        plain = local.generate(PROMPT, max_new_tokens=4, ignore_eos=True)
+        first = plain.token_ids[0]
+        banned = local.generate(PROMPT, max_new_tokens=4, ignore_eos=True, logit_bias={first: -100})
+    assert banned.token_ids[0] != first  # -100 on the greedy token: another one is chosen
+    assert greedy(client, n_tokens=4).choices[0].text == plain.text
+    assert greedy(client, n_tokens=4, logit_bias={str(first): -100}).choices[0].text == banned.text
+    chat = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=5, temperature=0,
+                                          logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.content == tok.decode([forced] * 5)
+
+
+@pytest.mark.parametrize("bias", [{"abc": 1}, {"5": 101}, {"-3": 1}, {"99999": 1}])
+def test_bad_logit_bias_is_a_400_naming_it(client, bias):
+    with pytest.raises(openai.BadRequestError) as e:
+        greedy(client, logit_bias=bias)
+    assert e.value.body["param"] == "logit_bias", e.value.body
+
+
+# -- echo, include_usage, stop strings, special tokens ---------------------------------------------------------
+def test_echo_prepends_the_prompt_streamed_or_not(client, tok):
+    plain = greedy(client).choices[0].text
+    full = greedy(client, echo=True)
+    assert full.choices[0].text == PROMPT + plain
+    ids = tok.encode(PROMPT)
+    by_ids = greedy(client, prompt=ids, echo=True).choices[0].text
+    assert by_ids == tok.decode(ids) + plain
+    stream = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
+                                       echo=True, extra_body={"ignore_eos": True})
+    assert "".join(ch.choices[0].text for ch in stream if ch.choices) == PROMPT + plain
+    with pytest.raises(openai.BadRequestError) as e:
+        greedy(client, echo=True, logprobs=1)
+    assert e.value.body["param"] == "echo"
+
+
+def test_include_usage_ends_the_stream_with_the_usage(client):
+    full = greedy(client)
+    chunks = list(client.completions.create(model=NAME, prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+    assert all(ch.usage is None for ch in chunks[:-1])
+    chat = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=6, temperature=0)
+    chunks = list(client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=6, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage == chat.usage
+
+
+def test_include_stop_str_in_output(client):
+    text = greedy(client, n_tokens=24).choices[0].text
+    stop = text[6:9]
+    at = text.find(stop)
+    cut = greedy(client, n_tokens=24, stop=[stop]).choices[0]
+    kept = greedy(client, n_tokens=24, stop=[stop], include_stop_str_in_output=True).choices[0]
+    assert cut.text == text[:at] and kept.text == text[:at + len(stop)] and kept.finish_reason == "stop"
+
+
+def test_skip_special_tokens(client, tok):
+    bos = tok.bos_id  # "<s>", a special token that is not a stop token
+    forced = {"logit_bias": {str(bos): 100}}
+    assert greedy(client, n_tokens=3, **forced).choices[0].text == ""
+    assert greedy(client, n_tokens=3, skip_special_tokens=False, **forced).choices[0].text == "<s><s><s>"
+
+
+# -- chat template: --chat-template, add_generation_prompt, continue_final_message, chat_template_kwargs ---------
+def test_chat_template_options(server, client, tok):
+    def tokens(**body) -> list[int]:
+        r = post(server, "/tokenize", {"model": NAME, "messages": MESSAGES, **body})
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+
+    user = f"user: {MESSAGES[0]['content']}\n"
+    assert tokens() == tok.encode(user + "assistant:", add_special_tokens=False)  # --chat-template's rendering
+    assert tokens(add_generation_prompt=False) == tok.encode(user, add_special_tokens=False)
+    assert tokens(chat_template_kwargs={"enable_thinking": True}) == tok.encode(
+        "THINK " + user + "assistant:", add_special_tokens=False)
+    turns = MESSAGES + [{"role": "assistant", "content": "The quick"}]
+    r = post(server, "/tokenize", {"messages": turns, "add_generation_prompt": False, "continue_final_message": True})
+    expected = tok.encode(user + "assistant: The quick", add_special_tokens=False)
+    assert r.json()["tokens"] == expected
+    chat = client.chat.completions.create(model=NAME, messages=turns, max_tokens=2, temperature=0, extra_body={
+        "add_generation_prompt": False, "continue_final_message": True})
+    assert chat.usage.prompt_tokens == len(expected)
+    with pytest.raises(openai.BadRequestError):  # both at once contradict each other
+        client.chat.completions.create(model=NAME, messages=turns, max_tokens=2,
+                                       extra_body={"continue_final_message": True})
+
+
+# -- /tokenize, /detokenize, /version --------------------------------------------------------------------------
+def test_tokenize_detokenize_round_trip(server, tok):
+    text = "Inferneo compiles models ahead of time."
+    r = post(server, "/tokenize", {"model": NAME, "prompt": text})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == tok.encode(text) and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == 128
+    r = post(server, "/detokenize", {"model": NAME, "tokens": body["tokens"]})
+    assert r.status_code == 200 and r.json() == {"prompt": tok.decode(body["tokens"])}
+    r = post(server, "/detokenize", {"model": NAME, "tokens": [99999]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+    r = post(server, "/tokenize", {"model": NAME})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert httpx.get(f"{server.url}/version").json() == {"version": inferneo_runtime.__version__}
+
+
+# -- --api-key, --served-model-name ----------------------------------------------------------------------------
+def test_api_key_guards_inference_and_leaves_probes_open(server, client):
+    wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-wrong", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError) as e:
+        wrong.completions.create(model=NAME, prompt=PROMPT, max_tokens=2)
+    assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+    for call in (lambda: wrong.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=2),
+                 lambda: wrong.models.list()):
+        with pytest.raises(openai.AuthenticationError):
+            call()
+    for path in ("/tokenize", "/detokenize"):
+        assert post(server, path, {"prompt": "hi", "tokens": [5]}, key="sk-wrong").status_code == 401
+        assert httpx.post(f"{server.url}{path}", json={"prompt": "hi", "tokens": [5]}).status_code == 401
+    for path in ("/health", "/ready", "/metrics", "/version"):
+        assert httpx.get(f"{server.url}{path}").status_code == 200, path
+    assert httpx.get(f"{server.url}/v1/models/{NAME}").status_code == 401
+    admin = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert admin.status_code == 200  # the admin token, the stronger credential, opens them too
+    # the admin token is not weakened: the API key does not open the management endpoints
+    r = httpx.post(f"{server.url}/v1/models/{NAME}/load", json={}, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 403
+    assert greedy(client, n_tokens=2).usage.completion_tokens == 2  # and the server goes on serving
+
+
+def test_served_model_name_replaces_the_models_name(server, client):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert greedy(client, n_tokens=2).model == NAME
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=2)
+
+
+def test_settings_from_the_environment_and_their_errors(tmp_path, llama):
+    from inferneo_runtime.server.config import ConfigError, artifacts_to_serve, load_server_config, read_chat_template
+
+    assert load_server_config(env={"INFERNEO_API_KEY": "k"}).api_key == "k"
+    two = load_server_config(overrides={"models": [str(llama), str(llama)], "served_model_name": "x"}, env={})
+    with pytest.raises(ConfigError, match="served-model-name"):
+        artifacts_to_serve(two)
+    (tmp_path / "bad.jinja").write_text("{% for m in messages %}")
+    with pytest.raises(ConfigError, match="chat-template"):
+        read_chat_template(load_server_config(overrides={"chat_template": str(tmp_path / "bad.jinja")}, env={}))
