@@ -1,9 +1,9 @@
 """Structured outputs: a grammar (JSON schema, JSON object, regex, choice, Lark) enforced as a token mask.
 
-Library: llguidance (1.9.1). llguidance, xgrammar 0.2.9 and outlines-core 0.2.14 all install here; llguidance
-was chosen because it reads an HF `tokenizers` tokenizer.json directly (no transformers on the deploy host;
-xgrammar's tokenizer bridge goes through transformers), computes each step's mask lazily on the CPU with no
-per-grammar pass over the vocabulary (outlines-core builds a full index up front), and validates a grammar
+Library: llguidance (1.9.1). Of llguidance, xgrammar 0.2.9 and outlines-core 0.2.14 (all on the package
+index), llguidance was chosen because it reads an HF `tokenizers` tokenizer.json directly (no transformers on the
+deploy host; xgrammar's documented tokenizer bridge takes a transformers tokenizer), computes each step's mask
+lazily on the CPU with no per-grammar pass over the vocabulary (outlines-core builds a full index up front), and validates a grammar
 without a tokenizer (so a bad schema is a 400 before any compute). Only llguidance was timed: with the tests'
 512-token byte-level BPE and a nested schema, one step's mask + numpy conversion + consume costs ~62 us on this
 host (2 shared CPU cores), against ~740 us for a decode step of the tiny test model itself.
