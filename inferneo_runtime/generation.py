@@ -28,7 +28,7 @@ from .detokenize import StopStringDetokenizer
 from .errors import RequestError
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, TokenLogprobs, choose_token, token_logprobs, verify_draft
-from .structured import sequence_constraint
+from .structured import compile_constraint, sequence_constraint
 from .speculative import SpeculationState, SpeculationStats, SpeculativeConfig, resolve as resolve_speculative
 from .tokenizer import Tokenizer
 
@@ -165,8 +165,10 @@ class Engine:
                                f"exceeds the artifact's max_sequence {self.max_sequence}")
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer")
-        if params.constraint is not None and self.tokenizer is None:
-            raise RequestError("structured outputs (response_format, guided_*) need a tokenizer")
+        if params.constraint is not None:
+            if self.tokenizer is None:
+                raise RequestError("structured outputs (response_format, guided_*) need a tokenizer")
+            compile_constraint(params.constraint, self.tokenizer, self.eos_ids)  # cached; add() then only copies it
 
     def add(self, prompt_ids: Sequence[int], params: SamplingParams, speculative=ENGINE_DEFAULT) -> Request:
         """Queue a request. `speculative`: this request's setting (see speculative.resolve), or the engine's."""

@@ -164,6 +164,13 @@ def _ll_tokenizer(tokenizer, eos_ids: Sequence[int]):
 
 def sequence_constraint(constraint: Constraint, tokenizer, eos_ids: Sequence[int] = ()) -> "SequenceConstraint":
     """A fresh matcher for one sequence: a copy of the cached compiled grammar for (tokenizer, constraint)."""
+    template, lltok = compile_constraint(constraint, tokenizer, eos_ids)
+    return SequenceConstraint(template.deep_copy(), lltok.eos_tokens)
+
+
+def compile_constraint(constraint: Constraint, tokenizer, eos_ids: Sequence[int] = ()):
+    """The cached (template matcher, llguidance tokenizer) for (tokenizer, constraint), compiled on first use.
+    Engine.check calls it on the request's thread, so the engine's step never waits for a compile."""
     if tokenizer is None:
         raise RequestError("structured outputs need the artifact's tokenizer")
     ll = _llguidance()
@@ -181,7 +188,7 @@ def sequence_constraint(constraint: Constraint, tokenizer, eos_ids: Sequence[int
             _templates[key] = template
             while len(_templates) > _MAX_TEMPLATES:
                 _templates.popitem(last=False)
-    return SequenceConstraint(template.deep_copy(), lltok.eos_tokens)
+    return template, lltok
 
 
 class SequenceConstraint:

@@ -171,3 +171,35 @@ def test_python_api_and_speculation(artifact):
         assert any(o.finish_reason == "stop" for o in outs)
         assert all(isinstance(json.loads(o.text), dict) for o in outs if o.finish_reason == "stop")
         assert "".join(m.stream("Pick:", max_new_tokens=20, guided_choice=["a1", "b2"])) in ("a1", "b2")
+
+
+def test_concurrent_requests_batch_with_their_own_grammars(client):
+    """Constrained and free requests decode in one batch (max_batch 4); each keeps its own grammar."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i):
+        if i % 4 == 3:  # a free request among the constrained ones
+            r = client.completions.create(model="tiny-structured", prompt="free", max_tokens=30, temperature=1.0,
+                                          seed=i, extra_body={"ignore_eos": True})
+            return None, r.choices[0].text
+        schema = SCHEMAS[i]
+        fmt = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema}}
+        return schema, _chat(client, stream=i % 2 == 0, response_format=fmt, temperature=1.0, seed=100 + i)[0]
+
+    with ThreadPoolExecutor(4) as pool:
+        for schema, text in pool.map(one, range(8)):
+            if schema is not None:
+                jsonschema.validate(json.loads(text), schema)
+
+
+def test_mixed_batch_in_one_engine(artifact):
+    from inferneo_runtime.sampling import SamplingParams
+    from inferneo_runtime.structured import make_constraint
+
+    constraint = make_constraint(guided_regex="[0-9]{4}")
+    params = [SamplingParams(max_new_tokens=12, temperature=1.0, seed=i, constraint=constraint) if i % 2 == 0
+              else SamplingParams(max_new_tokens=12, ignore_eos=True) for i in range(4)]
+    with inferneo_runtime.load(artifact) as m:
+        outs = m.generate_ids([m.encode("a b c")] * 4, params)
+    assert all(re.fullmatch("[0-9]{4}", o.text) and o.finish_reason == "stop" for o in outs[0::2])
+    assert all(len(o.token_ids) == 12 for o in outs[1::2])
