@@ -203,3 +203,17 @@ def test_mixed_batch_in_one_engine(artifact):
         outs = m.generate_ids([m.encode("a b c")] * 4, params)
     assert all(re.fullmatch("[0-9]{4}", o.text) and o.finish_reason == "stop" for o in outs[0::2])
     assert all(len(o.token_ids) == 12 for o in outs[1::2])
+
+
+def test_every_backend_and_lark_grammars(tiny_artifact):
+    """The mask lives in the one generation loop, so TorchScript gets it as ONNX does; guided_grammar is Lark."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+                                                                              "maximum": 99}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    lark = 'start: NAME "=" NUM\nNAME: /[a-z]{1,4}/\nNUM: /[0-9]{1,3}/'
+    for target in ("onnx", "torchscript"):
+        with inferneo_runtime.load(tiny_artifact("llama"), target=target) as m:
+            out = m.generate("{", max_new_tokens=40, temperature=1.0, seed=1, guided_json=schema)
+            jsonschema.validate(json.loads(out.text), schema)
+            out = m.generate("x", max_new_tokens=20, guided_grammar=lark)
+            assert re.fullmatch(r"[a-z]{1,4}=[0-9]{1,3}", out.text), out.text
