@@ -175,6 +175,8 @@ class Model:
         Keyword arguments are SamplingParams: max_new_tokens, temperature (0 = greedy), top_k, top_p, min_p,
         repetition_penalty, presence_penalty, frequency_penalty, seed, min_new_tokens, stop, stop_token_ids,
         logprobs, ignore_eos. With several prompts and a seed, prompt i uses seed + i.
+        Structured outputs: response_format ({"type": "json_object"} or {"type": "json_schema", "json_schema":
+        {"schema": ...}}), guided_json, guided_regex, guided_choice or guided_grammar (structured.py).
         `speculative` ("ngram", a number of draft tokens, or a SpeculativeConfig) drafts and verifies several
         tokens per step: greedy output is unchanged, sampled output keeps its distribution.
         """
@@ -189,7 +191,7 @@ class Model:
     def chat(self, messages: list[dict], **params) -> Completion:
         """Render `messages` with the artifact's chat template and complete them."""
         speculative = params.pop("speculative", None)
-        return self.completion(self.generate_ids([self.tokenizer.encode_chat(messages)], SamplingParams(**params),
+        return self.completion(self.generate_ids([self.tokenizer.encode_chat(messages)], _sampling(params),
                                                  speculative=speculative)[0])
 
     def stream(self, prompt: Union[str, list[dict]], **params) -> Iterator[str]:
@@ -197,7 +199,7 @@ class Model:
         A list of messages is rendered with the chat template."""
         ids = self.tokenizer.encode_chat(prompt) if isinstance(prompt, list) else self.encode(prompt)
         speculative = params.pop("speculative", None)
-        for event in stream_tokens(self.backend, [ids], SamplingParams(**params), self.eos_ids, tokenizer=self.tokenizer,
+        for event in stream_tokens(self.backend, [ids], _sampling(params), self.eos_ids, tokenizer=self.tokenizer,
                                    speculative=speculative, spec_stats=self.spec_stats, prefix_cache=self.prefix_cache,
                                    prefill_chunk=self.prefill_chunk):
             if event.text:
@@ -211,7 +213,7 @@ class Model:
 
     @staticmethod
     def _params(n: int, kwargs: dict):
-        base = SamplingParams(**kwargs)
+        base = _sampling(kwargs)
         if n == 1 or base.seed is None:
             return base
         return [replace(base, seed=base.seed + i) for i in range(n)]
@@ -297,3 +299,16 @@ def load(path: Union[str, Path], target: Optional[str] = None, device: str = "cp
     tokenizer = Tokenizer(root, listed=manifest.listed_root_files())  # only what the manifest (signature) covers
     backend.load()
     return Model(root, manifest, name, backend, tokenizer)
+
+
+_STRUCTURED = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+
+
+def _sampling(params: dict) -> SamplingParams:
+    """SamplingParams from keyword arguments; the structured-output ones become its `constraint`."""
+    structured = {k: params.pop(k) for k in _STRUCTURED if k in params}
+    if structured:
+        from .structured import make_constraint
+
+        params["constraint"] = make_constraint(**structured)
+    return SamplingParams(**params)

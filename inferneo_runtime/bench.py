@@ -95,6 +95,16 @@ def measure_bandwidth(threads: Optional[int] = None, mib: int = 512, repeats: in
 
 
 # -- a child: one target, driven over stdin ----------------------------------------------------------------
+# `structured` row: a small nested schema, bounded so any model (random weights too) completes it
+BENCH_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "size", "tags", "meta"],
+                "properties": {"name": {"type": "string", "maxLength": 16},
+                               "size": {"type": "integer", "minimum": 0, "maximum": 9999},
+                               "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b", "c"]},
+                                        "maxItems": 4},
+                               "meta": {"type": "object", "additionalProperties": False, "required": ["ok"],
+                                        "properties": {"ok": {"type": "boolean"}}}}}
+
+
 class TargetSession:
     """One artifact target in this process: `ready()` after load, then `ttft`, `decode`, `extras`, `final`."""
 
@@ -169,7 +179,36 @@ class TargetSession:
             wall, stamps, _ = self.generate([self.prompt_ids] * n, self.settings["new_tokens"])
             produced = sum(len(s) for s in stamps)
             out["concurrency"].append({"requests": n, "tok_s": round(produced / wall, 1), "wall_s": round(wall, 2)})
+        out["structured"] = self.structured()
         return out
+
+    def structured(self) -> dict:
+        """Structured outputs' cost: one JSON-schema-constrained request's tok/s, and the grammar mask's time per
+        token (compute the mask, apply it to a logits row, advance), replayed over the same tokens."""
+        import numpy as np
+
+        try:
+            from .structured import make_constraint, sequence_constraint
+
+            constraint = make_constraint(guided_json=BENCH_SCHEMA)
+        except Exception as e:  # llguidance not installed (the `structured` extra)
+            return {"skipped": str(e)}
+        tok = self.model.tokenizer
+        engine = self._engine(self.backend, self.model.eos_ids, tokenizer=tok)
+        req = engine.add(self.prompt_ids, self._params(max_new_tokens=self.settings["new_tokens"], ignore_eos=True,
+                                                       constraint=constraint))
+        start = time.perf_counter()
+        while engine.has_work:
+            engine.step()
+        wall = time.perf_counter() - start
+        tokens = req.out.token_ids
+        seq, row = sequence_constraint(constraint, tok, self.model.eos_ids), np.zeros(tok.vocab_size, np.float32)
+        start = time.perf_counter()
+        for t in tokens:
+            row[~seq.allowed(row.size)] = -np.inf
+            seq.advance(t)
+        mask_s = (time.perf_counter() - start) / max(len(tokens), 1)
+        return {"tokens": len(tokens), "tok_s": round(len(tokens) / wall, 1), "mask_us_per_token": round(mask_s * 1e6, 1)}
 
     def final(self) -> dict:
         out = {"peak_rss_generation_mb": self.rss_generation or peak_rss_mb(), "peak_rss_mb": peak_rss_mb(),
@@ -495,6 +534,11 @@ def print_report(report: dict, console) -> None:
                for n, t in report["targets"].items() if t.get("session_source")]
     if sources:
         console.print("onnx sessions: " + "; ".join(sources), highlight=False)
+    structured = [f"{n} mask {t['structured']['mask_us_per_token']:.0f} µs/token, constrained decode "
+                  f"{t['structured']['tok_s']:.1f} tok/s ({t['structured']['tokens']} tokens)"
+                  for n, t in report["targets"].items() if "mask_us_per_token" in t.get("structured", {})]
+    if structured:
+        console.print("structured outputs (a JSON schema, llguidance): " + "; ".join(structured), highlight=False)
     verify = [f"{n} {t['verify_s']:.2f} s" for n, t in report["targets"].items() if "verify_s" in t]
     if verify:
         console.print("load s is load(verify=False); the default checksum pass adds " + ", ".join(verify),

@@ -28,6 +28,7 @@ from .detokenize import StopStringDetokenizer
 from .errors import RequestError
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, TokenLogprobs, choose_token, token_logprobs, verify_draft
+from .structured import compile_constraint, sequence_constraint
 from .speculative import SpeculationState, SpeculationStats, SpeculativeConfig, resolve as resolve_speculative
 from .tokenizer import Tokenizer
 
@@ -70,6 +71,9 @@ class Request:
         self.cancelled = False
         self.prompt_logits: list[np.ndarray] = []  # per prefill chunk, with keep_logits
         self.spec = SpeculationState(speculative) if speculative is not None else None
+        # structured outputs: the grammar's matcher (Engine.add turns speculation off for these requests)
+        self.constraint = (sequence_constraint(params.constraint, tokenizer, eos_ids)
+                           if params.constraint is not None else None)
 
     @property
     def finished(self) -> bool:
@@ -89,9 +93,14 @@ class Request:
         """Choose the next token from `logits_row`; with a `draft`, by the rejection rule (it is kept iff the
         event's token equals it)."""
         p, out = self.params, self.out
-        banned = self.banned if len(out.token_ids) < p.min_new_tokens else ()
+        # a grammar decides alone when the output may end (min_new_tokens' EOS ban could leave no token allowed)
+        banned = self.banned if len(out.token_ids) < p.min_new_tokens and self.constraint is None else ()
         context = out.prompt_ids + out.token_ids
-        if draft is None:
+        if self.constraint is not None:
+            token = choose_token(logits_row, p, self.rng, context, out.token_ids, banned,
+                                 self.constraint.allowed(logits_row.shape[-1]))
+            self.constraint.advance(token)
+        elif draft is None:
             token = choose_token(logits_row, p, self.rng, context, out.token_ids, banned)
         else:
             token = verify_draft(logits_row, p, self.rng, context, out.token_ids, draft, draft_probs, banned)
@@ -108,6 +117,8 @@ class Request:
             text = self.detok.push(token)
             if self.detok.stopped:
                 out.finish_reason = "stop"
+        if out.finish_reason is None and self.constraint is not None and self.constraint.finished:
+            out.finish_reason = "stop"  # the grammar is complete: only EOS could follow
         if out.finish_reason is None and len(out.token_ids) >= p.max_new_tokens:
             out.finish_reason = "length"
         if out.finish_reason is not None and self.detok is not None:
@@ -158,6 +169,10 @@ class Engine:
         vocab = getattr(self.backend.dims, "vocab", None)
         if vocab and any(t >= vocab for t, _ in params.logit_bias):
             raise RequestError(f"logit_bias: a token id is outside the model's vocabulary [0, {vocab})")
+        if params.constraint is not None:
+            if self.tokenizer is None:
+                raise RequestError("structured outputs (response_format, guided_*) need a tokenizer")
+            compile_constraint(params.constraint, self.tokenizer, self.eos_ids)  # cached; add() then only copies it
 
     def add(self, prompt_ids: Sequence[int], params: SamplingParams, speculative=ENGINE_DEFAULT) -> Request:
         """Queue a request. `speculative`: this request's setting (see speculative.resolve), or the engine's."""
@@ -166,6 +181,10 @@ class Engine:
         k = params.speculative_tokens
         if k is not None:  # the request's own number of draft tokens (0: off), with the engine's drafter settings
             spec = replace(spec or SpeculativeConfig(), num_tokens=k) if k else None
+        if params.constraint is not None:
+            # Structured outputs do not speculate: drafts would need the grammar rolled back on rejection; the
+            # simplest correct rule is one masked token per step for these requests.
+            spec = None
         req = Request(next(self._ids), prompt_ids, params, self.eos_ids, self.tokenizer, spec)
         self.waiting.append(req)
         return req

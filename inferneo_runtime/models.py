@@ -156,6 +156,9 @@ class CustomDriver:
             raise RequestError("the prompt is empty")
         if params.logprobs is not None:
             raise RequestError(f"logprobs are not available from custom model {self.name!r}")
+        if params.constraint is not None:  # a custom model's generate() never sees the grammar's mask
+            raise RequestError(f"structured outputs (response_format, guided_*) are not available from custom model "
+                               f"{self.name!r}")
         if len(prompt_ids) + params.max_new_tokens > self.max_sequence:
             raise RequestError(f"prompt of {len(prompt_ids)} characters + max_tokens {params.max_new_tokens} exceeds "
                                f"custom model {self.name!r}'s max_context {self.max_sequence}")

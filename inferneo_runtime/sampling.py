@@ -6,11 +6,14 @@ top-k → top-p → min-p → draw. `logprobs` are the model's own log-softmax (
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
 from .errors import RequestError
+
+if TYPE_CHECKING:
+    from .structured import Constraint
 
 MAX_LOGPROBS = 20
 
@@ -39,6 +42,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     include_stop_str_in_output: bool = False  # vLLM: keep the matched stop string at the end of the text
     skip_special_tokens: bool = True  # vLLM: leave special tokens out of the output text
+    # structured outputs (structured.Constraint): the grammar the output must match, as a per-step token mask
+    constraint: Optional["Constraint"] = None
 
     def __post_init__(self):
         def bad(name, rule):
@@ -131,10 +136,11 @@ def filter_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
 
 
 def _processed(logits: np.ndarray, params: SamplingParams, context: Sequence[int], generated: Sequence[int],
-               banned: Sequence[int]) -> np.ndarray:
-    """The logits after logit_bias, penalties and the `banned` mask (a copy only when something changes them)."""
+               banned: Sequence[int], allowed: Optional[np.ndarray] = None) -> np.ndarray:
+    """The logits after logit_bias, penalties, the `banned` ids and the `allowed` mask (a grammar's: False = -inf),
+    as a copy only when something changes them. The mask comes last, so no processing can revive a masked token."""
     if not (params.logit_bias or params.repetition_penalty != 1.0 or params.presence_penalty
-            or params.frequency_penalty or len(banned)):
+            or params.frequency_penalty or len(banned) or allowed is not None):
         return logits
     x = np.array(logits, dtype=np.float32)
     if params.logit_bias:  # OpenAI adds the bias to the raw logits, so it steers greedy decoding too
@@ -143,6 +149,8 @@ def _processed(logits: np.ndarray, params: SamplingParams, context: Sequence[int
     apply_penalties(x, params, context, generated)
     if len(banned):
         x[np.asarray(banned, dtype=np.int64)] = -np.inf
+    if allowed is not None:
+        x[~allowed] = -np.inf
     return x
 
 
@@ -154,9 +162,10 @@ def _draw(probs: np.ndarray, rng: np.random.Generator) -> int:
 
 
 def choose_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, context: Sequence[int],
-                 generated: Sequence[int], banned: Sequence[int] = ()) -> int:
-    """Pick the next token from one row of logits. `banned` ids (e.g. EOS before min_new_tokens) are excluded."""
-    x = _processed(logits, params, context, generated, banned)
+                 generated: Sequence[int], banned: Sequence[int] = (), allowed: Optional[np.ndarray] = None) -> int:
+    """Pick the next token from one row of logits. `banned` ids (e.g. EOS before min_new_tokens) are excluded;
+    `allowed` (a bool mask over the logits, structured outputs), if given, excludes every token it does not allow."""
+    x = _processed(logits, params, context, generated, banned, allowed)
     if params.greedy:
         return int(np.argmax(x))
     return _draw(filter_probs(x, params), rng)

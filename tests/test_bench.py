@@ -95,6 +95,7 @@ def test_human_table(tiny_artifact):
     assert r.returncode == 0, r.stderr
     assert "roofline" in r.stdout and "onnx" in r.stdout and "torchscript" not in r.stdout
     assert "onnx sessions: onnx " in r.stdout and "this host's packed copy" in r.stdout
+    assert "structured outputs (a JSON schema, llguidance): onnx mask " in r.stdout  # the grammar mask's cost
 
 
 def test_bad_names_are_input_errors(tiny_artifact):

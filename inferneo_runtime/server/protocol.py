@@ -5,7 +5,7 @@ Request fields follow the order of OpenAI's API reference:
   https://platform.openai.com/docs/api-reference/chat/create
 Inferneo's extensions (vLLM's names) sit after them in one marked block. Unknown fields are accepted and
 logged, since clients send fields a server does not implement; OpenAI fields this server cannot honour
-(suffix, echo with logprobs, best_of > n, tools, non-text response formats) are rejected with a 400.
+(suffix, echo with logprobs, best_of > n, tools) are rejected with a 400.
 
 A request turns itself into SamplingParams with one precedence: the request's value, else the server's
 default, else the OpenAI API default (`to_sampling_params`).
@@ -84,6 +84,11 @@ class _SamplingExtensions(BaseModel):
                                               "decoding (0: off; unset: the server's setting); output is unchanged")
     include_stop_str_in_output: bool = Field(False, description="keep the stop string that ended the text in it")
     skip_special_tokens: bool = Field(True, description="leave special tokens out of the output text")
+    # structured outputs (vLLM's names; structured.py): at most one of these, or chat's response_format
+    guided_json: Optional[Union[dict[str, Any], str]] = Field(None, description="a JSON schema the output must match")
+    guided_regex: Optional[str] = Field(None, max_length=10_000, description="a regex the output must fullmatch")
+    guided_choice: Optional[list[str]] = Field(None, max_length=1024, description="the output is one of these")
+    guided_grammar: Optional[str] = Field(None, max_length=100_000, description="a Lark grammar for the output")
     # --- end of extensions -------------------------------------------------------------------------
 
 
@@ -114,7 +119,8 @@ class _Sampling:
             seed=seed, stop=self._stops(), stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos, logprobs=logprobs, speculative_tokens=self.speculative_tokens,
             logit_bias=self._logit_bias(), include_stop_str_in_output=self.include_stop_str_in_output,
-            skip_special_tokens=self.skip_special_tokens)
+            skip_special_tokens=self.skip_special_tokens,
+            constraint=self._constraint())
 
     def _logit_bias(self) -> tuple[tuple[int, float], ...]:
         """OpenAI's logit_bias: {"token id": bias in [-100, 100]}. (The vocabulary bound is checked with the model.)"""
@@ -128,6 +134,16 @@ class _Sampling:
                                  param="logit_bias")
             out.append((int(key), float(bias)))
         return tuple(out)
+
+    def _constraint(self):
+        """Structured outputs: response_format (chat) or guided_* as a structured.Constraint (None: free text)."""
+        from ..structured import ConstraintError, make_constraint
+
+        try:
+            return make_constraint(getattr(self, "response_format", None), self.guided_json, self.guided_regex,
+                                   self.guided_choice, self.guided_grammar)
+        except ConstraintError as e:
+            raise ParamError(str(e), param=e.param) from None
 
     def _reject_unsupported(self, checks: dict[str, bool]) -> None:
         for name, bad in checks.items():
@@ -210,6 +226,7 @@ class ChatMessage(OpenAIBaseModel):
 
 class ResponseFormat(OpenAIBaseModel):
     type: str
+    json_schema: Optional[dict[str, Any]] = None  # {"name", "schema", "strict"} with type "json_schema"
 
 
 class _ChatFields(OpenAIBaseModel):
@@ -292,9 +309,7 @@ class ChatCompletionRequest(_ChatTemplateOptions, _SamplingExtensions, _ChatFiel
         """`default_max_tokens` (the rest of the context, or the server's default) applies when the request
         sets none."""
         self._reject_unsupported({"tools": bool(self.tools),
-                                  "tool_choice": self.tool_choice not in (None, "none"),
-                                  f"response_format {getattr(self.response_format, 'type', '')!r}":
-                                      self.response_format is not None and self.response_format.type != "text"})
+                                  "tool_choice": self.tool_choice not in (None, "none")})
         max_tokens = self.requested_max_tokens or default_max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling_params(max_tokens, logprobs, defaults, seed_offset)
