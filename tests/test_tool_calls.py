@@ -239,6 +239,19 @@ def test_required_calls_one_of_the_tools(client):
                                        temperature=1.0, seed=seed)
         assert finish == "tool_calls" and len(calls) == 1 and content is None, (content, calls)
         jsonschema.validate(json.loads(calls[0][1]), schemas[calls[0][0]])
+    # n=2, streamed: each choice's calls arrive as its own deltas
+    calls = {}
+    for chunk in client.chat.completions.create(model="tiny-tools", messages=MESSAGES, tools=TOOLS, max_tokens=200,
+                                                n=2, temperature=1.0, seed=5, tool_choice="required",
+                                                parallel_tool_calls=False, stream=True):
+        for choice in chunk.choices:
+            for d in choice.delta.tool_calls or []:
+                entry = calls.setdefault((choice.index, d.index), ["", ""])
+                entry[0] += d.function.name or ""
+                entry[1] += d.function.arguments or ""
+    assert sorted(calls) == [(0, 0), (1, 0)], calls
+    for name, arguments in calls.values():
+        jsonschema.validate(json.loads(arguments), schemas[name])
     # (parallel_tool_calls left on allows one or more calls: random weights go on calling until max_tokens, so the
     # parallel grammars are checked token by token in test_grammars_accept_what_the_parsers_read)
 
