@@ -413,6 +413,9 @@ def serve(
                                                     "under in /v1/models and requests, instead of its own"),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Jinja chat template file used "
                                                 "instead of the model's own"),
+    tool_call_parser: Optional[str] = typer.Option(None, "--tool-call-parser", help="tool-call format: hermes, "
+                                                   "llama3_json or mistral (default: detected from the chat "
+                                                   "template)"),
     ray: bool = typer.Option(False, "--ray", help="run replicas on Ray Serve: a local cluster, or RAY_ADDRESS's "
                              "(needs inferneo\\[ray])"),
     replicas: Optional[str] = typer.Option(None, "--replicas", help="with --ray: replica count (2), or a range to "
@@ -443,7 +446,8 @@ def serve(
             enable_metrics=enable_metrics, tensor_parallel_size=tensor_parallel_size,
             pipeline_parallel_size=pipeline_parallel_size, registry_path=registry, trusted_keys=trusted_key,
             device=device, threads=threads, max_queue=max_queue, graceful_timeout_s=drain_timeout,
-            api_key=api_key, served_model_name=served_model_name, chat_template=chat_template))
+            api_key=api_key, served_model_name=served_model_name, chat_template=chat_template,
+            tool_call_parser=tool_call_parser))
         if ray or replicas:  # many replicas on Ray Serve, same app (inferneo_runtime/integrations/ray_serve.py)
             from .integrations.ray_serve import serve_on_ray
             return serve_on_ray(settings, replicas)

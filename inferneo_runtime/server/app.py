@@ -551,16 +551,29 @@ class ServerState:
         job.driver.check(prompt_ids, params)
 
     def encode_chat(self, tokenizer, body) -> list[int]:
-        """A chat request's (or /tokenize's) prompt ids, with its template options and --chat-template."""
+        """A chat request's (or /tokenize's) prompt ids, with its template options, its tools (the template's
+        `tools` variable, as HF's apply_chat_template(tools=...) passes them) and --chat-template."""
         options = body.template_options()
+        tools = body.offered_tools()
+        if tools is not None:  # the request's tools win over a `tools` in chat_template_kwargs
+            options["template_kwargs"] = {**(options["template_kwargs"] or {}), "tools": tools}
         if self.chat_template is not None:
             options["template"] = self.chat_template
         if not hasattr(tokenizer, "apply_chat_template"):  # a custom model's text codec renders its own way
             if options["continue_final_message"] or options["template_kwargs"]:
-                raise ParamError("this model renders chats itself: continue_final_message and chat_template_kwargs "
-                                 "do not apply", param="messages")
+                raise ParamError("this model renders chats itself: continue_final_message, chat_template_kwargs "
+                                 "and tools do not apply", param="tools" if tools else "messages")
             return tokenizer.encode_chat(body.message_dicts(), body.add_generation_prompt)
         return tokenizer.encode_chat(body.message_dicts(), body.add_generation_prompt, **options)
+
+    def tool_parser(self, tokenizer):
+        """The tool-call parser for a model: --tool-call-parser, else the one its chat template's text shows
+        (tool_calls.detect); None when neither names one."""
+        from ..tool_calls import detect, get_parser
+
+        if self.config.tool_call_parser:
+            return get_parser(self.config.tool_call_parser)
+        return detect(self.chat_template or getattr(tokenizer, "chat_template", None))
 
     def card(self, e: Entry) -> ModelCard:
         return ModelCard(**{**self.registry.describe(e), **self.card_extras})
@@ -903,7 +916,18 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
     # -- chat completions --------------------------------------------------------------------------------
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response):
+        tooling = {"parser": None}  # the tool-call parser when the request offers tools (set by prepare)
+
         def prepare(job: _Job) -> None:
+            tools, parser, constraint = body.offered_tools(), None, None
+            if tools is not None:
+                parser = state.tool_parser(job.tokenizer)
+                if parser is None:
+                    raise ParamError("tools: this model's chat template shows no tool-call format this server "
+                                     "knows (hermes, llama3_json, mistral); start the server with "
+                                     "--tool-call-parser NAME", param="tools")
+                constraint = body.tool_constraint(parser, tools)
+                tooling["parser"] = parser
             ids = state.encode_chat(job.tokenizer, body)
             job.prompt_tokens = len(ids)
             max_seq = job.driver.max_sequence
@@ -913,7 +937,9 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
                                  f"resulted in {len(ids)} tokens. Please reduce the length of the messages.",
                                  param="messages", code="context_length_exceeded")
             default_max = min(room, config.default_max_tokens or config.max_chat_default_tokens)
-            params = [body.to_sampling_params(max(default_max, 1), state.defaults, seed_offset=i)
+            params = [body.to_sampling_params(max(default_max, 1), state.defaults, seed_offset=i,
+                                              tool_constraint=constraint,
+                                              keep_special_tokens=parser is not None and parser.name == "mistral")
                       for i in range(body.n)]
             for sp in params:
                 state.check_context(job, ids, sp, "messages")
@@ -923,12 +949,18 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         model = state.model_field(body, job)
         if body.stream:
-            return _EventStream(_stream_chat(job, rid, created, body, model), on_close=partial(_end, job),
-                                headers=state.response_headers(job))
+            return _EventStream(_stream_chat(job, rid, created, body, model, tooling["parser"]),
+                                on_close=partial(_end, job), headers=state.response_headers(job))
         await _run_to_end(job, request)
-        choices = [ChatChoice(index=i, message=ResponseMessage(content=s.text), finish_reason=s.finish_reason,
-                              logprobs=_chat_logprobs(job.tokenizer, s.logprobs) if body.logprobs else None)
-                   for i, s in enumerate(job.seqs)]
+        choices = []
+        for i, s in enumerate(job.seqs):
+            message, finish = ResponseMessage(content=s.text), s.finish_reason
+            parsed = tooling["parser"].parse(s.text) if tooling["parser"] is not None else None
+            if parsed is not None and parsed.calls:  # OpenAI's shape: the calls, the text before them, "tool_calls"
+                message = ResponseMessage(content=parsed.content, tool_calls=[c.to_openai() for c in parsed.calls])
+                finish = "tool_calls"
+            choices.append(ChatChoice(index=i, message=message, finish_reason=finish,
+                                      logprobs=_chat_logprobs(job.tokenizer, s.logprobs) if body.logprobs else None))
         job.call.finish(200)
         response.headers.update(state.response_headers(job))
         return ChatCompletionResponse(id=rid, created=created, model=model, choices=choices, usage=job.usage())
@@ -1016,8 +1048,14 @@ def _stream_completion(job: _Job, rid: str, created: int, body: CompletionReques
     return _guarded(job, chunks())
 
 
-def _stream_chat(job: _Job, rid: str, created: int, body: ChatCompletionRequest, model: str):
+def _stream_chat(job: _Job, rid: str, created: int, body: ChatCompletionRequest, model: str, parser=None):
+    """`parser`: the request offers tools; each choice's text goes through a tool_calls.ToolStream: content streams
+    until a call's marker, the rest is held and sent at the end as `tool_calls` deltas (first the call's id, type
+    and name, then its arguments), with finish_reason "tool_calls"."""
+    from ..tool_calls import ToolStream
+
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    tool_streams = [ToolStream(parser) for _ in range(body.n)] if parser is not None else None
 
     def chunk(choices, usage=None) -> str:
         return _sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage))
@@ -1028,8 +1066,27 @@ def _stream_chat(job: _Job, rid: str, created: int, body: ChatCompletionRequest,
             lp = _chat_logprobs(job.tokenizer, [ev.logprobs]) if ev.logprobs is not None else None
             if not ev.text and ev.finish_reason is None and lp is None:
                 continue
-            delta = {"content": ev.text} if ev.text else {}
-            yield chunk([ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=ev.finish_reason)])
+            text, finish = ev.text, ev.finish_reason
+            if tool_streams is not None:
+                text = tool_streams[i].feed(ev.text) if ev.text else ""
+                if finish is not None:
+                    rest, calls = tool_streams[i].finish()
+                    text += rest
+                    if calls:
+                        if text or lp is not None:
+                            yield chunk([ChatChunkChoice(index=i, delta={"content": text} if text else {},
+                                                         logprobs=lp)])
+                        text, lp, finish = "", None, "tool_calls"
+                        for k, call in enumerate(calls):
+                            head = {"index": k, "id": call.id, "type": "function",
+                                    "function": {"name": call.name, "arguments": ""}}
+                            yield chunk([ChatChunkChoice(index=i, delta={"tool_calls": [head]})])
+                            yield chunk([ChatChunkChoice(index=i, delta={"tool_calls": [
+                                {"index": k, "function": {"arguments": call.arguments}}]})])
+                if not text and finish is None and lp is None:
+                    continue
+            delta = {"content": text} if text else {}
+            yield chunk([ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=finish)])
         if include_usage:
             yield chunk([], usage=job.usage())
 

@@ -196,6 +196,9 @@ class ServerConfig(_Strict):
                                              "served under, instead of its own (as vLLM)")
     chat_template: Optional[str] = Field(None, description="--chat-template: a Jinja chat template file used instead "
                                          "of each model's own (rendered in the same sandbox)")
+    tool_call_parser: Optional[Literal["hermes", "llama3_json", "mistral"]] = Field(
+        None, description="--tool-call-parser: the format model output is parsed for tool calls in (and forced calls "
+        "are written in); unset: detected from each model's chat template (inferneo_runtime/tool_calls.py)")
     allowed_hosts: list[str] = Field(default_factory=list, description="Host names the management endpoints answer "
                                      "for, beside loopback names, IP addresses and the bind address (DNS rebinding)")
     model_roots: list[str] = Field(default_factory=list, description="directories and s3:// prefixes models may be "

@@ -5,13 +5,15 @@ Request fields follow the order of OpenAI's API reference:
   https://platform.openai.com/docs/api-reference/chat/create
 Inferneo's extensions (vLLM's names) sit after them in one marked block. Unknown fields are accepted and
 logged, since clients send fields a server does not implement; OpenAI fields this server cannot honour
-(suffix, echo with logprobs, best_of > n, tools) are rejected with a 400.
+(suffix, echo with logprobs, best_of > n) are rejected with a 400.
 
 A request turns itself into SamplingParams with one precedence: the request's value, else the server's
 default, else the OpenAI API default (`to_sampling_params`).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import re
 import time
@@ -106,7 +108,7 @@ class _Sampling:
         return () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
 
     def _sampling_params(self, max_tokens: int, logprobs: Optional[int], defaults: Optional[dict],
-                         seed_offset: int) -> SamplingParams:
+                         seed_offset: int, constraint=None) -> SamplingParams:
         defaults = defaults or {}
         seed = self.seed if self.seed is None else self.seed + seed_offset
         return SamplingParams(
@@ -120,7 +122,7 @@ class _Sampling:
             ignore_eos=self.ignore_eos, logprobs=logprobs, speculative_tokens=self.speculative_tokens,
             logit_bias=self._logit_bias(), include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
-            constraint=self._constraint())
+            constraint=constraint or self._constraint())
 
     def _logit_bias(self) -> tuple[tuple[int, float], ...]:
         """OpenAI's logit_bias: {"token id": bias in [-100, 100]}. (The vocabulary bound is checked with the model.)"""
@@ -206,10 +208,48 @@ class ContentPart(OpenAIBaseModel):
     text: Optional[str] = None
 
 
+class FunctionCall(OpenAIBaseModel):
+    name: str = Field(max_length=256)
+    arguments: str = Field(description="the call's arguments: a JSON object, as text")
+
+
+class MessageToolCall(OpenAIBaseModel):
+    """A tool call of an earlier assistant message, sent back by the client."""
+
+    id: Optional[ShortText] = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIBaseModel):
     role: ShortText
     content: Optional[Union[str, Annotated[list[ContentPart], Field(max_length=1024)]]] = None
     name: Optional[ShortText] = None
+    tool_calls: Optional[Annotated[list[MessageToolCall], Field(max_length=128)]] = None  # role assistant
+    tool_call_id: Optional[ShortText] = None  # role tool: the call this message answers
+
+    def to_template(self, index: int) -> dict:
+        """The message as chat templates read it. A tool call's arguments become a dict, as vLLM passes them and
+        as HF templates (Qwen2.5/3, Llama 3.x, Hermes) expect (they render `arguments | tojson`)."""
+        out = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            calls = []
+            for j, call in enumerate(self.tool_calls):
+                try:
+                    args = json.loads(call.function.arguments)
+                except ValueError:
+                    args = None
+                if not isinstance(args, dict):
+                    raise ParamError(f"messages[{index}].tool_calls[{j}].function.arguments is not a JSON object",
+                                     param="messages")
+                calls.append({"id": call.id, "type": "function",
+                              "function": {"name": call.function.name, "arguments": args}})
+            out["tool_calls"] = calls
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.role == "tool" and self.name is not None:
+            out["name"] = self.name
+        return out
 
     def text(self) -> str:
         if self.content is None:
@@ -229,6 +269,22 @@ class ResponseFormat(OpenAIBaseModel):
     json_schema: Optional[dict[str, Any]] = None  # {"name", "schema", "strict"} with type "json_schema"
 
 
+class FunctionDefinition(OpenAIBaseModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="letters, digits, _ . - (OpenAI's rule), at most 64")
+    description: Optional[str] = Field(None, max_length=100_000)
+    parameters: Optional[dict[str, Any]] = Field(None, description="a JSON schema of the arguments object")
+    strict: Optional[bool] = None
+
+
+class ChatTool(OpenAIBaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+TOOL_CHOICES = ("auto", "none", "required")
+
+
 class _ChatFields(OpenAIBaseModel):
     # OpenAI's order: https://platform.openai.com/docs/api-reference/chat/create
     messages: list[ChatMessage] = Field(min_length=1)
@@ -246,6 +302,8 @@ class _ChatFields(OpenAIBaseModel):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     max_tokens: Optional[int] = Field(None, ge=1, description="deprecated by OpenAI for max_completion_tokens")
     n: int = Field(1, ge=1, le=128)
+    parallel_tool_calls: Optional[bool] = Field(None, description="false: at most one tool call (enforced with "
+                                                "tool_choice required or named)")
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
     response_format: Optional[ResponseFormat] = None
     seed: Optional[int] = Field(None, ge=0)
@@ -253,11 +311,23 @@ class _ChatFields(OpenAIBaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     temperature: Optional[float] = Field(None, ge=0, le=2)
-    tool_choice: Optional[Any] = None
-    tools: Optional[list[Any]] = None
+    tool_choice: Optional[Union[str, dict[str, Any]]] = Field(None, description="auto, none, required, or "
+                                                              "{\"type\": \"function\", \"function\": {\"name\": ...}}")
+    tools: Optional[Annotated[list[ChatTool], Field(max_length=256)]] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     top_p: Optional[float] = Field(None, gt=0, le=1)
     user: Optional[str] = Field(None, max_length=512)
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_shape(cls, v):
+        if v is None or v in TOOL_CHOICES:
+            return v
+        fn = v.get("function") if isinstance(v, dict) else None
+        if not (isinstance(v, dict) and v.get("type") == "function" and isinstance(fn, dict)
+                and isinstance(fn.get("name"), str) and set(v) <= {"type", "function"}):
+            raise ValueError('must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}')
+        return v
 
     @model_validator(mode="after")
     def _check(self):
@@ -298,21 +368,72 @@ class ChatCompletionRequest(_ChatTemplateOptions, _SamplingExtensions, _ChatFiel
     """POST /v1/chat/completions (OpenAI's fields first, then the extension blocks)."""
 
     def message_dicts(self) -> list[dict]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return [m.to_template(i) for i, m in enumerate(self.messages)]
 
     @property
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens or self.max_tokens
 
+    # -- tool calls (inferneo_runtime/tool_calls.py) ---------------------------------------------------------
+    def offered_tools(self) -> Optional[list[dict]]:
+        """The tools given to the chat template (as HF's apply_chat_template(tools=...) takes them: the request's
+        tool dicts), after checking them against tool_choice; None: no tools, or tool_choice "none"."""
+        choice = self.tool_choice
+        if not self.tools:
+            if choice not in (None, "none"):
+                raise ParamError("tool_choice needs tools: the request has none", param="tool_choice")
+            return None
+        names = [t.function.name for t in self.tools]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise ParamError(f"tools: two tools are named {dup!r}", param="tools")
+        if isinstance(choice, dict) and choice["function"]["name"] not in names:
+            raise ParamError(f"tool_choice names the function {choice['function']['name'][:64]!r}, which is not "
+                             f"one of the tools ({', '.join(names)})", param="tool_choice")
+        if choice == "none":
+            return None
+        constrained = [name for name, value in (("response_format", self.response_format and
+                                                 self.response_format.type != "text"),
+                                                ("guided_json", self.guided_json is not None),
+                                                ("guided_regex", self.guided_regex is not None),
+                                                ("guided_choice", self.guided_choice is not None),
+                                                ("guided_grammar", self.guided_grammar is not None)) if value]
+        if constrained:
+            raise ParamError(f"tools and {constrained[0]} cannot be combined: a tool call has its own format "
+                             f"(or set tool_choice: none)", param=constrained[0])
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def tool_constraint(self, parser, tools: list[dict]):
+        """The structured-output constraint that forces a call in `parser`'s format: tool_choice "required" (to
+        any of the tools) or a named function; None for "auto"."""
+        from ..structured import Constraint, ConstraintError
+
+        choice = self.tool_choice
+        if choice in (None, "auto"):
+            return None
+        if isinstance(choice, dict):
+            tools = [t for t in tools if t["function"]["name"] == choice["function"]["name"]]
+        parallel = self.parallel_tool_calls is not False and choice == "required"
+        constraint = Constraint("grammar", parser.grammar(tools, parallel), "tools")
+        try:
+            constraint.grammar()  # a tool's parameters that are not a usable JSON schema: a 400 now
+        except ConstraintError as e:
+            raise ParamError(f"tools: a function's parameters are not a JSON schema this server can enforce: "
+                             f"{str(e).split(': ', 1)[-1]}", param="tools") from None
+        return constraint
+
     def to_sampling_params(self, default_max_tokens: int, defaults: Optional[dict] = None,
-                           seed_offset: int = 0) -> SamplingParams:
+                           seed_offset: int = 0, tool_constraint=None,
+                           keep_special_tokens: bool = False) -> SamplingParams:
         """`default_max_tokens` (the rest of the context, or the server's default) applies when the request
-        sets none."""
-        self._reject_unsupported({"tools": bool(self.tools),
-                                  "tool_choice": self.tool_choice not in (None, "none")})
+        sets none. `tool_constraint`: tool_constraint()'s; `keep_special_tokens`: the tool-call parser reads a
+        special token (mistral's [TOOL_CALLS]), so it stays in the text."""
         max_tokens = self.requested_max_tokens or default_max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs, defaults, seed_offset)
+        params = self._sampling_params(max_tokens, logprobs, defaults, seed_offset, constraint=tool_constraint)
+        if keep_special_tokens:
+            params = dataclasses.replace(params, skip_special_tokens=False)
+        return params
 
 
 # -- responses --------------------------------------------------------------------------------------
@@ -359,9 +480,21 @@ class ChoiceLogprobs(BaseModel):
     content: Optional[list[ChatTokenLogprob]] = None
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ResponseMessage(BaseModel):
     role: str = "assistant"
     content: Optional[str] = None
+    tool_calls: Optional[list[ResponseToolCall]] = None  # set when the output was parsed into tool calls
 
 
 class ChatChoice(BaseModel):
@@ -382,7 +515,8 @@ class ChatCompletionResponse(BaseModel):
 
 class ChatChunkChoice(BaseModel):
     index: int
-    delta: dict[str, str]  # {"role": ...} first, then {"content": ...}, {} with the finish_reason
+    delta: dict[str, Any]  # {"role": ...} first, then {"content": ...} or {"tool_calls": [...]}, {} with the
+    # finish_reason
     logprobs: Optional[ChoiceLogprobs] = None
     finish_reason: Optional[str] = None
 
@@ -458,9 +592,13 @@ class TokenizeChatRequest(_ChatTemplateOptions, OpenAIBaseModel):
 
     model: Optional[str] = Field(None, max_length=512, description=MODEL_HELP)
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    tools: Optional[Annotated[list[ChatTool], Field(max_length=256)]] = None  # vLLM's: given to the template
 
     def message_dicts(self) -> list[dict]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return [m.to_template(i) for i, m in enumerate(self.messages)]
+
+    def offered_tools(self) -> Optional[list[dict]]:
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
 
 
 class TokenizeResponse(BaseModel):

@@ -1,0 +1,275 @@
+"""Tool calls: one parser per chat-template family, turning model output into OpenAI `tool_calls`, and the grammar
+that enforces a call (tool_choice "required" or a named function) through the structured-output mask.
+
+Formats (what the models are trained to write, and what vLLM's parsers of the same names read):
+  hermes       `<tool_call>{"name": "f", "arguments": {...}}</tool_call>`, one block per call (Qwen2.5, Qwen3,
+               Hermes 2/3; whitespace inside the tags is free)
+  llama3_json  the whole output is `{"name": "f", "parameters": {...}}` (or "arguments"), several joined by ";",
+               optionally after `<|python_tag|>` (Llama 3.1 / 3.2 / 3.3 JSON tool calling)
+  mistral      `[TOOL_CALLS][{"name": "f", "arguments": {...}}, ...]` (Mistral / Mixtral instruct v3+)
+
+Which one a server uses: `--tool-call-parser NAME`, else `detect(template)` on the chat template's text:
+`<tool_call>` -> hermes, `[TOOL_CALLS]` -> mistral, `<|python_tag|>` or an `ipython` role with a "parameters"
+object -> llama3_json; none of these: tool calls are refused (400) until the flag names a parser.
+
+Parsing is all or nothing: when every call block parses as JSON with a string `name` and an object of arguments,
+the calls are returned and `content` is the text before the first call (None when that is only whitespace; text
+after the calls is dropped, as vLLM's parsers do); otherwise (an unterminated block, invalid JSON, a call with no
+name) the whole output is returned as content, unchanged, and there are no calls.
+"""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+PARSERS: dict[str, "ToolParser"] = {}
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's function.arguments)
+    id: str = field(default_factory=new_call_id)
+
+    def to_openai(self) -> dict:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass
+class Parsed:
+    content: Optional[str]
+    calls: list[ToolCall]
+
+
+def _call(obj: Any, args_keys: Sequence[str]) -> Optional[ToolCall]:
+    """A ToolCall from a decoded JSON call object, or None when it is not one."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    args = next((obj[k] for k in args_keys if k in obj), {})
+    if isinstance(args, str):  # some models write the arguments as a JSON string
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+
+
+def _content(text: str) -> Optional[str]:
+    return text if text.strip() else None
+
+
+class ToolParser:
+    """`parse(text)`: the calls in a finished output. `start(text)`: where calls begin in a (partial) output, or
+    None; `may_start(text)`: whether more text could still make `start` find one (streaming holds that text back).
+    `grammar(tools, parallel)`: a Lark grammar (llguidance) whose every sentence parses as one call (or, parallel,
+    one or more) to one of `tools`, with arguments matching the tool's `parameters` schema."""
+
+    name = ""
+    marker = ""  # the text a call starts with
+
+    def parse(self, text: str) -> Parsed:
+        raise NotImplementedError
+
+    def start(self, text: str) -> Optional[int]:
+        at = text.find(self.marker)
+        return None if at < 0 else at
+
+    def holdback(self, text: str) -> int:
+        """How many characters at the end of `text` could be the beginning of the marker."""
+        for n in range(min(len(self.marker) - 1, len(text)), 0, -1):
+            if self.marker.startswith(text[-n:]):
+                return n
+        return 0
+
+    def grammar(self, tools: Sequence[dict], parallel: bool) -> str:
+        raise NotImplementedError
+
+
+def _json_rule(schema: dict) -> str:
+    """A Lark rule body embedding a JSON schema (llguidance's %json), compact like structured.py's JSON."""
+    return "%json " + json.dumps({**schema, "x-guidance": {"whitespace_flexible": False}})
+
+
+def _call_schema(tool: dict, args_key: str) -> dict:
+    fn = tool["function"]
+    params = fn.get("parameters") or {"type": "object"}
+    return {"type": "object", "properties": {"name": {"const": fn["name"]}, args_key: params},
+            "required": ["name", args_key], "additionalProperties": False}
+
+
+def _alternatives(tools: Sequence[dict], args_key: str) -> str:
+    """Lark rules `call: call_0 | call_1 ...`, one per tool."""
+    rules = [f"call: {' | '.join(f'call_{i}' for i in range(len(tools)))}"]
+    rules += [f"call_{i}: {_json_rule(_call_schema(t, args_key))}" for i, t in enumerate(tools)]
+    return "\n".join(rules)
+
+
+class HermesParser(ToolParser):
+    name = "hermes"
+    marker = "<tool_call>"
+    _block = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+
+    def parse(self, text: str) -> Parsed:
+        first = text.find(self.marker)
+        if first < 0:
+            return Parsed(text, [])
+        calls = []
+        rest = text[first:]
+        for m in self._block.finditer(rest):
+            try:
+                call = _call(json.loads(m.group(1).strip()), ("arguments", "parameters"))
+            except ValueError:
+                call = None
+            if call is None:
+                return Parsed(text, [])
+            calls.append(call)
+        # an unterminated block (an opening tag after the last closed one) makes the output plain text
+        tail = self._block.sub("", rest)
+        if not calls or self.marker in tail:
+            return Parsed(text, [])
+        return Parsed(_content(text[:first]), calls)
+
+    def grammar(self, tools, parallel):
+        block = 'block: "<tool_call>\\n" call "\\n</tool_call>"'
+        start = 'start: block ("\\n" block)*' if parallel else "start: block"
+        return "\n".join([start, block, _alternatives(tools, "arguments")])
+
+
+class Llama3JsonParser(ToolParser):
+    name = "llama3_json"
+    marker = "<|python_tag|>"
+
+    def start(self, text: str) -> Optional[int]:
+        stripped = text.lstrip()
+        at = len(text) - len(stripped)
+        return at if stripped.startswith(("{", self.marker)) else None
+
+    def holdback(self, text: str) -> int:
+        stripped = text.lstrip()
+        if not stripped or self.marker.startswith(stripped):  # only whitespace so far, or the tag's beginning
+            return len(text)
+        return 0
+
+    def parse(self, text: str) -> Parsed:
+        at = self.start(text)
+        if at is None:
+            return Parsed(text, [])
+        body = text[at:].removeprefix(self.marker).strip()
+        decoder, calls, i = json.JSONDecoder(), [], 0
+        while i < len(body):
+            try:
+                obj, i = decoder.raw_decode(body, i)
+            except ValueError:
+                return Parsed(text, [])
+            call = _call(obj, ("parameters", "arguments"))
+            if call is None:
+                return Parsed(text, [])
+            calls.append(call)
+            while i < len(body) and body[i] in " \t\r\n;":
+                i += 1
+        if not calls:
+            return Parsed(text, [])
+        return Parsed(_content(text[:at]), calls)
+
+    def grammar(self, tools, parallel):
+        start = 'start: call ("; " call)*' if parallel else "start: call"
+        return "\n".join([start, _alternatives(tools, "parameters")])
+
+
+class MistralParser(ToolParser):
+    name = "mistral"
+    marker = "[TOOL_CALLS]"
+
+    def parse(self, text: str) -> Parsed:
+        first = text.find(self.marker)
+        if first < 0:
+            return Parsed(text, [])
+        decoder, calls = json.JSONDecoder(), []
+        for part in text[first:].split(self.marker)[1:]:  # each marker opens a JSON list of calls (or one call)
+            try:
+                obj, end = decoder.raw_decode(part.strip())
+            except ValueError:
+                return Parsed(text, [])
+            for item in obj if isinstance(obj, list) else [obj]:
+                call = _call(item, ("arguments", "parameters"))
+                if call is None:
+                    return Parsed(text, [])
+                calls.append(call)
+        if not calls:
+            return Parsed(text, [])
+        return Parsed(_content(text[:first]), calls)
+
+    def grammar(self, tools, parallel):
+        # the list's items: any tool's call; one item unless parallel
+        items = {"anyOf": [_call_schema(t, "arguments") for t in tools]}
+        array = {"type": "array", "items": items, "minItems": 1, **({} if parallel else {"maxItems": 1})}
+        return "\n".join(['start: "[TOOL_CALLS]" calls', f"calls: {_json_rule(array)}"])
+
+
+for _parser in (HermesParser(), Llama3JsonParser(), MistralParser()):
+    PARSERS[_parser.name] = _parser
+
+
+def get_parser(name: str) -> ToolParser:
+    try:
+        return PARSERS[name]
+    except KeyError:
+        raise ValueError(f"unknown tool-call parser {name!r}; one of {', '.join(PARSERS)}") from None
+
+
+def detect(template: Optional[str]) -> Optional[ToolParser]:
+    """The parser for a chat template's tool-call format, from the template's text (None: no known format)."""
+    if not template:
+        return None
+    if "<tool_call>" in template:
+        return PARSERS["hermes"]
+    if "[TOOL_CALLS]" in template:
+        return PARSERS["mistral"]
+    if "<|python_tag|>" in template or ("ipython" in template and '"parameters"' in template):
+        return PARSERS["llama3_json"]
+    return None
+
+
+class ToolStream:
+    """Streams one choice's output: text before a call streams as content; from the call's marker on, the text is
+    held and parsed when the output ends (then emitted as tool calls, or as content if it does not parse).
+
+    Whitespace-only text is held too, so the streamed content matches `parse`'s (None for whitespace)."""
+
+    def __init__(self, parser: ToolParser):
+        self.parser = parser
+        self.text = ""
+        self.sent = 0  # characters of `text` emitted as content
+        self.held = False  # a call has started: the rest waits for the end
+
+    def feed(self, delta: str) -> str:
+        """The content to emit for `delta` ("" when it is held)."""
+        self.text += delta
+        if self.held:
+            return ""
+        at = self.parser.start(self.text)
+        if at is not None:
+            self.held = True
+            safe = at
+        else:
+            safe = len(self.text) - self.parser.holdback(self.text)
+        if safe <= self.sent or not self.text[:safe].strip():
+            return ""
+        out, self.sent = self.text[self.sent:safe], safe
+        return out
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """(content not yet emitted, the calls) once the output has ended."""
+        parsed = self.parser.parse(self.text)
+        if parsed.calls:
+            return (parsed.content or "")[self.sent:], parsed.calls
+        return self.text[self.sent:], []

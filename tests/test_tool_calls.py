@@ -1,0 +1,395 @@
+"""Tool calls (inferneo_runtime/tool_calls.py): the parsers on literal model outputs, and `tools` / `tool_choice` /
+`role: tool` messages against a real `inferneo serve` with the official openai client.
+
+The checkpoint has random weights, so a call it makes is the grammar's doing: tool_choice "required" or a named
+function is enforced with the structured-output mask, in the parser's format, so the call always parses and its
+arguments always match the function's schema.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from inferneo_runtime.tool_calls import PARSERS, ToolStream, detect, get_parser
+
+# -- parsers on literal outputs ------------------------------------------------------------------------------------
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                            "unit": {"type": "string", "enum": ["c", "f"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                        "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+       "required": ["a", "b"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": ADD}}]
+
+
+def _calls(parsed):
+    return [(c.name, json.loads(c.arguments)) for c in parsed.calls]
+
+
+@pytest.mark.parametrize("text,content,calls", [
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>',
+     None, [("get_weather", {"city": "Paris", "unit": "c"})]),
+    ('Let me check. <tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>\n'
+     '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "f"}}</tool_call>',
+     "Let me check. ", [("add", {"a": 1, "b": 2}), ("get_weather", {"city": "Oslo", "unit": "f"})]),
+    ('\n\n<tool_call>{"name": "add", "arguments": "{\\"a\\": 3}"}</tool_call>', None, [("add", {"a": 3})]),
+])
+def test_hermes_parses_calls(text, content, calls):
+    parsed = get_parser("hermes").parse(text)
+    assert parsed.content == content and _calls(parsed) == calls
+    assert all(c.id.startswith("call_") and len(c.id) > 10 for c in parsed.calls)
+    assert len({c.id for c in parsed.calls}) == len(parsed.calls)
+
+
+@pytest.mark.parametrize("text", [
+    'Sure <tool_call>{"name": "add", "arguments": {"a": 1',  # unterminated
+    '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call> then <tool_call>{"name": "add"',  # 2nd open
+    '<tool_call>{"name": add, "arguments": {}}</tool_call>',  # invalid JSON
+    '<tool_call>{"arguments": {"a": 1}}</tool_call>',  # no name
+    '<tool_call>{"name": "add", "arguments": [1, 2]}</tool_call>',  # arguments not an object
+    '<tool_call></tool_call>',
+    "just text, no calls",
+    "",
+])
+def test_hermes_malformed_output_stays_content(text):
+    parsed = get_parser("hermes").parse(text)
+    assert parsed.calls == [] and parsed.content == text
+
+
+def test_llama3_json_parser():
+    p = get_parser("llama3_json")
+    parsed = p.parse('{"name": "get_weather", "parameters": {"city": "Rome", "unit": "c"}}')
+    assert parsed.content is None and _calls(parsed) == [("get_weather", {"city": "Rome", "unit": "c"})]
+    parsed = p.parse('<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}; '
+                     '{"name": "add", "arguments": {"a": 3, "b": 4}}')
+    assert _calls(parsed) == [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})]
+    for text in ('The answer is {"name": "add"}', '{"name": "add", "parameters": {"a": 1}', '{"a": 1}',
+                 '{"name": "add", "parameters": {}} trailing words', "plain"):
+        parsed = p.parse(text)
+        assert parsed.calls == [] and parsed.content == text, text
+
+
+def test_mistral_parser():
+    p = get_parser("mistral")
+    parsed = p.parse('Checking.[TOOL_CALLS][{"name": "add", "arguments": {"a": 1, "b": 2}}, '
+                     '{"name": "get_weather", "arguments": {"city": "Lyon", "unit": "c"}}]')
+    assert parsed.content == "Checking." and _calls(parsed) == [("add", {"a": 1, "b": 2}),
+                                                                ("get_weather", {"city": "Lyon", "unit": "c"})]
+    for text in ('[TOOL_CALLS][{"name": "add", "arguments": {"a": 1}', '[TOOL_CALLS]nonsense', "[TOOL_CALLS][]"):
+        parsed = p.parse(text)
+        assert parsed.calls == [] and parsed.content == text, text
+
+
+def test_detect_from_the_chat_template():
+    assert detect("{% for t in tools %}{{ t | tojson }}{% endfor %}<tool_call>") is PARSERS["hermes"]
+    assert detect("{{ '[AVAILABLE_TOOLS]' }}{{ '[TOOL_CALLS]' }}") is PARSERS["mistral"]
+    assert detect("{{- '<|python_tag|>' + tool_call.name }}") is PARSERS["llama3_json"]
+    assert detect("{% if message.role == 'ipython' %}...Respond in the format {\"name\": function name, "
+                  "\"parameters\": dictionary}") is PARSERS["llama3_json"]
+    assert detect("{% for m in messages %}{{ m.content }}{% endfor %}") is None and detect(None) is None
+    with pytest.raises(ValueError, match="hermes"):
+        get_parser("nope")
+
+
+@pytest.mark.parametrize("name,text", [
+    ("hermes", 'Let me look. <tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'),
+    ("hermes", '  \n<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'),
+    ("hermes", "a <tool_ca but not a call, <tool_call>{broken"),
+    ("hermes", "text that ends in <tool_c"),
+    ("hermes", "   "),
+    ("llama3_json", '  {"name": "add", "parameters": {"a": 1, "b": 2}}'),
+    ("llama3_json", '<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}'),
+    ("llama3_json", "<|python_ but plain text"),
+    ("llama3_json", "Hello {not json}"),
+    ("mistral", 'ok [TOOL_CALLS][{"name": "add", "arguments": {"a": 5, "b": 6}}]'),
+    ("mistral", "[TOOL_CALL] almost"),
+])
+@pytest.mark.parametrize("step", [1, 3, 7])
+def test_streaming_reassembles_to_the_parse(name, text, step):
+    """Fed in pieces, the content emitted (as it streams plus at the end) and the calls equal parse()'s; no text of
+    a call is ever emitted as content."""
+    parser = get_parser(name)
+    parsed = parser.parse(text)
+    stream, content = ToolStream(parser), ""
+    for i in range(0, len(text), step):
+        content += stream.feed(text[i:i + step])
+        assert (parsed.content or "").startswith(content)  # never more than the content before the calls
+    rest, calls = stream.finish()
+    content += rest
+    assert (content or None) == parsed.content
+    assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in parsed.calls]
+
+
+def test_grammars_compile_and_bad_schemas_are_refused():
+    pytest.importorskip("llguidance")
+    from inferneo_runtime.structured import Constraint, ConstraintError
+
+    for parser in PARSERS.values():
+        for parallel in (False, True):
+            Constraint("grammar", parser.grammar(TOOLS, parallel), "tools").grammar()
+    bad = [{"type": "function", "function": {"name": "f", "parameters": {"type": "no-such-type"}}}]
+    with pytest.raises(ConstraintError):
+        Constraint("grammar", get_parser("hermes").grammar(bad, False), "tools").grammar()
+
+
+# -- the server ------------------------------------------------------------------------------------------------------
+# A Hermes-style template (what Qwen2.5's does, in short): the tools in a system turn (only their names and argument
+# names: the tiny tokenizer spends a token per character of JSON, and the artifact has 512 positions), assistant tool
+# calls as <tool_call> blocks with `arguments | tojson` (a dict, as the server passes it), tool results in their own
+# turn.
+TEMPLATE = """{%- if tools %}<s>system: Tools: {% for t in tools %}{{ t.function.name }}\
+({{ t.function.parameters.properties | list | join(',') }}) {% endfor %}in <tool_call></s>{% endif %}
+{%- for m in messages %}
+{%- if m.role == 'tool' %}<s>tool ({{ m.tool_call_id }}): {{ m.content }}</s>
+{%- elif m.role == 'assistant' and m.tool_calls %}<s>assistant: {% for c in m.tool_calls %}<tool_call>\
+{{ {"name": c.function.name, "arguments": c.function.arguments} | tojson }}</tool_call>{% endfor %}</s>
+{%- else %}<s>{{ m.role }}: {{ m.content }}</s>{% endif %}
+{%- endfor %}{% if add_generation_prompt %}<s>assistant: {% endif %}"""
+MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_checkpoint, tmp_path_factory):
+    """The tiny llama with room for the tools' JSON plus a call (the shared tiny artifact has 128 positions)."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("llguidance")
+    from conftest import tiny_recipe_fields
+    from inferneo_build import build
+    from inferneo_build.recipe import Recipe
+
+    out = tmp_path_factory.mktemp("art-tools") / "tiny-tools"
+    fields = tiny_recipe_fields(tiny_checkpoint("llama"), "tiny-tools", out, targets=("onnx",),
+                                shapes={"max_batch": 4, "max_sequence": 512})
+    return build(Recipe.model_validate(fields)).output
+
+
+def _serve(artifact, tmp_path_factory, *flags, template: bool = True):
+    from conftest import free_port, serve_subprocess
+
+    cwd = tmp_path_factory.mktemp("serve-tools")
+    shutil.copytree(artifact, cwd / "tiny-tools")
+    (cwd / "template.jinja").write_text(TEMPLATE)
+    port = free_port()
+    if template:
+        flags = ("--chat-template", str(cwd / "template.jinja"), *flags)
+    return serve_subprocess([str(cwd / "tiny-tools"), "--port", str(port), "--log-level", "warning", *flags],
+                            cwd, port)
+
+
+@pytest.fixture(scope="module")
+def server(artifact, tmp_path_factory):
+    with _serve(artifact, tmp_path_factory) as s:  # hermes: detected from the template's <tool_call>
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _chat(client, stream: bool, messages=MESSAGES, **kwargs):
+    """(content, [(name, arguments text)], finish_reason) of one chat completion, streamed (reassembled from the
+    deltas) or not."""
+    args = {"model": "tiny-tools", "messages": messages, "max_tokens": 200, "temperature": 0, "tools": TOOLS, **kwargs}
+    if not stream:
+        choice = client.chat.completions.create(**args).choices[0]
+        calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
+        assert all(c.type == "function" and c.id.startswith("call_") for c in choice.message.tool_calls or [])
+        return choice.message.content, calls, choice.finish_reason
+    content, calls, finish = "", {}, None
+    for chunk in client.chat.completions.create(stream=True, **args):
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for d in delta.tool_calls or []:
+            if d.index not in calls:  # the first delta of a call carries its id, type and name
+                assert d.id.startswith("call_") and d.type == "function" and d.function.name
+                calls[d.index] = [d.function.name, ""]
+            calls[d.index][1] += d.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    return content or None, [tuple(calls[k]) for k in sorted(calls)], finish
+
+
+def test_named_tool_choice_forces_a_valid_call(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    plain = _chat(client, stream=False, tool_choice=named)
+    content, calls, finish = plain
+    assert finish == "tool_calls" and content is None and len(calls) == 1, plain
+    name, arguments = calls[0]
+    assert name == "get_weather"
+    jsonschema.validate(json.loads(arguments), WEATHER)
+    assert _chat(client, stream=True, tool_choice=named) == plain  # greedy: the same call, streamed as deltas
+    sampled = _chat(client, stream=False, tool_choice=named, temperature=1.0, seed=3)  # sampled: still valid
+    assert sampled[2] == "tool_calls" and [c[0] for c in sampled[1]] == ["get_weather"]
+    jsonschema.validate(json.loads(sampled[1][0][1]), WEATHER)
+
+
+def test_required_calls_one_of_the_tools(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for seed, stream in ((0, False), (1, True), (2, False)):
+        content, calls, finish = _chat(client, stream=stream, tool_choice="required", parallel_tool_calls=False,
+                                       temperature=1.0, seed=seed)
+        assert finish == "tool_calls" and len(calls) == 1 and content is None, (content, calls)
+        jsonschema.validate(json.loads(calls[0][1]), schemas[calls[0][0]])
+    # n=2, streamed: each choice's calls arrive as its own deltas
+    calls = {}
+    for chunk in client.chat.completions.create(model="tiny-tools", messages=MESSAGES, tools=TOOLS, max_tokens=200,
+                                                n=2, temperature=1.0, seed=5, tool_choice="required",
+                                                parallel_tool_calls=False, stream=True):
+        for choice in chunk.choices:
+            for d in choice.delta.tool_calls or []:
+                entry = calls.setdefault((choice.index, d.index), ["", ""])
+                entry[0] += d.function.name or ""
+                entry[1] += d.function.arguments or ""
+    assert sorted(calls) == [(0, 0), (1, 0)], calls
+    for name, arguments in calls.values():
+        jsonschema.validate(json.loads(arguments), schemas[name])
+    # (parallel_tool_calls left on allows one or more calls: random weights go on calling until max_tokens, so the
+    # parallel grammars are checked token by token in test_grammars_accept_what_the_parsers_read)
+
+
+@pytest.mark.parametrize("name,one,two", [
+    ("hermes", '<tool_call>\n{"name":"add","arguments":{"a":1,"b":2}}\n</tool_call>',
+     '\n<tool_call>\n{"name":"get_weather","arguments":{"city":"Oslo","unit":"c"}}\n</tool_call>'),
+    ("llama3_json", '{"name":"add","parameters":{"a":1,"b":2}}',
+     '; {"name":"get_weather","parameters":{"city":"Oslo","unit":"c"}}'),
+])
+def test_grammars_accept_what_the_parsers_read(artifact, name, one, two):
+    """The enforcing grammar, token by token on the tiny tokenizer: a call in the parser's format is accepted and
+    complete; a second call only when parallel; arguments outside the schema are refused."""
+    from inferneo_runtime.structured import Constraint, sequence_constraint
+    from inferneo_runtime.tokenizer import Tokenizer
+
+    tok = Tokenizer(artifact)
+    parser = get_parser(name)
+
+    def accepts(text: str, parallel: bool) -> bool:
+        seq = sequence_constraint(Constraint("grammar", parser.grammar(TOOLS, parallel), "tools"), tok, [tok.eos_id])
+        for t in tok.encode(text, add_special_tokens=False):
+            if not seq.allowed(tok.vocab_size)[t]:
+                return False
+            seq.advance(t)
+        return bool(seq.allowed(tok.vocab_size)[tok.eos_id])  # complete: the sequence may end here
+
+    assert _calls(parser.parse(one + two)) == [("add", {"a": 1, "b": 2}), ("get_weather", {"city": "Oslo",
+                                                                                             "unit": "c"})]
+    assert accepts(one, False) and accepts(one, True) and accepts(one + two, True)
+    assert not accepts(one + two, False)
+    assert not accepts(one.replace('"b":2', '"b":200'), True)  # maximum 99
+    assert not accepts(one.replace('"add"', '"sub"'), True)  # not a tool
+
+
+def test_auto_and_none(server, client):
+    """auto: the output is parsed (random weights write no call: it stays content); none: the tools are not
+    offered at all (the prompt is the one without tools) and nothing is parsed."""
+    import httpx
+
+    def prompt_tokens(**body) -> int:
+        r = httpx.post(f"{server.url}/tokenize", json={"model": "tiny-tools", "messages": MESSAGES, **body})
+        assert r.status_code == 200, r.text
+        return r.json()["count"]
+
+    for stream in (False, True):
+        content, calls, finish = _chat(client, stream=stream, max_tokens=8)  # auto is the default with tools
+        assert calls == [] and finish in ("stop", "length") and content
+    auto = client.chat.completions.create(model="tiny-tools", messages=MESSAGES, max_tokens=1, tools=TOOLS)
+    none = client.chat.completions.create(model="tiny-tools", messages=MESSAGES, max_tokens=1, tools=TOOLS,
+                                          tool_choice="none")
+    assert auto.usage.prompt_tokens == prompt_tokens(tools=TOOLS) > prompt_tokens() == none.usage.prompt_tokens
+
+
+def test_tool_result_round_trip(server, client):
+    """The assistant's call and a role: tool message go back in; the template renders both (the arguments as the
+    dict it expects), and the model answers."""
+    import httpx
+
+    call = {"id": "call_abc123", "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris", "unit": "c"})}}
+    turns = MESSAGES + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                        {"role": "tool", "tool_call_id": "call_abc123", "content": "sunny, 21 degrees"}]
+    r = httpx.post(f"{server.url}/tokenize", json={"model": "tiny-tools", "messages": turns, "tools": TOOLS})
+    assert r.status_code == 200, r.text
+    tokens = r.json()["tokens"]
+    prompt = httpx.post(f"{server.url}/detokenize", json={"model": "tiny-tools", "tokens": tokens}).json()["prompt"]
+    assert 'assistant: <tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}' \
+           '</tool_call>' in prompt, prompt
+    assert "tool (call_abc123): sunny, 21 degrees" in prompt and prompt.endswith("assistant: ")
+    answer = client.chat.completions.create(model="tiny-tools", messages=turns, tools=TOOLS, max_tokens=4,
+                                            temperature=0)
+    assert answer.usage.prompt_tokens == len(tokens)  # the chat request saw that same prompt
+    forced = _chat(client, stream=False, messages=turns, tool_choice={"type": "function", "function": {"name": "add"}})
+    assert forced[2] == "tool_calls" and forced[1][0][0] == "add"
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    (dict(tool_choice={"type": "function", "function": {"name": "no_such_tool"}}), "tool_choice"),
+    (dict(tool_choice="sometimes"), "tool_choice"),
+    (dict(tool_choice={"type": "function"}), "tool_choice"),
+    (dict(tools=[{"type": "function", "function": {"description": "no name"}}]), "tools"),
+    (dict(tools=[{"type": "function"}]), "tools"),
+    (dict(tools=[{"type": "function", "function": {"name": "bad name!"}}]), "tools"),
+    (dict(tools=[TOOLS[0], TOOLS[0]]), "tools"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "no-such-type"}}}],
+          tool_choice="required"), "tools"),
+    (dict(tools=None, tool_choice="required"), "tool_choice"),
+    (dict(response_format={"type": "json_object"}), "response_format"),
+    (dict(extra_body={"guided_regex": "[0-9]+"}), "guided_regex"),
+])
+def test_bad_tool_requests_are_400s_naming_the_field(client, kwargs, param):
+    openai = pytest.importorskip("openai")
+    args = dict(model="tiny-tools", messages=MESSAGES, max_tokens=4, tools=TOOLS)
+    args.update(kwargs)
+    if args["tools"] is None:
+        del args["tools"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**args)
+    assert e.value.body["param"].split(".")[0] == param, e.value.body
+    assert param in e.value.body["message"]
+    if param in ("response_format", "guided_regex"):  # a combination: the message names both fields
+        assert "tools" in e.value.body["message"]
+
+
+def test_bad_tool_call_arguments_in_messages_are_400s(client):
+    openai = pytest.importorskip("openai")
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{not json"}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny-tools", max_tokens=2, tools=TOOLS, messages=MESSAGES + [
+            {"role": "assistant", "tool_calls": [call]}, {"role": "tool", "tool_call_id": "call_1", "content": "3"}])
+    assert e.value.body["param"] == "messages" and "arguments" in e.value.body["message"]
+
+
+@pytest.mark.parametrize("parser", ["llama3_json", "mistral"])
+def test_the_flag_chooses_the_format(artifact, tmp_path_factory, parser):
+    """--tool-call-parser overrides the template's format: the forced call is written (and parsed) in its own."""
+    openai = pytest.importorskip("openai")
+    jsonschema = pytest.importorskip("jsonschema")
+    with _serve(artifact, tmp_path_factory, "--tool-call-parser", parser) as s:
+        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        named = {"type": "function", "function": {"name": "add"}}
+        plain = _chat(client, stream=False, tool_choice=named)
+        assert plain[2] == "tool_calls" and [c[0] for c in plain[1]] == ["add"], plain
+        jsonschema.validate(json.loads(plain[1][0][1]), ADD)
+        assert _chat(client, stream=True, tool_choice=named) == plain
+
+
+def test_a_template_with_no_known_format_needs_the_flag(artifact, tmp_path_factory):
+    """The tiny model's own template shows no tool-call format: tools are a 400 naming them (unless not offered)."""
+    openai = pytest.importorskip("openai")
+    with _serve(artifact, tmp_path_factory, template=False) as s:
+        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        for choice in ("auto", "required"):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model="tiny-tools", messages=MESSAGES, max_tokens=2, tools=TOOLS,
+                                               tool_choice=choice)
+            assert e.value.body["param"] == "tools" and "--tool-call-parser" in e.value.body["message"]
+        r = client.chat.completions.create(model="tiny-tools", messages=MESSAGES, max_tokens=2, tools=TOOLS,
+                                           tool_choice="none")
+        assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
