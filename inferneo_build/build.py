@@ -382,7 +382,8 @@ def _build_in(staging: Path, recipe: Recipe, checkpoint, spec: DecoderSpec, mode
         # float32 must reproduce the reference exactly; reduced precisions are held to stated tolerances
         tolerance = None if precision == "fp32" else Tolerances(**recipe.tolerance_for(target).model_dump(exclude={"cosine"}))
         with progress.step(f"validate {name} against the reference"):
-            device = "cuda" if target.format == "tensorrt" else "cpu"  # engines run on the GPU that built them
+            # engines and cuda .pt2 packages are validated on the GPU that built them
+            device = "cuda" if target.format == "tensorrt" or getattr(target, "device", "cpu") == "cuda" else "cpu"
             with backend_class(target.format)(staging, entry, dims, device=device, host_cache=False) as backend:
                 report = compare_target(name, backend, val.prompts, prompt_ids, reference, val.max_new_tokens,
                                         val.logits_atol, eos_ids, tolerance=tolerance, precision=precision,

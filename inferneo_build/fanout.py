@@ -300,7 +300,7 @@ def _run_ray(jobs: list[_Job], *, force: bool, cache: Optional[str], sign_key: O
                 sub = _sub_recipe(job.recipe, target) if target is not None else job.recipe
                 name = job.recipe.target_name(target) if target is not None else None
                 out = job.output.parent / WORK_DIR / job.recipe.name / name if name else job.output
-                gpu = any(t.format == "tensorrt" for t in sub.targets)
+                gpu = any(t.format == "tensorrt" or getattr(t, "device", "cpu") == "cuda" for t in sub.targets)
                 ref = remote.options(num_cpus=1, num_gpus=1 if gpu else 0).remote(
                     sub.model_dump_json(), str(out), cwd, cache, force, name,
                     bool(target is not None and target.optional))

@@ -203,6 +203,18 @@ class TorchScriptTarget(_Reduced):
         return self
 
 
+class Pt2Target(_Reduced):
+    """torch.export + AOTInductor: the decoder compiled ahead of time into a `.pt2` package for one device type
+    (C++ kernels built with the host's g++ for cpu; CUDA kernels on a GPU host for cuda)."""
+
+    format: Literal["pt2"]
+    name: Optional[str] = TARGET_NAME
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    device: Literal["cpu", "cuda"] = Field("cpu", description="the device the package is compiled for and runs on; "
+                                           "cuda needs a CUDA GPU on the build host")
+    optional: bool = False
+
+
 class TensorRTTarget(_Reduced):
     format: Literal["tensorrt"]
     name: Optional[str] = TARGET_NAME
@@ -213,7 +225,7 @@ class TensorRTTarget(_Reduced):
     optional: bool = False
 
 
-Target = Annotated[Union[OnnxTarget, TorchScriptTarget, TensorRTTarget], Field(discriminator="format")]
+Target = Annotated[Union[OnnxTarget, TorchScriptTarget, Pt2Target, TensorRTTarget], Field(discriminator="format")]
 
 
 class Shapes(_Strict):
@@ -285,7 +297,7 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _task_fits(self):
         if self.is_encoder:
-            bad = [self.target_name(t) for t in self.targets if t.format == "tensorrt"]
+            bad = [self.target_name(t) for t in self.targets if t.format in ("tensorrt", "pt2")]
             if bad:
                 raise ValueError(f"targets: {', '.join(bad)}: task {self.task} builds onnx and torchscript targets only")
             bad = [self.target_name(t) for t in self.targets if t.format == "onnx" and t.precision in ("fp16", "int4")]

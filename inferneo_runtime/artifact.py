@@ -23,7 +23,7 @@ from .manifest import Manifest, read_manifest, verify_files
 from .tokenizer import Tokenizer
 
 # When no target is named, prefer the one that needs the fewest extras on this host.
-TARGET_PREFERENCE = ("onnx", "torchscript", "tensorrt")
+TARGET_PREFERENCE = ("onnx", "torchscript", "pt2", "tensorrt")
 
 
 class TargetNotAvailable(InferneoError):

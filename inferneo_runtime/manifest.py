@@ -16,7 +16,7 @@ from .errors import IntegrityError, ManifestError
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "inferneo.json"
 VALIDATION_NAME = "validation.json"
-TargetFormat = Literal["onnx", "torchscript", "tensorrt"]
+TargetFormat = Literal["onnx", "torchscript", "pt2", "tensorrt"]
 Task = Literal["text-generation", "feature-extraction", "text-classification"]
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
 # Bounds on every number that reaches arithmetic (memory estimates, cache shapes, metrics): a manifest saying
@@ -67,8 +67,8 @@ class IOSignature(_Model):
     outputs: list[TensorSpec]
     # How the KV cache is passed: "per_layer" = past_key_values.{i}.key/value (+ present.* outputs bound
     # to the same buffers); "stacked" = one [layers, 2, batch, kv_heads, capacity, head_dim] tensor;
-    # "none" = no cache (encoders).
-    kv_layout: Literal["per_layer", "stacked", "none"]
+    # "slot_major" = one [batch, layers, 2, kv_heads, capacity, head_dim] tensor (.pt2); "none" = no cache (encoders).
+    kv_layout: Literal["per_layer", "stacked", "slot_major", "none"]
     kv_input: str = "past_key_values.{}.{}"  # per-layer template: layer index, "key"|"value"
     kv_output: str = "present.{}.{}"
 

@@ -35,7 +35,7 @@ logger = logging.getLogger("inferneo.server")
 
 BARE_SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".plan": "tensorrt",
                  ".engine": "tensorrt", ".trt": "tensorrt"}
-TARGET_PREFERENCE = ("onnx", "torchscript", "tensorrt")
+TARGET_PREFERENCE = ("onnx", "torchscript", "pt2", "tensorrt")
 # manifest dtype (the weights') -> precision, for targets written before `precision` was recorded
 DTYPE_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int8": "int8", "int4": "int4"}
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --dtype's precision -> words

@@ -306,6 +306,7 @@ def _gb(n: Optional[int]) -> str:
 _EXTRAS = {  # format -> [(module, what, extra)]
     "onnx": [("onnxruntime", "ONNX artifacts", "cpu")],  # or the gpu extra: either onnxruntime wheel works
     "torchscript": [("torch", "TorchScript artifacts", "torchscript")],
+    "pt2": [("torch", ".pt2 (AOTInductor) artifacts", "torchscript")],
     "tensorrt": [("tensorrt", "TensorRT engines", "tensorrt"), ("torch", "TensorRT engines", "tensorrt")],
 }
 
@@ -339,6 +340,8 @@ def check(manifest: Manifest, target: str, device: str = "cpu", host: Optional[H
     gpu = _check_cuda(v, entry, kind, index, host) if kind == "cuda" else None
     if entry.format == "tensorrt":
         _check_tensorrt(v, entry, kind, gpu, host)
+    if entry.format == "pt2":
+        _check_pt2_device(v, entry, kind, gpu)
     _check_memory(v, manifest, entry, kind, gpu, host)
     return v
 
@@ -402,7 +405,7 @@ def _check_torch_version(v: Verdict, entry: TargetEntry, host: Host) -> None:
 
 
 def _check_cuda(v: Verdict, entry: TargetEntry, kind: str, index: int, host: Host) -> Optional[GPU]:
-    if entry.format in ("torchscript", "tensorrt"):
+    if entry.format in ("torchscript", "pt2", "tensorrt"):
         if host.version("torch") is None:
             return None  # already reported as a missing extra
         usable, reason = host.torch_cuda()
@@ -423,6 +426,27 @@ def _check_cuda(v: Verdict, entry: TargetEntry, kind: str, index: int, host: Hos
     v.facts["gpu"] = gpu.name
     v.facts["compute_capability"] = gpu.compute_capability
     return gpu
+
+
+def _check_pt2_device(v: Verdict, entry: TargetEntry, kind: str, gpu: Optional[GPU]) -> None:
+    """A .pt2 package is compiled kernels for one device type (and, on CUDA, for the GPU architecture it was built
+    on): asked for another, it is refused here rather than failing inside the loader."""
+    built = entry.compatibility.get("device")
+    v.facts["pt2_device"] = built
+    if built is None:
+        v.warn("device", "no device is recorded for this .pt2 target; it loads only on the device type it was "
+                         "compiled for")
+        return
+    if built != kind:
+        v.error("device", f"the .pt2 target was compiled for {built}; asked for device {v.device!r}. AOTInductor "
+                          f"packages run on the device type they were compiled for: use --device {built}, or build "
+                          f"a pt2 target with device: {kind}")
+        return
+    arch = entry.compatibility.get("cuda_arch")
+    if gpu is not None and arch is not None and str(arch) != gpu.compute_capability:
+        v.error("compute_capability", f"the .pt2 target was compiled for compute capability {arch}; cuda:{gpu.index} "
+                                      f"is {gpu.name} with compute capability {gpu.compute_capability}: rebuild the "
+                                      f"target on a GPU of that architecture")
 
 
 def _check_tensorrt(v: Verdict, entry: TargetEntry, kind: str, gpu: Optional[GPU], host: Host) -> None:

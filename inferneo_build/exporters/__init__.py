@@ -72,6 +72,12 @@ def _torchscript():
     return export_torchscript
 
 
+@register_exporter("pt2")
+def _pt2():
+    from .pt2 import export_pt2
+    return export_pt2
+
+
 @register_exporter("tensorrt")
 def _tensorrt():
     from .tensorrt import export_tensorrt

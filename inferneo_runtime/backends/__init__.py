@@ -14,6 +14,12 @@ def _torchscript():
     return TorchScriptBackend
 
 
+@register_backend("pt2")
+def _pt2():
+    from .pt2 import Pt2Backend
+    return Pt2Backend
+
+
 @register_backend("tensorrt")
 def _tensorrt():
     from .tensorrt import TensorRTBackend

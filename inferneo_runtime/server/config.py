@@ -52,7 +52,7 @@ ENV_ALIASES = {"INFERNEO_MODEL": "models", "INFERNEO_GPU_MEMORY_UTIL": "gpu_memo
 LIST_FIELDS = ("artifacts", "models", "trusted_keys", "adapters", "allowed_hosts", "model_roots")
 MODEL_LIST_FIELDS = ("artifacts", "models")
 
-Format = Literal["onnx", "torchscript", "tensorrt"]
+Format = Literal["onnx", "torchscript", "pt2", "tensorrt"]
 # --dtype names (vLLM's) and what a target's precision must be for each; "auto" takes any.
 DTYPES = {"auto": None, "half": "fp16", "float16": "fp16", "fp16": "fp16", "bfloat16": "bf16", "bf16": "bf16",
           "float": "fp32", "float32": "fp32", "fp32": "fp32"}

@@ -663,7 +663,7 @@ class RegisterModelRequest(_AdminModel):
     path: ModelPath = Field(description="artifact directory, s3:// URI, checkpoint directory, hub id or model file")
     name: Optional[str] = Field(None, min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
     version: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
-    format: Optional[Literal["onnx", "torchscript", "tensorrt"]] = None
+    format: Optional[Literal["onnx", "torchscript", "pt2", "tensorrt"]] = None
     target: Optional[str] = Field(None, min_length=1, max_length=64)
     tokenizer: Optional[ModelPath] = None
     dtype: Optional[str] = Field(None, max_length=16)

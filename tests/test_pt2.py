@@ -1,0 +1,122 @@
+"""The `.pt2` target (torch.export + AOTInductor) built on this host's CPU: validated against transformers,
+checksummed, preflighted, and run by the generation loop with continuous batching over its slot-major cache."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import inferneo_runtime
+from conftest import PROMPTS, run_cli, tiny_recipe_fields
+from inferneo_runtime import SamplingParams, preflight
+from inferneo_runtime.manifest import MANIFEST_NAME, read_manifest
+from inferneo_runtime.preflight import GPU, Host
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                reason="AOTInductor needs a C++ compiler (g++) to build the .pt2 target")
+
+# Gemma 2's shape: a sliding window shorter than the tests' sequences, attention and final softcaps, sandwich norms
+MODEL_TYPE = "gemma2"
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_checkpoint, tmp_path_factory):
+    from inferneo_build import build
+    from inferneo_build.recipe import Recipe
+
+    out = tmp_path_factory.mktemp("pt2") / "tiny-pt2"
+    fields = tiny_recipe_fields(tiny_checkpoint(MODEL_TYPE), "tiny-pt2", out, targets=("torchscript", "pt2"))
+    return build(Recipe.model_validate(fields)).output
+
+
+def test_pt2_target_is_validated_and_described(artifact):
+    m = read_manifest(artifact)
+    entry = m.targets["pt2"]
+    assert entry.status == "valid" and entry.validation.status == "passed"
+    assert [f.path for f in entry.files] == ["pt2/model.pt2"]
+    assert entry.io.kv_layout == "slot_major"
+    assert entry.io.inputs[3].shape[0] == "batch" and entry.io.inputs[3].shape[4] == "capacity"
+    assert entry.toolchain["torch"] == torch.__version__ and entry.toolchain["device"] == "cpu"
+    assert entry.compatibility == {"device": "cpu"}
+    # validation compared every step's logits with transformers'; the report records how close they were
+    report = json.loads((artifact / "validation.json").read_text())
+    pt2 = next(t for t in report["targets"] if t["target"] == "pt2")
+    assert pt2["passed"] and entry.validation.token_match and 0 < pt2["max_abs_logits_error"] < 1e-3
+    r = run_cli("validate", str(artifact), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["ok"]
+
+
+def test_pt2_generates_the_goldens_alone_and_in_a_running_batch(artifact):
+    m = read_manifest(artifact)
+    with inferneo_runtime.load(artifact, target="pt2") as model, \
+            inferneo_runtime.load(artifact, target="torchscript") as traced:
+        for golden in m.goldens:  # transformers' greedy tokens, recorded at build time
+            out = model.generate_ids([golden.prompt_ids], SamplingParams(max_new_tokens=len(golden.tokens),
+                                                                          ignore_eos=True))[0]
+            assert out.token_ids == golden.tokens
+        # more requests than max_batch (4), of different lengths: requests join and leave a running batch, so the
+        # compiled graph runs on slot ranges that start past 0 of a bigger cache, which must not disturb the rest
+        prompts = [PROMPTS[i % 3] + " y" * i for i in range(7)]
+        params = [SamplingParams(max_new_tokens=4 + 3 * i, ignore_eos=True) for i in range(7)]
+        ids = [model.tokenizer.encode(p) for p in prompts]
+        together = model.generate_ids(ids, params)
+        for i in range(7):
+            alone = model.generate_ids([ids[i]], params[i])[0].token_ids
+            assert together[i].token_ids == alone
+        # the same decoder traced by TorchScript gives the same tokens
+        assert [o.token_ids for o in traced.generate_ids(ids, params)] == [o.token_ids for o in together]
+
+
+def test_pt2_logprobs_agree_with_torchscript(artifact):
+    prompt = PROMPTS[0]
+    with inferneo_runtime.load(artifact, target="pt2") as model, \
+            inferneo_runtime.load(artifact, target="torchscript") as traced:
+        a = model.generate(prompt, max_new_tokens=8, logprobs=3)
+        b = traced.generate(prompt, max_new_tokens=8, logprobs=3)
+    assert a.token_ids == b.token_ids
+    np.testing.assert_allclose([t.logprob for t in a.logprobs], [t.logprob for t in b.logprobs], atol=1e-4)
+
+
+def test_preflight_refuses_a_pt2_target_on_another_device_or_torch(artifact, tmp_path):
+    m = read_manifest(artifact)
+    cuda_host = Host(versions={"torch": torch.__version__}, torch_cuda=True,
+                     gpus=[GPU(0, "NVIDIA H100 80GB HBM3", "9.0", total_bytes=80 * 10**9, free_bytes=70 * 10**9)],
+                     available_memory=16 * 10**9)
+    v = preflight.check(m, "pt2", "cuda", cuda_host)
+    assert not v.ok
+    assert any(p.check == "device" and "compiled for cpu" in p.message for p in v.errors)
+    assert preflight.check(m, "pt2", "cpu", Host(versions={"torch": torch.__version__})).ok
+
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    other = f"{major}.{minor + 1}.0"
+    v = preflight.check(m, "pt2", "cpu", Host(versions={"torch": other}))
+    assert not v.ok
+    message = next(p.message for p in v.errors if p.check == "torch_version")
+    assert torch.__version__ in message and other in message
+
+    # the loader is refused before it touches the package, and says why
+    copy = tmp_path / "art"
+    shutil.copytree(artifact, copy)
+    raw = json.loads((copy / MANIFEST_NAME).read_text())
+    raw["targets"]["pt2"]["toolchain"]["torch"] = "2.1.0"
+    (copy / MANIFEST_NAME).write_text(json.dumps(raw, indent=2))
+    with pytest.raises(Exception, match=r"compiled by torch 2\.1\.0"):
+        inferneo_runtime.load(copy, target="pt2")
+
+
+def test_pt2_recipe_errors_name_the_field(tiny_checkpoint, tmp_path):
+    from pydantic import ValidationError
+
+    from inferneo_build.recipe import Recipe
+
+    fields = tiny_recipe_fields(tiny_checkpoint(MODEL_TYPE), "bad", tmp_path / "out", targets=())
+    fields["targets"] = [{"format": "pt2", "device": "tpu"}]
+    with pytest.raises(ValidationError, match="device"):
+        Recipe.model_validate(fields)
+    fields["targets"] = [{"format": "pt2", "precision": "int4"}]
+    with pytest.raises(ValidationError, match="precision"):
+        Recipe.model_validate(fields)
