@@ -23,6 +23,7 @@ import importlib.metadata
 import importlib.util
 import os
 import re
+from pathlib import Path
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
@@ -76,7 +77,8 @@ class Host:
 
     def __init__(self, *, versions: Optional[dict[str, Optional[str]]] = None, torch_cuda: Optional[bool] = None,
                  torch_cuda_reason: str = "", gpus: Optional[list[GPU]] = None,
-                 onnx_providers: Optional[list[str]] = None, available_memory=_NOT_PROBED):
+                 onnx_providers: Optional[list[str]] = None, available_memory=_NOT_PROBED,
+                 cpu_flags: Optional[set[str]] = None):
         self._versions = dict(versions or {})
         self._version_notes: dict[str, str] = {}
         self._torch_cuda = torch_cuda
@@ -84,6 +86,7 @@ class Host:
         self._gpus = gpus
         self._providers = onnx_providers
         self._available = available_memory
+        self._cpu_flags = cpu_flags
 
     # versions
     def version(self, module: str) -> Optional[str]:
@@ -165,6 +168,18 @@ class Host:
             self._providers = list(onnxruntime.get_available_providers())
         return self._providers
 
+    # the CPU's instruction-set flags (/proc/cpuinfo), for compiled CPU code (.pt2)
+    def cpu_flags(self) -> Optional[set[str]]:
+        """None when unknown (no /proc/cpuinfo)."""
+        if self._cpu_flags is None:
+            try:
+                text = Path("/proc/cpuinfo").read_text()
+            except OSError:
+                return None
+            line = next((ln for ln in text.splitlines() if ln.split(":")[0].strip() in ("flags", "Features")), "")
+            self._cpu_flags = set(line.partition(":")[2].split())
+        return self._cpu_flags
+
     # host RAM
     def available_memory(self) -> Optional[int]:
         if self._available is _NOT_PROBED:
@@ -208,7 +223,7 @@ def _mem_available() -> Optional[int]:
 # -- the verdict ------------------------------------------------------------------------------------------
 @dataclass
 class Finding:
-    check: str  # extras | device | cuda | torch_version | tensorrt_version | compute_capability | memory | status
+    check: str  # extras | device | cuda | torch_version | tensorrt_version | compute_capability | cpu_isa | memory | status
     level: Literal["error", "warning"]
     message: str
     missing_extra: Optional[tuple[str, str, str]] = None  # (what, extra, module) for MissingExtraError
@@ -341,7 +356,7 @@ def check(manifest: Manifest, target: str, device: str = "cpu", host: Optional[H
     if entry.format == "tensorrt":
         _check_tensorrt(v, entry, kind, gpu, host)
     if entry.format == "pt2":
-        _check_pt2_device(v, entry, kind, gpu)
+        _check_pt2_device(v, entry, kind, gpu, host)
     _check_memory(v, manifest, entry, kind, gpu, host)
     return v
 
@@ -428,7 +443,12 @@ def _check_cuda(v: Verdict, entry: TargetEntry, kind: str, index: int, host: Hos
     return gpu
 
 
-def _check_pt2_device(v: Verdict, entry: TargetEntry, kind: str, gpu: Optional[GPU]) -> None:
+# the /proc/cpuinfo flags each of inductor's vector ISAs compiles for (its -m flags)
+CPU_ISA_FLAGS = {"avx2": ["avx2", "fma", "f16c"], "avx512": ["avx512f", "avx512dq", "avx512vl", "avx512bw", "fma"],
+                 "avx512_vnni": ["avx512_vnni"], "amx_tile": ["amx_tile"], "asimd": ["asimd"]}
+
+
+def _check_pt2_device(v: Verdict, entry: TargetEntry, kind: str, gpu: Optional[GPU], host: Host) -> None:
     """A .pt2 package is compiled kernels for one device type (and, on CUDA, for the GPU architecture it was built
     on): asked for another, it is refused here rather than failing inside the loader."""
     built = entry.compatibility.get("device")
@@ -442,6 +462,15 @@ def _check_pt2_device(v: Verdict, entry: TargetEntry, kind: str, gpu: Optional[G
                           f"packages run on the device type they were compiled for: use --device {built}, or build "
                           f"a pt2 target with device: {kind}")
         return
+    isa = entry.compatibility.get("cpu_isa")
+    flags = host.cpu_flags() if kind == "cpu" and isa else None
+    if flags is not None:
+        v.facts["pt2_cpu_isa"] = isa
+        lacking = [f for word in str(isa).split() for f in CPU_ISA_FLAGS.get(word, [word]) if f not in flags]
+        if lacking:
+            v.error("cpu_isa", f"the .pt2 target's kernels were compiled for {isa}; this CPU lacks "
+                               f"{', '.join(lacking)} and would stop on an illegal instruction: rebuild the target on "
+                               f"a host of this CPU type (or an older one)")
     arch = entry.compatibility.get("cuda_arch")
     if gpu is not None and arch is not None and str(arch) != gpu.compute_capability:
         v.error("compute_capability", f"the .pt2 target was compiled for compute capability {arch}; cuda:{gpu.index} "

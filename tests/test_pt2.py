@@ -40,7 +40,9 @@ def test_pt2_target_is_validated_and_described(artifact):
     assert entry.io.kv_layout == "slot_major"
     assert entry.io.inputs[3].shape[0] == "batch" and entry.io.inputs[3].shape[4] == "capacity"
     assert entry.toolchain["torch"] == torch.__version__ and entry.toolchain["device"] == "cpu"
-    assert entry.compatibility == {"device": "cpu"}
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    assert entry.compatibility == {"device": "cpu", **({"cpu_isa": str(pick_vec_isa())} if str(pick_vec_isa()) else {})}
     # validation compared every step's logits with transformers'; the report records how close they were
     report = json.loads((artifact / "validation.json").read_text())
     pt2 = next(t for t in report["targets"] if t["target"] == "pt2")
@@ -90,6 +92,13 @@ def test_preflight_refuses_a_pt2_target_on_another_device_or_torch(artifact, tmp
     assert not v.ok
     assert any(p.check == "device" and "compiled for cpu" in p.message for p in v.errors)
     assert preflight.check(m, "pt2", "cpu", Host(versions={"torch": torch.__version__})).ok
+
+    # compiled CPU kernels need the vector ISA they were compiled for: a CPU without it is refused, not crashed
+    isa = m.targets["pt2"].compatibility.get("cpu_isa")
+    if isa:
+        v = preflight.check(m, "pt2", "cpu", Host(versions={"torch": torch.__version__}, cpu_flags={"sse2", "sse4_2"}))
+        message = next(f.message for f in v.errors if f.check == "cpu_isa")
+        assert f"compiled for {isa}" in message and "illegal instruction" in message
 
     major, minor = (int(x) for x in torch.__version__.split(".")[:2])
     other = f"{major}.{minor + 1}.0"

@@ -107,6 +107,12 @@ def export_pt2(spec, weights, target, shapes, out_dir: Path) -> ExportResult:
     dtype_name = str(dtype).removeprefix("torch.")
     toolchain = {"torch": torch.__version__, "device": target.device, "compiler": _compiler()}
     compatibility = {"device": target.device}
+    if target.device == "cpu":  # inductor's vector ISA: the package's kernels need it on the deploy host's CPU
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        isa = str(pick_vec_isa())  # "" when inductor found no vector ISA: plain C++ runs anywhere
+        if isa:
+            compatibility["cpu_isa"] = isa
     if target.device == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         toolchain["cuda"] = str(torch.version.cuda)
