@@ -67,7 +67,8 @@ class IOSignature(_Model):
     outputs: list[TensorSpec]
     # How the KV cache is passed: "per_layer" = past_key_values.{i}.key/value (+ present.* outputs bound
     # to the same buffers); "stacked" = one [layers, 2, batch, kv_heads, capacity, head_dim] tensor;
-    # "slot_major" = one [batch, layers, 2, kv_heads, capacity, head_dim] tensor (.pt2); "none" = no cache (encoders).
+    # "slot_major" = [batch, layers, 2, ...], only in the first .pt2 packages (still read, so that loading one
+    # says "rebuild" instead of failing to parse); "none" = no cache (encoders).
     kv_layout: Literal["per_layer", "stacked", "slot_major", "none"]
     kv_input: str = "past_key_values.{}.{}"  # per-layer template: layer index, "key"|"value"
     kv_output: str = "present.{}.{}"

@@ -1,5 +1,5 @@
 """The `.pt2` target (torch.export + AOTInductor) built on this host's CPU: validated against transformers,
-checksummed, preflighted, and run by the generation loop with continuous batching over its slot-major cache."""
+checksummed, preflighted, and run by the generation loop with continuous batching over the runtime's cache."""
 from __future__ import annotations
 
 import json
@@ -37,8 +37,10 @@ def test_pt2_target_is_validated_and_described(artifact):
     entry = m.targets["pt2"]
     assert entry.status == "valid" and entry.validation.status == "passed"
     assert [f.path for f in entry.files] == ["pt2/model.pt2"]
-    assert entry.io.kv_layout == "slot_major"
-    assert entry.io.inputs[3].shape[0] == "batch" and entry.io.inputs[3].shape[4] == "capacity"
+    assert entry.io.kv_layout == "stacked"
+    assert entry.io.inputs[3].shape[2] == "slots" and entry.io.inputs[3].shape[4] == "capacity"
+    assert [t.name for t in entry.io.inputs][-1] == "slot_offset"
+    assert [t.name for t in entry.io.outputs] == ["logits", "kv_new"]
     assert entry.toolchain["torch"] == torch.__version__ and entry.toolchain["device"] == "cpu"
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
@@ -71,6 +73,45 @@ def test_pt2_generates_the_goldens_alone_and_in_a_running_batch(artifact):
             assert together[i].token_ids == alone
         # the same decoder traced by TorchScript gives the same tokens
         assert [o.token_ids for o in traced.generate_ids(ids, params)] == [o.token_ids for o in together]
+
+
+def test_pt2_graph_reads_the_cache_and_returns_the_steps_keys_and_values(artifact):
+    # A compiled graph that wrote the cache itself copied every layer's whole cache per call (an in-place write
+    # to a view of an input is functionalized). The contract: the whole cache goes in untouched, the call's
+    # slots picked by slot_offset's length; the step's keys/values come back for the runtime to write, and are
+    # what the TorchScript decoder writes there.
+    m = read_manifest(artifact)
+    package = torch._inductor.aoti_load_package(str(artifact / m.targets["pt2"].files[0].path))
+    traced = torch.jit.load(str(artifact / m.targets["torchscript"].files[0].path))
+    cache_spec = m.targets["pt2"].io.inputs[3]
+    layers, kv_heads, head_dim = cache_spec.shape[0], cache_spec.shape[3], cache_spec.shape[5]
+    slots, first, n, steps, past, capacity = 6, 3, 2, 3, 5, 16
+    torch.manual_seed(0)
+    cache = torch.randn(layers, 2, slots, kv_heads, capacity, head_dim)  # stale values everywhere, as when reused
+    before = cache.clone()
+    ids = torch.randint(0, 100, (n, steps))
+    positions = past + torch.arange(steps).expand(n, steps)
+    mask = torch.ones(n, past + steps, dtype=torch.int64)
+    picked = torch.arange(steps)
+    with torch.inference_mode():
+        logits, kv_new = package(ids, positions, mask, cache, picked, torch.empty(first + 2, dtype=torch.uint8))
+        ours = before[:, :, first:first + n].clone()
+        want_logits, written = traced(ids, positions, mask, ours, picked)
+    assert torch.equal(cache, before)
+    assert kv_new.shape == (layers, 2, n, kv_heads, steps, head_dim)
+    torch.testing.assert_close(kv_new, written[..., past:past + steps, :], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=0)
+
+
+def test_a_pt2_package_that_writes_its_cache_is_refused_with_rebuild(artifact, tmp_path):
+    copy = tmp_path / "art"
+    shutil.copytree(artifact, copy)
+    raw = json.loads((copy / MANIFEST_NAME).read_text())
+    io = raw["targets"]["pt2"]["io"]
+    io["kv_layout"], io["inputs"] = "slot_major", io["inputs"][:-1]
+    (copy / MANIFEST_NAME).write_text(json.dumps(raw, indent=2))
+    with pytest.raises(Exception, match=r"slot_major.*rebuild it"):
+        inferneo_runtime.load(copy, target="pt2")
 
 
 def test_pt2_logprobs_agree_with_torchscript(artifact):

@@ -5,15 +5,20 @@ AOTInductor compiles it into a package (`model.pt2`) of generated C++ (or CUDA) 
 The package is machine code for one torch minor and one device type, so the manifest records both and preflight
 refuses a mismatch before loading.
 
-Signature (`kv_layout: slot_major`):
+Signature (`kv_layout: stacked`, the runtime's whole cache):
 
-    logits = model(input_ids[n, S], position_ids[n, S], attention_mask[n, T],
-                   kv_cache[n, layers, 2, kv_heads, capacity, head_dim], logit_positions[K])
+    logits, kv_new = model(input_ids[n, S], position_ids[n, S], attention_mask[n, T],
+                           kv_cache[layers, 2, slots, kv_heads, capacity, head_dim], logit_positions[K],
+                           slot_offset[first_slot + 2])
 
-The cache is slot-major, not the TorchScript target's layer-major stack: a compiled graph assumes each input's
-strides follow from its sizes, and the runtime passes slots [start, start + n) of a bigger cache, which are one
-contiguous block only when the slot axis comes first. (Passed a layer-major slice, the compiled scatter writes
-past the slice, into other requests' slots.) The graph writes the new keys/values into that block in place.
+The graph reads slots [first_slot, first_slot + n) of the cache and returns the step's keys/values,
+kv_new [layers, 2, n, kv_heads, S, head_dim], which the runtime writes at position_ids. Two things a compiled
+graph cannot do decide this shape:
+- it assumes each input's strides follow from its sizes, so it is given the whole (contiguous) cache, not a
+  slice; the first slot arrives as a *size* (slot_offset's length; +2 because export treats sizes 0 and 1 as
+  constants), so slicing at it stays plain index arithmetic, with no data-dependent shape;
+- written inside the graph, the in-place update of a view of an input became a copy of every layer's cache per
+  call (150 ms per SmolLM2 decode step instead of 40); read-only, the attention matmuls read the cache directly.
 """
 from __future__ import annotations
 
@@ -33,23 +38,24 @@ from .torchscript_reduced import DTYPES, ReducedDecoder
 FILE_NAME = "model.pt2"
 
 
-class SlotMajorDecoder(nn.Module):
-    """The decoder over a slot-major cache [n, layers, 2, kv_heads, capacity, head_dim]; logits only (the cache
-    is written in place, so returning it would only make the compiled graph copy it)."""
+SLOT_OFFSET_BIAS = 2  # slot_offset has first_slot + 2 elements
+
+
+class SlotRangeDecoder(nn.Module):
+    """The decoder (built with `writes_cache=False`) over slots [first_slot, first_slot + n) of the whole cache."""
 
     def __init__(self, decoder: nn.Module):
         super().__init__()
         self.decoder = decoder
 
-    def forward(self, input_ids, position_ids, attention_mask, kv_cache, logit_positions):
-        layer_major = kv_cache.permute(1, 2, 0, 3, 4, 5)  # a view: the decoder's writes land in kv_cache
-        logits, _ = self.decoder(input_ids, position_ids, attention_mask, layer_major, logit_positions)
-        return logits
+    def forward(self, input_ids, position_ids, attention_mask, kv_cache, logit_positions, slot_offset):
+        slots = kv_cache.narrow(2, slot_offset.shape[0] - SLOT_OFFSET_BIAS, input_ids.shape[0])  # a view, only read
+        return self.decoder(input_ids, position_ids, attention_mask, slots, logit_positions)
 
 
 def io_signature(spec, cache_dtype: str = "float32") -> IOSignature:
     cache = TensorSpec(name="kv_cache", dtype=cache_dtype,
-                       shape=["batch", spec.num_layers, 2, spec.kv_heads, "capacity", spec.head_dim])
+                       shape=[spec.num_layers, 2, "slots", spec.kv_heads, "capacity", spec.head_dim])
     return IOSignature(
         inputs=[
             TensorSpec(name="input_ids", dtype="int64", shape=["batch", "sequence"]),
@@ -57,9 +63,12 @@ def io_signature(spec, cache_dtype: str = "float32") -> IOSignature:
             TensorSpec(name="attention_mask", dtype="int64", shape=["batch", "total_sequence"]),
             cache,
             TensorSpec(name="logit_positions", dtype="int64", shape=["logit_positions"]),
+            TensorSpec(name="slot_offset", dtype="uint8", shape=["first_slot_plus_2"]),
         ],
-        outputs=[TensorSpec(name="logits", dtype="float32", shape=["batch", "logit_positions", spec.vocab])],
-        kv_layout="slot_major",
+        outputs=[TensorSpec(name="logits", dtype="float32", shape=["batch", "logit_positions", spec.vocab]),
+                 TensorSpec(name="kv_new", dtype=cache_dtype,
+                            shape=[spec.num_layers, 2, "batch", spec.kv_heads, "sequence", spec.head_dim])],
+        kv_layout="stacked",
     )
 
 
@@ -88,20 +97,23 @@ def export_pt2(spec, weights, target, shapes, out_dir: Path) -> ExportResult:
     path = Path(out_dir) / FILE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode(False), torch.no_grad():
-        decoder = Decoder(spec, weights, table_length(spec, shapes)).eval()
-        model = SlotMajorDecoder(ReducedDecoder(decoder, dtype) if precision != "fp32" else decoder).eval().to(device)
+        decoder = Decoder(spec, weights, table_length(spec, shapes), writes_cache=False).eval()
+        model = SlotRangeDecoder(ReducedDecoder(decoder, dtype) if precision != "fp32" else decoder).eval().to(device)
         example = list(example_inputs(spec, cache_dtype=dtype))
-        example[3] = example[3].permute(2, 0, 1, 3, 4, 5).contiguous()
+        # a cache of more slots than the batch, the batch at slot 1: slots, batch and offset all differ
+        layers, two, n, *tail = example[3].shape
+        example[3] = torch.zeros(layers, two, n + 3, *tail, dtype=dtype)
+        example.append(torch.empty(1 + SLOT_OFFSET_BIAS, dtype=torch.uint8))
         example = tuple(t.to(device) for t in example)
         try:
             model(*[t.clone() for t in example])
         except RuntimeError as e:  # e.g. a kernel without this dtype on this host's torch build
             raise TargetUnavailable(f"torch {torch.__version__} cannot run the decoder in {precision} on "
                                     f"{target.device}: {str(e).splitlines()[0][:200]}") from None
-        # every size dynamic: batch, step length, total length, capacity and the number of logit positions
+        # every size dynamic: batch, step length, total length, cache slots and capacity, logit positions, first slot
         dynamic = torch.export.Dim.DYNAMIC
         dims = ({0: dynamic, 1: dynamic}, {0: dynamic, 1: dynamic}, {0: dynamic, 1: dynamic},
-                {0: dynamic, 4: dynamic}, {0: dynamic})
+                {2: dynamic, 4: dynamic}, {0: dynamic}, {0: dynamic})
         program = torch.export.export(model, example, dynamic_shapes=dims, strict=False)
         torch._inductor.aoti_compile_and_package(program, package_path=str(path))
     dtype_name = str(dtype).removeprefix("torch.")

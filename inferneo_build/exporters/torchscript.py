@@ -120,8 +120,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: i
 
 
 class _Attention(nn.Module):
-    def __init__(self, spec: DecoderSpec, weights: dict[str, np.ndarray], prefix: str, layer: int):
+    def __init__(self, spec: DecoderSpec, weights: dict[str, np.ndarray], prefix: str, layer: int,
+                 writes_cache: bool = True):
         super().__init__()
+        self.writes_cache = writes_cache
         self.heads, self.kv_heads, self.head_dim = spec.heads, spec.kv_heads, spec.head_dim
         self.groups = spec.heads // spec.kv_heads
         self.rope = spec.layers[layer].rope
@@ -137,7 +139,8 @@ class _Attention(nn.Module):
 
     def forward(self, x, cache, cos, sin, write_index, bias):
         # x [n, S, hidden]; cache [2, n, kv_heads, capacity, head_dim] (a view: written in place);
-        # write_index [n, kv_heads, S, head_dim] positions; bias [n, 1, groups * S, T] additive mask (0 or -inf).
+        # write_index [n, kv_heads, S, head_dim] positions; bias [n, 1, groups * S, T] additive mask (0 or -inf),
+        # or [n, 1, groups * S, T + S] when the cache is only read (see Decoder). Returns (out, keys, values).
         n, steps = x.shape[0], x.shape[1]
         q, k, v = self.qkv(x).split(self.split, dim=-1)
         if self.qk_norm == "whole":  # OLMo 2: over the whole projection
@@ -150,52 +153,67 @@ class _Attention(nn.Module):
         v = v.view(n, steps, self.kv_heads, self.head_dim).transpose(1, 2)
         if self.rope is not None:
             q, k = _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
-        cache[0].scatter_(2, write_index, k)
-        cache[1].scatter_(2, write_index, v)
-        total = bias.shape[-1]
+        if self.writes_cache:
+            cache[0].scatter_(2, write_index, k)
+            cache[1].scatter_(2, write_index, v)
+            total = bias.shape[-1]
+        else:  # the step's own keys/values are attended from k, v; bias masks the cache rows they will replace
+            total = bias.shape[-1] - steps
         keys, values = cache[0, :, :, :total], cache[1, :, :, :total]
         # GQA without repeating the cache: each KV head's query group is folded into the query axis, so every
         # cached key/value is read once per KV head. Plain matmul/softmax (HF's eager attention): for decode
         # the CPU flash kernel's per-call setup costs more than the attention itself.
         q = q.reshape(n, self.kv_heads, self.groups * steps, self.head_dim) * self.scale
         scores = torch.matmul(q, keys.transpose(-1, -2))
+        if not self.writes_cache:
+            scores = torch.cat((scores, torch.matmul(q, k.transpose(-1, -2))), dim=-1)
         if self.softcap is not None:  # Gemma 2
             scores = torch.tanh(scores / self.softcap) * self.softcap
         scores = scores + bias
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)  # as HF: softmax in float32
-        out = torch.matmul(probs, values)
+        if self.writes_cache:
+            out = torch.matmul(probs, values)
+        else:
+            out = torch.matmul(probs[..., :total], values) + torch.matmul(probs[..., total:], v)
         out = out.reshape(n, self.heads, steps, self.head_dim).transpose(1, 2).reshape(n, steps, self.heads * self.head_dim)
-        return self.o(out)
+        return self.o(out), k, v
 
 
 class _Block(nn.Module):
     """Pre-norm (Llama), sandwich (Gemma 2/3: norms before and after each branch) or post-norm (OLMo 2): each
     norm exists when the checkpoint has its weight."""
 
-    def __init__(self, spec: DecoderSpec, weights: dict[str, np.ndarray], i: int):
+    def __init__(self, spec: DecoderSpec, weights: dict[str, np.ndarray], i: int, writes_cache: bool = True):
         super().__init__()
         prefix = f"layers.{i}"
         eps = spec.norm_eps
         self.attn_norm = _optional_norm(weights, f"{prefix}.attn_norm", eps)
         self.post_attn_norm = _optional_norm(weights, f"{prefix}.post_attn_norm", eps)
-        self.attn = _Attention(spec, weights, prefix, i)
+        self.attn = _Attention(spec, weights, prefix, i, writes_cache)
         self.mlp_norm = _optional_norm(weights, f"{prefix}.mlp_norm", eps)
         self.post_mlp_norm = _optional_norm(weights, f"{prefix}.post_mlp_norm", eps)
         self.mlp = _MLP(spec, weights, prefix)
         self.rope, self.window = spec.layers[i].rope, spec.layers[i].window
 
     def forward(self, x, cache, cos, sin, write_index, bias):
-        h = self.attn(self.attn_norm(x) if self.attn_norm is not None else x, cache, cos, sin, write_index, bias)
+        h, k, v = self.attn(self.attn_norm(x) if self.attn_norm is not None else x, cache, cos, sin, write_index, bias)
         x = x + (self.post_attn_norm(h) if self.post_attn_norm is not None else h)
         h = self.mlp(self.mlp_norm(x) if self.mlp_norm is not None else x)
-        return x + (self.post_mlp_norm(h) if self.post_mlp_norm is not None else h)
+        return x + (self.post_mlp_norm(h) if self.post_mlp_norm is not None else h), k, v
 
 
 class Decoder(nn.Module):
-    """The whole decoder over a runtime-owned stacked KV cache; see the module docstring for the signature."""
+    """The whole decoder over a runtime-owned stacked KV cache; see the module docstring for the signature.
 
-    def __init__(self, spec: DecoderSpec, weights: dict[str, np.ndarray], max_sequence: int):
+    `writes_cache=False` (the .pt2 target) leaves the cache untouched and returns the step's keys/values
+    [layers, 2, n, kv_heads, S, head_dim] in its place, for the runtime to write. A compiled graph cannot write
+    into a view of an input in place: it copied every layer's whole cache once per step (100+ ms per SmolLM2
+    token). Reading the cache and attending the step's own keys/values beside it needs no copy.
+    """
+
+    def __init__(self, spec: DecoderSpec, weights: dict[str, np.ndarray], max_sequence: int, writes_cache: bool = True):
         super().__init__()
+        self.writes_cache = writes_cache
         self.kv_heads, self.head_dim = spec.kv_heads, spec.head_dim
         self.groups = spec.heads // spec.kv_heads
         self.embed_scale, self.logits_divisor, self.final_softcap = spec.embed_scale, spec.logits_divisor, spec.final_softcap
@@ -209,7 +227,7 @@ class Decoder(nn.Module):
             self.register_buffer(f"cos_{name}", torch.from_numpy(np.concatenate([cos, cos], axis=-1)))
             self.register_buffer(f"sin_{name}", torch.from_numpy(np.concatenate([sin, sin], axis=-1)))
             self.rope_switch[name] = rope.switch_length if rope.long_inv_freq is not None else None
-        self.blocks = nn.ModuleList(_Block(spec, weights, i) for i in range(spec.num_layers))
+        self.blocks = nn.ModuleList(_Block(spec, weights, i, writes_cache) for i in range(spec.num_layers))
         self.final_norm = _Norm(weights, "final_norm", spec.norm_eps)
         if spec.tied:  # the embedding itself, stored once; its [vocab, hidden] rows split into GEMV_SPLIT blocks
             self.lm_head = None
@@ -246,6 +264,14 @@ class Decoder(nn.Module):
         key_pos = (torch.ones_like(attention_mask).cumsum(1) - 1).unsqueeze(1)  # [n, 1, T]
         query_pos = position_ids.unsqueeze(2)  # [n, S, 1]
         causal = (key_pos <= query_pos) & (attention_mask.unsqueeze(1) == 1)
+        if not self.writes_cache:
+            # cache rows at this step's positions are stale (the runtime writes them after the call): masked out,
+            # and the step's keys (at position_ids) are appended as S more columns
+            stale = (key_pos.unsqueeze(-1) == position_ids.view(n, 1, 1, steps)).any(-1)  # [n, 1, T]
+            fresh_pos = position_ids.unsqueeze(1)  # [n, 1, S]
+            fresh = (fresh_pos <= query_pos) & (attention_mask.gather(1, position_ids).unsqueeze(1) == 1)
+            causal = torch.cat((causal & ~stale, fresh), dim=-1)
+            key_pos = torch.cat((key_pos, fresh_pos), dim=-1)
         total = causal.shape[-1]
         biases = {}
         for window in {block.window for block in self.blocks}:
@@ -255,16 +281,21 @@ class Decoder(nn.Module):
             bias = torch.zeros_like(mask, dtype=x.dtype).masked_fill(~mask, float("-inf"))
             biases[window] = bias.reshape(n, 1, self.groups * steps, total)
         write_index = position_ids.view(n, 1, steps, 1).expand(n, self.kv_heads, steps, self.head_dim)
+        new_kv = []
         for i, block in enumerate(self.blocks):
             cos, sin = tables[block.rope] if block.rope is not None else (None, None)
-            x = block(x, kv_cache[i], cos, sin, write_index, biases[block.window])
+            x, k, v = block(x, kv_cache[i], cos, sin, write_index, biases[block.window])
+            if not self.writes_cache:
+                new_kv.append(torch.stack((k, v)))  # [2, n, kv_heads, S, head_dim]
         x = x.index_select(1, logit_positions)  # only these positions go through the vocabulary-sized head
         logits = self._head(self.final_norm(x))
         if self.logits_divisor != 1.0:  # Granite
             logits = logits / self.logits_divisor
         if self.final_softcap is not None:  # Gemma 2
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
-        return logits, kv_cache
+        if self.writes_cache:
+            return logits, kv_cache
+        return logits, torch.stack(new_kv)  # [layers, 2, n, kv_heads, S, head_dim]
 
 
 def example_inputs(spec: DecoderSpec, cache_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:

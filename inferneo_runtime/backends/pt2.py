@@ -1,9 +1,9 @@
-""".pt2 backend: runs an AOTInductor package (`pt2/model.pt2`) over a slot-major torch KV cache.
+""".pt2 backend: runs an AOTInductor package (`pt2/model.pt2`) over the runtime's stacked torch KV cache.
 
-The compiled graph takes the cache as [n, layers, 2, kv_heads, capacity, head_dim] and assumes it is contiguous
-(see `inferneo_build.exporters.pt2`). So the cache is allocated slot-major and handed to the runtime's
-`KVCache` as a layer-major *view* ([layers, 2, batch, ...], what the generation loop indexes): slots
-[start, start + n) are then one contiguous block, bound in place every step with no copy.
+The compiled graph assumes its inputs are contiguous, so it is given the whole cache [layers, 2, slots, kv_heads,
+capacity, head_dim] and the first slot of the call as the length of `slot_offset` (see
+`inferneo_build.exporters.pt2`). It only reads the cache and returns the step's keys/values; this backend writes
+them into the call's slots at the step's positions.
 """
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ from ..errors import InferneoError, ManifestError
 from .base import KVCache, physical_cores
 from .torchscript import TorchScriptBackend, _torch_device, torch
 
-# the slot-major layout's axes, seen layer-major (and back)
-_TO_LAYER_MAJOR = (1, 2, 0, 3, 4, 5)
-_TO_SLOT_MAJOR = (2, 0, 1, 3, 4, 5)
+SLOT_OFFSET_BIAS = 2  # slot_offset has first_slot + 2 elements (export treats sizes 0 and 1 as constants)
 
 
 class Pt2Backend(TorchScriptBackend):
@@ -24,9 +22,10 @@ class Pt2Backend(TorchScriptBackend):
 
     def _load_impl(self) -> None:
         io = self.target.io
-        if io is None or io.kv_layout != "slot_major":
-            raise ManifestError(f".pt2 target declares kv_layout {getattr(io, 'kv_layout', None)!r}; this backend runs "
-                                "'slot_major'")
+        if io is None or io.kv_layout != "stacked" or [t.name for t in io.inputs][-1:] != ["slot_offset"]:
+            raise ManifestError(f".pt2 target declares kv_layout {getattr(io, 'kv_layout', None)!r} without a "
+                                "slot_offset input: it was built by an earlier Inferneo (its graph wrote the KV cache "
+                                "itself, copying it on every step); rebuild it")
         self._device = _torch_device(self.device)
         built = self.target.compatibility.get("device")
         if built is not None and built != self._device.type:
@@ -45,11 +44,6 @@ class Pt2Backend(TorchScriptBackend):
             raise InferneoError(f"{path}: torch {torch.__version__} cannot load this .pt2 package "
                                 f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
 
-    def _zeros(self, shape: tuple) -> "torch.Tensor":
-        layers, two, batch, heads, capacity, dim = shape
-        slot_major = super()._zeros((batch, layers, two, heads, capacity, dim))
-        return slot_major.permute(*_TO_LAYER_MAJOR)
-
     def _forward_impl(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray,
                       last_only: bool = False) -> np.ndarray:
         n, steps = input_ids.shape
@@ -59,14 +53,12 @@ class Pt2Backend(TorchScriptBackend):
         attention_mask = (np.arange(int(total.max()))[None] < total[:, None]).astype(np.int64)
         picked = np.array([steps - 1]) if last_only else np.arange(steps)
         inputs = [torch.from_numpy(a).to(device) for a in (input_ids, positions, attention_mask)]
-        slots = cache.data.permute(*_TO_SLOT_MAJOR)[start:start + n]
-        if not slots.is_contiguous():  # a cache this backend did not allocate: the graph would write past it
-            raise InferneoError(".pt2 backend: the KV cache is not slot-major contiguous (allocate it with "
-                                "backend.allocate_cache)")
-        inputs += [slots, torch.from_numpy(picked).to(device)]
+        if not cache.data.is_contiguous():  # the graph computes addresses from the sizes alone
+            raise InferneoError(".pt2 backend: the KV cache is not contiguous (allocate it with backend.allocate_cache)")
+        inputs += [cache.data, torch.from_numpy(picked).to(device),
+                   torch.empty(start + SLOT_OFFSET_BIAS, dtype=torch.uint8, device=device)]
         with torch.inference_mode():
-            logits = self._module(*inputs)
-        if isinstance(logits, (list, tuple)):
-            logits = logits[0]
+            logits, kv_new = self._module(*inputs)  # kv_new [layers, 2, n, kv_heads, S, head_dim]
+            index = inputs[1].view(1, 1, n, 1, steps, 1).expand(kv_new.shape)
+            cache.data[:, :, start:start + n].scatter_(4, index, kv_new)
         return logits.float().cpu().numpy()
-
