@@ -1,9 +1,12 @@
-"""The build cache: an unchanged recipe rebuilds nothing; a changed tolerance, target or weight rebuilds;
-`--cache s3://…` lets a second machine (here: a second output dir and an empty local cache) skip compiling."""
+"""The build cache: an unchanged recipe rebuilds nothing; a changed tolerance, target, weight or exporter code
+rebuilds; `--cache s3://…` lets a second machine (here: a second output dir and an empty local cache) skip compiling."""
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 from conftest import run_cli, tiny_recipe_fields, write_recipe
 
@@ -44,6 +47,29 @@ def test_hits_and_misses(tmp_path, tiny_checkpoint):
     assert result["cached"] is None
     keys.add(result["build_key"])
     assert len(keys) == 4
+
+
+def test_changed_exporter_code_rebuilds(tmp_path, tiny_checkpoint):
+    # the same version string with other code (a git pull, an editable install): the artifact is not reused
+    import inferneo_build
+    import inferneo_runtime
+
+    out = tmp_path / "art"
+    recipe = write_recipe(tmp_path / "r.yaml", **tiny_recipe_fields(tiny_checkpoint("llama"), "t", out, targets=("onnx",)))
+    first = _build(recipe)
+    code = tmp_path / "code"
+    for package in (inferneo_build, inferneo_runtime):
+        src = Path(package.__file__).parent
+        shutil.copytree(src, code / src.name, ignore=shutil.ignore_patterns("__pycache__"))
+    exporter = code / "inferneo_build" / "exporters" / "onnx.py"
+    exporter.write_text(exporter.read_text() + "\n# an edit\n")
+    # run from the copy's folder: `python -m` puts the working directory first on sys.path
+    r = subprocess.run([sys.executable, "-m", "inferneo_runtime.cli", "build", str(recipe), "--json"], cwd=code,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    edited = json.loads(r.stdout)
+    assert edited["cached"] is None and edited["build_key"] != first["build_key"]
+    assert _build(recipe)["cached"] is None  # and back: the original code's artifact was replaced, so built again
 
 
 def test_damaged_output_is_rebuilt(tmp_path, tiny_checkpoint):
