@@ -3,6 +3,7 @@ rebuilds; `--cache s3://…` lets a second machine (here: a second output dir an
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -96,3 +97,22 @@ def test_shared_s3_cache(tmp_path, tiny_checkpoint, s3env, bucket):
     assert (other / "onnx" / "model.onnx.data").read_bytes() == (tmp_path / "a" / "onnx" / "model.onnx.data").read_bytes()
     r = run_cli("generate", str(other), "Hello world", "--max-new-tokens", "4", "--json")
     assert r.returncode == 0, r.stderr
+
+
+def test_two_jobs_started_together_compile_once(tmp_path, tiny_checkpoint, s3env, bucket):
+    # two CI jobs on one build key at the same moment: one takes the lock and compiles, the other waits and pulls
+    cache = f"s3://{bucket}/build-cache"
+    recipe = write_recipe(tmp_path / "r.yaml", **tiny_recipe_fields(tiny_checkpoint("llama"), "t", tmp_path / "x",
+                                                                     targets=("onnx",)))
+    jobs = [subprocess.Popen([sys.executable, "-m", "inferneo_runtime.cli", "build", str(recipe), "--json", "--cache",
+                              cache, "--output", str(tmp_path / f"job{i}")], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "INFERNEO_CACHE_DIR": str(tmp_path / f"cache{i}")})
+            for i in range(2)]
+    results = []
+    for job in jobs:
+        stdout, stderr = job.communicate(timeout=600)
+        assert job.returncode == 0, stdout + stderr
+        results.append(json.loads(stdout))
+    assert results[0]["build_key"] == results[1]["build_key"]
+    assert sorted(str(r["cached"]) for r in results) == sorted(["None", f"{cache}/{results[0]['build_key']}"])
