@@ -220,6 +220,21 @@ def test_bare_onnx_exported_by_the_build_serves_the_same_greedy_text(llama, tmp_
         assert "served unvalidated" in s.log.read_text()
 
 
+def test_bare_torchscript_file_with_its_config_serves_the_same_greedy_text(llama, tmp_path):
+    # a bare `model.pt` (the operator's own file, named on the command line; the API never registers one)
+    export = tmp_path / "ts-export"
+    export.mkdir()
+    shutil.copy(llama / "torchscript" / "model.pt", export / "model.pt")
+    shutil.copy(llama / "config.json", export / "config.json")
+    expected = {p: local_greedy(llama, p, 12, target="torchscript") for p in PROMPTS}
+    with serve_cli(["--model", str(export / "model.pt"), "--model-type", "torchscript", "--tokenizer", str(llama),
+                    "--log-level", "warning"], tmp_path) as s:
+        info = InferneoClient(s.url).models.get("ts-export")
+        assert info.kind == "file" and info.validated is False and info.format == "torchscript"
+        for p in PROMPTS:
+            assert greedy(s.url, "ts-export", p, 12)[0] == expected[p]
+
+
 # -- versions and the registry file -----------------------------------------------------------------------------
 def test_two_versions_side_by_side_and_the_registry_survives_a_restart(llama, local_artifact, tmp_path):
     registry = tmp_path / "registry.json"
