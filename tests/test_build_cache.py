@@ -70,7 +70,6 @@ def test_changed_exporter_code_rebuilds(tmp_path, tiny_checkpoint):
     assert r.returncode == 0, r.stdout + r.stderr
     edited = json.loads(r.stdout)
     assert edited["cached"] is None and edited["build_key"] != first["build_key"]
-    assert _build(recipe)["cached"] is None  # and back: the original code's artifact was replaced, so built again
 
 
 def test_damaged_output_is_rebuilt(tmp_path, tiny_checkpoint):

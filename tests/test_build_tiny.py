@@ -108,7 +108,7 @@ def test_batch_equals_single(tiny_artifact):
                 assert batched[i].token_ids == model.generate_ids([p], params)[0].token_ids, (target, i)
 
 
-def test_hub_source_reads_the_revision_from_the_local_hf_cache(tiny_checkpoint, tmp_path):
+def test_hub_source_reads_the_revision_from_the_local_hf_cache(tiny_checkpoint, tmp_path, monkeypatch):
     # `source: {hf: ..., revision: ...}` reads the local Hugging Face cache offline: the named commit, else the
     # commit `main` points at; a repo the cache lacks is an input error that says how to get it
     from safetensors.numpy import load_file, save_file
@@ -128,21 +128,35 @@ def test_hub_source_reads_the_revision_from_the_local_hf_cache(tiny_checkpoint, 
     (repo / "refs" / "main").write_text(new)
     env = {"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
 
-    def build(revision, out):
+    def recipe(revision, out):
         fields = tiny_recipe_fields(tiny_checkpoint("llama"), "hub", tmp_path / out, targets=("onnx",))
         fields["source"] = {"hf": "acme/tiny-llama", **({"revision": revision} if revision else {})}
-        return run_cli("build", str(write_recipe(tmp_path / f"{out}.yaml", **fields)), "--json", env=env)
+        return write_recipe(tmp_path / f"{out}.yaml", **fields)
 
-    for revision, out, snapshot in [(old, "pinned", old), (None, "main", new)]:
-        r = build(revision, out)
-        assert r.returncode == 0, r.stdout + r.stderr
-        source = read_manifest(tmp_path / out).source
-        assert source.kind == "hf" and source.uri == "acme/tiny-llama" and source.revision == snapshot  # the commit
-        files = sorted(f.name for f in (repo / "snapshots" / snapshot).glob("*.safetensors"))
+    def build(revision, out):
+        return run_cli("build", str(recipe(revision, out)), "--json", env=env)
+
+    def weights_sha256(snapshot):  # the weights of that snapshot, hashed as the manifest records them
         digest = hashlib.sha256()
-        for f in files:  # the weights of that snapshot, hashed as the manifest records them
+        for f in sorted(f.name for f in (repo / "snapshots" / snapshot).glob("*.safetensors")):
             digest.update(f.encode() + b"\0" + sha256_file(repo / "snapshots" / snapshot / f).encode())
-        assert source.weights_sha256 == digest.hexdigest()
+        return digest.hexdigest()
+
+    r = build(old, "pinned")  # one whole build from the cache, pinned to the older commit
+    assert r.returncode == 0, r.stdout + r.stderr
+    source = read_manifest(tmp_path / "pinned").source
+    assert (source.kind, source.uri, source.revision) == ("hf", "acme/tiny-llama", old)
+    assert source.weights_sha256 == weights_sha256(old)
+    # no revision: the commit `main` points at (resolved as a build does, without compiling again)
+    import huggingface_hub.constants
+
+    from inferneo_build.recipe import load_recipe
+    from inferneo_build.source import resolve
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))  # read at call time
+    checkpoint = resolve(load_recipe(recipe(None, "main")))
+    assert checkpoint.directory == repo / "snapshots" / new
+    assert checkpoint.info.revision == new and checkpoint.info.weights_sha256 == weights_sha256(new)
     r = build("c" * 40, "missing")
     assert r.returncode == 2 and "not in the local Hugging Face cache" in r.stdout + r.stderr
     assert not (tmp_path / "missing").exists()
