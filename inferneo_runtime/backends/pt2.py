@@ -25,7 +25,8 @@ class Pt2Backend(TorchScriptBackend):
         if io is None or io.kv_layout != "stacked" or [t.name for t in io.inputs][-1:] != ["slot_offset"]:
             raise ManifestError(f".pt2 target declares kv_layout {getattr(io, 'kv_layout', None)!r} without a "
                                 "slot_offset input: it was built by an earlier Inferneo (its graph wrote the KV cache "
-                                "itself, copying it on every step); rebuild it")
+                                "itself, copying it on every step); rebuild it with `inferneo build --force` (its "
+                                "build key is unchanged)")
         self._device = _torch_device(self.device)
         built = self.target.compatibility.get("device")
         if built is not None and built != self._device.type:
