@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from inferneo_runtime.backends.pt2 import SLOT_OFFSET_BIAS
 from inferneo_runtime.manifest import IOSignature, TensorSpec
 
 from . import ExportResult, TargetUnavailable
@@ -36,9 +37,6 @@ from .torchscript import Decoder, example_inputs, table_length
 from .torchscript_reduced import DTYPES, ReducedDecoder
 
 FILE_NAME = "model.pt2"
-
-
-SLOT_OFFSET_BIAS = 2  # slot_offset has first_slot + 2 elements
 
 
 class SlotRangeDecoder(nn.Module):

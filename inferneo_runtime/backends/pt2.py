@@ -48,16 +48,11 @@ class Pt2Backend(TorchScriptBackend):
     def _forward_impl(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray,
                       last_only: bool = False) -> np.ndarray:
         n, steps = input_ids.shape
-        device = self._device
-        positions = past_lengths[:, None] + np.arange(steps)
-        total = past_lengths + steps
-        attention_mask = (np.arange(int(total.max()))[None] < total[:, None]).astype(np.int64)
-        picked = np.array([steps - 1]) if last_only else np.arange(steps)
-        inputs = [torch.from_numpy(a).to(device) for a in (input_ids, positions, attention_mask)]
         if not cache.data.is_contiguous():  # the graph computes addresses from the sizes alone
             raise InferneoError(".pt2 backend: the KV cache is not contiguous (allocate it with backend.allocate_cache)")
-        inputs += [cache.data, torch.from_numpy(picked).to(device),
-                   torch.empty(start + SLOT_OFFSET_BIAS, dtype=torch.uint8, device=device)]
+        inputs = self._step_inputs(input_ids, past_lengths)
+        inputs += [cache.data, self._logit_positions(steps, last_only),
+                   torch.empty(start + SLOT_OFFSET_BIAS, dtype=torch.uint8, device=self._device)]
         with torch.inference_mode():
             logits, kv_new = self._module(*inputs)  # kv_new [layers, 2, n, kv_heads, S, head_dim]
             index = inputs[1].view(1, 1, n, 1, steps, 1).expand(kv_new.shape)

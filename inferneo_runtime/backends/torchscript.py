@@ -86,18 +86,25 @@ class TorchScriptBackend(Backend):
         raw = np.zeros(shape, dtype={4: np.float32, 2: np.uint16}[element])
         return torch.from_numpy(raw).view(self._cache_dtype)
 
-    def _forward_impl(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray,
-                      last_only: bool = False) -> np.ndarray:
-        n, steps = input_ids.shape
-        device = self._device
+    def _step_inputs(self, input_ids: np.ndarray, past_lengths: np.ndarray) -> list:
+        """input_ids, position_ids and attention_mask on the device, for rows at `past_lengths`."""
+        steps = input_ids.shape[1]
         positions = past_lengths[:, None] + np.arange(steps)
         total = past_lengths + steps
         attention_mask = (np.arange(int(total.max()))[None] < total[:, None]).astype(np.int64)
-        inputs = [torch.from_numpy(a).to(device) for a in (input_ids, positions, attention_mask)]
+        return [torch.from_numpy(a).to(self._device) for a in (input_ids, positions, attention_mask)]
+
+    def _logit_positions(self, steps: int, last_only: bool) -> "torch.Tensor":
+        picked = np.array([steps - 1]) if last_only else np.arange(steps)
+        return torch.from_numpy(picked).to(self._device)
+
+    def _forward_impl(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray,
+                      last_only: bool = False) -> np.ndarray:
+        n, steps = input_ids.shape
+        inputs = self._step_inputs(input_ids, past_lengths)
         inputs.append(cache.data[:, :, start:start + n])
         if self.supports_last_only:
-            picked = np.array([steps - 1]) if last_only else np.arange(steps)
-            inputs.append(torch.from_numpy(picked).to(device))
+            inputs.append(self._logit_positions(steps, last_only))
         with torch.inference_mode():
             logits, _ = self._module(*inputs)
         return logits.float().cpu().numpy()
