@@ -1,7 +1,7 @@
 """Content-addressed build cache.
 
 The build key hashes everything that determines an artifact: the normalized recipe (without its output
-path), the source's weights and config/tokenizer files, and the toolchain versions. A build whose key
+path), the source's weights and config/tokenizer files, the toolchain versions and Inferneo's own code. A build whose key
 matches the output's manifest (and whose files still verify) is skipped; with `--cache s3://…` finished
 builds are pushed under `<cache>/<key>/` and later builds anywhere pull them instead of compiling.
 """
@@ -17,6 +17,7 @@ from inferneo_runtime.artifact import verify_artifact
 from inferneo_runtime.errors import InferneoError
 from inferneo_runtime.manifest import Manifest, read_manifest, sha256_file
 
+from .fingerprint import code_sha256
 from .publish import publish, staging_dir
 from .source import ROOT_FILES
 
@@ -29,6 +30,7 @@ def build_key(recipe, checkpoint, toolchain: dict[str, str]) -> str:
         "weights": checkpoint.info.weights_sha256,
         "source_files": source_files,
         "toolchain": {k: v for k, v in toolchain.items() if k != "python"} | {"python": toolchain["python"].rsplit(".", 1)[0]},
+        "code": code_sha256(),  # changed exporters or validation under the same version string build again
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

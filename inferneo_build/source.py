@@ -167,8 +167,19 @@ def _locate_gguf(src: GGUFSource) -> Path:
     raise SourceError(f"source.gguf: {src.gguf} not found in the installed package {src.package!r}")
 
 
+def gguf_conversion_dir(digest: str) -> Path:
+    """Where the GGUF of this sha256 is converted to: keyed also by what converts it (transformers' version and
+    this module), since another converter may dequantize or name things differently."""
+    import transformers
+
+    from .fingerprint import file_sha256
+
+    key = hashlib.sha256(f"{digest}\0{transformers.__version__}\0{file_sha256(__file__)}".encode()).hexdigest()
+    return cache_root() / "checkpoints" / f"gguf-{key[:20]}"
+
+
 def _convert_gguf(gguf: Path, digest: str, log: Callable[[str], None]) -> Path:
-    target = cache_root() / "checkpoints" / f"gguf-{digest[:20]}"
+    target = gguf_conversion_dir(digest)
     with file_lock(target.with_suffix(".lock")):
         if (target / "config.json").is_file():
             return target

@@ -152,13 +152,13 @@ def serve_subprocess(args: list[str], cwd: Path, port: int, env: dict | None = N
 
 
 # -- a real S3-compatible server (moto over HTTP, in its own process) -------------------------------------
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """`python -m moto.server` on a free local port; yields its endpoint URL."""
+@contextmanager
+def moto_server(log_dir: Path, **env: str):
+    """`python -m moto.server` on a free local port (with `env` added to its environment); yields its URL."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    log = open(log_dir / "moto.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -169,10 +169,18 @@ def s3_server(tmp_path_factory):
                 proc.kill()
                 pytest.fail(f"moto server did not start (see {log.name})")
             time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=10)
-    log.close()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    with moto_server(tmp_path_factory.mktemp("moto")) as url:
+        yield url
 
 
 @pytest.fixture

@@ -115,7 +115,10 @@ def test_peer_checkpoint_comes_from_the_manifest(tmp_path, monkeypatch):
     assert checkpoint_for(path_source) == tmp_path
     monkeypatch.setenv("INFERNEO_CACHE_DIR", str(tmp_path / "cache"))
     digest = "ab" * 32
-    converted = tmp_path / "cache" / "checkpoints" / f"gguf-{digest[:20]}"
+    from inferneo_build.source import gguf_conversion_dir
+
+    converted = gguf_conversion_dir(digest)  # where the build converts it (keyed by the converter too)
+    assert converted.parent == tmp_path / "cache" / "checkpoints"
     gguf_source = SimpleNamespace(source=SimpleNamespace(kind="gguf", uri="pkg:model.gguf", weights_sha256=digest))
     with pytest.raises(SourceError, match="--checkpoint"):
         checkpoint_for(gguf_source)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import pytest
 import torch
 
 import inferneo_runtime
-from conftest import PROMPTS, run_cli
+from conftest import PROMPTS, run_cli, tiny_recipe_fields, write_recipe
 from inferneo_runtime.generation import GenerationParams
 
 MODEL_TYPES = ["llama", "gpt2", "qwen2", "mistral"]
@@ -105,3 +106,57 @@ def test_batch_equals_single(tiny_artifact):
             batched = model.generate_ids(ids, params)
             for i, p in enumerate(ids):
                 assert batched[i].token_ids == model.generate_ids([p], params)[0].token_ids, (target, i)
+
+
+def test_hub_source_reads_the_revision_from_the_local_hf_cache(tiny_checkpoint, tmp_path, monkeypatch):
+    # `source: {hf: ..., revision: ...}` reads the local Hugging Face cache offline: the named commit, else the
+    # commit `main` points at; a repo the cache lacks is an input error that says how to get it
+    from safetensors.numpy import load_file, save_file
+
+    from inferneo_runtime.manifest import read_manifest, sha256_file
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--acme--tiny-llama"
+    old, new = "a" * 40, "b" * 40
+    shutil.copytree(tiny_checkpoint("llama"), repo / "snapshots" / old)
+    shutil.copytree(tiny_checkpoint("llama"), repo / "snapshots" / new)
+    weights = load_file(repo / "snapshots" / new / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 0.01
+    save_file(weights, repo / "snapshots" / new / "model.safetensors", metadata={"format": "pt"})
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(new)
+    env = {"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+
+    def recipe(revision, out):
+        fields = tiny_recipe_fields(tiny_checkpoint("llama"), "hub", tmp_path / out, targets=("onnx",))
+        fields["source"] = {"hf": "acme/tiny-llama", **({"revision": revision} if revision else {})}
+        return write_recipe(tmp_path / f"{out}.yaml", **fields)
+
+    def build(revision, out):
+        return run_cli("build", str(recipe(revision, out)), "--json", env=env)
+
+    def weights_sha256(snapshot):  # the weights of that snapshot, hashed as the manifest records them
+        digest = hashlib.sha256()
+        for f in sorted(f.name for f in (repo / "snapshots" / snapshot).glob("*.safetensors")):
+            digest.update(f.encode() + b"\0" + sha256_file(repo / "snapshots" / snapshot / f).encode())
+        return digest.hexdigest()
+
+    r = build(old, "pinned")  # one whole build from the cache, pinned to the older commit
+    assert r.returncode == 0, r.stdout + r.stderr
+    source = read_manifest(tmp_path / "pinned").source
+    assert (source.kind, source.uri, source.revision) == ("hf", "acme/tiny-llama", old)
+    assert source.weights_sha256 == weights_sha256(old)
+    # no revision: the commit `main` points at (resolved as a build does, without compiling again)
+    import huggingface_hub.constants
+
+    from inferneo_build.recipe import load_recipe
+    from inferneo_build.source import resolve
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))  # read at call time
+    checkpoint = resolve(load_recipe(recipe(None, "main")))
+    assert checkpoint.directory == repo / "snapshots" / new
+    assert checkpoint.info.revision == new and checkpoint.info.weights_sha256 == weights_sha256(new)
+    r = build("c" * 40, "missing")
+    assert r.returncode == 2 and "not in the local Hugging Face cache" in r.stdout + r.stderr
+    assert not (tmp_path / "missing").exists()

@@ -372,11 +372,16 @@ def test_kserve_inference_service_points_at_the_s3_artifact(artifact, tmp_path, 
     container, = isvc["spec"]["predictor"]["containers"]
     assert container["command"] == ["inferneo", "serve"] and container["readinessProbe"]["httpGet"]["path"] == "/ready"
 
-    try:  # with the KServe SDK at hand: every field is one its InferenceService models (and Kubernetes') know
-        import kserve
-        from kubernetes import client as k8s
-    except ImportError:
-        return
+
+
+def test_kserve_inference_service_fields_are_ones_the_sdk_knows(artifact, tmp_path, s3env, client, bucket):
+    # every field is one KServe's InferenceService models (and Kubernetes') know
+    kserve = pytest.importorskip("kserve", reason="KServe's SDK is not installed (pip install 'inferneo[kserve]')")
+    k8s = pytest.importorskip("kubernetes.client", reason="the kubernetes client is not installed (KServe's SDK needs it)")
+    uri = f"s3://{bucket}/models/tiny-llama"
+    _push(artifact, uri)
+    isvc = yaml.safe_load(Path(_deploy("kserve", uri, str(tmp_path), "--image", "x:1")["output"]).read_text())
+    container, = isvc["spec"]["predictor"]["containers"]
     known = lambda model: set(model.attribute_map.values())  # noqa: E731 - JSON field names of an OpenAPI model
     assert set(isvc) <= known(kserve.V1beta1InferenceService)
     assert set(isvc["spec"]) <= known(kserve.V1beta1InferenceServiceSpec)

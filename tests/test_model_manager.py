@@ -220,6 +220,21 @@ def test_bare_onnx_exported_by_the_build_serves_the_same_greedy_text(llama, tmp_
         assert "served unvalidated" in s.log.read_text()
 
 
+def test_bare_torchscript_file_with_its_config_serves_the_same_greedy_text(llama, tmp_path):
+    # a bare `model.pt` (the operator's own file, named on the command line; the API never registers one)
+    export = tmp_path / "ts-export"
+    export.mkdir()
+    shutil.copy(llama / "torchscript" / "model.pt", export / "model.pt")
+    shutil.copy(llama / "config.json", export / "config.json")
+    expected = {p: local_greedy(llama, p, 12, target="torchscript") for p in PROMPTS}
+    with serve_cli(["--model", str(export / "model.pt"), "--model-type", "torchscript", "--tokenizer", str(llama),
+                    "--log-level", "warning"], tmp_path) as s:
+        info = InferneoClient(s.url).models.get("ts-export")
+        assert info.kind == "file" and info.validated is False and info.format == "torchscript"
+        for p in PROMPTS:
+            assert greedy(s.url, "ts-export", p, 12)[0] == expected[p]
+
+
 # -- versions and the registry file -----------------------------------------------------------------------------
 def test_two_versions_side_by_side_and_the_registry_survives_a_restart(llama, local_artifact, tmp_path):
     registry = tmp_path / "registry.json"
@@ -343,6 +358,38 @@ routing:
         assert [(r.name, r.hits) for r in rules] == [("code", 1), ("team", 1)]
         c.routing.delete_rule("team")
         assert greedy(s.url, None, "hello", headers={"X-Team": "ml"})[1] == "tiny-llama@1"
+
+        # an A/B test added at run time, as a rule's target; a `user ==` rule of higher priority wins over it
+        c.routing.add_ab_test("canary", "tiny-llama", "tiny-qwen2", traffic_split=0.5)
+        c.routing.add_rule("beta", "prompt contains 'beta'", "canary", priority=1)
+        c.routing.add_rule("bob", "user == 'bob'", "tiny-llama", priority=20)
+        # without `user`, the X-User-ID header is the sticky key: the same id, the same arm; ids spread over both
+        arm_of = {}
+        for uid in [f"id-{i}" for i in range(12)] * 2:
+            model = greedy(s.url, None, "beta test", headers={"X-User-ID": uid})[1]
+            assert arm_of.setdefault(uid, model) == model
+        assert set(arm_of.values()) == {"tiny-llama@1", "tiny-qwen2@1"}
+        assert c.routing.ab_test("canary").arms.a.requests + c.routing.ab_test("canary").arms.b.requests == 24
+        qwen_id = next(uid for uid, m in arm_of.items() if m == "tiny-qwen2@1")
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "beta code", "max_tokens": 2, "user": "bob"},
+                       headers={"X-User-ID": qwen_id}, timeout=60)
+        assert r.status_code == 200 and r.headers["x-inferneo-model"] == "tiny-llama@1"  # rule `bob` (priority 20)
+
+
+def test_settings_from_the_environment_and_the_management_api_switched_off(llama, qwen, tmp_path):
+    # INFERNEO_<SETTING> variables configure a server with no flags at all: two models, no management API
+    port = free_port()
+    env = {"INFERNEO_MODELS": f"{llama},{qwen}", "INFERNEO_ADMIN_API": "false", "INFERNEO_PORT": str(port),
+           "INFERNEO_LOG_LEVEL": "warning"}
+    with serve_subprocess([], tmp_path, port, env=env, timeout=300) as s:
+        listed = httpx.get(f"{s.url}/v1/models", timeout=30).json()["data"]
+        assert {m["id"] for m in listed} >= {"tiny-llama", "tiny-qwen2"}
+        assert greedy(s.url, "tiny-qwen2", "hello")[1] == "tiny-qwen2@1"
+        for method, path, body in [("POST", "/v1/models", {"path": str(llama)}), ("GET", "/v1/routing", None),
+                                   ("POST", "/v1/models/tiny-llama/unload", {})]:
+            r = httpx.request(method, f"{s.url}{path}", json=body, timeout=30)
+            assert r.status_code == 404 and "admin_api: false" in r.text, (path, r.status_code, r.text)
+        assert greedy(s.url, "tiny-llama", "hello")[1] == "tiny-llama@1"  # nothing was unloaded
 
 
 # -- custom model classes ---------------------------------------------------------------------------------------

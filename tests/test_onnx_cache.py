@@ -141,3 +141,32 @@ def test_generate_says_when_it_wrote_the_copy(tiny_artifact, tmp_path):
     assert "wrote this host's packed onnx copy" in first.stderr
     again = run_cli(*args, "--json", env=env)
     assert again.returncode == 0 and json.loads(again.stdout)["session_source"] == "cache"
+
+
+def test_concurrent_first_loads_write_one_copy_and_agree(tiny_artifact, tmp_path):
+    # three processes load a never-seen artifact at once: one writes the copy (under the file lock), the others
+    # use the artifact or the finished copy; none fails, all generate the same tokens, one intact copy remains
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "INFERNEO_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop(onnx_cache.ENV, None)
+    args = [sys.executable, "-m", "inferneo_runtime.cli", "generate", str(tiny_artifact("llama")), "Hello there",
+            "--target", "onnx", "--max-new-tokens", "6", "--json"]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    results = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stdout + stderr
+        results.append(json.loads(stdout))
+    assert len({json.dumps(r["token_ids"]) for r in results}) == 1
+    assert sum(r["session_source"] == "created" for r in results) == 1, [r["session_source"] for r in results]
+    cache = tmp_path / "cache" / "onnx-prepacked"
+    [entry] = entries(cache)
+    assert {p.name for p in entry.iterdir()} == {onnx_cache.MODEL, onnx_cache.DATA, onnx_cache.DONE}
+    assert list(cache.glob(".*-*")) == []
+    again = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert json.loads(again.stdout)["session_source"] == "cache"
+    assert json.loads(again.stdout)["token_ids"] == results[0]["token_ids"]

@@ -117,21 +117,32 @@ def test_s3_source_errors_name_the_uri(client, bucket, tiny_checkpoint, tmp_path
     assert not checkpoint_entries()  # nothing refused was downloaded
 
 
-def test_access_denied_names_the_uri(s3env, tiny_checkpoint, tmp_path, monkeypatch):
+def test_access_denied_names_the_uri(tiny_checkpoint, tmp_path, monkeypatch):
+    # moto enforcing IAM: after the setup calls below, requests need a real identity, and a user with no
+    # policy is refused (403 AccessDenied) by the server itself
     import boto3
-    from botocore.stub import Stubber
 
-    from inferneo_runtime import s3
+    from conftest import moto_server
 
-    client = boto3.client("s3")
-    stub = Stubber(client)
-    stub.add_client_error("list_objects_v2", service_error_code="AccessDenied", http_status_code=403)
-    stub.activate()
-    monkeypatch.setattr(s3, "make_client", lambda: client)
-    uri = "s3://private-bucket/models/tiny"
-    with pytest.raises(SourceError, match=f"{uri}.*access denied") as e:
-        sources.resolve(s3_recipe(uri, tmp_path / "out", tiny_checkpoint("llama")))
-    assert e.value.exit_code == 2
+    with moto_server(tmp_path, INITIAL_NO_AUTH_ACTION_COUNT="3") as url:
+        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+        monkeypatch.setenv("INFERNEO_CACHE_DIR", str(tmp_path / "cache"))
+        setup = dict(aws_access_key_id="testing", aws_secret_access_key="testing")
+        boto3.client("s3", **setup).create_bucket(Bucket="private-bucket")
+        iam = boto3.client("iam", **setup)
+        iam.create_user(UserName="reader-without-policy")
+        key = iam.create_access_key(UserName="reader-without-policy")["AccessKey"]
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        uri = "s3://private-bucket/models/tiny"
+        with pytest.raises(SourceError, match=f"{uri}.*access denied") as e:
+            sources.resolve(s3_recipe(uri, tmp_path / "out", tiny_checkpoint("llama")))
+        assert e.value.exit_code == 2
 
 
 def test_recipe_checks_the_s3_uri(tiny_checkpoint, tmp_path):

@@ -184,3 +184,20 @@ def test_schemathesis_finds_no_server_error(llama, tmp_path):
         assert httpx.get(f"{s.url}/health", timeout=10).json() == {"status": "ok"}
         assert s.proc.poll() is None
         assert "Traceback" not in s.log.read_text()
+
+
+def test_tools_and_tool_call_arguments_count_toward_max_prompt_chars(limited):
+    # the chat template renders them too: a 3,000-character tool description is as much work as that prompt
+    tool = {"type": "function", "function": {"name": "lookup", "description": "d" * 3000,
+                                             "parameters": {"type": "object", "properties": {}}}}
+    chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = httpx.post(f"{limited.url}/v1/chat/completions", json={**chat, "tools": [tool]}, timeout=60)
+    assert r.status_code == 400 and "max_prompt_chars" in r.json()["error"]["message"], r.text
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": json.dumps({"q": "x" * 3000})}}
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+    r = httpx.post(f"{limited.url}/v1/chat/completions", json={**chat, "messages": messages}, timeout=60)
+    assert r.status_code == 400 and "max_prompt_chars" in r.json()["error"]["message"], r.text
+    call["function"]["arguments"] = json.dumps({"q": "x"})
+    r = httpx.post(f"{limited.url}/v1/chat/completions", json={**chat, "messages": messages}, timeout=60)
+    assert r.status_code == 200, r.text  # under the limit the same conversation is served

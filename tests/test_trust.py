@@ -100,6 +100,35 @@ def test_sign_push_load_from_s3(signed, keys, s3env, bucket, tiny_artifact, tmp_
         inferneo_runtime.load(f"s3://{bucket}/m", trusted_keys=[keys["other"]["public_key"]])
 
 
+def test_build_sign_then_a_garbled_or_missing_signature_exits_9(keys, tiny_checkpoint, tmp_path, s3env, bucket, client):
+    from conftest import tiny_recipe_fields, write_recipe
+
+    out = tmp_path / "art"
+    recipe = write_recipe(tmp_path / "r.yaml", **tiny_recipe_fields(tiny_checkpoint("llama"), "t", out, targets=("onnx",)))
+    r = run_cli("build", str(recipe), "--sign", keys["ci"]["private_key"], "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    trusted = {"INFERNEO_TRUSTED_KEYS": keys["ci"]["public_key"]}
+    r = run_cli("validate", str(out), "--json", env=trusted)
+    assert r.returncode == 0 and json.loads(r.stdout)["signed_by"] == keys["ci"]["key_id"], r.stdout + r.stderr
+    r = run_cli("push", str(out), f"s3://{bucket}/signed", "--json")  # the signature travels with it
+    assert r.returncode == 0, r.stderr
+    version = json.loads(client.get_object(Bucket=bucket, Key="signed/LATEST")["Body"].read())["version"]
+
+    signature = out / "inferneo.sig"
+    signature.write_bytes(signature.read_bytes()[:-10] + b"garbled!!!")
+    r = run_cli("validate", str(out), "--json", env=trusted)
+    assert r.returncode == 9, r.stdout + r.stderr
+    signature.unlink()
+    r = run_cli("validate", str(out), "--json", env=trusted)
+    assert r.returncode == 9 and "not signed" in r.stdout + r.stderr
+    assert run_cli("validate", str(out), "--json").returncode == 0  # without keys, checksums alone decide
+
+    # the same from S3: a garbled signature object is refused before the model is used
+    client.put_object(Bucket=bucket, Key=f"signed/versions/{version}/inferneo.sig", Body=b"{}")
+    r = run_cli("generate", f"s3://{bucket}/signed", "hi", "--max-new-tokens", "2", env=trusted)
+    assert r.returncode == 9, r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("evil", ["../../x", "/etc/passwd", "onnx/../../x"])
 def test_manifest_path_traversal_refused_before_any_read(tiny_artifact, tmp_path, evil):
     art = tmp_path / "a"

@@ -62,6 +62,10 @@ class TorchScriptBackend(Backend):
             raise ManifestError(f"{path}: listed in the manifest but missing")
         with quiet_jit():
             self._module = torch.jit.load(str(path), map_location=self._device).eval()
+        if io is None:  # a bare model.pt (no manifest): its own forward() and weights say what it takes
+            self.supports_last_only = any(a.name == "logit_positions" for a in self._module.forward.schema.arguments)
+            weights = [t for t in self._module.parameters() if t.is_floating_point()]
+            self._cache_dtype = weights[0].dtype if weights else torch.float32
         # TorchScript's profiling executor profiles the first call and optimizes on the second (~0.4 s each
         # for a 135M model); pay that here rather than in the first request's latency.
         scratch = KVCache(self._zeros, self.dims.num_layers, self.dims.kv_heads, self.dims.head_dim,

@@ -92,9 +92,13 @@ def check_request(body, config) -> None:
         if len(body.messages) > config.max_messages:
             raise ParamError(f"{len(body.messages)} messages exceed this server's limit of {config.max_messages} "
                              f"(max_messages)", param="messages")
-        # every string of a message counts (a 1M-character role is as much work as a 1M-character content)
+        # every string of a message counts (a 1M-character role is as much work as a 1M-character content), and
+        # so do the tools and earlier tool calls, which the chat template renders too
         chars = sum(len(m.role) + len(m.name or "") + (len(m.content) if isinstance(m.content, str) else
-                    sum(len(p.text or "") + len(p.type) for p in m.content or ())) for m in body.messages)
+                    sum(len(p.text or "") + len(p.type) for p in m.content or ())) +
+                    sum(len(c.function.name) + len(c.function.arguments) for c in m.tool_calls or ())
+                    for m in body.messages)
+        chars += sum(len(json.dumps(t.model_dump(exclude_none=True))) for t in getattr(body, "tools", None) or ())
         param = "messages"
     texts = [p for p in body.prompts() if isinstance(p, str)] if isinstance(body, CompletionRequest) else [
         m.content if isinstance(m.content, str) else "".join(p.text or "" for p in m.content or ())
