@@ -51,8 +51,8 @@ def reference(artifact):
                 "chat": model.chat(MESSAGES, max_new_tokens=16).text}
 
 
-# -- one local Ray cluster for the session ------------------------------------------------------------------
-@pytest.fixture(scope="session")
+# -- one local Ray cluster for this module (shut down after it, so its processes load no later test) ---------
+@pytest.fixture(scope="module")
 def ray_cluster():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # node address 127.0.0.1 (read when ray is imported)
@@ -91,7 +91,17 @@ def ray_app(ray_cluster, artifact):
     t0 = time.perf_counter()
     serve.run(app, name=APP, route_prefix="/")
     yield {**ray_cluster, "startup_s": time.perf_counter() - t0}
-    serve.delete(APP)
+    _delete_app(APP)
+
+
+def _delete_app(name: str, timeout: float = 240) -> None:
+    """Delete a Serve application and wait for it to go. Serve's own blocking delete gives up after 60 s, which a
+    loaded 2-core runner can exceed while a replica replaced after a kill is still starting."""
+    from ray import serve
+
+    if name in serve.status().applications:
+        serve.delete(name, _blocking=False)
+        wait_until(lambda: name not in serve.status().applications, timeout, f"Ray Serve did not delete {name}")
 
 
 def _client(url: str, **kwargs):
@@ -184,8 +194,7 @@ def test_inferneo_serve_ray_on_an_existing_cluster(ray_cluster, artifact, refere
     import httpx
     from ray import serve
 
-    if APP in serve.status().applications:
-        serve.delete(APP)
+    _delete_app(APP)  # the module's two-replica app holds the route prefix "/"
     log = tmp_path / "serve.log"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"]}
     with open(log, "w") as f:
