@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 from .errors import InferneoError
+from .model_config import ModelConfig
 from .registry import Entry, ModelRegistry
 
 logger = logging.getLogger("inferneo.server")
@@ -155,8 +156,6 @@ class ModelManager(ModelRegistry):
     def _restore(self) -> None:
         if self.registry_path is None or not self.registry_path.is_file():
             return
-        from .server.config import ModelConfig
-
         try:
             data = json.loads(self.registry_path.read_text(encoding="utf-8"))
             records = data["models"] if data.get("schema_version") == REGISTRY_SCHEMA else None

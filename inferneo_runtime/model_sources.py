@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from .errors import InferneoError, MissingExtraError
+from .model_config import DTYPES
 from .manifest import (FileEntry, GenerationDefaults, IOSignature, Manifest, ModelDims, SCHEMA_VERSION, ShapeBounds,
                        SourceInfo, TargetEntry, TensorSpec, ValidationSummary, read_manifest, sha256_file)
 
@@ -163,8 +164,6 @@ def select_target(manifest: Manifest, target: Optional[str], fmt: Optional[str],
                   quantization: Optional[str], notes: Optional[list] = None) -> str:
     """The target to serve: named, or the preferred valid one matching format, quantization and dtype."""
     from .artifact import choose_target
-    from .server.config import DTYPES
-
     notes = notes if notes is not None else []
     want = DTYPES.get(dtype or "auto")
     if target is not None:
@@ -258,8 +257,6 @@ def _checkpoint_config(directory: Optional[Path], hub_id: Optional[str]) -> dict
 
 
 def _build_precision(fmt: str, dtype: Optional[str], quantization: Optional[str], notes: list[str]) -> str:
-    from .server.config import DTYPES
-
     want = DTYPES.get(dtype or "auto")
     if quantization:
         if fmt != "onnx":
@@ -405,8 +402,6 @@ def _bare(spec, path: Path, max_model_len: Optional[int], max_batch_size: Option
                                f"onnx|torchscript|tensorrt, or give an artifact directory")
     if inferred and spec.format and inferred != spec.format:
         raise ModelSourceError(f"{path}: a {path.suffix} file is {inferred}, not --model-type {spec.format}")
-    from .server.config import DTYPES
-
     if spec.quantization or spec.adapters:
         flag = "--quantization" if spec.quantization else "--adapter"
         raise ModelSourceError(f"{path}: a bare model file is served as it is; {flag} picks among an artifact's "
@@ -553,8 +548,6 @@ def import_class(spec: str):
 
 def _custom(spec) -> Resolved:
     from .models import CustomModel
-    from .server.config import DTYPES
-
     if spec.quantization or spec.adapters or DTYPES.get(spec.dtype or "auto"):
         raise ModelSourceError(f"--model-class {spec.model_class}: --dtype, --quantization and --adapter apply to "
                                f"artifacts and checkpoints; a custom model class loads what it loads")

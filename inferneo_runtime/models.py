@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Optional, Sequence
 
 from .errors import RequestError
+from .drivers import Cancelled, DriverStopped, Ticket
 from .generation import TokenEvent
 from .sampling import SamplingParams
 
@@ -122,15 +123,6 @@ def load_custom(class_path: str, path: str) -> CustomHost:
     return CustomHost(model, class_path)
 
 
-class _Ticket:
-    __slots__ = ("prompt_ids", "params", "sink", "cancelled", "done")
-
-    def __init__(self, prompt_ids, params, sink):
-        self.prompt_ids, self.params, self.sink = list(prompt_ids), params, sink
-        self.cancelled = False
-        self.done = False
-
-
 class CustomDriver:
     """EngineDriver's interface over a CustomModel: each request runs `stream` on a worker thread."""
 
@@ -163,10 +155,8 @@ class CustomDriver:
             raise RequestError(f"prompt of {len(prompt_ids)} characters + max_tokens {params.max_new_tokens} exceeds "
                                f"custom model {self.name!r}'s max_context {self.max_sequence}")
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, sink) -> _Ticket:
-        from .server.driver import DriverStopped
-
-        ticket = _Ticket(prompt_ids, params, sink)
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, sink) -> Ticket:
+        ticket = Ticket(prompt_ids, params, sink)
         with self._lock:
             if self._stopping:
                 raise DriverStopped(f"model {self.name!r} is shutting down")
@@ -174,12 +164,10 @@ class CustomDriver:
         self._pool.submit(self._run, ticket)
         return ticket
 
-    def cancel(self, ticket: _Ticket) -> None:
+    def cancel(self, ticket: Ticket) -> None:
         ticket.cancelled = True
 
-    def _run(self, ticket: _Ticket) -> None:
-        from .server.driver import Cancelled
-
+    def _run(self, ticket: Ticket) -> None:
         item = None
         try:
             prompt = self.host.tokenizer.decode(ticket.prompt_ids)
@@ -202,7 +190,7 @@ class CustomDriver:
             self.in_flight -= 1
         self._send(ticket, item)
 
-    def _send(self, ticket: _Ticket, item) -> None:
+    def _send(self, ticket: Ticket, item) -> None:
         try:
             ticket.sink(item)
         except Exception as e:  # noqa: BLE001 - e.g. the event loop already closed at shutdown

@@ -26,6 +26,7 @@ from typing import Callable, Optional, Sequence, Union
 
 from .errors import InferneoError
 from .manifest import Manifest
+from .model_config import ModelConfig
 
 logger = logging.getLogger("inferneo.server")
 
@@ -142,8 +143,6 @@ class Lease:
 
 
 def _as_spec(src):
-    from .server.config import ModelConfig
-
     if isinstance(src, ModelConfig):
         return src
     if isinstance(src, ArtifactSource):
@@ -159,7 +158,7 @@ def _default_driver(name: str, model, entry: Entry, engine_options: Optional[dic
         return CustomDriver(name, model)
     if isinstance(model, EmbeddingModel):  # encoder artifacts: served by /v1/embeddings, no decode loop
         return EmbeddingDriver(name, model)
-    from .server.driver import EngineDriver
+    from .drivers import EngineDriver
 
     return EngineDriver(name, model, max_batch=entry.max_batch, max_sequence=entry.max_sequence,
                         **(engine_options or {}))
@@ -213,8 +212,6 @@ class ModelRegistry:
                  format: Optional[str] = None, target: Optional[str] = None, spec=None, **fields) -> Entry:
         """Register a model (artifact, s3:// URI, checkpoint, model file, or `model_class=`); returns its Entry.
         Without a version it gets the next integer after the name's versions ("1" for a new name)."""
-        from .server.config import ModelConfig
-
         if spec is None:
             values = {"path": str(path) if path is not None else ".", "name": name, "version": version,
                       "format": format, "target": target, **fields}

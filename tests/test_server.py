@@ -324,7 +324,7 @@ def test_serve_without_fastapi_names_the_extra(tmp_path):
 
 def test_import_stays_slim():
     r = subprocess.run([sys.executable, "-c", "import sys, inferneo_runtime, inferneo_runtime.cli, "
-                        "inferneo_runtime.registry, inferneo_runtime.server.config, inferneo_runtime.server.driver; "
+                        "inferneo_runtime.registry, inferneo_runtime.server.config, inferneo_runtime.drivers; "
                         "print([m for m in ('fastapi', 'uvicorn', 'torch') if m in sys.modules])"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

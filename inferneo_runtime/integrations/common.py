@@ -62,7 +62,7 @@ def warm_up_registry(registry, tokens: int = WARMUP_TOKENS) -> dict[str, float]:
     model runs `warm_up` through its engine driver, an encoder embeds one text. Custom model classes are left to
     their own `load()`. Returns {model: seconds} for the models warmed."""
     from ..embedding import EmbeddingModel
-    from ..server.driver import EngineDriver
+    from ..drivers import EngineDriver
 
     seconds = {}
     for name in registry.loaded():
@@ -93,7 +93,7 @@ class LoadedModel:
     def __init__(self, artifact: str, target: Optional[str] = None, device: str = "cpu",
                  threads: Optional[int] = None, warmup: bool = True):
         from .. import load
-        from ..server.driver import EngineDriver
+        from ..drivers import EngineDriver
 
         self.model = load(artifact, target=target, device=device, threads=threads)
         try:

@@ -152,7 +152,7 @@ class TritonPythonModel:
                     self.pending.pop(id(ticket), None)
             try:
                 if isinstance(item, BaseException):
-                    from inferneo_runtime.server.driver import Cancelled
+                    from inferneo_runtime.drivers import Cancelled
 
                     if isinstance(item, Cancelled):
                         sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

@@ -51,7 +51,7 @@ from ..registry import CapacityError, Entry, Lease, ModelBusy, ModelNotFound, Mo
 from ..sampling import SamplingParams, TokenLogprobs
 from .admin_guard import AdminForbidden, AdminGuard, MisdirectedHost, NotJSON, binds_loopback
 from .config import ModelConfig, ServerConfig, artifacts_to_serve, read_chat_template
-from .driver import Cancelled, DriverStopped
+from ..drivers import Cancelled, DriverStopped
 from .limits import BodyLimit, ClientStreams, check_request
 from .metrics import CONTENT_TYPE, Metrics
 from .protocol import (ABTestRequest, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,

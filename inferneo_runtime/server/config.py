@@ -38,12 +38,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal, Mapping, Optional
+from typing import Literal, Mapping, Optional
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from ..errors import InferneoError
+from ..model_config import (DTYPES, QUANTIZATIONS, ArtifactConfig, DTypeName, Format, ModelConfig,  # noqa: F401
+                            QuantizationName, StrictModel)
 
 DEFAULT_ARTIFACT = Path("artifacts/smollm2-135m")
 ENV_PREFIX = "INFERNEO_"
@@ -52,12 +54,6 @@ ENV_ALIASES = {"INFERNEO_MODEL": "models", "INFERNEO_GPU_MEMORY_UTIL": "gpu_memo
 LIST_FIELDS = ("artifacts", "models", "trusted_keys", "adapters", "allowed_hosts", "model_roots")
 MODEL_LIST_FIELDS = ("artifacts", "models")
 
-Format = Literal["onnx", "torchscript", "pt2", "tensorrt"]
-# --dtype names (vLLM's) and what a target's precision must be for each; "auto" takes any.
-DTYPES = {"auto": None, "half": "fp16", "float16": "fp16", "fp16": "fp16", "bfloat16": "bf16", "bf16": "bf16",
-          "float": "fp32", "float32": "fp32", "fp32": "fp32"}
-QUANTIZATIONS = ("int8", "int4")  # what Inferneo's targets can be quantized to (ONNX)
-
 
 class ConfigError(InferneoError):
     """The server settings are invalid, or there is nothing to serve."""
@@ -65,52 +61,7 @@ class ConfigError(InferneoError):
     exit_code = 2
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
-
-
-def _check_dtype(v: Optional[str]) -> Optional[str]:
-    if v is not None and v not in DTYPES:
-        raise ValueError(f"dtype {v!r} is not one of {', '.join(DTYPES)}")
-    return v
-
-
-def _check_quantization(v: Optional[str]) -> Optional[str]:
-    if v is not None and v not in QUANTIZATIONS:
-        raise ValueError(f"quantization {v!r} is not supported; Inferneo serves {', '.join(QUANTIZATIONS)} "
-                         f"(ONNX targets built with that precision)")
-    return v
-
-
-# checked the same way wherever they appear (a `models:` entry, or the server-wide defaults)
-DTypeName = Annotated[str, AfterValidator(_check_dtype)]
-QuantizationName = Annotated[str, AfterValidator(_check_quantization)]
-
-
-class ModelConfig(_Strict):
-    """One model to serve. Unset fields take the command's flags (the ServerConfig fields of the same name)."""
-
-    path: str = Field(description="artifact directory, s3:// URI, HF checkpoint directory, hub id in the local HF "
-                                  "cache, or a bare model file (model.onnx / model.pt / model.plan)")
-    name: Optional[str] = Field(None, description="served name (default: the manifest's name, the checkpoint "
-                                                  "directory's name or the hub id)")
-    version: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$",
-                                   description="served side by side with other versions; `name` picks the newest")
-    target: Optional[str] = Field(None, description="artifact target to serve (default: chosen by format/dtype/"
-                                                    "quantization, else the preferred valid one)")
-    format: Optional[Format] = Field(None, description="--model-type: the target format (required for bare files)")
-    tokenizer: Optional[str] = Field(None, description="bare model files: directory holding tokenizer.json "
-                                                       "(default: the file's folder)")
-    model_class: Optional[str] = Field(None, description="module:Class of an inferneo_runtime.models.CustomModel")
-    dtype: Optional[DTypeName] = None
-    quantization: Optional[QuantizationName] = None
-    adapters: Optional[list[str]] = Field(None, description="LoRA adapter directories (merged at compile time)")
-
-
-ArtifactConfig = ModelConfig  # the name this list had before it took more than artifacts
-
-
-class RoutingRuleConfig(_Strict):
+class RoutingRuleConfig(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     condition: str | dict = Field(description="\"prompt contains 'code'\", \"header x-team == 'ml'\", "
                                               "\"user == 'bob'\", \"prompt matches '^def '\", or a mapping")
@@ -118,7 +69,7 @@ class RoutingRuleConfig(_Strict):
     priority: int = 0
 
 
-class ABTestConfig(_Strict):
+class ABTestConfig(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     model_a: str
     model_b: str
@@ -127,14 +78,14 @@ class ABTestConfig(_Strict):
                                                   "request's `user` (else X-User-ID, X-Request-ID), or X-Request-ID")
 
 
-class RoutingConfig(_Strict):
+class RoutingConfig(StrictModel):
     default_model: Optional[str] = Field(None, description="where requests without a model (or model \"auto\") go "
                                          "when no rule matches (default: the only model, if there is one)")
     rules: list[RoutingRuleConfig] = Field(default_factory=list)
     ab_tests: list[ABTestConfig] = Field(default_factory=list)
 
 
-class ServerConfig(_Strict):
+class ServerConfig(StrictModel):
     artifacts: list[ModelConfig] = Field(default_factory=list, description="models to serve (older name of `models`)")
     models: list[ModelConfig] = Field(default_factory=list, description="models to serve (--model)")
     host: str = "127.0.0.1"

@@ -1,4 +1,9 @@
-"""One thread per loaded model drives its Engine: continuous batching for concurrent requests.
+"""The contract between a loaded model and whatever serves it (the server, Ray Serve, KServe, Triton, LMI), and the
+driver that meets it for generation models: one thread per loaded model drives its Engine (continuous batching).
+
+`Driver` is what every loaded model's driver offers: `EngineDriver` here, `models.CustomDriver` for a custom
+Python model, `embedding.EmbeddingDriver` for an encoder (which refuses generation). A `Ticket` is one sequence
+handed to any of them.
 
 The Engine is not thread-safe, so only the driver thread touches it. Other threads hand it work through
 an inbox (a list under a Condition): `submit` appends an "add", `cancel` appends a "cancel". Before each
@@ -14,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Protocol, Sequence, Union
 
 from ..errors import InferneoError
 from ..generation import Engine, Request, TokenEvent
@@ -22,7 +27,7 @@ from ..prefix_cache import PrefixCache
 from ..sampling import SamplingParams
 from ..speculative import SpeculationStats
 
-logger = logging.getLogger("inferneo.server")
+logger = logging.getLogger("inferneo.engine")
 
 Sink = Callable[[Union[TokenEvent, BaseException]], None]
 
@@ -38,7 +43,7 @@ class DriverStopped(InferneoError):
 class Ticket:
     """One sequence handed to a driver: its prompt, params, where its events go, and its engine Request."""
 
-    __slots__ = ("prompt_ids", "params", "sink", "request", "done")
+    __slots__ = ("prompt_ids", "params", "sink", "request", "done", "cancelled")
 
     def __init__(self, prompt_ids: Sequence[int], params: SamplingParams, sink: Sink):
         self.prompt_ids = list(prompt_ids)
@@ -46,6 +51,32 @@ class Ticket:
         self.sink = sink
         self.request: Optional[Request] = None  # set by the driver thread when the engine accepts it
         self.done = False  # set by the driver thread after the ticket's last item was sent
+        self.cancelled = False  # set by a driver without an inbox (CustomDriver) when its client went away
+
+
+class Driver(Protocol):
+    """What serving code may rely on for any loaded model. `submit` and `cancel` are called from any thread;
+    items reach the ticket's `sink` (which must not block) from the driver's own thread(s)."""
+
+    name: str
+    max_sequence: int  # prompt + generated tokens one sequence may reach
+    cache_bytes: int  # memory held for cached keys/values (reported in /metrics)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing submitted is still running (the server's unload and drain wait for this)."""
+
+    def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raise RequestError if this request would be rejected, before anything is submitted."""
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, sink: Sink) -> Ticket:
+        """Queue one sequence; raise DriverStopped once `stop` was called."""
+
+    def cancel(self, ticket: Ticket) -> None:
+        """The client went away: stop the sequence soon and send it `Cancelled`. A no-op once it is done."""
+
+    def stop(self, timeout: Optional[float] = None) -> bool:
+        """Take no new work, finish what was submitted; False if that did not happen within `timeout`."""
 
 
 class EngineDriver:
