@@ -21,11 +21,11 @@ import logging
 import threading
 from typing import Callable, Optional, Protocol, Sequence, Union
 
-from ..errors import InferneoError
-from ..generation import Engine, Request, TokenEvent
-from ..prefix_cache import PrefixCache
-from ..sampling import SamplingParams
-from ..speculative import SpeculationStats
+from .errors import InferneoError
+from .generation import Engine, Request, TokenEvent
+from .prefix_cache import PrefixCache
+from .sampling import SamplingParams
+from .speculative import SpeculationStats
 
 logger = logging.getLogger("inferneo.engine")
 
