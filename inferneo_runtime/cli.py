@@ -433,7 +433,7 @@ def serve(
                 importlib.import_module(module)
             except ImportError:
                 raise MissingExtraError("`inferneo serve`", "serve", module) from None
-        from .server.app import run_server
+        from .server.lifecycle import run_server
         from .server.config import load_server_config
 
         settings = load_server_config(config, overrides=dict(

@@ -249,7 +249,8 @@ def test_embeddings_endpoint(tiny_bert_artifact):
     import httpx
     import uvicorn
 
-    from inferneo_runtime.server.app import build_registry, create_app
+    from inferneo_runtime.server.app import create_app
+    from inferneo_runtime.server.lifecycle import build_registry
     from inferneo_runtime.server.config import ServerConfig
 
     config = ServerConfig(artifacts=[{"path": str(tiny_bert_artifact.output)}], log_level="warning")

@@ -359,7 +359,8 @@ class Gate:
 def inproc_server(artifact: Path, **settings):
     import uvicorn
 
-    from inferneo_runtime.server.app import build_registry, create_app
+    from inferneo_runtime.server.app import create_app
+    from inferneo_runtime.server.lifecycle import build_registry
     from inferneo_runtime.server.config import ServerConfig
 
     config = ServerConfig(artifacts=[{"path": str(artifact)}], log_level="warning", graceful_timeout_s=10, **settings)

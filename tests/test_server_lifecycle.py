@@ -120,7 +120,8 @@ def test_ready_only_after_the_warm_up_generation(llama):
     from starlette.testclient import TestClient
 
     from inferneo_runtime.integrations.common import WARMUP_TOKENS
-    from inferneo_runtime.server.app import build_registry, create_app
+    from inferneo_runtime.server.app import create_app
+    from inferneo_runtime.server.lifecycle import build_registry
     from inferneo_runtime.server.config import ServerConfig
 
     config = ServerConfig(artifacts=[{"path": str(llama)}], log_level="warning", threads=1)

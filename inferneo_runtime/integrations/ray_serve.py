@@ -55,7 +55,8 @@ class InferneoReplica:
     """One replica: a registry over the configured artifacts, loaded and warmed before Ray routes to it."""
 
     def __init__(self, settings: Mapping[str, Any]):
-        from ..server.app import build_registry, create_app
+        from ..server.app import create_app
+        from ..server.lifecycle import build_registry
         from ..server.config import ServerConfig
 
         config = ServerConfig.model_validate(dict(settings))

@@ -1,0 +1,208 @@
+"""/v1/completions and /v1/chat/completions: admitted by ServerState.open_job, answered whole or streamed."""
+from __future__ import annotations
+
+import time
+import uuid
+from functools import partial
+
+from fastapi import FastAPI, Request, Response
+
+from ...sampling import TokenLogprobs
+from ..errors import ERROR_RESPONSES
+from ..jobs import Job
+from ..protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+                        ChatTokenLogprob, ChoiceLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest,
+                        CompletionResponse, ParamError, ResponseMessage, TopLogprob)
+from ..state import ServerState
+from ..streaming import EventStream, end_stream, guarded, run_to_end, sse
+
+
+def add_routes(app: FastAPI, state: ServerState) -> None:
+    config = state.config
+
+    # -- completions -----------------------------------------------------------------------------------
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
+    async def completions(body: CompletionRequest, request: Request, response: Response):
+        prompts = body.prompts()
+        echoed: list[str] = []  # with echo: the text of each prompt
+
+        def prepare(job: Job) -> None:
+            ids_list, params = [], []
+            for p in prompts:
+                ids = job.tokenizer.encode(p) if isinstance(p, str) else list(p)
+                job.prompt_tokens += len(ids)
+                if body.echo:  # each choice's text starts with its prompt (token prompts: decoded)
+                    echoed.append(p if isinstance(p, str) else
+                                  job.tokenizer.decode(ids, skip_special_tokens=body.skip_special_tokens))
+                for i in range(body.n):  # choice p * n + i samples with seed + i
+                    sp = body.to_sampling_params(state.defaults, seed_offset=i)
+                    state.check_context(job, ids, sp, "prompt")
+                    ids_list.append(ids)
+                    params.append(sp)
+            job.submit(ids_list, params)
+
+        job = await state.open_job("completions", body, request, len(prompts) * body.n, prepare)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        model = state.model_field(body, job)
+        if body.stream:
+            return EventStream(_stream_completion(job, rid, created, body, model, echoed),
+                                on_close=partial(end_stream, job), headers=state.response_headers(job))
+        await run_to_end(job, request)
+        choices = [CompletionChoice(index=i, text=(echoed[i // body.n] if echoed else "") + s.text,
+                                    finish_reason=s.finish_reason,
+                                    logprobs=_completion_logprobs(job.tokenizer, s.logprobs, 0)
+                                    if body.logprobs is not None else None)
+                   for i, s in enumerate(job.seqs)]
+        job.call.finish(200)
+        response.headers.update(state.response_headers(job))
+        return CompletionResponse(id=rid, created=created, model=model, choices=choices, usage=job.usage())
+
+    # -- chat completions --------------------------------------------------------------------------------
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
+    async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response):
+        tooling = {"parser": None}  # the tool-call parser when the request offers tools (set by prepare)
+
+        def prepare(job: Job) -> None:
+            tools, parser, constraint = body.offered_tools(), None, None
+            if tools is not None:
+                parser = state.tool_parser(job.tokenizer)
+                if parser is None:
+                    raise ParamError("tools: this model's chat template shows no tool-call format this server "
+                                     "knows (hermes, llama3_json, mistral); start the server with "
+                                     "--tool-call-parser NAME", param="tools")
+                constraint = body.tool_constraint(parser, tools)
+                tooling["parser"] = parser
+            ids = state.encode_chat(job.tokenizer, body)
+            job.prompt_tokens = len(ids)
+            max_seq = job.driver.max_sequence
+            room = max_seq - len(ids)
+            if room < 1 and body.requested_max_tokens is None:
+                raise ParamError(f"This model's maximum context length is {max_seq} tokens. However, your messages "
+                                 f"resulted in {len(ids)} tokens. Please reduce the length of the messages.",
+                                 param="messages", code="context_length_exceeded")
+            default_max = min(room, config.default_max_tokens or config.max_chat_default_tokens)
+            params = [body.to_sampling_params(max(default_max, 1), state.defaults, seed_offset=i,
+                                              tool_constraint=constraint,
+                                              keep_special_tokens=parser is not None and parser.name == "mistral")
+                      for i in range(body.n)]
+            for sp in params:
+                state.check_context(job, ids, sp, "messages")
+            job.submit([ids] * body.n, params)
+
+        job = await state.open_job("chat", body, request, body.n, prepare)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        model = state.model_field(body, job)
+        if body.stream:
+            return EventStream(_stream_chat(job, rid, created, body, model, tooling["parser"]),
+                                on_close=partial(end_stream, job), headers=state.response_headers(job))
+        await run_to_end(job, request)
+        choices = []
+        for i, s in enumerate(job.seqs):
+            message, finish = ResponseMessage(content=s.text), s.finish_reason
+            parsed = tooling["parser"].parse(s.text) if tooling["parser"] is not None else None
+            if parsed is not None and parsed.calls:  # OpenAI's shape: the calls, the text before them, "tool_calls"
+                message = ResponseMessage(content=parsed.content, tool_calls=[c.to_openai() for c in parsed.calls])
+                finish = "tool_calls"
+            choices.append(ChatChoice(index=i, message=message, finish_reason=finish,
+                                      logprobs=_chat_logprobs(job.tokenizer, s.logprobs) if body.logprobs else None))
+        job.call.finish(200)
+        response.headers.update(state.response_headers(job))
+        return ChatCompletionResponse(id=rid, created=created, model=model, choices=choices, usage=job.usage())
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _completion_logprobs(tokenizer, lps: list[TokenLogprobs], offset: int) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    for lp in lps:
+        text = _token_text(tokenizer, lp.token_id)
+        out.tokens.append(text)
+        out.token_logprobs.append(lp.logprob)
+        out.top_logprobs.append({_token_text(tokenizer, t): v for t, v in lp.top})
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
+
+
+def _chat_logprobs(tokenizer, lps: list[TokenLogprobs]) -> ChoiceLogprobs:
+    def top(t: int, v: float) -> TopLogprob:
+        s = _token_text(tokenizer, t)
+        return TopLogprob(token=s, logprob=v, bytes=list(s.encode("utf-8")))
+
+    content = []
+    for lp in lps:
+        s = _token_text(tokenizer, lp.token_id)
+        content.append(ChatTokenLogprob(token=s, logprob=lp.logprob, bytes=list(s.encode("utf-8")),
+                                        top_logprobs=[top(t, v) for t, v in lp.top]))
+    return ChoiceLogprobs(content=content)
+
+
+def _stream_completion(job: Job, rid: str, created: int, body: CompletionRequest, model: str,
+                       echoed: list[str]):
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def chunks():
+        offsets = [0] * len(job.tickets)
+        for i in range(len(job.tickets) if echoed else 0):  # echo: each choice's prompt first, as vLLM streams it
+            choice = CompletionChoice(index=i, text=echoed[i // body.n])
+            yield sse(CompletionResponse(id=rid, created=created, model=model, choices=[choice]))
+        async for i, ev in job.events():
+            lp = None
+            if ev.logprobs is not None:
+                lp = _completion_logprobs(job.tokenizer, [ev.logprobs], offsets[i])
+                offsets[i] += sum(len(t) for t in lp.tokens)
+            if not ev.text and ev.finish_reason is None and lp is None:
+                continue
+            choice = CompletionChoice(index=i, text=ev.text, logprobs=lp, finish_reason=ev.finish_reason)
+            yield sse(CompletionResponse(id=rid, created=created, model=model, choices=[choice]))
+        if include_usage:
+            yield sse(CompletionResponse(id=rid, created=created, model=model, choices=[], usage=job.usage()))
+
+    return guarded(job, chunks())
+
+
+def _stream_chat(job: Job, rid: str, created: int, body: ChatCompletionRequest, model: str, parser=None):
+    """`parser`: the request offers tools; each choice's text goes through a tool_calls.ToolStream: content streams
+    until a call's marker, the rest is held and sent at the end as `tool_calls` deltas (first the call's id, type
+    and name, then its arguments), with finish_reason "tool_calls"."""
+    from ...tool_calls import ToolStream
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    tool_streams = [ToolStream(parser) for _ in range(body.n)] if parser is not None else None
+
+    def chunk(choices, usage=None) -> str:
+        return sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage))
+
+    async def chunks():
+        yield chunk([ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""}) for i in range(body.n)])
+        async for i, ev in job.events():
+            lp = _chat_logprobs(job.tokenizer, [ev.logprobs]) if ev.logprobs is not None else None
+            if not ev.text and ev.finish_reason is None and lp is None:
+                continue
+            text, finish = ev.text, ev.finish_reason
+            if tool_streams is not None:
+                text = tool_streams[i].feed(ev.text) if ev.text else ""
+                if finish is not None:
+                    rest, calls = tool_streams[i].finish()
+                    text += rest
+                    if calls:
+                        if text or lp is not None:
+                            yield chunk([ChatChunkChoice(index=i, delta={"content": text} if text else {},
+                                                         logprobs=lp)])
+                        text, lp, finish = "", None, "tool_calls"
+                        for k, call in enumerate(calls):
+                            head = {"index": k, "id": call.id, "type": "function",
+                                    "function": {"name": call.name, "arguments": ""}}
+                            yield chunk([ChatChunkChoice(index=i, delta={"tool_calls": [head]})])
+                            yield chunk([ChatChunkChoice(index=i, delta={"tool_calls": [
+                                {"index": k, "function": {"arguments": call.arguments}}]})])
+                if not text and finish is None and lp is None:
+                    continue
+            delta = {"content": text} if text else {}
+            yield chunk([ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=finish)])
+        if include_usage:
+            yield chunk([], usage=job.usage())
+
+    return guarded(job, chunks())
