@@ -76,8 +76,6 @@ class Resolved:
 
     def load(self, device: str = "cpu", threads: Optional[int] = None):
         if self.kind == "custom":
-            from .models import load_custom
-
             return load_custom(self.model_class, self.source)
         if self.kind == "file":
             return _load_bare(self, device, threads)
@@ -544,6 +542,15 @@ def import_class(spec: str):
     except (ImportError, AttributeError) as e:
         raise ModelSourceError(f"--model-class {spec!r}: cannot import it: {e}") from None
     return obj
+
+
+def load_custom(class_path: str, path: str):
+    """Import, construct and load a custom model class; a CustomHost serves it."""
+    from .models import CustomHost
+
+    model = import_class(class_path)(path)
+    model.load()
+    return CustomHost(model, class_path)
 
 
 def _custom(spec) -> Resolved:

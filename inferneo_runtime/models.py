@@ -115,14 +115,6 @@ class CustomHost:
         return {"device": "custom", "weights_bytes": int(self.impl.memory_bytes())}
 
 
-def load_custom(class_path: str, path: str) -> CustomHost:
-    from .model_sources import import_class
-
-    model = import_class(class_path)(path)
-    model.load()
-    return CustomHost(model, class_path)
-
-
 class CustomDriver:
     """EngineDriver's interface over a CustomModel: each request runs `stream` on a worker thread."""
 
