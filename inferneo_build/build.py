@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import shutil
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -20,46 +17,18 @@ from inferneo_runtime.manifest import (MANIFEST_NAME, SCHEMA_VERSION, VALIDATION
                                        Manifest, ModelDims, ShapeBounds, TargetEntry, Tolerances, ValidationSummary,
                                        file_entry)
 from inferneo_runtime.signing import sign_artifact
-from inferneo_runtime.toolchain import onnxruntime_distribution
 from inferneo_runtime.tokenizer import Tokenizer
 
 from . import build_cache
 from . import source as sources
 from .architectures import DecoderSpec, UnsupportedArchitecture, canonical_weights, decoder_spec
 from .exporters import Exporter, TargetUnavailable, exporter_for
+from .pipeline import (BuildError, BuildResult, Progress, ValidationFailed, dist_version,  # noqa: F401
+                       require_valid_targets, toolchain_versions, validation_chart)
 from .publish import check_output, publish, staging_dir
 from .recipe import Recipe
 from .evaluation import EvaluationReference
 from .validate import TargetReport, compare_target, run_reference
-
-
-class BuildError(RuntimeError):
-    exit_code = 1
-
-
-class ValidationFailed(BuildError):
-    """A required target did not match the reference; nothing was published."""
-
-    exit_code = 7
-
-    def __init__(self, message: str, reports: list[TargetReport]):
-        super().__init__(message)
-        self.reports = reports
-
-    @property
-    def details(self) -> list[dict]:
-        out = []
-        for r in self.reports:
-            d = {"target": r.target, "passed": r.passed, "reason": r.reason}
-            if getattr(r, "target_kind", None) == "encoder":
-                d.update(min_cosine=r.min_cosine, tolerance=r.tolerance, max_abs_error=r.max_abs_error)
-            else:
-                d.update(max_abs_logits_error=r.max_abs_logits_error, logits_atol=r.logits_atol,
-                         first_divergence=[p.first_divergence for p in r.prompts], criterion=r.criterion,
-                         precision=r.precision, tolerance=r.tolerance, top1_agreement=r.top1_agreement,
-                         mean_kl=r.mean_kl, perplexity_delta=r.perplexity_delta)
-            out.append(d)
-        return out
 
 
 class UnusableCheckpoint(BuildError):
@@ -134,49 +103,6 @@ def resolve_and_key(recipe: Recipe, log: Callable[[str], None] = lambda _: None)
     return checkpoint, adapters, key
 
 
-@dataclass
-class BuildResult:
-    output: Path
-    manifest: Manifest
-    reports: list[TargetReport] = field(default_factory=list)
-    seconds: float = 0.0
-    cached: Optional[str] = None  # "output" or the cache URI when nothing was rebuilt
-
-
-class Progress:
-    """Step-by-step progress on stderr; `quiet` for library use (and under INFERNEO_PROGRESS=0). The spinner of a
-    running step is drawn on a terminal only; elsewhere (a CI log) each step is one line when it ends."""
-
-    def __init__(self, quiet: bool = False):
-        from rich.console import Console
-
-        from inferneo_runtime.progress import progress_off
-
-        self.console = Console(stderr=True, quiet=quiet or progress_off())
-
-    def log(self, message: str) -> None:
-        self.console.print(f"  [dim]{message}[/dim]")
-
-    @contextmanager
-    def step(self, message: str):
-        t0 = time.perf_counter()
-        if self.console.is_terminal and not self.console.quiet:
-            with self.console.status(message):
-                yield
-        else:
-            yield
-        self.console.print(f"[green]✓[/green] {message} [dim]({time.perf_counter() - t0:.1f}s)[/dim]")
-
-
-def toolchain_versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "inferneo": _version("inferneo")}
-    for dist in ("torch", "transformers", "onnx", "tokenizers", "numpy"):
-        out[dist] = _version(dist)
-    # whichever wheel provides the onnxruntime package (onnxruntime, onnxruntime-gpu, ...)
-    out["onnxruntime"] = onnxruntime_distribution()[1] or "not installed"
-    return out
-
-
 def key_toolchain(recipe: Recipe) -> dict[str, str]:
     """What the build key hashes besides the recipe and the source: the toolchain versions and, for a recipe
     with tensorrt targets, the TensorRT version and the compute capabilities its engines are built for (an engine
@@ -197,13 +123,6 @@ def key_toolchain(recipe: Recipe) -> dict[str, str]:
             archs.add(gpus[0].compute_capability if gpus else "none")
         out["tensorrt_compute_capabilities"] = ",".join(sorted(archs))
     return out
-
-
-def _version(dist: str) -> str:
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def _eos_ids(root: Path, tokenizer: Tokenizer) -> list[int]:
@@ -422,28 +341,11 @@ def _build_in(staging: Path, recipe: Recipe, checkpoint, spec: DecoderSpec, mode
         toolchain=toolchain_versions(),
         built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         recipe_sha256=recipe_text_sha256 or recipe.sha256(),
-        inferneo_version=_version("inferneo"),
+        inferneo_version=dist_version("inferneo"),
         build_key=key,
     )
     (staging / MANIFEST_NAME).write_text(manifest.to_json())  # written last
     return BuildResult(output=staging, manifest=manifest, reports=reports)
-
-
-def validation_chart(staging: Path, validation: dict, name: str, log: Callable[[str], None]) -> list[Path]:
-    """Write validation.svg (the chart of `validation`) into `staging`: [its path], or [] with a log line when
-    matplotlib is not installed or the chart could not be drawn. A chart never fails a build."""
-    from inferneo_runtime import charts
-
-    if not charts.available():
-        log(f"no {charts.VALIDATION_CHART_NAME}: matplotlib is not installed ({charts.PLOT_INSTALL})")
-        return []
-    try:
-        path = charts.write_validation_chart(validation, staging / charts.VALIDATION_CHART_NAME, name)
-    except Exception as e:  # a drawing problem is not a validation problem
-        (staging / charts.VALIDATION_CHART_NAME).unlink(missing_ok=True)
-        log(f"no {charts.VALIDATION_CHART_NAME}: {type(e).__name__}: {e}")
-        return []
-    return [path] if path is not None else []
 
 
 def _kernel_path(target, precision: str) -> Optional[str]:
@@ -454,15 +356,6 @@ def _kernel_path(target, precision: str) -> Optional[str]:
         return quantized_kernel_path()
     return None
 
-
-def require_valid_targets(reports, targets: dict[str, TargetEntry]) -> None:
-    """Fail closed: any target that missed its tolerances fails the build, and so does having no target at all."""
-    failed = [r for r in reports if not r.passed]
-    if failed:
-        lines = [f"{r.target}: {r.reason}" for r in failed]
-        raise ValidationFailed("validation failed; nothing was published:\n  " + "\n  ".join(lines), reports)
-    if not any(t.status == "valid" for t in targets.values()):
-        raise BuildError("no target was built (all were skipped)")
 
 def _describe_report(r: TargetReport, atol: float) -> str:
     diverged = sum(p.first_divergence is not None for p in r.prompts)

@@ -27,6 +27,7 @@ from inferneo_runtime.manifest import (MANIFEST_NAME, SCHEMA_VERSION, VALIDATION
 from . import source as sources
 from .architectures import UnsupportedArchitecture
 from .exporters import ExportResult, TargetUnavailable
+from .pipeline import BuildResult, dist_version, require_valid_targets, toolchain_versions, validation_chart
 from .recipe import Recipe
 from .validate import EncoderReport, compare_encoder
 
@@ -265,8 +266,6 @@ class _TorchRunner:
 
 def build_encoder_in(staging: Path, recipe: Recipe, checkpoint, spec: EncoderSpec, model, progress,
                      recipe_text_sha256: Optional[str], key: str):
-    from .build import BuildResult, _version, require_valid_targets, toolchain_versions
-
     root_files = sources.copy_root_files(checkpoint, staging)
     for rel in spec.st_files:
         dest = staging / rel
@@ -322,7 +321,6 @@ def build_encoder_in(staging: Path, recipe: Recipe, checkpoint, spec: EncoderSpe
         "targets": [r.to_dict() for r in reports],
     }
     (staging / VALIDATION_NAME).write_text(json.dumps(validation, indent=2) + "\n")
-    from .build import validation_chart
 
     chart = validation_chart(staging, validation, recipe.name, progress.log)
     goldens = [EncoderGolden(text=t, values=[round(float(v), 7) for v in row]) for t, row in zip(texts, reference)]
@@ -333,7 +331,7 @@ def build_encoder_in(staging: Path, recipe: Recipe, checkpoint, spec: EncoderSpe
         root_files=[file_entry(staging, p) for p in root_files + [staging / VALIDATION_NAME] + chart],
         targets=targets, goldens=[], toolchain=toolchain_versions(),
         built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        recipe_sha256=recipe_text_sha256 or recipe.sha256(), inferneo_version=_version("inferneo"), build_key=key,
+        recipe_sha256=recipe_text_sha256 or recipe.sha256(), inferneo_version=dist_version("inferneo"), build_key=key,
         encoder=spec.info(goldens),
     )
     (staging / MANIFEST_NAME).write_text(manifest.to_json())  # written last

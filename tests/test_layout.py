@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = ROOT / "inferneo_runtime"
 SERVER_MAX_LINES = 400
@@ -67,8 +69,9 @@ def test_only_the_cli_and_ray_serve_import_the_server():
     assert importers <= SERVER_IMPORTERS, importers - SERVER_IMPORTERS
 
 
-def test_the_runtime_has_no_import_cycles():
-    graph = _graph(RUNTIME)
+@pytest.mark.parametrize("package", ["inferneo_runtime", "inferneo_build"])
+def test_no_import_cycles(package):
+    graph = _graph(ROOT / package)
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     cycles = []
 

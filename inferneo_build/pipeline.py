@@ -1,0 +1,122 @@
+"""What every build task (decoder, encoder) shares: its errors, its result, progress on stderr, the toolchain it
+records, the validation chart, and the fail-closed rule on validation reports."""
+from __future__ import annotations
+
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Callable, Optional
+
+from inferneo_runtime.manifest import Manifest, TargetEntry
+from inferneo_runtime.toolchain import onnxruntime_distribution
+
+from .validate import TargetReport
+
+
+class BuildError(RuntimeError):
+    exit_code = 1
+
+
+class ValidationFailed(BuildError):
+    """A required target did not match the reference; nothing was published."""
+
+    exit_code = 7
+
+    def __init__(self, message: str, reports: list[TargetReport]):
+        super().__init__(message)
+        self.reports = reports
+
+    @property
+    def details(self) -> list[dict]:
+        out = []
+        for r in self.reports:
+            d = {"target": r.target, "passed": r.passed, "reason": r.reason}
+            if getattr(r, "target_kind", None) == "encoder":
+                d.update(min_cosine=r.min_cosine, tolerance=r.tolerance, max_abs_error=r.max_abs_error)
+            else:
+                d.update(max_abs_logits_error=r.max_abs_logits_error, logits_atol=r.logits_atol,
+                         first_divergence=[p.first_divergence for p in r.prompts], criterion=r.criterion,
+                         precision=r.precision, tolerance=r.tolerance, top1_agreement=r.top1_agreement,
+                         mean_kl=r.mean_kl, perplexity_delta=r.perplexity_delta)
+            out.append(d)
+        return out
+
+
+@dataclass
+class BuildResult:
+    output: Path
+    manifest: Manifest
+    reports: list[TargetReport] = field(default_factory=list)
+    seconds: float = 0.0
+    cached: Optional[str] = None  # "output" or the cache URI when nothing was rebuilt
+
+
+class Progress:
+    """Step-by-step progress on stderr; `quiet` for library use (and under INFERNEO_PROGRESS=0). The spinner of a
+    running step is drawn on a terminal only; elsewhere (a CI log) each step is one line when it ends."""
+
+    def __init__(self, quiet: bool = False):
+        from rich.console import Console
+
+        from inferneo_runtime.progress import progress_off
+
+        self.console = Console(stderr=True, quiet=quiet or progress_off())
+
+    def log(self, message: str) -> None:
+        self.console.print(f"  [dim]{message}[/dim]")
+
+    @contextmanager
+    def step(self, message: str):
+        t0 = time.perf_counter()
+        if self.console.is_terminal and not self.console.quiet:
+            with self.console.status(message):
+                yield
+        else:
+            yield
+        self.console.print(f"[green]✓[/green] {message} [dim]({time.perf_counter() - t0:.1f}s)[/dim]")
+
+
+def toolchain_versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "inferneo": dist_version("inferneo")}
+    for dist in ("torch", "transformers", "onnx", "tokenizers", "numpy"):
+        out[dist] = dist_version(dist)
+    # whichever wheel provides the onnxruntime package (onnxruntime, onnxruntime-gpu, ...)
+    out["onnxruntime"] = onnxruntime_distribution()[1] or "not installed"
+    return out
+
+
+def dist_version(dist: str) -> str:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def validation_chart(staging: Path, validation: dict, name: str, log: Callable[[str], None]) -> list[Path]:
+    """Write validation.svg (the chart of `validation`) into `staging`: [its path], or [] with a log line when
+    matplotlib is not installed or the chart could not be drawn. A chart never fails a build."""
+    from inferneo_runtime import charts
+
+    if not charts.available():
+        log(f"no {charts.VALIDATION_CHART_NAME}: matplotlib is not installed ({charts.PLOT_INSTALL})")
+        return []
+    try:
+        path = charts.write_validation_chart(validation, staging / charts.VALIDATION_CHART_NAME, name)
+    except Exception as e:  # a drawing problem is not a validation problem
+        (staging / charts.VALIDATION_CHART_NAME).unlink(missing_ok=True)
+        log(f"no {charts.VALIDATION_CHART_NAME}: {type(e).__name__}: {e}")
+        return []
+    return [path] if path is not None else []
+
+
+def require_valid_targets(reports, targets: dict[str, TargetEntry]) -> None:
+    """Fail closed: any target that missed its tolerances fails the build, and so does having no target at all."""
+    failed = [r for r in reports if not r.passed]
+    if failed:
+        lines = [f"{r.target}: {r.reason}" for r in failed]
+        raise ValidationFailed("validation failed; nothing was published:\n  " + "\n  ".join(lines), reports)
+    if not any(t.status == "valid" for t in targets.values()):
+        raise BuildError("no target was built (all were skipped)")
