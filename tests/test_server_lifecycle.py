@@ -216,7 +216,8 @@ def test_drain_timeout_bounds_the_wait(llama, tmp_path):
 
     with gated_serve(llama, tmp_path, "--drain-timeout", "1") as s:
         s.hold(3)  # the stream produces a few tokens, then is held past the drain timeout
-        body = {"model": "tiny-llama", "prompt": PROMPT, "max_tokens": 120, "stream": True, "ignore_eos": True}
+        body = {"model": "tiny-llama", "prompt": PROMPT, "max_tokens": 120, "temperature": 0, "stream": True,
+                "ignore_eos": True}  # greedy: sampled, the first tokens might make no text before the gate holds
         with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
             events = [next(ln for ln in lines if ln.startswith("data: "))]
@@ -245,8 +246,10 @@ def test_a_second_signal_stops_the_server_at_once(llama, tmp_path):
     with gated_serve(llama, tmp_path, "--drain-timeout", "600") as s:
         s.hold(3)
         client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=60)
-        stream = iter(client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=60, stream=True,
-                                                extra_body={"ignore_eos": True}))
+        # greedy, as in the tests above: sampled, the 3 tokens let through could all be pieces of one UTF-8
+        # character, so no text (and no chunk) would come before the gate holds the stream
+        stream = iter(client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=60, temperature=0,
+                                                stream=True, extra_body={"ignore_eos": True}))
         assert not next(stream).choices[0].finish_reason
         wait_until(s.held, 30, "the engine did not reach the gate")
         s.proc.send_signal(signal.SIGTERM)
