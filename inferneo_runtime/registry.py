@@ -22,11 +22,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 from .errors import InferneoError
 from .manifest import Manifest
 from .model_config import ModelConfig
+
+if TYPE_CHECKING:
+    from .drivers import Driver
 
 logger = logging.getLogger("inferneo.server")
 
@@ -150,7 +153,7 @@ def _as_spec(src):
     return ModelConfig(path=str(src))
 
 
-def _default_driver(name: str, model, entry: Entry, engine_options: Optional[dict] = None):
+def _default_driver(name: str, model, entry: Entry, engine_options: Optional[dict] = None) -> Driver:
     from .embedding import EmbeddingDriver, EmbeddingModel
     from .models import CustomDriver, CustomHost
 
