@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from inferneo_runtime.errors import S3Error
-from inferneo_runtime.s3 import cache_root, file_lock  # one cache dir and lock for builder and runtime
+from inferneo_runtime.local_cache import cache_root, file_lock  # one cache dir and lock for builder and runtime
 from inferneo_runtime.manifest import SourceInfo, sha256_file
 
 from .recipe import GGUFSource, HubSource, PathSource, Recipe, S3Source, TokenizerOverrides

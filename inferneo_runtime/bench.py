@@ -349,7 +349,10 @@ def _streamed_bytes(manifest) -> int:
 
 def run_bench(artifact: Path, targets: Optional[list[str]] = None, compare: tuple[str, ...] = (),
               checkpoint: Optional[Path] = None, settings: BenchSettings = BenchSettings(),
-              log: Callable[[str], None] = lambda _: None) -> dict:
+              log: Callable[[str], None] = lambda _: None, spawn_peers: Optional[Callable] = None) -> dict:
+    """Every valid target (or `targets`) of `artifact`, each in its own process, and the peers named in `compare`
+    beside them. `spawn_peers` starts the peers: the builder's `inferneo_build.bench_peers.spawn_peers`, given by
+    the caller (the runtime does not import the builder); without it each peer is reported skipped."""
     from .tokenizer import Tokenizer
 
     artifact = Path(artifact).resolve()
@@ -405,19 +408,17 @@ def run_bench(artifact: Path, targets: Optional[list[str]] = None, compare: tupl
         ready.setdefault("process_to_first_token_s", round(time.perf_counter() - t, 3))
         results[("targets", name)] = {"format": entry.format, **ready, **child.ask("verify")}
         children[("targets", name)] = child
-    if compare:
-        peers = _peers_module()
-        if isinstance(peers, str):
-            for p in compare:
-                results[("peers", p)] = {"skipped": peers}
-        else:
-            for p, spawn in peers.spawn_peers(compare, manifest, checkpoint, prompt_ids, child_settings,
-                                              settings.timeout_s, log).items():
-                if isinstance(spawn, Child):
-                    results[("peers", p)] = spawn.reply()
-                    children[("peers", p)] = spawn
-                else:
-                    results[("peers", p)] = spawn
+    if compare and spawn_peers is None:
+        for p in compare:
+            results[("peers", p)] = {"skipped": "peers need inferneo[build] (inferneo_build.bench_peers)"}
+    elif compare:
+        for p, spawn in spawn_peers(compare, manifest, checkpoint, prompt_ids, child_settings,
+                                    settings.timeout_s, log).items():
+            if isinstance(spawn, Child):
+                results[("peers", p)] = spawn.reply()
+                children[("peers", p)] = spawn
+            else:
+                results[("peers", p)] = spawn
     live = {k: c for k, c in children.items() if "error" not in results[k]}
 
     # timed runs, interleaved: every contender's run r happens in the same stretch of time
@@ -456,14 +457,6 @@ def run_bench(artifact: Path, targets: Optional[list[str]] = None, compare: tupl
         report[group][name] = res
     report["ratios"] = _ratios(report)
     return report
-
-
-def _peers_module():
-    try:
-        from inferneo_build import bench_peers
-    except ImportError as e:
-        return f"peers need inferneo[build] ({getattr(e, 'name', None) or e})"
-    return bench_peers
 
 
 def _ratios(report: dict) -> dict:

@@ -15,7 +15,7 @@ LATEST on the previous version; its partial `versions/<new>/` has no manifest an
 the version into a hidden temporary directory beside the cache, checks the manifest hashes to <hash> and
 every file's size + sha256 against it, and only then renames the directory to
 `$INFERNEO_CACHE_DIR/artifacts/<hash>`. A download that dies or fails verification leaves nothing usable
-(stale temporary directories are removed by the next fetch); an fcntl lock per <hash> serialises
+(stale temporary directories are removed by the next fetch); a file lock per <hash> serialises
 concurrent fetches of the same version, so the second process waits and then uses the first one's entry.
 
 Endpoint and credentials come from the standard AWS chain: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,
@@ -40,6 +40,7 @@ from typing import Callable, Iterator, Optional, Union
 
 from .signing import SIGNATURE_NAME
 from .errors import InferneoError, IntegrityError, ManifestError, MissingExtraError, S3Error
+from .local_cache import cache_root, file_lock
 from .stale import owned_name, remove_stale
 from .manifest import MANIFEST_NAME, FileEntry, Manifest, read_manifest, sha256_file, verify_files
 
@@ -302,28 +303,8 @@ def run_parallel(fn: Callable, items: list, jobs: int) -> list:
 
 # --------------------------------------------------------------------------------------------------- cache
 
-def cache_root() -> Path:
-    """$INFERNEO_CACHE_DIR, else inferneo under the user's cache dir; the builder's caches live here too."""
-    base = os.environ.get("INFERNEO_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "inferneo")
-    return Path(base)
-
-
 def artifacts_cache() -> Path:
     return cache_root() / "artifacts"
-
-
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _entry_ok(root: Path, version: str) -> bool:

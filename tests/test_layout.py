@@ -10,8 +10,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = ROOT / "inferneo_runtime"
 SERVER_MAX_LINES = 400
+CLI_MAX_LINES = 350
 # the only runtime modules that may import the server: the CLI starts it, Ray Serve builds its app
-SERVER_IMPORTERS = {"inferneo_runtime.cli", "inferneo_runtime.integrations.ray_serve"}
+SERVER_IMPORTERS = {"inferneo_runtime.cli", "inferneo_runtime.cli_serve", "inferneo_runtime.integrations.ray_serve"}
+# the only runtime modules that may import the builder: the CLI's build-side commands, and compiling a checkpoint
+# that `serve --model` was pointed at
+BUILD_IMPORTERS = {"inferneo_runtime.cli", "inferneo_runtime.cli_build", "inferneo_runtime.model_sources"}
 
 
 def _modules(package: Path) -> dict[str, Path]:
@@ -52,7 +56,7 @@ def _graph(package: Path) -> dict[str, set[str]]:
 
 def test_the_analysis_sees_imports_inside_functions():
     graph = _graph(RUNTIME)
-    assert "inferneo_runtime.server.lifecycle" in graph["inferneo_runtime.cli"]  # imported inside `serve`
+    assert "inferneo_runtime.server.lifecycle" in graph["inferneo_runtime.cli_serve"]  # imported inside `serve`
     assert "inferneo_runtime.drivers" in graph["inferneo_runtime.registry"]  # inside _default_driver
 
 
@@ -67,6 +71,47 @@ def test_only_the_cli_and_ray_serve_import_the_server():
     importers = {m for m, targets in graph.items() if not m.startswith("inferneo_runtime.server")
                  and any(t.startswith("inferneo_runtime.server") for t in targets)}
     assert importers <= SERVER_IMPORTERS, importers - SERVER_IMPORTERS
+
+
+def test_the_cli_is_thin():
+    cli = [RUNTIME / "cli.py", *RUNTIME.glob("cli_*.py")]
+    long = {str(f.relative_to(ROOT)): n for f in cli if (n := len(f.read_text().splitlines())) > CLI_MAX_LINES}
+    assert not long, long
+
+
+def test_only_the_cli_and_on_demand_compilation_import_the_builder():
+    importers = {m for m, f in _modules(RUNTIME).items()
+                 if any(t.split(".")[0] == "inferneo_build" for t in _runtime_imports(f, m))}
+    assert "inferneo_runtime.cli_build" in importers  # the analysis sees them
+    assert importers <= BUILD_IMPORTERS, importers - BUILD_IMPORTERS
+
+
+def test_every_server_setting_is_a_flag_of_serve():
+    from typer.main import get_command
+
+    from inferneo_runtime.cli import app
+    from inferneo_runtime.cli_serve import NOT_FLAGS, setting_flags
+    from inferneo_runtime.server.config import ServerConfig
+
+    serve = get_command(app).commands["serve"]
+    options = {o for p in serve.params for o in (*p.opts, *p.secondary_opts)}
+    flags = setting_flags()
+    assert set(flags) | set(NOT_FLAGS) == set(ServerConfig.model_fields)
+    for setting, names in flags.items():
+        for name in names:
+            assert set(name.split("/")) <= options, (setting, name)
+        param = next(p for p in serve.params if p.name == setting)
+        assert param.help, f"--{setting} has no help: give ServerConfig.{setting} a description"
+    # what the flags set reaches the settings, under the settings' names
+    from inferneo_runtime.server.config import load_server_config
+
+    ctx = serve.make_context("serve", ["--model", "m", "--max-queue", "7", "--drain-timeout", "3", "--eager",
+                                       "--disable-metrics", "--allowed-host", "a.example", "--admin-token", "t"])
+    flagged = {k: v for k, v in ctx.params.items() if k not in ("config", "ray", "replicas")}
+    s = load_server_config(None, overrides=flagged, env={})
+    assert (s.max_queue, s.graceful_timeout_s, s.lazy, s.enable_metrics, s.allowed_hosts, s.admin_token) == \
+        (7, 3.0, False, False, ["a.example"], "t")
+    assert [m.path for m in s.models] == ["m"]
 
 
 @pytest.mark.parametrize("package", ["inferneo_runtime", "inferneo_build"])

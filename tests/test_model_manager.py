@@ -110,7 +110,7 @@ def local_artifact(checkpoint_dir, adapter, tmp_path_factory):
 
 # -- the serve command users know ---------------------------------------------------------------------------
 def test_long_serve_command_line_starts_answers_and_compiles_once(local_artifact, checkpoint_dir, adapter, tmp_path):
-    from inferneo_runtime.s3 import cache_root
+    from inferneo_runtime.local_cache import cache_root
 
     args = ["--model", str(local_artifact), "--model", str(checkpoint_dir), "--model-type", "onnx", "--lazy-loading",
             "--max-model-len", "4096", "--max-batch-size", "16", "--max-concurrent-requests", "50",

@@ -42,7 +42,7 @@ def enabled() -> bool:
 
 
 def cache_dir() -> Path:
-    from ..s3 import cache_root
+    from ..local_cache import cache_root
 
     return cache_root() / "onnx-prepacked"
 
@@ -87,7 +87,7 @@ def open_session(model: Path, files: Sequence[str], make_options: Callable[[], o
     if not _room_for(root, target_bytes):
         return from_artifact()
     try:
-        from ..s3 import file_lock
+        from ..local_cache import file_lock
 
         with file_lock(root / f"{entry.name}.lock"):
             session = _open_entry(entry, make_options, providers)  # another process may have written it meanwhile

@@ -86,47 +86,56 @@ class RoutingConfig(StrictModel):
 
 
 class ServerConfig(StrictModel):
-    artifacts: list[ModelConfig] = Field(default_factory=list, description="models to serve (older name of `models`)")
-    models: list[ModelConfig] = Field(default_factory=list, description="models to serve (--model)")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    artifacts: list[ModelConfig] = Field(default_factory=list, description="artifact directories or s3:// URIs to "
+                                         "serve (older name of `models`; default: artifacts/smollm2-135m if built)")
+    models: list[ModelConfig] = Field(default_factory=list, description="model to serve: artifact directory, s3:// "
+                                      "URI, HF checkpoint directory or hub id (compiled on demand, needs "
+                                      "inferneo[build]), or model.onnx / model.pt / model.plan")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field("info", description="server "
+                                                                                        "log level")
     lazy: bool = Field(False, description="load each model on its first request instead of at startup")
     max_models: Optional[int] = Field(None, ge=1, description="most models loaded at once")
     memory_budget_gb: Optional[float] = Field(None, gt=0, description="weights + KV caches of loaded models, "
                                                                       "in GB (1e9 bytes)")
     max_queue: int = Field(256, ge=1, description="most sequences in flight (running + waiting); beyond: 429")
     threads: Optional[int] = Field(None, ge=1, description="intra-op threads per model (default: physical cores)")
-    device: str = "cpu"
+    device: str = Field("cpu", description="cpu or cuda[:N]")
     default_max_tokens: Optional[int] = Field(None, ge=1, description="max_tokens when a request sets none (unset: "
                                               "OpenAI's 16 for completions, the rest of the context for chat)")
     load_wait_s: float = Field(30.0, ge=0, description="how long a request waits for busy models to free the budget")
-    graceful_timeout_s: float = Field(30.0, ge=0, description="--drain-timeout: how long a shutdown (SIGTERM) waits "
-                                      "for in-flight requests before ending them with a 503")
+    graceful_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM: /ready turns 503 and running requests get "
+                                      "this many seconds to finish; then they end with a 503")
 
     # -- what each model is (defaults of every `models:` entry) -----------------------------------------
-    model_type: Optional[Format] = Field(None, description="--model-type: target format to serve / compile")
-    model_class: Optional[str] = Field(None, description="--model-class module:Class (a CustomModel subclass)")
+    model_type: Optional[Format] = Field(None, description="the target format to serve (artifacts), build "
+                                                 "(checkpoints) or read (model files)")
+    model_class: Optional[str] = Field(None, description="module:Class, a subclass of "
+                                                 "inferneo_runtime.models.CustomModel")
     tokenizer: Optional[str] = Field(None, description="tokenizer directory for bare model files")
-    dtype: DTypeName = Field("auto", description="--dtype: auto | half | float16 | bfloat16 | float32")
-    quantization: Optional[QuantizationName] = Field(None, description="--quantization: int8 | int4")
-    adapters: list[str] = Field(default_factory=list, description="--adapter: LoRA adapter directories")
-    adapter_type: Literal["lora"] = "lora"
+    dtype: DTypeName = Field("auto", description="auto | half | float16 | bfloat16 | float32: pick the "
+                                 "target of that precision (artifacts) or build it (checkpoints)")
+    quantization: Optional[QuantizationName] = Field(None, description="int8 | int4: pick (or build) a quantized "
+                                                                      "ONNX target")
+    adapters: list[str] = Field(default_factory=list, description="LoRA adapter directory: merged "
+                                  "when a checkpoint is compiled; an artifact must carry it already")
+    adapter_type: Literal["lora"] = Field("lora", description="the kind of --adapter (lora, the one supported)")
     max_model_len: Optional[int] = Field(None, ge=16, description="most tokens per sequence (prompt + output); "
                                          "checkpoints are compiled for it, artifacts are capped to it")
     max_batch_size: Optional[int] = Field(None, ge=1, le=256, description="most sequences one engine step runs")
-    speculative: Optional[Literal["ngram"]] = Field(None, description="--speculative: draft tokens by n-gram lookup "
+    speculative: Optional[Literal["ngram"]] = Field(None, description="ngram: draft tokens by n-gram lookup "
                                                     "and verify them in one step (same output, fewer passes)")
-    speculative_tokens: int = Field(4, ge=1, le=16, description="--speculative-tokens: most tokens drafted per step "
+    speculative_tokens: int = Field(4, ge=1, le=16, description="most tokens drafted per step "
                                     "(requests may set speculative_tokens themselves; 0 turns it off for one)")
-    prefix_cache_mb: float = Field(0, ge=0, description="--prefix-cache-mb: memory per model for the keys/values of "
+    prefix_cache_mb: float = Field(0, ge=0, description="memory per model for the keys/values of "
                                    "prompt prefixes shared across requests (0: off)")
-    prefill_chunk: Optional[int] = Field(None, ge=1, description="--prefill-chunk: most prompt tokens prefilled per "
+    prefill_chunk: Optional[int] = Field(None, ge=1, description="most prompt tokens prefilled per "
                                          "engine step, so long prompts do not stall running streams (unset: whole)")
     gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1, description="share of the CUDA device's memory "
                                                     "for weights + KV caches (the memory budget); no effect on CPU")
-    tensor_parallel_size: int = Field(1, ge=1)
-    pipeline_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1, description="accepted; above 1 is refused (no backend shards)")
+    pipeline_parallel_size: int = Field(1, ge=1, description="accepted; above 1 is refused (no backend shards)")
     trusted_keys: list[str] = Field(default_factory=list, description="Ed25519 public keys artifacts must be "
                                     "signed with (empty: $INFERNEO_TRUSTED_KEYS, else no signature check)")
     registry_path: Optional[str] = Field(None, description="JSON file the model registry is saved to and restored "
@@ -138,17 +147,17 @@ class ServerConfig(StrictModel):
     admin_api: bool = Field(True, description="model management endpoints (register/load/unload, routing)")
     admin_token: Optional[str] = Field(None, description="bearer token for the management endpoints; unset: "
                                        "they answer loopback clients of a loopback-bound server only")
-    api_key: Optional[str] = Field(None, min_length=1, description="--api-key: bearer token the inference endpoints "
+    api_key: Optional[str] = Field(None, min_length=1, description="bearer token the inference endpoints "
                                    "(completions, chat, embeddings, model listing, /tokenize, /detokenize) require; "
                                    "unset: they are open. /health, /ready, /metrics and /version stay open")
     served_model_name: Optional[str] = Field(None, min_length=1, max_length=256,
                                              pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$",
-                                             description="--served-model-name: the name the one configured model is "
+                                             description="the name the one configured model is "
                                              "served under, instead of its own (as vLLM)")
-    chat_template: Optional[str] = Field(None, description="--chat-template: a Jinja chat template file used instead "
+    chat_template: Optional[str] = Field(None, description="a Jinja chat template file used instead "
                                          "of each model's own (rendered in the same sandbox)")
     tool_call_parser: Optional[Literal["hermes", "llama3_json", "mistral"]] = Field(
-        None, description="--tool-call-parser: the format model output is parsed for tool calls in (and forced calls "
+        None, description="hermes, llama3_json or mistral: the format model output is parsed for tool calls in (and forced calls "
         "are written in); unset: detected from each model's chat template (inferneo_runtime/tool_calls.py)")
     allowed_hosts: list[str] = Field(default_factory=list, description="Host names the management endpoints answer "
                                      "for, beside loopback names, IP addresses and the bind address (DNS rebinding)")
