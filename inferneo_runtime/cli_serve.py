@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from .cli_base import needs_extra
+from .cli_base import needs_extra, run_command
 from .server.config import ServerConfig
 
 # A setting's flag is --its-name with dashes, except these (vLLM's names, or older short ones).
@@ -106,6 +106,10 @@ def serve_parameters() -> list[inspect.Parameter]:
 
 def serve(**flags) -> None:
     """Serve models over an OpenAI-compatible HTTP API (needs inferneo\\[serve])."""
+    run_command(lambda: _serve(**flags), as_json=False)
+
+
+def _serve(config: Optional[Path], ray: bool, replicas: Optional[str], **flags) -> None:
     with needs_extra("serve", "serve"):
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -113,7 +117,6 @@ def serve(**flags) -> None:
     from .server.config import load_server_config
     from .server.lifecycle import run_server
 
-    config, ray, replicas = (flags.pop(name) for name in ("config", "ray", "replicas"))
     settings = load_server_config(config, overrides=flags)
     if ray or replicas:  # many replicas on Ray Serve, same app (inferneo_runtime/integrations/ray_serve.py)
         from .integrations.ray_serve import serve_on_ray

@@ -44,3 +44,24 @@ class S3Error(InferneoError):
     """An s3:// location cannot be used: missing bucket or key, access denied, unreachable endpoint."""
 
     exit_code = 8
+
+
+def pydantic_problem(e: BaseException):
+    """The first problem of a pydantic ValidationError (or FastAPI's RequestValidationError) as (location, message):
+    the location without FastAPI's `body` wrapper, the message without pydantic's "Value error, " prefix.
+    None for any other error."""
+    errors = getattr(e, "errors", None)
+    if not callable(errors) or not errors():
+        return None
+    first = errors()[0]
+    return tuple(p for p in first.get("loc", ()) if p != "body"), str(first.get("msg", "")).removeprefix("Value error, ")
+
+
+def first_problem(e: BaseException) -> str:
+    """One line for an error; for pydantic's, its first problem as `field.path: message`."""
+    problem = pydantic_problem(e)
+    if problem is None:
+        return str(e)
+    where = ".".join(str(p) for p in problem[0])
+    return f"{where}: {problem[1]}" if where else problem[1]
+

@@ -11,7 +11,7 @@ from typing import Annotated, Callable, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
-from .errors import IntegrityError, ManifestError
+from .errors import IntegrityError, ManifestError, pydantic_problem
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "inferneo.json"
@@ -249,9 +249,8 @@ def read_manifest(artifact_dir: Path) -> Manifest:
     try:
         return Manifest.model_validate(raw)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ManifestError(f"{path}: field {where}: {first['msg']}") from None
+        loc, msg = pydantic_problem(e)
+        raise ManifestError(f"{path}: field {'.'.join(str(p) for p in loc)}: {msg}") from None
 
 
 def sha256_file(path: Path, chunk: int = 8 << 20, on_bytes: Optional[Callable[[int], None]] = None) -> str:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
-from .errors import InferneoError
+from .errors import InferneoError, first_problem
 from .manifest import Manifest
 from .model_config import ModelConfig
 
@@ -223,7 +223,7 @@ class ModelRegistry:
             except Exception as e:  # noqa: BLE001 - pydantic's ValidationError, in one line
                 from .model_sources import ModelSourceError
 
-                raise ModelSourceError(f"cannot register {path}: {_first_error(e)}") from None
+                raise ModelSourceError(f"cannot register {path}: {first_problem(e)}") from None
         resolved = self.resolve(spec)
         return self._add(spec, resolved)
 
@@ -521,11 +521,3 @@ class ModelRegistry:
             targets={name: {"format": x.format, "status": x.status, "dtype": x.dtype, "precision": precision_of(x),
                             "validation": x.validation.status} for name, x in m.targets.items()})
         return info
-
-
-def _first_error(e: Exception) -> str:
-    errors = getattr(e, "errors", None)
-    if callable(errors):
-        first = errors()[0]
-        return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
-    return str(e)

@@ -43,7 +43,7 @@ from typing import Literal, Mapping, Optional
 import yaml
 from pydantic import Field, ValidationError
 
-from ..errors import InferneoError
+from ..errors import InferneoError, pydantic_problem
 from ..model_config import (DTYPES, QUANTIZATIONS, ArtifactConfig, DTypeName, Format, ModelConfig,  # noqa: F401
                             QuantizationName, StrictModel)
 
@@ -268,12 +268,11 @@ def load_server_config(config_file: Optional[Path] = None, overrides: Optional[M
     try:
         return ServerConfig.model_validate(merged)
     except ValidationError as e:
-        first = e.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else "?"
+        loc, msg = pydantic_problem(e)
+        field = str(loc[0]) if loc else "?"
         where = origin.get(field, "settings")
         via = f" (INFERNEO_{field.upper()})" if where == "environment" else ""
-        msg = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{where}{via}: {'.'.join(str(p) for p in first['loc'])}: {msg}") from None
+        raise ConfigError(f"{where}{via}: {'.'.join(str(p) for p in loc)}: {msg}") from None
 
 
 def artifacts_to_serve(config: ServerConfig, cwd: Optional[Path] = None) -> list[ModelConfig]:

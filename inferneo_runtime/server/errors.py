@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..drivers import DriverStopped
-from ..errors import InferneoError, MissingExtraError, RequestError, S3Error
+from ..errors import InferneoError, MissingExtraError, RequestError, S3Error, first_problem, pydantic_problem
 from ..registry import CapacityError, ModelBusy, ModelNotFound, RegistryError
 from ..signing import SignatureError
 from .admin_guard import AdminForbidden, MisdirectedHost, NotJSON
@@ -103,16 +103,6 @@ def error_info(e: BaseException) -> tuple[int, ErrorInfo]:
     return 500, ErrorInfo(message=f"internal error: {type(e).__name__}: {e}", type="server_error")
 
 
-def first_problem(e: BaseException) -> str:
-    """One line for an error; for pydantic's, its first problem as `field.path: message`."""
-    if callable(getattr(e, "errors", None)) and e.errors():
-        first = e.errors()[0]
-        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        msg = str(first.get("msg", "")).removeprefix("Value error, ")
-        return f"{loc}: {msg}" if loc else msg
-    return str(e)
-
-
 def registration_error(e: BaseException) -> tuple[int, ErrorInfo]:
     """Errors of registering a model over the API: what is wrong with the model given is the caller's 400."""
     if isinstance(e, RegistryError):
@@ -138,9 +128,9 @@ def add_error_handlers(app: FastAPI, count_refused) -> None:
         if first.get("type") == "json_invalid":
             msg = f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}"
             return error_response(400, ErrorInfo(message=msg, type="invalid_request_error", code="invalid_json"))
-        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        msg = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-        return error_response(400, ErrorInfo(message=msg, type="invalid_request_error", param=param))
+        param = ".".join(str(p) for p in pydantic_problem(exc)[0]) if exc.errors() else None
+        return error_response(400, ErrorInfo(message=first_problem(exc) if exc.errors() else "invalid request",
+                                             type="invalid_request_error", param=param or None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
