@@ -73,7 +73,7 @@ def open_artifact(artifact: str) -> ArtifactRef:
     if s3.is_s3_uri(artifact):
         loc = s3.parse_uri(artifact)
         client = s3.make_client()
-        version = s3.resolve(client, loc)
+        version = s3.resolve_version(client, loc)
         raw = s3.get_bytes(client, loc.bucket, loc.manifest_key(version))
         if hashlib.sha256(raw).hexdigest() != version:
             raise DeployError(f"{loc.version_uri(version)}/{MANIFEST_NAME} does not hash to its version {version}")

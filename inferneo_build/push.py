@@ -152,7 +152,7 @@ def push(artifact: Union[str, Path], uri: str, jobs: int = s3.DEFAULT_JOBS, prog
     manifest_uploaded = pusher.small(loc.manifest_key(version), raw)
     latest_key = loc.latest_key
     try:
-        current = s3.resolve(client, s3.S3Location(loc.bucket, loc.prefix))
+        current = s3.resolve_version(client, s3.S3Location(loc.bucket, loc.prefix))
     except S3Error:
         current = None  # nothing published yet (or an unreadable pointer we are about to replace)
     latest_updated = current != version

@@ -29,7 +29,7 @@ from .errors import RequestError
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, TokenLogprobs, choose_token, token_logprobs, verify_draft
 from .structured import compile_constraint, sequence_constraint
-from .speculative import SpeculationState, SpeculationStats, SpeculativeConfig, resolve as resolve_speculative
+from .speculative import SpeculationState, SpeculationStats, SpeculativeConfig, speculative_config
 from .tokenizer import Tokenizer
 
 GenerationParams = SamplingParams  # the name the foundation API used
@@ -141,7 +141,7 @@ class Engine:
         # prompt logits must cover every position, so a keep_logits engine (validation) computes them all
         self.prefix_cache = prefix_cache if not keep_logits else None
         self.prefill_chunk = prefill_chunk  # most prompt tokens prefilled per step (None: whole prompts)
-        self.speculative = resolve_speculative(speculative)  # the default of requests that do not choose
+        self.speculative = speculative_config(speculative)  # the default of requests that do not choose
         self.spec_stats = spec_stats if spec_stats is not None else SpeculationStats()
         self.eos_ids = frozenset(int(e) for e in eos_ids)
         self.tokenizer = tokenizer
@@ -175,9 +175,9 @@ class Engine:
             compile_constraint(params.constraint, self.tokenizer, self.eos_ids)  # cached; add() then only copies it
 
     def add(self, prompt_ids: Sequence[int], params: SamplingParams, speculative=ENGINE_DEFAULT) -> Request:
-        """Queue a request. `speculative`: this request's setting (see speculative.resolve), or the engine's."""
+        """Queue a request. `speculative`: this request's setting (see speculative.speculative_config), or the engine's."""
         self.check(prompt_ids, params)
-        spec = self.speculative if speculative is ENGINE_DEFAULT else resolve_speculative(speculative)
+        spec = self.speculative if speculative is ENGINE_DEFAULT else speculative_config(speculative)
         k = params.speculative_tokens
         if k is not None:  # the request's own number of draft tokens (0: off), with the engine's drafter settings
             spec = replace(spec or SpeculativeConfig(), num_tokens=k) if k else None
@@ -335,7 +335,7 @@ def stream_tokens(backend: Backend, prompts: Sequence[Sequence[int]],
                   prefill_chunk: Optional[int] = None) -> Iterator[TokenEvent]:
     """Yield each token event as it is produced; event.request_id is the prompt's index.
     `outputs`, if given, is filled with one SequenceOutput per prompt (complete once the iterator ends).
-    `speculative`: see speculative.resolve; `spec_stats`, if given, counts drafted and kept tokens.
+    `speculative`: see speculative.speculative_config; `spec_stats`, if given, counts drafted and kept tokens.
     `prefix_cache` (shared across calls) and `prefill_chunk`: see Engine."""
     engine = Engine(backend, eos_ids, tokenizer, keep_logits, speculative, spec_stats, prefix_cache, prefill_chunk)
     plist = _as_list(params, len(prompts))

@@ -230,7 +230,7 @@ def b64_sha256(hex_digest: str) -> str:
     return base64.b64encode(bytes.fromhex(hex_digest)).decode()
 
 
-def resolve(client, loc: S3Location) -> str:
+def resolve_version(client, loc: S3Location) -> str:
     """The version (manifest sha256) that `loc` names: its pinned version, else what LATEST points at."""
     if loc.version:
         return loc.version
@@ -339,7 +339,7 @@ def fetch(uri: Union[str, PurePath], progress: bool = False, jobs: int = DEFAULT
 def fetch_artifact(uri: Union[str, PurePath], progress: bool = False, jobs: int = DEFAULT_JOBS) -> Fetched:
     loc = parse_uri(uri)
     client = make_client()
-    version = resolve(client, loc)
+    version = resolve_version(client, loc)
     cache = artifacts_cache()
     final = cache / version
 

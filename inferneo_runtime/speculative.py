@@ -45,7 +45,7 @@ class SpeculativeConfig:
                                f"are invalid: need 1 <= min_ngram <= max_ngram")
 
 
-def resolve(spec: Union[None, bool, str, int, dict, SpeculativeConfig]) -> Optional[SpeculativeConfig]:
+def speculative_config(spec: Union[None, bool, str, int, dict, SpeculativeConfig]) -> Optional[SpeculativeConfig]:
     """The config for what users write: None/False/0 = off, "ngram", an int (n-gram with that many tokens),
     a dict of SpeculativeConfig fields, or a SpeculativeConfig."""
     if spec is None or spec is False or spec == 0 or spec == "off" or spec == "none":

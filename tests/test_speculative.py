@@ -9,7 +9,8 @@ import inferneo_runtime
 from conftest import PROMPTS
 from inferneo_runtime import RequestError, SamplingParams
 from inferneo_runtime.sampling import verify_draft
-from inferneo_runtime.speculative import NgramDrafter, SpeculationState, SpeculationStats, SpeculativeConfig, resolve
+from inferneo_runtime.speculative import NgramDrafter, SpeculationState, SpeculationStats, SpeculativeConfig
+from inferneo_runtime.speculative import speculative_config as resolve
 from test_sampling import CHI2_999, LOGITS, _expected
 
 TARGETS = ["onnx", "torchscript"]
