@@ -17,6 +17,7 @@ from inferneo_runtime.tokenizer import Tokenizer  # noqa: E402
 KEY = "sk-test-key"
 ADMIN = "admin-token"
 NAME = "my-model"  # --served-model-name
+APP_ORIGIN = "https://app.example"  # --allowed-origins
 PROMPT = "The quick brown fox"
 # --chat-template: a template of its own, with a variable a request sets through chat_template_kwargs
 TEMPLATE = ("{% if enable_thinking %}THINK {% endif %}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
@@ -40,7 +41,7 @@ def server(llama, tmp_path_factory):
     (cwd / "template.jinja").write_text(TEMPLATE)
     port = free_port()
     args = [str(llama), "--port", str(port), "--log-level", "warning", "--api-key", KEY, "--served-model-name", NAME,
-            "--chat-template", str(cwd / "template.jinja")]
+            "--chat-template", str(cwd / "template.jinja"), "--allowed-origins", APP_ORIGIN]
     with serve_subprocess(args, cwd, port, env={"INFERNEO_ADMIN_TOKEN": ADMIN}) as s:
         yield s
 
@@ -192,6 +193,23 @@ def test_api_key_guards_inference_and_leaves_probes_open(server, client):
     assert greedy(client, n_tokens=2).usage.completion_tokens == 2  # and the server goes on serving
 
 
+def test_cors_answers_the_allowed_origin_only(server):
+    preflight = {"Origin": APP_ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    r = httpx.options(f"{server.url}/v1/chat/completions", headers=preflight)  # a browser's preflight: no key
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == APP_ORIGIN
+    assert "POST" in r.headers["access-control-allow-methods"]
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": NAME, "prompt": PROMPT, "max_tokens": 2},
+                   headers={"Authorization": f"Bearer {KEY}", "Origin": APP_ORIGIN}, timeout=60)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == APP_ORIGIN
+    # the key is still required from an allowed origin, and another origin is given no CORS grant
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": NAME, "prompt": PROMPT, "max_tokens": 2},
+                   headers={"Origin": APP_ORIGIN}, timeout=60)
+    assert r.status_code == 401
+    r = httpx.options(f"{server.url}/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"})
+    assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+
+
 def test_served_model_name_replaces_the_models_name(server, client):
     assert [m.id for m in client.models.list().data] == [NAME]
     assert greedy(client, n_tokens=2).model == NAME
@@ -206,6 +224,10 @@ def test_settings_from_the_environment_and_their_errors(tmp_path, llama):
     two = load_server_config(overrides={"models": [str(llama), str(llama)], "served_model_name": "x"}, env={})
     with pytest.raises(ConfigError, match="served-model-name"):
         artifacts_to_serve(two)
+    with pytest.raises(ConfigError, match="allow_credentials with allowed_origins"):
+        load_server_config(env={"INFERNEO_ALLOWED_ORIGINS": "*", "INFERNEO_ALLOW_CREDENTIALS": "1"})
+    assert load_server_config(env={"INFERNEO_ALLOWED_ORIGINS": "https://a.example,https://b.example"}
+                              ).allowed_origins == ["https://a.example", "https://b.example"]
     (tmp_path / "bad.jinja").write_text("{% for m in messages %}")
     with pytest.raises(ConfigError, match="chat-template"):
         read_chat_template(load_server_config(overrides={"chat_template": str(tmp_path / "bad.jinja")}, env={}))

@@ -188,12 +188,19 @@ def test_models_health_ready_metrics(server, llama):
     assert card["validation"]["status"] == "passed" and card["max_context"] == 128
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{server.url}/ready").json()["loaded"] == ["tiny-llama"]
+    c.completions.create(model="tiny-llama", prompt="Hello", max_tokens=2)
     text = httpx.get(f"{server.url}/metrics").text
     for name in ("inferneo_requests_total", "inferneo_prompt_tokens_total", "inferneo_generation_tokens_total",
                  "inferneo_time_to_first_token_seconds_bucket", "inferneo_request_latency_seconds_bucket",
                  "inferneo_models_loaded", "inferneo_kv_cache_bytes", "inferneo_model_evictions_total"):
         assert name in text
     assert metric(server.url, "inferneo_models_loaded") == 1
+    # the names vLLM dashboards read carry the same values
+    ours = metric(server.url, "inferneo_prompt_tokens_total", model="tiny-llama")
+    assert ours > 0 and metric(server.url, "vllm:prompt_tokens_total", model_name="tiny-llama") == ours
+    for name in ("vllm:generation_tokens_total", "vllm:time_to_first_token_seconds_bucket",
+                 "vllm:e2e_request_latency_seconds_count"):
+        assert name in text
 
 
 # -- errors -----------------------------------------------------------------------------------------------

@@ -206,7 +206,9 @@ def test_server_speculates_caches_prefixes_and_reports_it(tiny_artifact, tmp_pat
         accepted = metric(srv.url, "inferneo_spec_accepted_tokens_total", model="tiny-llama")
         assert drafted > 0 and 0 < accepted <= drafted
         assert metric(srv.url, "inferneo_spec_acceptance_rate", model="tiny-llama") == pytest.approx(accepted / drafted)
-        assert metric(srv.url, "inferneo_prefix_cache_hit_tokens_total", model="tiny-llama") > 0
+        hits = metric(srv.url, "inferneo_prefix_cache_hit_tokens_total", model="tiny-llama")
+        assert hits > 0 and metric(srv.url, "vllm:prefix_cache_hits_total", model_name="tiny-llama") == hits
+        assert metric(srv.url, "vllm:spec_decode_num_draft_tokens_total", model_name="tiny-llama") == drafted
         with pytest.raises(openai.BadRequestError):
             c.completions.create(model="tiny-llama", prompt=prompt, max_tokens=4, extra_body={"speculative_tokens": 99})
 

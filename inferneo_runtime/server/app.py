@@ -28,6 +28,7 @@ import asyncio
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from .. import __version__
 from ..registry import ModelRegistry
@@ -57,6 +58,9 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
     app.add_middleware(RequireAPIKey, config=config)  # outside BodyLimit: a keyless request is not read
     app.add_middleware(RefuseWhileDraining, state=state)
+    if config.allowed_origins:  # outermost: a browser's preflight carries no API key and is answered here
+        app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=config.allowed_methods,
+                           allow_headers=config.allowed_headers, allow_credentials=config.allow_credentials)
 
     def count_refused(path: str, status: int) -> None:
         if path in ENDPOINTS:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Literal, Mapping, Optional
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from ..errors import InferneoError, pydantic_problem
 from ..model_config import (DTYPES, QUANTIZATIONS, ArtifactConfig, DTypeName, Format, ModelConfig,  # noqa: F401
@@ -51,7 +51,8 @@ DEFAULT_ARTIFACT = Path("artifacts/smollm2-135m")
 ENV_PREFIX = "INFERNEO_"
 ENV_ALIASES = {"INFERNEO_MODEL": "models", "INFERNEO_GPU_MEMORY_UTIL": "gpu_memory_utilization",
                "INFERNEO_DRAIN_TIMEOUT": "graceful_timeout_s"}
-LIST_FIELDS = ("artifacts", "models", "trusted_keys", "adapters", "allowed_hosts", "model_roots")
+LIST_FIELDS = ("artifacts", "models", "trusted_keys", "adapters", "allowed_hosts", "model_roots", "allowed_origins",
+               "allowed_methods", "allowed_headers")
 MODEL_LIST_FIELDS = ("artifacts", "models")
 
 
@@ -165,6 +166,14 @@ class ServerConfig(StrictModel):
                                    "registered from over the API (empty: the API registers none)")
     allow_unsigned_registration: bool = Field(False, description="let the API register artifacts no trusted key "
                                               "signed (loading a model can run its code)")
+    allowed_origins: list[str] = Field(default_factory=list, description="browser origins allowed to call the API "
+                                       "(CORS), e.g. https://app.example.com, or * for any (default: none)")
+    allowed_methods: list[str] = Field(default_factory=lambda: ["*"], description="HTTP methods allowed from those "
+                                       "origins (default *)")
+    allowed_headers: list[str] = Field(default_factory=lambda: ["*"], description="request headers allowed from "
+                                       "those origins (default *)")
+    allow_credentials: bool = Field(False, description="let those origins send cookies and Authorization (never "
+                                    "with * as the origin)")
     max_concurrent_requests: Optional[int] = Field(None, ge=1, description="most generation requests in flight; "
                                                    "beyond: 429 (code overloaded)")
     max_request_bytes: int = Field(8 << 20, ge=1024, description="largest request body; beyond: 413")
@@ -184,6 +193,13 @@ class ServerConfig(StrictModel):
                                          "generates (with default_max_tokens unset)")
     request_cpu_budget_s: float = Field(5.0, gt=0, description="longest time parsing, templating and tokenizing "
                                         "one request may take; beyond: 400")
+
+    @model_validator(mode="after")
+    def _credentials_need_named_origins(self):
+        if self.allow_credentials and "*" in self.allowed_origins:
+            raise ValueError("allow_credentials with allowed_origins * would let any web page call the API with "
+                             "its visitors' credentials; name the origins")
+        return self
 
     def engine_options(self) -> dict:
         """The EngineDriver settings of every model this server runs."""
@@ -218,7 +234,7 @@ def _normalize(values: dict) -> dict:
     for name in MODEL_LIST_FIELDS:
         if values.get(name) is not None:
             values[name] = _model_list(values[name])
-    for name in ("trusted_keys", "adapters", "allowed_hosts", "model_roots"):
+    for name in (f for f in LIST_FIELDS if f not in MODEL_LIST_FIELDS):
         if isinstance(values.get(name), str):
             values[name] = _split(values[name].replace(os.pathsep, ",") if name == "trusted_keys" else values[name])
     return values
@@ -272,7 +288,8 @@ def load_server_config(config_file: Optional[Path] = None, overrides: Optional[M
         field = str(loc[0]) if loc else "?"
         where = origin.get(field, "settings")
         via = f" (INFERNEO_{field.upper()})" if where == "environment" else ""
-        raise ConfigError(f"{where}{via}: {'.'.join(str(p) for p in loc)}: {msg}") from None
+        path = ".".join(str(p) for p in loc)
+        raise ConfigError(f"{where}{via}: {path}: {msg}" if path else f"{where}: {msg}") from None
 
 
 def artifacts_to_serve(config: ServerConfig, cwd: Optional[Path] = None) -> list[ModelConfig]:
