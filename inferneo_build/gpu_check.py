@@ -206,8 +206,7 @@ def measure_transformers(checkpoint: Path, device: str, dtype_name: str, prompt:
         full, tokens = _median_time(lambda: gen(new_tokens, **kw), runs)
         result[name] = {"ttft_ms": round(ttft * 1e3, 2),
                         "decode_tok_s": round((new_tokens - 1) / max(full - ttft, 1e-9), 1), "tokens": tokens}
-    del model
-    return result
+    return result  # the model (and its GPU memory) goes with this frame
 
 
 def first_divergence(a: list[int], b: list[int]) -> Optional[int]:

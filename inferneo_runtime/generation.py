@@ -44,6 +44,8 @@ class SequenceOutput:
     finish_reason: Optional[str] = None  # "stop" (EOS, stop token or stop string) or "length"
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logits: Optional[np.ndarray] = None  # [prompt_len, vocab], only with keep_logits
+    # with params.prompt_logprobs: per prompt token, its logprobs given the tokens before it (None for the first)
+    prompt_logprobs: Optional[list[Optional[TokenLogprobs]]] = None
     step_logits: list[np.ndarray] = field(default_factory=list)  # logits each token was chosen from
 
 
@@ -54,6 +56,8 @@ class TokenEvent:
     text: str  # newly final text (may be empty while a stop string or UTF-8 sequence is pending)
     finish_reason: Optional[str]  # set on the request's last event
     logprobs: Optional[TokenLogprobs] = None
+    # on a request's first event, with params.prompt_logprobs: SequenceOutput.prompt_logprobs
+    prompt_logprobs: Optional[list[Optional[TokenLogprobs]]] = None
 
 
 class Request:
@@ -70,6 +74,8 @@ class Request:
                                             params.skip_special_tokens) if tokenizer else None)
         self.cancelled = False
         self.prompt_logits: list[np.ndarray] = []  # per prefill chunk, with keep_logits
+        if params.prompt_logprobs is not None:
+            self.out.prompt_logprobs = [None]  # the first token has nothing before it
         self.spec = SpeculationState(speculative) if speculative is not None else None
         # structured outputs: the grammar's matcher (Engine.add turns speculation off for these requests)
         self.constraint = (sequence_constraint(params.constraint, tokenizer, eos_ids)
@@ -126,7 +132,14 @@ class Request:
             out.text = self.detok.text
         elif self.detok is not None:
             out.text = self.detok.text
-        return TokenEvent(self.id, token, text, out.finish_reason, lp)
+        first = len(out.token_ids) == 1 and out.prompt_logprobs is not None
+        return TokenEvent(self.id, token, text, out.finish_reason, lp, out.prompt_logprobs if first else None)
+
+    def score_prompt(self, logits: np.ndarray, start: int) -> None:
+        """Prompt logprobs from one prefill chunk: `logits[j]` (position start + j) predicts token start + j + 1."""
+        prompt, k = self.out.prompt_ids, self.params.prompt_logprobs
+        for j in range(min(len(logits), len(prompt) - 1 - start)):
+            self.out.prompt_logprobs.append(token_logprobs(logits[j], prompt[start + j + 1], k))
 
 
 class Engine:
@@ -236,8 +249,11 @@ class Engine:
                 self._prefill_slot = slot
             take = int(min(budget, len(prompt) - req.past))
             chunk = np.asarray(prompt[req.past:req.past + take], dtype=np.int64)[None, :]
+            scored = req.params.prompt_logprobs is not None
             logits = self.backend.forward(self.cache, slot, chunk, np.array([req.past], dtype=np.int64),
-                                          last_only=not self.keep_logits)
+                                          last_only=not (self.keep_logits or scored))
+            if scored:
+                req.score_prompt(logits[0], req.past)
             req.past += take
             budget -= take
             if self.keep_logits:
@@ -261,7 +277,9 @@ class Engine:
         # room for this request's whole generation now, so the cache does not regrow every chunk
         cache = self._ensure_cache(min(self.max_batch, slot + 1 + len(self.waiting)), need)
         cache.ensure_capacity(need)
-        req.past = self.prefix_cache.load(cache, slot, req.out.prompt_ids) if self.prefix_cache is not None else 0
+        # a prompt whose logprobs are asked for is prefilled whole: cached keys/values come without logits
+        reuse = self.prefix_cache is not None and req.params.prompt_logprobs is None
+        req.past = self.prefix_cache.load(cache, slot, req.out.prompt_ids) if reuse else 0
         self.prefilling, self._prefill_slot = req, slot
         return req
 

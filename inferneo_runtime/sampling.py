@@ -36,6 +36,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: Optional[int] = None  # top-n log-probabilities per generated token (0 = only the chosen one)
+    # vLLM's prompt_logprobs: the same for every prompt token after the first (its logprob given what precedes it)
+    prompt_logprobs: Optional[int] = None
     # tokens drafted per step by speculative decoding (0 = off); None = the engine's setting. Output is unchanged.
     speculative_tokens: Optional[int] = None
     # OpenAI's logit_bias: (token id, bias in [-100, 100]) pairs added to the logits before anything else
@@ -70,6 +72,9 @@ class SamplingParams:
             bad("seed", "must be a non-negative integer")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}]")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            bad("prompt_logprobs", f"must be an integer in [0, {MAX_LOGPROBS}]")
         if self.speculative_tokens is not None and (not isinstance(self.speculative_tokens, int)
                                                     or not 0 <= self.speculative_tokens <= 16):
             bad("speculative_tokens", "must be an integer in [0, 16] (0 = off)")
@@ -93,6 +98,7 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+    rank: int = 1  # the token's place in the distribution (1: the most likely)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -203,4 +209,5 @@ def token_logprobs(logits: np.ndarray, token: int, top_n: int) -> TokenLogprobs:
         best = np.argpartition(-lp, top_n - 1)[:top_n]
         best = best[np.argsort(-lp[best], kind="stable")]
         top = [(int(i), float(lp[i])) for i in best]
-    return TokenLogprobs(token_id=token, logprob=float(lp[token]), top=top)
+    rank = 1 + int(np.count_nonzero(lp > lp[token]))
+    return TokenLogprobs(token_id=token, logprob=float(lp[token]), top=top, rank=rank)

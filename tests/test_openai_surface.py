@@ -95,9 +95,58 @@ def test_echo_prepends_the_prompt_streamed_or_not(client, tok):
     stream = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
                                        echo=True, extra_body={"ignore_eos": True})
     assert "".join(ch.choices[0].text for ch in stream if ch.choices) == PROMPT + plain
-    with pytest.raises(openai.BadRequestError) as e:
-        greedy(client, echo=True, logprobs=1)
-    assert e.value.body["param"] == "echo"
+
+
+def _reference_prompt_logprobs(llama, ids: list[int]) -> list[float]:
+    """Each prompt token's log-probability given those before it, from one prefill of the artifact's own model."""
+    from inferneo_runtime.goldens import prefill_logits
+    from inferneo_runtime.sampling import log_softmax
+
+    with inferneo_runtime.load(llama) as local:
+        logits = prefill_logits(local.backend, ids)
+    return [float(log_softmax(logits[i - 1])[ids[i]]) for i in range(1, len(ids))]
+
+
+def test_echo_with_logprobs_scores_the_prompt_streamed_or_not(client, tok, llama):
+    ids = tok.encode(PROMPT)
+    expected = _reference_prompt_logprobs(llama, ids)
+    plain = greedy(client, logprobs=2).choices[0]
+    full = greedy(client, echo=True, logprobs=2).choices[0]
+    lp = full.logprobs
+    assert full.text == PROMPT + plain.text and len(lp.tokens) == len(ids) + 12
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing precedes the first token
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx(expected, abs=1e-4)
+    assert all(len(top) == 2 for top in lp.top_logprobs[1:])
+    assert lp.tokens[len(ids):] == plain.logprobs.tokens  # then the generated tokens, as without echo
+    assert lp.token_logprobs[len(ids):] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-5)
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    stream = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
+                                       echo=True, logprobs=2, extra_body={"ignore_eos": True})
+    chunks = [ch.choices[0] for ch in stream if ch.choices]
+    assert "".join(c.text for c in chunks) == full.text
+    streamed = [t for c in chunks if c.logprobs for t in c.logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
+    assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == lp.text_offset
+
+
+def test_prompt_logprobs_as_vllm_returns_them(server, client, tok, llama):
+    ids = tok.encode(PROMPT)
+    expected = _reference_prompt_logprobs(llama, ids)
+    body = {"model": NAME, "prompt": PROMPT, "max_tokens": 2, "temperature": 0, "prompt_logprobs": 3}
+    got = post(server, "/v1/completions", body).json()["choices"][0]["prompt_logprobs"]
+    assert len(got) == len(ids) and got[0] is None
+    for i, (entry, want) in enumerate(zip(got[1:], expected), start=1):
+        token = entry[str(ids[i])]  # the prompt's own token is always there, with its rank
+        assert token["logprob"] == pytest.approx(want, abs=1e-4) and token["decoded_token"] == tok.decode([ids[i]])
+        ranked = sorted((e["rank"], e["logprob"]) for k, e in entry.items() if e["rank"] <= 3)
+        assert [r for r, _ in ranked][:3] == [1, 2, 3] and ranked == sorted(ranked, key=lambda x: -x[1])
+        assert (token["rank"] == 1) == (token["logprob"] >= ranked[0][1] - 1e-6)
+    chat = post(server, "/v1/chat/completions", {"model": NAME, "messages": MESSAGES, "max_tokens": 2,
+                                                 "prompt_logprobs": 0}).json()
+    assert chat["prompt_logprobs"][0] is None and len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+    assert all(len(e) == 1 for e in chat["prompt_logprobs"][1:])  # 0: the prompt's own token only
+    r = post(server, "/v1/completions", {**body, "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
 
 
 def test_include_usage_ends_the_stream_with_the_usage(client):

@@ -163,3 +163,24 @@ def test_a_prompt_cancelled_mid_prefill_frees_its_slot(model):
     assert doomed.out.finish_reason == "cancelled" and not doomed.out.token_ids
     assert running.out.token_ids == _run(model, [short], running.params)[0].token_ids
     assert after.out.token_ids == _run(model, [after.out.prompt_ids], after.params)[0].token_ids
+
+
+def test_prompt_logprobs_are_the_same_chunked_cached_or_whole(model):
+    """vLLM's prompt_logprobs: every prompt token scored given those before it, whatever way the prompt is
+    prefilled; a prefix-cache hit does not skip scoring (the prompt is then prefilled whole)."""
+    from inferneo_runtime.goldens import prefill_logits
+    from inferneo_runtime.sampling import log_softmax
+
+    prompt = _prompts(model, 1)[0]
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True, prompt_logprobs=2)
+    logits = prefill_logits(model.backend, prompt)
+    expected = [float(log_softmax(logits[i - 1])[prompt[i]]) for i in range(1, len(prompt))]
+    cache = PrefixCache(max_bytes=1 << 30, block_size=4)
+    _run(model, [prompt], SamplingParams(max_new_tokens=3), prefix_cache=cache)  # the prompt is cached now
+    for kw in ({}, {"prefill_chunk": 5}, {"prefix_cache": cache}):
+        out = _run(model, [prompt], params, **kw)[0]
+        scored = out.prompt_logprobs
+        assert len(scored) == len(prompt) and scored[0] is None, kw
+        assert [lp.token_id for lp in scored[1:]] == prompt[1:]
+        assert [lp.logprob for lp in scored[1:]] == pytest.approx(expected, abs=1e-4), kw
+        assert all(len(lp.top) == 2 and lp.rank >= 1 for lp in scored[1:])

@@ -44,7 +44,7 @@ def test_rejection_rule_keeps_the_samplers_distribution(kw, drafter):
         "likely": lambda rng: (0, None),  # an n-gram draft of the most likely token
         "unlikely": lambda rng: (3, None),
         "filtered": lambda rng: (5, None),  # a token top-k/top-p remove: must never be emitted
-        "distribution": lambda rng: ((d := int(rng.choice(len(Q), p=Q))), Q),  # a draft model's sample and its q
+        "distribution": lambda rng: (int(rng.choice(len(Q), p=Q)), Q),  # a draft model's sample and its q
     }[drafter]
     counts = _draw_verified(SamplingParams(**kw), draft_of, n)
     chi2, dof = _chi2(counts, _expected(**kw) * n)

@@ -17,11 +17,14 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from ..errors import ManifestError, RequestError
+
+if TYPE_CHECKING:  # annotations only
+    from ..manifest import ModelDims, TargetEntry
 
 CAPACITY_CHUNK = 256  # the cache grows in steps of this many positions
 

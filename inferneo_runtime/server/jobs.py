@@ -66,6 +66,7 @@ class Seq:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: Optional[str] = None
+    prompt_logprobs: Optional[list[Optional[TokenLogprobs]]] = None  # with the request's prompt_logprobs
 
 
 class Job:
@@ -124,6 +125,8 @@ class Job:
             seq.token_ids.append(item.token_id)
             if item.logprobs is not None:
                 seq.logprobs.append(item.logprobs)
+            if item.prompt_logprobs is not None:
+                seq.prompt_logprobs = item.prompt_logprobs
             if item.finish_reason is not None:
                 seq.finish_reason = item.finish_reason
                 remaining -= 1

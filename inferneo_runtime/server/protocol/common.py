@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ...errors import RequestError
-from ...sampling import SamplingParams
+from ...sampling import MAX_LOGPROBS, SamplingParams
 
 
 logger = logging.getLogger("inferneo.server")
@@ -71,6 +71,9 @@ class _SamplingExtensions(BaseModel):
     stop_token_ids: Optional[list[TokenId]] = Field(None, description="token ids that end generation, like EOS")
     speculative_tokens: Optional[int] = Field(None, ge=0, le=16, description="tokens drafted per step by speculative "
                                               "decoding (0: off; unset: the server's setting); output is unchanged")
+    prompt_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS, description="vLLM's: the logprob of each "
+                                           "prompt token given those before it, with this many top alternatives "
+                                           "(not with stream)")
     include_stop_str_in_output: bool = Field(False, description="keep the stop string that ended the text in it")
     skip_special_tokens: bool = Field(True, description="leave special tokens out of the output text")
     # structured outputs (vLLM's names; structured.py): at most one of these, or chat's response_format
@@ -95,8 +98,10 @@ class _Sampling:
         return () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
 
     def _sampling_params(self, max_tokens: int, logprobs: Optional[int], defaults: Optional[dict],
-                         seed_offset: int, constraint=None) -> SamplingParams:
+                         seed_offset: int, constraint=None, prompt_logprobs: Optional[int] = None) -> SamplingParams:
         defaults = defaults or {}
+        if self.prompt_logprobs is not None and self.stream:  # as vLLM: they come whole, with the response
+            raise ParamError("prompt_logprobs is not available with stream: true", param="prompt_logprobs")
         seed = self.seed if self.seed is None else self.seed + seed_offset
         return SamplingParams(
             max_new_tokens=max_tokens, min_new_tokens=min(self.min_tokens, max_tokens),
@@ -107,6 +112,7 @@ class _Sampling:
             frequency_penalty=self._value("frequency_penalty", defaults),
             seed=seed, stop=self._stops(), stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos, logprobs=logprobs, speculative_tokens=self.speculative_tokens,
+            prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
             logit_bias=self._logit_bias(), include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             constraint=constraint or self._constraint())

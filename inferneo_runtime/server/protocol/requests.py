@@ -57,10 +57,12 @@ class CompletionRequest(_SamplingExtensions, _CompletionFields, _Sampling):
 
     def to_sampling_params(self, defaults: Optional[dict] = None, seed_offset: int = 0) -> SamplingParams:
         self._reject_unsupported({"suffix": self.suffix is not None,
-                                  "echo with logprobs": self.echo and self.logprobs is not None,
                                   "best_of other than n": self.best_of not in (None, self.n)})
         max_tokens = self.max_tokens or (defaults or {}).get("max_tokens") or COMPLETIONS_DEFAULT_MAX_TOKENS
-        return self._sampling_params(max_tokens, self.logprobs, defaults, seed_offset)
+        prompt_logprobs = None
+        if self.echo and self.logprobs is not None:  # the echoed prompt's tokens carry logprobs too (OpenAI's legacy)
+            prompt_logprobs = max(self.logprobs, self.prompt_logprobs or 0)
+        return self._sampling_params(max_tokens, self.logprobs, defaults, seed_offset, prompt_logprobs=prompt_logprobs)
 
 
 class ContentPart(OpenAIBaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 import uuid
 from functools import partial
+from typing import Optional
 
 from fastapi import FastAPI, Request, Response
 
@@ -12,7 +13,7 @@ from ..errors import ERROR_RESPONSES
 from ..jobs import Job
 from ..protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                         ChatTokenLogprob, ChoiceLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest,
-                        CompletionResponse, ParamError, ResponseMessage, TopLogprob)
+                        CompletionResponse, ParamError, PromptLogprob, ResponseMessage, TopLogprob)
 from ..state import ServerState
 from ..streaming import EventStream, end_stream, guarded, run_to_end, sse
 
@@ -25,12 +26,14 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
     async def completions(body: CompletionRequest, request: Request, response: Response):
         prompts = body.prompts()
         echoed: list[str] = []  # with echo: the text of each prompt
+        prompt_ids: list[list[int]] = []  # each prompt's tokens
 
         def prepare(job: Job) -> None:
             ids_list, params = [], []
             for p in prompts:
                 ids = job.tokenizer.encode(p) if isinstance(p, str) else list(p)
                 job.prompt_tokens += len(ids)
+                prompt_ids.append(ids)
                 if body.echo:  # each choice's text starts with its prompt (token prompts: decoded)
                     echoed.append(p if isinstance(p, str) else
                                   job.tokenizer.decode(ids, skip_special_tokens=body.skip_special_tokens))
@@ -45,13 +48,15 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         model = state.model_field(body, job)
         if body.stream:
-            return EventStream(_stream_completion(job, rid, created, body, model, echoed),
+            return EventStream(_stream_completion(job, rid, created, body, model, echoed, prompt_ids),
                                 on_close=partial(end_stream, job), headers=state.response_headers(job))
         await run_to_end(job, request)
         choices = [CompletionChoice(index=i, text=(echoed[i // body.n] if echoed else "") + s.text,
                                     finish_reason=s.finish_reason,
-                                    logprobs=_completion_logprobs(job.tokenizer, s.logprobs, 0)
-                                    if body.logprobs is not None else None)
+                                    logprobs=_choice_logprobs(job, body, s, prompt_ids[i // body.n])
+                                    if body.logprobs is not None else None,
+                                    prompt_logprobs=_prompt_logprobs(job.tokenizer, s.prompt_logprobs,
+                                                                     body.prompt_logprobs))
                    for i, s in enumerate(job.seqs)]
         job.call.finish(200)
         response.headers.update(state.response_headers(job))
@@ -107,7 +112,9 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
                                       logprobs=_chat_logprobs(job.tokenizer, s.logprobs) if body.logprobs else None))
         job.call.finish(200)
         response.headers.update(state.response_headers(job))
-        return ChatCompletionResponse(id=rid, created=created, model=model, choices=choices, usage=job.usage())
+        return ChatCompletionResponse(id=rid, created=created, model=model, choices=choices, usage=job.usage(),
+                                      prompt_logprobs=_prompt_logprobs(job.tokenizer, job.seqs[0].prompt_logprobs,
+                                                                       body.prompt_logprobs))
 
 
 def _token_text(tokenizer, token_id: int) -> str:
@@ -126,6 +133,44 @@ def _completion_logprobs(tokenizer, lps: list[TokenLogprobs], offset: int) -> Co
     return out
 
 
+def _echo_logprobs(tokenizer, ids: list[int], prompt: list[Optional[TokenLogprobs]], top_n: int) -> CompletionLogprobs:
+    """OpenAI's legacy echo + logprobs: the prompt's tokens first, the first of them without a logprob."""
+    out, offset = CompletionLogprobs(), 0
+    for token, lp in zip(ids, prompt):
+        text = _token_text(tokenizer, token)
+        out.tokens.append(text)
+        out.token_logprobs.append(None if lp is None else lp.logprob)
+        out.top_logprobs.append(None if lp is None else {_token_text(tokenizer, t): v for t, v in lp.top[:top_n]})
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
+
+
+def _choice_logprobs(job: Job, body: CompletionRequest, s, prompt_ids: list[int]) -> CompletionLogprobs:
+    """A choice's logprobs: its tokens', after its echoed prompt's with echo."""
+    if not (body.echo and s.prompt_logprobs is not None):
+        return _completion_logprobs(job.tokenizer, s.logprobs, 0)
+    head = _echo_logprobs(job.tokenizer, prompt_ids, s.prompt_logprobs, body.logprobs)
+    tail = _completion_logprobs(job.tokenizer, s.logprobs, sum(len(t) for t in head.tokens))
+    return CompletionLogprobs(**{k: getattr(head, k) + getattr(tail, k) for k in CompletionLogprobs.model_fields})
+
+
+def _prompt_logprobs(tokenizer, prompt: Optional[list[Optional[TokenLogprobs]]], top_n: Optional[int]):
+    """vLLM's prompt_logprobs: per prompt token, None for the first, else {token id: logprob, rank, text} for the
+    token itself and the top `top_n` alternatives."""
+    if prompt is None or top_n is None:
+        return None
+
+    def entry(t: int, logprob: float, rank: int) -> tuple[str, PromptLogprob]:
+        return str(t), PromptLogprob(logprob=logprob, rank=rank, decoded_token=_token_text(tokenizer, t))
+
+    out = [None]
+    for lp in prompt[1:]:
+        out.append(dict([entry(t, v, r + 1) for r, (t, v) in enumerate(lp.top[:top_n])]
+                        + [entry(lp.token_id, lp.logprob, lp.rank)]))
+    return out
+
+
 def _chat_logprobs(tokenizer, lps: list[TokenLogprobs]) -> ChoiceLogprobs:
     def top(t: int, v: float) -> TopLogprob:
         s = _token_text(tokenizer, t)
@@ -140,15 +185,22 @@ def _chat_logprobs(tokenizer, lps: list[TokenLogprobs]) -> ChoiceLogprobs:
 
 
 def _stream_completion(job: Job, rid: str, created: int, body: CompletionRequest, model: str,
-                       echoed: list[str]):
+                       echoed: list[str], prompt_ids: list[list[int]]):
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    # echo with logprobs: the prompt's logprobs come with a choice's first token, so its echo chunk waits for it
+    late_echo = bool(echoed) and body.logprobs is not None
 
     async def chunks():
         offsets = [0] * len(job.tickets)
-        for i in range(len(job.tickets) if echoed else 0):  # echo: each choice's prompt first, as vLLM streams it
+        for i in range(len(job.tickets) if echoed and not late_echo else 0):  # the prompt first, as vLLM streams it
             choice = CompletionChoice(index=i, text=echoed[i // body.n])
             yield sse(CompletionResponse(id=rid, created=created, model=model, choices=[choice]))
         async for i, ev in job.events():
+            if late_echo and ev.prompt_logprobs is not None:
+                lp = _echo_logprobs(job.tokenizer, prompt_ids[i // body.n], ev.prompt_logprobs, body.logprobs)
+                offsets[i] = sum(len(t) for t in lp.tokens)
+                choice = CompletionChoice(index=i, text=echoed[i // body.n], logprobs=lp)
+                yield sse(CompletionResponse(id=rid, created=created, model=model, choices=[choice]))
             lp = None
             if ev.logprobs is not None:
                 lp = _completion_logprobs(job.tokenizer, [ev.logprobs], offsets[i])
