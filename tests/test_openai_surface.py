@@ -129,6 +129,21 @@ def test_echo_with_logprobs_scores_the_prompt_streamed_or_not(client, tok, llama
     assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == lp.text_offset
 
 
+def test_best_of_returns_the_most_likely_samples(client):
+    kw = dict(model=NAME, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=7, extra_body={"ignore_eos": True})
+    samples = client.completions.create(n=3, logprobs=0, **kw).choices  # choice i samples with seed 7 + i
+    score = {c.text: sum(c.logprobs.token_logprobs) for c in samples}
+    assert len(score) > 1  # the samples differ, or the test proves nothing
+    best = client.completions.create(n=1, best_of=3, logprobs=0, **kw).choices
+    assert [c.text for c in best] == [max(score, key=score.get)]
+    two = client.completions.create(n=2, best_of=3, **kw).choices
+    assert [c.text for c in two] == sorted(score, key=score.get, reverse=True)[:2] and two[0].logprobs is None
+    for bad in ({"n": 2, "best_of": 1}, {"best_of": 2, "stream": True}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**{**kw, **bad})
+        assert e.value.body["param"] == "best_of", bad
+
+
 def test_prompt_logprobs_as_vllm_returns_them(server, client, tok, llama):
     ids = tok.encode(PROMPT)
     expected = _reference_prompt_logprobs(llama, ids)

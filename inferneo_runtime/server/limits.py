@@ -77,6 +77,9 @@ def check_request(body, config) -> None:
     """Raise ParamError (400) when a parsed request exceeds one of the server's per-request limits."""
     if body.n > config.max_n:
         raise ParamError(f"n={body.n} exceeds this server's limit of {config.max_n} (max_n)", param="n")
+    if getattr(body, "best_of", None) is not None and body.best_of > config.max_n:
+        raise ParamError(f"best_of={body.best_of} exceeds this server's limit of {config.max_n} (max_n)",
+                         param="best_of")
     requested = body.max_tokens if isinstance(body, CompletionRequest) else body.requested_max_tokens
     if config.max_tokens_limit is not None and requested is not None and requested > config.max_tokens_limit:
         raise ParamError(f"max_tokens={requested} exceeds this server's limit of {config.max_tokens_limit} "

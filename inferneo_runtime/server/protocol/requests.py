@@ -42,6 +42,11 @@ class _CompletionFields(OpenAIBaseModel):
             raise ValueError("prompt must not be empty")
         return self
 
+    @property
+    def samples(self) -> int:
+        """Sequences generated per prompt: best_of (the n with the highest log-probability are returned), else n."""
+        return self.best_of or self.n
+
 
 class CompletionRequest(_SamplingExtensions, _CompletionFields, _Sampling):
     """POST /v1/completions (OpenAI's fields first, then the extension block)."""
@@ -56,13 +61,18 @@ class CompletionRequest(_SamplingExtensions, _CompletionFields, _Sampling):
         return list(p)
 
     def to_sampling_params(self, defaults: Optional[dict] = None, seed_offset: int = 0) -> SamplingParams:
-        self._reject_unsupported({"suffix": self.suffix is not None,
-                                  "best_of other than n": self.best_of not in (None, self.n)})
+        self._reject_unsupported({"suffix": self.suffix is not None})
+        if self.best_of is not None and self.best_of < self.n:
+            raise ParamError(f"best_of ({self.best_of}) must be at least n ({self.n})", param="best_of")
+        if self.samples != self.n and self.stream:  # as OpenAI: the best are known only at the end
+            raise ParamError("best_of other than n is not available with stream: true", param="best_of")
         max_tokens = self.max_tokens or (defaults or {}).get("max_tokens") or COMPLETIONS_DEFAULT_MAX_TOKENS
         prompt_logprobs = None
         if self.echo and self.logprobs is not None:  # the echoed prompt's tokens carry logprobs too (OpenAI's legacy)
             prompt_logprobs = max(self.logprobs, self.prompt_logprobs or 0)
-        return self._sampling_params(max_tokens, self.logprobs, defaults, seed_offset, prompt_logprobs=prompt_logprobs)
+        # best_of ranks samples by their log-probability, so it is computed even when not asked for
+        logprobs = self.logprobs if self.logprobs is not None or self.samples == self.n else 0
+        return self._sampling_params(max_tokens, logprobs, defaults, seed_offset, prompt_logprobs=prompt_logprobs)
 
 
 class ContentPart(OpenAIBaseModel):

@@ -37,14 +37,14 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
                 if body.echo:  # each choice's text starts with its prompt (token prompts: decoded)
                     echoed.append(p if isinstance(p, str) else
                                   job.tokenizer.decode(ids, skip_special_tokens=body.skip_special_tokens))
-                for i in range(body.n):  # choice p * n + i samples with seed + i
+                for i in range(body.samples):  # sample p * samples + i draws with seed + i
                     sp = body.to_sampling_params(state.defaults, seed_offset=i)
                     state.check_context(job, ids, sp, "prompt")
                     ids_list.append(ids)
                     params.append(sp)
             job.submit(ids_list, params)
 
-        job = await state.open_job("completions", body, request, len(prompts) * body.n, prepare)
+        job = await state.open_job("completions", body, request, len(prompts) * body.samples, prepare)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         model = state.model_field(body, job)
         if body.stream:
@@ -57,7 +57,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
                                     if body.logprobs is not None else None,
                                     prompt_logprobs=_prompt_logprobs(job.tokenizer, s.prompt_logprobs,
                                                                      body.prompt_logprobs))
-                   for i, s in enumerate(job.seqs)]
+                   for i, s in enumerate(_best_of(job.seqs, body.samples, body.n))]
         job.call.finish(200)
         response.headers.update(state.response_headers(job))
         return CompletionResponse(id=rid, created=created, model=model, choices=choices, usage=job.usage())
@@ -115,6 +115,17 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         return ChatCompletionResponse(id=rid, created=created, model=model, choices=choices, usage=job.usage(),
                                       prompt_logprobs=_prompt_logprobs(job.tokenizer, job.seqs[0].prompt_logprobs,
                                                                        body.prompt_logprobs))
+
+
+def _best_of(seqs: list, samples: int, n: int) -> list:
+    """Of each prompt's `samples` sequences, the `n` with the highest log-probability (all of them when equal)."""
+    if samples == n:
+        return seqs
+    best = []
+    for start in range(0, len(seqs), samples):
+        group = seqs[start:start + samples]
+        best += sorted(group, key=lambda s: -sum(lp.logprob for lp in s.logprobs))[:n]
+    return best
 
 
 def _token_text(tokenizer, token_id: int) -> str:
