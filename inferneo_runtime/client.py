@@ -1,4 +1,5 @@
-"""A small Python client for `inferneo serve`: the OpenAI-style calls plus Inferneo's own, with typed errors.
+"""A Python client for `inferneo serve`: the official `openai` client for the OpenAI calls, Inferneo's own calls
+(model management, routing, A/B tests) beside them, and one set of typed errors for both.
 
     from inferneo_runtime.client import InferneoClient, ModelNotFoundError, OverloadedError
 
@@ -11,8 +12,12 @@
     info = client.models.get("smollm2-135m")          # .format, .parameters, .dtype, .version, .memory, ...
     client.models.register("qwen", "artifacts/qwen2-0.5b", version="2")   # management API (loopback / token)
 
-Responses are objects with attribute access over the JSON (`.to_dict()` gives the JSON back). Every failure
-raises an InferneoError subclass chosen from the server's status and error code:
+    async with AsyncInferneoClient("http://localhost:8000") as client:   # the same calls, awaited
+        r = await client.completions.create(model="smollm2-135m", prompt="Once", max_tokens=8)
+
+Completions, chat, embeddings and the model list are openai's own calls and objects (its retries, timeouts,
+streaming and types); `model` may be left out, for the server to route the request. Every failure raises an
+InferneoError subclass chosen from the server's status and error code, instead of openai's classes:
 
     ModelNotFoundError   404 model_not_found        InvalidFormatError  400 invalid_format (registering)
     BadRequestError      400 (others; .param names the field)   RequestTooLargeError 413
@@ -20,26 +25,28 @@ raises an InferneoError subclass chosen from the server's status and error code:
     OutOfMemoryError     503 out_of_memory          PermissionDeniedError 403    ConflictError 409
     ServerError          5xx otherwise              ConnectionError     the server cannot be reached
 
-A streamed answer that fails after it started raises the same classes from the iterator. Needs httpx (the
-`serve` or `client` extra); the openai package is not used.
+A streamed answer that fails after it started raises the same classes from the iterator. Needs the `client`
+extra (openai, httpx).
 """
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 from .errors import InferneoError
 
 try:
     import httpx
-except ImportError:  # pragma: no cover - depends on the install
+    import openai
+except ImportError as e:  # pragma: no cover - depends on the install
     from .errors import MissingExtraError
 
-    raise MissingExtraError("inferneo_runtime.client", "client", "httpx") from None
+    raise MissingExtraError("inferneo_runtime.client", "client", e.name or "openai") from None
 
-__all__ = ["InferneoClient", "APIError", "ModelNotFoundError", "OutOfMemoryError", "InvalidFormatError",
-           "BadRequestError", "RequestTooLargeError", "OverloadedError", "PermissionDeniedError", "ConflictError",
-           "ServerError", "ConnectionError", "Obj"]
+__all__ = ["InferneoClient", "AsyncInferneoClient", "APIError", "ModelNotFoundError", "OutOfMemoryError",
+           "InvalidFormatError", "BadRequestError", "RequestTooLargeError", "OverloadedError", "PermissionDeniedError",
+           "ConflictError", "ServerError", "ConnectionError", "Obj"]
 
 
 # -- errors -----------------------------------------------------------------------------------------------
@@ -164,145 +171,215 @@ def _wrap(value):
     return value
 
 
-class Stream:
-    """Server-sent events as objects; iterate it (and close it, or use `with`, to stop early)."""
+# -- from openai's errors to ours ---------------------------------------------------------------------------
+STREAM_ERROR_STATUS = {"out_of_memory": 503, "shutting_down": 503}  # an error event has no HTTP status of its own
 
-    def __init__(self, client: "InferneoClient", response: httpx.Response, context):
-        self._response = response
-        self._context = context
-        self.headers = response.headers
 
-    def __iter__(self) -> Iterator[Obj]:
-        try:
-            for line in self._response.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data == "[DONE]":
-                    return
-                payload = json.loads(data)
-                if isinstance(payload, dict) and "error" in payload:
-                    info = payload["error"] if isinstance(payload["error"], dict) else {}
-                    status = {"out_of_memory": 503, "shutting_down": 503}.get(info.get("code"), 500)
-                    raise error_from(status, payload)
-                yield Obj(payload)
-        finally:
-            self.close()
+def translate(e: Exception) -> Exception:
+    """Our exception for one of openai's (others are returned as they are)."""
+    if isinstance(e, openai.APIStatusError):
+        body = e.body if isinstance(e.body, dict) else {"message": e.message}
+        return error_from(e.status_code, {"error": body})
+    if isinstance(e, openai.APIConnectionError):
+        return ConnectionError(f"{e.request.url if e.request else ''}: {e.__cause__ or e}")
+    if isinstance(e, openai.APIError):  # an error event in a stream that had started
+        body = e.body if isinstance(e.body, dict) else {"message": e.message}
+        return error_from(STREAM_ERROR_STATUS.get(body.get("code"), 500), {"error": body})
+    return e
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    try:
+        yield
+    except openai.OpenAIError as e:
+        raise translate(e) from None
+
+
+def _translated_call(fn, *args, **kwargs):
+    with _translated():
+        result = fn(*args, **kwargs)
+    return _Stream(result) if isinstance(result, openai.Stream) else result
+
+
+class _Stream:
+    """openai's stream, raising our errors; iterate it (and close it, or use `with`, to stop early)."""
+
+    def __init__(self, stream: "openai.Stream"):
+        self._stream = stream
+        self.headers = stream.response.headers
+
+    def __iter__(self) -> Iterator[Any]:
+        with _translated():
+            yield from self._stream
 
     def close(self) -> None:
-        self._context.__exit__(None, None, None)
+        self._stream.close()
 
-    def __enter__(self) -> "Stream":
+    def __enter__(self) -> "_Stream":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-# -- the client --------------------------------------------------------------------------------------------
-def _body(kwargs: dict) -> dict:
-    extra = kwargs.pop("extra_body", None) or {}
-    return {**{k: v for k, v in kwargs.items() if v is not None}, **extra}
+class _AsyncStream(_Stream):
+    def __aiter__(self):
+        return self._iterate()
+
+    async def _iterate(self):
+        with _translated():
+            async for chunk in self._stream:
+                yield chunk
+
+    async def close(self) -> None:
+        await self._stream.close()
+
+    async def __aenter__(self) -> "_AsyncStream":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+def _with_model(kwargs: dict) -> dict:
+    # the server routes a request without a model (or with "auto"); openai's signature requires the argument
+    return {**kwargs, "model": kwargs.get("model") or "auto"}
+
+
+def _create(resource, headers: Optional[dict] = None, **kwargs):
+    if headers:
+        kwargs["extra_headers"] = {**kwargs.get("extra_headers", {}), **headers}
+    return _translated_call(resource.create, **_with_model(kwargs))
 
 
 class _Completions:
-    def __init__(self, client: "InferneoClient", path: str):
-        self._client, self._path = client, path
+    def __init__(self, resource):
+        self._resource = resource
 
-    def create(self, *, stream: bool = False, headers: Optional[dict] = None, **kwargs):
-        """POST with OpenAI's fields (model may be omitted: the server routes it); stream=True yields chunks."""
-        body = _body(kwargs)
-        if stream:
-            body["stream"] = True
-            return self._client._stream(self._path, body, headers)
-        return self._client._request("POST", self._path, json=body, headers=headers)
+    def create(self, headers: Optional[dict] = None, **kwargs):
+        """openai's create (model may be left out: the server routes it); stream=True yields chunks."""
+        return _create(self._resource, headers, **kwargs)
 
 
 class _Chat:
-    def __init__(self, client: "InferneoClient"):
-        self.completions = _Completions(client, "/v1/chat/completions")
+    def __init__(self, chat):
+        self.completions = _Completions(chat.completions)
+
+
+class _AsyncCompletions(_Completions):
+    async def create(self, headers: Optional[dict] = None, **kwargs):
+        if headers:
+            kwargs["extra_headers"] = {**kwargs.get("extra_headers", {}), **headers}
+        with _translated():
+            result = await self._resource.create(**_with_model(kwargs))
+        return _AsyncStream(result) if isinstance(result, openai.AsyncStream) else result
+
+
+class _AsyncChat:
+    def __init__(self, chat):
+        self.completions = _AsyncCompletions(chat.completions)
+
+
+class _Admin:
+    """Inferneo's own endpoints (model management, routing) through openai's client (its documented way to call
+    endpoints it has no method for): JSON in, Obj out."""
+
+    def __init__(self, client: "openai.OpenAI"):
+        self._client = client
+
+    def call(self, method: str, path: str, body: Optional[dict] = None) -> Any:
+        send = getattr(self._client, method)
+        with _translated():
+            return _wrap(send(path, cast_to=object, **({} if body is None else {"body": body})))
 
 
 class _Models:
-    def __init__(self, client: "InferneoClient"):
-        self._client = client
+    def __init__(self, admin: _Admin):
+        self._admin = admin
 
     def list(self) -> Obj:
-        return self._client._request("GET", "/v1/models")
+        return self._admin.call("get", "/models")
 
     def get(self, model_id: str) -> Obj:
-        return self._client._request("GET", f"/v1/models/{model_id}")
+        return self._admin.call("get", f"/models/{model_id}")
 
     retrieve = get  # openai's name
 
     def register(self, name: Optional[str], path: str, *, version: Optional[str] = None, format: Optional[str] = None,
                  load: bool = False, **fields) -> Obj:
         body = {"name": name, "path": str(path), "version": version, "format": format, "load": load, **fields}
-        return self._client._request("POST", "/v1/models", json={k: v for k, v in body.items() if v is not None})
+        return self._admin.call("post", "/models", {k: v for k, v in body.items() if v is not None})
 
     def load(self, model_id: str) -> Obj:
-        return self._client._request("POST", f"/v1/models/{model_id}/load", json={})  # the server takes JSON only
+        return self._admin.call("post", f"/models/{model_id}/load", {})  # the server takes JSON only
 
     def unload(self, model_id: str) -> Obj:
-        return self._client._request("POST", f"/v1/models/{model_id}/unload", json={})
+        return self._admin.call("post", f"/models/{model_id}/unload", {})
 
     def delete(self, model_id: str) -> Obj:
-        return self._client._request("DELETE", f"/v1/models/{model_id}")
+        return self._admin.call("delete", f"/models/{model_id}")
 
 
 class _Routing:
-    def __init__(self, client: "InferneoClient"):
-        self._client = client
+    def __init__(self, admin: _Admin):
+        self._admin = admin
 
     def get(self) -> Obj:
-        return self._client._request("GET", "/v1/routing")
+        return self._admin.call("get", "/routing")
 
     def add_rule(self, name: str, condition, model: str, priority: int = 0) -> Obj:
-        return self._client._request("POST", "/v1/routing/rules", json={"name": name, "condition": condition,
-                                                                         "model": model, "priority": priority})
+        return self._admin.call("post", "/routing/rules", {"name": name, "condition": condition, "model": model,
+                                                           "priority": priority})
 
     def delete_rule(self, name: str) -> Obj:
-        return self._client._request("DELETE", f"/v1/routing/rules/{name}")
+        return self._admin.call("delete", f"/routing/rules/{name}")
 
     def add_ab_test(self, name: str, model_a: str, model_b: str, traffic_split: float = 0.5,
                     sticky: str = "user") -> Obj:
-        return self._client._request("POST", "/v1/ab_tests", json={"name": name, "model_a": model_a,
-                                                                    "model_b": model_b, "traffic_split": traffic_split,
-                                                                    "sticky": sticky})
+        return self._admin.call("post", "/ab_tests", {"name": name, "model_a": model_a, "model_b": model_b,
+                                                      "traffic_split": traffic_split, "sticky": sticky})
 
     def ab_test(self, name: str) -> Obj:
-        return self._client._request("GET", f"/v1/ab_tests/{name}")
+        return self._admin.call("get", f"/ab_tests/{name}")
 
     def delete_ab_test(self, name: str) -> Obj:
-        return self._client._request("DELETE", f"/v1/ab_tests/{name}")
+        return self._admin.call("delete", f"/ab_tests/{name}")
+
+
+def _openai_settings(base_url: str, api_key: Optional[str], timeout: float, headers: Optional[dict],
+                     max_retries: int) -> tuple[str, dict]:
+    base = base_url.rstrip("/")
+    base = base[:-3] if base.endswith("/v1") else base
+    # openai always sends a bearer token; a server without --api-key ignores this placeholder
+    return base, dict(base_url=f"{base}/v1", api_key=api_key or "none", timeout=timeout, default_headers=headers,
+                      max_retries=max_retries)
 
 
 class InferneoClient:
     """Client for one Inferneo server. `base_url` with or without the /v1 suffix; `api_key` is sent as the
-    bearer token (the server's admin token, for the management calls)."""
+    bearer token (the server's --api-key, or its admin token for the management calls). `max_retries`: openai's
+    retries of connection errors, 429 and 5xx answers (0 by default: a 429 is reported, not waited out)."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: Optional[str] = None,
-                 timeout: float = 600.0, headers: Optional[dict] = None,
-                 transport: Optional[httpx.BaseTransport] = None):
-        base = base_url.rstrip("/")
-        base = base[:-3] if base.endswith("/v1") else base
-        auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=base, timeout=timeout, headers={**auth, **(headers or {})},
-                                  transport=transport)
-        self.base_url = base
-        self.chat = _Chat(self)
-        self.completions = _Completions(self, "/v1/completions")
-        self.models = _Models(self)
-        self.routing = _Routing(self)
+                 timeout: float = 600.0, headers: Optional[dict] = None, max_retries: int = 0):
+        self.base_url, settings = _openai_settings(base_url, api_key, timeout, headers, max_retries)
+        self.openai = openai.OpenAI(**settings)  # the official client, for anything not wrapped here
+        self.chat = _Chat(self.openai.chat)
+        self.completions = _Completions(self.openai.completions)
+        self.embeddings = _Completions(self.openai.embeddings)
+        admin = _Admin(self.openai)
+        self.models = _Models(admin)
+        self.routing = _Routing(admin)
 
     def health(self) -> bool:
         try:
-            return self._http.get("/health").status_code == 200
+            return httpx.get(f"{self.base_url}/health", timeout=10).status_code == 200
         except httpx.TransportError:
             return False
 
     def close(self) -> None:
-        self._http.close()
+        self.openai.close()
 
     def __enter__(self) -> "InferneoClient":
         return self
@@ -310,32 +387,23 @@ class InferneoClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- plumbing -------------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, **kwargs) -> Obj:
-        try:
-            r = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as e:
-            raise ConnectionError(f"{self.base_url}: {type(e).__name__}: {e}") from None
-        payload = _json(r)
-        if r.status_code >= 400:
-            raise error_from(r.status_code, payload)
-        return _wrap(payload) if isinstance(payload, (dict, list)) else payload
 
-    def _stream(self, path: str, body: dict, headers: Optional[dict]) -> Stream:
-        context = self._http.stream("POST", path, json=body, headers=headers)
-        try:
-            response = context.__enter__()
-        except httpx.TransportError as e:
-            raise ConnectionError(f"{self.base_url}: {type(e).__name__}: {e}") from None
-        if response.status_code >= 400:
-            response.read()
-            context.__exit__(None, None, None)
-            raise error_from(response.status_code, _json(response))
-        return Stream(self, response, context)
+class AsyncInferneoClient:
+    """InferneoClient's OpenAI calls for asyncio code (each awaited; a stream is iterated with `async for`)."""
 
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: Optional[str] = None,
+                 timeout: float = 600.0, headers: Optional[dict] = None, max_retries: int = 0):
+        self.base_url, settings = _openai_settings(base_url, api_key, timeout, headers, max_retries)
+        self.openai = openai.AsyncOpenAI(**settings)
+        self.chat = _AsyncChat(self.openai.chat)
+        self.completions = _AsyncCompletions(self.openai.completions)
+        self.embeddings = _AsyncCompletions(self.openai.embeddings)
 
-def _json(r: httpx.Response):
-    try:
-        return r.json()
-    except ValueError:
-        return {"error": {"message": r.text[:500] or f"HTTP {r.status_code}"}}
+    async def close(self) -> None:
+        await self.openai.close()
+
+    async def __aenter__(self) -> "AsyncInferneoClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -7,6 +7,8 @@ shutdown deterministic.
 """
 from __future__ import annotations
 
+import asyncio
+
 import json
 import os
 import shutil
@@ -527,6 +529,22 @@ def test_inferneo_client_calls_and_typed_errors(server, local, tmp_path):
     with pytest.raises(BadRequestError) as e:
         c.completions.create(model="tiny-llama", prompt="hi", max_tokens=-1)
     assert e.value.param == "max_tokens" and not isinstance(e.value, InvalidFormatError)
+    assert isinstance(c.openai, openai.OpenAI)  # the official client underneath
+
+    async def the_same_awaited():
+        from inferneo_runtime.client import AsyncInferneoClient
+
+        async with AsyncInferneoClient(server.url) as ac:
+            whole = await ac.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=10, temperature=0,
+                                                extra_body={"ignore_eos": True})
+            stream = await ac.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=10, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True})
+            streamed = "".join([ch.choices[0].text async for ch in stream if ch.choices])
+            with pytest.raises(ModelNotFoundError):
+                await ac.chat.completions.create(model="no-such-model", messages=MESSAGES)
+        return whole.choices[0].text, streamed
+
+    assert asyncio.run(the_same_awaited()) == (text, text)
 
 
 def test_queue_full_is_an_overloaded_error_for_the_client(llama):
