@@ -21,15 +21,14 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 from .errors import InferneoError, first_problem
-from .manifest import Manifest
 from .model_config import ModelConfig
 
 if TYPE_CHECKING:
     from .drivers import Driver
+    from .model_sources import Resolved
 
 logger = logging.getLogger("inferneo.server")
 
@@ -76,19 +75,11 @@ def version_key(version: str) -> tuple:
 
 @dataclass
 class Entry:
-    """One registered model version and, while loaded, its model and driver."""
+    """One registered model version and, while loaded, its model and driver. What the model is (its name,
+    source, manifest, target, notes) is the resolved source's; the entry adds the version and the serving state."""
 
-    name: str
-    source: str
-    root: Optional[Path]
-    manifest: Optional[Manifest]
-    target: Optional[str]
-    weight_bytes: int
+    resolved: Resolved  # what the model is and how to load it
     version: str = "1"
-    kind: str = "artifact"  # artifact | checkpoint | file | custom
-    validated: bool = True
-    notes: list = field(default_factory=list)
-    resolved: object = None  # model_sources.Resolved: how to load it
     spec: object = None  # the ModelConfig it was registered from (what persistence saves)
     explicit_version: bool = False
     registered_at: float = field(default_factory=time.time)
@@ -100,6 +91,18 @@ class Entry:
     loads: int = 0
     evictions: int = 0
     error: Optional[str] = None  # the last load failure, if any
+
+    @property
+    def name(self) -> str:
+        return self.resolved.name
+
+    @property
+    def source(self) -> str:
+        return self.resolved.source
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.resolved.weight_bytes
 
     @property
     def key(self) -> str:
@@ -115,11 +118,11 @@ class Entry:
 
     @property
     def max_batch(self) -> Optional[int]:
-        return getattr(self.resolved, "max_batch", None)
+        return self.resolved.max_batch
 
     @property
     def max_sequence(self) -> Optional[int]:
-        return getattr(self.resolved, "max_sequence", None)
+        return self.resolved.max_sequence
 
 
 class Lease:
@@ -240,14 +243,11 @@ class ModelRegistry:
             if key in self.entries:
                 raise RegistryError(f"model {key} is already registered (from {self.entries[key].source}); "
                                     f"give another version, or unregister it first")
-            e = Entry(name=resolved.name, source=str(resolved.source), root=resolved.root, manifest=resolved.manifest,
-                      target=resolved.target, weight_bytes=resolved.weight_bytes, version=version,
-                      kind=resolved.kind, validated=resolved.validated, notes=list(resolved.notes),
-                      resolved=resolved, spec=spec.model_copy(update={"version": version}),
+            e = Entry(resolved, version=version, spec=spec.model_copy(update={"version": version}),
                       explicit_version=spec.version is not None)
             self.entries[key] = e
             self._cond.notify_all()
-        for note in e.notes:
+        for note in resolved.notes:
             logger.warning("model %s: %s", key, note)
         return e
 
@@ -419,12 +419,8 @@ class ModelRegistry:
     # -- load / evict -----------------------------------------------------------------------------
     def _load_model(self, e: Entry):
         if self._loader is not None:
-            return self._loader(e.root, target=e.target, device=self.device, threads=self.threads)
-        if e.resolved is not None:
-            return e.resolved.load(self.device, self.threads)
-        from .artifact import load
-
-        return load(e.root, target=e.target, device=self.device, threads=self.threads, trusted_keys=self.trusted_keys)
+            return self._loader(e.resolved.root, target=e.resolved.target, device=self.device, threads=self.threads)
+        return e.resolved.load(self.device, self.threads)
 
     def _load(self, e: Entry) -> Lease:
         """Load `e` (its state is already 'loading', so its weights count against the budget)."""
@@ -450,7 +446,7 @@ class ModelRegistry:
             e.leases += 1
             e.last_used = time.monotonic()
             self._cond.notify_all()
-        logger.info("model %s: loaded %s in %.2fs (%.1f MB of weights)", e.key, e.target or e.kind,
+        logger.info("model %s: loaded %s in %.2fs (%.1f MB of weights)", e.key, e.resolved.target or e.resolved.kind,
                     time.perf_counter() - t0, e.weight_bytes / 1e6)
         return Lease(self, e)
 
@@ -483,10 +479,11 @@ class ModelRegistry:
         version, memory, validation status, and notes on how the flags applied)."""
         from datetime import datetime
 
+        r = e.resolved
         info = {"id": self.display_id(e), "name": e.name, "version": e.version, "key": e.key,
                 "versions": [v.version for v in self.versions(e.name)], "loaded": e.state == "loaded",
-                "state": e.state, "kind": e.kind, "source": e.source, "validated": e.validated,
-                "notes": list(e.notes) + list(self.notes), "error": e.error, "weight_bytes": e.weight_bytes}
+                "state": e.state, "kind": r.kind, "source": r.source, "validated": r.validated,
+                "notes": list(r.notes) + list(self.notes), "error": e.error, "weight_bytes": e.weight_bytes}
         memory = {"weights_bytes": e.weight_bytes, "kv_cache_bytes": e.cache_bytes,
                   "resident_bytes": e.memory_bytes}
         model = e.model
@@ -496,14 +493,14 @@ class ModelRegistry:
             except Exception:  # noqa: BLE001 - memory figures are informative; never fail a listing on them
                 pass
         info["memory"] = memory
-        if e.manifest is None:  # a custom model class
+        if r.manifest is None:  # a custom model class
             impl = getattr(getattr(e, "model", None), "impl", None)
             info.update(created=int(e.registered_at), format="custom", target=None, dtype=None,
-                        model_class=getattr(e.resolved, "model_class", None),
+                        model_class=getattr(r, "model_class", None),
                         validation={"status": "skipped", "reason": "custom model class"},
                         **(impl.info() if impl is not None else {}))
             return info
-        m, t = e.manifest, e.manifest.targets[e.target]
+        m, t = r.manifest, r.manifest.targets[r.target]
         try:
             created = int(datetime.fromisoformat(m.built_at.replace("Z", "+00:00")).timestamp())
         except ValueError:
@@ -512,7 +509,7 @@ class ModelRegistry:
         from .model_sources import precision_of
 
         info.update(
-            created=created, architecture=m.architecture, format=t.format, target=e.target, dtype=t.dtype,
+            created=created, architecture=m.architecture, format=t.format, target=r.target, dtype=t.dtype,
             precision=precision_of(t), parameters=int(e.weight_bytes / size) if size else None,
             max_context=e.max_sequence or (t.shapes.max_sequence if t.shapes else m.model.max_positions),
             max_batch=e.max_batch or (t.shapes.max_batch if t.shapes else None),
