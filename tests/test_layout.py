@@ -15,7 +15,7 @@ CLI_MAX_LINES = 350
 SERVER_IMPORTERS = {"inferneo_runtime.cli", "inferneo_runtime.cli_serve", "inferneo_runtime.integrations.ray_serve"}
 # the only runtime modules that may import the builder: the CLI's build-side commands, and compiling a checkpoint
 # that `serve --model` was pointed at
-BUILD_IMPORTERS = {"inferneo_runtime.cli", "inferneo_runtime.cli_build", "inferneo_runtime.model_sources"}
+BUILD_IMPORTERS = {"inferneo_runtime.cli", "inferneo_runtime.cli_build", "inferneo_runtime.model_sources.checkpoint"}
 
 
 def _modules(package: Path) -> dict[str, Path]:

@@ -46,7 +46,7 @@ class Checkpoint(Artifact):
             raise ModelSourceError(f"{what}: a checkpoint compiled on demand is not signed, and trusted keys are "
                                    f"configured; build and sign it first (inferneo build RECIPE --sign KEY) and serve "
                                    f"the artifact")
-        from ..s3 import cache_root, file_lock
+        from ..local_cache import cache_root, file_lock
 
         name = spec.name or (hub_id if hub_id else directory.resolve().name)
         recipe_name = served_name(name)
