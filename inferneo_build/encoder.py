@@ -14,20 +14,17 @@ import json
 import shutil
 import warnings
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-
 from inferneo_runtime.embedding import EmbeddingModel, make_runner
-from inferneo_runtime.manifest import (MANIFEST_NAME, SCHEMA_VERSION, VALIDATION_NAME, EncoderGolden, EncoderInfo,
-                                       GenerationDefaults, IOSignature, Manifest, ModelDims, ShapeBounds, TargetEntry,
-                                       TensorSpec, ValidationSummary, file_entry)
+from inferneo_runtime.manifest import (EncoderGolden, EncoderInfo, GenerationDefaults, IOSignature, ModelDims,
+                                       ShapeBounds, TargetEntry, TensorSpec, ValidationSummary)
 
 from . import source as sources
 from .architectures import UnsupportedArchitecture
 from .exporters import ExportResult, TargetUnavailable
-from .pipeline import BuildResult, dist_version, require_valid_targets, toolchain_versions, validation_chart
+from .pipeline import reference_label
 from .recipe import Recipe
 from .validate import EncoderReport, compare_encoder
 
@@ -264,75 +261,60 @@ class _TorchRunner:
             return _wrapper(self.model, self.spec)(*[torch.from_numpy(feeds[n]) for n in self.spec.input_names]).numpy()
 
 
-def build_encoder_in(staging: Path, recipe: Recipe, checkpoint, spec: EncoderSpec, model, progress,
-                     recipe_text_sha256: Optional[str], key: str):
-    root_files = sources.copy_root_files(checkpoint, staging)
-    for rel in spec.st_files:
-        dest = staging / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(checkpoint.directory / rel, dest)
-        root_files.append(dest)
-    bounds = ShapeBounds(max_batch=recipe.shapes.max_batch, max_sequence=spec.max_length)
-    texts = list(recipe.validation.prompts)
+class EncoderTask:
+    """The encoder task for `build_task`: the PyTorch model's outputs (pooled as the runtime pools them) for the
+    validation texts are the reference; every target must reach the recipe's cosine similarity to them."""
 
-    with progress.step(f"reference outputs ({len(texts)} texts)"):
-        scratch = TargetEntry(format="onnx", status="valid", io=spec.io(), shapes=bounds,
-                              validation=ValidationSummary(status="skipped"))
-        reference_model = EmbeddingModel(staging, recipe.name, "pytorch", scratch, spec.info([]),
-                                         _TorchRunner(model, spec), task=spec.task)
-        reference = reference_model.forward(texts)
+    def __init__(self, recipe: Recipe, checkpoint, spec: EncoderSpec, model):
+        self.recipe, self.checkpoint, self.spec, self.model = recipe, checkpoint, spec, model
+        self.bounds = ShapeBounds(max_batch=recipe.shapes.max_batch, max_sequence=spec.max_length)
+        self.texts = list(recipe.validation.prompts)
 
-    targets: dict[str, TargetEntry] = {}
-    reports: list[EncoderReport] = []
-    for target in recipe.targets:
-        name = recipe.target_name(target)
-        precision = getattr(target, "precision", "fp32")
-        try:
-            with progress.step(f"export {name}"):
-                exported = ENCODER_EXPORTERS[target.format](model, spec, target, staging / name)
-        except TargetUnavailable as e:
-            if not target.optional:
-                raise
-            progress.log(f"skipped {name}: {e}")
-            targets[name] = TargetEntry(format=target.format, status="skipped",
-                                        validation=ValidationSummary(status="skipped", reason=str(e)))
-            continue
-        entry = TargetEntry(format=target.format, status="valid", files=[file_entry(staging, p) for p in exported.files],
-                            dtype=exported.dtype, io=exported.io, shapes=bounds, toolchain=exported.toolchain,
-                            validation=ValidationSummary(status="skipped"),
-                            precision=None if precision == "fp32" else precision)
-        min_cosine = recipe.tolerance_for(target).cosine
-        with progress.step(f"validate {name} against the reference"):
-            target_model = EmbeddingModel(staging, recipe.name, name, entry, spec.info([]),
-                                          make_runner(staging, entry), task=spec.task)
-            with target_model:
-                report = compare_encoder(name, target_model.forward, texts, reference, min_cosine, precision=precision,
-                                         classification=spec.output == "logits")
-        reports.append(report)
-        progress.log(f"{name}: min cosine similarity {report.min_cosine:.6f} (min {min_cosine:g}); "
-                     f"max-abs error {report.max_abs_error:.2e}")
-        targets[name] = entry.model_copy(update={"validation": report.summary()})
+    def stage(self, staging: Path, progress) -> list[Path]:
+        spec = self.spec
+        root_files = sources.copy_root_files(self.checkpoint, staging)
+        for rel in spec.st_files:
+            dest = staging / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.checkpoint.directory / rel, dest)
+            root_files.append(dest)
+        with progress.step(f"reference outputs ({len(self.texts)} texts)"):
+            scratch = TargetEntry(format="onnx", status="valid", io=spec.io(), shapes=self.bounds,
+                                  validation=ValidationSummary(status="skipped"))
+            reference_model = EmbeddingModel(staging, self.recipe.name, "pytorch", scratch, spec.info([]),
+                                             _TorchRunner(self.model, spec), task=spec.task)
+            self.reference = reference_model.forward(self.texts)
+        return root_files
 
-    require_valid_targets(reports, targets)
+    def export(self, target, out_dir: Path) -> ExportResult:
+        return ENCODER_EXPORTERS[target.format](self.model, self.spec, target, out_dir)
 
-    validation = {
-        "reference": "transformers (PyTorch, float32)" + (" + merged LoRA adapters" if checkpoint.info.adapters else ""),
-        "task": spec.task, "pooling": spec.pooling, "normalize": spec.normalize,
-        "targets": [r.to_dict() for r in reports],
-    }
-    (staging / VALIDATION_NAME).write_text(json.dumps(validation, indent=2) + "\n")
+    def validate(self, name: str, target, entry: TargetEntry, staging: Path) -> tuple[EncoderReport, dict]:
+        spec = self.spec
+        min_cosine = self.recipe.tolerance_for(target).cosine
+        target_model = EmbeddingModel(staging, self.recipe.name, name, entry, spec.info([]),
+                                      make_runner(staging, entry), task=spec.task)
+        with target_model:
+            report = compare_encoder(name, target_model.forward, self.texts, self.reference, min_cosine,
+                                     precision=getattr(target, "precision", "fp32"),
+                                     classification=spec.output == "logits")
+        return report, {"validation": report.summary()}
 
-    chart = validation_chart(staging, validation, recipe.name, progress.log)
-    goldens = [EncoderGolden(text=t, values=[round(float(v), 7) for v in row]) for t, row in zip(texts, reference)]
-    manifest = Manifest(
-        schema_version=SCHEMA_VERSION, name=recipe.name, task=recipe.task, architecture=spec.model_type, model=spec.dims,
-        source=checkpoint.info,
-        generation=GenerationDefaults(pad_token_id=getattr(model.config, "pad_token_id", None)),
-        root_files=[file_entry(staging, p) for p in root_files + [staging / VALIDATION_NAME] + chart],
-        targets=targets, goldens=[], toolchain=toolchain_versions(),
-        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        recipe_sha256=recipe_text_sha256 or recipe.sha256(), inferneo_version=dist_version("inferneo"), build_key=key,
-        encoder=spec.info(goldens),
-    )
-    (staging / MANIFEST_NAME).write_text(manifest.to_json())  # written last
-    return BuildResult(output=staging, manifest=manifest, reports=reports)
+    def describe(self, report: EncoderReport) -> str:
+        return (f"{report.target}: min cosine similarity {report.min_cosine:.6f} (min {report.tolerance['cosine']:g}); "
+                f"max-abs error {report.max_abs_error:.2e}")
+
+    def close(self) -> None:
+        pass
+
+    def validation(self, reports: list[EncoderReport]) -> dict:
+        spec = self.spec
+        return {"reference": reference_label(self.checkpoint), "task": spec.task, "pooling": spec.pooling,
+                "normalize": spec.normalize, "targets": [r.to_dict() for r in reports]}
+
+    def manifest_fields(self) -> dict:
+        goldens = [EncoderGolden(text=t, values=[round(float(v), 7) for v in row])
+                   for t, row in zip(self.texts, self.reference)]
+        return dict(architecture=self.spec.model_type, model=self.spec.dims,
+                    generation=GenerationDefaults(pad_token_id=getattr(self.model.config, "pad_token_id", None)),
+                    goldens=[], encoder=self.spec.info(goldens))
