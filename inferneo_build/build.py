@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +21,7 @@ from .architectures import DecoderSpec, UnsupportedArchitecture, canonical_weigh
 from .exporters import Exporter, exporter_for
 from .pipeline import (BuildError, BuildResult, Progress, ValidationFailed, build_task,  # noqa: F401
                        dist_version, reference_label, toolchain_versions, validation_chart)
-from .publish import check_output, publish, staging_dir
+from .publish import check_output, staged
 from .recipe import Recipe
 from .evaluation import EvaluationReference
 from .validate import TargetReport, compare_target, run_reference
@@ -218,16 +217,10 @@ def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Prog
             return build_task(DecoderTask(recipe, checkpoint, spec, model, weights), staging, recipe, checkpoint,
                               progress, recipe_text_sha256, key)
 
-    staging = staging_dir(output)
-    try:
+    with staged(output, progress.step) as staging:
         result = build_in(staging)
         if sign_key:  # the signature goes in with the manifest, inside the atomic publish
             progress.log(f"signed with key {sign_artifact(staging, sign_key)}")
-        with progress.step(f"publish {output}"):
-            publish(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if cache:
         with progress.step(f"store in build cache {cache}"):
             build_cache.store(key, output, cache)

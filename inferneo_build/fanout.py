@@ -208,7 +208,7 @@ def _merge(recipe: Recipe, key: str, parts: list[tuple[str, object]], output: Pa
     validation.json's per-target reports concatenated, the recipe's build key; published atomically."""
     from .build_cache import store
     from .pipeline import BuildError, skipped_target, validation_chart
-    from .publish import publish, staging_dir
+    from .publish import staged
 
     t0 = time.perf_counter()
     built = [(name, Path(p)) for name, p in parts if not isinstance(p, str)]
@@ -222,8 +222,7 @@ def _merge(recipe: Recipe, key: str, parts: list[tuple[str, object]], output: Pa
             if getattr(m, field) != getattr(base, field):
                 raise BuildError(f"target {name}: its sub-build's {field} differs from {first_name}'s; "
                                  f"build {recipe.name} without --ray")
-    staging = staging_dir(output)
-    try:
+    with staged(output) as staging:
         for f in base.root_files:
             if f.path not in (VALIDATION_NAME, VALIDATION_CHART_NAME):  # both redone for every target below
                 (staging / f.path).parent.mkdir(parents=True, exist_ok=True)
@@ -256,10 +255,6 @@ def _merge(recipe: Recipe, key: str, parts: list[tuple[str, object]], output: Pa
             from inferneo_runtime.signing import sign_artifact
 
             sign_artifact(staging, sign_key)
-        publish(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if cache:
         store(key, output, cache)
     return {"ok": True, "output": str(output), "name": manifest.name, "seconds": round(time.perf_counter() - t0, 2),
