@@ -52,26 +52,6 @@ def check_not_quantized(config, directory: Path) -> None:
         "add a target with `precision: int4` or `precision: int8` to quantize it for deployment.")
 
 
-# Reduced-precision variants of a format; float32 comes from the exporter registry.
-def _reduced_onnx() -> Exporter:
-    from .exporters.onnx_quant import export_onnx_reduced
-    return export_onnx_reduced
-
-
-def _reduced_torchscript() -> Exporter:
-    from .exporters.torchscript_reduced import export_torchscript_reduced
-    return export_torchscript_reduced
-
-
-REDUCED_EXPORTERS: dict[str, Callable[[], Exporter]] = {"onnx": _reduced_onnx, "torchscript": _reduced_torchscript}
-
-
-def exporter_for_target(target) -> Exporter:
-    if target.format in REDUCED_EXPORTERS and getattr(target, "precision", "fp32") != "fp32":
-        return REDUCED_EXPORTERS[target.format]()
-    return exporter_for(target.format)
-
-
 def _generic_exporter() -> Exporter:
     from .generic import export_generic_torchscript
     return export_generic_torchscript
@@ -279,7 +259,8 @@ class DecoderTask:
 
             return _generic_exporter()(generic_spec(self.model, "path: generic in the recipe"), None, target,
                                        self.recipe.shapes, out_dir)
-        return exporter_for_target(target)(self.spec, self.weights, target, self.recipe.shapes, out_dir)
+        return exporter_for(target.format, getattr(target, "precision", "fp32"))(
+            self.spec, self.weights, target, self.recipe.shapes, out_dir)
 
     def validate(self, name: str, target, entry: TargetEntry, staging: Path) -> tuple[TargetReport, dict]:
         val, precision = self.recipe.validation, getattr(target, "precision", "fp32")
