@@ -51,22 +51,27 @@ class _Linear(nn.Module):
     product on one thread (~15-20 GB/s here, whatever the thread count). A batched matmul over column blocks
     spreads the blocks over the threads: measured on 2 cores, 1.6x on the [576, 3072] MLP projection and 1.7x on
     the vocabulary-sized head. The [in, out] layout itself beats nn.Linear's [out, in] for these products.
+    Not `blocked` (portable): the [in, out] weight as it is, one plain product.
     """
 
-    def __init__(self, weights: dict[str, np.ndarray], name: str, split: int = GEMV_SPLIT):
+    def __init__(self, weights: dict[str, np.ndarray], name: str, blocked: bool = True):
         super().__init__()
         w = np.ascontiguousarray(weights[f"{name}.weight"], dtype=np.float32)
         self.fan_in, self.fan_out = w.shape
-        self.split = split if self.fan_out % split == 0 else 1
-        blocks = w.reshape(self.fan_in, self.split, self.fan_out // self.split).transpose(1, 0, 2)
-        self.weight = _param(blocks)
+        self.blocked = blocked
+        self.split = GEMV_SPLIT if self.fan_out % GEMV_SPLIT == 0 else 1
+        self.weight = _param(w.reshape(self.fan_in, self.split, self.fan_out // self.split).transpose(1, 0, 2)
+                             if blocked else w)
         bias = weights.get(f"{name}.bias")
         self.bias = _param(bias) if bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(1, -1, self.fan_in).expand(self.split, -1, self.fan_in)
-        y = torch.bmm(rows, self.weight)  # [split, rows, out / split]
-        y = y.transpose(0, 1).reshape(x.shape[:-1] + (self.fan_out,))
+        if self.blocked:
+            rows = x.reshape(1, -1, self.fan_in).expand(self.split, -1, self.fan_in)
+            y = torch.bmm(rows, self.weight)  # [split, rows, out / split]
+            y = y.transpose(0, 1).reshape(x.shape[:-1] + (self.fan_out,))
+        else:
+            y = torch.matmul(x, self.weight)
         return y if self.bias is None else y + self.bias
 
 
@@ -101,16 +106,16 @@ def _optional_norm(weights: dict[str, np.ndarray], name: str, eps: float, portab
 
 
 class _MLP(nn.Module):
-    def __init__(self, spec: DecoderSpec, weights: dict[str, np.ndarray], prefix: str, split: int = GEMV_SPLIT):
+    def __init__(self, spec: DecoderSpec, weights: dict[str, np.ndarray], prefix: str, blocked: bool = True):
         super().__init__()
         self.gated = spec.mlp in ("gated_silu", "gated_gelu_tanh")
         self.silu = spec.mlp == "gated_silu"
         if self.gated:  # gate and up packed into one [hidden, 2 * intermediate] MatMul: one op fewer per layer
             packed = np.concatenate([weights[f"{prefix}.gate.weight"], weights[f"{prefix}.up.weight"]], axis=1)
-            self.up = _Linear({f"{prefix}.gate_up.weight": packed}, f"{prefix}.gate_up", split)
+            self.up = _Linear({f"{prefix}.gate_up.weight": packed}, f"{prefix}.gate_up", blocked)
         else:
-            self.up = _Linear(weights, f"{prefix}.up", split)
-        self.down = _Linear(weights, f"{prefix}.down", split)
+            self.up = _Linear(weights, f"{prefix}.up", blocked)
+        self.down = _Linear(weights, f"{prefix}.down", blocked)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
@@ -133,14 +138,13 @@ class _Attention(nn.Module):
     def __init__(self, spec: DecoderSpec, weights: dict[str, np.ndarray], prefix: str, layer: int,
                  writes_cache: bool = True, portable: bool = False):
         super().__init__()
-        split = 1 if portable else GEMV_SPLIT
         self.writes_cache, self.portable = writes_cache, portable
         self.heads, self.kv_heads, self.head_dim = spec.heads, spec.kv_heads, spec.head_dim
         self.groups = spec.heads // spec.kv_heads
         self.rope = spec.layers[layer].rope
         self.rotary_dim = spec.ropes[self.rope].rotary_dim if self.rope else 0
-        self.qkv = _Linear(weights, f"{prefix}.qkv", split)
-        self.o = _Linear(weights, f"{prefix}.o", split)
+        self.qkv = _Linear(weights, f"{prefix}.qkv", not portable)
+        self.o = _Linear(weights, f"{prefix}.o", not portable)
         self.split = [spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim, spec.kv_heads * spec.head_dim]
         self.scale = spec.scale
         self.softcap = spec.attn_softcap
@@ -210,7 +214,7 @@ class _Block(nn.Module):
         self.attn = _Attention(spec, weights, prefix, i, writes_cache, portable)
         self.mlp_norm = _optional_norm(weights, f"{prefix}.mlp_norm", eps, portable)
         self.post_mlp_norm = _optional_norm(weights, f"{prefix}.post_mlp_norm", eps, portable)
-        self.mlp = _MLP(spec, weights, prefix, 1 if portable else GEMV_SPLIT)
+        self.mlp = _MLP(spec, weights, prefix, not portable)
         self.rope, self.window = spec.layers[i].rope, spec.layers[i].window
 
     def forward(self, x, cache, cos, sin, write_index, bias):
@@ -235,7 +239,6 @@ class Decoder(nn.Module):
                  portable: bool = False):
         super().__init__()
         self.writes_cache, self.portable = writes_cache, portable
-        split = 1 if portable else GEMV_SPLIT
         self.kv_heads, self.head_dim = spec.kv_heads, spec.head_dim
         self.groups = spec.heads // spec.kv_heads
         self.embed_scale, self.logits_divisor, self.final_softcap = spec.embed_scale, spec.logits_divisor, spec.final_softcap
@@ -253,10 +256,10 @@ class Decoder(nn.Module):
         self.final_norm = _Norm(weights, "final_norm", spec.norm_eps, portable)
         if spec.tied:  # the embedding itself, stored once; its [vocab, hidden] rows split into GEMV_SPLIT blocks
             self.lm_head = None
-            self.head_split = split if spec.vocab % split == 0 else 1
+            self.head_split = GEMV_SPLIT if spec.vocab % GEMV_SPLIT == 0 else 1
         else:
             # [hidden, vocab] column blocks: the MatMul layout decodes measurably faster than [vocab, hidden]
-            self.lm_head = _Linear(weights, "lm_head", split)
+            self.lm_head = _Linear(weights, "lm_head", not portable)
 
     def cast(self, dtype: torch.dtype) -> "Decoder":
         """Weights, tables and compute in `dtype`; a portable decoder's norms stay float32."""
@@ -270,6 +273,8 @@ class Decoder(nn.Module):
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:
             return self.lm_head(x)
+        if self.portable:
+            return torch.matmul(x, self.embed.t())
         hidden = self.embed.shape[1]
         blocks = self.embed.view(self.head_split, -1, hidden).transpose(1, 2)  # [split, hidden, vocab / split]
         rows = x.reshape(1, -1, hidden).expand(self.head_split, -1, hidden)
