@@ -5,27 +5,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
 from inferneo_runtime.backends import backend_class
-from inferneo_runtime.manifest import (MANIFEST_NAME, SCHEMA_VERSION, VALIDATION_NAME, GenerationDefaults, Golden,
-                                       Manifest, ModelDims, ShapeBounds, TargetEntry, Tolerances, ValidationSummary,
-                                       file_entry)
+from inferneo_runtime.manifest import GenerationDefaults, Golden, ModelDims, ShapeBounds, TargetEntry, Tolerances
 from inferneo_runtime.signing import sign_artifact
 from inferneo_runtime.tokenizer import Tokenizer
 
 from . import build_cache
 from . import source as sources
 from .architectures import DecoderSpec, UnsupportedArchitecture, canonical_weights, decoder_spec
-from .exporters import Exporter, TargetUnavailable, exporter_for
-from .pipeline import (BuildError, BuildResult, Progress, ValidationFailed, dist_version,  # noqa: F401
-                       require_valid_targets, toolchain_versions, validation_chart)
-from .publish import check_output, publish, staging_dir
+from .exporters import Exporter, exporter_for
+from .pipeline import (BuildError, BuildResult, Progress, ValidationFailed, build_task,  # noqa: F401
+                       dist_version, reference_label, toolchain_versions, validation_chart)
+from .publish import check_output, staged
 from .recipe import Recipe
 from .evaluation import EvaluationReference
 from .validate import TargetReport, compare_target, run_reference
@@ -54,26 +50,6 @@ def check_not_quantized(config, directory: Path) -> None:
         "unquantized checkpoints only: float32/float16/bfloat16 weights as safetensors (or .bin with allow_pickle) "
         "(source.path or source.hf), or GGUF (source.gguf, dequantized on load). Build from the original model and "
         "add a target with `precision: int4` or `precision: int8` to quantize it for deployment.")
-
-
-# Reduced-precision variants of a format; float32 comes from the exporter registry.
-def _reduced_onnx() -> Exporter:
-    from .exporters.onnx_quant import export_onnx_reduced
-    return export_onnx_reduced
-
-
-def _reduced_torchscript() -> Exporter:
-    from .exporters.torchscript_reduced import export_torchscript_reduced
-    return export_torchscript_reduced
-
-
-REDUCED_EXPORTERS: dict[str, Callable[[], Exporter]] = {"onnx": _reduced_onnx, "torchscript": _reduced_torchscript}
-
-
-def exporter_for_target(target) -> Exporter:
-    if target.format in REDUCED_EXPORTERS and getattr(target, "precision", "fp32") != "fp32":
-        return REDUCED_EXPORTERS[target.format]()
-    return exporter_for(target.format)
 
 
 def _generic_exporter() -> Exporter:
@@ -168,7 +144,7 @@ def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Prog
     config = AutoConfig.from_pretrained(checkpoint.directory, trust_remote_code=recipe.trust_remote_code)
     check_not_quantized(config, checkpoint.directory)
     if recipe.is_encoder:
-        from .encoder import build_encoder_in, encoder_spec
+        from .encoder import EncoderTask, encoder_spec
 
         encoder = encoder_spec(config, recipe, checkpoint.directory)  # fails fast, before loading weights
         with progress.step("load reference model (PyTorch)"):
@@ -176,7 +152,8 @@ def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Prog
             _merge(model, adapters, progress)
 
         def build_in(staging: Path) -> BuildResult:
-            return build_encoder_in(staging, recipe, checkpoint, encoder, model, progress, recipe_text_sha256, key)
+            return build_task(EncoderTask(recipe, checkpoint, encoder, model), staging, recipe, checkpoint, progress,
+                              recipe_text_sha256, key)
     else:
         try:
             spec = decoder_spec(config)  # fails fast on a bad setting, before loading weights
@@ -217,18 +194,13 @@ def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Prog
                                      f"max_position_embeddings {spec.max_positions}")
 
         def build_in(staging: Path) -> BuildResult:
-            return _build_in(staging, recipe, checkpoint, spec, model, weights, progress, recipe_text_sha256, key)
+            return build_task(DecoderTask(recipe, checkpoint, spec, model, weights), staging, recipe, checkpoint,
+                              progress, recipe_text_sha256, key)
 
-    staging = staging_dir(output)
-    try:
+    with staged(output, progress.step) as staging:
         result = build_in(staging)
         if sign_key:  # the signature goes in with the manifest, inside the atomic publish
             progress.log(f"signed with key {sign_artifact(staging, sign_key)}")
-        with progress.step(f"publish {output}"):
-            publish(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if cache:
         with progress.step(f"store in build cache {cache}"):
             build_cache.store(key, output, cache)
@@ -246,106 +218,92 @@ def _merge(model, adapters, progress: Progress) -> None:
         progress.log(f"merged {len(adapters)} LoRA adapter(s) into {len(modules)} modules")
 
 
-def _build_in(staging: Path, recipe: Recipe, checkpoint, spec: DecoderSpec, model, weights, progress: Progress,
-              recipe_text_sha256: Optional[str], key: str) -> BuildResult:
-    from .reference import TorchReference
+class DecoderTask:
+    """The decoder task for `build_task`: greedy decodes of the validation prompts by the PyTorch model are the
+    reference; float32 targets must reproduce its logits, reduced precisions stay within the recipe's tolerances."""
 
-    root_files = sources.copy_root_files(checkpoint, staging)
-    tokenizer = Tokenizer(staging)
-    eos_ids = _eos_ids(staging, tokenizer)
-    dims = _dims(spec)
-    bounds = ShapeBounds(max_batch=recipe.shapes.max_batch, max_sequence=recipe.shapes.max_sequence)
-    val = recipe.validation
-    prompt_ids = [tokenizer.encode(p) for p in val.prompts]
-    for i, ids in enumerate(prompt_ids, 1):
-        if ids and max(ids) >= dims.vocab:  # a tokenizer from another model: the reference would index past its table
-            raise UnusableCheckpoint(f"validation prompt {i} encodes to token id {max(ids)}, but the checkpoint's vocabulary "
-                             f"has {dims.vocab} entries: its tokenizer belongs to another model")
+    def __init__(self, recipe: Recipe, checkpoint, spec: DecoderSpec, model, weights):
+        self.recipe, self.checkpoint, self.spec, self.model, self.weights = recipe, checkpoint, spec, model, weights
+        self.dims = _dims(spec)
+        self.bounds = ShapeBounds(max_batch=recipe.shapes.max_batch, max_sequence=recipe.shapes.max_sequence)
+        self.evaluation: Optional[EvaluationReference] = None
 
-    with progress.step(f"reference greedy decode ({len(prompt_ids)} prompts × {val.max_new_tokens} tokens)"):
-        torch_reference = TorchReference(model, dims, bounds).load()
-        reference = run_reference(torch_reference, prompt_ids, val.max_new_tokens, eos_ids)
-    evaluation = None
-    if any(getattr(t, "precision", "fp32") != "fp32" for t in recipe.targets):  # what reduced precisions are judged on
-        with progress.step("reference logits over the evaluation text"):
-            # its logits live in a temporary directory, removed by close() or when the object is collected
-            evaluation = EvaluationReference.run(torch_reference, tokenizer, val, recipe.shapes.max_sequence)
+    def stage(self, staging: Path, progress: Progress) -> list[Path]:
+        from .reference import TorchReference
 
-    targets: dict[str, TargetEntry] = {}
-    reports: list[TargetReport] = []
-    for target in recipe.targets:
-        name = recipe.target_name(target)
-        try:
-            with progress.step(f"export {name}"):
-                if weights is None:  # no fused entry: every target takes the generic path
-                    exported = _generic_exporter()(spec, None, target, recipe.shapes, staging / name)
-                elif getattr(target, "path", "fused") == "generic":  # asked for, beside the fused targets
-                    from .generic import generic_spec
+        recipe, dims = self.recipe, self.dims
+        root_files = sources.copy_root_files(self.checkpoint, staging)
+        self.tokenizer = tokenizer = Tokenizer(staging)
+        self.eos_ids = _eos_ids(staging, tokenizer)
+        val = recipe.validation
+        self.prompt_ids = prompt_ids = [tokenizer.encode(p) for p in val.prompts]
+        for i, ids in enumerate(prompt_ids, 1):
+            if ids and max(ids) >= dims.vocab:  # a tokenizer from another model: the reference would index past its table
+                raise UnusableCheckpoint(f"validation prompt {i} encodes to token id {max(ids)}, but the checkpoint's vocabulary "
+                                 f"has {dims.vocab} entries: its tokenizer belongs to another model")
 
-                    exported = _generic_exporter()(generic_spec(model, "path: generic in the recipe"), None, target,
-                                                   recipe.shapes, staging / name)
-                else:
-                    exported = exporter_for_target(target)(spec, weights, target, recipe.shapes, staging / name)
-        except TargetUnavailable as e:
-            if not target.optional:
-                raise
-            progress.log(f"skipped {name}: {e}")
-            targets[name] = TargetEntry(format=target.format, status="skipped",
-                                        validation=ValidationSummary(status="skipped", reason=str(e)))
-            continue
-        precision = getattr(target, "precision", "fp32")
-        entry = TargetEntry(format=target.format, status="valid", files=[file_entry(staging, p) for p in exported.files],
-                            dtype=exported.dtype, io=exported.io, shapes=bounds, toolchain=exported.toolchain,
-                            compatibility=exported.compatibility, validation=ValidationSummary(status="skipped"),
-                            precision=None if precision == "fp32" else precision)
+        with progress.step(f"reference greedy decode ({len(prompt_ids)} prompts × {val.max_new_tokens} tokens)"):
+            torch_reference = TorchReference(self.model, dims, self.bounds).load()
+            self.reference = run_reference(torch_reference, prompt_ids, val.max_new_tokens, self.eos_ids)
+        if any(getattr(t, "precision", "fp32") != "fp32" for t in recipe.targets):  # what reduced precisions are judged on
+            with progress.step("reference logits over the evaluation text"):
+                # its logits live in a temporary directory, removed by close() or when the object is collected
+                self.evaluation = EvaluationReference.run(torch_reference, tokenizer, val, recipe.shapes.max_sequence)
+        return root_files
+
+    def export(self, target, out_dir: Path):
+        if self.weights is None:  # no fused entry: every target takes the generic path
+            return _generic_exporter()(self.spec, None, target, self.recipe.shapes, out_dir)
+        if getattr(target, "path", "fused") == "generic":  # asked for, beside the fused targets
+            from .generic import generic_spec
+
+            return _generic_exporter()(generic_spec(self.model, "path: generic in the recipe"), None, target,
+                                       self.recipe.shapes, out_dir)
+        return exporter_for(target.format, getattr(target, "precision", "fp32"))(
+            self.spec, self.weights, target, self.recipe.shapes, out_dir)
+
+    def validate(self, name: str, target, entry: TargetEntry, staging: Path) -> tuple[TargetReport, dict]:
+        val, precision = self.recipe.validation, getattr(target, "precision", "fp32")
         # float32 must reproduce the reference exactly; reduced precisions are held to stated tolerances
-        tolerance = None if precision == "fp32" else Tolerances(**recipe.tolerance_for(target).model_dump(exclude={"cosine"}))
-        with progress.step(f"validate {name} against the reference"):
-            # engines and cuda .pt2 packages are validated on the GPU that built them
-            device = "cuda" if target.format == "tensorrt" or getattr(target, "device", "cpu") == "cuda" else "cpu"
-            with backend_class(target.format)(staging, entry, dims, device=device, host_cache=False) as backend:
-                report = compare_target(name, backend, val.prompts, prompt_ids, reference, val.max_new_tokens,
-                                        val.logits_atol, eos_ids, tolerance=tolerance, precision=precision,
-                                        evaluation=evaluation, kernel_path=_kernel_path(target, precision))
-        reports.append(report)
-        progress.log(_describe_report(report, val.logits_atol))
+        tolerance = None if precision == "fp32" else Tolerances(**self.recipe.tolerance_for(target).model_dump(exclude={"cosine"}))
+        # engines and cuda .pt2 packages are validated on the GPU that built them
+        device = "cuda" if target.format == "tensorrt" or getattr(target, "device", "cpu") == "cuda" else "cpu"
+        with backend_class(target.format)(staging, entry, self.dims, device=device, host_cache=False) as backend:
+            report = compare_target(name, backend, val.prompts, self.prompt_ids, self.reference, val.max_new_tokens,
+                                    val.logits_atol, self.eos_ids, tolerance=tolerance, precision=precision,
+                                    evaluation=self.evaluation, kernel_path=_kernel_path(target, precision))
         update = {"validation": report.summary(val.max_new_tokens)}
         if tolerance is not None:  # its greedy tokens may differ from the reference's: record its own goldens
             update["goldens"] = [Golden(prompt=c.prompt, prompt_ids=ids, tokens=c.target_tokens)
-                                 for c, ids in zip(report.prompts, prompt_ids)]
-        targets[name] = entry.model_copy(update=update)
+                                 for c, ids in zip(report.prompts, self.prompt_ids)]
+        return report, update
 
-    if evaluation is not None:
-        evaluation.close()
-    require_valid_targets(reports, targets)
+    def describe(self, report: TargetReport) -> str:
+        return _describe_report(report, self.recipe.validation.logits_atol)
 
-    validation = {
-        "reference": "transformers (PyTorch, float32)" + (" + merged LoRA adapters" if checkpoint.info.adapters else ""),
-        "max_new_tokens": val.max_new_tokens,
-        "evaluation_text": None if evaluation is None else {
-            "source": evaluation.label, "tokens": evaluation.tokens, "windows": len(evaluation.windows),
-            "reference_perplexity": evaluation.reference.perplexity},
-        "targets": [r.to_dict() for r in reports],
-    }
-    (staging / VALIDATION_NAME).write_text(json.dumps(validation, indent=2) + "\n")
-    chart = validation_chart(staging, validation, recipe.name, progress.log)  # written before it is hashed below
-    manifest = Manifest(
-        schema_version=SCHEMA_VERSION, name=recipe.name, task=recipe.task, architecture=spec.model_type, model=dims,
-        source=checkpoint.info,
-        generation=GenerationDefaults(eos_token_ids=eos_ids, bos_token_id=tokenizer.bos_id,
-                                      pad_token_id=getattr(model.config, "pad_token_id", None)),
-        root_files=[file_entry(staging, p) for p in root_files + [staging / VALIDATION_NAME] + chart],
-        targets=targets,
-        goldens=[Golden(prompt=p, prompt_ids=ids, tokens=ref.token_ids)
-                 for p, ids, ref in zip(val.prompts, prompt_ids, reference)],
-        toolchain=toolchain_versions(),
-        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        recipe_sha256=recipe_text_sha256 or recipe.sha256(),
-        inferneo_version=dist_version("inferneo"),
-        build_key=key,
-    )
-    (staging / MANIFEST_NAME).write_text(manifest.to_json())  # written last
-    return BuildResult(output=staging, manifest=manifest, reports=reports)
+    def close(self) -> None:
+        if self.evaluation is not None:
+            self.evaluation.close()
+
+    def validation(self, reports: list[TargetReport]) -> dict:
+        evaluation = self.evaluation
+        return {
+            "reference": reference_label(self.checkpoint),
+            "max_new_tokens": self.recipe.validation.max_new_tokens,
+            "evaluation_text": None if evaluation is None else {
+                "source": evaluation.label, "tokens": evaluation.tokens, "windows": len(evaluation.windows),
+                "reference_perplexity": evaluation.reference.perplexity},
+            "targets": [r.to_dict() for r in reports],
+        }
+
+    def manifest_fields(self) -> dict:
+        prompts = self.recipe.validation.prompts
+        return dict(
+            architecture=self.spec.model_type, model=self.dims,
+            generation=GenerationDefaults(eos_token_ids=self.eos_ids, bos_token_id=self.tokenizer.bos_id,
+                                          pad_token_id=getattr(self.model.config, "pad_token_id", None)),
+            goldens=[Golden(prompt=p, prompt_ids=ids, tokens=ref.token_ids)
+                     for p, ids, ref in zip(prompts, self.prompt_ids, self.reference)])
 
 
 def _kernel_path(target, precision: str) -> Optional[str]:

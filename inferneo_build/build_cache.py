@@ -18,7 +18,7 @@ from inferneo_runtime.errors import InferneoError
 from inferneo_runtime.manifest import Manifest, read_manifest, sha256_file
 
 from .fingerprint import code_sha256
-from .publish import publish, staging_dir
+from .publish import staged
 from .source import ROOT_FILES
 
 
@@ -61,15 +61,10 @@ def reuse(key: str, output: Path, cache: Optional[str], progress) -> Optional[tu
         fetched = s3.fetch(uri, progress=False)
     except s3.NotPublished:
         return None  # a miss; other S3 errors (no bucket, access denied) are the user's to see
-    staging = staging_dir(output)
-    try:
+    with staged(output) as staging:
         shutil.copytree(fetched, staging, dirs_exist_ok=True)
         manifest = read_manifest(staging)
         verify_artifact(staging, manifest, manifest.valid_targets())
-        publish(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     progress.log(f"build cache hit: {uri} → {output}")
     return manifest, uri
 

@@ -12,22 +12,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-
 from inferneo_runtime.embedding import EmbeddingModel, make_runner
-from inferneo_runtime.manifest import (MANIFEST_NAME, SCHEMA_VERSION, VALIDATION_NAME, EncoderGolden, EncoderInfo,
-                                       GenerationDefaults, IOSignature, Manifest, ModelDims, ShapeBounds, TargetEntry,
-                                       TensorSpec, ValidationSummary, file_entry)
+from inferneo_runtime.manifest import (EncoderGolden, EncoderInfo, GenerationDefaults, IOSignature, ModelDims,
+                                       ShapeBounds, TargetEntry, TensorSpec, ValidationSummary)
 
 from . import source as sources
 from .architectures import UnsupportedArchitecture
-from .exporters import ExportResult, TargetUnavailable
-from .pipeline import BuildResult, dist_version, require_valid_targets, toolchain_versions, validation_chart
+from .exporters import ExportResult, exporter_for
+from .exporters.encoder import encoder_module
+from .pipeline import reference_label
 from .recipe import Recipe
 from .validate import EncoderReport, compare_encoder
 
@@ -40,7 +37,6 @@ _POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "
 _ST_MODULES = {"sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling",
                "sentence_transformers.models.Normalize"}
 _ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
-_TRACE_SHAPE = (2, 7)  # batch != 1 and sequence != anything fixed, so neither is specialized away
 
 
 @dataclass(frozen=True)
@@ -154,102 +150,6 @@ def encoder_spec(config, recipe: Recipe, directory: Path) -> EncoderSpec:
                        token_type_ids=ENCODERS[model_type], st_files=tuple(st_files))
 
 
-# -- exporters -----------------------------------------------------------------------------------------------
-def _wrapper(model, spec: EncoderSpec):
-    import torch
-
-    class Encoder(torch.nn.Module):
-        """Positional inputs in the IO's order; returns the one output tensor."""
-
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask, token_type_ids=None):
-            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-            if token_type_ids is not None:
-                kwargs["token_type_ids"] = token_type_ids
-            return self.model(**kwargs, return_dict=False)[0]
-
-    return Encoder().eval()
-
-
-def _example(spec: EncoderSpec):
-    import torch
-
-    n, s = _TRACE_SHAPE
-    ids = (torch.arange(n * s).view(n, s) % 1000) + 100
-    mask = torch.ones_like(ids)
-    mask[1, s - 2:] = 0  # a padded row, so the mask path is traced
-    inputs = [ids, mask] + ([torch.zeros_like(ids)] if spec.token_type_ids else [])
-    return tuple(inputs)
-
-
-def export_encoder_onnx(model, spec: EncoderSpec, target, out_dir: Path) -> ExportResult:
-    import onnx
-    import torch
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "model.onnx"
-    names = spec.input_names + [spec.output_name]
-    axes = {n: {0: "batch", 1: "sequence"} for n in names}
-    if spec.output == "logits":
-        axes[spec.output_name] = {0: "batch"}
-    wrapper = _wrapper(model, spec)
-    try:
-        # The TorchScript-based exporter (deprecated in torch 2.9, still supported): the torch.export-based one
-        # needs onnxscript, and a BERT encoder's graph is plain ops either way.
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export",
-                                    category=DeprecationWarning)
-            torch.onnx.export(wrapper, _example(spec), str(path), input_names=spec.input_names,
-                              output_names=[spec.output_name], dynamic_axes=axes, opset_version=target.opset,
-                              dynamo=False, training=torch.onnx.TrainingMode.EVAL)
-    finally:
-        model.eval()  # the TorchScript-based exporter can leave modules in training mode (dropout on)
-    onnx.checker.check_model(str(path))
-    files = [path.resolve()] + [p.resolve() for p in out_dir.iterdir() if p.name != path.name and p.is_file()]
-    toolchain = {"onnx": onnx.__version__, "opset": str(target.opset), "exporter": f"torch.onnx {torch.__version__}"}
-    if getattr(target, "precision", "fp32") != "fp32":
-        from .exporters.onnx_quant import reduce_onnx
-
-        stage = out_dir.parent / f".{out_dir.name}.fp32"
-        shutil.move(str(out_dir), str(stage))
-        try:
-            files, tool, dtype = reduce_onnx(stage / "model.onnx", out_dir, target)
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-        return ExportResult(files=files, io=spec.io(), dtype=dtype, toolchain={**toolchain, **tool})
-    return ExportResult(files=files, io=spec.io(), dtype="float32", toolchain=toolchain)
-
-
-def export_encoder_torchscript(model, spec: EncoderSpec, target, out_dir: Path) -> ExportResult:
-    import torch
-
-    from inferneo_runtime.backends.torchscript import quiet_jit
-
-    precision = getattr(target, "precision", "fp32")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "model.pt"
-    source = model if dtype == torch.float32 else __import__("copy").deepcopy(model).to(dtype)
-    wrapper = _wrapper(source, spec)
-    example = _example(spec)
-    with torch.no_grad(), quiet_jit():
-        try:
-            wrapper(*example)
-        except RuntimeError as e:
-            raise TargetUnavailable(f"torch {torch.__version__} cannot run the encoder in {precision} on this host: "
-                                    f"{str(e).splitlines()[0][:200]}") from None
-        traced = torch.jit.trace(wrapper, example, check_trace=False)
-        torch.jit.save(traced, str(path))
-    return ExportResult(files=[path.resolve()], io=spec.io(), dtype=str(dtype).removeprefix("torch."),
-                        toolchain={"torch": torch.__version__})
-
-
-ENCODER_EXPORTERS = {"onnx": export_encoder_onnx, "torchscript": export_encoder_torchscript}
-
-
 # -- reference and build ---------------------------------------------------------------------------------------
 class _TorchRunner:
     """Runs the PyTorch model as an EmbeddingModel runner (used to tokenize and pool the reference)."""
@@ -261,78 +161,64 @@ class _TorchRunner:
         import torch
 
         with torch.no_grad():
-            return _wrapper(self.model, self.spec)(*[torch.from_numpy(feeds[n]) for n in self.spec.input_names]).numpy()
+            return encoder_module(self.model, self.spec)(*[torch.from_numpy(feeds[n]) for n in self.spec.input_names]).numpy()
 
 
-def build_encoder_in(staging: Path, recipe: Recipe, checkpoint, spec: EncoderSpec, model, progress,
-                     recipe_text_sha256: Optional[str], key: str):
-    root_files = sources.copy_root_files(checkpoint, staging)
-    for rel in spec.st_files:
-        dest = staging / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(checkpoint.directory / rel, dest)
-        root_files.append(dest)
-    bounds = ShapeBounds(max_batch=recipe.shapes.max_batch, max_sequence=spec.max_length)
-    texts = list(recipe.validation.prompts)
+class EncoderTask:
+    """The encoder task for `build_task`: the PyTorch model's outputs (pooled as the runtime pools them) for the
+    validation texts are the reference; every target must reach the recipe's cosine similarity to them."""
 
-    with progress.step(f"reference outputs ({len(texts)} texts)"):
-        scratch = TargetEntry(format="onnx", status="valid", io=spec.io(), shapes=bounds,
-                              validation=ValidationSummary(status="skipped"))
-        reference_model = EmbeddingModel(staging, recipe.name, "pytorch", scratch, spec.info([]),
-                                         _TorchRunner(model, spec), task=spec.task)
-        reference = reference_model.forward(texts)
+    def __init__(self, recipe: Recipe, checkpoint, spec: EncoderSpec, model):
+        self.recipe, self.checkpoint, self.spec, self.model = recipe, checkpoint, spec, model
+        self.bounds = ShapeBounds(max_batch=recipe.shapes.max_batch, max_sequence=spec.max_length)
+        self.texts = list(recipe.validation.prompts)
 
-    targets: dict[str, TargetEntry] = {}
-    reports: list[EncoderReport] = []
-    for target in recipe.targets:
-        name = recipe.target_name(target)
-        precision = getattr(target, "precision", "fp32")
-        try:
-            with progress.step(f"export {name}"):
-                exported = ENCODER_EXPORTERS[target.format](model, spec, target, staging / name)
-        except TargetUnavailable as e:
-            if not target.optional:
-                raise
-            progress.log(f"skipped {name}: {e}")
-            targets[name] = TargetEntry(format=target.format, status="skipped",
-                                        validation=ValidationSummary(status="skipped", reason=str(e)))
-            continue
-        entry = TargetEntry(format=target.format, status="valid", files=[file_entry(staging, p) for p in exported.files],
-                            dtype=exported.dtype, io=exported.io, shapes=bounds, toolchain=exported.toolchain,
-                            validation=ValidationSummary(status="skipped"),
-                            precision=None if precision == "fp32" else precision)
-        min_cosine = recipe.tolerance_for(target).cosine
-        with progress.step(f"validate {name} against the reference"):
-            target_model = EmbeddingModel(staging, recipe.name, name, entry, spec.info([]),
-                                          make_runner(staging, entry), task=spec.task)
-            with target_model:
-                report = compare_encoder(name, target_model.forward, texts, reference, min_cosine, precision=precision,
-                                         classification=spec.output == "logits")
-        reports.append(report)
-        progress.log(f"{name}: min cosine similarity {report.min_cosine:.6f} (min {min_cosine:g}); "
-                     f"max-abs error {report.max_abs_error:.2e}")
-        targets[name] = entry.model_copy(update={"validation": report.summary()})
+    def stage(self, staging: Path, progress) -> list[Path]:
+        spec = self.spec
+        root_files = sources.copy_root_files(self.checkpoint, staging)
+        for rel in spec.st_files:
+            dest = staging / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.checkpoint.directory / rel, dest)
+            root_files.append(dest)
+        with progress.step(f"reference outputs ({len(self.texts)} texts)"):
+            scratch = TargetEntry(format="onnx", status="valid", io=spec.io(), shapes=self.bounds,
+                                  validation=ValidationSummary(status="skipped"))
+            reference_model = EmbeddingModel(staging, self.recipe.name, "pytorch", scratch, spec.info([]),
+                                             _TorchRunner(self.model, spec), task=spec.task)
+            self.reference = reference_model.forward(self.texts)
+        return root_files
 
-    require_valid_targets(reports, targets)
+    def export(self, target, out_dir: Path) -> ExportResult:
+        return exporter_for(target.format, getattr(target, "precision", "fp32"), task="encoder")(
+            self.model, self.spec, target, out_dir)
 
-    validation = {
-        "reference": "transformers (PyTorch, float32)" + (" + merged LoRA adapters" if checkpoint.info.adapters else ""),
-        "task": spec.task, "pooling": spec.pooling, "normalize": spec.normalize,
-        "targets": [r.to_dict() for r in reports],
-    }
-    (staging / VALIDATION_NAME).write_text(json.dumps(validation, indent=2) + "\n")
+    def validate(self, name: str, target, entry: TargetEntry, staging: Path) -> tuple[EncoderReport, dict]:
+        spec = self.spec
+        min_cosine = self.recipe.tolerance_for(target).cosine
+        target_model = EmbeddingModel(staging, self.recipe.name, name, entry, spec.info([]),
+                                      make_runner(staging, entry), task=spec.task)
+        with target_model:
+            report = compare_encoder(name, target_model.forward, self.texts, self.reference, min_cosine,
+                                     precision=getattr(target, "precision", "fp32"),
+                                     classification=spec.output == "logits")
+        return report, {"validation": report.summary()}
 
-    chart = validation_chart(staging, validation, recipe.name, progress.log)
-    goldens = [EncoderGolden(text=t, values=[round(float(v), 7) for v in row]) for t, row in zip(texts, reference)]
-    manifest = Manifest(
-        schema_version=SCHEMA_VERSION, name=recipe.name, task=recipe.task, architecture=spec.model_type, model=spec.dims,
-        source=checkpoint.info,
-        generation=GenerationDefaults(pad_token_id=getattr(model.config, "pad_token_id", None)),
-        root_files=[file_entry(staging, p) for p in root_files + [staging / VALIDATION_NAME] + chart],
-        targets=targets, goldens=[], toolchain=toolchain_versions(),
-        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        recipe_sha256=recipe_text_sha256 or recipe.sha256(), inferneo_version=dist_version("inferneo"), build_key=key,
-        encoder=spec.info(goldens),
-    )
-    (staging / MANIFEST_NAME).write_text(manifest.to_json())  # written last
-    return BuildResult(output=staging, manifest=manifest, reports=reports)
+    def describe(self, report: EncoderReport) -> str:
+        return (f"{report.target}: min cosine similarity {report.min_cosine:.6f} (min {report.tolerance['cosine']:g}); "
+                f"max-abs error {report.max_abs_error:.2e}")
+
+    def close(self) -> None:
+        pass
+
+    def validation(self, reports: list[EncoderReport]) -> dict:
+        spec = self.spec
+        return {"reference": reference_label(self.checkpoint), "task": spec.task, "pooling": spec.pooling,
+                "normalize": spec.normalize, "targets": [r.to_dict() for r in reports]}
+
+    def manifest_fields(self) -> dict:
+        goldens = [EncoderGolden(text=t, values=[round(float(v), 7) for v in row])
+                   for t, row in zip(self.texts, self.reference)]
+        return dict(architecture=self.spec.model_type, model=self.spec.dims,
+                    generation=GenerationDefaults(pad_token_id=getattr(self.model.config, "pad_token_id", None)),
+                    goldens=[], encoder=self.spec.info(goldens))

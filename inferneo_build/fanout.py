@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 
 from inferneo_runtime.errors import InferneoError, MissingExtraError
 from inferneo_runtime.charts import VALIDATION_CHART_NAME
-from inferneo_runtime.manifest import (MANIFEST_NAME, VALIDATION_NAME, TargetEntry, ValidationSummary, file_entry,
+from inferneo_runtime.manifest import (MANIFEST_NAME, VALIDATION_NAME, TargetEntry, file_entry,
                                        read_manifest)
 
 from .recipe import Recipe, RecipeError, load_recipe
@@ -206,9 +206,9 @@ def _merge(recipe: Recipe, key: str, parts: list[tuple[str, object]], output: Pa
            sign_key: Optional[Path]) -> dict:
     """One artifact from per-target sub-builds: root files and goldens from the first, every target's folder,
     validation.json's per-target reports concatenated, the recipe's build key; published atomically."""
-    from .build import BuildError
     from .build_cache import store
-    from .publish import publish, staging_dir
+    from .pipeline import BuildError, skipped_target, validation_chart
+    from .publish import staged
 
     t0 = time.perf_counter()
     built = [(name, Path(p)) for name, p in parts if not isinstance(p, str)]
@@ -222,8 +222,7 @@ def _merge(recipe: Recipe, key: str, parts: list[tuple[str, object]], output: Pa
             if getattr(m, field) != getattr(base, field):
                 raise BuildError(f"target {name}: its sub-build's {field} differs from {first_name}'s; "
                                  f"build {recipe.name} without --ray")
-    staging = staging_dir(output)
-    try:
+    with staged(output) as staging:
         for f in base.root_files:
             if f.path not in (VALIDATION_NAME, VALIDATION_CHART_NAME):  # both redone for every target below
                 (staging / f.path).parent.mkdir(parents=True, exist_ok=True)
@@ -235,8 +234,7 @@ def _merge(recipe: Recipe, key: str, parts: list[tuple[str, object]], output: Pa
         for name, part in parts:
             if isinstance(part, str):  # an optional target that could not be built here
                 fmt = next(t.format for t in recipe.targets if recipe.target_name(t) == name)
-                targets[name] = TargetEntry(format=fmt, status="skipped",
-                                            validation=ValidationSummary(status="skipped", reason=part))
+                targets[name] = skipped_target(fmt, part)
                 continue
             part = Path(part)
             shutil.copytree(part / name, staging / name)
@@ -245,8 +243,6 @@ def _merge(recipe: Recipe, key: str, parts: list[tuple[str, object]], output: Pa
                 report_targets += json.loads((part / VALIDATION_NAME).read_text()).get("targets", [])
         root_files = [f for f in base.root_files if f.path not in (VALIDATION_NAME, VALIDATION_CHART_NAME)]
         if report:
-            from .build import validation_chart
-
             report["targets"] = report_targets
             (staging / VALIDATION_NAME).write_text(json.dumps(report, indent=2) + "\n")
             root_files.append(file_entry(staging, staging / VALIDATION_NAME))
@@ -259,10 +255,6 @@ def _merge(recipe: Recipe, key: str, parts: list[tuple[str, object]], output: Pa
             from inferneo_runtime.signing import sign_artifact
 
             sign_artifact(staging, sign_key)
-        publish(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if cache:
         store(key, output, cache)
     return {"ok": True, "output": str(output), "name": manifest.name, "seconds": round(time.perf_counter() - t0, 2),

@@ -144,7 +144,8 @@ def export_generic_torchscript(spec: GenericSpec, weights, target, shapes, out_d
 
     from inferneo_runtime.backends.torchscript import quiet_jit
 
-    from .exporters.torchscript import FILE_NAME, example_inputs, io_signature
+    from .exporters.torch_decoder import example_inputs
+    from .exporters.torchscript import FILE_NAME, io_signature
 
     if target.format != "torchscript" or getattr(target, "precision", "fp32") != "fp32":
         raise TargetUnavailable(

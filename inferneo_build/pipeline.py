@@ -1,18 +1,24 @@
 """What every build task (decoder, encoder) shares: its errors, its result, progress on stderr, the toolchain it
-records, the validation chart, and the fail-closed rule on validation reports."""
+records, the validation chart, the fail-closed rule on validation reports, and the build itself
+(`build_task`): one template over a small task strategy (`Task`) that knows its own reference, exports and
+validation."""
 from __future__ import annotations
 
+import json
 import platform
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
-from inferneo_runtime.manifest import Manifest, TargetEntry
+from inferneo_runtime.manifest import (MANIFEST_NAME, SCHEMA_VERSION, VALIDATION_NAME, Manifest, ShapeBounds,
+                                       TargetEntry, ValidationSummary, file_entry)
 from inferneo_runtime.toolchain import onnxruntime_distribution
 
+from .exporters import ExportResult, TargetUnavailable
 from .validate import TargetReport
 
 
@@ -120,3 +126,86 @@ def require_valid_targets(reports, targets: dict[str, TargetEntry]) -> None:
         raise ValidationFailed("validation failed; nothing was published:\n  " + "\n  ".join(lines), reports)
     if not any(t.status == "valid" for t in targets.values()):
         raise BuildError("no target was built (all were skipped)")
+
+
+def skipped_target(fmt: str, reason: str) -> TargetEntry:
+    """The manifest entry of an optional target that could not be built on this host."""
+    return TargetEntry(format=fmt, status="skipped", validation=ValidationSummary(status="skipped", reason=reason))
+
+
+def reference_label(checkpoint) -> str:
+    """What every target was validated against, as validation.json records it."""
+    return "transformers (PyTorch, float32)" + (" + merged LoRA adapters" if checkpoint.info.adapters else "")
+
+
+class Task(Protocol):
+    """What a build task (decoder, encoder) supplies to `build_task`."""
+
+    bounds: ShapeBounds  # the shape bounds every target's entry records
+
+    def stage(self, staging: Path, progress: Progress) -> list[Path]:
+        """Copy the root files into `staging` and compute the reference outputs; returns the root files."""
+
+    def export(self, target, out_dir: Path) -> ExportResult:
+        """Write `target`'s files into `out_dir` (TargetUnavailable: this host cannot build it)."""
+
+    def validate(self, name: str, target, entry: TargetEntry, staging: Path) -> tuple[TargetReport, dict]:
+        """Run the exported target through the runtime against the reference: (report, entry updates)."""
+
+    def describe(self, report) -> str:
+        """The report's one log line."""
+
+    def validation(self, reports: list) -> dict:
+        """validation.json's contents."""
+
+    def manifest_fields(self) -> dict:
+        """The manifest's task-specific fields (architecture, model, generation, goldens, ...)."""
+
+    def close(self) -> None:
+        """Release what the reference holds, once every target is validated."""
+
+
+def build_task(task: Task, staging: Path, recipe, checkpoint, progress: Progress, recipe_text_sha256: Optional[str],
+               key: str) -> BuildResult:
+    """Build `recipe` into `staging`: root files and reference, each target exported (an optional one this host
+    cannot build is recorded as skipped) and validated through the runtime, validation.json and its chart, then
+    the manifest, written last. Fails closed (`require_valid_targets`) before anything but the targets is written."""
+    root_files = task.stage(staging, progress)
+    targets: dict[str, TargetEntry] = {}
+    reports: list = []
+    for target in recipe.targets:
+        name = recipe.target_name(target)
+        try:
+            with progress.step(f"export {name}"):
+                exported = task.export(target, staging / name)
+        except TargetUnavailable as e:
+            if not target.optional:
+                raise
+            progress.log(f"skipped {name}: {e}")
+            targets[name] = skipped_target(target.format, str(e))
+            continue
+        precision = getattr(target, "precision", "fp32")
+        entry = TargetEntry(format=target.format, status="valid", files=[file_entry(staging, p) for p in exported.files],
+                            dtype=exported.dtype, io=exported.io, shapes=task.bounds, toolchain=exported.toolchain,
+                            compatibility=exported.compatibility, validation=ValidationSummary(status="skipped"),
+                            precision=None if precision == "fp32" else precision)
+        with progress.step(f"validate {name} against the reference"):
+            report, update = task.validate(name, target, entry, staging)
+        reports.append(report)
+        progress.log(task.describe(report))
+        targets[name] = entry.model_copy(update=update)
+    task.close()
+    require_valid_targets(reports, targets)
+
+    validation = task.validation(reports)
+    (staging / VALIDATION_NAME).write_text(json.dumps(validation, indent=2) + "\n")
+    chart = validation_chart(staging, validation, recipe.name, progress.log)  # written before it is hashed below
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION, name=recipe.name, task=recipe.task, source=checkpoint.info,
+        root_files=[file_entry(staging, p) for p in root_files + [staging / VALIDATION_NAME] + chart],
+        targets=targets, toolchain=toolchain_versions(),
+        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        recipe_sha256=recipe_text_sha256 or recipe.sha256(), inferneo_version=dist_version("inferneo"), build_key=key,
+        **task.manifest_fields())
+    (staging / MANIFEST_NAME).write_text(manifest.to_json())  # written last
+    return BuildResult(output=staging, manifest=manifest, reports=reports)

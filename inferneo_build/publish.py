@@ -11,7 +11,9 @@ import ctypes.util
 import os
 import shutil
 import uuid
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Callable, ContextManager, Iterator, Optional
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -81,3 +83,18 @@ def publish(staging: Path, output: Path) -> None:
         os.rename(aside, output)
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextmanager
+def staged(output: Path, step: Optional[Callable[[str], ContextManager]] = None) -> Iterator[Path]:
+    """A fresh staging directory beside `output` to write an artifact into; when the block ends it is published
+    at `output` atomically (inside `step("publish <output>")` when given, e.g. `Progress.step`), and when the
+    block or the publish raises it is removed and nothing reaches `output`."""
+    staging = staging_dir(output)
+    try:
+        yield staging
+        with step(f"publish {output}") if step is not None else nullcontext():
+            publish(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,4 +1,4 @@
-"""`.pt2` target: the project's decoder (`exporters.torchscript.Decoder`) through torch.export and AOTInductor.
+"""`.pt2` target: the project's decoder (`exporters.torch_decoder.Decoder`) through torch.export and AOTInductor.
 
 TorchScript's successor: `torch.export` captures the decoder as an ATen graph with every size dynamic, and
 AOTInductor compiles it into a package (`model.pt2`) of generated C++ (or CUDA) kernels for the host's device.
@@ -33,7 +33,7 @@ from inferneo_runtime.backends.pt2 import SLOT_OFFSET_BIAS
 from inferneo_runtime.manifest import IOSignature, TensorSpec
 
 from . import ExportResult, TargetUnavailable
-from .torchscript import Decoder, example_inputs, table_length
+from .torch_decoder import Decoder, example_inputs, table_length, token_inputs
 from .torchscript_reduced import DTYPES, ReducedDecoder
 
 FILE_NAME = "model.pt2"
@@ -56,9 +56,7 @@ def io_signature(spec, cache_dtype: str = "float32") -> IOSignature:
                        shape=[spec.num_layers, 2, "slots", spec.kv_heads, "capacity", spec.head_dim])
     return IOSignature(
         inputs=[
-            TensorSpec(name="input_ids", dtype="int64", shape=["batch", "sequence"]),
-            TensorSpec(name="position_ids", dtype="int64", shape=["batch", "sequence"]),
-            TensorSpec(name="attention_mask", dtype="int64", shape=["batch", "total_sequence"]),
+            *token_inputs(),
             cache,
             TensorSpec(name="logit_positions", dtype="int64", shape=["logit_positions"]),
             TensorSpec(name="slot_offset", dtype="uint8", shape=["first_slot_plus_2"]),
@@ -95,7 +93,7 @@ def export_pt2(spec, weights, target, shapes, out_dir: Path) -> ExportResult:
     path = Path(out_dir) / FILE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode(False), torch.no_grad():
-        decoder = Decoder(spec, weights, table_length(spec, shapes), writes_cache=False).eval()
+        decoder = Decoder(spec, weights, table_length(spec, shapes.max_sequence), writes_cache=False).eval()
         model = SlotRangeDecoder(ReducedDecoder(decoder, dtype) if precision != "fp32" else decoder).eval().to(device)
         example = list(example_inputs(spec, cache_dtype=dtype))
         # a cache of more slots than the batch, the batch at slot 1: slots, batch and offset all differ

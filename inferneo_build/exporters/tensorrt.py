@@ -10,9 +10,9 @@ The build is a chain of lazy loaders (STYLE.md section 2); each stores its argum
             SaveBytes(engine_bytes, model.sm<cc>.plan)                -> the same bytes, now on disk
 
 Why a second ONNX graph: the `onnx` target uses onnxruntime contrib ops (com.microsoft GroupQueryAttention,
-Skip*Normalization) that TensorRT's parser rejects. This graph is `torch.onnx.export` of the TorchScript
-target's decoder arithmetic over the same canonical weights, in plain ops, except that it reads the KV cache
-and returns only the new keys/values instead of writing the cache in place:
+Skip*Normalization) that TensorRT's parser rejects. This graph is `torch.onnx.export` of the decoder the TorchScript
+and .pt2 targets are built from (`torch_decoder.Decoder`, portable: plain ops) over the same canonical weights,
+except that it reads the KV cache and returns only the new keys/values instead of writing the cache in place:
 
     inputs   input_ids [batch, sequence] int64, position_ids [batch, sequence] int64,
              attention_mask [batch, total_sequence] int64 (its length T is what is attended over),
@@ -43,7 +43,7 @@ import numpy as np
 
 from inferneo_runtime.manifest import IOSignature, TensorSpec
 
-from ..architectures import DecoderSpec, head_matrix
+from ..architectures import DecoderSpec
 from . import ExportResult, TargetUnavailable
 
 ONNX_NAME = "model.onnx"
@@ -51,8 +51,6 @@ DATA_NAME = "model.onnx.data"
 ENGINE_NAME = "model.sm{arch}.plan"  # one per compute capability: model.sm80.plan, model.sm90.plan
 OPSET = 17
 PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-# Optimum-style example inputs for the export: nothing is 1 and S != T != capacity, so no size is specialized.
-_TRACE_BATCH, _TRACE_PAST, _TRACE_STEPS, _TRACE_CAPACITY = 2, (3, 1), 3, 9
 # The shapes TensorRT tunes kernels for, clipped to the recipe's bounds. Decode (one new token per row) and
 # prefill (a prompt, one request at a time: the generation loop prefills each request alone) get a profile each.
 OPT_PROMPT, OPT_CONTEXT = 128, 512
@@ -148,15 +146,12 @@ def timing_cache_path(trt_version: str, gpu: GPU) -> Path:
 
 # -- the standard-ops decoder ---------------------------------------------------------------------------
 def _decoder_module(spec: DecoderSpec, weights: dict[str, np.ndarray], max_sequence: int, precision: str):
-    """The decoder over the canonical weights, with an explicit KV in/out (see the module docstring).
-
-    The same arithmetic as the TorchScript target's modules, written here in ops every ONNX opset-17 exporter and
-    TensorRT's parser take (no fused rms_norm, no scaled_dot_product_attention), so that module can keep its
-    CPU-specific fusions.
-    """
+    """The project's decoder (`torch_decoder.Decoder`, portable: in ops every ONNX opset-17 exporter and TensorRT's
+    parser take, norms in float32) over the canonical weights in `precision`, behind this graph's explicit KV in/out
+    (see the module docstring)."""
     import torch
-    import torch.nn.functional as F
-    from torch import nn
+
+    from .torch_decoder import Decoder
 
     extra = spec.non_uniform_features()
     if "layers.0.attn_norm.weight" not in weights or any(k.endswith("post_attn_norm.weight") for k in weights):
@@ -164,152 +159,30 @@ def _decoder_module(spec: DecoderSpec, weights: dict[str, np.ndarray], max_seque
     if extra:
         raise ValueError(f"the tensorrt exporter builds uniform Llama / GPT-2 layers only; this {spec.model_type} "
                          f"checkpoint uses: {', '.join(extra)} (use the onnx or torchscript target)")
-    weights = {**weights, "lm_head.weight": head_matrix(spec, weights)}
 
-    def param(name: str) -> nn.Parameter:
-        array = np.ascontiguousarray(weights[name], dtype=np.float32)
-        return nn.Parameter(torch.from_numpy(array), requires_grad=False)
+    class PerLayerDecoder(torch.nn.Module):
+        """(input_ids, position_ids, attention_mask, *past keys and values per layer) -> (logits of every
+        position in float32, *the step's keys and values per layer)."""
 
-    class Linear(nn.Module):  # x @ W (+ b), W [in, out] as the canonical weights store it
-        def __init__(self, name: str):
-            super().__init__()
-            self.weight = param(f"{name}.weight")
-            self.bias = param(f"{name}.bias") if f"{name}.bias" in weights else None
-
-        def forward(self, x):
-            y = torch.matmul(x, self.weight)
-            return y if self.bias is None else y + self.bias
-
-    class Norm(nn.Module):  # RMSNorm (as HF computes it) or LayerNorm, in float32 whatever the precision
-        def __init__(self, name: str):
-            super().__init__()
-            self.weight = param(f"{name}.weight")
-            self.bias = param(f"{name}.bias") if f"{name}.bias" in weights else None
-
-        def forward(self, x):
-            h = x.float()
-            if self.bias is not None:
-                h = F.layer_norm(h, self.weight.shape, self.weight, self.bias, spec.norm_eps)
-            else:
-                h = self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + spec.norm_eps))
-            return h.to(x.dtype)
-
-    class MLP(nn.Module):
-        def __init__(self, prefix: str):
-            super().__init__()
-            self.gate = Linear(f"{prefix}.gate") if spec.mlp == "gated_silu" else None
-            self.up, self.down = Linear(f"{prefix}.up"), Linear(f"{prefix}.down")
-
-        def forward(self, x):
-            if self.gate is not None:
-                return self.down(F.silu(self.gate(x)) * self.up(x))
-            return self.down(F.gelu(self.up(x), approximate="tanh"))
-
-    heads, kv_heads, head_dim = spec.heads, spec.kv_heads, spec.head_dim
-    groups, half = heads // kv_heads, spec.head_dim // 2
-
-    def rotate(x, cos, sin):  # HF rotate_half (a constant split point keeps head_dim static in the graph)
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-    class Attention(nn.Module):
-        def __init__(self, prefix: str):
-            super().__init__()
-            self.qkv, self.o = Linear(f"{prefix}.qkv"), Linear(f"{prefix}.o")
-
-        def forward(self, x, past_k, past_v, cos, sin, mask):
-            # x [n, S, hidden]; past_* [n, kv_heads, capacity, head_dim]; mask [n, 1, S, T + S] bool.
-            n, steps = x.shape[0], x.shape[1]
-            q, k, v = self.qkv(x).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-            q = q.view(n, steps, heads, head_dim).transpose(1, 2)
-            k = k.view(n, steps, kv_heads, head_dim).transpose(1, 2)
-            v = v.view(n, steps, kv_heads, head_dim).transpose(1, 2)
-            if cos is not None:
-                q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-            total = mask.shape[-1] - steps
-            # the cache's first T positions, then the new tokens (which the runtime writes into the cache later)
-            keys = torch.cat([past_k[:, :, :total], k], dim=2)
-            values = torch.cat([past_v[:, :, :total], v], dim=2)
-            width = mask.shape[-1]
-            if groups > 1:  # GQA without repeating the cache: each KV head's query group folded into the query axis
-                q = q.reshape(n, kv_heads, groups * steps, head_dim)
-                mask = mask.unsqueeze(2).expand(n, 1, groups, steps, width).reshape(n, 1, groups * steps, width)
-            scores = torch.matmul(q * (head_dim ** -0.5), keys.transpose(2, 3)).float()
-            probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(values.dtype)
-            out = torch.matmul(probs, values)
-            out = out.reshape(n, heads, steps, head_dim).transpose(1, 2).reshape(n, steps, heads * head_dim)
-            return self.o(out), k, v
-
-    class Block(nn.Module):
-        def __init__(self, i: int):
-            super().__init__()
-            prefix = f"layers.{i}"
-            self.attn_norm, self.attn = Norm(f"{prefix}.attn_norm"), Attention(prefix)
-            self.mlp_norm, self.mlp = Norm(f"{prefix}.mlp_norm"), MLP(prefix)
-
-        def forward(self, x, past_k, past_v, cos, sin, mask):
-            h, k, v = self.attn(self.attn_norm(x), past_k, past_v, cos, sin, mask)
-            x = x + h
-            return x + self.mlp(self.mlp_norm(x)), k, v
-
-    class Decoder(nn.Module):
         def __init__(self):
             super().__init__()
-            self.sliding_window = spec.sliding_window
-            self.embed = param("embed")
-            self.pos_embed = param("pos_embed") if spec.positions == "learned" else None
-            if spec.positions == "rope":
-                cos, sin = spec.rope_tables(max_sequence)
-                self.register_buffer("cos", torch.from_numpy(np.concatenate([cos, cos], axis=-1)))
-                self.register_buffer("sin", torch.from_numpy(np.concatenate([sin, sin], axis=-1)))
-            else:
-                self.cos = self.sin = None
-            self.blocks = nn.ModuleList(Block(i) for i in range(spec.num_layers))
-            self.final_norm = Norm("final_norm")
-            self.lm_head = Linear("lm_head")
+            self.decoder = Decoder(spec, weights, max_sequence, writes_cache=False, portable=True)
 
         def forward(self, input_ids, position_ids, attention_mask, *past):
-            x = F.embedding(input_ids, self.embed)
-            cos = sin = None
-            if self.pos_embed is not None:
-                x = x + F.embedding(position_ids, self.pos_embed)
-            else:
-                cos = F.embedding(position_ids, self.cos).unsqueeze(1).to(x.dtype)  # [n, 1, S, head_dim]
-                sin = F.embedding(position_ids, self.sin).unsqueeze(1).to(x.dtype)
-            # keys: cache slot j (position j) for j < T, then the new tokens at position_ids. A cached key is
-            # visible iff it was written (j < row's past length = its first new position); a new key iff it is
-            # not after the query; with a sliding window also iff query - key < W.
-            cached_pos = torch.ones_like(attention_mask).cumsum(1) - 1  # [n, T] (cumsum: no baked-in length)
-            key_pos = torch.cat([cached_pos, position_ids], dim=1)  # [n, T + S]
-            key_ok = torch.cat([cached_pos < position_ids[:, :1], torch.ones_like(position_ids, dtype=torch.bool)], 1)
-            query_pos = position_ids.unsqueeze(2)  # [n, S, 1]
-            mask = key_ok.unsqueeze(1) & (key_pos.unsqueeze(1) <= query_pos)
-            if self.sliding_window is not None:
-                mask = mask & (query_pos - key_pos.unsqueeze(1) < self.sliding_window)
-            mask = mask.unsqueeze(1)  # [n, 1, S, T + S]
-            present = []
-            for i, block in enumerate(self.blocks):
-                x, k, v = block(x, past[2 * i], past[2 * i + 1], cos, sin, mask)
-                present += [k, v]
-            logits = self.lm_head(self.final_norm(x)).float()
-            return (logits, *present)
+            caches = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+            logits, new_kv = self.decoder.decode(input_ids, position_ids, attention_mask, caches)
+            return (logits.float(), *[t for kv in new_kv for t in kv])
 
-    dtype = getattr(torch, PRECISION_DTYPES[precision])
-    model = Decoder().eval()
-    if dtype != torch.float32:
-        model.to(dtype)
-        for module in model.modules():  # norms stay float32
-            if isinstance(module, Norm):
-                module.float()
-        if model.cos is not None:  # RoPE tables stay float32 (cast per use)
-            model.cos, model.sin = model.cos.float(), model.sin.float()
+    model = PerLayerDecoder().eval()
+    model.decoder.cast(getattr(torch, PRECISION_DTYPES[precision]))
     return model
 
 
 def io_signature(spec: DecoderSpec, precision: str) -> IOSignature:
     kv_dtype = PRECISION_DTYPES[precision]
-    inputs = [TensorSpec(name="input_ids", dtype="int64", shape=["batch", "sequence"]),
-              TensorSpec(name="position_ids", dtype="int64", shape=["batch", "sequence"]),
-              TensorSpec(name="attention_mask", dtype="int64", shape=["batch", "total_sequence"])]
+    from .torch_decoder import token_inputs  # torch_decoder imports torch: this module does so only when it exports
+
+    inputs = token_inputs()
     outputs = [TensorSpec(name="logits", dtype="float32", shape=["batch", "sequence", spec.vocab])]
     for i in range(spec.num_layers):
         for kv in ("key", "value"):
@@ -321,17 +194,10 @@ def io_signature(spec: DecoderSpec, precision: str) -> IOSignature:
 
 
 def _example_inputs(spec: DecoderSpec, dtype) -> tuple:
-    import torch
+    from .torch_decoder import example_inputs
 
-    n, steps = _TRACE_BATCH, _TRACE_STEPS
-    past = torch.tensor(_TRACE_PAST)
-    positions = past[:, None] + torch.arange(steps)
-    total = past + steps
-    mask = (torch.arange(int(total.max()))[None] < total[:, None]).long()
-    ids = torch.arange(n * steps).view(n, steps) % spec.vocab
-    cache = [torch.zeros(n, spec.kv_heads, _TRACE_CAPACITY, spec.head_dim, dtype=dtype)
-             for _ in range(2 * spec.num_layers)]
-    return (ids, positions, mask, *cache)
+    ids, positions, mask, cache, _ = example_inputs(spec, cache_dtype=dtype)
+    return (ids, positions, mask, *[cache[i, j] for i in range(spec.num_layers) for j in range(2)])
 
 
 class OnnxFromDecoder:
@@ -353,14 +219,13 @@ class OnnxFromDecoder:
         import onnx
         import torch
 
+        from .torch_decoder import table_length
+
         spec = self.spec
-        if spec.positions == "learned" and self.max_sequence > spec.max_positions:
-            raise ValueError(f"max_sequence {self.max_sequence} exceeds the {spec.max_positions} learned positions "
-                             f"of this {spec.model_type} checkpoint")
+        rope_length = table_length(spec, self.max_sequence)
         io = io_signature(spec, self.precision)
         dtype = getattr(torch, PRECISION_DTYPES[self.precision])
         axes = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in io.inputs + io.outputs}
-        rope_length = max(self.max_sequence, max(_TRACE_PAST) + _TRACE_STEPS)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.path.parent) as tmp, torch.inference_mode(False), torch.no_grad(), \
                 warnings.catch_warnings():

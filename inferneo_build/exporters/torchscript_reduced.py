@@ -1,5 +1,5 @@
 """Reduced-precision TorchScript targets (`precision: bf16 | fp16`): the project's traced decoder
-(`exporters.torchscript.Decoder`) with its weights and compute in the lower dtype, behind the same signature.
+(`exporters.torch_decoder.Decoder`) with its weights and compute in the lower dtype, behind the same signature.
 
 The KV cache is kept in the compute dtype too: the IO signature declares it (`kv_cache` bfloat16/float16) and
 the runtime allocates the cache in that dtype, so a step writes its new keys/values in place with no cast of the
@@ -15,7 +15,8 @@ from torch import nn
 from inferneo_runtime.backends.torchscript import quiet_jit
 
 from . import ExportResult, TargetUnavailable
-from .torchscript import FILE_NAME, Decoder, example_inputs, io_signature, table_length
+from .torch_decoder import Decoder, example_inputs, table_length
+from .torchscript import FILE_NAME, io_signature
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -34,7 +35,7 @@ class ReducedDecoder(nn.Module):
 
 def export_torchscript_reduced(spec, weights, target, shapes, out_dir: Path) -> ExportResult:
     dtype = DTYPES[target.precision]
-    rope_length = table_length(spec, shapes)
+    rope_length = table_length(spec, shapes.max_sequence)
     path = Path(out_dir) / FILE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     example = example_inputs(spec, cache_dtype=dtype)
