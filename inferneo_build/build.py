@@ -67,7 +67,7 @@ def _with_adapters(key: str, checkpoint) -> str:
 def resolve_and_key(recipe: Recipe, log: Callable[[str], None] = lambda _: None):
     """(checkpoint, its LoRA adapters, build key): the recipe's source resolved (cached), its adapters read
     (pickled ones only with allow_pickle) and recorded in the checkpoint info, and the key build() looks up."""
-    checkpoint = sources.resolve(recipe, log)
+    checkpoint = sources.resolve_checkpoint(recipe, log)
     adapters = []
     if recipe.source.adapters:
         from .lora import read_adapter

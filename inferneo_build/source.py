@@ -48,7 +48,7 @@ class Checkpoint:
     tokenizer: TokenizerOverrides
 
 
-def resolve(recipe: Recipe, log: Callable[[str], None] = lambda _: None) -> Checkpoint:
+def resolve_checkpoint(recipe: Recipe, log: Callable[[str], None] = lambda _: None) -> Checkpoint:
     src = recipe.source
     if isinstance(src, PathSource):
         directory = _locate_in_package(src.package, src.path, "path") if src.package else src.path.resolve()

@@ -151,7 +151,7 @@ def test_hub_source_reads_the_revision_from_the_local_hf_cache(tiny_checkpoint, 
     import huggingface_hub.constants
 
     from inferneo_build.recipe import load_recipe
-    from inferneo_build.source import resolve
+    from inferneo_build.source import resolve_checkpoint as resolve
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))  # read at call time
     checkpoint = resolve(load_recipe(recipe(None, "main")))

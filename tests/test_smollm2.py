@@ -20,7 +20,7 @@ def hf_model():
     from transformers import AutoModelForCausalLM
 
     from inferneo_build import load_recipe
-    from inferneo_build.source import resolve
+    from inferneo_build.source import resolve_checkpoint as resolve
 
     checkpoint = resolve(load_recipe(REPO / "recipes" / "smollm2-135m.yaml"))  # the cached conversion
     return AutoModelForCausalLM.from_pretrained(checkpoint.directory, dtype=torch.float32).eval()

@@ -267,7 +267,7 @@ def test_build_key_covers_tensorrt_version_and_gpu_archs(tiny_checkpoint, fake_t
     from inferneo_build import build_cache
     from inferneo_build.build import key_toolchain
     from inferneo_build.recipe import Recipe
-    from inferneo_build.source import resolve
+    from inferneo_build.source import resolve_checkpoint as resolve
 
     def recipe(**trt):
         return Recipe.model_validate({"name": "t", "source": {"path": str(tiny_checkpoint("llama"))},
