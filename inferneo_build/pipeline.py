@@ -173,28 +173,31 @@ def build_task(task: Task, staging: Path, recipe, checkpoint, progress: Progress
     root_files = task.stage(staging, progress)
     targets: dict[str, TargetEntry] = {}
     reports: list = []
-    for target in recipe.targets:
-        name = recipe.target_name(target)
-        try:
-            with progress.step(f"export {name}"):
-                exported = task.export(target, staging / name)
-        except TargetUnavailable as e:
-            if not target.optional:
-                raise
-            progress.log(f"skipped {name}: {e}")
-            targets[name] = skipped_target(target.format, str(e))
-            continue
-        precision = getattr(target, "precision", "fp32")
-        entry = TargetEntry(format=target.format, status="valid", files=[file_entry(staging, p) for p in exported.files],
-                            dtype=exported.dtype, io=exported.io, shapes=task.bounds, toolchain=exported.toolchain,
-                            compatibility=exported.compatibility, validation=ValidationSummary(status="skipped"),
-                            precision=None if precision == "fp32" else precision)
-        with progress.step(f"validate {name} against the reference"):
-            report, update = task.validate(name, target, entry, staging)
-        reports.append(report)
-        progress.log(task.describe(report))
-        targets[name] = entry.model_copy(update=update)
-    task.close()
+    try:
+        for target in recipe.targets:
+            name = recipe.target_name(target)
+            try:
+                with progress.step(f"export {name}"):
+                    exported = task.export(target, staging / name)
+            except TargetUnavailable as e:
+                if not target.optional:
+                    raise
+                progress.log(f"skipped {name}: {e}")
+                targets[name] = skipped_target(target.format, str(e))
+                continue
+            precision = getattr(target, "precision", "fp32")
+            entry = TargetEntry(format=target.format, status="valid",
+                                files=[file_entry(staging, p) for p in exported.files], dtype=exported.dtype,
+                                io=exported.io, shapes=task.bounds, toolchain=exported.toolchain,
+                                compatibility=exported.compatibility, validation=ValidationSummary(status="skipped"),
+                                precision=None if precision == "fp32" else precision)
+            with progress.step(f"validate {name} against the reference"):
+                report, update = task.validate(name, target, entry, staging)
+            reports.append(report)
+            progress.log(task.describe(report))
+            targets[name] = entry.model_copy(update=update)
+    finally:
+        task.close()  # the reference's outputs, held until every target is judged
     require_valid_targets(reports, targets)
 
     validation = task.validation(reports)
