@@ -57,7 +57,7 @@ def test_build_from_s3_matches_local_and_downloads_once(client, bucket, tiny_che
     source = built.manifest.source
     assert (source.kind, source.uri) == ("s3", uri)
     local_recipe = Recipe.model_validate({**recipe.model_dump(mode="json"), "source": {"path": str(local)}})
-    assert source.weights_sha256 == sources.resolve(local_recipe).info.weights_sha256
+    assert source.weights_sha256 == sources.resolve_checkpoint(local_recipe).info.weights_sha256
     (entry,) = checkpoint_entries()
     cached = Path(os.environ["INFERNEO_CACHE_DIR"]) / "checkpoints" / entry
     assert sorted(p.name for p in cached.iterdir()) == sorted(p.name for p in local.iterdir())
@@ -72,7 +72,7 @@ def test_build_from_s3_matches_local_and_downloads_once(client, bucket, tiny_che
     # a second resolve (every build does one) lists the prefix but downloads nothing
     before = checkpoint_entries()
     logs: list[str] = []
-    again = sources.resolve(recipe, logs.append)
+    again = sources.resolve_checkpoint(recipe, logs.append)
     assert again.directory == cached and checkpoint_entries() == before
     assert any("downloaded before" in line for line in logs) and not any("downloading" in line for line in logs)
     assert build(recipe).cached == "output"
@@ -81,7 +81,7 @@ def test_build_from_s3_matches_local_and_downloads_once(client, bucket, tiny_che
     key = build_cache.build_key(recipe, again, toolchain_versions())
     other = tiny_checkpoint("qwen2")
     client.upload_file(str(other / "model.safetensors"), bucket, "models/tiny/model.safetensors")
-    changed = sources.resolve(recipe)
+    changed = sources.resolve_checkpoint(recipe)
     assert changed.directory != cached and changed.info.weights_sha256 != source.weights_sha256
     assert build_cache.build_key(recipe, changed, toolchain_versions()) != key
     assert not list(cached.parent.glob(".*partial*"))  # no temporary download left behind
@@ -103,7 +103,7 @@ def test_s3_source_errors_name_the_uri(client, bucket, tiny_checkpoint, tmp_path
 
     def fails(uri: str, *needles: str) -> None:
         with pytest.raises(SourceError) as e:
-            sources.resolve(s3_recipe(uri, tmp_path / "out", ckpt))
+            sources.resolve_checkpoint(s3_recipe(uri, tmp_path / "out", ckpt))
         assert e.value.exit_code == 2 and uri in str(e.value)
         for needle in needles:
             assert needle in str(e.value), str(e.value)
@@ -141,7 +141,7 @@ def test_access_denied_names_the_uri(tiny_checkpoint, tmp_path, monkeypatch):
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
         uri = "s3://private-bucket/models/tiny"
         with pytest.raises(SourceError, match=f"{uri}.*access denied") as e:
-            sources.resolve(s3_recipe(uri, tmp_path / "out", tiny_checkpoint("llama")))
+            sources.resolve_checkpoint(s3_recipe(uri, tmp_path / "out", tiny_checkpoint("llama")))
         assert e.value.exit_code == 2
 
 

@@ -64,8 +64,8 @@ def test_safetensors_beside_pickles_are_the_only_weights_read(tiny_checkpoint, t
     (ckpt / "pytorch_model.bin").write_bytes(b"not a pickle: must never be read")
     (ckpt / "training_args.bin").write_bytes(b"nor this")
     recipe = Recipe.model_validate(tiny_recipe_fields(ckpt, "both", tmp_path / "out"))
-    checkpoint = sources.resolve(recipe)
-    plain = sources.resolve(Recipe.model_validate(tiny_recipe_fields(tiny_checkpoint("llama"), "x", tmp_path / "o")))
+    checkpoint = sources.resolve_checkpoint(recipe)
+    plain = sources.resolve_checkpoint(Recipe.model_validate(tiny_recipe_fields(tiny_checkpoint("llama"), "x", tmp_path / "o")))
     assert checkpoint.info.weights_sha256 == plain.info.weights_sha256  # the .bin files are not part of the weights
     assert sources.load_options(recipe) == {"trust_remote_code": False, "use_safetensors": True}
 
