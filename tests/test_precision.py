@@ -234,6 +234,28 @@ def test_smollm2_over_quantized_int4_fails_closed(tmp_path):
     assert np.isfinite(report.top1_agreement)
 
 
+@pytest.mark.slow
+def test_smollm2_fp16_and_bf16_on_the_real_model(tmp_path):
+    """Half precisions of a trained model, judged on the shipped evaluation text against the float32 reference:
+    both within their tolerances, fp16 (10 mantissa bits) closer than bf16 (7), and both answer as the model does."""
+    data = yaml.safe_load((REPO / "recipes" / "smollm2-135m.yaml").read_text())
+    data["targets"] = [{"format": "onnx", "precision": "fp16"}, {"format": "torchscript", "precision": "bf16"}]
+    data["output"] = str(tmp_path / "half")
+    m = build(Recipe.model_validate(data)).manifest
+    v16, vb16 = m.targets["onnx-fp16"].validation, m.targets["torchscript-bf16"].validation
+    for v, precision in ((v16, "fp16"), (vb16, "bf16")):
+        tol = DEFAULT_TOLERANCES[precision]
+        assert v.status == "passed" and v.criterion == "tolerance", (precision, v)
+        assert v.top1_agreement >= tol.top1_agreement and v.mean_kl <= tol.mean_kl, (precision, v)
+        assert v.positions >= 1000  # the evaluation text, not only the prompts' 96 reference tokens
+    assert v16.mean_kl < vb16.mean_kl and v16.top1_agreement >= vb16.top1_agreement
+    for target in ("onnx-fp16", "torchscript-bf16"):
+        with inferneo_runtime.load(tmp_path / "half", target=target) as model:
+            assert model.check_goldens()
+            text = model.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=16).text
+            assert "Paris" in text, (target, text)
+
+
 def test_bench_judges_quantized_targets_by_their_own_bytes(tiny_reduced):
     """`inferneo bench`'s roofline for a quantized target comes from the bytes it streams, not the float32 model's."""
     from inferneo_runtime.bench import _streamed_bytes, _target_streamed_bytes
