@@ -22,7 +22,6 @@ manifest; 4 integrity failure (checksum/size); 5 missing extra or toolchain; 6 g
 9 signature missing, untrusted or invalid."""
 
 TRUSTED_KEY_HELP = "Ed25519 public key the manifest must be signed with (repeatable; default $INFERNEO_TRUSTED_KEYS)"
-JSON_HELP = "print a JSON object"
 
 
 def run_command(fn, as_json: bool):
