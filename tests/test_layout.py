@@ -90,7 +90,7 @@ def test_every_server_setting_is_a_flag_of_serve():
     from typer.main import get_command
 
     from inferneo_runtime.cli import app
-    from inferneo_runtime.cli_serve import NOT_FLAGS, setting_flags
+    from inferneo_runtime.cli_serve import COMMAND_FLAGS, NOT_FLAGS, setting_flags
     from inferneo_runtime.server.config import ServerConfig
 
     serve = get_command(app).commands["serve"]
@@ -107,7 +107,8 @@ def test_every_server_setting_is_a_flag_of_serve():
 
     ctx = serve.make_context("serve", ["--model", "m", "--max-queue", "7", "--drain-timeout", "3", "--eager",
                                        "--disable-metrics", "--allowed-host", "a.example", "--admin-token", "t"])
-    flagged = {k: v for k, v in ctx.params.items() if k not in ("config", "ray", "replicas")}
+    assert not COMMAND_FLAGS & set(ServerConfig.model_fields)  # the command's own flags are not settings
+    flagged = {k: v for k, v in ctx.params.items() if k not in COMMAND_FLAGS}
     s = load_server_config(None, overrides=flagged, env={})
     assert (s.max_queue, s.graceful_timeout_s, s.lazy, s.enable_metrics, s.allowed_hosts, s.admin_token) == \
         (7, 3.0, False, False, ["a.example"], "t")
