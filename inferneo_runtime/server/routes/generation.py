@@ -132,29 +132,28 @@ def _token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def _completion_logprobs(tokenizer, lps: list[TokenLogprobs], offset: int) -> CompletionLogprobs:
+def _completion_logprobs(tokenizer, lps: list[TokenLogprobs], offset: int,
+                         top_n: Optional[int] = None) -> CompletionLogprobs:
     out = CompletionLogprobs()
     for lp in lps:
         text = _token_text(tokenizer, lp.token_id)
         out.tokens.append(text)
         out.token_logprobs.append(lp.logprob)
-        out.top_logprobs.append({_token_text(tokenizer, t): v for t, v in lp.top})
+        out.top_logprobs.append({_token_text(tokenizer, t): v for t, v in lp.top[:top_n]})
         out.text_offset.append(offset)
         offset += len(text)
     return out
+
+
+def _joined(*parts: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(**{k: [x for p in parts for x in getattr(p, k)] for k in CompletionLogprobs.model_fields})
 
 
 def _echo_logprobs(tokenizer, ids: list[int], prompt: list[Optional[TokenLogprobs]], top_n: int) -> CompletionLogprobs:
     """OpenAI's legacy echo + logprobs: the prompt's tokens first, the first of them without a logprob."""
-    out, offset = CompletionLogprobs(), 0
-    for token, lp in zip(ids, prompt):
-        text = _token_text(tokenizer, token)
-        out.tokens.append(text)
-        out.token_logprobs.append(None if lp is None else lp.logprob)
-        out.top_logprobs.append(None if lp is None else {_token_text(tokenizer, t): v for t, v in lp.top[:top_n]})
-        out.text_offset.append(offset)
-        offset += len(text)
-    return out
+    first = _token_text(tokenizer, ids[0])
+    head = CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None], text_offset=[0])
+    return _joined(head, _completion_logprobs(tokenizer, prompt[1:], len(first), top_n))
 
 
 def _choice_logprobs(job: Job, body: CompletionRequest, s, prompt_ids: list[int]) -> CompletionLogprobs:
@@ -162,8 +161,7 @@ def _choice_logprobs(job: Job, body: CompletionRequest, s, prompt_ids: list[int]
     if not (body.echo and s.prompt_logprobs is not None):
         return _completion_logprobs(job.tokenizer, s.logprobs, 0)
     head = _echo_logprobs(job.tokenizer, prompt_ids, s.prompt_logprobs, body.logprobs)
-    tail = _completion_logprobs(job.tokenizer, s.logprobs, sum(len(t) for t in head.tokens))
-    return CompletionLogprobs(**{k: getattr(head, k) + getattr(tail, k) for k in CompletionLogprobs.model_fields})
+    return _joined(head, _completion_logprobs(job.tokenizer, s.logprobs, sum(len(t) for t in head.tokens)))
 
 
 def _prompt_logprobs(tokenizer, prompt: Optional[list[Optional[TokenLogprobs]]], top_n: Optional[int]):
