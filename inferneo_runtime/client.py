@@ -177,15 +177,14 @@ STREAM_ERROR_STATUS = {"out_of_memory": 503, "shutting_down": 503}  # an error e
 
 def translate(e: Exception) -> Exception:
     """Our exception for one of openai's (others are returned as they are)."""
-    if isinstance(e, openai.APIStatusError):
-        body = e.body if isinstance(e.body, dict) else {"message": e.message}
-        return error_from(e.status_code, {"error": body})
     if isinstance(e, openai.APIConnectionError):
         return ConnectionError(f"{e.request.url if e.request else ''}: {e.__cause__ or e}")
-    if isinstance(e, openai.APIError):  # an error event in a stream that had started
-        body = e.body if isinstance(e.body, dict) else {"message": e.message}
-        return error_from(STREAM_ERROR_STATUS.get(body.get("code"), 500), {"error": body})
-    return e
+    if not isinstance(e, openai.APIError):
+        return e
+    body = e.body if isinstance(e.body, dict) else {"message": e.message}
+    # an error event in a stream that had started has no HTTP status of its own
+    status = e.status_code if isinstance(e, openai.APIStatusError) else STREAM_ERROR_STATUS.get(body.get("code"), 500)
+    return error_from(status, {"error": body})
 
 
 @contextmanager
@@ -194,12 +193,6 @@ def _translated() -> Iterator[None]:
         yield
     except openai.OpenAIError as e:
         raise translate(e) from None
-
-
-def _translated_call(fn, *args, **kwargs):
-    with _translated():
-        result = fn(*args, **kwargs)
-    return _Stream(result) if isinstance(result, openai.Stream) else result
 
 
 class _Stream:
@@ -242,43 +235,37 @@ class _AsyncStream(_Stream):
         await self.close()
 
 
-def _with_model(kwargs: dict) -> dict:
-    # the server routes a request without a model (or with "auto"); openai's signature requires the argument
+def _create_kwargs(headers: Optional[dict], kwargs: dict) -> dict:
+    """openai's create() arguments: extra headers merged, and a model even when none was given (the server routes a
+    request with model "auto"; openai's signature requires the argument)."""
+    if headers:
+        kwargs = {**kwargs, "extra_headers": {**kwargs.get("extra_headers", {}), **headers}}
     return {**kwargs, "model": kwargs.get("model") or "auto"}
 
 
-def _create(resource, headers: Optional[dict] = None, **kwargs):
-    if headers:
-        kwargs["extra_headers"] = {**kwargs.get("extra_headers", {}), **headers}
-    return _translated_call(resource.create, **_with_model(kwargs))
+class _Creates:
+    """One of openai's resources (completions, chat.completions, embeddings): its create(), raising our errors."""
 
-
-class _Completions:
     def __init__(self, resource):
         self._resource = resource
 
     def create(self, headers: Optional[dict] = None, **kwargs):
         """openai's create (model may be left out: the server routes it); stream=True yields chunks."""
-        return _create(self._resource, headers, **kwargs)
-
-
-class _Chat:
-    def __init__(self, chat):
-        self.completions = _Completions(chat.completions)
-
-
-class _AsyncCompletions(_Completions):
-    async def create(self, headers: Optional[dict] = None, **kwargs):
-        if headers:
-            kwargs["extra_headers"] = {**kwargs.get("extra_headers", {}), **headers}
         with _translated():
-            result = await self._resource.create(**_with_model(kwargs))
+            result = self._resource.create(**_create_kwargs(headers, kwargs))
+        return _Stream(result) if isinstance(result, openai.Stream) else result
+
+
+class _AsyncCreates(_Creates):
+    async def create(self, headers: Optional[dict] = None, **kwargs):
+        with _translated():
+            result = await self._resource.create(**_create_kwargs(headers, kwargs))
         return _AsyncStream(result) if isinstance(result, openai.AsyncStream) else result
 
 
-class _AsyncChat:
-    def __init__(self, chat):
-        self.completions = _AsyncCompletions(chat.completions)
+class _Chat:
+    def __init__(self, chat, creates=_Creates):
+        self.completions = creates(chat.completions)
 
 
 class _Admin:
@@ -366,8 +353,8 @@ class InferneoClient:
         self.base_url, settings = _openai_settings(base_url, api_key, timeout, headers, max_retries)
         self.openai = openai.OpenAI(**settings)  # the official client, for anything not wrapped here
         self.chat = _Chat(self.openai.chat)
-        self.completions = _Completions(self.openai.completions)
-        self.embeddings = _Completions(self.openai.embeddings)
+        self.completions = _Creates(self.openai.completions)
+        self.embeddings = _Creates(self.openai.embeddings)
         admin = _Admin(self.openai)
         self.models = _Models(admin)
         self.routing = _Routing(admin)
@@ -395,9 +382,9 @@ class AsyncInferneoClient:
                  timeout: float = 600.0, headers: Optional[dict] = None, max_retries: int = 0):
         self.base_url, settings = _openai_settings(base_url, api_key, timeout, headers, max_retries)
         self.openai = openai.AsyncOpenAI(**settings)
-        self.chat = _AsyncChat(self.openai.chat)
-        self.completions = _AsyncCompletions(self.openai.completions)
-        self.embeddings = _AsyncCompletions(self.openai.embeddings)
+        self.chat = _Chat(self.openai.chat, _AsyncCreates)
+        self.completions = _AsyncCreates(self.openai.completions)
+        self.embeddings = _AsyncCreates(self.openai.embeddings)
 
     async def close(self) -> None:
         await self.openai.close()
