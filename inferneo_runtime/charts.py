@@ -1,5 +1,6 @@
 """Charts of what Inferneo measures (needs the `plot` extra: matplotlib): the build's validation against the
-reference (`validation.svg` in every artifact built where matplotlib is installed) and `inferneo bench --plot`.
+reference (`validation.svg` in every artifact built where matplotlib is installed) and `inferneo bench --plot`
+(with or without `--workloads`).
 
 Matplotlib is imported only inside the functions here, so the runtime imports without it. Every plotted series
 carries an SVG group id (`<kind>--<name>`, see `series_id`) so tests and tools can find the data in the file.
@@ -261,14 +262,118 @@ def bench_figures(report: dict) -> dict:
     return figures
 
 
-def write_bench_charts(report: dict, directory: Path) -> list[Path]:
-    """Write each bench chart as SVG and PNG into `directory` (created); the paths written."""
+def _write_figures(make_figures, report: dict, directory: Path) -> list[Path]:
+    """Write each of `make_figures(report)` as SVG and PNG into `directory` (created); the paths written."""
     require("`inferneo bench --plot`")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     with _style():
-        for stem, fig in bench_figures(report).items():
+        for stem, fig in make_figures(report).items():
             for ext in ("svg", "png"):
                 written.append(_save(fig, directory / f"{stem}.{ext}"))
     return written
+
+
+def write_bench_charts(report: dict, directory: Path) -> list[Path]:
+    """Write each bench chart as SVG and PNG into `directory` (created); the paths written."""
+    return _write_figures(bench_figures, report, directory)
+
+
+# -- workloads (inferneo bench --workloads --plot) -------------------------------------------------------------
+SPEC_WORKLOADS = (("copy", "copy-heavy task"), ("chat", "free chat"))
+ITL_CONDITIONS = (("alone", "alone_ms"), ("whole", "whole_prefill_ms"), ("chunked", "chunked_prefill_ms"))
+
+
+def _bars(ax, xs, values, gids, texts, **kwargs):
+    """Vertical bars, each with its series id (so the SVG names it) and a value label above it."""
+    drawn = ax.bar(xs, values, **kwargs)
+    for bar, gid in zip(drawn, gids):
+        bar.set_gid(gid)
+    ax.bar_label(drawn, labels=texts, padding=2, fontsize=8)
+    return drawn
+
+
+def _bar_axes(ax, title: str, ylabel: str, top: float) -> None:
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.3 * top)  # headroom for the two-line labels above the bars
+    ax.grid(axis="x", visible=False)
+
+
+def _speculation_figure(report: dict, name: str):
+    rows = [(key, label, report[key]) for key, label in SPEC_WORKLOADS if key in report]
+    spec = report.get("speculative", {})
+    fig = _figure(7, 4.6)
+    ax = fig.subplots()
+    xs, width = range(len(rows)), 0.38
+    _bars(ax, [x - width / 2 for x in xs], [r["plain_tok_s"] for _, _, r in rows],
+          [series_id("plain-tok-s", key) for key, _, _ in rows], [f"{r['plain_tok_s']:g}" for _, _, r in rows],
+          width=width, color="C0", label="plain decoding")
+    _bars(ax, [x + width / 2 for x in xs], [r["speculative_tok_s"] for _, _, r in rows],
+          [series_id("speculative-tok-s", key) for key, _, _ in rows],
+          [f"{r['speculative_tok_s']:g}\n{r['ratio']:g}× · {r['acceptance_rate']:.0%} accepted" for _, _, r in rows],
+          width=width, color="C1",
+          label=f"{spec.get('method', '')} speculation (up to {spec.get('num_tokens', '?')} draft tokens)")
+    # identical greedy tokens is what makes the speedup free: say so under each workload
+    ax.set_xticks(list(xs), [f"{label}\n(tokens {'identical' if r['identical_tokens'] else 'DIFFER'})"
+                             for _, label, r in rows])
+    top = max(max(r["plain_tok_s"], r["speculative_tok_s"]) for _, _, r in rows)
+    _bar_axes(ax, f"{name}: single-stream tokens/s\nwith and without speculation (higher is better)",
+              "tokens/s (median, prefill included)", top)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    return fig
+
+
+def _prefix_figure(report: dict, name: str):
+    p = report["prefix"]
+    fig = _figure(5.5, 3.8)
+    ax = fig.subplots()
+    values = [p["uncached_ttft_ms"], p["cached_ttft_ms"]]
+    _bars(ax, [0, 1], values, [series_id("ttft", "uncached"), series_id("ttft", "cached")],
+          [f"{values[0]:g} ms", f"{values[1]:g} ms\n({p['ratio']:.1%} of uncached)"],
+          width=0.5, color=[LIMIT, PASS])
+    ax.set_xticks([0, 1], ["uncached", "prefix cached"])
+    _bar_axes(ax, f"{name}: time to first token after a shared\n{p['prefix_tokens']}-token system prompt "
+              "(lower is better)", "ms to first token (median)", max(values))
+    return fig
+
+
+def _interleave_figure(report: dict, name: str):
+    i = report["interleave"]
+    labels = {"alone": "streams alone",
+              "whole": f"a {i['long_prompt_tokens']}-token prompt arrives, prefilled whole",
+              "chunked": f"the same prompt, prefilled in chunks of {i['prefill_chunk']}"}
+    ratios = {"whole": i.get("p99_ratio_whole"), "chunked": i.get("p99_ratio_chunked")}
+    conditions = [(c, i[key]) for c, key in ITL_CONDITIONS if key in i]
+    fig = _figure(7.5, 4.8)
+    ax = fig.subplots()
+    width = 0.8 / len(conditions)
+    for n, (c, ms) in enumerate(conditions):
+        xs = [k + (n - (len(conditions) - 1) / 2) * width for k in range(2)]
+        p99 = f"{ms['p99']:g}" + (f"\n{ratios[c]:g}×" if ratios.get(c) is not None else "")
+        _bars(ax, xs, [ms["p50"], ms["p99"]], [series_id(f"itl-{c}", q) for q in ("p50", "p99")],
+              [f"{ms['p50']:g}", p99], width=width, color=f"C{n}", label=labels[c])
+    ax.set_xticks([0, 1], ["p50", "p99 (× alone)"])
+    _bar_axes(ax, f"{name}: inter-token latency of {i['streams']} running streams (lower is better)",
+              "ms between tokens", max(ms["p99"] for _, ms in conditions))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1)
+    return fig
+
+
+def workload_figures(report: dict) -> dict:
+    """{file stem: figure} for a `run_workloads` report; only the workloads it holds are drawn."""
+    name = f"{report.get('artifact', '')}/{report.get('target', '')}"
+    figures = {}
+    if any(key in report for key, _ in SPEC_WORKLOADS):
+        figures["speculation_tok_s"] = _speculation_figure(report, name)
+    if "prefix" in report:
+        figures["prefix_ttft_ms"] = _prefix_figure(report, name)
+    if "interleave" in report:
+        figures["interleave_itl_ms"] = _interleave_figure(report, name)
+    return figures
+
+
+def write_workload_charts(report: dict, directory: Path) -> list[Path]:
+    """Write each workloads chart as SVG and PNG into `directory` (created); the paths written."""
+    return _write_figures(workload_figures, report, directory)

@@ -207,12 +207,14 @@ def bench(
     speculative_tokens: int = typer.Option(4, "--speculative-tokens", min=1, max=16,
                                            help="with --workloads: most tokens drafted per step"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="also write charts (SVG and PNG) into this directory: "
-                                        "decode step ms by position, tokens/s by concurrency, share of the roofline "
+                                        "decode step ms by position, tokens/s by concurrency, share of the roofline; "
+                                        "with --workloads: tokens/s with and without speculation, cached vs "
+                                        "uncached TTFT, inter-token latency while a long prompt arrives "
                                         "(needs inferneo\\[plot])"),
 ):
     """Measure load time, TTFT, decode tokens/s, long-position cost, batching and peak RSS per target."""
-    if plot is not None and (workloads or url is not None):
-        raise typer.BadParameter("--plot charts the artifact bench; it does not go with --workloads or --url")
+    if plot is not None and url is not None:
+        raise typer.BadParameter("--plot charts an artifact's bench; it does not go with --url")
     if workloads:
         if artifact is None:
             raise typer.BadParameter("--workloads needs an ARTIFACT directory")
@@ -221,9 +223,16 @@ def bench(
             from .bench_workloads import print_workloads, run_workloads
             from .speculative import SpeculativeConfig
 
+            _require_plot(plot)
+            log = log_to_stderr(as_json)
             report = run_workloads(artifact, target=target[0] if target else None, runs=runs, threads=threads,
                                    prefill_chunk=prefill_chunk, spec=SpeculativeConfig(num_tokens=speculative_tokens),
-                                   log=log_to_stderr(as_json))
+                                   log=log)
+            if plot is not None:
+                from .charts import write_workload_charts
+
+                report["charts"] = [str(p) for p in write_workload_charts(report, plot)]
+                log(f"charts: {', '.join(report['charts'])}")
             if as_json:
                 print(json.dumps({"ok": True, **report}))
             else:
@@ -241,10 +250,7 @@ def bench(
         from .bench import BenchSettings, print_report, run_bench
 
         peers = tuple(p.strip() for p in compare.split(",") if p.strip()) if compare else ()
-        if plot is not None:  # before minutes of benchmarking, not after
-            from .charts import require
-
-            require("`inferneo bench --plot`")
+        _require_plot(plot)
         log = log_to_stderr(as_json)
         report = run_bench(artifact, targets=target, compare=peers, checkpoint=checkpoint,
                            settings=BenchSettings(runs=runs, threads=threads), log=log,
@@ -260,6 +266,14 @@ def bench(
             print_report(report, out)
 
     run_command(go, as_json)
+
+
+def _require_plot(plot: Optional[Path]) -> None:
+    """With --plot, fail on a missing matplotlib before minutes of benchmarking, not after."""
+    if plot is not None:
+        from .charts import require
+
+        require("`inferneo bench --plot`")
 
 
 def _peer_spawner():

@@ -1,5 +1,5 @@
-"""Issue #25, "let people see it": validation.svg in built artifacts, `inferneo bench --plot`, `inspect --html`,
-and progress output that stays out of --json and off under INFERNEO_PROGRESS=0."""
+"""Issue #25, "let people see it": validation.svg in built artifacts, `inferneo bench [--workloads] --plot`,
+`inspect --html`, and progress output that stays out of --json and off under INFERNEO_PROGRESS=0."""
 from __future__ import annotations
 
 import json
@@ -131,10 +131,42 @@ def test_bench_plot_writes_svg_and_png(built, tmp_path):
     assert charts.series_id("roofline-fraction", "onnx") in svg_groups(plots / "roofline_fraction.svg")
 
 
-def test_bench_plot_refuses_other_modes(built):
-    out, _, _ = built
-    r = run_cli("bench", str(out), "--workloads", "--plot", "x")
+def test_bench_plot_refuses_a_server_bench():
+    r = run_cli("bench", "--url", "http://127.0.0.1:9", "--plot", "x")
     assert r.returncode == 2 and "--plot" in r.stderr
+
+
+def bar_values(fig) -> dict[str, float]:
+    """The plotted value (height) of every bar that carries a series id in a figure."""
+    return {bar.get_gid(): bar.get_height() for ax in fig.axes for bar in ax.patches if bar.get_gid()}
+
+
+def test_workload_charts_plot_the_report(tiny_artifact, tmp_path):
+    """The real `bench --workloads` measurements at their smallest, charted: each bar is the report's number."""
+    from inferneo_runtime.bench_workloads import run_workloads
+
+    report = run_workloads(tiny_artifact("llama"), runs=1, new_tokens=8, prefix_tokens=32, long_tokens=48,
+                           prefill_chunk=16)
+    paths = charts.write_workload_charts(report, tmp_path)
+    figures = charts.workload_figures(report)
+    assert set(figures) == {"speculation_tok_s", "prefix_ttft_ms", "interleave_itl_ms"}
+    assert sorted(p.name for p in paths) == sorted(f"{s}.{e}" for s in figures for e in ("svg", "png"))
+    expected = {charts.series_id(f"{kind}-tok-s", w): report[w][f"{kind}_tok_s"]
+                for w in ("copy", "chat") for kind in ("plain", "speculative")}
+    expected |= {charts.series_id("ttft", k): report["prefix"][f"{k}_ttft_ms"] for k in ("uncached", "cached")}
+    conditions = (("alone", "alone_ms"), ("whole", "whole_prefill_ms"), ("chunked", "chunked_prefill_ms"))
+    expected |= {charts.series_id(f"itl-{c}", q): report["interleave"][key][q] for c, key in conditions
+                 for q in ("p50", "p99")}
+    plotted = {}
+    for stem, fig in figures.items():
+        values = bar_values(fig)
+        assert set(values) <= set(svg_groups(tmp_path / f"{stem}.svg")), stem  # each bar is named in the SVG
+        assert (tmp_path / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        plotted |= values
+    assert plotted == expected
+    text = "".join(ET.parse(tmp_path / "speculation_tok_s.svg").getroot().itertext())
+    copy = report["copy"]
+    assert f"{copy['ratio']:g}× · {copy['acceptance_rate']:.0%} accepted" in text  # speedup and acceptance labelled
 
 
 class _Collect(HTMLParser):

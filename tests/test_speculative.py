@@ -213,14 +213,19 @@ def test_server_speculates_caches_prefixes_and_reports_it(tiny_artifact, tmp_pat
             c.completions.create(model="tiny-llama", prompt=prompt, max_tokens=4, extra_body={"speculative_tokens": 99})
 
 
-def test_bench_workloads_report_each_comparison(tiny_artifact):
+def test_bench_workloads_report_each_comparison(tiny_artifact, tmp_path):
     import json
+    from pathlib import Path
 
     from conftest import run_cli
 
-    r = run_cli("bench", str(tiny_artifact("llama")), "--workloads", "--runs", "1", "--prefill-chunk", "16", "--json")
+    r = run_cli("bench", str(tiny_artifact("llama")), "--workloads", "--runs", "1", "--prefill-chunk", "16", "--json",
+                "--plot", str(tmp_path))
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
+    assert sorted(Path(p).name for p in report["charts"]) == sorted(  # what they plot: test_charts_and_report
+        f"{s}.{e}" for s in ("speculation_tok_s", "prefix_ttft_ms", "interleave_itl_ms") for e in ("svg", "png"))
+    assert all(Path(p).is_file() for p in report["charts"])
     assert report["copy"]["identical_tokens"] and report["chat"]["identical_tokens"]
     assert report["copy"]["ratio"] > 0 and 0 <= report["copy"]["acceptance_rate"] <= 1
     assert report["prefix"]["prefix_tokens"] == 88 and report["prefix"]["cached_ttft_ms"] > 0
