@@ -140,9 +140,10 @@ class Int4Options(_Strict):
     `algorithm: hqq` (half-quadratic, asymmetric: `symmetric` does not apply) keeps much closer to the float model
     but takes minutes instead of seconds."""
 
-    algorithm: Literal["rtn", "hqq", "mse"] = "rtn"
+    algorithm: Literal["rtn", "hqq", "mse", "affine"] = "rtn"
     block_size: Literal[16, 32, 64, 128, 256] = 32
-    symmetric: bool = True
+    symmetric: bool = Field(True, description="rtn only: symmetric blocks (no zero points) or integer zero points")
+    head_bits: Literal[4, 8] = Field(4, description="8: the output head (lm_head) in 8-bit symmetric blocks of 32")
     accuracy_level: int = Field(4, ge=0, le=4, description="4 = int8 activations inside the MatMul (fastest on CPU); "
                                 "0 = float32 activations")
     exclude: list[str] = EXCLUDE

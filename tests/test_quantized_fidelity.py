@@ -128,7 +128,7 @@ def test_mse_int4_runs_on_onnxruntimes_kernel_and_beats_round_to_nearest():
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from inferneo_build.exporters import int4_mse
+    from inferneo_build.exporters import int4_mse, nbits
 
     k, n = 256, 96
     rng = np.random.default_rng(0)
@@ -147,7 +147,8 @@ def test_mse_int4_runs_on_onnxruntimes_kernel_and_beats_round_to_nearest():
                               [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])],
                               [numpy_helper.from_array(w, "W")])
-    model = int4_mse.quantize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), 32, 0, [])
+    model = nbits.quantize_matmuls(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                                   lambda name, weight: int4_mse.mse_blocks(weight, 32), 32, 0)
     assert [node.op_type for node in model.graph.node] == ["MatMulNBits"]
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     a = rng.standard_normal((3, k)).astype(np.float32)

@@ -8,13 +8,13 @@ integers (the idea behind llama.cpp's k-quants). Zero points stay integers (uint
 int8-activation kernel (`accuracy_level: 4`) runs the result; float zero points would be exact for more blocks
 but fall back to a kernel about ten times slower.
 
-Weights are [N, K] (output rows, input columns); blocks run along K, as MatMulNBits expects.
+Weights are [N, K] (output rows, input columns); blocks run along K, as MatMulNBits expects (nbits.py writes them).
 """
 from __future__ import annotations
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+
+from .nbits import Blocks
 
 LEVELS = 15  # 4 bits: integers 0..15
 # candidate scales, as multiples of the range's (max - min) / 15; 1.0 is plain asymmetric round-to-nearest
@@ -53,49 +53,6 @@ def quantize_blocks(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndar
     return q.astype(np.uint8), scale.astype(np.float32), zero.astype(np.uint8)
 
 
-def _pack_nibbles(values: np.ndarray) -> np.ndarray:
-    """Pairs along the last axis into bytes, the even element in the low nibble (padding an odd count)."""
-    if values.shape[-1] % 2:
-        values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), np.uint8)], axis=-1)
-    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
-
-
-def quantize_model(model: onnx.ModelProto, block_size: int, accuracy_level: int, exclude: list[str]) -> onnx.ModelProto:
-    """Replace each MatMul whose weight is a float32 initializer [K, N] (K divisible by block_size, name not in
-    `exclude`) with a 4-bit MatMulNBits node; the graph's inputs and outputs are unchanged."""
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    users: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            users[name] = users.get(name, 0) + 1
-    nodes, dropped = [], set()
-    for node in graph.node:
-        weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if (weight is None or weight.data_type != onnx.TensorProto.FLOAT or len(weight.dims) != 2
-                or weight.dims[0] % block_size or any(p in node.name for p in exclude)):
-            nodes.append(node)
-            continue
-        k, n = weight.dims
-        q, scales, zero = quantize_blocks(numpy_helper.to_array(weight).T, block_size)
-        base = node.input[1]
-        graph.initializer.extend([
-            numpy_helper.from_array(_pack_nibbles(q), f"{base}_Q4"),
-            numpy_helper.from_array(scales.reshape(-1), f"{base}_scales"),
-            numpy_helper.from_array(_pack_nibbles(zero).reshape(-1), f"{base}_zero_points"),
-        ])
-        nodes.append(helper.make_node(
-            "MatMulNBits", [node.input[0], f"{base}_Q4", f"{base}_scales", f"{base}_zero_points"], list(node.output),
-            name=node.name + "_Q4", domain="com.microsoft", K=k, N=n, bits=4, block_size=block_size,
-            accuracy_level=accuracy_level))
-        users[base] -= 1
-        if users[base] == 0:
-            dropped.add(base)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    kept = [i for i in graph.initializer if i.name not in dropped]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return model
+def mse_blocks(w: np.ndarray, block_size: int) -> Blocks:
+    q, scales, zero = quantize_blocks(w, block_size)
+    return Blocks(4, q, scales, zero)

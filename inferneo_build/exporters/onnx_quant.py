@@ -6,9 +6,11 @@ ONNX backend runs it unchanged.
   the kernel: `accuracy_level: 0` keeps them float32, closer but without a fast CPU kernel); `method: dynamic` uses `quantize_dynamic`
   (MatMulInteger, activations quantized per tensor on every call), which small LLMs with activation outliers do
   not survive (SmolLM2: perplexity +106%; it fails closed).
-- int4: weight-only MatMulNBits (`MatMulNBitsQuantizer`), the layout onnxruntime-genai ships: 4-bit blocks of
-  `block_size` along the input axis, symmetric, `accuracy_level` 4 = int8 activations inside the MatMul;
-  `algorithm: hqq` optimizes scales and zero points instead of rounding (closer, minutes instead of seconds).
+- int4: weight-only MatMulNBits, 4-bit blocks of `block_size` along the input axis, `accuracy_level` 4 = int8
+  activations inside the MatMul. `algorithm`: `rtn` (onnxruntime's MatMulNBitsQuantizer; symmetric is the
+  layout onnxruntime-genai ships), `hqq` (its half-quadratic optimizer: closer, minutes instead of seconds),
+  `mse` (int4_mse.py) or `affine` (nbits.py: each block's range with a float minimum, llama.cpp's Q4_1).
+  `head_bits: 8` keeps the output head at 8 bits.
 - fp16: weights and compute in float16 (`onnxruntime.transformers.float16`), IO kept float32 by Casts at the
   graph edges. Meant for GPU hosts (onnxruntime 1.32's CPU provider runs it, slowly); a host whose CPU provider
   cannot run the float16 graph raises TargetUnavailable (skippable with `optional: true`).
@@ -75,8 +77,9 @@ def _save(model: onnx.ModelProto, out_dir: Path) -> list[Path]:
     return [f.resolve() for f in files]
 
 
-def _nbits(src: Path, out_dir: Path, bits: int, block_size: int, symmetric: bool, accuracy_level: int,
-           exclude: list[str], algorithm: str = "rtn") -> list[Path]:
+def _nbits(src: Path, bits: int, block_size: int, symmetric: bool, accuracy_level: int, exclude: list[str],
+           algorithm: str = "rtn") -> onnx.ModelProto:
+    """onnxruntime's MatMulNBitsQuantizer: round-to-nearest or HQQ."""
     with _quiet_quantizer():
         try:
             from onnxruntime.quantization import matmul_nbits_quantizer as nbits
@@ -90,25 +93,41 @@ def _nbits(src: Path, out_dir: Path, bits: int, block_size: int, symmetric: bool
                                                accuracy_level=accuracy_level, nodes_to_exclude=_matmuls(model, exclude),
                                                algo_config=algo)
         quantizer.process()
-        quantized = quantizer.model.model
-    return _save(quantized, Path(out_dir))
+        return quantizer.model.model
+
+
+HEAD = "/lm_head"  # the decoder exporters' output-head MatMuls: /lm_head, /lm_head/chunk.N
 
 
 def quantize_int4(src: Path, out_dir: Path, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 4,
-                  exclude: list[str] = (), algorithm: str = "rtn") -> list[Path]:
+                  exclude: list[str] = (), algorithm: str = "rtn", head_bits: int = 4) -> list[Path]:
     """MatMulNBits 4-bit weight-only quantization of every MatMul with a constant weight (except `exclude`):
-    round-to-nearest per block (`rtn`), half-quadratic optimization of scales and zero points (`hqq`), or a
-    least-squares scale search per block with integer zero points (`mse`, int4_mse.py)."""
-    if algorithm == "mse":
-        from .int4_mse import quantize_model
+    round-to-nearest per block (`rtn`), half-quadratic optimization of scales and zero points (`hqq`), a
+    least-squares scale search per block with integer zero points (`mse`, int4_mse.py), or each block's own
+    range with a float minimum (`affine`, nbits.py). `head_bits: 8` quantizes the output head to 8 bits
+    (symmetric blocks of 32) instead."""
+    exclude = list(exclude)
+    if algorithm in ("mse", "affine"):
+        from .int4_mse import mse_blocks
+        from .nbits import affine_blocks, quantize_matmuls
 
-        model = quantize_model(onnx.load(str(src)), block_size, accuracy_level, _matmuls_named(src, list(exclude)))
-        return _save(model, Path(out_dir))
-    return _nbits(src, out_dir, 4, block_size, symmetric, accuracy_level, list(exclude), algorithm)
+        blocks = {"mse": mse_blocks, "affine": affine_blocks}[algorithm]
+        skip = exclude + ([HEAD] if head_bits == 8 else [])
+        model = quantize_matmuls(onnx.load(str(src)), lambda name, w: None if _named(name, skip)
+                                 else blocks(w, block_size), block_size, accuracy_level)
+    else:
+        model = _nbits(src, 4, block_size, symmetric, accuracy_level, exclude + ([HEAD] if head_bits == 8 else []),
+                       algorithm)
+    if head_bits == 8:
+        from .nbits import quantize_matmuls, symmetric_blocks
+
+        model = quantize_matmuls(model, lambda name, w: symmetric_blocks(w, 32, 8)
+                                 if HEAD in name and not _named(name, exclude) else None, 32, accuracy_level)
+    return _save(model, Path(out_dir))
 
 
-def _matmuls_named(src: Path, patterns: list[str]) -> list[str]:
-    return _matmuls(onnx.load(str(src), load_external_data=False), patterns) if patterns else []
+def _named(name: str, patterns: list[str]) -> bool:
+    return any(p in name for p in patterns)
 
 
 def quantize_int8(src: Path, out_dir: Path, method: str = "weight_only", accuracy_level: int = 4,
@@ -116,7 +135,7 @@ def quantize_int8(src: Path, out_dir: Path, method: str = "weight_only", accurac
     """int8 weights for every MatMul with a constant weight (except `exclude`): MatMulNBits 8-bit blocks of 32
     (`weight_only`) or onnxruntime's quantize_dynamic (`dynamic`, MatMulInteger, per-tensor activations)."""
     if method == "weight_only":
-        return _nbits(src, out_dir, 8, 32, True, accuracy_level, list(exclude))
+        return _save(_nbits(src, 8, 32, True, accuracy_level, list(exclude)), Path(out_dir))
     with _quiet_quantizer():
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -166,10 +185,12 @@ def reduce_onnx(src: Path, out_dir: Path, target) -> tuple[list[Path], dict, str
     kept = ""
     if precision == "int4":
         o = target.int4 or _defaults("int4")
-        files = quantize_int4(src, out_dir, o.block_size, o.symmetric, o.accuracy_level, o.exclude, o.algorithm)
-        layout = "asymmetric" if o.algorithm in ("hqq", "mse") or not o.symmetric else "symmetric"
+        files = quantize_int4(src, out_dir, o.block_size, o.symmetric, o.accuracy_level, o.exclude, o.algorithm,
+                              o.head_bits)
+        layout = {"hqq": "asymmetric", "mse": "asymmetric", "affine": "float minimum"}.get(
+            o.algorithm, "symmetric" if o.symmetric else "asymmetric")
         method = (f"MatMulNBits bits=4 {o.algorithm} block_size={o.block_size} {layout} "
-                  f"accuracy_level={o.accuracy_level}")
+                  f"accuracy_level={o.accuracy_level}" + (", lm_head bits=8 symmetric" if o.head_bits == 8 else ""))
         kept, dtype = o.exclude, "int4"
     elif precision == "int8":
         o = target.int8 or _defaults("int8")

@@ -1,0 +1,148 @@
+"""Our own MatMulNBits writer: float32 MatMuls with a constant weight replaced by onnxruntime's block-quantized
+MatMulNBits, with the block quantizers the `int4` options name (`mse`, `affine`; `head_bits: 8` for the output
+head). onnxruntime's MatMulNBitsQuantizer covers round-to-nearest and HQQ; these are the layouts it lacks.
+
+MatMulNBits holds, per block of `block_size` weights along the input axis, integers q and a scale s, with an
+integer zero point z (default 2^(bits-1)): w = s * (q - z). Its fast CPU kernel (`accuracy_level: 4`) takes only
+uint8 zero points; float zero points run a kernel about ten times slower.
+
+`affine` blocks (llama.cpp's Q4_1 layout) are w = s * q + m with a float minimum m per block, which an integer
+zero point cannot hold. The kernel computes s * (q - 8) and the rest, (m + 8 s) summed against the input's
+block sums, is a float32 MatMul of [K / block_size] by [K / block_size, N]: 1/32 of the weight's MatMul in
+work, two more small nodes per quantized MatMul. A source that is itself Q4_1 (the bundled SmolLM2 GGUF) is
+reproduced exactly this way, where any integer-zero-point layout re-rounds every block.
+
+Weights are [N, K] (output rows, input columns) here; the graph's MatMul initializers are [K, N].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+@dataclass
+class Blocks:
+    """A [N, K] weight in blocks of `block_size` along K: w = scales * (q - zero) + offset."""
+
+    bits: int
+    q: np.ndarray  # uint8 [N, K/bs, bs], integers 0..2^bits-1
+    scales: np.ndarray  # float32 [N, K/bs]
+    zero: Optional[np.ndarray] = None  # uint8 [N, K/bs]; None: the kernel's default 2^(bits-1)
+    offset: Optional[np.ndarray] = None  # float32 [N, K/bs], added to every weight of its block
+
+    def dequantized(self) -> np.ndarray:
+        z = (1 << (self.bits - 1)) if self.zero is None else self.zero[..., None].astype(np.float32)
+        w = self.scales[..., None] * (self.q.astype(np.float32) - z)
+        if self.offset is not None:
+            w = w + self.offset[..., None]
+        return w.reshape(w.shape[0], -1)
+
+
+def affine_blocks(w: np.ndarray, block_size: int, bits: int = 4) -> Blocks:
+    """Round-to-nearest on each block's own range, [min, max] in 2^bits - 1 steps, the minimum kept as a float."""
+    n, k = w.shape
+    blocks = w.astype(np.float32).reshape(n, k // block_size, block_size)
+    top = (1 << bits) - 1
+    lo, hi = blocks.min(-1), blocks.max(-1)
+    scale = np.where(hi > lo, (hi - lo) / top, 1.0).astype(np.float32)
+    q = np.clip(np.round((blocks - lo[..., None]) / scale[..., None]), 0, top).astype(np.uint8)
+    mid = 1 << (bits - 1)
+    return Blocks(bits, q, scale, None, (lo + mid * scale).astype(np.float32))  # w = s * (q - mid) + (lo + mid s)
+
+
+def symmetric_blocks(w: np.ndarray, block_size: int, bits: int = 8) -> Blocks:
+    """Round-to-nearest with scale max|w| / (2^(bits-1) - 1) and the default zero point: llama.cpp's Q8_0 layout
+    for bits=8, so a Q8_0 source (a GGUF's embedding, tied to the head) is reproduced exactly."""
+    n, k = w.shape
+    blocks = w.astype(np.float32).reshape(n, k // block_size, block_size)
+    limit = (1 << (bits - 1)) - 1
+    amax = np.abs(blocks).max(-1)
+    scale = np.where(amax > 0, amax / limit, 1.0).astype(np.float32)
+    q = np.clip(np.round(blocks / scale[..., None]), -limit, limit) + (1 << (bits - 1))
+    return Blocks(bits, q.astype(np.uint8), scale)
+
+
+def _pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """MatMulNBits' B: [N, K/bs, bs * bits / 8] bytes; for 4 bits the even element is the low nibble."""
+    if bits == 8:
+        return q.astype(np.uint8)
+    if q.shape[-1] % 2:
+        q = np.concatenate([q, np.zeros(q.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _zero_points(zero: np.ndarray, bits: int) -> np.ndarray:
+    """[N, K/bs] zero points as MatMulNBits stores them: one byte each for 8 bits, two per byte (by row) for 4."""
+    return (zero if bits == 8 else _pack(zero, 4)).reshape(-1)
+
+
+# chooses how to quantize one MatMul: (its name, its [N, K] weight) -> Blocks, or None to keep it float32
+Plan = Callable[[str, np.ndarray], Optional[Blocks]]
+
+
+def quantize_matmuls(model: onnx.ModelProto, plan: Plan, block_size: int, accuracy_level: int) -> onnx.ModelProto:
+    """Replace each MatMul whose weight is a float32 initializer [K, N] (K divisible by block_size) and that
+    `plan` quantizes with a MatMulNBits node, plus the offset correction of affine blocks; the graph's inputs
+    and outputs are unchanged."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    users: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    nodes, dropped, added = [], set(), []
+    for node in graph.node:
+        weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        blocks = None
+        if (weight is not None and weight.data_type == onnx.TensorProto.FLOAT and len(weight.dims) == 2
+                and weight.dims[0] % block_size == 0):
+            blocks = plan(node.name, numpy_helper.to_array(weight).T)
+        if blocks is None:
+            nodes.append(node)
+            continue
+        k, n = weight.dims
+        base, x, y = node.input[1], node.input[0], node.output[0]
+        inputs = [x, f"{base}_Q{blocks.bits}", f"{base}_scales"]
+        added += [numpy_helper.from_array(_pack(blocks.q, blocks.bits), inputs[1]),
+                  numpy_helper.from_array(blocks.scales.reshape(-1), inputs[2])]
+        if blocks.zero is not None:
+            inputs.append(f"{base}_zero_points")
+            added.append(numpy_helper.from_array(_zero_points(blocks.zero, blocks.bits), inputs[3]))
+        product = y if blocks.offset is None else f"{y}/nbits"
+        nodes.append(helper.make_node("MatMulNBits", inputs, [product], name=f"{node.name}_Q{blocks.bits}",
+                                      domain="com.microsoft", K=k, N=n, bits=blocks.bits, block_size=block_size,
+                                      accuracy_level=accuracy_level))
+        if blocks.offset is not None:
+            nodes += _offset_nodes(node.name, base, x, product, y, blocks.offset, k, block_size, added)
+        users[base] -= 1
+        if users[base] == 0:
+            dropped.add(base)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept = [i for i in graph.initializer if i.name not in dropped] + added
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+def _offset_nodes(name: str, base: str, x: str, product: str, y: str, offset: np.ndarray, k: int,
+                  block_size: int, added: list) -> list[onnx.NodeProto]:
+    """y = product + (x's block sums) @ offset^T. The block sums are a MatMul with a 0/1 [K, K/bs] matrix, which
+    works for any input rank, where a Reshape + ReduceSum would need the rank."""
+    n_blocks = k // block_size
+    summer = f"nbits_block_sums_{k}x{block_size}"  # one per shape, shared by every MatMul of that K
+    if not any(t.name == summer for t in added):
+        indicator = np.zeros((k, n_blocks), np.float32)
+        indicator[np.arange(k), np.arange(k) // block_size] = 1.0
+        added.append(numpy_helper.from_array(indicator, summer))
+    added.append(numpy_helper.from_array(np.ascontiguousarray(offset.T), f"{base}_offsets"))
+    sums, correction = f"{y}/block_sums", f"{y}/offset"
+    return [helper.make_node("MatMul", [x, summer], [sums], name=f"{name}_block_sums"),
+            helper.make_node("MatMul", [sums, f"{base}_offsets"], [correction], name=f"{name}_offsets"),
+            helper.make_node("Add", [product, correction], [y], name=f"{name}_add_offsets")]
