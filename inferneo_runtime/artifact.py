@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import resource
 import sys
+import threading
 import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -13,7 +14,7 @@ from . import preflight
 from .backends import backend_class
 from .backends.base import Backend
 from .cpu_kernels import quantized_kernel_path
-from .errors import GoldenMismatch, InferneoError, IntegrityError
+from .errors import GoldenMismatch, InferneoError, IntegrityError, RequestError
 from .generation import SequenceOutput, generate_ids, stream_tokens
 from .goldens import teacher_forced_agreement
 from .sampling import SamplingParams
@@ -119,7 +120,8 @@ def verify_artifact(root: Path, manifest: Manifest, targets: Sequence[str]) -> N
 class Model:
     """A loaded artifact target: tokenizer + backend + the generation loop."""
 
-    def __init__(self, root: Path, manifest: Manifest, target: str, backend: Backend, tokenizer: Tokenizer):
+    def __init__(self, root: Path, manifest: Manifest, target: str, backend: Backend, tokenizer: Tokenizer,
+                 load_options: Optional[dict] = None):
         self.root = root
         self.manifest = manifest
         self.target = target
@@ -136,6 +138,10 @@ class Model:
         itemsize = preflight.kv_bytes_per_position(dims, entry) // (dims.num_layers * 2 * dims.kv_heads * dims.head_dim)
         self._caches = _CacheMemory(backend, itemsize)
         backend._zeros = self._caches.zeros  # every cache this model allocates goes through the accounting
+        # how this model was loaded (load()'s keywords): a draft model is loaded the same way
+        self._load_options = load_options or {"device": backend.device, "threads": backend.threads}
+        self._drafts: dict[str, Model] = {}  # speculative draft models by the name that chose them
+        self._drafts_lock = threading.Lock()
 
     def memory(self) -> dict:
         """Bytes this model holds: weights (the manifest's sizes of the files its backend loaded), the KV caches
@@ -146,6 +152,10 @@ class Model:
                "weights_bytes": preflight.weights_bytes(entry, getattr(self.backend, "compute_capability", None)),
                "kv_cache_bytes": self._caches.nbytes, "kv_cache_peak_bytes": self._caches.peak,
                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
+        drafts = list(self._drafts.values())
+        if drafts:
+            out["draft_weights_bytes"] = sum(preflight.weights_bytes(d.manifest.targets[d.target]) for d in drafts)
+            out["draft_kv_cache_bytes"] = sum(d._caches.nbytes for d in drafts)
         torch = sys.modules.get("torch")
         if self.backend.device.startswith("cuda") and torch is not None and torch.cuda.is_available():
             index = int(self.backend.device.partition(":")[2] or 0)
@@ -158,7 +168,35 @@ class Model:
         return self.manifest.name
 
     def close(self) -> None:
+        for draft in self._drafts.values():
+            draft.close()
+        self._drafts.clear()
         self.backend.close()
+
+    def draft_backend(self, draft: str) -> Backend:
+        """The backend that drafts for this model with speculative method "draft": `draft` is another target of this
+        artifact ("onnx-int4") or the path of another artifact with the same tokenizer. Loaded once, shared by every
+        request, closed with this model."""
+        with self._drafts_lock:
+            if draft not in self._drafts:
+                self._drafts[draft] = self._load_draft(draft)
+            return self._drafts[draft].backend
+
+    def _load_draft(self, draft: str) -> "Model":
+        from . import s3
+
+        if draft in self.manifest.targets:
+            model = load(self.root, target=draft, **self._load_options)
+        elif s3.is_s3_uri(draft) or (Path(draft) / "inferneo.json").is_file():
+            model = load(draft, **self._load_options)
+        else:
+            raise RequestError(f"speculative draft {draft!r} is neither a target of {self.name!r} (it has: "
+                               f"{', '.join(self.manifest.targets)}) nor an artifact directory")
+        problem = _draft_problem(self, model)
+        if problem:
+            model.close()
+            raise RequestError(f"speculative draft {draft!r} cannot draft for {self.name!r}: {problem}")
+        return model
 
     def __enter__(self) -> "Model":
         return self
@@ -177,8 +215,9 @@ class Model:
         logprobs, ignore_eos. With several prompts and a seed, prompt i uses seed + i.
         Structured outputs: response_format ({"type": "json_object"} or {"type": "json_schema", "json_schema":
         {"schema": ...}}), guided_json, guided_regex, guided_choice or guided_grammar (structured.py).
-        `speculative` ("ngram", a number of draft tokens, or a SpeculativeConfig) drafts and verifies several
-        tokens per step: greedy output is unchanged, sampled output keeps its distribution.
+        `speculative` ("ngram", "draft:onnx-int4" (a smaller model drafts: another target of this artifact, or
+        another artifact's path), a number of draft tokens, a dict, or a SpeculativeConfig) drafts and verifies
+        several tokens per step: greedy output is unchanged, sampled output keeps its distribution.
         """
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
@@ -201,7 +240,7 @@ class Model:
         speculative = params.pop("speculative", None)
         for event in stream_tokens(self.backend, [ids], _sampling(params), self.eos_ids, tokenizer=self.tokenizer,
                                    speculative=speculative, spec_stats=self.spec_stats, prefix_cache=self.prefix_cache,
-                                   prefill_chunk=self.prefill_chunk):
+                                   prefill_chunk=self.prefill_chunk, draft_backend=self.draft_backend):
             if event.text:
                 yield event.text
 
@@ -209,7 +248,7 @@ class Model:
                      speculative=None) -> list[SequenceOutput]:
         return generate_ids(self.backend, prompts, params, self.eos_ids, keep_logits, tokenizer=self.tokenizer,
                             speculative=speculative, spec_stats=self.spec_stats, prefix_cache=self.prefix_cache,
-                            prefill_chunk=self.prefill_chunk)
+                            prefill_chunk=self.prefill_chunk, draft_backend=self.draft_backend)
 
     @staticmethod
     def _params(n: int, kwargs: dict):
@@ -298,7 +337,17 @@ def load(path: Union[str, Path], target: Optional[str] = None, device: str = "cp
                                           host_cache=signed_by is None)
     tokenizer = Tokenizer(root, listed=manifest.listed_root_files())  # only what the manifest (signature) covers
     backend.load()
-    return Model(root, manifest, name, backend, tokenizer)
+    return Model(root, manifest, name, backend, tokenizer,
+                 load_options={"device": device, "threads": threads, "verify": verify, "trusted_keys": trusted_keys})
+
+
+def _draft_problem(model: Model, draft) -> Optional[str]:
+    """Why `draft` cannot propose tokens for `model` (None when it can): the same token ids must mean the same."""
+    if not isinstance(draft, Model):
+        return "it is not a text-generation model"
+    if draft.tokenizer.vocab() != model.tokenizer.vocab():
+        return "its tokenizer differs (a draft model must share the target's token ids)"
+    return None
 
 
 _STRUCTURED = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")

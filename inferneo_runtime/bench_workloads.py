@@ -5,6 +5,8 @@ moment on a shared machine hits both alike), and reports medians and their ratio
 - copy: a copy-heavy task (edit a given passage of code): single-stream tokens/s, plain vs n-gram speculation,
   and whether their greedy tokens are identical;
 - chat: free chat, the same comparison (speculation must back off when its drafts are rejected);
+- chat_draft: free chat, plain vs speculation drafted by a smaller model: `draft`, else the artifact's int4 (or
+  int8) target when the measured one is fp32 (skipped when there is none);
 - prefix: time to first token of a question after a shared ~1,000-token system prompt, uncached vs cached;
 - interleave: inter-token latency (p50, p99) of running streams alone, while a ~2,000-token prompt arrives
   prefilled whole, and while it arrives in chunks of `prefill_chunk` tokens.
@@ -13,12 +15,14 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
 from .generation import Engine, generate_ids
+from .model_sources.artifact import precision_of
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams
 from .speculative import SpeculationStats, SpeculativeConfig
@@ -51,7 +55,7 @@ def _tokens_per_s(model, ids: list[int], n_new: int, spec) -> tuple[float, list[
     stats = SpeculationStats()
     t0 = time.perf_counter()
     out = generate_ids(model.backend, [ids], SamplingParams(max_new_tokens=n_new), model.eos_ids,
-                       tokenizer=model.tokenizer, speculative=spec, spec_stats=stats)[0]
+                       tokenizer=model.tokenizer, speculative=spec, spec_stats=stats, draft_backend=model.draft_backend)[0]
     return len(out.token_ids) / (time.perf_counter() - t0), out.token_ids, stats
 
 
@@ -59,6 +63,7 @@ def speculation(model, messages, n_new: int, runs: int, spec: SpeculativeConfig,
     n_new = min(n_new, limit // 2)
     ids = model.tokenizer.encode_chat(messages)[-(limit - n_new):]  # (cut from the left for a small artifact)
     _tokens_per_s(model, ids, n_new, None)  # warm-up
+    _tokens_per_s(model, ids, n_new, spec)  # and a draft model's loading, outside the timed runs
     plain, fast, same, drafted, accepted = [], [], True, 0, 0
     for _ in range(runs):
         tps, base_tokens, _ = _tokens_per_s(model, ids, n_new, None)
@@ -70,6 +75,26 @@ def speculation(model, messages, n_new: int, runs: int, spec: SpeculativeConfig,
     return {"prompt_tokens": len(ids), "new_tokens": len(base_tokens), "plain_tok_s": round(_median(plain), 1),
             "speculative_tok_s": round(_median(fast), 1), "ratio": round(_median(fast) / _median(plain), 2),
             "identical_tokens": same, "acceptance_rate": round(accepted / drafted, 3) if drafted else 0.0}
+
+
+def draft_target(manifest, target: str) -> Optional[str]:
+    """A smaller target of the same artifact to draft for an fp32 `target`: int4 first, then int8 (onnx first)."""
+    if precision_of(manifest.targets[target]) != "fp32":
+        return None
+    valid = manifest.valid_targets()
+    for precision in ("int4", "int8"):
+        found = [n for n in valid if precision_of(manifest.targets[n]) == precision]
+        if found:
+            return min(found, key=lambda n: manifest.targets[n].format != "onnx")
+    return None
+
+
+def drafted_chat(model, n_new: int, runs: int, spec: SpeculativeConfig, limit: int, draft: Optional[str]) -> dict:
+    """Free chat, plain vs drafted by the smaller model `draft` (None: skipped)."""
+    if draft is None:
+        return {"skipped": f"no int4 or int8 target to draft for {model.target!r} (--speculative-model names one)"}
+    spec = replace(spec, method="draft", draft=draft)
+    return {"draft": draft, **speculation(model, CHAT, n_new, runs, spec, limit)}
 
 
 def _ttft(model, ids, prefix_cache) -> float:
@@ -143,19 +168,24 @@ def interleave(model, long_tokens: int, chunk: int, steps: int, runs: int) -> di
 def run_workloads(artifact: Path, target: Optional[str] = None, runs: int = 3, new_tokens: int = 128,
                   prefix_tokens: int = 1000, long_tokens: int = 1900, prefill_chunk: int = 128,
                   spec: SpeculativeConfig = SpeculativeConfig(), threads: Optional[int] = None,
-                  log: Callable[[str], None] = lambda _: None) -> dict:
+                  draft: Optional[str] = None, log: Callable[[str], None] = lambda _: None) -> dict:
     from . import load
 
     with load(artifact, target=target, threads=threads) as model:
         bounds = model.backend.target.shapes
         limit = bounds.max_sequence if bounds else model.backend.dims.max_positions
         prefix_tokens, long_tokens = min(prefix_tokens, limit - 40), min(long_tokens, limit - 8)
+        draft = draft or draft_target(model.manifest, model.target)
+        if draft is not None:
+            model.draft_backend(draft)  # a bad draft model fails now, not after minutes of benchmarking
         report = {"artifact": model.name, "target": model.target, "runs": runs,
                   "speculative": {"method": spec.method, "num_tokens": spec.num_tokens}}
         log("copy-heavy task: plain vs n-gram speculation")
         report["copy"] = speculation(model, COPY, new_tokens, runs, spec, limit)
         log("free chat: plain vs n-gram speculation")
         report["chat"] = speculation(model, CHAT, new_tokens, runs, spec, limit)
+        log("free chat: plain vs draft-model speculation")
+        report["chat_draft"] = drafted_chat(model, new_tokens, runs, spec, limit, draft)
         log(f"shared {prefix_tokens}-token system prompt: TTFT uncached vs cached")
         report["prefix"] = prefix(model, prefix_tokens, runs)
         log(f"inter-token latency while a {long_tokens}-token prompt arrives")
@@ -170,6 +200,12 @@ def print_workloads(report: dict, console) -> None:
         console.print(f"  {name}: {r['plain_tok_s']} -> {r['speculative_tok_s']} tok/s with {report['speculative']['method']} "
                       f"speculation = {r['ratio']}x; identical tokens: {r['identical_tokens']}; "
                       f"acceptance {r['acceptance_rate']:.0%}")
+    d = report.get("chat_draft", {})
+    if "draft" in d:
+        console.print(f"  free chat, drafted by {d['draft']}: {d['plain_tok_s']} -> {d['speculative_tok_s']} tok/s = "
+                      f"{d['ratio']}x; identical tokens: {d['identical_tokens']}; acceptance {d['acceptance_rate']:.0%}")
+    elif d:
+        console.print(f"  free chat, drafted by a smaller model: skipped ({d['skipped']})")
     console.print(f"  shared {p['prefix_tokens']}-token prefix: TTFT {p['uncached_ttft_ms']} ms uncached, "
                   f"{p['cached_ttft_ms']} ms cached = {p['ratio']:.1%}")
     console.print(f"  inter-token p99 of {i['streams']} streams: {i['alone_ms']['p99']} ms alone, "

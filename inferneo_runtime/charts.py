@@ -281,7 +281,7 @@ def write_bench_charts(report: dict, directory: Path) -> list[Path]:
 
 
 # -- workloads (inferneo bench --workloads --plot) -------------------------------------------------------------
-SPEC_WORKLOADS = (("copy", "copy-heavy task"), ("chat", "free chat"))
+SPEC_WORKLOADS = (("copy", "copy-heavy task"), ("chat", "free chat"), ("chat_draft", "free chat, draft model"))
 ITL_CONDITIONS = (("alone", "alone_ms"), ("whole", "whole_prefill_ms"), ("chunked", "chunked_prefill_ms"))
 
 
@@ -302,7 +302,7 @@ def _bar_axes(ax, title: str, ylabel: str, top: float) -> None:
 
 
 def _speculation_figure(report: dict, name: str):
-    rows = [(key, label, report[key]) for key, label in SPEC_WORKLOADS if key in report]
+    rows = [(key, label, report[key]) for key, label in SPEC_WORKLOADS if "plain_tok_s" in report.get(key, {})]
     spec = report.get("speculative", {})
     fig = _figure(7, 4.6)
     ax = fig.subplots()
@@ -314,7 +314,7 @@ def _speculation_figure(report: dict, name: str):
           [series_id("speculative-tok-s", key) for key, _, _ in rows],
           [f"{r['speculative_tok_s']:g}\n{r['ratio']:g}× · {r['acceptance_rate']:.0%} accepted" for _, _, r in rows],
           width=width, color="C1",
-          label=f"{spec.get('method', '')} speculation (up to {spec.get('num_tokens', '?')} draft tokens)")
+          label=f"speculation (up to {spec.get('num_tokens', '?')} draft tokens)")
     # identical greedy tokens is what makes the speedup free: say so under each workload
     ax.set_xticks(list(xs), [f"{label}\n(tokens {'identical' if r['identical_tokens'] else 'DIFFER'})"
                              for _, label, r in rows])
@@ -365,7 +365,7 @@ def workload_figures(report: dict) -> dict:
     """{file stem: figure} for a `run_workloads` report; only the workloads it holds are drawn."""
     name = f"{report.get('artifact', '')}/{report.get('target', '')}"
     figures = {}
-    if any(key in report for key, _ in SPEC_WORKLOADS):
+    if any("plain_tok_s" in report.get(key, {}) for key, _ in SPEC_WORKLOADS):
         figures["speculation_tok_s"] = _speculation_figure(report, name)
     if "prefix" in report:
         figures["prefix_ttft_ms"] = _prefix_figure(report, name)

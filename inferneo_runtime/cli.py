@@ -36,10 +36,14 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="render PROMPT as a user message with the chat template"),
     system: Optional[str] = typer.Option(None, "--system", help="system message (with --chat)"),
     stream: bool = typer.Option(False, "--stream", help="print text as it is generated"),
-    speculative: Optional[str] = typer.Option(None, "--speculative", help="ngram: draft tokens from earlier text "
-                                              "and verify them in one step (same output, fewer passes)"),
+    speculative: Optional[str] = typer.Option(None, "--speculative", help="ngram: draft tokens from earlier text; "
+                                              "draft: with --speculative-model; either way verified in one step "
+                                              "(same output, fewer passes)"),
     speculative_tokens: int = typer.Option(4, "--speculative-tokens", min=1, max=16,
                                            help="with --speculative: most tokens drafted per step"),
+    speculative_model: Optional[str] = typer.Option(None, "--speculative-model", help="the draft model (implies "
+                                                    "--speculative draft): a target of this artifact, e.g. onnx-int4, "
+                                                    "or another artifact with the same tokenizer"),
     device: str = typer.Option("cpu", help="cpu or cuda[:N]"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads (default: physical cores)"),
     trusted_key: Optional[list[Path]] = typer.Option(None, "--trusted-key", help=TRUSTED_KEY_HELP),
@@ -52,7 +56,8 @@ def generate(
 
         from .speculative import SpeculativeConfig
 
-        spec = SpeculativeConfig(speculative, speculative_tokens) if speculative else None  # checked before loading
+        method = speculative or ("draft" if speculative_model else None)
+        spec = SpeculativeConfig(method, speculative_tokens, draft=speculative_model) if method else None  # checked early
         params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                       stop=tuple(stop or ()))
         t0 = time.perf_counter()
@@ -201,11 +206,14 @@ def bench(
     concurrency: int = typer.Option(4, "--concurrency", min=1, help="with --url: clients at once / prompts per batch"),
     model: Optional[str] = typer.Option(None, "--model", help="with --url: model to ask for (default: routed)"),
     workloads: bool = typer.Option(False, "--workloads", help="instead: copy-heavy and chat tokens/s with n-gram "
-                                   "speculation, TTFT with a cached 1,000-token prefix, inter-token latency while a "
+                                   "speculation, chat with a draft model, TTFT with a cached 1,000-token prefix, inter-token latency while a "
                                    "long prompt arrives (one target: --target, default onnx)"),
     prefill_chunk: int = typer.Option(128, "--prefill-chunk", min=1, help="with --workloads: the chunk size"),
     speculative_tokens: int = typer.Option(4, "--speculative-tokens", min=1, max=16,
                                            help="with --workloads: most tokens drafted per step"),
+    speculative_model: Optional[str] = typer.Option(None, "--speculative-model", help="with --workloads: the draft "
+                                                    "model of the draft-speculation row (default: the artifact's int4 "
+                                                    "or int8 target when the measured one is fp32)"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="also write charts (SVG and PNG) into this directory: "
                                         "decode step ms by position, tokens/s by concurrency, share of the roofline; "
                                         "with --workloads: tokens/s with and without speculation, cached vs "
@@ -227,7 +235,7 @@ def bench(
             log = log_to_stderr(as_json)
             report = run_workloads(artifact, target=target[0] if target else None, runs=runs, threads=threads,
                                    prefill_chunk=prefill_chunk, spec=SpeculativeConfig(num_tokens=speculative_tokens),
-                                   log=log)
+                                   draft=speculative_model, log=log)
             if plot is not None:
                 from .charts import write_workload_charts
 

@@ -107,7 +107,7 @@ class EngineDriver:
     def _new_engine(self) -> Engine:
         engine = Engine(self._model.backend, self._model.eos_ids, self._model.tokenizer,
                         speculative=self._speculative, spec_stats=self.spec_stats, prefix_cache=self.prefix_cache,
-                        prefill_chunk=self._prefill_chunk)
+                        prefill_chunk=self._prefill_chunk, draft_backend=getattr(self._model, "draft_backend", None))
         max_batch, max_sequence = self._caps
         if max_batch is not None:
             engine.max_batch = min(engine.max_batch, max_batch)

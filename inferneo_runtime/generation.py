@@ -12,14 +12,15 @@ active slots keep decoding one step each time.
 
 With speculation (speculative.py), a step feeds each slot its last token plus the tokens its drafter
 proposed, keeps the drafts the sampler agrees with (sampling.verify_draft) and one more token, and
-leaves the slot's length at what it kept: the rejected positions are overwritten by the next step.
+leaves the slot's length at what it kept: the rejected positions are overwritten by the next step. A draft
+model (speculative method "draft") comes from `draft_backend`, which loads it once for all requests.
 """
 from __future__ import annotations
 
 import itertools
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -29,7 +30,7 @@ from .errors import RequestError
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, TokenLogprobs, choose_token, token_logprobs, verify_draft
 from .structured import compile_constraint, sequence_constraint
-from .speculative import SpeculationState, SpeculationStats, SpeculativeConfig, speculative_config
+from .speculative import Drafter, SpeculationState, SpeculationStats, SpeculativeConfig, make_drafter, speculative_config
 from .tokenizer import Tokenizer
 
 GenerationParams = SamplingParams  # the name the foundation API used
@@ -62,7 +63,8 @@ class TokenEvent:
 
 class Request:
     def __init__(self, request_id: int, prompt_ids: Sequence[int], params: SamplingParams, eos_ids: frozenset[int],
-                 tokenizer: Optional[Tokenizer], speculative: Optional[SpeculativeConfig] = None):
+                 tokenizer: Optional[Tokenizer], speculative: Optional[SpeculativeConfig] = None,
+                 drafter: Optional[Drafter] = None):
         self.id = request_id
         self.params = params
         self.out = SequenceOutput(prompt_ids=list(prompt_ids))
@@ -76,7 +78,7 @@ class Request:
         self.prompt_logits: list[np.ndarray] = []  # per prefill chunk, with keep_logits
         if params.prompt_logprobs is not None:
             self.out.prompt_logprobs = [None]  # the first token has nothing before it
-        self.spec = SpeculationState(speculative) if speculative is not None else None
+        self.spec = SpeculationState(speculative, drafter) if speculative is not None else None
         # structured outputs: the grammar's matcher (Engine.add turns speculation off for these requests)
         self.constraint = (sequence_constraint(params.constraint, tokenizer, eos_ids)
                            if params.constraint is not None else None)
@@ -147,7 +149,8 @@ class Engine:
 
     def __init__(self, backend: Backend, eos_ids: Sequence[int] = (), tokenizer: Optional[Tokenizer] = None,
                  keep_logits: bool = False, speculative=None, spec_stats: Optional[SpeculationStats] = None,
-                 prefix_cache: Optional[PrefixCache] = None, prefill_chunk: Optional[int] = None):
+                 prefix_cache: Optional[PrefixCache] = None, prefill_chunk: Optional[int] = None,
+                 draft_backend: Optional[Callable[[str], Backend]] = None):
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise RequestError(f"prefill_chunk={prefill_chunk!r} is invalid: must be an integer >= 1 (or None: no limit)")
         self.backend = backend
@@ -156,6 +159,9 @@ class Engine:
         self.prefill_chunk = prefill_chunk  # most prompt tokens prefilled per step (None: whole prompts)
         self.speculative = speculative_config(speculative)  # the default of requests that do not choose
         self.spec_stats = spec_stats if spec_stats is not None else SpeculationStats()
+        self.draft_backend = draft_backend  # name -> the loaded draft model's backend (Model.draft_backend)
+        if self.speculative is not None:
+            self._drafter(self.speculative)  # a default draft model loads now: a bad one fails here, not per request
         self.eos_ids = frozenset(int(e) for e in eos_ids)
         self.tokenizer = tokenizer
         self.keep_logits = keep_logits
@@ -198,9 +204,13 @@ class Engine:
             # Structured outputs do not speculate: drafts would need the grammar rolled back on rejection; the
             # simplest correct rule is one masked token per step for these requests.
             spec = None
-        req = Request(next(self._ids), prompt_ids, params, self.eos_ids, self.tokenizer, spec)
+        drafter = self._drafter(spec) if spec is not None else None
+        req = Request(next(self._ids), prompt_ids, params, self.eos_ids, self.tokenizer, spec, drafter)
         self.waiting.append(req)
         return req
+
+    def _drafter(self, spec: SpeculativeConfig) -> Drafter:
+        return make_drafter(spec, self.draft_backend, self.backend.dims.vocab)
 
     def cancel(self, request: Request) -> None:
         """Stop a request (e.g. its client went away); its slot is freed at the next step."""
@@ -326,6 +336,8 @@ class Engine:
     def _compact(self, rows: list[int]) -> None:
         for row in reversed(rows):  # move the last active slot into each freed one
             req = self.active[row]
+            if req.spec is not None:
+                req.spec.close()  # its draft model's cache
             if self.prefix_cache is not None and req.out.finish_reason != "cancelled":
                 # a chat's next turn starts with this one's prompt and answer
                 self.prefix_cache.store(self.cache, row, req.out.prompt_ids + req.out.token_ids, req.past)
@@ -350,12 +362,14 @@ def stream_tokens(backend: Backend, prompts: Sequence[Sequence[int]],
                   keep_logits: bool = False, outputs: Optional[list[SequenceOutput]] = None,
                   tokenizer: Optional[Tokenizer] = None, speculative=None,
                   spec_stats: Optional[SpeculationStats] = None, prefix_cache: Optional[PrefixCache] = None,
-                  prefill_chunk: Optional[int] = None) -> Iterator[TokenEvent]:
+                  prefill_chunk: Optional[int] = None,
+                  draft_backend: Optional[Callable[[str], Backend]] = None) -> Iterator[TokenEvent]:
     """Yield each token event as it is produced; event.request_id is the prompt's index.
     `outputs`, if given, is filled with one SequenceOutput per prompt (complete once the iterator ends).
     `speculative`: see speculative.speculative_config; `spec_stats`, if given, counts drafted and kept tokens.
-    `prefix_cache` (shared across calls) and `prefill_chunk`: see Engine."""
-    engine = Engine(backend, eos_ids, tokenizer, keep_logits, speculative, spec_stats, prefix_cache, prefill_chunk)
+    `prefix_cache` (shared across calls), `prefill_chunk` and `draft_backend`: see Engine."""
+    engine = Engine(backend, eos_ids, tokenizer, keep_logits, speculative, spec_stats, prefix_cache, prefill_chunk,
+                    draft_backend)
     plist = _as_list(params, len(prompts))
     for p, sp in zip(prompts, plist):
         engine.check(p, sp)  # every request is checked before any compute
@@ -370,9 +384,10 @@ def generate_ids(backend: Backend, prompts: Sequence[Sequence[int]],
                  params: Union[SamplingParams, Sequence[SamplingParams]], eos_ids: Sequence[int] = (),
                  keep_logits: bool = False, tokenizer: Optional[Tokenizer] = None, speculative=None,
                  spec_stats: Optional[SpeculationStats] = None, prefix_cache: Optional[PrefixCache] = None,
-                 prefill_chunk: Optional[int] = None) -> list[SequenceOutput]:
+                 prefill_chunk: Optional[int] = None,
+                 draft_backend: Optional[Callable[[str], Backend]] = None) -> list[SequenceOutput]:
     outputs: list[SequenceOutput] = []
     for _ in stream_tokens(backend, prompts, params, eos_ids, keep_logits, outputs, tokenizer, speculative, spec_stats,
-                           prefix_cache, prefill_chunk):
+                           prefix_cache, prefill_chunk, draft_backend):
         pass
     return outputs

@@ -125,8 +125,13 @@ class ServerConfig(StrictModel):
     max_model_len: Optional[int] = Field(None, ge=16, description="most tokens per sequence (prompt + output); "
                                          "checkpoints are compiled for it, artifacts are capped to it")
     max_batch_size: Optional[int] = Field(None, ge=1, le=256, description="most sequences one engine step runs")
-    speculative: Optional[Literal["ngram"]] = Field(None, description="ngram: draft tokens by n-gram lookup "
-                                                    "and verify them in one step (same output, fewer passes)")
+    speculative: Optional[Literal["ngram", "draft"]] = Field(None, description="ngram: draft tokens by n-gram "
+                                                             "lookup; draft: with the smaller model "
+                                                             "--speculative-model names; either way verified in one "
+                                                             "step (same output, fewer passes)")
+    speculative_model: Optional[str] = Field(None, min_length=1, description="the draft model of --speculative "
+                                             "draft (implied by it): a target of each served artifact (onnx-int4) or "
+                                             "another artifact with the same tokenizer; loaded once per model")
     speculative_tokens: int = Field(4, ge=1, le=16, description="most tokens drafted per step "
                                     "(requests may set speculative_tokens themselves; 0 turns it off for one)")
     prefix_cache_mb: float = Field(0, ge=0, description="memory per model for the keys/values of "
@@ -195,6 +200,15 @@ class ServerConfig(StrictModel):
                                         "one request may take; beyond: 400")
 
     @model_validator(mode="after")
+    def _draft_needs_a_model(self):
+        if self.speculative == "draft" and self.speculative_model is None:
+            raise ValueError("speculative draft needs speculative_model (--speculative-model): the draft model, "
+                             "e.g. onnx-int4")
+        if self.speculative == "ngram" and self.speculative_model is not None:
+            raise ValueError(f"speculative_model {self.speculative_model!r} is for speculative draft, not ngram")
+        return self
+
+    @model_validator(mode="after")
     def _credentials_need_named_origins(self):
         if self.allow_credentials and "*" in self.allowed_origins:
             raise ValueError("allow_credentials with allowed_origins * would let any web page call the API with "
@@ -205,7 +219,9 @@ class ServerConfig(StrictModel):
         """The EngineDriver settings of every model this server runs."""
         from ..speculative import SpeculativeConfig
 
-        return {"speculative": SpeculativeConfig(self.speculative, self.speculative_tokens) if self.speculative else None,
+        method = self.speculative or ("draft" if self.speculative_model else None)
+        spec = SpeculativeConfig(method, self.speculative_tokens, draft=self.speculative_model) if method else None
+        return {"speculative": spec,
                 "prefix_cache_bytes": int(self.prefix_cache_mb * (1 << 20)), "prefill_chunk": self.prefill_chunk}
 
     @property
