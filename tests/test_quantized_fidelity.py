@@ -160,3 +160,66 @@ def test_mse_int4_target_builds_and_validates(tiny_quantized):
     assert entry.validation.status == "passed" and "mse" in entry.toolchain["quantization"]
     with inferneo_runtime.load(tiny_quantized.output, target="onnx-int4-mse") as model:
         assert model.check_goldens()
+
+
+def _matmul_graph(w):
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = w.shape
+    graph = helper.make_graph([helper.make_node("MatMul", ["A", "W"], ["Y"], name="/lm_head/MatMul")], "g",
+                              [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["B", "M", k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["B", "M", n])],
+                              [numpy_helper.from_array(w, "W")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_affine_int4_reproduces_a_q4_1_source_exactly_where_integer_zero_points_cannot():
+    """A GGUF Q4_1 tensor dequantized (w = d * q + m per block of 32, q in 0..15) comes back exactly from `affine`
+    blocks, and onnxruntime's MatMulNBits plus the block-sum correction computes its product; round-to-nearest
+    with integer zero points (mse's layout) re-rounds every block."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from inferneo_build.exporters import int4_mse, nbits
+
+    rng = np.random.default_rng(1)
+    n, k = 64, 256
+    q = rng.integers(0, 16, size=(n, k // 32, 32))
+    q[..., 0], q[..., 1] = 0, 15  # llama.cpp's Q4_1 puts the block's min and max on the grid's ends
+    d = rng.uniform(0.002, 0.02, size=(n, k // 32, 1)).astype(np.float16).astype(np.float32)
+    m = rng.uniform(-0.1, 0.0, size=(n, k // 32, 1)).astype(np.float16).astype(np.float32)
+    w = (d * q + m).reshape(n, k).astype(np.float32)  # [N, K]
+
+    affine = nbits.affine_blocks(w, 32)
+    np.testing.assert_allclose(affine.dequantized(), w, rtol=0, atol=1e-6)
+    assert np.abs(int4_mse.mse_blocks(w, 32).dequantized() - w).max() > 100 * 1e-6
+
+    model = nbits.quantize_matmuls(_matmul_graph(w.T.copy()), lambda name, weight: nbits.affine_blocks(weight, 32),
+                                   32, accuracy_level=0)
+    assert [node.op_type for node in model.graph.node] == ["MatMulNBits", "MatMul", "MatMul", "Add"]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a = rng.standard_normal((2, 3, k)).astype(np.float32)
+    np.testing.assert_allclose(session.run(None, {"A": a})[0], a @ w.T, rtol=1e-4, atol=1e-4)
+
+
+def test_head_bits_8_reproduces_a_q8_0_head_exactly():
+    """The output head in 8-bit symmetric blocks is GGUF Q8_0's layout (d * q, q in -127..127): exact."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from inferneo_build.exporters import nbits
+
+    rng = np.random.default_rng(2)
+    n, k = 48, 128
+    q = rng.integers(-127, 128, size=(n, k // 32, 32))
+    q[..., 0] = 127
+    d = rng.uniform(1e-4, 1e-3, size=(n, k // 32, 1)).astype(np.float16).astype(np.float32)
+    w = (d * q).reshape(n, k).astype(np.float32)
+    blocks = nbits.symmetric_blocks(w, 32, 8)
+    np.testing.assert_array_equal(blocks.dequantized(), w)
+    model = nbits.quantize_matmuls(_matmul_graph(w.T.copy()), lambda name, weight: nbits.symmetric_blocks(weight, 32, 8),
+                                   32, accuracy_level=0)
+    assert [node.op_type for node in model.graph.node] == ["MatMulNBits"]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a = rng.standard_normal((1, 2, k)).astype(np.float32)
+    np.testing.assert_allclose(session.run(None, {"A": a})[0], a @ w.T, rtol=1e-4, atol=1e-5)

@@ -131,9 +131,19 @@ def _named(name: str, patterns: list[str]) -> bool:
 
 
 def quantize_int8(src: Path, out_dir: Path, method: str = "weight_only", accuracy_level: int = 4,
-                  exclude: list[str] = ()) -> list[Path]:
+                  exclude: list[str] = (), algorithm: str = "rtn") -> list[Path]:
     """int8 weights for every MatMul with a constant weight (except `exclude`): MatMulNBits 8-bit blocks of 32
-    (`weight_only`) or onnxruntime's quantize_dynamic (`dynamic`, MatMulInteger, per-tensor activations)."""
+    (`weight_only`: symmetric `rtn`, or `affine` blocks with the head symmetric) or onnxruntime's
+    quantize_dynamic (`dynamic`, MatMulInteger, per-tensor activations)."""
+    if method == "weight_only" and algorithm == "affine":
+        from .nbits import affine_blocks, quantize_matmuls, symmetric_blocks
+
+        def plan(name, w):
+            if _named(name, list(exclude)):
+                return None
+            return symmetric_blocks(w, 32, 8) if HEAD in name else affine_blocks(w, 32, 8)
+
+        return _save(quantize_matmuls(onnx.load(str(src)), plan, 32, accuracy_level), Path(out_dir))
     if method == "weight_only":
         return _save(_nbits(src, 8, 32, True, accuracy_level, list(exclude)), Path(out_dir))
     with _quiet_quantizer():
@@ -194,8 +204,9 @@ def reduce_onnx(src: Path, out_dir: Path, target) -> tuple[list[Path], dict, str
         kept, dtype = o.exclude, "int4"
     elif precision == "int8":
         o = target.int8 or _defaults("int8")
-        files = quantize_int8(src, out_dir, o.method, o.accuracy_level, o.exclude)
-        method = (f"MatMulNBits bits=8 block_size=32 symmetric accuracy_level={o.accuracy_level}"
+        files = quantize_int8(src, out_dir, o.method, o.accuracy_level, o.exclude, o.algorithm)
+        layout = "affine (float minimum), lm_head symmetric" if o.algorithm == "affine" else "symmetric"
+        method = (f"MatMulNBits bits=8 block_size=32 {layout} accuracy_level={o.accuracy_level}"
                   if o.method == "weight_only" else "quantize_dynamic MatMulInteger per-tensor")
         kept, dtype = o.exclude, "int8"
     elif precision == "fp16":
