@@ -217,10 +217,12 @@ def test_smollm2_int8_and_int4_pass_their_tolerances(smollm2_quantized):
 
 @pytest.mark.slow
 def test_smollm2_int4_generates_through_the_runtime(smollm2_quantized):
+    # a completion, not a chat turn: float32's first chat token is a near-tie ("The" 25.33 vs "L" 25.24), which
+    # any quantization may flip; its continuation of this prompt is " Paris" by 2.5 logits (17.37 vs " the" 14.89)
     with inferneo_runtime.load(smollm2_quantized.output, target="onnx-int4") as model:
         assert model.check_goldens()
-        text = model.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=16).text
-        assert "Paris" in text, text
+        text = model.generate("The capital of France is", max_new_tokens=8).text
+        assert text.startswith(" Paris"), text
 
 
 @pytest.mark.slow
