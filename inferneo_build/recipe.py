@@ -154,6 +154,12 @@ class Int4Options(_Strict):
                                 "0 = float32 activations")
     exclude: list[str] = EXCLUDE
 
+    @model_validator(mode="after")
+    def _symmetric_is_rtns(self):
+        if "symmetric" in self.model_fields_set and self.algorithm != "rtn":
+            raise ValueError(f"`symmetric` applies to `algorithm: rtn`; {self.algorithm} chooses its own layout")
+        return self
+
 
 class Int8Options(_Strict):
     """int8 weights. `weight_only` (default): MatMulNBits with 8-bit blocks of 32, activations quantized per block
@@ -173,8 +179,9 @@ class Int8Options(_Strict):
 
     @model_validator(mode="after")
     def _affine_is_weight_only(self):
-        if self.algorithm == "affine" and self.method != "weight_only":
-            raise ValueError("int8 `algorithm: affine` needs `method: weight_only` (dynamic quantization has no blocks)")
+        if "algorithm" in self.model_fields_set and self.method != "weight_only":
+            raise ValueError(f"int8 `algorithm: {self.algorithm}` needs `method: weight_only` (dynamic quantization "
+                             "has no blocks)")
         return self
 
 

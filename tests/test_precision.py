@@ -53,6 +53,11 @@ def test_target_names_and_tolerances():
     assert _recipe(format="torchscript", precision="bf16").target_name(_recipe(format="torchscript", precision="bf16").targets[0]) == "torchscript-bf16"
     with pytest.raises(ValueError, match="`int4` options need precision: int4"):
         _recipe(format="onnx", precision="int8", int4={"block_size": 64})
+    with pytest.raises(ValueError, match="`symmetric` applies to `algorithm: rtn`; affine chooses its own layout"):
+        _recipe(format="onnx", precision="int4", int4={"symmetric": False})  # the default algorithm is affine
+    assert _recipe(format="onnx", precision="int4", int4={"algorithm": "rtn", "symmetric": False}).targets[0].int4
+    with pytest.raises(ValueError, match="int8 `algorithm: affine` needs `method: weight_only`"):
+        _recipe(format="onnx", precision="int8", int8={"method": "dynamic", "algorithm": "affine"})
     with pytest.raises(ValueError, match="float32 decoder must reproduce"):
         _recipe(format="onnx", tolerance={"top1_agreement": 0.9})
     with pytest.raises(ValueError, match="duplicate target name"):
