@@ -201,7 +201,7 @@ def test_server_drafts_with_a_smaller_target_and_reports_it(draft_artifact, mode
     openai = pytest.importorskip("openai")
     from conftest import free_port, serve_subprocess
     from inferneo_runtime.server.config import ConfigError, load_server_config
-    from test_server import metric
+    from test_speculative import check_speculation_over_http
 
     with pytest.raises(ConfigError, match="speculative draft needs speculative_model"):
         load_server_config(None, overrides={"speculative": "draft"}, env={})
@@ -212,14 +212,7 @@ def test_server_drafts_with_a_smaller_target_and_reports_it(draft_artifact, mode
             "--speculative-model", "onnx-int8", "--speculative-tokens", "3", "--log-level", "warning"]
     with serve_subprocess(args, tmp_path, port) as srv:
         c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
-        texts = [c.completions.create(model="tiny-draft", prompt=prompt, max_tokens=24, temperature=0,
-                                      extra_body={"ignore_eos": True, **extra}).choices[0].text
-                 for extra in ({}, {"speculative_tokens": 0}, {"speculative_tokens": 6})]
-        assert texts == [expect] * 3
-        drafted = metric(srv.url, "inferneo_spec_draft_tokens_total", model="tiny-draft")
-        accepted = metric(srv.url, "inferneo_spec_accepted_tokens_total", model="tiny-draft")
-        assert drafted > 0 and 0 < accepted <= drafted
-        assert metric(srv.url, "inferneo_spec_acceptance_rate", model="tiny-draft") == pytest.approx(accepted / drafted)
+        check_speculation_over_http(c, srv.url, "tiny-draft", prompt, expect)
 
 
 def test_bench_measures_chat_drafted_by_the_int8_target(model):

@@ -184,6 +184,23 @@ def test_generate_cli_speculates_with_the_same_tokens(tiny_artifact):
     assert bad.returncode != 0 and "medusa" in bad.stdout + bad.stderr
 
 
+def check_speculation_over_http(client, url: str, model: str, prompt: str, expect: str) -> float:
+    """A server speculating by default answers `expect` with speculation as set, turned off by the request
+    (speculative_tokens 0) and widened by it (6), and its /metrics count what was drafted and kept. Returns the
+    drafted tokens."""
+    from test_server import metric
+
+    texts = [client.completions.create(model=model, prompt=prompt, max_tokens=24, temperature=0,
+                                       extra_body={"ignore_eos": True, **extra}).choices[0].text
+             for extra in ({}, {"speculative_tokens": 0}, {"speculative_tokens": 6})]
+    assert texts == [expect] * 3
+    drafted = metric(url, "inferneo_spec_draft_tokens_total", model=model)
+    accepted = metric(url, "inferneo_spec_accepted_tokens_total", model=model)
+    assert drafted > 0 and 0 < accepted <= drafted
+    assert metric(url, "inferneo_spec_acceptance_rate", model=model) == pytest.approx(accepted / drafted)
+    return drafted
+
+
 def test_server_speculates_caches_prefixes_and_reports_it(tiny_artifact, tmp_path):
     openai = pytest.importorskip("openai")
     from conftest import free_port, serve_subprocess
@@ -198,14 +215,7 @@ def test_server_speculates_caches_prefixes_and_reports_it(tiny_artifact, tmp_pat
             "--prefix-cache-mb", "4", "--prefill-chunk", "5", "--log-level", "warning"]
     with serve_subprocess(args, tmp_path, port) as srv:
         c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
-        texts = [c.completions.create(model="tiny-llama", prompt=prompt, max_tokens=24, temperature=0,
-                                      extra_body={"ignore_eos": True, **extra}).choices[0].text
-                 for extra in ({}, {"speculative_tokens": 0}, {"speculative_tokens": 6})]
-        assert texts == [expect] * 3
-        drafted = metric(srv.url, "inferneo_spec_draft_tokens_total", model="tiny-llama")
-        accepted = metric(srv.url, "inferneo_spec_accepted_tokens_total", model="tiny-llama")
-        assert drafted > 0 and 0 < accepted <= drafted
-        assert metric(srv.url, "inferneo_spec_acceptance_rate", model="tiny-llama") == pytest.approx(accepted / drafted)
+        drafted = check_speculation_over_http(c, srv.url, "tiny-llama", prompt, expect)
         hits = metric(srv.url, "inferneo_prefix_cache_hit_tokens_total", model="tiny-llama")
         assert hits > 0 and metric(srv.url, "vllm:prefix_cache_hits_total", model_name="tiny-llama") == hits
         assert metric(srv.url, "vllm:spec_decode_num_draft_tokens_total", model_name="tiny-llama") == drafted
