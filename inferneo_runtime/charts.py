@@ -301,8 +301,13 @@ def _bar_axes(ax, title: str, ylabel: str, top: float) -> None:
     ax.grid(axis="x", visible=False)
 
 
+def _speculation_rows(report: dict) -> list[tuple[str, str, dict]]:
+    """(key, label, row) of each speculation workload the report measured (a skipped one has no tokens/s)."""
+    return [(key, label, report[key]) for key, label in SPEC_WORKLOADS if "plain_tok_s" in report.get(key, {})]
+
+
 def _speculation_figure(report: dict, name: str):
-    rows = [(key, label, report[key]) for key, label in SPEC_WORKLOADS if "plain_tok_s" in report.get(key, {})]
+    rows = _speculation_rows(report)
     spec = report.get("speculative", {})
     fig = _figure(7, 4.6)
     ax = fig.subplots()
@@ -371,7 +376,7 @@ def workload_figures(report: dict) -> dict:
     """{file stem: figure} for a `run_workloads` report; only the workloads it holds are drawn."""
     name = f"{report.get('artifact', '')}/{report.get('target', '')}"
     figures = {}
-    if any("plain_tok_s" in report.get(key, {}) for key, _ in SPEC_WORKLOADS):
+    if _speculation_rows(report):
         figures["speculation_tok_s"] = _speculation_figure(report, name)
     if "prefix" in report:
         figures["prefix_ttft_ms"] = _prefix_figure(report, name)

@@ -107,17 +107,16 @@ def quantize_int4(src: Path, out_dir: Path, block_size: int = 32, symmetric: boo
     range with a float minimum (`affine`, nbits.py). `head_bits: 8` quantizes the output head to 8 bits
     (symmetric blocks of 32) instead."""
     exclude = list(exclude)
+    skip = exclude + ([HEAD] if head_bits == 8 else [])  # an 8-bit head is quantized in a second pass
     if algorithm in ("mse", "affine"):
         from .int4_mse import mse_blocks
         from .nbits import affine_blocks, quantize_matmuls
 
         blocks = {"mse": mse_blocks, "affine": affine_blocks}[algorithm]
-        skip = exclude + ([HEAD] if head_bits == 8 else [])
         model = quantize_matmuls(onnx.load(str(src)), lambda name, w: None if _named(name, skip)
                                  else blocks(w, block_size), block_size, accuracy_level)
     else:
-        model = _nbits(src, 4, block_size, symmetric, accuracy_level, exclude + ([HEAD] if head_bits == 8 else []),
-                       algorithm)
+        model = _nbits(src, 4, block_size, symmetric, accuracy_level, skip, algorithm)
     if head_bits == 8:
         from .nbits import quantize_matmuls, symmetric_blocks
 
