@@ -9,8 +9,8 @@ prompt on the same checkpoint in the same run, and the report gives ratios.
 
 Every target and peer is a child process of its own, so peak RSS is its own and an ONNX child can show
 that it never imported torch. Children load one after another, then answer commands over stdin: the parent
-interleaves their timed runs round by round, so a busy moment on a shared machine hits every contender
-alike instead of whichever happened to run then.
+interleaves their timed runs round by round, in an order that flips every round, so a busy moment on a shared
+machine hits every contender alike instead of whichever happened to run then.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ QUANTIZED_PEERS = ("genai-int4",)  # no float32 roofline applies to them
 LONG_ROUNDS, LONG_STEPS = 6, 4  # decode-step timing: rounds over the positions, steps per position per round
 SESSION_SOURCES = {"cache": "mapped this host's packed copy (written by an earlier load)",
                    "created": "loaded from the artifact and wrote this host's packed copy (later loads map it)",
-                   "artifact": "loaded from the artifact (host copy off or unwritable)"}
+                   "artifact": "loaded from the artifact (host copy off, the default, or unwritable)"}
 RESULT_MARK = "@@inferneo-bench@@"  # a child's reply is the one stdout line starting with this
 
 
@@ -421,12 +421,18 @@ def run_bench(artifact: Path, targets: Optional[list[str]] = None, compare: tupl
                 results[("peers", p)] = spawn
     live = {k: c for k, c in children.items() if "error" not in results[k]}
 
-    # timed runs, interleaved: every contender's run r happens in the same stretch of time
+    # timed runs, interleaved: every contender's run r happens in the same stretch of time, after one untimed
+    # decode each (the first after load pays for cold caches). The order flips every round, so going first or
+    # last (on a host whose speed drifts as it stays busy) is no one's advantage.
     samples: dict[tuple[str, str], dict[str, list[float]]] = {k: {"ttft": [], "decode": []} for k in live}
+    log("warm-up decode")
+    for c in live.values():
+        c.ask("decode")
     for r in range(settings.runs):
-        log(f"round {r + 1}/{settings.runs}")
+        order = list(live.items()) if r % 2 == 0 else list(reversed(live.items()))
+        log(f"round {r + 1}/{settings.runs}: {', '.join(name for (_, name), _ in order)}")
         for command, field, key in (("ttft", "ms", "ttft"), ("decode", "tok_s", "decode")):
-            for k, c in live.items():
+            for k, c in order:
                 reply = c.ask(command)
                 if field in reply:
                     samples[k][key].append(reply[field])

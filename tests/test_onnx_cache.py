@@ -1,5 +1,5 @@
-"""The host's packed copy of an ONNX target (inferneo_runtime.backends.onnx_cache): written on first load, used
-after, the same numbers as the artifact, and never a reason for a load to fail."""
+"""The host's packed copy of an ONNX target (inferneo_runtime.backends.onnx_cache): opt-in (INFERNEO_ONNX_CACHE=1),
+written on first load, used after, the same numbers as the artifact, and never a reason for a load to fail."""
 from __future__ import annotations
 
 import logging
@@ -16,7 +16,7 @@ PROMPT = [[5, 17, 99, 3, 42, 8, 61]]
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("INFERNEO_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv(onnx_cache.ENV, raising=False)
+    monkeypatch.setenv(onnx_cache.ENV, "1")
     return tmp_path / "cache" / "onnx-prepacked"
 
 
@@ -39,10 +39,12 @@ def run(artifact, **kw):
 
 def test_first_load_writes_the_copy_later_loads_use_it_with_identical_numbers(tiny_artifact, cache, monkeypatch):
     artifact = tiny_artifact("llama")
-    monkeypatch.setenv(onnx_cache.ENV, "0")
+    monkeypatch.delenv(onnx_cache.ENV)  # off unless asked for
     source, ref_logits, ref_tokens = run(artifact)
     assert source == "artifact" and entries(cache) == []
-    monkeypatch.delenv(onnx_cache.ENV)
+    monkeypatch.setenv(onnx_cache.ENV, "0")
+    assert run(artifact)[0] == "artifact" and entries(cache) == []
+    monkeypatch.setenv(onnx_cache.ENV, "1")
 
     source, logits, tokens = run(artifact)
     assert source == "created"
@@ -87,6 +89,7 @@ def test_a_cache_that_cannot_be_written_still_loads_from_the_artifact(tiny_artif
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
     monkeypatch.setenv("INFERNEO_CACHE_DIR", str(blocker))
+    monkeypatch.setenv(onnx_cache.ENV, "1")
     with caplog.at_level(logging.WARNING, logger=onnx_cache.__name__):
         source, logits, tokens = run(artifact)
     assert source == "artifact"
@@ -134,7 +137,7 @@ def test_generate_says_when_it_wrote_the_copy(tiny_artifact, tmp_path):
 
     from conftest import run_cli
 
-    env = {"INFERNEO_CACHE_DIR": str(tmp_path / "cache")}
+    env = {"INFERNEO_CACHE_DIR": str(tmp_path / "cache"), onnx_cache.ENV: "1"}
     args = ("generate", str(tiny_artifact("llama")), "Hello", "--target", "onnx", "--max-new-tokens", "3")
     first = run_cli(*args, env=env)
     assert first.returncode == 0, first.stderr
@@ -152,7 +155,7 @@ def test_concurrent_first_loads_write_one_copy_and_agree(tiny_artifact, tmp_path
     import sys
 
     env = {**os.environ, "INFERNEO_CACHE_DIR": str(tmp_path / "cache")}
-    env.pop(onnx_cache.ENV, None)
+    env[onnx_cache.ENV] = "1"
     args = [sys.executable, "-m", "inferneo_runtime.cli", "generate", str(tiny_artifact("llama")), "Hello there",
             "--target", "onnx", "--max-new-tokens", "6", "--json"]
     procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
