@@ -163,6 +163,12 @@ class Model:
             out["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(index))
         return out
 
+    def draft_bytes(self) -> int:
+        """Bytes held by the draft models loaded for speculation: their weights and live KV caches (a server's
+        memory budget counts them with this model's own)."""
+        drafts = list(self._drafts.values())
+        return sum(preflight.weights_bytes(d.manifest.targets[d.target]) + d._caches.nbytes for d in drafts)
+
     @property
     def name(self) -> str:
         return self.manifest.name

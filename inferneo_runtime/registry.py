@@ -7,11 +7,11 @@ model file, or a custom model class. Registration reads the manifest and picks t
 knows each model's weight bytes before it is loaded; s3:// artifacts are fetched into the verified cache then.
 
 `acquire(name)` returns a Lease on a loaded model and its driver, loading it first if needed. The budget is a
-count (`max_models`) and/or bytes (`memory_budget_bytes`: weights + each engine's KV-cache bytes). When
-loading would exceed it, idle models (no lease) are evicted, least recently used first. A model with leases
-is never evicted under its requests: the acquirer waits (up to `wait_s`) for leases to be released and then
-gives up with CapacityError. A model that cannot fit even alone fails at once. Loading happens outside the
-lock, so requests to models already loaded are not held up by it. `register`, `unregister`, `load` and
+count (`max_models`) and/or bytes (`memory_budget_bytes`: weights + each engine's KV-cache bytes + the draft
+models it loaded for speculation). When loading would exceed it, idle models (no lease) are evicted, least
+recently used first. A model with leases is never evicted under its requests: the acquirer waits (up to
+`wait_s`) for leases to be released and then gives up with CapacityError. A model that cannot fit even alone
+fails at once. Loading happens outside the lock, so requests to models already loaded are not held up by it. `register`, `unregister`, `load` and
 `unload` change the set at run time; ModelManager (manager.py) adds persistence on top.
 """
 from __future__ import annotations
@@ -113,8 +113,14 @@ class Entry:
         return self.driver.cache_bytes if self.driver is not None else 0
 
     @property
+    def draft_bytes(self) -> int:
+        """Weights and KV caches of the draft models this model loaded for speculation (0 for other model kinds)."""
+        measure = getattr(self.model, "draft_bytes", None)
+        return measure() if callable(measure) else 0
+
+    @property
     def memory_bytes(self) -> int:
-        return self.weight_bytes + self.cache_bytes if self.state != "unloaded" else 0
+        return self.weight_bytes + self.cache_bytes + self.draft_bytes if self.state != "unloaded" else 0
 
     @property
     def max_batch(self) -> Optional[int]:

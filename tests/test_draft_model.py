@@ -215,6 +215,34 @@ def test_server_drafts_with_a_smaller_target_and_reports_it(draft_artifact, mode
         check_speculation_over_http(c, srv.url, "tiny-draft", prompt, expect)
 
 
+def test_a_servers_memory_budget_counts_the_draft_models_it_loaded(draft_artifact):
+    """The draft model's weights and caches are the served model's too: what the budget adds up (and evicts
+    by) counts them from the moment the driver loads the draft."""
+    from inferneo_runtime import preflight
+    from inferneo_runtime.manager import ModelManager
+    from inferneo_runtime.registry import ArtifactSource
+
+    sources = [ArtifactSource(str(draft_artifact), "onnx")]
+    plain = ModelManager(sources)
+    try:
+        plain.load("tiny-draft")
+        alone = plain.entry("tiny-draft")
+        assert alone.draft_bytes == 0 and plain.memory_used() == alone.weight_bytes + alone.cache_bytes
+    finally:
+        plain.close()
+    manager = ModelManager(sources, engine_options={"speculative": SpeculativeConfig(**DRAFT)})
+    try:
+        manager.load("tiny-draft")
+        manager.generate("tiny-draft", PROMPTS[0], max_new_tokens=8, ignore_eos=True)
+        entry = manager.entry("tiny-draft")
+        draft_weights = preflight.weights_bytes(entry.resolved.manifest.targets["onnx-int8"])
+        assert entry.draft_bytes >= draft_weights > 0
+        assert manager.memory_used() == entry.weight_bytes + entry.cache_bytes + entry.draft_bytes
+        assert manager.get("tiny-draft")["memory"]["resident_bytes"] == manager.memory_used()
+    finally:
+        manager.close()
+
+
 def test_bench_measures_chat_drafted_by_the_int8_target(model):
     from inferneo_runtime.bench_workloads import draft_target, drafted_chat
 
