@@ -255,7 +255,8 @@ def bench(
         raise typer.BadParameter("give an ARTIFACT directory, or --url of a running server")
 
     def go():
-        from .bench import BenchSettings, print_report, run_bench
+        from .bench import BenchSettings, run_bench
+        from .bench_report import print_report
 
         peers = tuple(p.strip() for p in compare.split(",") if p.strip()) if compare else ()
         _require_plot(plot)
