@@ -25,11 +25,12 @@ class _PerSlotCache:
 
     nbytes = 0
 
-    def ensure_batch(self, slots: int) -> None:
+    def ensure(self, slots: int, positions: int) -> None:
         self.slots += [None] * (slots - len(self.slots))
+        self.capacity = max(self.capacity, positions)
 
     def ensure_capacity(self, needed: int) -> None:
-        self.capacity = max(self.capacity, needed)
+        self.ensure(self.batch, needed)
 
     def copy_slot(self, src: int, dst: int, length=None) -> None:
         self.slots[dst] = self.slots[src]

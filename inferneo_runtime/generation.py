@@ -240,8 +240,8 @@ class Engine:
     def _ensure_cache(self, slots: int, positions: int) -> KVCache:
         if self.cache is None:
             self.cache = self.backend.allocate_cache(slots, positions)
-        elif slots > self.cache.batch:
-            self.cache.ensure_batch(slots)
+        else:
+            self.cache.ensure(slots, positions)
         return self.cache
 
     def _prefill(self, events: list[TokenEvent]) -> None:
@@ -286,7 +286,6 @@ class Engine:
         need = len(req.out.prompt_ids) + req.params.max_new_tokens
         # room for this request's whole generation now, so the cache does not regrow every chunk
         cache = self._ensure_cache(min(self.max_batch, slot + 1 + len(self.waiting)), need)
-        cache.ensure_capacity(need)
         # a prompt whose logprobs are asked for is prefilled whole: cached keys/values come without logits
         reuse = self.prefix_cache is not None and req.params.prompt_logprobs is None
         req.past = self.prefix_cache.load(cache, slot, req.out.prompt_ids) if reuse else 0

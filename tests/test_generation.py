@@ -115,3 +115,21 @@ def test_bad_requests_fail_before_compute(model):
         model.generate(["hi", "hello " * 100], max_new_tokens=8)
     with pytest.raises(RequestError, match="role"):
         model.chat([{"content": "x"}])
+
+
+def test_cache_grows_slots_and_positions_in_one_copy():
+    """A long prompt joining a running batch needs more slots and more positions: one reallocation (the copy
+    costs a step's latency), the running slots' keys and values kept, the new room zeroed."""
+    from inferneo_runtime.backends.base import KVCache
+
+    cache = KVCache(np.zeros, layers=2, kv_heads=1, head_dim=2, batch=2, capacity=256, max_capacity=1024)
+    cache.data[:] = np.random.default_rng(0).standard_normal(cache.data.shape)
+    before = cache.data.copy()
+    cache.ensure(3, 300)
+    assert (cache.batch, cache.capacity, cache.version) == (3, 512, 1)
+    np.testing.assert_array_equal(cache.data[:, :, :2, :, :256], before)
+    assert not cache.data[:, :, 2].any() and not cache.data[:, :, :, :, 256:].any()
+    cache.ensure(2, 400)  # fits already: nothing moves
+    assert cache.version == 1
+    with pytest.raises(RequestError, match="1025 tokens exceeds the artifact's max_sequence 1024"):
+        cache.ensure(3, 1025)

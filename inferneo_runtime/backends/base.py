@@ -52,28 +52,23 @@ class KVCache:
     def capacity(self) -> int:
         return self.data.shape[4]
 
-    def ensure_capacity(self, needed: int) -> None:
-        """Grow (copying the filled prefix) so that `needed` positions fit; chunked to avoid regrowing each step."""
-        if needed <= self.capacity:
+    def ensure(self, slots: int, positions: int) -> None:
+        """Grow to at least `slots` slots with room for `positions` positions, copying what is there, in one
+        reallocation: a request that joins a running batch with a long prompt pays one copy, not two."""
+        if slots <= self.batch and positions <= self.capacity:
             return
-        if needed > self.max_capacity:
-            raise RequestError(f"sequence of {needed} tokens exceeds the artifact's max_sequence {self.max_capacity}")
-        new_cap = min(self.max_capacity, -(-needed // CAPACITY_CHUNK) * CAPACITY_CHUNK)
+        if positions > self.max_capacity:
+            raise RequestError(f"sequence of {positions} tokens exceeds the artifact's max_sequence {self.max_capacity}")
         old = self.data
         layers, two, batch, heads, cap, dim = old.shape
-        self.data = self._zeros((layers, two, batch, heads, new_cap, dim))
-        self.data[:, :, :, :, :cap] = old
+        new_cap = cap if positions <= cap else min(self.max_capacity, -(-positions // CAPACITY_CHUNK) * CAPACITY_CHUNK)
+        self.data = self._zeros((layers, two, max(slots, batch), heads, new_cap, dim))
+        self.data[:, :, :batch, :, :cap] = old
         self.version += 1
 
-    def ensure_batch(self, slots: int) -> None:
-        """Grow the number of slots (copying the existing ones) for requests that joined a running batch."""
-        if slots <= self.batch:
-            return
-        old = self.data
-        layers, two, batch, heads, cap, dim = old.shape
-        self.data = self._zeros((layers, two, slots, heads, cap, dim))
-        self.data[:, :, :batch] = old
-        self.version += 1
+    def ensure_capacity(self, needed: int) -> None:
+        """Room for `needed` positions; grows in steps of CAPACITY_CHUNK so a growing sequence rarely regrows."""
+        self.ensure(self.batch, needed)
 
     def copy_slot(self, src: int, dst: int, length: int | None = None) -> None:
         """Move slot `src`'s first `length` positions (all when None) into slot `dst`."""
