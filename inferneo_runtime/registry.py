@@ -11,8 +11,9 @@ count (`max_models`) and/or bytes (`memory_budget_bytes`: weights + each engine'
 models it loaded for speculation). When loading would exceed it, idle models (no lease) are evicted, least
 recently used first. A model with leases is never evicted under its requests: the acquirer waits (up to
 `wait_s`) for leases to be released and then gives up with CapacityError. A model that cannot fit even alone
-fails at once. Loading happens outside the lock, so requests to models already loaded are not held up by it. `register`, `unregister`, `load` and
-`unload` change the set at run time; ModelManager (manager.py) adds persistence on top.
+fails at once. Loading happens outside the lock, so requests to models already loaded are not held up by it.
+`register`, `unregister`, `load` and `unload` change the set at run time; ModelManager (manager.py) adds
+persistence on top.
 """
 from __future__ import annotations
 
