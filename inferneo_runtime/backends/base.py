@@ -29,6 +29,11 @@ if TYPE_CHECKING:  # annotations only
 CAPACITY_CHUNK = 256  # the cache grows in steps of this many positions
 
 
+def rounded_capacity(positions: int, max_capacity: int) -> int:
+    """Cache positions to allocate for `positions`: a multiple of CAPACITY_CHUNK, at most `max_capacity`."""
+    return min(max_capacity, -(-max(positions, 1) // CAPACITY_CHUNK) * CAPACITY_CHUNK)
+
+
 class KVCache:
     """All layers' keys and values in one array [layers, 2, batch, kv_heads, capacity, head_dim].
 
@@ -61,7 +66,7 @@ class KVCache:
             raise RequestError(f"sequence of {positions} tokens exceeds the artifact's max_sequence {self.max_capacity}")
         old = self.data
         layers, two, batch, heads, cap, dim = old.shape
-        new_cap = cap if positions <= cap else min(self.max_capacity, -(-positions // CAPACITY_CHUNK) * CAPACITY_CHUNK)
+        new_cap = cap if positions <= cap else rounded_capacity(positions, self.max_capacity)
         self.data = self._zeros((layers, two, max(slots, batch), heads, new_cap, dim))
         self.data[:, :, :batch, :, :cap] = old
         self.version += 1
@@ -145,7 +150,7 @@ class Backend(ABC):
         if bounds and batch > bounds.max_batch:
             raise RequestError(f"batch of {batch} exceeds the artifact's max_batch {bounds.max_batch}")
         max_capacity = bounds.max_sequence if bounds else self.dims.max_positions
-        capacity = min(max_capacity, -(-max(capacity, 1) // CAPACITY_CHUNK) * CAPACITY_CHUNK)
+        capacity = rounded_capacity(capacity, max_capacity)
         return KVCache(self._zeros, self.dims.num_layers, self.dims.kv_heads, self.dims.head_dim,
                        batch, capacity, max_capacity)
 
