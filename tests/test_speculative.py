@@ -238,5 +238,6 @@ def test_bench_workloads_report_each_comparison(tiny_artifact, tmp_path):
     assert all(Path(p).is_file() for p in report["charts"])
     assert report["copy"]["identical_tokens"] and report["chat"]["identical_tokens"]
     assert report["copy"]["ratio"] > 0 and 0 <= report["copy"]["acceptance_rate"] <= 1
+    assert report["copy"]["decode_ratio"] > 0 and report["chat"]["speculative_decode_tok_s"] > 0
     assert report["prefix"]["prefix_tokens"] == 88 and report["prefix"]["cached_ttft_ms"] > 0
     assert report["interleave"]["prefill_chunk"] == 16 and report["interleave"]["p99_ratio_chunked"] > 0
