@@ -25,7 +25,7 @@ class _PerSlotCache:
 
     nbytes = 0
 
-    def ensure(self, slots: int, positions: int) -> None:
+    def ensure(self, slots: int, positions: int, keep=None) -> None:
         self.slots += [None] * (slots - len(self.slots))
         self.capacity = max(self.capacity, positions)
 

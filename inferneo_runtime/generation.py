@@ -240,8 +240,8 @@ class Engine:
     def _ensure_cache(self, slots: int, positions: int) -> KVCache:
         if self.cache is None:
             self.cache = self.backend.allocate_cache(slots, positions)
-        else:
-            self.cache.ensure(slots, positions)
+        else:  # only the active slots hold keys and values, each up to its length
+            self.cache.ensure(slots, positions, keep=max((r.past for r in self.active), default=0))
         return self.cache
 
     def _prefill(self, events: list[TokenEvent]) -> None:

@@ -133,3 +133,30 @@ def test_cache_grows_slots_and_positions_in_one_copy():
     assert cache.version == 1
     with pytest.raises(RequestError, match="1025 tokens exceeds the artifact's max_sequence 1024"):
         cache.ensure(3, 1025)
+    # `keep`: only the positions the slots hold are copied (the rest is never read); the copy is what costs
+    held = cache.data.copy()
+    cache.ensure(4, 600, keep=100)
+    assert (cache.batch, cache.capacity, cache.version) == (4, 768, 2)
+    np.testing.assert_array_equal(cache.data[:, :, :3, :, :100], held[:, :, :, :, :100])
+    assert not cache.data[:, :, :, :, 100:].any()
+
+
+def test_cpu_cache_memory_is_zeroed_small_pages():
+    """A CPU cache lives in anonymous 4 KiB-page memory (numpy's huge pages make a scattered first write
+    zero the whole array): zeroed, writable and contiguous, of any element type (16-bit caches are uint16)."""
+    import mmap
+
+    from inferneo_runtime.backends.base import small_page_zeros
+
+    big = small_page_zeros((2, 2, 3, 4, 512, 64))
+    assert big.dtype == np.float32 and big.flags.c_contiguous and big.flags.writeable and not big.any()
+    root = big
+    while isinstance(root, np.ndarray):
+        root = root.base
+    assert isinstance(root.obj, mmap.mmap)  # not numpy's allocator
+    big[1, 0, 2, 3, 100] = 7.0
+    assert big.sum() == 7.0 * 64
+    half = small_page_zeros((4, 512, 1024), np.uint16)
+    assert half.dtype == np.uint16 and half.nbytes == 4 * 512 * 1024 * 2 and not half.any()
+    small = small_page_zeros((2, 3))
+    assert small.shape == (2, 3) and not small.any()

@@ -13,7 +13,7 @@ import onnxruntime as ort
 
 from ..errors import ManifestError, RequestError
 from . import onnx_cache
-from .base import Backend, KVCache, physical_cores
+from .base import Backend, KVCache, physical_cores, small_page_zeros
 
 __all__ = ["OnnxBackend", "physical_cores", "session_options"]
 
@@ -84,7 +84,7 @@ class OnnxBackend(Backend):
         self._session = self._binding = self._bound_key = None
 
     def _zeros(self, shape: tuple) -> np.ndarray:
-        return np.zeros(shape, dtype=np.float32)
+        return small_page_zeros(shape)
 
     def _forward_impl(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray,
                       last_only: bool = False) -> np.ndarray:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from ..errors import InferneoError, ManifestError, MissingExtraError
-from .base import Backend, KVCache, physical_cores
+from .base import Backend, KVCache, physical_cores, small_page_zeros
 
 try:
     import torch
@@ -79,11 +79,11 @@ class TorchScriptBackend(Backend):
     def _zeros(self, shape: tuple) -> "torch.Tensor":
         if self._device.type != "cpu":
             return torch.zeros(shape, dtype=self._cache_dtype, device=self._device)
-        # On the CPU, calloc'd memory (numpy's zeros) is zero already and paged in as positions are written;
-        # torch.zeros writes every byte first (34 ms for SmolLM2's 2048-position cache, on each request that
-        # finds the engine idle). numpy has no bfloat16, so 16-bit caches are allocated as uint16 and viewed.
+        # On the CPU, freshly mapped memory is zero already and paged in as positions are written; torch.zeros
+        # writes every byte first (34 ms for SmolLM2's 2048-position cache, on each request that finds the
+        # engine idle). numpy has no bfloat16, so 16-bit caches are allocated as uint16 and viewed.
         element = torch.empty((), dtype=self._cache_dtype).element_size()
-        raw = np.zeros(shape, dtype={4: np.float32, 2: np.uint16}[element])
+        raw = small_page_zeros(shape, {4: np.float32, 2: np.uint16}[element])
         return torch.from_numpy(raw).view(self._cache_dtype)
 
     def _step_inputs(self, input_ids: np.ndarray, past_lengths: np.ndarray) -> list:
