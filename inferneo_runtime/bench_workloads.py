@@ -135,25 +135,36 @@ def prefix(model, prefix_tokens: int, runs: int) -> dict:
             "cached_ttft_ms": round(1e3 * _median(cached), 1), "ratio": round(_median(cached) / _median(uncached), 3)}
 
 
-def _intervals(model, streams: list[list[int]], long_ids: Optional[list[int]], chunk: Optional[int], steps: int) -> list[float]:
-    """Seconds between consecutive tokens of the running streams while `long_ids` (if any) arrives."""
+def _intervals(model, streams: list[list[int]], long_ids: Optional[list[int]], chunk: Optional[int],
+               steps: int) -> tuple[list[float], Optional[float]]:
+    """Seconds between consecutive tokens of the running streams while `long_ids` (if any) arrives, and the
+    long prompt's own time to first token (the streams keep running until it has it)."""
     engine = Engine(model.backend, model.eos_ids, model.tokenizer, prefill_chunk=chunk)
-    running = [engine.add(s, SamplingParams(max_new_tokens=2 * steps + 4, ignore_eos=True)) for s in streams]
+    chunks = -(-len(long_ids) // chunk) if long_ids is not None and chunk else 0
+    running = [engine.add(s, SamplingParams(max_new_tokens=2 * steps + 4 + chunks, ignore_eos=True)) for s in streams]
     while len(engine.active) < len(running):
         engine.step()
     engine.step()
-    if long_ids is not None:
-        late = engine.add(long_ids, SamplingParams(max_new_tokens=1, ignore_eos=True))
-    gaps, last = [], time.perf_counter()
+    if long_ids is None:
+        late, arrived = None, None
+    else:
+        late, arrived = engine.add(long_ids, SamplingParams(max_new_tokens=1, ignore_eos=True)), time.perf_counter()
+    gaps, last, ttft = [], time.perf_counter(), None
     for _ in range(steps):
         events = engine.step()
         now = time.perf_counter()
         if any(e.request_id == running[0].id for e in events):
             gaps.append(now - last)
             last = now
-        if long_ids is not None and late.finished and len(gaps) >= steps // 2:
-            break
-    return gaps
+        if late is not None and late.finished:
+            ttft = ttft or now - arrived
+            if len(gaps) >= steps // 2:
+                break
+    while late is not None and not late.finished:
+        engine.step()
+        if late.finished:
+            ttft = time.perf_counter() - arrived
+    return gaps, ttft
 
 
 def interleave(model, long_tokens: int, chunk: int, steps: int, runs: int) -> dict:
@@ -161,11 +172,15 @@ def interleave(model, long_tokens: int, chunk: int, steps: int, runs: int) -> di
     streams = [tok.encode_chat(CHAT)[-16:], tok.encode_chat(COPY)[-16:]]  # short prompts, long answers
     line = tok.encode(SYSTEM_LINE, add_special_tokens=False)
     long_ids = (line * (long_tokens // len(line) + 1))[:long_tokens]
-    alone, whole, chunked = [], [], []
+    alone, whole, chunked, whole_ttft, chunked_ttft = [], [], [], [], []
     for _ in range(runs):
-        alone += _intervals(model, streams, None, None, steps)
-        whole += _intervals(model, streams, long_ids, None, steps)
-        chunked += _intervals(model, streams, long_ids, chunk, steps)
+        alone += _intervals(model, streams, None, None, steps)[0]
+        gaps, ttft = _intervals(model, streams, long_ids, None, steps)
+        whole += gaps
+        whole_ttft.append(ttft)
+        gaps, ttft = _intervals(model, streams, long_ids, chunk, steps)
+        chunked += gaps
+        chunked_ttft.append(ttft)
 
     def pct(xs, q):
         return round(1e3 * float(np.percentile(xs, q)), 1)
@@ -175,7 +190,10 @@ def interleave(model, long_tokens: int, chunk: int, steps: int, runs: int) -> di
             "whole_prefill_ms": {"p50": pct(whole, 50), "p99": pct(whole, 99)},
             "chunked_prefill_ms": {"p50": pct(chunked, 50), "p99": pct(chunked, 99)},
             "p99_ratio_whole": round(pct(whole, 99) / pct(alone, 99), 2),
-            "p99_ratio_chunked": round(pct(chunked, 99) / pct(alone, 99), 2)}
+            "p99_ratio_chunked": round(pct(chunked, 99) / pct(alone, 99), 2),
+            # what the chunks cost the long prompt itself, with the streams running beside it
+            "long_prompt_ttft_ms": {"whole": round(1e3 * _median(whole_ttft), 1),
+                                    "chunked": round(1e3 * _median(chunked_ttft), 1)}}
 
 
 def run_workloads(artifact: Path, target: Optional[str] = None, runs: int = 3, new_tokens: int = 128,
@@ -225,4 +243,5 @@ def print_workloads(report: dict, console) -> None:
     console.print(f"  inter-token p99 of {i['streams']} streams: {i['alone_ms']['p99']} ms alone, "
                   f"{i['whole_prefill_ms']['p99']} ms while a {i['long_prompt_tokens']}-token prompt prefills whole "
                   f"({i['p99_ratio_whole']}x), {i['chunked_prefill_ms']['p99']} ms in chunks of {i['prefill_chunk']} "
-                  f"({i['p99_ratio_chunked']}x)")
+                  f"({i['p99_ratio_chunked']}x); the long prompt's own TTFT {i['long_prompt_ttft_ms']['whole']} ms whole, "
+                  f"{i['long_prompt_ttft_ms']['chunked']} ms in chunks")

@@ -241,3 +241,4 @@ def test_bench_workloads_report_each_comparison(tiny_artifact, tmp_path):
     assert report["copy"]["decode_ratio"] > 0 and report["chat"]["speculative_decode_tok_s"] > 0
     assert report["prefix"]["prefix_tokens"] == 88 and report["prefix"]["cached_ttft_ms"] > 0
     assert report["interleave"]["prefill_chunk"] == 16 and report["interleave"]["p99_ratio_chunked"] > 0
+    assert report["interleave"]["long_prompt_ttft_ms"]["whole"] > 0 and report["interleave"]["long_prompt_ttft_ms"]["chunked"] > 0
