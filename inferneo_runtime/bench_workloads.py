@@ -141,7 +141,10 @@ def _intervals(model, streams: list[list[int]], long_ids: Optional[list[int]], c
     long prompt's own time to first token (the streams keep running until it has it)."""
     engine = Engine(model.backend, model.eos_ids, model.tokenizer, prefill_chunk=chunk)
     chunks = -(-len(long_ids) // chunk) if long_ids is not None and chunk else 0
-    running = [engine.add(s, SamplingParams(max_new_tokens=2 * steps + 4 + chunks, ignore_eos=True)) for s in streams]
+    bounds = model.backend.target.shapes
+    room = (bounds.max_sequence if bounds else model.backend.dims.max_positions) - max(map(len, streams))
+    new_tokens = min(2 * steps + 4 + chunks, room)  # (a small artifact's streams may end before the prompt is in)
+    running = [engine.add(s, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)) for s in streams]
     while len(engine.active) < len(running):
         engine.step()
     engine.step()
