@@ -42,7 +42,7 @@ def small_page_zeros(shape: tuple, dtype=np.float32) -> np.ndarray:
     only where positions are written. Growing 2 streams' cache to 2,048 positions as a long prompt joined took
     35 ms with numpy's pages and 4 ms this way (copying only the positions in use); decode steps run the same."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    if nbytes < 1 << 20:
+    if nbytes < 1 << 20 or not hasattr(mmap, "MAP_PRIVATE"):  # (small, or Windows: numpy's allocation)
         return np.zeros(shape, dtype=dtype)
     try:
         memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
