@@ -38,9 +38,10 @@ def rounded_capacity(positions: int, max_capacity: int) -> int:
 def small_page_zeros(shape: tuple, dtype=np.float32) -> np.ndarray:
     """A zeroed array in anonymous memory of 4 KiB pages, for a KV cache on the CPU. numpy asks the kernel for
     2 MiB pages on large arrays, and a cache is written scattered (a run of positions per slot, head and layer),
-    so its first writes would zero nearly the whole array; with small pages, memory is touched (and resident)
-    only where positions are written. Growing 2 streams' cache to 2,048 positions as a long prompt joined took
-    35 ms with numpy's pages and 4 ms this way (copying only the positions in use); decode steps run the same."""
+    so where the kernel grants them, the first writes zero (and make resident) nearly the whole array; with
+    small pages, only where positions are written. Growing 2 streams' cache to 2,048 positions as a long prompt
+    joined took 35 ms with numpy's pages and 4 ms this way (copying only the positions in use); decode steps
+    run the same."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if nbytes < 1 << 20 or not hasattr(mmap, "MAP_PRIVATE"):  # (small, or Windows: numpy's allocation)
         return np.zeros(shape, dtype=dtype)
