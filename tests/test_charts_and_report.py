@@ -167,6 +167,9 @@ def test_workload_charts_plot_the_report(tiny_artifact, tmp_path):
     text = "".join(ET.parse(tmp_path / "speculation_tok_s.svg").getroot().itertext())
     copy = report["copy"]
     assert f"{copy['ratio']:g}× · {copy['acceptance_rate']:.0%} accepted" in text  # speedup and acceptance labelled
+    text = "".join(ET.parse(tmp_path / "interleave_itl_ms.svg").getroot().itertext())
+    ttft = report["interleave"]["long_prompt_ttft_ms"]
+    assert f"chunks of 16 (its first token after {ttft['chunked'] / 1e3:.1f} s)" in text  # the chunks' cost to it
 
 
 class _Collect(HTMLParser):
