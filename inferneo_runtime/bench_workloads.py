@@ -141,9 +141,8 @@ def _intervals(model, streams: list[list[int]], long_ids: Optional[list[int]], c
     long prompt's own time to first token (the streams keep running until it has it)."""
     engine = Engine(model.backend, model.eos_ids, model.tokenizer, prefill_chunk=chunk)
     chunks = -(-len(long_ids) // chunk) if long_ids is not None and chunk else 0
-    bounds = model.backend.target.shapes
-    room = (bounds.max_sequence if bounds else model.backend.dims.max_positions) - max(map(len, streams))
-    new_tokens = min(2 * steps + 4 + chunks, room)  # (a small artifact's streams may end before the prompt is in)
+    # the streams run until the long prompt is in (on a small artifact they may end first)
+    new_tokens = min(2 * steps + 4 + chunks, engine.max_sequence - max(map(len, streams)))
     running = [engine.add(s, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)) for s in streams]
     while len(engine.active) < len(running):
         engine.step()
@@ -165,8 +164,7 @@ def _intervals(model, streams: list[list[int]], long_ids: Optional[list[int]], c
                 break
     while late is not None and not late.finished:
         engine.step()
-        if late.finished:
-            ttft = time.perf_counter() - arrived
+        ttft = time.perf_counter() - arrived  # the last one is the step that gave it its token
     return gaps, ttft
 
 
