@@ -133,10 +133,14 @@ def _sync(device: str) -> None:
 
 
 def measure_target(artifact: Path, target: str, device: str, prompt: list[int], new_tokens: int,
-                   concurrency: list[int], runs: int) -> dict:
+                   concurrency: list[int], runs: int, cuda_graphs: bool = True) -> dict:
+    import os
+
     import inferneo_runtime
     from inferneo_runtime import SamplingParams
 
+    if not cuda_graphs:  # this child only: decode steps launched kernel by kernel, to show what the graphs buy
+        os.environ["INFERNEO_CUDA_GRAPHS"] = "0"
     peak = _reset_peak(device)
     t = time.perf_counter()
     model = inferneo_runtime.load(artifact, target=target, device=device)
@@ -154,11 +158,15 @@ def measure_target(artifact: Path, target: str, device: str, prompt: list[int], 
         for c in concurrency:
             # distinct prompts (a different last token each), so nothing is shared between the requests
             batch = [prompt[:-1] + [(prompt[-1] + i) % model.manifest.model.vocab] for i in range(c)]
+            run(batch, new_tokens)  # warm-up: requests join one prefill a step, so each batch size is captured once
             secs, _ = _median_time(lambda: run(batch, new_tokens), max(1, runs // 2))
             aggregate[str(c)] = round(c * new_tokens / secs, 1)
+        graphs = getattr(model.backend, "decode_graphs", None)  # the torch targets' (decode_graph.py)
         return {"load_s": round(load_s, 2), "ttft_ms": round(ttft * 1e3, 2),
                 "decode_tok_s": round((new_tokens - 1) / max(full - ttft, 1e-9), 1),
-                "aggregate_tok_s": aggregate, "peak_device_memory_gb": peak(), "tokens": out[0].token_ids}
+                "aggregate_tok_s": aggregate, "peak_device_memory_gb": peak(), "tokens": out[0].token_ids,
+                "decode_graphs": None if graphs is None else {"mode": graphs.mode, "captured": graphs.captured,
+                                                              "error": graphs.error}}
     finally:
         model.close()
 
@@ -259,6 +267,9 @@ def check_model(name: str, work: Path, device: str, targets: list[str], new_toke
         reference = peers["eager"]["tokens"]
         m["parity"] = {"tokens_equal": tokens == reference, "first_divergence": first_divergence(tokens, reference),
                        "compared_tokens": len(reference)}
+        if (m["decode_graphs"] or {}).get("captured"):  # the same decode, each step launched kernel by kernel
+            plain = _in_child(measure_target, artifact, target, device, prompt, new_tokens, [], runs, False)
+            m["decode_tok_s_without_graphs"] = plain["decode_tok_s"]
         m["share_of_roofline"] = round(m["decode_tok_s"] / roofline, 3)
         m["vs_transformers"] = {k: round(m["decode_tok_s"] / v["decode_tok_s"], 2) for k, v in peers.items()}
         if concurrency:
@@ -340,7 +351,12 @@ def markdown(report: dict) -> str:
                 continue
             agg = ", ".join(f"{c}: {v}" for c, v in t["aggregate_tok_s"].items())
             parity = "equal" if t["parity"]["tokens_equal"] else f"diverges at {t['parity']['first_divergence']}"
-            lines.append(f"| {name} | {target} | {t['decode_tok_s']} | {t['share_of_roofline']:.1%} | "
+            decode, graphs = str(t["decode_tok_s"]), t.get("decode_graphs") or {}
+            if "decode_tok_s_without_graphs" in t:
+                decode += f" ({t['decode_tok_s_without_graphs']} without CUDA graphs)"
+            elif graphs.get("error"):
+                decode += f" (CUDA graph capture failed: {graphs['error']})"
+            lines.append(f"| {name} | {target} | {decode} | {t['share_of_roofline']:.1%} | "
                          f"{t['vs_transformers'].get('eager', '')}x | {t['vs_transformers'].get('static_compile', '-')}"
                          f"{'x' if 'static_compile' in t['vs_transformers'] else ''} | {t['ttft_ms']} | {agg} | "
                          f"{parity} | {t['peak_device_memory_gb']} |")

@@ -96,13 +96,27 @@ class Request:
         room = self.params.max_new_tokens - len(out.token_ids) - 1
         return self.spec.draft(out.prompt_ids + out.token_ids, room) if room > 0 else ([], None)
 
+    def _banned(self) -> Sequence[int]:
+        # a grammar decides alone when the output may end (min_new_tokens' EOS ban could leave no token allowed)
+        if len(self.out.token_ids) < self.params.min_new_tokens and self.constraint is None:
+            return self.banned
+        return ()
+
+    @property
+    def argmax_is_enough(self) -> bool:
+        """Greedy with nothing between the logits and the argmax (no bias, penalty, ban, grammar or logprobs):
+        the backend may pick the token where the logits are (on a GPU, only the token crosses to the host)."""
+        p = self.params
+        return (p.greedy and p.logprobs is None and self.constraint is None and not p.logit_bias
+                and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+                and not len(self._banned()))
+
     def accept(self, logits_row: np.ndarray, keep_logits: bool, draft: Optional[int] = None,
                draft_probs: Optional[np.ndarray] = None) -> TokenEvent:
         """Choose the next token from `logits_row`; with a `draft`, by the rejection rule (it is kept iff the
         event's token equals it)."""
         p, out = self.params, self.out
-        # a grammar decides alone when the output may end (min_new_tokens' EOS ban could leave no token allowed)
-        banned = self.banned if len(out.token_ids) < p.min_new_tokens and self.constraint is None else ()
+        banned = self._banned()
         context = out.prompt_ids + out.token_ids
         if self.constraint is not None:
             token = choose_token(logits_row, p, self.rng, context, out.token_ids, banned,
@@ -117,6 +131,12 @@ class Request:
             out.logprobs.append(lp)
         if keep_logits:
             out.step_logits.append(np.array(logits_row, dtype=np.float32))
+        return self.emit(token, lp)
+
+    def emit(self, token: int, lp: Optional[TokenLogprobs] = None) -> TokenEvent:
+        """Append the chosen token: stops, detokenized text, the finish reason, the event."""
+        out = self.out
+        p = self.params
         out.token_ids.append(token)
         text = ""
         if token in self.stop_ids:
@@ -304,6 +324,13 @@ class Engine:
             ids[row, 0] = req.out.token_ids[-1]
             ids[row, 1:1 + len(draft)] = draft
             ids[row, 1 + len(draft):] = ids[row, 0]  # padding: its positions are past the row's length, never read
+        if width == 1 and not self.keep_logits and all(r.argmax_is_enough for r in self.active):
+            # every row plain greedy: the backend picks the tokens where the logits are (a GPU returns only them)
+            for req, token in zip(self.active, self.backend.forward_greedy(self.cache, 0, ids, past)):
+                req.past += 1
+                events.append(req.emit(int(token)))
+            self._compact([row for row, r in enumerate(self.active) if r.finished])
+            return
         logits = self.backend.forward(self.cache, 0, ids, past)
         for row, (req, (draft, probs)) in enumerate(zip(self.active, drafts)):
             req.past += 1  # the last token is in the cache now

@@ -100,6 +100,39 @@ def test_requests_join_a_running_batch(model):
         assert together[i].token_ids == model.generate_ids([ids[i]], params[i])[0].token_ids
 
 
+def test_greedy_decode_steps_take_only_tokens_from_the_backend(model, monkeypatch):
+    """A decode step whose rows are all plain greedy asks the backend for the argmax tokens (on a GPU only they
+    cross to the host); any row that reads its logits (logprobs, a penalty, a banned EOS) keeps the whole step
+    on logits. Either way the tokens are the logits path's."""
+    calls = {"forward": 0, "forward_greedy": 0}
+    for name in calls:
+        method = getattr(model.backend, name)
+
+        def counted(*args, _method=method, _name=name, **kw):
+            calls[_name] += 1
+            return _method(*args, **kw)
+        monkeypatch.setattr(model.backend, name, counted)
+    ids = [model.tokenizer.encode(p) for p in PROMPTS]
+    greedy = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    fast = model.generate_ids(ids, greedy)
+    assert calls == {"forward": 3, "forward_greedy": 7}  # three prefills, then seven steps of three rows
+    assert [o.token_ids for o in fast] == [o.token_ids for o in model.generate_ids(ids, greedy, keep_logits=True)]
+    for other in (SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=0),
+                  SamplingParams(max_new_tokens=8, ignore_eos=True, repetition_penalty=1.3),
+                  SamplingParams(max_new_tokens=8, min_new_tokens=8, stop_token_ids=[fast[1].token_ids[2]])):
+        calls.update(forward=0, forward_greedy=0)
+        mixed = model.generate_ids(ids, [greedy, other, greedy])
+        assert calls["forward_greedy"] == 0
+        assert mixed[0].token_ids == fast[0].token_ids and mixed[2].token_ids == fast[2].token_ids
+    # once min_new_tokens is reached nothing is banned: the steps after it take tokens again
+    stop = next(t for t in fast[1].token_ids[4:] if t not in fast[1].token_ids[:4])
+    calls.update(forward=0, forward_greedy=0)
+    held = model.generate_ids([ids[1]], SamplingParams(max_new_tokens=8, min_new_tokens=4, ignore_eos=True,
+                                                       stop_token_ids=[stop]))[0]
+    assert held.token_ids == fast[1].token_ids[:fast[1].token_ids.index(stop) + 1]
+    assert calls["forward_greedy"] == len(held.token_ids) - 4 >= 1
+
+
 def test_chat_uses_the_template(model):
     msgs = [{"role": "user", "content": "Hello"}]
     text = model.tokenizer.apply_chat_template(msgs)

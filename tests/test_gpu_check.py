@@ -30,6 +30,9 @@ def test_cpu_run_writes_parity_and_measurements(tmp_path):
     assert target["parity"] == {"tokens_equal": True, "first_divergence": None, "compared_tokens": 8}
     assert target["decode_tok_s"] > 0 and target["ttft_ms"] > 0 and target["aggregate_tok_s"]["2"] > 0
     assert tiny["transformers"]["eager"]["decode_tok_s"] > 0 and "static_compile" not in tiny["transformers"]
+    # the decode step is captured as a CUDA graph only on CUDA; on the CPU nothing is, and nothing is re-measured
+    assert target["decode_graphs"] == {"mode": "off", "captured": 0, "error": None}
+    assert "decode_tok_s_without_graphs" not in target
     # the roofline is the measured bandwidth over the checkpoint's float32 weight bytes
     params = 512 * 64 * 2 + 2 * (64 * (64 + 32 + 32 + 64) + 3 * 64 * 128 + 2 * 64) + 64
     assert tiny["weight_bytes"] == params * 4

@@ -14,6 +14,7 @@ from conftest import PROMPTS, run_cli, tiny_recipe_fields
 from inferneo_runtime import SamplingParams, preflight
 from inferneo_runtime.manifest import MANIFEST_NAME, read_manifest
 from inferneo_runtime.preflight import GPU, Host
+from static_decode import assert_static_decode_matches
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="AOTInductor needs a C++ compiler (g++) to build the .pt2 target")
@@ -73,6 +74,14 @@ def test_pt2_generates_the_goldens_alone_and_in_a_running_batch(artifact):
             assert together[i].token_ids == alone
         # the same decoder traced by TorchScript gives the same tokens
         assert [o.token_ids for o in traced.generate_ids(ids, params)] == [o.token_ids for o in together]
+
+
+def test_pt2_static_decode_step_gives_the_per_length_steps_tokens_and_logits(artifact):
+    """The step a CUDA graph replays, uncaptured: the .pt2 graph takes a mask over the whole cache capacity
+    (the step's own positions masked as stale) and the backend writes the step's keys and values after it."""
+    with inferneo_runtime.load(artifact, target="pt2") as model:
+        ids = [model.tokenizer.encode(p) for p in PROMPTS]
+        assert_static_decode_matches(model.backend, ids, [10, 100, 30])
 
 
 def test_pt2_graph_reads_the_cache_and_returns_the_steps_keys_and_values(artifact):

@@ -341,22 +341,26 @@ def test_import_stays_slim():
 
 # -- a server in this process, with the engine held still ----------------------------------------------------
 class Gate:
-    """Wraps a backend's forward: each call needs a permit while the gate is closed; counts calls."""
+    """Wraps a backend's engine steps (`forward`, and `forward_greedy`, which plain greedy decode steps call):
+    each call needs a permit while the gate is closed; counts calls."""
 
-    def __init__(self, forward):
-        self._forward = forward
+    def __init__(self, backend):
         self._cond = threading.Condition()
         self.permits = None  # None: open
         self.calls = 0
+        for name in ("forward", "forward_greedy"):
+            setattr(backend, name, self._gated(getattr(backend, name)))
 
-    def __call__(self, *args, **kwargs):
-        with self._cond:
-            if not self._cond.wait_for(lambda: self.permits is None or self.permits > 0, timeout=20):
-                raise TimeoutError("gate never opened")
-            if self.permits is not None:
-                self.permits -= 1
-            self.calls += 1
-        return self._forward(*args, **kwargs)
+    def _gated(self, method):
+        def call(*args, **kwargs):
+            with self._cond:
+                if not self._cond.wait_for(lambda: self.permits is None or self.permits > 0, timeout=20):
+                    raise TimeoutError("gate never opened")
+                if self.permits is not None:
+                    self.permits -= 1
+                self.calls += 1
+            return method(*args, **kwargs)
+        return call
 
     def set(self, permits):
         with self._cond:
@@ -376,8 +380,7 @@ def inproc_server(artifact: Path, **settings):
     registry = build_registry(config)
     registry.preload()
     model = registry.entry(registry.names[0]).model
-    gate = Gate(model.backend.forward)
-    model.backend.forward = gate
+    gate = Gate(model.backend)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(registry, config), host="127.0.0.1", port=port,
                                            log_level="warning", timeout_graceful_shutdown=10))

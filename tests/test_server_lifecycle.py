@@ -130,14 +130,16 @@ def test_ready_only_after_the_warm_up_generation(llama):
     state = app.state.inferneo
     registry.preload()  # loaded, not warmed: start_models only warms it up
     backend = registry.entry("tiny-llama").model.backend
-    forward, release, steps = backend.forward, threading.Event(), []
+    release, steps = threading.Event(), []
 
-    def held_forward(*args, **kwargs):
-        assert release.wait(20)
-        steps.append(1)
-        return forward(*args, **kwargs)
+    def held(step):  # the engine's steps: forward, and forward_greedy for plain greedy decode steps
+        def call(*args, **kwargs):
+            assert release.wait(20)
+            steps.append(1)
+            return step(*args, **kwargs)
+        return call
 
-    backend.forward = held_forward
+    backend.forward, backend.forward_greedy = held(backend.forward), held(backend.forward_greedy)
     starter = threading.Thread(target=state.start_models)
     with TestClient(app) as c:
         starter.start()

@@ -17,6 +17,7 @@ from inferneo_runtime.backends.base import KVCache  # noqa: E402
 from inferneo_runtime.backends.torchscript import TorchScriptBackend  # noqa: E402
 from inferneo_runtime.manifest import ModelDims, ShapeBounds, TargetEntry, ValidationSummary, file_entry  # noqa: E402
 
+from static_decode import assert_static_decode_matches, assert_static_decode_survives_cache_growth  # noqa: E402
 from tiny_models import make_tiny_checkpoint  # noqa: E402
 
 MODEL_TYPES = ["llama", "qwen2", "mistral", "gpt2"]
@@ -173,3 +174,11 @@ def test_engine_fast_path_gives_the_full_logits_path_tokens(case):
     simple = generate_ids(case.backend, PROMPTS, params, keep_logits=True)
     assert [o.token_ids for o in fast] == [o.token_ids for o in simple]
     assert fast[0].token_ids == backend_greedy(case.backend, PROMPTS[0])
+
+
+def test_static_decode_step_gives_the_per_length_steps_tokens_and_logits(case):
+    """The step a CUDA graph replays (mask over the whole capacity, computed from the rows' positions) while the
+    batch shrinks from 3 rows to 1 and the cache grows past 256 positions: graphs are per batch size and are
+    dropped with the cache they were captured over (a stale one would attend over the old capacity)."""
+    assert_static_decode_matches(case.backend, PROMPTS, [12, 300, 40])
+    assert_static_decode_survives_cache_growth(case.backend, PROMPTS[0])

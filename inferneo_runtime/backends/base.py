@@ -179,17 +179,36 @@ class Backend(ABC):
 
     def forward(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray,
                 last_only: bool = False) -> np.ndarray:
+        ids, past = self._checked(cache, start, input_ids, past_lengths)
+        if last_only and self.supports_last_only:
+            return self._forward_impl(cache, start, ids, past, last_only=True)
+        logits = self._forward_impl(cache, start, ids, past)
+        return logits[:, -1:] if last_only else logits
+
+    def forward_greedy(self, cache: KVCache, start: int, input_ids: np.ndarray,
+                       past_lengths: np.ndarray) -> np.ndarray:
+        """The same step as `forward`, returning each row's argmax after its last new token ([n] int64, the
+        first of equal maxima, as numpy's argmax) instead of the logits: all a greedy step whose logits nothing
+        else reads needs. Backends whose logits live on a GPU override `_greedy_impl`, so that only the tokens
+        cross to the host."""
+        ids, past = self._checked(cache, start, input_ids, past_lengths)
+        return self._greedy_impl(cache, start, ids, past)
+
+    def _checked(self, cache: KVCache, start: int, input_ids: np.ndarray,
+                 past_lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self._require_loaded()
         n, steps = input_ids.shape
         if start < 0 or start + n > cache.batch:
             raise RequestError(f"slots [{start}, {start + n}) outside a cache of {cache.batch} slots")
         cache.ensure_capacity(int(past_lengths.max()) + steps)
-        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        past = np.ascontiguousarray(past_lengths, dtype=np.int64)
-        if last_only and self.supports_last_only:
-            return self._forward_impl(cache, start, ids, past, last_only=True)
-        logits = self._forward_impl(cache, start, ids, past)
-        return logits[:, -1:] if last_only else logits
+        return np.ascontiguousarray(input_ids, dtype=np.int64), np.ascontiguousarray(past_lengths, dtype=np.int64)
+
+    def _greedy_impl(self, cache: KVCache, start: int, ids: np.ndarray, past: np.ndarray) -> np.ndarray:
+        if self.supports_last_only:
+            logits = self._forward_impl(cache, start, ids, past, last_only=True)
+        else:
+            logits = self._forward_impl(cache, start, ids, past)
+        return logits[:, -1].argmax(-1)
 
     # -- subclass hooks ---------------------------------------------------------------------------
     @abstractmethod

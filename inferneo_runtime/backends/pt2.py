@@ -7,10 +7,9 @@ them into the call's slots at the step's positions.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from ..errors import InferneoError, ManifestError
-from .base import KVCache, physical_cores
+from .base import physical_cores
+from .decode_graph import DecodeGraphs, default_mode
 from .torchscript import TorchScriptBackend, _torch_device, torch
 
 SLOT_OFFSET_BIAS = 2  # slot_offset has first_slot + 2 elements (export treats sizes 0 and 1 as constants)
@@ -44,17 +43,20 @@ class Pt2Backend(TorchScriptBackend):
         except Exception as e:  # the loader raises RuntimeError / OSError from C++: name the file and the cause
             raise InferneoError(f"{path}: torch {torch.__version__} cannot load this .pt2 package "
                                 f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+        self._last_position = torch.zeros(1, dtype=torch.int64, device=self._device)
+        self._slot_offsets: dict[int, "torch.Tensor"] = {}
+        self.decode_graphs = DecodeGraphs(self._static_step, default_mode(self._device))
 
-    def _forward_impl(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray,
-                      last_only: bool = False) -> np.ndarray:
-        n, steps = input_ids.shape
-        if not cache.data.is_contiguous():  # the graph computes addresses from the sizes alone
+    def _call(self, ids, positions, mask, cache, start: int, logit_positions) -> "torch.Tensor":
+        if not cache.is_contiguous():  # the graph computes addresses from the sizes alone
             raise InferneoError(".pt2 backend: the KV cache is not contiguous (allocate it with backend.allocate_cache)")
-        inputs = self._step_inputs(input_ids, past_lengths)
-        inputs += [cache.data, self._logit_positions(steps, last_only),
-                   torch.empty(start + SLOT_OFFSET_BIAS, dtype=torch.uint8, device=self._device)]
-        with torch.inference_mode():
-            logits, kv_new = self._module(*inputs)  # kv_new [layers, 2, n, kv_heads, S, head_dim]
-            index = inputs[1].view(1, 1, n, 1, steps, 1).expand(kv_new.shape)
-            cache.data[:, :, start:start + n].scatter_(4, index, kv_new)
-        return logits.float().cpu().numpy()
+        n, steps = ids.shape
+        offset = self._slot_offsets.get(start)
+        if offset is None:  # its length is the argument; kept, so a captured step reads the same tensor
+            offset = self._slot_offsets[start] = torch.empty(start + SLOT_OFFSET_BIAS, dtype=torch.uint8,
+                                                             device=self._device)
+        logits, kv_new = self._module(ids, positions, mask, cache, logit_positions, offset)
+        # kv_new [layers, 2, n, kv_heads, S, head_dim] goes to the rows' positions
+        index = positions.view(1, 1, n, 1, steps, 1).expand(kv_new.shape)
+        cache[:, :, start:start + n].scatter_(4, index, kv_new)
+        return logits

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import InferneoError, ManifestError, MissingExtraError
 from .base import Backend, KVCache, physical_cores, small_page_zeros
+from .decode_graph import DecodeGraphs, default_mode
 
 try:
     import torch
@@ -66,12 +67,16 @@ class TorchScriptBackend(Backend):
             self.supports_last_only = any(a.name == "logit_positions" for a in self._module.forward.schema.arguments)
             weights = [t for t in self._module.parameters() if t.is_floating_point()]
             self._cache_dtype = weights[0].dtype if weights else torch.float32
+        self._last_position = torch.zeros(1, dtype=torch.int64, device=self._device)
+        self.decode_graphs = DecodeGraphs(self._static_step, "off")  # (on, after the warm-up: see below)
         # TorchScript's profiling executor profiles the first call and optimizes on the second (~0.4 s each
         # for a 135M model); pay that here rather than in the first request's latency.
         scratch = KVCache(self._zeros, self.dims.num_layers, self.dims.kv_heads, self.dims.head_dim,
                           batch=1, capacity=2, max_capacity=2)
         for past in range(2):
             self._forward_impl(scratch, 0, np.zeros((1, 1), dtype=np.int64), np.array([past], dtype=np.int64))
+        # graphs are captured over the engines' caches, not this scratch one
+        self.decode_graphs = DecodeGraphs(self._static_step, default_mode(self._device))
 
     def _close_impl(self) -> None:
         self._module = None
@@ -100,11 +105,29 @@ class TorchScriptBackend(Backend):
 
     def _forward_impl(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray,
                       last_only: bool = False) -> np.ndarray:
-        n, steps = input_ids.shape
-        inputs = self._step_inputs(input_ids, past_lengths)
-        inputs.append(cache.data[:, :, start:start + n])
-        if self.supports_last_only:
-            inputs.append(self._logit_positions(steps, last_only))
         with torch.inference_mode():
-            logits, _ = self._module(*inputs)
-        return logits.float().cpu().numpy()
+            return self._device_logits(cache, start, input_ids, past_lengths, last_only).float().cpu().numpy()
+
+    def _greedy_impl(self, cache: KVCache, start: int, ids: np.ndarray, past: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():  # on the device: [n] tokens cross to the host, not [n, vocab] logits
+            return self._device_logits(cache, start, ids, past, True)[:, -1].float().argmax(-1).cpu().numpy()
+
+    def _device_logits(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray,
+                       last_only: bool) -> "torch.Tensor":
+        logits = self.decode_graphs.run(cache, start, input_ids, past_lengths)
+        if logits is None:  # a prefill or a draft's verification: shapes as long as the rows are
+            ids, positions, mask = self._step_inputs(input_ids, past_lengths)
+            steps = input_ids.shape[1]
+            logits = self._call(ids, positions, mask, cache.data, start, self._logit_positions(steps, last_only))
+        return logits
+
+    def _static_step(self, ids, positions, mask, cache, start: int) -> "torch.Tensor":
+        return self._call(ids, positions, mask, cache, start, self._last_position)
+
+    def _call(self, ids, positions, mask, cache, start: int, logit_positions) -> "torch.Tensor":
+        """The module over rows [start, start + n) of the whole cache tensor; logits on the device."""
+        inputs = [ids, positions, mask, cache[:, :, start:start + ids.shape[0]]]
+        if self.supports_last_only:
+            inputs.append(logit_positions)
+        logits, _ = self._module(*inputs)
+        return logits

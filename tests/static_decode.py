@@ -1,0 +1,56 @@
+"""The decode step the CUDA path captures as a graph (`inferneo_runtime.backends.decode_graph`), run uncaptured
+on the CPU, against the step it replaces: what can be checked of the GPU path without a GPU."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+
+from inferneo_runtime.backends.base import KVCache
+from inferneo_runtime.generation import generate_ids
+from inferneo_runtime.sampling import SamplingParams
+
+
+@contextmanager
+def decode_graph_mode(backend, mode: str):
+    before = backend.decode_graphs.mode
+    backend.decode_graphs.mode = mode
+    try:
+        yield backend.decode_graphs
+    finally:
+        backend.decode_graphs.mode = before
+
+
+def assert_static_decode_matches(backend, prompts: list[list[int]], new_tokens: list[int]) -> None:
+    """Greedy runs of `prompts` (requests of different lengths, so the batch shrinks as they finish; one long
+    enough to grow the cache) give the same tokens and step logits with the static step as without it."""
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in new_tokens]
+    assert backend.decode_graphs.mode == "off"  # the CPU's default: the per-length step
+    plain = generate_ids(backend, prompts, params, keep_logits=True)
+    with decode_graph_mode(backend, "static") as graphs:
+        static = generate_ids(backend, prompts, params, keep_logits=True)
+        assert graphs.captured == 0 and graphs.error is None  # nothing is captured on the CPU
+    for a, b in zip(plain, static):
+        assert a.token_ids == b.token_ids
+        np.testing.assert_allclose(np.stack(b.step_logits), np.stack(a.step_logits), atol=2e-5, rtol=0)
+
+
+def greedy_on_a_growing_cache(backend, prompt: list[int], new_tokens: int) -> list[np.ndarray]:
+    """Each step's logits of a greedy run in slot 1 of a cache that starts 3 positions past the prompt, so it
+    is replaced (grown) after the first decode steps: a graph kept from before would read the old one."""
+    d = backend.dims
+    cache = KVCache(backend._zeros, d.num_layers, d.kv_heads, d.head_dim, batch=2, capacity=len(prompt) + 3,
+                    max_capacity=backend.target.shapes.max_sequence)
+    steps = [backend.forward(cache, 1, np.array([prompt]), np.array([0]), last_only=True)[0, -1]]
+    for past in range(len(prompt), len(prompt) + new_tokens - 1):
+        token = int(steps[-1].argmax())
+        steps.append(backend.forward(cache, 1, np.array([[token]]), np.array([past]))[0, -1])
+    assert cache.version >= 1  # it grew
+    return steps
+
+
+def assert_static_decode_survives_cache_growth(backend, prompt: list[int], new_tokens: int = 16) -> None:
+    plain = greedy_on_a_growing_cache(backend, prompt, new_tokens)
+    with decode_graph_mode(backend, "static"):
+        static = greedy_on_a_growing_cache(backend, prompt, new_tokens)
+    np.testing.assert_allclose(np.stack(static), np.stack(plain), atol=2e-5, rtol=0)
