@@ -267,14 +267,12 @@ def test_smollm2_fp16_and_bf16_on_the_real_model(tmp_path, smollm2_artifact):
     for target in ("onnx-fp16", "torchscript-bf16"):
         with inferneo_runtime.load(tmp_path / "half", target=target) as model:
             assert model.check_goldens()
-            # Teacher-forced on float32's answer ("The capital of France is Paris."), not free-running: on an
-            # AMD EPYC host (AVX-512 BF16) bf16 rounds the two best first tokens to the same logit (25.375) and
-            # the argmax takes "L" ("L'Étoile, la Marseillaise, ..."; 7 of 8 positions agree); a Xeon host
-            # answered "Paris". A tie decides a free-running answer; teacher forcing checks every position.
+            # Teacher-forced on float32's answer ("The capital of France is Paris."), not free-running: float32
+            # puts the two best first tokens 0.08 apart (25.33 vs 25.24), so a half precision's rounding picks
+            # between them by host. On an AMD EPYC host (AVX-512 BF16) bf16 ties them (25.375) and answers
+            # "L'Étoile, la Marseillaise, ..." (7 of 8 positions agree); a Xeon host's bf16 answered "Paris".
             agree, positions = teacher_forced_agreement(model.backend, prompt, answer.token_ids)
             assert agree >= positions - 2, (target, agree, positions)
-    with inferneo_runtime.load(tmp_path / "half", target="onnx-fp16") as model:
-        assert "Paris" in model.chat(question, max_new_tokens=16).text
 
 
 def test_bench_judges_quantized_targets_by_their_own_bytes(tiny_reduced):
