@@ -141,17 +141,24 @@ class ModelDrafter(Drafter):
         rest = tokens[same:]
         if k <= 0 or max(rest) >= self.backend.dims.vocab:  # an id the draft model has no embedding for
             return [], None
-        logits = self._forward(rest, same)
+        draft = [self._pick(self._forward(rest, same))]
         self.cached = tokens
-        draft = [self._pick(logits)]
         while len(draft) < k:
-            logits = self._forward(draft[-1:], len(self.cached))
+            token = self._next(draft[-1], len(self.cached))
             self.cached.append(draft[-1])
-            draft.append(self._pick(logits))
+            draft.append(token)
         return draft, None
 
     def _pick(self, logits: np.ndarray) -> int:
         return int(np.argmax(logits[:self.vocab]))
+
+    def _next(self, token: int, past: int) -> int:
+        """The draft after `token` at position `past`: one decode step (on a GPU, a replayed graph that returns
+        only the token when the two models' vocabularies are the same size)."""
+        if self.vocab == self.backend.dims.vocab:
+            ids = np.array([[token]], dtype=np.int64)
+            return int(self.backend.forward_greedy(self.cache, 0, ids, np.array([past], dtype=np.int64))[0])
+        return self._pick(self._forward([token], past))
 
     def _forward(self, ids: list[int], past: int) -> np.ndarray:
         """The last position's logits after writing `ids` at positions past, past + 1, ..."""

@@ -54,3 +54,24 @@ def assert_static_decode_survives_cache_growth(backend, prompt: list[int], new_t
     with decode_graph_mode(backend, "static"):
         static = greedy_on_a_growing_cache(backend, prompt, new_tokens)
     np.testing.assert_allclose(np.stack(static), np.stack(plain), atol=2e-5, rtol=0)
+
+
+def assert_caches_taking_turns_keep_their_steps(backend, prompt: list[int], steps: int = 6) -> None:
+    """Two caches decoding in turn on one backend (as each request's draft-model cache does) each keep their
+    step: set up once per cache, not once per turn (on a GPU, a capture each turn would cost more than the step).
+    The logits are the per-length step's."""
+    def run(mode):
+        with decode_graph_mode(backend, mode) as graphs:
+            built = graphs.built
+            caches = [backend.allocate_cache(batch=1, capacity=len(prompt) + steps) for _ in range(2)]
+            logits = [[backend.forward(c, 0, np.array([prompt]), np.array([0]), last_only=True)[0, -1]]
+                      for c in caches]
+            for past in range(len(prompt), len(prompt) + steps):
+                for cache, seen in zip(caches, logits):
+                    seen.append(backend.forward(cache, 0, np.array([[int(seen[-1].argmax())]]), np.array([past]))[0, -1])
+            return logits, graphs.built - built
+
+    plain, _ = run("off")
+    static, built = run("static")
+    assert built == 2
+    np.testing.assert_allclose(np.array(static), np.array(plain), atol=2e-5, rtol=0)

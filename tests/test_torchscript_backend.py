@@ -17,7 +17,8 @@ from inferneo_runtime.backends.base import KVCache  # noqa: E402
 from inferneo_runtime.backends.torchscript import TorchScriptBackend  # noqa: E402
 from inferneo_runtime.manifest import ModelDims, ShapeBounds, TargetEntry, ValidationSummary, file_entry  # noqa: E402
 
-from static_decode import assert_static_decode_matches, assert_static_decode_survives_cache_growth  # noqa: E402
+from static_decode import (assert_caches_taking_turns_keep_their_steps, assert_static_decode_matches,  # noqa: E402
+                           assert_static_decode_survives_cache_growth)
 from tiny_models import make_tiny_checkpoint  # noqa: E402
 
 MODEL_TYPES = ["llama", "qwen2", "mistral", "gpt2"]
@@ -182,3 +183,4 @@ def test_static_decode_step_gives_the_per_length_steps_tokens_and_logits(case):
     dropped with the cache they were captured over (a stale one would attend over the old capacity)."""
     assert_static_decode_matches(case.backend, PROMPTS, [12, 300, 40])
     assert_static_decode_survives_cache_growth(case.backend, PROMPTS[0])
+    assert_caches_taking_turns_keep_their_steps(case.backend, PROMPTS[2])

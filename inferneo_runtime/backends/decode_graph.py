@@ -7,16 +7,17 @@ by the mask computed on the device from the row's position, so only the token id
 row each) cross from the host, into buffers the graph reads. A small model's step launches hundreds of kernels
 whose launch costs more than their work; a replay is one launch.
 
-Graphs are kept per (start, n) while the cache tensor keeps its address and shape, and dropped when it changes
-(the cache grew, or another is used): the captured addresses are the cache's. All of a backend's graphs share one memory pool, which is safe
-because each replay's logits are read before the next replay. On the CPU the same static step runs without
-capture (mode "static"): how the tests check, without a GPU, that the static step computes what the
-per-length step does.
+Graphs are kept per (start, n) and per cache tensor (its address, shape and dtype: the captured addresses are
+the cache's), for the last few cache tensors used; a cache that grows is a new tensor, captured again. All of
+a backend's graphs share one memory pool, which is safe because each replay's logits are read before the next
+replay and the static inputs live outside it. On the CPU the same static step runs without capture (mode
+"static"): how the tests check, without a GPU, that the static step computes what the per-length step does.
 """
 from __future__ import annotations
 
 import os
 import warnings
+from collections import OrderedDict
 from typing import Callable
 
 import numpy as np
@@ -33,6 +34,7 @@ StepFn = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor
 
 MODES = ("off", "static", "cuda")
 WARMUP_RUNS = 2  # TorchScript's profiling executor optimizes on the second call; both run before capture
+CACHES_KEPT = 8  # cache tensors whose graphs are kept (the engine's, and draft-model caches of running requests)
 
 
 def default_mode(device: "torch.device") -> str:
@@ -102,9 +104,10 @@ class DecodeGraphs:
         self._step = step
         self.mode = mode
         self.error: str | None = None
-        self.captured = 0  # graphs recorded over the backend's life (a cache that grows records again)
-        self._graphs: dict[tuple[int, int], _Graph] = {}
-        self._cache_key: tuple | None = None  # the cache tensor the graphs were captured over
+        self.built = 0  # steps set up (static buffers; in mode "cuda" captured too), over the backend's life
+        self.captured = 0  # CUDA graphs recorded over the backend's life (a cache that grows records again)
+        # per cache tensor (address, shape, dtype), the most recently used last: its graphs per (start, n)
+        self._graphs: OrderedDict[tuple, dict[tuple[int, int], _Graph]] = OrderedDict()
         self._pool = None
 
     def run(self, cache, start: int, ids: np.ndarray, past: np.ndarray) -> "torch.Tensor | None":
@@ -112,13 +115,17 @@ class DecodeGraphs:
             return None
         # A graph replays the addresses it was captured with: valid for whatever cache tensor now has that
         # address, shape and dtype (an engine's next cache of the same size usually gets the same memory back),
-        # and for nothing else (a cache that grew, or another one).
+        # and for nothing else (a cache that grew, or another one). Several caches take turns on one backend
+        # (each request's draft-model cache), so the last few keep their graphs.
         data = cache.data
         key = (data.data_ptr(), tuple(data.shape), data.dtype)
-        if key != self._cache_key:
-            self._graphs.clear()
-            self._cache_key = key
-        graph = self._graphs.get((start, ids.shape[0]))
+        graphs = self._graphs.get(key)
+        if graphs is None:
+            graphs = self._graphs[key] = {}
+            while len(self._graphs) > CACHES_KEPT:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(key)
+        graph = graphs.get((start, ids.shape[0]))
         if graph is None:
             capture = self.mode == "cuda"
             if capture and self._pool is None:
@@ -131,13 +138,15 @@ class DecodeGraphs:
                 raise
             self._disable(e)
             return None
-        if (start, ids.shape[0]) not in self._graphs:
-            self._graphs[(start, ids.shape[0])] = graph
+        if (start, ids.shape[0]) not in graphs:
+            graphs[(start, ids.shape[0])] = graph
+            self.built += 1
             self.captured += graph.graph is not None
         return logits
 
     def _disable(self, error: Exception) -> None:
-        self.mode, self._graphs = "off", {}
+        self.mode = "off"
+        self._graphs.clear()
         self.error = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
         warnings.warn(f"CUDA graph capture of the decode step failed ({self.error}); decoding without it",
                       RuntimeWarning, stacklevel=3)
