@@ -206,15 +206,25 @@ def measure_transformers(checkpoint: Path, device: str, dtype_name: str, prompt:
     if compiled:
         variants.append(("static_compile", {"cache_implementation": "static"}))
     for name, kw in variants:
-        if name == "static_compile":
-            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-            gen(new_tokens, **kw)  # compiles (prefill and decode shapes)
-        gen(4, **kw)
-        ttft, _ = _median_time(lambda: gen(1, **kw), runs)
-        full, tokens = _median_time(lambda: gen(new_tokens, **kw), runs)
+        try:
+            if name == "static_compile":
+                model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+                gen(new_tokens, **kw)  # compiles (prefill and decode shapes)
+            gen(4, **kw)
+            ttft, _ = _median_time(lambda: gen(1, **kw), runs)
+            full, tokens = _median_time(lambda: gen(new_tokens, **kw), runs)
+        except Exception as e:  # the compiled peer failing on this host's torch is a finding, not the end of the check
+            if name == "eager":
+                raise  # the parity reference
+            result[name] = {"error": _error(e)}
+            continue
         result[name] = {"ttft_ms": round(ttft * 1e3, 2),
                         "decode_tok_s": round((new_tokens - 1) / max(full - ttft, 1e-9), 1), "tokens": tokens}
     return result  # the model (and its GPU memory) goes with this frame
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 
 
 def first_divergence(a: list[int], b: list[int]) -> Optional[int]:
@@ -252,7 +262,7 @@ def check_model(name: str, work: Path, device: str, targets: list[str], new_toke
 
     dtype_name = "bfloat16" if device.startswith("cuda") else "float32"
     peers = _in_child(measure_transformers, checkpoint, device, dtype_name, prompt, new_tokens, runs, compiled)
-    log(f"{name}: transformers " + ", ".join(f"{k} {v['decode_tok_s']} tok/s" for k, v in peers.items()))
+    log(f"{name}: transformers " + ", ".join(f"{k} {v.get('decode_tok_s', v.get('error'))}" for k, v in peers.items()))
     weight_bytes = _weight_bytes(checkpoint, 2 if dtype_name == "bfloat16" else 4)
     bandwidth = measure_bandwidth(device)
     roofline = bandwidth["gb_s"] * 1e9 / weight_bytes
@@ -262,7 +272,12 @@ def check_model(name: str, work: Path, device: str, targets: list[str], new_toke
         if entry.status != "valid":
             measured[target] = {"skipped": entry.validation.reason}
             continue
-        m = _in_child(measure_target, artifact, target, device, prompt, new_tokens, concurrency, runs)
+        try:
+            m = _in_child(measure_target, artifact, target, device, prompt, new_tokens, concurrency, runs)
+        except Exception as e:  # recorded for this target; the others are still measured
+            measured[target] = {"error": _error(e)}
+            log(f"{name}/{target}: failed: {measured[target]['error']}")
+            continue
         tokens = m.pop("tokens")
         reference = peers["eager"]["tokens"]
         m["parity"] = {"tokens_equal": tokens == reference, "first_divergence": first_divergence(tokens, reference),
@@ -271,7 +286,8 @@ def check_model(name: str, work: Path, device: str, targets: list[str], new_toke
             plain = _in_child(measure_target, artifact, target, device, prompt, new_tokens, [], runs, False)
             m["decode_tok_s_without_graphs"] = plain["decode_tok_s"]
         m["share_of_roofline"] = round(m["decode_tok_s"] / roofline, 3)
-        m["vs_transformers"] = {k: round(m["decode_tok_s"] / v["decode_tok_s"], 2) for k, v in peers.items()}
+        m["vs_transformers"] = {k: round(m["decode_tok_s"] / v["decode_tok_s"], 2) for k, v in peers.items()
+                                if "decode_tok_s" in v}
         if concurrency:
             top = str(max(concurrency))
             m["aggregate_vs_single"] = round(m["aggregate_tok_s"][top] / m["decode_tok_s"], 2)
@@ -279,7 +295,7 @@ def check_model(name: str, work: Path, device: str, targets: list[str], new_toke
         log(f"{name}/{target}: {m['decode_tok_s']} tok/s ({m['share_of_roofline']:.0%} of roofline), "
             f"parity {'ok' if m['parity']['tokens_equal'] else 'diverges at ' + str(m['parity']['first_divergence'])}")
     for v in peers.values():
-        v.pop("tokens")
+        v.pop("tokens", None)
     return {"config": {k: v for k, v in config.items() if k != "rope_scaling"}, "build_s": round(build_s, 1),
             "weight_bytes": weight_bytes, "bandwidth": bandwidth, "roofline_tok_s": round(roofline, 1),
             "prompt_tokens": PROMPT_TOKENS, "new_tokens": new_tokens, "targets": measured, "transformers": peers}
@@ -345,9 +361,13 @@ def markdown(report: dict) -> str:
              "TTFT ms | aggregate tok/s | parity | peak memory GB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in report["models"].items():
+        if "error" in m:
+            lines.append(f"| {name} | | failed: {m['error']} | | | | | | | |")
+            continue
         for target, t in m["targets"].items():
-            if "skipped" in t:
-                lines.append(f"| {name} | {target} | skipped: {t['skipped']} | | | | | | | |")
+            if "skipped" in t or "error" in t:
+                why = f"skipped: {t['skipped']}" if "skipped" in t else f"failed: {t['error']}"
+                lines.append(f"| {name} | {target} | {why} | | | | | | | |")
                 continue
             agg = ", ".join(f"{c}: {v}" for c, v in t["aggregate_tok_s"].items())
             parity = "equal" if t["parity"]["tokens_equal"] else f"diverges at {t['parity']['first_divergence']}"
@@ -360,11 +380,12 @@ def markdown(report: dict) -> str:
                          f"{t['vs_transformers'].get('eager', '')}x | {t['vs_transformers'].get('static_compile', '-')}"
                          f"{'x' if 'static_compile' in t['vs_transformers'] else ''} | {t['ttft_ms']} | {agg} | "
                          f"{parity} | {t['peak_device_memory_gb']} |")
-        peers = ", ".join(f"{k} {v['decode_tok_s']} tok/s" for k, v in m["transformers"].items())
+        peers = ", ".join(f"{k} {v['decode_tok_s']} tok/s" if "decode_tok_s" in v else f"{k} failed: {v['error']}"
+                          for k, v in m["transformers"].items())
         lines.append(f"| {name} | transformers | {peers} | | | | | | | |")
     lines += ["", "Roofline: measured bandwidth / bytes of weights per token. " + "; ".join(
         f"{name}: {m['bandwidth']['gb_s']} GB/s ({m['bandwidth']['method']}), {m['weight_bytes'] / 1e9:.2f} GB "
-        f"-> {m['roofline_tok_s']} tok/s" for name, m in report["models"].items()), ""]
+        f"-> {m['roofline_tok_s']} tok/s" for name, m in report["models"].items() if "error" not in m), ""]
     return "\n".join(lines)
 
 
@@ -379,6 +400,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per figure (medians)")
     parser.add_argument("--compile-peer", choices=("auto", "yes", "no"), default="auto",
                         help="transformers with a static cache + torch.compile (auto: on CUDA only)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="folder for the checkpoints and artifacts (default: OUT/work; GBs for the real configs)")
     args = parser.parse_args(argv)
 
     import torch
@@ -398,6 +421,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(str(e) if str(e).startswith("--") else f"--concurrency: {e}")
     compiled = args.compile_peer == "yes" or (args.compile_peer == "auto" and device.startswith("cuda"))
     args.out.mkdir(parents=True, exist_ok=True)
+    work = args.work or args.out / "work"
 
     def log(message: str) -> None:
         print(f"[gpu_check] {message}", file=sys.stderr, flush=True)
@@ -405,12 +429,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     report = {"command": "python -m inferneo_build.gpu_check " + " ".join(argv if argv is not None else sys.argv[1:]),
               "host": host_facts(device), "models": {}}
     for name in models:
-        report["models"][name] = check_model(name, args.out / "work", device, targets, args.new_tokens, concurrency,
-                                             args.runs, compiled, log)
-        (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")  # kept after each model
-    (args.out / "gpu_check.md").write_text(markdown(report))
+        try:
+            report["models"][name] = check_model(name, work, device, targets, args.new_tokens, concurrency, args.runs,
+                                                 compiled, log)
+        except Exception as e:  # recorded; the next model is still checked (a device session has minutes, not hours)
+            report["models"][name] = {"error": _error(e)}
+            log(f"{name}: failed: {report['models'][name]['error']}")
+        # both kept after each model, so a run stopped at its time limit keeps what it measured
+        (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+        (args.out / "gpu_check.md").write_text(markdown(report))
     print(markdown(report))
-    return 0
+    failed = any("error" in m or any("error" in t for t in m.get("targets", {}).values())
+                 for m in report["models"].values())
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

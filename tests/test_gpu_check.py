@@ -49,3 +49,20 @@ def test_bad_arguments_are_named(tmp_path):
     r = _check(str(tmp_path / "x"), "--device", "cpu", "--models", "tiny", "--targets", "onnx")
     assert r.returncode != 0 and "--targets" in r.stderr and "'onnx'" in r.stderr
     assert not (tmp_path / "x" / "gpu_check.json").exists()
+
+
+def test_a_model_that_fails_is_reported_and_the_next_is_still_checked(tmp_path, monkeypatch):
+    """A device session has minutes: one model's failure is recorded in both reports, the exit code says so, and
+    the models after it are still checked."""
+    from inferneo_build import gpu_check
+
+    monkeypatch.setitem(gpu_check.CONFIGS, "broken", dict(gpu_check.CONFIGS["tiny"], model_type="no-such-architecture"))
+    out = tmp_path / "check"
+    rc = gpu_check.main([str(out), "--device", "cpu", "--models", "broken,tiny", "--targets", "torchscript",
+                         "--new-tokens", "4", "--concurrency", "2", "--runs", "1"])
+    assert rc == 1
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert "no-such-architecture" in report["models"]["broken"]["error"]
+    assert report["models"]["tiny"]["targets"]["torchscript"]["parity"]["tokens_equal"]
+    table = (out / "gpu_check.md").read_text()
+    assert "| broken | | failed: " in table and "| tiny | torchscript |" in table
