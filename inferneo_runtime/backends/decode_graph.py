@@ -46,8 +46,8 @@ def default_mode(device: "torch.device") -> str:
 
 class _Graph:
     """One (start, n) step: static input buffers, and in mode "cuda" the graph captured over one cache tensor.
-    It holds no reference to the cache (a replaced cache's memory is freed); `DecodeGraphs` replays it only
-    while that cache is the one in use."""
+    It holds no reference to the cache (a replaced cache's memory is freed); `DecodeGraphs` replays it only for
+    a cache tensor at the same address, of the same shape and dtype."""
 
     def __init__(self, step: StepFn, capacity: int, start: int, n: int, device, pool, capture: bool):
         self.ids = torch.zeros((n, 1), dtype=torch.int64, device=device)
