@@ -184,3 +184,15 @@ def test_static_decode_step_gives_the_per_length_steps_tokens_and_logits(case):
     assert_static_decode_matches(case.backend, PROMPTS, [12, 300, 40])
     assert_static_decode_survives_cache_growth(case.backend, PROMPTS[0])
     assert_caches_taking_turns_keep_their_steps(case.backend, PROMPTS[2])
+
+
+def test_cuda_graphs_are_on_for_cuda_unless_turned_off(monkeypatch):
+    from inferneo_runtime.backends.decode_graph import default_mode
+
+    monkeypatch.delenv("INFERNEO_CUDA_GRAPHS", raising=False)
+    assert default_mode(torch.device("cpu")) == "off" and default_mode(torch.device("cuda")) == "cuda"
+    for off in ("0", "false", "OFF", " no "):
+        monkeypatch.setenv("INFERNEO_CUDA_GRAPHS", off)
+        assert default_mode(torch.device("cuda:1")) == "off"
+    monkeypatch.setenv("INFERNEO_CUDA_GRAPHS", "1")
+    assert default_mode(torch.device("cuda")) == "cuda"

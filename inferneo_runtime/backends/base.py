@@ -11,6 +11,8 @@ The backend writes their keys/values into the cache in place and returns float32
 or [n, 1, vocab] for the last position only with `last_only=True` (what sampling needs; a prefill then
 skips the vocabulary-sized projection of every other prompt position when the backend supports it).
 Prefill and decode are the same call with different S; the generation loop keeps active slots contiguous.
+`forward_greedy` is the same step returning each row's argmax token instead of the logits (the loop's plain
+greedy decode steps; on a GPU only the tokens then cross to the host).
 """
 from __future__ import annotations
 

@@ -33,15 +33,19 @@ except ImportError:  # pragma: no cover - depends on the install
 StepFn = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor", int], "torch.Tensor"]
 
 MODES = ("off", "static", "cuda")
-WARMUP_RUNS = 2  # TorchScript's profiling executor optimizes on the second call; both run before capture
+# TorchScript's profiling executor profiles a new shape on one call and optimizes on the next (a decode step's
+# shapes are new after the load's warm-up); all of that must be done before capture
+WARMUP_RUNS = 3
 CACHES_KEPT = 8  # cache tensors whose graphs are kept (the engine's, and draft-model caches of running requests)
 
 
 def default_mode(device: "torch.device") -> str:
-    """"cuda" on a CUDA device unless INFERNEO_CUDA_GRAPHS=0 (for comparing, or a driver that refuses capture)."""
+    """"cuda" on a CUDA device unless INFERNEO_CUDA_GRAPHS is 0 / false / off / no (for comparing, or a driver
+    that refuses capture)."""
     if device.type != "cuda":
         return "off"
-    return "off" if os.environ.get("INFERNEO_CUDA_GRAPHS", "1") == "0" else "cuda"
+    off = os.environ.get("INFERNEO_CUDA_GRAPHS", "1").strip().lower() in ("0", "false", "off", "no")
+    return "off" if off else "cuda"
 
 
 class _Graph:
