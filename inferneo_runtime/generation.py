@@ -28,7 +28,7 @@ from .backends.base import Backend, KVCache
 from .detokenize import StopStringDetokenizer
 from .errors import RequestError
 from .prefix_cache import PrefixCache
-from .sampling import SamplingParams, TokenLogprobs, choose_token, token_logprobs, verify_draft
+from .sampling import SamplingParams, TokenLogprobs, changes_logits, choose_token, token_logprobs, verify_draft
 from .structured import compile_constraint, sequence_constraint
 from .speculative import Drafter, SpeculationState, SpeculationStats, SpeculativeConfig, make_drafter, speculative_config
 from .tokenizer import Tokenizer
@@ -107,9 +107,8 @@ class Request:
         """Greedy with nothing between the logits and the argmax (no bias, penalty, ban, grammar or logprobs):
         the backend may pick the token where the logits are (on a GPU, only the token crosses to the host)."""
         p = self.params
-        return (p.greedy and p.logprobs is None and self.constraint is None and not p.logit_bias
-                and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
-                and not len(self._banned()))
+        return (p.greedy and p.logprobs is None and self.constraint is None
+                and not changes_logits(p, self._banned()))
 
     def accept(self, logits_row: np.ndarray, keep_logits: bool, draft: Optional[int] = None,
                draft_probs: Optional[np.ndarray] = None) -> TokenEvent:

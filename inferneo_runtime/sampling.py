@@ -141,12 +141,18 @@ def filter_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     return probs / probs.sum()
 
 
+def changes_logits(params: SamplingParams, banned: Sequence[int] = (), allowed: Optional[np.ndarray] = None) -> bool:
+    """Whether anything stands between the model's logits and the sampler: logit_bias, a penalty, `banned` ids
+    or a grammar's `allowed` mask (what `_processed` applies)."""
+    return bool(params.logit_bias or params.repetition_penalty != 1.0 or params.presence_penalty
+                or params.frequency_penalty or len(banned) or allowed is not None)
+
+
 def _processed(logits: np.ndarray, params: SamplingParams, context: Sequence[int], generated: Sequence[int],
                banned: Sequence[int], allowed: Optional[np.ndarray] = None) -> np.ndarray:
     """The logits after logit_bias, penalties, the `banned` ids and the `allowed` mask (a grammar's: False = -inf),
     as a copy only when something changes them. The mask comes last, so no processing can revive a masked token."""
-    if not (params.logit_bias or params.repetition_penalty != 1.0 or params.presence_penalty
-            or params.frequency_penalty or len(banned) or allowed is not None):
+    if not changes_logits(params, banned, allowed):
         return logits
     x = np.array(logits, dtype=np.float32)
     if params.logit_bias:  # OpenAI adds the bias to the raw logits, so it steers greedy decoding too
