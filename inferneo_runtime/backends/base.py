@@ -182,10 +182,7 @@ class Backend(ABC):
     def forward(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray,
                 last_only: bool = False) -> np.ndarray:
         ids, past = self._checked(cache, start, input_ids, past_lengths)
-        if last_only and self.supports_last_only:
-            return self._forward_impl(cache, start, ids, past, last_only=True)
-        logits = self._forward_impl(cache, start, ids, past)
-        return logits[:, -1:] if last_only else logits
+        return self._logits(cache, start, ids, past, last_only)
 
     def forward_greedy(self, cache: KVCache, start: int, input_ids: np.ndarray,
                        past_lengths: np.ndarray) -> np.ndarray:
@@ -205,12 +202,14 @@ class Backend(ABC):
         cache.ensure_capacity(int(past_lengths.max()) + steps)
         return np.ascontiguousarray(input_ids, dtype=np.int64), np.ascontiguousarray(past_lengths, dtype=np.int64)
 
+    def _logits(self, cache: KVCache, start: int, ids: np.ndarray, past: np.ndarray, last_only: bool) -> np.ndarray:
+        if last_only and self.supports_last_only:
+            return self._forward_impl(cache, start, ids, past, last_only=True)
+        logits = self._forward_impl(cache, start, ids, past)
+        return logits[:, -1:] if last_only else logits
+
     def _greedy_impl(self, cache: KVCache, start: int, ids: np.ndarray, past: np.ndarray) -> np.ndarray:
-        if self.supports_last_only:
-            logits = self._forward_impl(cache, start, ids, past, last_only=True)
-        else:
-            logits = self._forward_impl(cache, start, ids, past)
-        return logits[:, -1].argmax(-1)
+        return self._logits(cache, start, ids, past, last_only=True)[:, -1].argmax(-1)
 
     # -- subclass hooks ---------------------------------------------------------------------------
     @abstractmethod
