@@ -19,12 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
+
+from inferneo_runtime.errors import error_summary
 
 # Real configs (the published config.json values that shape decode), so the shapes and byte counts are the models'.
 CONFIGS: dict[str, dict] = {
@@ -134,8 +137,6 @@ def _sync(device: str) -> None:
 
 def measure_target(artifact: Path, target: str, device: str, prompt: list[int], new_tokens: int,
                    concurrency: list[int], runs: int, cuda_graphs: bool = True) -> dict:
-    import os
-
     import inferneo_runtime
     from inferneo_runtime import SamplingParams
 
@@ -216,15 +217,12 @@ def measure_transformers(checkpoint: Path, device: str, dtype_name: str, prompt:
         except Exception as e:  # the compiled peer failing on this host's torch is a finding, not the end of the check
             if name == "eager":
                 raise  # the parity reference
-            result[name] = {"error": _error(e)}
+            result[name] = {"error": error_summary(e)}
             continue
         result[name] = {"ttft_ms": round(ttft * 1e3, 2),
                         "decode_tok_s": round((new_tokens - 1) / max(full - ttft, 1e-9), 1), "tokens": tokens}
     return result  # the model (and its GPU memory) goes with this frame
 
-
-def _error(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 
 
 def first_divergence(a: list[int], b: list[int]) -> Optional[int]:
@@ -275,7 +273,7 @@ def check_model(name: str, work: Path, device: str, targets: list[str], new_toke
         try:
             m = _in_child(measure_target, artifact, target, device, prompt, new_tokens, concurrency, runs)
         except Exception as e:  # recorded for this target; the others are still measured
-            measured[target] = {"error": _error(e)}
+            measured[target] = {"error": error_summary(e)}
             log(f"{name}/{target}: failed: {measured[target]['error']}")
             continue
         tokens = m.pop("tokens")
@@ -433,7 +431,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             report["models"][name] = check_model(name, work, device, targets, args.new_tokens, concurrency, args.runs,
                                                  compiled, log)
         except Exception as e:  # recorded; the next model is still checked (a device session has minutes, not hours)
-            report["models"][name] = {"error": _error(e)}
+            report["models"][name] = {"error": error_summary(e)}
             log(f"{name}: failed: {report['models'][name]['error']}")
         # both kept after each model, so a run stopped at its time limit keeps what it measured
         (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")

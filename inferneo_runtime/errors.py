@@ -65,3 +65,10 @@ def first_problem(e: BaseException) -> str:
     where = ".".join(str(p) for p in problem[0])
     return f"{where}: {problem[1]}" if where else problem[1]
 
+
+
+def error_summary(e: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message` (cut at `limit`): an exception from C++, a driver or a child process, in
+    the one line a report or a warning has room for."""
+    text = str(e)
+    return f"{type(e).__name__}: {text.splitlines()[0][:limit] if text else ''}"

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import InferneoError
+from ..errors import InferneoError, error_summary
 
 try:
     import torch
@@ -151,6 +151,6 @@ class DecodeGraphs:
     def _disable(self, error: Exception) -> None:
         self.mode = "off"
         self._graphs.clear()
-        self.error = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+        self.error = error_summary(error)
         warnings.warn(f"CUDA graph capture of the decode step failed ({self.error}); decoding without it",
                       RuntimeWarning, stacklevel=3)

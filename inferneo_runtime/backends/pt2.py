@@ -7,7 +7,7 @@ them into the call's slots at the step's positions.
 """
 from __future__ import annotations
 
-from ..errors import InferneoError, ManifestError
+from ..errors import InferneoError, ManifestError, error_summary
 from .base import physical_cores
 from .decode_graph import DecodeGraphs, default_mode
 from .torchscript import TorchScriptBackend, _torch_device, torch
@@ -42,7 +42,7 @@ class Pt2Backend(TorchScriptBackend):
             self._module = torch._inductor.aoti_load_package(str(path), device_index=index)
         except Exception as e:  # the loader raises RuntimeError / OSError from C++: name the file and the cause
             raise InferneoError(f"{path}: torch {torch.__version__} cannot load this .pt2 package "
-                                f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+                                f"({error_summary(e)})") from None
         self._last_position = torch.zeros(1, dtype=torch.int64, device=self._device)
         self._slot_offsets: dict[int, "torch.Tensor"] = {}
         self.decode_graphs = DecodeGraphs(self._static_step, default_mode(self._device))
