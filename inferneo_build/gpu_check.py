@@ -148,9 +148,7 @@ def measure_target(artifact: Path, target: str, device: str, prompt: list[int], 
     load_s = time.perf_counter() - t
     try:
         def run(prompts, n):
-            out = model.generate_ids(prompts, SamplingParams(max_new_tokens=n, ignore_eos=True))
-            _sync(device)
-            return out
+            return _synced(device, model.generate_ids(prompts, SamplingParams(max_new_tokens=n, ignore_eos=True)))
 
         run([prompt], 4)  # warm-up: first-call allocation and kernel selection
         ttft, _ = _median_time(lambda: run([prompt], 1), runs)
@@ -162,14 +160,26 @@ def measure_target(artifact: Path, target: str, device: str, prompt: list[int], 
             run(batch, new_tokens)  # warm-up: requests join one prefill a step, so each batch size is captured once
             secs, _ = _median_time(lambda: run(batch, new_tokens), max(1, runs // 2))
             aggregate[str(c)] = round(c * new_tokens / secs, 1)
+        # sampled decode: the draw runs where the logits are; keep_logits brings every step's logits to the
+        # host sampler instead, and the same seed must give the same tokens
+        sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, temperature=0.8, top_p=0.95, seed=0)
+        sampled_s, sampled = _median_time(lambda: _synced(device, model.generate_ids([prompt], sampling)), runs)
+        host_drawn = model.generate_ids([prompt], sampling, keep_logits=True)
         graphs = getattr(model.backend, "decode_graphs", None)  # the torch targets' (decode_graph.py)
         return {"load_s": round(load_s, 2), "ttft_ms": round(ttft * 1e3, 2),
                 "decode_tok_s": round((new_tokens - 1) / max(full - ttft, 1e-9), 1),
+                "sampled_decode_tok_s": round((new_tokens - 1) / max(sampled_s - ttft, 1e-9), 1),
+                "sampled_tokens_equal_host_draw": sampled[0].token_ids == host_drawn[0].token_ids,
                 "aggregate_tok_s": aggregate, "peak_device_memory_gb": peak(), "tokens": out[0].token_ids,
                 "decode_graphs": None if graphs is None else {"mode": graphs.mode, "captured": graphs.captured,
                                                               "error": graphs.error}}
     finally:
         model.close()
+
+
+def _synced(device: str, result):
+    _sync(device)
+    return result
 
 
 def _reset_peak(device: str) -> Callable[[], Optional[float]]:
@@ -374,6 +384,8 @@ def markdown(report: dict) -> str:
                 decode += f" ({t['decode_tok_s_without_graphs']} without CUDA graphs)"
             elif graphs.get("error"):
                 decode += f" (CUDA graph capture failed: {graphs['error']})"
+            decode += (f"; sampled {t['sampled_decode_tok_s']}"
+                       f"{'' if t['sampled_tokens_equal_host_draw'] else ' (NOT the host sampler tokens)'}")
             lines.append(f"| {name} | {target} | {decode} | {t['share_of_roofline']:.1%} | "
                          f"{t['vs_transformers'].get('eager', '')}x | {t['vs_transformers'].get('static_compile', '-')}"
                          f"{'x' if 'static_compile' in t['vs_transformers'] else ''} | {t['ttft_ms']} | {agg} | "

@@ -103,12 +103,15 @@ class Request:
         return ()
 
     @property
-    def argmax_is_enough(self) -> bool:
-        """Greedy with nothing between the logits and the argmax (no bias, penalty, ban, grammar or logprobs):
-        the backend may pick the token where the logits are (on a GPU, only the token crosses to the host)."""
+    def token_is_enough(self) -> bool:
+        """Nothing but the sampler's filter and draw reads the logits (no bias, penalty, ban, grammar or
+        logprobs): the backend may choose the token where the logits are (on a GPU, only it crosses to the host)."""
         p = self.params
-        return (p.greedy and p.logprobs is None and self.constraint is None
-                and not changes_logits(p, self._banned()))
+        return p.logprobs is None and self.constraint is None and not changes_logits(p, self._banned())
+
+    def uniform(self) -> float:
+        """The uniform `choose_token` would draw this step from the request's generator (greedy draws none)."""
+        return 0.0 if self.params.greedy else self.rng.random()
 
     def accept(self, logits_row: np.ndarray, keep_logits: bool, draft: Optional[int] = None,
                draft_probs: Optional[np.ndarray] = None) -> TokenEvent:
@@ -323,9 +326,11 @@ class Engine:
             ids[row, 0] = req.out.token_ids[-1]
             ids[row, 1:1 + len(draft)] = draft
             ids[row, 1 + len(draft):] = ids[row, 0]  # padding: its positions are past the row's length, never read
-        if width == 1 and not self.keep_logits and all(r.argmax_is_enough for r in self.active):
-            # every row plain greedy: the backend picks the tokens where the logits are (a GPU returns only them)
-            for req, token in zip(self.active, self.backend.forward_greedy(self.cache, 0, ids, past)):
+        if width == 1 and not self.keep_logits and all(r.token_is_enough for r in self.active):
+            # nothing reads the logits but the draw: the backend chooses where they are (a GPU returns the tokens)
+            params = [r.params for r in self.active]
+            uniforms = np.array([r.uniform() for r in self.active])
+            for req, token in zip(self.active, self.backend.forward_tokens(self.cache, 0, ids, past, params, uniforms)):
                 req.past += 1
                 events.append(req.emit(int(token)))
             self._compact([row for row, r in enumerate(self.active) if r.finished])

@@ -93,6 +93,9 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
+GREEDY = SamplingParams()  # temperature 0: the argmax
+
+
 @dataclass
 class TokenLogprobs:
     token_id: int
@@ -168,9 +171,21 @@ def _processed(logits: np.ndarray, params: SamplingParams, context: Sequence[int
 
 def _draw(probs: np.ndarray, rng: np.random.Generator) -> int:
     # inverse-CDF draw with one uniform per step: the same seed gives the same tokens on every backend
-    u = rng.random()
+    return draw_at(probs, rng.random())
+
+
+def draw_at(probs: np.ndarray, u: float) -> int:
+    """The token where the cumulative distribution passes `u` (in [0, 1)) of its mass."""
     idx = int(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right"))
     return min(idx, probs.size - 1)
+
+
+def draw_tokens(logits: np.ndarray, params: Sequence[SamplingParams], uniforms: np.ndarray) -> np.ndarray:
+    """Each row's token from logits [n, vocab] that nothing processes (`changes_logits` is False for every row):
+    greedy rows their argmax, the others `choose_token`'s draw when the request's generator gives `uniforms[row]`
+    (greedy rows draw nothing). What a backend computes where its logits are; see torch_sampling for the GPU."""
+    return np.array([int(np.argmax(row)) if p.greedy else draw_at(filter_probs(row, p), float(u))
+                     for row, p, u in zip(logits, params, uniforms)], dtype=np.int64)
 
 
 def choose_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, context: Sequence[int],

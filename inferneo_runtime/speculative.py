@@ -157,7 +157,7 @@ class ModelDrafter(Drafter):
         only the token when the two models' vocabularies are the same size)."""
         if self.vocab == self.backend.dims.vocab:
             ids = np.array([[token]], dtype=np.int64)
-            return int(self.backend.forward_greedy(self.cache, 0, ids, np.array([past], dtype=np.int64))[0])
+            return int(self.backend.forward_tokens(self.cache, 0, ids, np.array([past], dtype=np.int64))[0])
         return self._pick(self._forward([token], past))
 
     def _forward(self, ids: list[int], past: int) -> np.ndarray:

@@ -29,7 +29,7 @@ def assert_static_decode_matches(backend, prompts: list[list[int]], new_tokens: 
     plain = generate_ids(backend, prompts, params, keep_logits=True)
     with decode_graph_mode(backend, "static") as graphs:
         static = generate_ids(backend, prompts, params, keep_logits=True)
-        greedy = generate_ids(backend, prompts, params)  # the engine's token-only steps (forward_greedy)
+        greedy = generate_ids(backend, prompts, params)  # the engine's token-only steps (forward_tokens)
         assert graphs.captured == 0 and graphs.error is None  # nothing is captured on the CPU
     for a, b, c in zip(plain, static, greedy):
         assert a.token_ids == b.token_ids == c.token_ids

@@ -100,11 +100,12 @@ def test_requests_join_a_running_batch(model):
         assert together[i].token_ids == model.generate_ids([ids[i]], params[i])[0].token_ids
 
 
-def test_greedy_decode_steps_take_only_tokens_from_the_backend(model, monkeypatch):
-    """A decode step whose rows are all plain greedy asks the backend for the argmax tokens (on a GPU only they
-    cross to the host); any row that reads its logits (logprobs, a penalty, a banned EOS) keeps the whole step
-    on logits. Either way the tokens are the logits path's."""
-    calls = {"forward": 0, "forward_greedy": 0}
+def test_decode_steps_that_read_no_logits_take_only_tokens_from_the_backend(model, monkeypatch):
+    """A decode step whose rows read nothing of the logits but the draw (greedy, or sampled with temperature,
+    top-k, top-p, min-p) asks the backend for the tokens (on a GPU only they cross to the host); any row that
+    reads its logits (logprobs, a penalty, a banned EOS) keeps the whole step on logits. Either way the tokens,
+    seeded draws included, are the logits path's."""
+    calls = {"forward": 0, "forward_tokens": 0}
     for name in calls:
         method = getattr(model.backend, name)
 
@@ -114,23 +115,30 @@ def test_greedy_decode_steps_take_only_tokens_from_the_backend(model, monkeypatc
         monkeypatch.setattr(model.backend, name, counted)
     ids = [model.tokenizer.encode(p) for p in PROMPTS]
     greedy = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    sampled = [SamplingParams(max_new_tokens=8, ignore_eos=True, temperature=t, top_k=k, top_p=p, min_p=m, seed=s)
+               for t, k, p, m, s in [(0.9, 0, 0.95, 0.0, 1), (1.2, 20, 1.0, 0.05, 2)]]
+    for batch in ([greedy] * 3, [greedy, *sampled], [*sampled, greedy]):
+        calls.update(forward=0, forward_tokens=0)
+        fast = model.generate_ids(ids, batch)
+        assert calls == {"forward": 3, "forward_tokens": 7}  # three prefills, then seven steps of three rows
+        slow = model.generate_ids(ids, batch, keep_logits=True)  # keep_logits: every step returns the logits
+        assert [o.token_ids for o in fast] == [o.token_ids for o in slow]
+    assert len({tuple(o.token_ids) for o in fast}) == 3
     fast = model.generate_ids(ids, greedy)
-    assert calls == {"forward": 3, "forward_greedy": 7}  # three prefills, then seven steps of three rows
-    assert [o.token_ids for o in fast] == [o.token_ids for o in model.generate_ids(ids, greedy, keep_logits=True)]
     for other in (SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=0),
                   SamplingParams(max_new_tokens=8, ignore_eos=True, repetition_penalty=1.3),
                   SamplingParams(max_new_tokens=8, min_new_tokens=8, stop_token_ids=[fast[1].token_ids[2]])):
-        calls.update(forward=0, forward_greedy=0)
+        calls.update(forward=0, forward_tokens=0)
         mixed = model.generate_ids(ids, [greedy, other, greedy])
-        assert calls["forward_greedy"] == 0
+        assert calls["forward_tokens"] == 0
         assert mixed[0].token_ids == fast[0].token_ids and mixed[2].token_ids == fast[2].token_ids
     # once min_new_tokens is reached nothing is banned: the steps after it take tokens again
     stop = next(t for t in fast[1].token_ids[4:] if t not in fast[1].token_ids[:4])
-    calls.update(forward=0, forward_greedy=0)
+    calls.update(forward=0, forward_tokens=0)
     held = model.generate_ids([ids[1]], SamplingParams(max_new_tokens=8, min_new_tokens=4, ignore_eos=True,
                                                        stop_token_ids=[stop]))[0]
     assert held.token_ids == fast[1].token_ids[:fast[1].token_ids.index(stop) + 1]
-    assert calls["forward_greedy"] == len(held.token_ids) - 4 >= 1
+    assert calls["forward_tokens"] == len(held.token_ids) - 4 >= 1
 
 
 def test_chat_uses_the_template(model):

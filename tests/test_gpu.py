@@ -53,6 +53,19 @@ def test_torchscript_cuda_greedy_equals_cpu(smollm2_artifact):
     assert outputs["cuda"] == outputs["cpu"]
 
 
+def test_the_draw_on_cuda_is_the_host_samplers():
+    """Sampled decode steps draw on the GPU (only the tokens come back): the same tokens as the numpy sampler
+    at the same uniforms, as test_sampling checks for torch on the CPU."""
+    from inferneo_runtime.backends.torch_sampling import draw_tokens as device_draw
+    from inferneo_runtime.sampling import draw_tokens
+    from test_sampling import DRAW_PARAMS, _draw_inputs
+
+    for seed in range(4):
+        logits, uniforms = _draw_inputs(seed)
+        assert (device_draw(torch.from_numpy(logits).cuda(), DRAW_PARAMS, uniforms).tolist()
+                == draw_tokens(logits, DRAW_PARAMS, uniforms).tolist())
+
+
 @pytest.mark.slow
 def test_cuda_memory_figures(smollm2_artifact):
     m = read_manifest(smollm2_artifact)

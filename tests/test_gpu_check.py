@@ -29,6 +29,7 @@ def test_cpu_run_writes_parity_and_measurements(tmp_path):
     # greedy tokens of the built target equal transformers' generate on the same device
     assert target["parity"] == {"tokens_equal": True, "first_divergence": None, "compared_tokens": 8}
     assert target["decode_tok_s"] > 0 and target["ttft_ms"] > 0 and target["aggregate_tok_s"]["2"] > 0
+    assert target["sampled_decode_tok_s"] > 0 and target["sampled_tokens_equal_host_draw"] is True
     assert tiny["transformers"]["eager"]["decode_tok_s"] > 0 and "static_compile" not in tiny["transformers"]
     # the decode step is captured as a CUDA graph only on CUDA; on the CPU nothing is, and nothing is re-measured
     assert target["decode_graphs"] == {"mode": "off", "captured": 0, "error": None}
@@ -39,7 +40,7 @@ def test_cpu_run_writes_parity_and_measurements(tmp_path):
     assert tiny["roofline_tok_s"] == pytest.approx(tiny["bandwidth"]["gb_s"] * 1e9 / tiny["weight_bytes"], rel=1e-3)
     assert target["share_of_roofline"] == pytest.approx(target["decode_tok_s"] / tiny["roofline_tok_s"], abs=1e-3)
     table = (out / "gpu_check.md").read_text()
-    assert "| tiny | torchscript |" in table and "equal" in table
+    assert "| tiny | torchscript |" in table and "equal" in table and "sampled " in table
     assert table.strip() in r.stdout
 
 

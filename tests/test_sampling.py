@@ -99,3 +99,49 @@ def test_logprobs_are_the_models_softmax():
 def test_bad_parameters_are_clear(kw, needle):
     with pytest.raises(RequestError, match=needle):
         SamplingParams(**kw)
+
+
+# Rows that exercise every filter and its edges: ties at top-k's k-th value, top-k past the vocabulary, top-p
+# small enough to keep one token, min-p (1.0: only the tied top tokens), greedy rows (temperature 0, top_k 1).
+DRAW_PARAMS = [SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m)
+               for t, k, p, m in [(1.0, 0, 1.0, 0.0), (0.7, 0, 0.9, 0.0), (1.3, 40, 1.0, 0.0), (1.0, 7, 0.8, 0.05),
+                                  (0.0, 0, 1.0, 0.0), (2.0, 5000, 0.95, 0.0), (1.0, -1, 0.3, 0.0), (0.5, 1, 1.0, 0.0),
+                                  (1.1, 3, 1.0, 0.0), (0.9, 0, 1.0, 0.3), (1.0, 0, 0.001, 0.0), (1.0, 0, 1.0, 1.0)]]
+
+
+def _draw_inputs(seed: int, vocab: int = 3000):
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((len(DRAW_PARAMS), vocab)) * 3).astype(np.float32)
+    logits[:, 100:140] = logits[:, :1].max()  # 40 tokens tied at each row's top (after the first)
+    logits[:, 500:520] = np.sort(logits, axis=-1)[:, -5:-4]  # ties at the 5th-largest value
+    return logits, rng.random(len(DRAW_PARAMS))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_draw_tokens_is_choose_token_at_the_requests_uniform(seed):
+    """The backends' token-only step draws as choose_token does with the request's generator."""
+    from inferneo_runtime.sampling import draw_tokens
+
+    logits, _ = _draw_inputs(seed)
+    uniforms, expected = [], []
+    for i, (row, p) in enumerate(zip(logits, DRAW_PARAMS)):  # each row its own request's generator
+        uniforms.append(0.0 if p.greedy else np.random.default_rng([seed, i]).random())
+        expected.append(choose_token(row, p, np.random.default_rng([seed, i]), [], []))
+    assert draw_tokens(logits, DRAW_PARAMS, np.array(uniforms)).tolist() == expected
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_devices_draw_is_the_host_samplers(seed):
+    """torch_sampling (what a torch backend runs where its logits are, a GPU's included) gives the numpy sampler's
+    tokens at the same uniforms, from float32 and from bfloat16 logits."""
+    torch = pytest.importorskip("torch")
+    from inferneo_runtime.backends.torch_sampling import draw_tokens as device_draw
+    from inferneo_runtime.sampling import draw_tokens
+
+    logits, uniforms = _draw_inputs(seed)
+    host = draw_tokens(logits, DRAW_PARAMS, uniforms)
+    assert device_draw(torch.from_numpy(logits), DRAW_PARAMS, uniforms).tolist() == host.tolist()
+    half = torch.from_numpy(logits).bfloat16()
+    assert (device_draw(half, DRAW_PARAMS, uniforms).tolist()
+            == draw_tokens(half.float().numpy(), DRAW_PARAMS, uniforms).tolist())
+    assert len(set(host.tolist())) > 5  # the rows' tokens differ: the comparison is not of constants

@@ -341,14 +341,14 @@ def test_import_stays_slim():
 
 # -- a server in this process, with the engine held still ----------------------------------------------------
 class Gate:
-    """Wraps a backend's engine steps (`forward`, and `forward_greedy`, which plain greedy decode steps call):
+    """Wraps a backend's engine steps (`forward`, and `forward_tokens`, which decode steps that read no logits call):
     each call needs a permit while the gate is closed; counts calls."""
 
     def __init__(self, backend):
         self._cond = threading.Condition()
         self.permits = None  # None: open
         self.calls = 0
-        for name in ("forward", "forward_greedy"):
+        for name in ("forward", "forward_tokens"):
             setattr(backend, name, self._gated(getattr(backend, name)))
 
     def _gated(self, method):

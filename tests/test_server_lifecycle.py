@@ -132,14 +132,14 @@ def test_ready_only_after_the_warm_up_generation(llama):
     backend = registry.entry("tiny-llama").model.backend
     release, steps = threading.Event(), []
 
-    def held(step):  # the engine's steps: forward, and forward_greedy for plain greedy decode steps
+    def held(step):  # the engine's steps: forward, and forward_tokens for decode steps that read no logits
         def call(*args, **kwargs):
             assert release.wait(20)
             steps.append(1)
             return step(*args, **kwargs)
         return call
 
-    backend.forward, backend.forward_greedy = held(backend.forward), held(backend.forward_greedy)
+    backend.forward, backend.forward_tokens = held(backend.forward), held(backend.forward_tokens)
     starter = threading.Thread(target=state.start_models)
     with TestClient(app) as c:
         starter.start()

@@ -11,8 +11,8 @@ The backend writes their keys/values into the cache in place and returns float32
 or [n, 1, vocab] for the last position only with `last_only=True` (what sampling needs; a prefill then
 skips the vocabulary-sized projection of every other prompt position when the backend supports it).
 Prefill and decode are the same call with different S; the generation loop keeps active slots contiguous.
-`forward_greedy` is the same step returning each row's argmax token instead of the logits (the loop's plain
-greedy decode steps; on a GPU only the tokens then cross to the host).
+`forward_tokens` is the same step returning each row's next token instead of the logits, greedy or drawn as the
+sampler would (the loop's decode steps whose logits nothing else reads; on a GPU only the tokens cross to the host).
 """
 from __future__ import annotations
 
@@ -20,14 +20,16 @@ import mmap
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from ..errors import ManifestError, RequestError
+from ..sampling import GREEDY, draw_tokens
 
 if TYPE_CHECKING:  # annotations only
     from ..manifest import ModelDims, TargetEntry
+    from ..sampling import SamplingParams
 
 CAPACITY_CHUNK = 256  # the cache grows in steps of this many positions
 
@@ -184,14 +186,19 @@ class Backend(ABC):
         ids, past = self._checked(cache, start, input_ids, past_lengths)
         return self._logits(cache, start, ids, past, last_only)
 
-    def forward_greedy(self, cache: KVCache, start: int, input_ids: np.ndarray,
-                       past_lengths: np.ndarray) -> np.ndarray:
-        """The same step as `forward`, returning each row's argmax after its last new token ([n] int64, the
-        first of equal maxima, as numpy's argmax) instead of the logits: all a greedy step whose logits nothing
-        else reads needs. Backends whose logits live on a GPU override `_greedy_impl`, so that only the tokens
-        cross to the host."""
+    def forward_tokens(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray,
+                       params: Optional[Sequence["SamplingParams"]] = None,
+                       uniforms: Optional[np.ndarray] = None) -> np.ndarray:
+        """The same step as `forward`, returning each row's next token after its last new token ([n] int64)
+        instead of the logits: all a step needs whose logits nothing else reads (no logprobs, penalty, bias, ban
+        or grammar). Row r is greedy (its argmax, the first of equal maxima) or drawn from `params[r]`'s
+        temperature, top-k, top-p and min-p at the uniform `uniforms[r]`, as `sampling.choose_token` draws with
+        a generator that gives it; `params=None`: every row greedy. Backends whose logits live on a GPU override
+        `_tokens_impl`, so that only the tokens cross to the host."""
         ids, past = self._checked(cache, start, input_ids, past_lengths)
-        return self._greedy_impl(cache, start, ids, past)
+        if params is None:
+            params, uniforms = [GREEDY] * len(ids), np.zeros(len(ids))
+        return self._tokens_impl(cache, start, ids, past, params, uniforms)
 
     def _checked(self, cache: KVCache, start: int, input_ids: np.ndarray,
                  past_lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -208,8 +215,9 @@ class Backend(ABC):
         logits = self._forward_impl(cache, start, ids, past)
         return logits[:, -1:] if last_only else logits
 
-    def _greedy_impl(self, cache: KVCache, start: int, ids: np.ndarray, past: np.ndarray) -> np.ndarray:
-        return self._logits(cache, start, ids, past, last_only=True)[:, -1].argmax(-1)
+    def _tokens_impl(self, cache: KVCache, start: int, ids: np.ndarray, past: np.ndarray,
+                     params: Sequence["SamplingParams"], uniforms: np.ndarray) -> np.ndarray:
+        return draw_tokens(self._logits(cache, start, ids, past, last_only=True)[:, -1], params, uniforms)
 
     # -- subclass hooks ---------------------------------------------------------------------------
     @abstractmethod

@@ -7,10 +7,12 @@ from __future__ import annotations
 import re
 import warnings
 from contextlib import contextmanager
+from typing import Sequence
 
 import numpy as np
 
 from ..errors import InferneoError, ManifestError, MissingExtraError
+from ..sampling import SamplingParams
 from .base import Backend, KVCache, physical_cores, small_page_zeros
 from .decode_graph import DecodeGraphs, default_mode
 
@@ -18,6 +20,7 @@ try:
     import torch
 except ImportError:  # pragma: no cover - depends on the install
     raise MissingExtraError("TorchScript artifacts", "torchscript", "torch") from None
+from .torch_sampling import draw_tokens  # (needs torch)
 
 # torch >= 2.9 deprecates every torch.jit entry point ("`torch.jit.load` is deprecated. Please switch to ...").
 _JIT_DEPRECATION = r"`torch\.jit\.\w+` is deprecated"
@@ -108,9 +111,10 @@ class TorchScriptBackend(Backend):
         with torch.inference_mode():
             return self._device_logits(cache, start, input_ids, past_lengths, last_only).float().cpu().numpy()
 
-    def _greedy_impl(self, cache: KVCache, start: int, ids: np.ndarray, past: np.ndarray) -> np.ndarray:
+    def _tokens_impl(self, cache: KVCache, start: int, ids: np.ndarray, past: np.ndarray,
+                     params: Sequence[SamplingParams], uniforms: np.ndarray) -> np.ndarray:
         with torch.inference_mode():  # on the device: [n] tokens cross to the host, not [n, vocab] logits
-            return self._device_logits(cache, start, ids, past, True)[:, -1].float().argmax(-1).cpu().numpy()
+            return draw_tokens(self._device_logits(cache, start, ids, past, True)[:, -1], params, uniforms)
 
     def _device_logits(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray,
                        last_only: bool) -> "torch.Tensor":
