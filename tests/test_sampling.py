@@ -132,8 +132,8 @@ def test_draw_tokens_is_choose_token_at_the_requests_uniform(seed):
 
 @pytest.mark.parametrize("seed", range(12))
 def test_the_devices_draw_is_the_host_samplers(seed):
-    """torch_sampling (what a torch backend runs where its logits are, a GPU's included) gives the numpy sampler's
-    tokens at the same uniforms, from float32 and from bfloat16 logits."""
+    """torch_sampling (what a torch backend on a GPU runs where its logits are; the same code on the CPU here)
+    gives the numpy sampler's tokens at the same uniforms, from float32 and from bfloat16 logits."""
     torch = pytest.importorskip("torch")
     from inferneo_runtime.backends.torch_sampling import draw_tokens as device_draw
     from inferneo_runtime.sampling import draw_tokens

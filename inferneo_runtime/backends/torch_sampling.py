@@ -1,4 +1,5 @@
-"""The sampler's draw where a torch backend's logits are (on a GPU: only the tokens cross to the host).
+"""The sampler's draw on a GPU, where a torch backend's logits are, so that only the tokens cross to the host
+(on the CPU the backends use numpy's, which is faster there).
 
 `draw_tokens` is `sampling.draw_tokens` in torch: the same steps in the same order and in float64 (temperature,
 top-k keeping ties at the k-th value, softmax, top-p over probabilities sorted stably, min-p, the inverse-CDF draw
