@@ -21,7 +21,7 @@ try:
     import torch
 except ImportError:  # pragma: no cover - depends on the install
     raise MissingExtraError("TorchScript artifacts", "torchscript", "torch") from None
-from .torch_sampling import draw_tokens  # (needs torch)
+from .torch_sampling import DeviceDraw  # (needs torch)
 
 # torch >= 2.9 deprecates every torch.jit entry point ("`torch.jit.load` is deprecated. Please switch to ...").
 _JIT_DEPRECATION = r"`torch\.jit\.\w+` is deprecated"
@@ -115,10 +115,11 @@ class TorchScriptBackend(Backend):
     def _tokens_impl(self, cache: KVCache, start: int, ids: np.ndarray, past: np.ndarray,
                      params: Sequence[SamplingParams], uniforms: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            logits = self._device_logits(cache, start, ids, past, True)[:, -1]
-            if self._device.type == "cpu":  # in host memory already, where numpy's draw is the faster (0.3 ms vs 1.2)
+            if self._device.type == "cpu":  # logits in host memory, where numpy's draw is the faster (0.3 ms vs 1.2)
+                logits = self._device_logits(cache, start, ids, past, True)[:, -1]
                 return sampling.draw_tokens(logits.float().numpy(), params, uniforms)
-            return draw_tokens(logits, params, uniforms)  # on the device: [n] tokens cross, not [n, vocab] logits
+            draw = DeviceDraw(params, uniforms, self._device)  # (its inputs sent before the step)
+            return draw.tokens(self._device_logits(cache, start, ids, past, True)[:, -1])  # [n] tokens cross back
 
     def _device_logits(self, cache: KVCache, start: int, input_ids: np.ndarray, past_lengths: np.ndarray,
                        last_only: bool) -> "torch.Tensor":
