@@ -96,27 +96,14 @@ def device_targets(device: str, names: list[str]) -> list[dict]:
 
 def measure_bandwidth(device: str) -> dict:
     """Bytes per second the device moves: a device-to-device copy (read + write) on CUDA, threaded reads on the CPU."""
-    if not device.startswith("cuda"):
-        from inferneo_runtime.bench import measure_bandwidth as cpu_bandwidth
+    from inferneo_runtime.bench import measure_bandwidth as cpu_bandwidth
+    from inferneo_runtime.bench import measure_device_bandwidth
 
-        got = cpu_bandwidth()
-        return {"gb_s": got["read_gb_s"], "method": f"threaded reads of {got['buffer_mib']} MiB, best of 7"}
-    import torch
-
-    n = 2 ** 30
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = 0.0
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        torch.cuda.synchronize()
-        best = max(best, 2 * n / (start.elapsed_time(end) / 1e3) / 1e9)
-    del src, dst
-    return {"gb_s": round(best, 1), "method": "1 GiB device-to-device copy (read + write), best of 10"}
+    if device.startswith("cuda"):
+        got = measure_device_bandwidth(device)
+        return {"gb_s": got["read_gb_s"], "method": got["method"]}
+    got = cpu_bandwidth()
+    return {"gb_s": got["read_gb_s"], "method": f"threaded reads of {got['buffer_mib']} MiB, best of 7"}
 
 
 def _median_time(fn: Callable[[], object], runs: int) -> tuple[float, object]:

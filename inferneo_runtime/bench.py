@@ -4,7 +4,8 @@ For every target: load time, time to first token (TTFT), decode tokens/s (median
 with min and max), the cost of one decode step at short and long positions, aggregate tokens/s with
 several concurrent requests through the batching Engine, and peak RSS. Next to them: this machine's
 memory read bandwidth, measured here, and the decode roofline it implies (every weight but the embedding
-table is streamed once per token). With `compare`, peers (`inferneo_build.bench_peers`) run the same
+table is streamed once per token). With `device="cuda"` the targets run on the GPU (the torch targets; an onnx
+target is reported as failing to load, with the reason), against the device's bandwidth, with its peak memory. With `compare`, peers (`inferneo_build.bench_peers`) run the same
 prompt on the same checkpoint in the same run, and the report gives ratios.
 
 Every target and peer is a child process of its own, so peak RSS is its own and an ONNX child can show
@@ -18,6 +19,7 @@ import json
 import os
 import platform
 import queue
+import re
 import resource
 import statistics
 import subprocess
@@ -61,6 +63,7 @@ class BenchSettings:
     threads: Optional[int] = None  # intra-op threads; default: physical cores
     concurrency: tuple[int, ...] = CONCURRENCY
     timeout_s: float = 900.0  # for any one child reply (a peer's first load may export or build a model)
+    device: str = "cpu"  # cpu or cuda[:N]: where the targets run (peers run on the CPU only)
 
 
 # -- statistics ------------------------------------------------------------------------------------------
@@ -94,6 +97,43 @@ def measure_bandwidth(threads: Optional[int] = None, mib: int = 512, repeats: in
             "kernels_gb_s": {k: round(v, 1) for k, v in best.items()}}
 
 
+def measure_device_bandwidth(device: str) -> dict:
+    """Bytes per second a CUDA device moves: a 1 GiB device-to-device copy (read + write), best of 10."""
+    import torch
+
+    n = 2 ** 30
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = 0.0
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        best = max(best, 2 * n / (start.elapsed_time(end) / 1e3) / 1e9)
+    del src, dst
+    return {"read_gb_s": round(best, 1), "method": "1 GiB device-to-device copy (read + write), best of 10",
+            "device": torch.cuda.get_device_name(device)}
+
+
+def check_device(device: str) -> None:
+    """A bench `device` this host can run, or a BenchError naming it (before any child starts)."""
+    if device == "cpu":
+        return
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        raise BenchError(f"--device {device!r}: use cpu, cuda or cuda:N")
+    try:
+        import torch
+    except ImportError:
+        raise BenchError(f"--device {device}: needs torch with CUDA (pip install 'inferneo[torchscript]')") from None
+    index = int(device.partition(":")[2] or 0)
+    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+        raise BenchError(f"--device {device}: torch {torch.__version__} sees {torch.cuda.device_count()} CUDA "
+                         f"device(s)")
+
+
 # -- a child: one target, driven over stdin ----------------------------------------------------------------
 # `structured` row: a small nested schema, bounded so any model (random weights too) completes it
 BENCH_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "size", "tags", "meta"],
@@ -116,7 +156,9 @@ class TargetSession:
         self._engine, self._params = Engine, SamplingParams
         self.settings, self.prompt_ids, self.target = job["settings"], job["prompt_ids"], job["target"]
         t1 = time.perf_counter()
-        self.model = load(job["artifact"], target=self.target, threads=self.settings["threads"], verify=False)
+        self.device = self.settings.get("device", "cpu")
+        self.model = load(job["artifact"], target=self.target, threads=self.settings["threads"], verify=False,
+                          device=self.device)
         self.t_load = time.perf_counter() - t1
         self.backend = self.model.backend
         self.reference: Optional[list[int]] = None
@@ -213,6 +255,10 @@ class TargetSession:
     def final(self) -> dict:
         out = {"peak_rss_generation_mb": self.rss_generation or peak_rss_mb(), "peak_rss_mb": peak_rss_mb(),
                "torch_imported": "torch" in sys.modules, "tokens": self.reference, "runs_agree": self.runs_agree}
+        if self.device != "cpu":
+            import torch
+
+            out["peak_device_memory_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20, 1)
         self.model.close()
         return out
 
@@ -365,6 +411,7 @@ def run_bench(artifact: Path, targets: Optional[list[str]] = None, compare: tupl
     bad = [p for p in compare if p not in PEERS]
     if bad:
         raise BenchError(f"unknown peer {', '.join(bad)}; known: {', '.join(PEERS)}")
+    check_device(settings.device)
     tokenizer = Tokenizer(artifact, listed=manifest.listed_root_files())
     prompt_ids = tokenizer.encode_chat(PROMPT) if tokenizer.chat_template else tokenizer.encode(PROMPT[0]["content"])
     threads = settings.threads or physical_cores()
@@ -376,17 +423,18 @@ def run_bench(artifact: Path, targets: Optional[list[str]] = None, compare: tupl
     child_settings = {**asdict(settings), "threads": threads, "new_tokens": new_tokens}
 
     def bandwidth() -> dict:
-        c = Child("bandwidth", [sys.executable, "-m", __name__, "bandwidth", str(threads)], settings.timeout_s)
+        c = Child("bandwidth", [sys.executable, "-m", __name__, "bandwidth", str(threads), settings.device],
+                  settings.timeout_s)
         r = c.reply()
         c.close()
         return r
 
-    log(f"measuring memory bandwidth ({threads} threads)")
+    log(f"measuring memory bandwidth ({settings.device if settings.device != 'cpu' else f'{threads} threads'})")
     bw_before = bandwidth()
     report = {
         "artifact": str(artifact), "model": manifest.name,
         "machine": {"cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
-                    "threads": threads, "python": platform.python_version()},
+                    "threads": threads, "python": platform.python_version(), "device": settings.device},
         "prompt_tokens": len(prompt_ids), "new_tokens": new_tokens, "runs": settings.runs,
         "targets": {}, "peers": {}, "ratios": {},
     }
@@ -408,7 +456,10 @@ def run_bench(artifact: Path, targets: Optional[list[str]] = None, compare: tupl
         ready.setdefault("process_to_first_token_s", round(time.perf_counter() - t, 3))
         results[("targets", name)] = {"format": entry.format, **ready, **child.ask("verify")}
         children[("targets", name)] = child
-    if compare and spawn_peers is None:
+    if compare and settings.device != "cpu":
+        for p in compare:  # the device check (inferneo_build.gpu_check) runs transformers beside them on a GPU
+            results[("peers", p)] = {"skipped": f"peers run on the cpu, the targets on {settings.device}"}
+    elif compare and spawn_peers is None:
         for p in compare:
             results[("peers", p)] = {"skipped": "peers need inferneo[build] (inferneo_build.bench_peers)"}
     elif compare:
@@ -496,7 +547,9 @@ def _cpu_model() -> str:
 # -- child entry points ------------------------------------------------------------------------------------
 def _child(argv: list[str]) -> None:
     if argv[0] == "bandwidth":
-        print(RESULT_MARK + json.dumps(measure_bandwidth(int(argv[1]))), flush=True)
+        device = argv[2] if len(argv) > 2 else "cpu"
+        got = measure_bandwidth(int(argv[1])) if device == "cpu" else measure_device_bandwidth(device)
+        print(RESULT_MARK + json.dumps(got), flush=True)
     elif argv[0] == "target":
         job = json.loads(argv[1])
         serve(lambda: TargetSession(job))

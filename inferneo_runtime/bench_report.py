@@ -10,11 +10,14 @@ def print_report(report: dict, console) -> None:
 
     m = report["machine"]
     bw = m["bandwidth"]
-    console.print(f"[bold]{report['model']}[/bold] · {m['cpu']} · {m['physical_cores']} cores, {m['threads']} threads "
+    device = m.get("device", "cpu")
+    where = f"{bw.get('device', device)} ({device})" if device != "cpu" else f"{m['threads']} threads"
+    console.print(f"[bold]{report['model']}[/bold] · {m['cpu']} · {m['physical_cores']} cores, {where} "
                   f"· prompt {report['prompt_tokens']} tokens, {report['new_tokens']} new, greedy · "
                   f"{report['runs']} interleaved runs (median, min–max)", highlight=False)
     if "read_gb_s" in bw:
-        console.print(f"memory read bandwidth {bw['read_gb_s']} GB/s (measured, best of before/after: "
+        what = "memory read bandwidth" if device == "cpu" else f"{device} bandwidth ({bw.get('method')})"
+        console.print(f"{what} {bw['read_gb_s']} GB/s (measured, best of before/after: "
                       f"{bw['runs_gb_s']}) · weights streamed per token {report['weights_streamed_mb']} MB "
                       f"→ decode roofline {report['roofline_tok_s']} tok/s", highlight=False)
     else:
@@ -36,6 +39,9 @@ def print_report(report: dict, console) -> None:
                       "-" if frac is None else f"{100 * frac:.0f}%", f"{t['peak_rss_generation_mb']:.0f}",
                       f"{t['load_s'] + t['first_token_s']:.2f}{note}")
     console.print(table)
+    gpu = [f"{n} {t['peak_device_memory_mb']:.0f}" for n, t in report["targets"].items() if "peak_device_memory_mb" in t]
+    if gpu:
+        console.print(f"peak {device} memory MB: " + ", ".join(gpu), highlight=False)
     own = [f"{n} {t['roofline_tok_s']:g} tok/s" for n, t in report["targets"].items() if t.get("roofline_tok_s")]
     if own:
         console.print("reduced-precision targets against the roofline of their own weight bytes: " + ", ".join(own),

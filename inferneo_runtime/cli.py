@@ -199,6 +199,8 @@ def bench(
     checkpoint: Optional[Path] = typer.Option(None, help="HF checkpoint for the peers (default: the manifest's source)"),
     runs: int = typer.Option(5, min=1, help="timed runs per measurement (medians, with min and max)"),
     threads: Optional[int] = typer.Option(None, min=1, help="intra-op threads (default: physical cores)"),
+    device: str = typer.Option("cpu", help="cpu or cuda[:N]: where the targets run (torch targets on a GPU; "
+                               "peers stay on the CPU and are skipped)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     url: Optional[str] = typer.Option(None, "--url", help="benchmark a running server instead: latency, "
                                       "TTFT, tokens/s of single, batched and concurrent requests"),
@@ -223,6 +225,8 @@ def bench(
     """Measure load time, TTFT, decode tokens/s, long-position cost, batching and peak RSS per target."""
     if plot is not None and url is not None:
         raise typer.BadParameter("--plot charts an artifact's bench; it does not go with --url")
+    if device != "cpu" and (url is not None or workloads):
+        raise typer.BadParameter("--device goes with an artifact's bench (not --url or --workloads)")
     if workloads:
         if artifact is None:
             raise typer.BadParameter("--workloads needs an ARTIFACT directory")
@@ -262,7 +266,7 @@ def bench(
         _require_plot(plot)
         log = log_to_stderr(as_json)
         report = run_bench(artifact, targets=target, compare=peers, checkpoint=checkpoint,
-                           settings=BenchSettings(runs=runs, threads=threads), log=log,
+                           settings=BenchSettings(runs=runs, threads=threads, device=device), log=log,
                            spawn_peers=_peer_spawner() if peers else None)
         if plot is not None:
             from .charts import write_bench_charts

@@ -107,6 +107,19 @@ def test_bad_names_are_input_errors(tiny_artifact):
     assert r.returncode == 2 and "has no target" in json.loads(r.stdout)["message"]
     r = run_cli("bench", art, "--compare", "vllm", "--json")
     assert r.returncode == 2 and "unknown peer" in json.loads(r.stdout)["message"]
+    r = run_cli("bench", art, "--device", "tpu", "--json")
+    assert r.returncode == 2 and "--device 'tpu'" in json.loads(r.stdout)["message"]
+    r = run_cli("bench", art, "--device", "cuda:0", "--workloads")
+    assert r.returncode == 2 and "--device" in r.stderr
+
+
+def test_a_device_this_host_lacks_is_named_before_anything_runs(tiny_artifact):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA: tests/test_gpu.py benches on it")
+    r = run_cli("bench", str(tiny_artifact("llama")), "--device", "cuda", "--json")
+    message = json.loads(r.stdout)["message"]
+    assert r.returncode == 2 and "--device cuda" in message and "0 CUDA device(s)" in message, message
 
 
 def test_peer_checkpoint_comes_from_the_manifest(tmp_path, monkeypatch):

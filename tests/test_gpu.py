@@ -66,6 +66,20 @@ def test_the_draw_on_cuda_is_the_host_samplers():
                 == draw_tokens(logits, DRAW_PARAMS, uniforms).tolist())
 
 
+def test_bench_on_the_gpu(tiny_artifact):
+    """`inferneo bench --device cuda`: the torch target measured on the GPU against the device's bandwidth, with
+    its peak device memory; the onnx target (CPU only) reported with the reason; peers skipped."""
+    r = run_cli("bench", str(tiny_artifact("llama")), "--device", "cuda", "--runs", "2", "--compare", "transformers",
+                "--json", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    assert report["machine"]["device"] == "cuda" and "device-to-device copy" in report["machine"]["bandwidth"]["method"]
+    ts = report["targets"]["torchscript"]
+    assert ts["decode_tok_s"]["median"] > 0 and ts["peak_device_memory_mb"] > 0 and ts["runs_agree"]
+    assert "cpu only" in report["targets"]["onnx"]["error"]
+    assert "peers run on the cpu" in report["peers"]["transformers"]["skipped"]
+
+
 @pytest.mark.slow
 def test_cuda_memory_figures(smollm2_artifact):
     m = read_manifest(smollm2_artifact)
