@@ -144,7 +144,7 @@ def measure_target(artifact: Path, target: str, device: str, prompt: list[int], 
         for c in concurrency:
             # distinct prompts (a different last token each), so nothing is shared between the requests
             batch = [prompt[:-1] + [(prompt[-1] + i) % model.manifest.model.vocab] for i in range(c)]
-            run(batch, new_tokens)  # warm-up: requests join one prefill a step, so each batch size is captured once
+            run(batch, new_tokens)  # warm-up: requests join one prefill a step: each batch bucket is captured
             secs, _ = _median_time(lambda: run(batch, new_tokens), max(1, runs // 2))
             aggregate[str(c)] = round(c * new_tokens / secs, 1)
         # sampled decode: the draw runs where the logits are; keep_logits brings every step's logits to the

@@ -76,3 +76,40 @@ def assert_caches_taking_turns_keep_their_steps(backend, prompt: list[int], step
     static, built = run("static")
     assert built == 2
     np.testing.assert_allclose(np.array(static), np.array(plain), atol=2e-5, rtol=0)
+
+
+def assert_padded_batches_leave_other_slots_alone(backend, prompts: list[list[int]], steps: int = 6) -> None:
+    """The engine's layout: three rows decode while the fourth slot holds a prompt part-way through prefill. The
+    three run as a batch bucket of four (the padding row writes a dummy token at the fourth slot's last position):
+    their logits are the per-length step's, the fourth slot's keys and values below its length are untouched, its
+    prefill then goes on to the same logits, and a step of four rows after it replays the same (start, 4) step."""
+    import torch
+
+    d = backend.dims
+
+    def run(mode):
+        with decode_graph_mode(backend, mode) as graphs:
+            built = graphs.built
+            cache = KVCache(backend._zeros, d.num_layers, d.kv_heads, d.head_dim, batch=4, capacity=64,
+                            max_capacity=backend.target.shapes.max_sequence)
+            rows = [backend.forward(cache, r, np.array([p]), np.array([0]), last_only=True)[0, -1]
+                    for r, p in enumerate(prompts[:3])]
+            head, tail = prompts[3][:len(prompts[3]) // 2], prompts[3][len(prompts[3]) // 2:]
+            backend.forward(cache, 3, np.array([head]), np.array([0]), last_only=True)
+            before = cache.data[:, :, 3, :, :len(head)].clone()
+            logits, past = [np.stack(rows)], np.array([len(p) for p in prompts[:3]])
+            for _ in range(steps):
+                logits.append(backend.forward(cache, 0, logits[-1].argmax(-1)[:, None], past)[:, -1])
+                past += 1
+            untouched = torch.equal(cache.data[:, :, 3, :, :len(head)], before)
+            rest = backend.forward(cache, 3, np.array([tail]), np.array([len(head)]), last_only=True)[:, -1]
+            ids = np.concatenate([logits[-1].argmax(-1), rest.argmax(-1)])[:, None]
+            four = backend.forward(cache, 0, ids, np.append(past, len(prompts[3])))[:, -1]
+            return np.stack(logits), rest, four, untouched, graphs.built - built
+
+    plain, plain_rest, plain_four, untouched, _ = run("off")
+    static, static_rest, static_four, untouched_static, built = run("static")
+    assert untouched and untouched_static
+    assert built == 1  # three rows padded to four, then four rows: one step set up
+    for a, b in ((static, plain), (static_rest, plain_rest), (static_four, plain_four)):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)

@@ -14,7 +14,7 @@ from conftest import PROMPTS, run_cli, tiny_recipe_fields
 from inferneo_runtime import SamplingParams, preflight
 from inferneo_runtime.manifest import MANIFEST_NAME, read_manifest
 from inferneo_runtime.preflight import GPU, Host
-from static_decode import assert_static_decode_matches
+from static_decode import assert_padded_batches_leave_other_slots_alone, assert_static_decode_matches
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="AOTInductor needs a C++ compiler (g++) to build the .pt2 target")
@@ -82,6 +82,8 @@ def test_pt2_static_decode_step_gives_the_per_length_steps_tokens_and_logits(art
     with inferneo_runtime.load(artifact, target="pt2") as model:
         ids = [model.tokenizer.encode(p) for p in PROMPTS]
         assert_static_decode_matches(model.backend, ids, [10, 100, 30])
+        # the step's keys and values are written at the rows' positions: a padding row's at its slot's last one
+        assert_padded_batches_leave_other_slots_alone(model.backend, [*ids, ids[2][::-1]])
 
 
 def test_pt2_graph_reads_the_cache_and_returns_the_steps_keys_and_values(artifact):

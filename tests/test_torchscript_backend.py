@@ -17,8 +17,8 @@ from inferneo_runtime.backends.base import KVCache  # noqa: E402
 from inferneo_runtime.backends.torchscript import TorchScriptBackend  # noqa: E402
 from inferneo_runtime.manifest import ModelDims, ShapeBounds, TargetEntry, ValidationSummary, file_entry  # noqa: E402
 
-from static_decode import (assert_caches_taking_turns_keep_their_steps, assert_static_decode_matches,  # noqa: E402
-                           assert_static_decode_survives_cache_growth)
+from static_decode import (assert_caches_taking_turns_keep_their_steps, assert_padded_batches_leave_other_slots_alone,  # noqa: E402
+                           assert_static_decode_matches, assert_static_decode_survives_cache_growth)
 from tiny_models import make_tiny_checkpoint  # noqa: E402
 
 MODEL_TYPES = ["llama", "qwen2", "mistral", "gpt2"]
@@ -179,11 +179,13 @@ def test_engine_fast_path_gives_the_full_logits_path_tokens(case):
 
 def test_static_decode_step_gives_the_per_length_steps_tokens_and_logits(case):
     """The step a CUDA graph replays (mask over the whole capacity, computed from the rows' positions) while the
-    batch shrinks from 3 rows to 1 and the cache grows past 256 positions: graphs are per batch size and are
-    dropped with the cache they were captured over (a stale one would attend over the old capacity)."""
+    batch shrinks from 3 rows to 1 and the cache grows past 256 positions: graphs are per batch bucket and are
+    dropped with the cache they were captured over (a stale one would attend over the old capacity); a batch
+    padded to its bucket leaves the other slots' keys and values alone."""
     assert_static_decode_matches(case.backend, PROMPTS, [12, 300, 40])
     assert_static_decode_survives_cache_growth(case.backend, PROMPTS[0])
     assert_caches_taking_turns_keep_their_steps(case.backend, PROMPTS[2])
+    assert_padded_batches_leave_other_slots_alone(case.backend, [*PROMPTS, PROMPTS[2][::-1]])
 
 
 def test_cuda_graphs_are_on_for_cuda_unless_turned_off(monkeypatch):

@@ -7,7 +7,11 @@ by the mask computed on the device from the row's position, so only the token id
 row each) cross from the host, into buffers the graph reads. A small model's step launches hundreds of kernels
 whose launch costs more than their work; a replay is one launch.
 
-Graphs are kept per (start, n) and per cache tensor (its address, shape and dtype: the captured addresses are
+A step of n rows runs as a batch bucket (1, 2, 4, then multiples of 8, as vLLM captures), so a batch that grows
+one request at a time to 32 is captured 7 times, not 32: the padding rows decode a dummy token at the cache's last
+position in the slots after the range, a position no slot reads before its own token writes it (a slot reads only
+positions below its length, and the engine's slots past the active ones are free or part-way through prefill).
+Graphs are kept per (start, bucket) and per cache tensor (its address, shape and dtype: the captured addresses are
 the cache's), for the last few cache tensors used; a cache that grows is a new tensor, captured again. All of
 a backend's graphs share one memory pool, which is safe because each replay's logits are read before the next
 replay and the static inputs live outside it. On the CPU the same static step runs without capture (mode
@@ -39,6 +43,13 @@ WARMUP_RUNS = 3
 CACHES_KEPT = 8  # cache tensors whose graphs are kept (the engine's, and draft-model caches of running requests)
 
 
+def batch_bucket(n: int, room: int) -> int:
+    """The rows a step of `n` runs as: 1, 2, 4, then the next multiple of 8, when that many slots follow its
+    first (`room`); otherwise `n` itself."""
+    bucket = n if n <= 2 else 4 if n <= 4 else -(-n // 8) * 8
+    return bucket if bucket <= room else n
+
+
 def default_mode(device: "torch.device") -> str:
     """"cuda" on a CUDA device unless INFERNEO_CUDA_GRAPHS is 0 / false / off / no (for comparing, or a driver
     that refuses capture)."""
@@ -49,7 +60,7 @@ def default_mode(device: "torch.device") -> str:
 
 
 class _Graph:
-    """One (start, n) step: static input buffers, and in mode "cuda" the graph captured over one cache tensor.
+    """One (start, rows) step: static input buffers, and in mode "cuda" the graph captured over one cache tensor.
     It holds no reference to the cache (a replaced cache's memory is freed); `DecodeGraphs` replays it only for
     a cache tensor at the same address, of the same shape and dtype."""
 
@@ -129,12 +140,17 @@ class DecodeGraphs:
             while len(self._graphs) > CACHES_KEPT:
                 self._graphs.popitem(last=False)
         self._graphs.move_to_end(key)
-        graph = graphs.get((start, ids.shape[0]))
+        n = ids.shape[0]
+        rows = batch_bucket(n, cache.batch - start)
+        if rows > n:  # padding rows: a dummy token at the last position of the slots after the range
+            ids = np.concatenate([ids, np.zeros((rows - n, 1), dtype=np.int64)])
+            past = np.concatenate([past, np.full(rows - n, cache.capacity - 1, dtype=np.int64)])
+        graph = graphs.get((start, rows))
         if graph is None:
             capture = self.mode == "cuda"
             if capture and self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            graph = _Graph(self._step, cache.capacity, start, ids.shape[0], cache.data.device, self._pool, capture)
+            graph = _Graph(self._step, cache.capacity, start, rows, cache.data.device, self._pool, capture)
         try:
             logits = graph(cache.data, ids, past)
         except Exception as e:  # the driver or an op refused capture: decode on, uncaptured
@@ -142,11 +158,11 @@ class DecodeGraphs:
                 raise
             self._disable(e)
             return None
-        if (start, ids.shape[0]) not in graphs:
-            graphs[(start, ids.shape[0])] = graph
+        if (start, rows) not in graphs:
+            graphs[(start, rows)] = graph
             self.built += 1
             self.captured += graph.graph is not None
-        return logits
+        return logits[:n]
 
     def _disable(self, error: Exception) -> None:
         self.mode = "off"
