@@ -4,9 +4,11 @@ For every target: load time, time to first token (TTFT), decode tokens/s (median
 with min and max), the cost of one decode step at short and long positions, aggregate tokens/s with
 several concurrent requests through the batching Engine, and peak RSS. Next to them: this machine's
 memory read bandwidth, measured here, and the decode roofline it implies (every weight but the embedding
-table is streamed once per token). With `device="cuda"` the targets run on the GPU (the torch targets; an onnx
-target is reported as failing to load, with the reason), against the device's bandwidth, with its peak memory. With `compare`, peers (`inferneo_build.bench_peers`) run the same
-prompt on the same checkpoint in the same run, and the report gives ratios.
+table is streamed once per token). With `compare`, peers (`inferneo_build.bench_peers`) run the same
+prompt on the same checkpoint in the same run, and the report gives ratios. With `device="cuda"` the targets
+run on the GPU (the torch targets; an onnx target is reported as failing to load, with the reason) against the
+device's bandwidth (`read_gb_s` is then a device copy's read + write rate), with their peak device memory; peers
+are skipped there.
 
 Every target and peer is a child process of its own, so peak RSS is its own and an ONNX child can show
 that it never imported torch. Children load one after another, then answer commands over stdin: the parent
