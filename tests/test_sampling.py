@@ -112,7 +112,7 @@ DRAW_PARAMS = [SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m)
 def _draw_inputs(seed: int, vocab: int = 3000):
     rng = np.random.default_rng(seed)
     logits = (rng.standard_normal((len(DRAW_PARAMS), vocab)) * 3).astype(np.float32)
-    logits[:, 100:140] = logits[:, :1].max()  # 40 tokens tied at each row's top (after the first)
+    logits[:, 100:140] = logits.max(-1, keepdims=True)  # 40 more tokens tied at each row's top
     logits[:, 500:520] = np.sort(logits, axis=-1)[:, -5:-4]  # ties at the 5th-largest value
     return logits, rng.random(len(DRAW_PARAMS))
 
