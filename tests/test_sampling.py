@@ -145,3 +145,32 @@ def test_the_devices_draw_is_the_host_samplers(seed):
     assert (device_draw(half, DRAW_PARAMS, uniforms).tolist()
             == draw_tokens(half.float().numpy(), DRAW_PARAMS, uniforms).tolist())
     assert len(set(host.tolist())) > 5  # the rows' tokens differ: the comparison is not of constants
+
+
+def _nucleus_by_full_sort(probs, top_p):
+    """Top-p as the sampler first wrote it: a stable argsort of every token, then the prefix reaching top_p."""
+    order = np.argsort(-probs, kind="stable")
+    cut = int(np.searchsorted(np.cumsum(probs[order]), top_p, side="left")) + 1
+    mask = np.zeros(probs.size, dtype=bool)
+    mask[order[:cut]] = True
+    return mask
+
+
+def test_nucleus_sorts_few_candidates_and_keeps_what_a_full_sort_keeps():
+    """Top-p sorts only the likeliest tokens (growing the set while its mass falls short): the same mask as a
+    full stable sort, for nuclei of one token up to nearly the whole vocabulary, with ties at the cut."""
+    from inferneo_runtime.sampling import nucleus
+
+    rng = np.random.default_rng(0)
+    sizes = set()
+    for temperature in (0.3, 1.0, 4.0, 50.0):
+        for trial in range(10):
+            x = rng.standard_normal(5000) / temperature
+            x[rng.integers(0, 5000, 300)] = np.sort(x)[-rng.integers(1, 200)]  # 300 tokens tied at one rank
+            probs = np.exp(x - x.max())
+            probs /= probs.sum()
+            for top_p in (0.05, 0.5, 0.9, 0.99, 0.999999):
+                expected = _nucleus_by_full_sort(probs, top_p)
+                assert (nucleus(probs, top_p) == expected).all(), (temperature, trial, top_p)
+                sizes.add(int(expected.sum()))
+    assert min(sizes) <= 64 and max(sizes) > 4096  # inside the first candidates, and past two growths
