@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import queue
-import re
 import resource
 import statistics
 import subprocess
@@ -121,19 +120,16 @@ def measure_device_bandwidth(device: str) -> dict:
 
 
 def check_device(device: str) -> None:
-    """A bench `device` this host can run, or a BenchError naming it (before any child starts)."""
+    """A bench `device` this host can run, or a BenchError naming it (before any child starts): the torch
+    backends' own device check (a host without torch gets the missing extra named)."""
     if device == "cpu":
         return
-    if not re.fullmatch(r"cuda(:\d+)?", device):
-        raise BenchError(f"--device {device!r}: use cpu, cuda or cuda:N")
+    from .backends.torchscript import _torch_device
+
     try:
-        import torch
-    except ImportError:
-        raise BenchError(f"--device {device}: needs torch with CUDA (pip install 'inferneo[torchscript]')") from None
-    index = int(device.partition(":")[2] or 0)
-    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-        raise BenchError(f"--device {device}: torch {torch.__version__} sees {torch.cuda.device_count()} CUDA "
-                         f"device(s)")
+        _torch_device(device)
+    except InferneoError as e:
+        raise BenchError(f"--device: {e}") from None
 
 
 # -- a child: one target, driven over stdin ----------------------------------------------------------------
