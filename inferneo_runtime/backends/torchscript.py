@@ -11,7 +11,6 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import sampling
 from ..errors import InferneoError, ManifestError, MissingExtraError
 from ..sampling import SamplingParams
 from .base import Backend, KVCache, physical_cores, small_page_zeros
@@ -114,10 +113,9 @@ class TorchScriptBackend(Backend):
 
     def _tokens_impl(self, cache: KVCache, start: int, ids: np.ndarray, past: np.ndarray,
                      params: Sequence[SamplingParams], uniforms: np.ndarray) -> np.ndarray:
+        if self._device.type == "cpu":  # logits in host memory: numpy's draw is faster there (0.3 ms vs torch's 1.2)
+            return super()._tokens_impl(cache, start, ids, past, params, uniforms)
         with torch.inference_mode():
-            if self._device.type == "cpu":  # in host memory: numpy's draw is faster there (0.3 ms vs torch's 1.2)
-                logits = self._device_logits(cache, start, ids, past, True)[:, -1]
-                return sampling.draw_tokens(logits.float().numpy(), params, uniforms)
             draw = DeviceDraw(params, uniforms, self._device)  # (its inputs sent before the step)
             return draw.tokens(self._device_logits(cache, start, ids, past, True)[:, -1])  # [n] tokens cross back
 
