@@ -221,7 +221,6 @@ def measure_transformers(checkpoint: Path, device: str, dtype_name: str, prompt:
     return result  # the model (and its GPU memory) goes with this frame
 
 
-
 def first_divergence(a: list[int], b: list[int]) -> Optional[int]:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:

@@ -66,7 +66,6 @@ def first_problem(e: BaseException) -> str:
     return f"{where}: {problem[1]}" if where else problem[1]
 
 
-
 def error_summary(e: BaseException, limit: int = 300) -> str:
     """`Type: first line of the message` (cut at `limit`): an exception from C++, a driver or a child process, in
     the one line a report or a warning has room for."""

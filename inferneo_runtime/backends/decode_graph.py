@@ -121,7 +121,7 @@ class DecodeGraphs:
         self.error: str | None = None
         self.built = 0  # steps set up (static buffers; in mode "cuda" captured too), over the backend's life
         self.captured = 0  # CUDA graphs recorded over the backend's life (a cache that grows records again)
-        # per cache tensor (address, shape, dtype), the most recently used last: its graphs per (start, n)
+        # per cache tensor (address, shape, dtype), the most recently used last: its graphs per (start, rows)
         self._graphs: OrderedDict[tuple, dict[tuple[int, int], _Graph]] = OrderedDict()
         self._pool = None
 
