@@ -9,6 +9,8 @@ Two criteria (recorded in the manifest as `criterion`):
   too. Each metric has a stated threshold; missing any fails the target (fail closed). Greedy tokens are still
   generated and recorded, but a divergence alone does not fail a reduced precision.
 Encoders are judged by the cosine similarity of their outputs to the reference's (`compare_encoder`).
+A target that decodes and prefills in one forward (`Backend.mixes_steps`: onnx's mixed-step graph) must also
+give that step the logits and cache of its two forwards, within `logits_atol`, in every precision.
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ class TargetReport:
     perplexity_delta: Optional[float] = None
     evaluation_tokens: Optional[int] = None  # of `positions`, those from the evaluation text
     kernel_path: Optional[str] = None
+    mixed_step_error: Optional[float] = None  # max |one-forward mixed step - its two forwards| (logits, cache)
 
     def summary(self, new_tokens: int) -> ValidationSummary:
         divergences = [p.first_divergence for p in self.prompts if p.first_divergence is not None]
@@ -74,7 +77,8 @@ class TargetReport:
             tolerance=Tolerances(**self.tolerance) if self.tolerance else None, positions=self.positions or None,
             top1_agreement=self.top1_agreement, mean_kl=self.mean_kl, perplexity=self.perplexity,
             reference_perplexity=self.reference_perplexity, perplexity_delta=self.perplexity_delta,
-            evaluation_tokens=self.evaluation_tokens, kernel_path=self.kernel_path)
+            evaluation_tokens=self.evaluation_tokens, kernel_path=self.kernel_path,
+            mixed_step_max_abs_error=self.mixed_step_error)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -197,10 +201,14 @@ def compare_target(name: str, backend: Backend, prompts: Sequence[str], prompt_i
             delta = (ppl - ref_ppl) / ref_ppl
     top1 = agree_total / positions
     mean_kl = kl_total / positions
+    mixed = mixed_step_error(backend, prompt_ids)
 
     problems = []
     if any(c.nonfinite for c in comparisons) or tf_nonfinite:
         problems.append("non-finite logits (NaN/Inf)")
+    if mixed is not None and not mixed <= logits_atol:
+        problems.append(f"the mixed decode + prefill step differs from its two forwards by {mixed:.3g} "
+                        f"(logits_atol {logits_atol:.3g})")
     if tolerance is None:
         worst = max(c.max_abs_logits_error for c in comparisons)
         if worst > logits_atol:
@@ -225,7 +233,37 @@ def compare_target(name: str, backend: Backend, prompts: Sequence[str], prompt_i
         logits_atol=logits_atol, prompts=comparisons, criterion="exact" if tolerance is None else "tolerance",
         precision=precision, tolerance=tolerance.model_dump(exclude_none=True) if tolerance else None,
         positions=positions, top1_agreement=top1, mean_kl=mean_kl, perplexity=ppl, reference_perplexity=ref_ppl,
-        perplexity_delta=delta, evaluation_tokens=evaluation_tokens, kernel_path=kernel_path)
+        perplexity_delta=delta, evaluation_tokens=evaluation_tokens, kernel_path=kernel_path,
+        mixed_step_error=mixed)
+
+
+def mixed_step_error(backend: Backend, prompt_ids: Sequence[list[int]]) -> Optional[float]:
+    """The largest difference, in logits or in the cache left behind, between the backend's one-forward mixed
+    step and the same step as two forwards; None when it has none (or the shapes allow no second slot). Rows
+    are the first validation prompts, each decoding its last token again; the chunk is the second half of all
+    prompts joined, its first half prefilled already."""
+    backend.prepare_mixed_steps()
+    bounds = backend.target.shapes
+    rows = [list(ids) for ids in prompt_ids[:2] if ids][:max(0, (bounds.max_batch if bounds else 1) - 1)]
+    joined = [t for ids in prompt_ids for t in ids][:(bounds.max_sequence if bounds else 64) - 1]
+    if not backend.mixes_steps or not rows or len(joined) < 2:
+        return None
+    half = len(joined) // 2
+    ids = np.array([[r[-1]] for r in rows], dtype=np.int64)
+    past = np.array([len(r) for r in rows], dtype=np.int64)
+    chunk = np.array([joined[half:]], dtype=np.int64)
+    caches = []
+    for _ in range(2):
+        cache = backend.allocate_cache(len(rows) + 1, max(len(joined), *(len(r) + 1 for r in rows)))
+        for slot, r in enumerate(rows):
+            backend.forward(cache, slot, np.array([r]), np.array([0]), last_only=True)
+        backend.forward(cache, len(rows), np.array([joined[:half]]), np.array([0]), last_only=True)
+        caches.append(cache)
+    mixed_rows, mixed_chunk = backend.forward_mixed(caches[0], ids, past, len(rows), chunk, half)
+    two_chunk = backend.forward(caches[1], len(rows), chunk, np.array([half]), last_only=True)
+    two_rows = backend.forward(caches[1], 0, ids, past)
+    return float(max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max()
+                     for a, b in ((mixed_rows, two_rows), (mixed_chunk, two_chunk), (caches[0].data, caches[1].data))))
 
 
 # -- encoders ----------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ moment on a shared machine hits both alike), and reports medians and their ratio
   int8) target when the measured one is fp32 (skipped when there is none);
 - prefix: time to first token of a question after a shared ~1,000-token system prompt, uncached vs cached;
 - interleave: inter-token latency (p50, p99) of running streams alone, while a ~2,000-token prompt arrives
-  prefilled whole, and while it arrives in chunks of `prefill_chunk` tokens.
+  prefilled whole, and while it arrives in chunks of `prefill_chunk` tokens; where the target runs a chunk in
+  the decode step's forward (onnx's mixed-step graph), also with each chunk as a forward of its own.
 """
 from __future__ import annotations
 
@@ -136,10 +137,11 @@ def prefix(model, prefix_tokens: int, runs: int) -> dict:
 
 
 def _intervals(model, streams: list[list[int]], long_ids: Optional[list[int]], chunk: Optional[int],
-               steps: int) -> tuple[list[float], Optional[float]]:
+               steps: int, mixed: bool = True) -> tuple[list[float], Optional[float]]:
     """Seconds between consecutive tokens of the running streams while `long_ids` (if any) arrives, and the
-    long prompt's own time to first token (the streams keep running until it has it)."""
-    engine = Engine(model.backend, model.eos_ids, model.tokenizer, prefill_chunk=chunk)
+    long prompt's own time to first token (the streams keep running until it has it). `mixed=False`: each
+    chunk runs as its own forward even where the backend can run it in the decode step's."""
+    engine = Engine(model.backend, model.eos_ids, model.tokenizer, prefill_chunk=chunk, mixed_steps=mixed)
     chunks = -(-len(long_ids) // chunk) if long_ids is not None and chunk else 0
     # the streams run until the long prompt is in (on a small artifact they may end first)
     new_tokens = min(2 * steps + 4 + chunks, engine.max_sequence - max(map(len, streams)))
@@ -173,28 +175,34 @@ def interleave(model, long_tokens: int, chunk: int, steps: int, runs: int) -> di
     streams = [tok.encode_chat(CHAT)[-16:], tok.encode_chat(COPY)[-16:]]  # short prompts, long answers
     line = tok.encode(SYSTEM_LINE, add_special_tokens=False)
     long_ids = (line * (long_tokens // len(line) + 1))[:long_tokens]
-    alone, whole, chunked, whole_ttft, chunked_ttft = [], [], [], [], []
+    model.backend.prepare_mixed_steps()
+    # where the backend runs a chunk in the decode step's forward, the same chunks as forwards of their own too
+    conditions = ["alone", "whole", "chunked"] + (["chunked_apart"] if model.backend.mixes_steps else [])
+    settings = {"alone": (None, None, True), "whole": (long_ids, None, True), "chunked": (long_ids, chunk, True),
+                "chunked_apart": (long_ids, chunk, False)}
+    gaps = {c: [] for c in conditions}
+    ttfts = {c: [] for c in conditions}
     for _ in range(runs):
-        alone += _intervals(model, streams, None, None, steps)[0]
-        gaps, ttft = _intervals(model, streams, long_ids, None, steps)
-        whole += gaps
-        whole_ttft.append(ttft)
-        gaps, ttft = _intervals(model, streams, long_ids, chunk, steps)
-        chunked += gaps
-        chunked_ttft.append(ttft)
+        for c in conditions:
+            prompt, size, mixed = settings[c]
+            g, ttft = _intervals(model, streams, prompt, size, steps, mixed)
+            gaps[c] += g
+            ttfts[c].append(ttft)
 
-    def pct(xs, q):
-        return round(1e3 * float(np.percentile(xs, q)), 1)
+    def pct(c, q):
+        return round(1e3 * float(np.percentile(gaps[c], q)), 1)
 
-    return {"long_prompt_tokens": long_tokens, "prefill_chunk": chunk, "streams": len(streams),
-            "alone_ms": {"p50": pct(alone, 50), "p99": pct(alone, 99)},
-            "whole_prefill_ms": {"p50": pct(whole, 50), "p99": pct(whole, 99)},
-            "chunked_prefill_ms": {"p50": pct(chunked, 50), "p99": pct(chunked, 99)},
-            "p99_ratio_whole": round(pct(whole, 99) / pct(alone, 99), 2),
-            "p99_ratio_chunked": round(pct(chunked, 99) / pct(alone, 99), 2),
-            # what the chunks cost the long prompt itself, with the streams running beside it
-            "long_prompt_ttft_ms": {"whole": round(1e3 * _median(whole_ttft), 1),
-                                    "chunked": round(1e3 * _median(chunked_ttft), 1)}}
+    report = {"long_prompt_tokens": long_tokens, "prefill_chunk": chunk, "streams": len(streams),
+              "mixed_steps": model.backend.mixes_steps}
+    for c, key in (("alone", "alone_ms"), ("whole", "whole_prefill_ms"), ("chunked", "chunked_prefill_ms"),
+                   ("chunked_apart", "chunked_apart_ms")):
+        if c in gaps:
+            report[key] = {"p50": pct(c, 50), "p99": pct(c, 99)}
+        if c != "alone" and c in gaps:
+            report[f"p99_ratio_{c}"] = round(pct(c, 99) / pct("alone", 99), 2)
+    # what the chunks cost the long prompt itself, with the streams running beside it
+    report["long_prompt_ttft_ms"] = {c: round(1e3 * _median(ttfts[c]), 1) for c in conditions if c != "alone"}
+    return report
 
 
 def run_workloads(artifact: Path, target: Optional[str] = None, runs: int = 3, new_tokens: int = 128,
@@ -246,3 +254,7 @@ def print_workloads(report: dict, console) -> None:
                   f"({i['p99_ratio_whole']}x), {i['chunked_prefill_ms']['p99']} ms in chunks of {i['prefill_chunk']} "
                   f"({i['p99_ratio_chunked']}x); the long prompt's own TTFT {i['long_prompt_ttft_ms']['whole']} ms whole, "
                   f"{i['long_prompt_ttft_ms']['chunked']} ms in chunks")
+    if "chunked_apart_ms" in i:
+        console.print(f"  (each chunk in the decode step's forward; as a forward of its own: p99 "
+                      f"{i['chunked_apart_ms']['p99']} ms = {i['p99_ratio_chunked_apart']}x, the long prompt's "
+                      f"TTFT {i['long_prompt_ttft_ms']['chunked_apart']} ms)")

@@ -282,7 +282,8 @@ def write_bench_charts(report: dict, directory: Path) -> list[Path]:
 
 # -- workloads (inferneo bench --workloads --plot) -------------------------------------------------------------
 SPEC_WORKLOADS = (("copy", "copy-heavy task"), ("chat", "free chat"), ("chat_draft", "free chat, draft model"))
-ITL_CONDITIONS = (("alone", "alone_ms"), ("whole", "whole_prefill_ms"), ("chunked", "chunked_prefill_ms"))
+ITL_CONDITIONS = (("alone", "alone_ms"), ("whole", "whole_prefill_ms"), ("chunked", "chunked_prefill_ms"),
+                  ("chunked_apart", "chunked_apart_ms"))
 
 
 def _bars(ax, xs, values, gids, texts, **kwargs):
@@ -353,8 +354,9 @@ def _interleave_figure(report: dict, name: str):
 
     labels = {"alone": "streams alone",
               "whole": f"a {i['long_prompt_tokens']}-token prompt arrives, prefilled whole{first_token('whole')}",
-              "chunked": f"the same prompt, prefilled in chunks of {i['prefill_chunk']}{first_token('chunked')}"}
-    ratios = {"whole": i.get("p99_ratio_whole"), "chunked": i.get("p99_ratio_chunked")}
+              "chunked": f"the same prompt, prefilled in chunks of {i['prefill_chunk']}{first_token('chunked')}",
+              "chunked_apart": f"the same chunks, each a forward of its own{first_token('chunked_apart')}"}
+    ratios = {c: i.get(f"p99_ratio_{c}") for c in ("whole", "chunked", "chunked_apart")}
     conditions = [(c, i[key]) for c, key in ITL_CONDITIONS if key in i]
     fig = _figure(7.5, 4.8)
     ax = fig.subplots()

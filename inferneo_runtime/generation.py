@@ -8,7 +8,9 @@ request takes a free slot at the next step (continuous batching).
 A prompt whose leading blocks are in the prefix cache (prefix_cache.py) starts from a copy of their keys and
 values and prefills only the rest. With a prefill budget (`prefill_chunk`), a step prefills at most that many
 prompt tokens: a long prompt is prefilled over several steps, in the slot after the active ones, while the
-active slots keep decoding one step each time.
+active slots keep decoding one step each time. Where the backend can (`Backend.mixes_steps`: onnx targets with
+a mixed-step graph), a step's chunk runs in the same forward as the active slots' decode: one pass over the
+weights instead of two.
 
 With speculation (speculative.py), a step feeds each slot its last token plus the tokens its drafter
 proposed, keeps the drafts the sampler agrees with (sampling.verify_draft) and one more token, and
@@ -172,13 +174,17 @@ class Engine:
     def __init__(self, backend: Backend, eos_ids: Sequence[int] = (), tokenizer: Optional[Tokenizer] = None,
                  keep_logits: bool = False, speculative=None, spec_stats: Optional[SpeculationStats] = None,
                  prefix_cache: Optional[PrefixCache] = None, prefill_chunk: Optional[int] = None,
-                 draft_backend: Optional[Callable[[str], Backend]] = None):
+                 draft_backend: Optional[Callable[[str], Backend]] = None, mixed_steps: bool = True):
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise RequestError(f"prefill_chunk={prefill_chunk!r} is invalid: must be an integer >= 1 (or None: no limit)")
         self.backend = backend
         # prompt logits must cover every position, so a keep_logits engine (validation) computes them all
         self.prefix_cache = prefix_cache if not keep_logits else None
         self.prefill_chunk = prefill_chunk  # most prompt tokens prefilled per step (None: whole prompts)
+        # a chunk runs in the running rows' decode forward where the backend can (False: apart, to compare)
+        self.mixed_steps = mixed_steps
+        if prefill_chunk is not None and mixed_steps:
+            backend.prepare_mixed_steps()
         self.speculative = speculative_config(speculative)  # the default of requests that do not choose
         self.spec_stats = spec_stats if spec_stats is not None else SpeculationStats()
         self.draft_backend = draft_backend  # name -> the loaded draft model's backend (Model.draft_backend)
@@ -252,9 +258,9 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         events: list[TokenEvent] = []
         self._drop_cancelled()
-        self._prefill(events)
+        chunk = self._prefill(events)
         if self.active:
-            self._decode(events)
+            self._decode(events, chunk)
         if not self.has_work:
             self.cache = None  # idle: give the cache memory back
         return events
@@ -266,14 +272,16 @@ class Engine:
             self.cache.ensure(slots, positions, keep=max((r.past for r in self.active), default=0))
         return self.cache
 
-    def _prefill(self, events: list[TokenEvent]) -> None:
-        """Prefill waiting prompts into free slots, within this step's budget of prompt tokens."""
+    def _prefill(self, events: list[TokenEvent]) -> Optional[np.ndarray]:
+        """Prefill waiting prompts into free slots, within this step's budget of prompt tokens. Returns a chunk
+        [1, c] of the prefilling prompt that the decode step runs in the same forward (`Backend.mixes_steps`),
+        or None."""
         budget = self.prefill_chunk or float("inf")
         while budget > 0:
             req = self.prefilling
             if req is None:
                 if not self.waiting or len(self.active) >= self.max_batch:
-                    return
+                    return None
                 req = self._start(self.waiting.popleft())
             slot, prompt = len(self.active), req.out.prompt_ids
             if self._prefill_slot != slot:  # active slots were freed below it
@@ -282,25 +290,40 @@ class Engine:
             take = int(min(budget, len(prompt) - req.past))
             chunk = np.asarray(prompt[req.past:req.past + take], dtype=np.int64)[None, :]
             scored = req.params.prompt_logprobs is not None
+            if self._mixes(scored):
+                return chunk
             logits = self.backend.forward(self.cache, slot, chunk, np.array([req.past], dtype=np.int64),
                                           last_only=not (self.keep_logits or scored))
             if scored:
                 req.score_prompt(logits[0], req.past)
-            req.past += take
             budget -= take
-            if self.keep_logits:
-                req.prompt_logits.append(np.array(logits[0], dtype=np.float32))
-            if req.past < len(prompt):
-                continue  # the budget ran out mid-prompt; the next step goes on
-            self.prefilling = None
-            if self.prefix_cache is not None:
-                self.prefix_cache.store(self.cache, slot, prompt, req.past)
-            if self.keep_logits:
-                req.out.prompt_logits = np.concatenate(req.prompt_logits)
-                req.prompt_logits = []
-            events.append(req.accept(logits[0, -1], self.keep_logits))
-            if not req.finished:
-                self.active.append(req)
+            self._prefilled(req, take, logits, events)
+        return None
+
+    def _mixes(self, scored: bool) -> bool:
+        """Whether the chunk just cut runs in the decode step's forward: the active rows decode one token each
+        (no drafts) and nothing reads the chunk's logits but for its last position."""
+        return (self.mixed_steps and self.backend.mixes_steps and bool(self.active) and not (self.keep_logits or scored)
+                and all(r.spec is None for r in self.active))
+
+    def _prefilled(self, req: Request, take: int, logits: np.ndarray, events: list[TokenEvent]) -> None:
+        """`take` more prompt tokens of `req` are in its slot (len(active)); `logits` [1, S, vocab] end with the
+        last one's. A complete prompt gives its first token and joins the active slots."""
+        req.past += take
+        if self.keep_logits:
+            req.prompt_logits.append(np.array(logits[0], dtype=np.float32))
+        prompt = req.out.prompt_ids
+        if req.past < len(prompt):
+            return  # the budget ran out mid-prompt; the next step goes on
+        self.prefilling = None
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(self.cache, len(self.active), prompt, req.past)
+        if self.keep_logits:
+            req.out.prompt_logits = np.concatenate(req.prompt_logits)
+            req.prompt_logits = []
+        events.append(req.accept(logits[0, -1], self.keep_logits))
+        if not req.finished:
+            self.active.append(req)
 
     def _start(self, req: Request) -> Request:
         """Give `req` the slot after the active ones, room for its whole generation, and its cached prefix."""
@@ -314,7 +337,8 @@ class Engine:
         self.prefilling, self._prefill_slot = req, slot
         return req
 
-    def _decode(self, events: list[TokenEvent]) -> None:
+    def _decode(self, events: list[TokenEvent], chunk: Optional[np.ndarray] = None) -> None:
+        """One step of the active slots; with `chunk`, the prefilling prompt's next chunk in the same forward."""
         n = len(self.active)
         past = np.fromiter((r.past for r in self.active), dtype=np.int64, count=n)
         # A backend that verifies several tokens per row only one row at a time (onnx) would turn one batched
@@ -326,7 +350,11 @@ class Engine:
             ids[row, 0] = req.out.token_ids[-1]
             ids[row, 1:1 + len(draft)] = draft
             ids[row, 1 + len(draft):] = ids[row, 0]  # padding: its positions are past the row's length, never read
-        if width == 1 and not self.keep_logits and all(r.token_is_enough for r in self.active):
+        if chunk is not None:
+            req = self.prefilling
+            logits, chunk_logits = self.backend.forward_mixed(self.cache, ids, past, n, chunk, req.past)
+            self._prefilled(req, chunk.shape[1], chunk_logits, events)  # a complete prompt joins as row n
+        elif width == 1 and not self.keep_logits and all(r.token_is_enough for r in self.active):
             # nothing reads the logits but the draw: the backend chooses where they are (a GPU returns the tokens)
             params = [r.params for r in self.active]
             uniforms = np.array([r.uniform() for r in self.active])
@@ -335,8 +363,9 @@ class Engine:
                 events.append(req.emit(int(token)))
             self._compact([row for row, r in enumerate(self.active) if r.finished])
             return
-        logits = self.backend.forward(self.cache, 0, ids, past)
-        for row, (req, (draft, probs)) in enumerate(zip(self.active, drafts)):
+        else:
+            logits = self.backend.forward(self.cache, 0, ids, past)
+        for row, (req, (draft, probs)) in enumerate(zip(self.active[:n], drafts)):
             req.past += 1  # the last token is in the cache now
             kept = 0
             for i, token in enumerate(draft):

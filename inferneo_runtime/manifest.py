@@ -91,7 +91,7 @@ class Tolerances(_Model):
 class ValidationSummary(_Model):
     _ADDED = frozenset({"criterion", "tolerance", "positions", "top1_agreement", "mean_kl", "perplexity",
                         "reference_perplexity", "perplexity_delta", "min_cosine", "evaluation_tokens",
-                        "kernel_path"})
+                        "kernel_path", "mixed_step_max_abs_error"})
 
     status: Literal["passed", "failed", "skipped"]
     reason: Optional[str] = None
@@ -115,6 +115,9 @@ class ValidationSummary(_Model):
     evaluation_tokens: Optional[int] = None  # of `positions`, those from the evaluation text (perplexity's sample)
     # the host's quantized-kernel path these figures were measured on (cpu_kernels.py), e.g. "x86_64 avx2"
     kernel_path: Optional[str] = None
+    # a target that decodes and prefills in one forward (onnx's mixed-step graph): that step against the same
+    # step as two forwards, logits and cache (validate.mixed_step_error)
+    mixed_step_max_abs_error: Optional[float] = None
 
 
 class TargetEntry(_Model):

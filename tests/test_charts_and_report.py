@@ -154,7 +154,9 @@ def test_workload_charts_plot_the_report(tiny_artifact, tmp_path):
     expected = {charts.series_id(f"{kind}-tok-s", w): report[w][f"{kind}_tok_s"]
                 for w in ("copy", "chat") for kind in ("plain", "speculative")}
     expected |= {charts.series_id("ttft", k): report["prefix"][f"{k}_ttft_ms"] for k in ("uncached", "cached")}
-    conditions = (("alone", "alone_ms"), ("whole", "whole_prefill_ms"), ("chunked", "chunked_prefill_ms"))
+    conditions = (("alone", "alone_ms"), ("whole", "whole_prefill_ms"), ("chunked", "chunked_prefill_ms"),
+                  ("chunked_apart", "chunked_apart_ms"))  # the onnx target mixes chunks into decode steps
+    assert report["interleave"]["mixed_steps"]
     expected |= {charts.series_id(f"itl-{c}", q): report["interleave"][key][q] for c, key in conditions
                  for q in ("p50", "p99")}
     plotted = {}

@@ -16,7 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from inferneo_build.architectures import DecoderSpec, canonical_weights, decoder_spec
 from inferneo_build.exporters import exporter_for
 from inferneo_runtime.backends import backend_class
-from inferneo_runtime.backends.onnx import OnnxBackend
+from inferneo_runtime.backends.onnx import MIXED_GRAPH, OnnxBackend
+from inferneo_runtime.errors import RequestError
 from inferneo_runtime.manifest import ModelDims, ShapeBounds, TargetEntry, ValidationSummary, file_entry
 from tiny_models import make_tiny_checkpoint
 
@@ -95,7 +96,9 @@ def greedy(backend, prompt: list[int], eos: set[int], n: int = NEW_TOKENS, capac
 # -- export ----------------------------------------------------------------------------------------
 def test_export_files_io_and_names(built):
     files = [built.artifact / f.path for f in built.target.files]
-    assert [f.name for f in files] == ["model.onnx", "model.onnx.data"]
+    # the mixed-step graph, except for graphs that read position_ids (learned positions here)
+    mixed = [] if built.spec.positions == "learned" else [MIXED_GRAPH]
+    assert [f.name for f in files] == ["model.onnx", "model.onnx.data", *mixed]
     assert all(f.parent == built.artifact for f in files)  # the target folder itself (exporters/__init__.py)
     io = built.target.io
     assert io.kv_layout == "per_layer"
@@ -121,6 +124,44 @@ def test_export_is_deterministic(checkpoints, tmp_path):
     digest = {d: [hashlib.sha256((x.artifact / f.path).read_bytes()).hexdigest() for f in x.target.files]
               for d, x in (("a", a), ("b", b))}
     assert digest["a"] == digest["b"]
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_mixed_step_equals_its_two_forwards(built, rows):
+    """Rows [0, n) decode and slot n takes a prompt chunk in one forward of the mixed-step graph: the same
+    logits and the same cache as the decode step and the chunk run apart. Without the graph (learned positions)
+    forward_mixed runs the two forwards itself."""
+    backend = built.backend()
+    backend.prepare_mixed_steps()
+    assert backend.mixes_steps == (built.spec.positions != "learned")
+    runs = []
+    if backend.mixes_steps:
+        session = backend._mixed_session
+        backend._mixed_session = SimpleNamespace(io_binding=session.io_binding,
+                                                 run_with_iobinding=lambda b: runs.append(session.run_with_iobinding(b)))
+    rows_prompts, long = prompts([7, 12, 5][:rows], seed=1), prompts([30], seed=2)[0]
+    ids = np.array([[p[-1]] for p in rows_prompts])
+    past = np.array([len(p) for p in rows_prompts])
+    chunk = np.array([long[10:25]])
+    caches = []
+    for _ in range(2):
+        cache = backend.allocate_cache(rows + 1, 64)
+        for slot, p in enumerate(rows_prompts):
+            backend.forward(cache, slot, np.array([p]), np.array([0]))
+        backend.forward(cache, rows, np.array([long[:10]]), np.array([0]))
+        caches.append(cache)
+    mixed_rows, mixed_chunk = backend.forward_mixed(caches[0], ids, past, rows, chunk, 10)
+    assert len(runs) == backend.mixes_steps  # one forward, of the mixed graph
+    apart_chunk = backend.forward(caches[1], rows, chunk, np.array([10]), last_only=True)
+    apart_rows = backend.forward(caches[1], 0, ids, past)
+    assert mixed_rows.shape == apart_rows.shape == (rows, 1, built.spec.vocab)
+    assert mixed_chunk.shape == apart_chunk.shape == (1, 1, built.spec.vocab)
+    np.testing.assert_allclose(mixed_rows, apart_rows, atol=1e-5)
+    np.testing.assert_allclose(mixed_chunk, apart_chunk, atol=1e-5)
+    np.testing.assert_allclose(caches[0].data, caches[1].data, atol=1e-6)  # both wrote the same keys/values
+    assert np.abs(caches[0].data[:, :, rows, :, 10:25]).sum() > 0  # the chunk's positions were written
+    with pytest.raises(RequestError, match=f"chunk slot 0 of rows \\[0, {rows}\\)"):
+        backend.forward_mixed(caches[0], ids, past, 0, chunk, 10)
 
 
 def test_backend_registered():

@@ -2,6 +2,8 @@
 batches of requests sharing a prefix, and running streams that keep decoding between a long prompt's chunks."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -123,14 +125,27 @@ def test_chunked_prefill_is_token_identical(model):
     np.testing.assert_allclose(chunked, full, atol=1e-4)
 
 
+def _count_mixed_forwards(backend) -> list:
+    """Record each run of the onnx backend's mixed-step session (a chunk in the decode step's forward)."""
+    runs = []
+    session = backend._mixed_session
+    backend._mixed_session = SimpleNamespace(io_binding=session.io_binding,
+                                             run_with_iobinding=lambda b: runs.append(session.run_with_iobinding(b)))
+    return runs
+
+
 def test_running_streams_decode_between_chunks_of_a_long_prompt(model):
     engine = Engine(model.backend, model.eos_ids, model.tokenizer, prefill_chunk=8)
+    # onnx: each chunk runs in the streams' decode forward (the mixed-step graph); torchscript: two forwards
+    assert model.backend.mixes_steps == (model.backend.format == "onnx")
+    mixed = _count_mixed_forwards(model.backend) if model.backend.mixes_steps else []
     short = [model.tokenizer.encode(PROMPTS[0]), model.tokenizer.encode(PROMPTS[1])]
     running = [engine.add(p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for p, n in zip(short, (6, 60))]
     while len(engine.active) < 2:
         engine.step()
     long_ids = _prompts(model, 1)[0] * 2
     assert len(long_ids) > 40
+    before = len(mixed)  # the second short prompt's chunks ran beside the first one's decode
     late = engine.add(long_ids, SamplingParams(max_new_tokens=10, ignore_eos=True))
     interleaved = 0
     while not late.out.token_ids:
@@ -142,6 +157,8 @@ def test_running_streams_decode_between_chunks_of_a_long_prompt(model):
             interleaved += 1
     assert interleaved == (len(long_ids) - 1) // 8  # the first running request finished mid-prefill: its slot moved
     assert running[0].finished
+    # every chunk of the long prompt, the last (which completed it) too
+    assert len(mixed) - before == (interleaved + 1 if model.backend.mixes_steps else 0)
     while engine.has_work:
         engine.step()
     for req, p in zip(running + [late], short + [long_ids]):

@@ -31,6 +31,7 @@ from inferneo_runtime.manifest import IOSignature, TensorSpec
 
 from ..architectures import DecoderSpec
 from . import ExportResult
+from .onnx_mixed import write_mixed_graph
 
 MS_DOMAIN = "com.microsoft"
 MIN_OPSET = 17  # LayerNormalization
@@ -176,9 +177,10 @@ def export_onnx(spec: DecoderSpec, weights: dict[str, np.ndarray], target, shape
     model.ir_version = min(model.ir_version, 10)  # ORT >= 1.20 reads IR 10
     onnx.save_model(model, str(model_path))
     onnx.checker.check_model(str(model_path))  # path-based so the external data is checked too
+    mixed = write_mixed_graph(model_path)
 
     return ExportResult(
-        files=[model_path.resolve(), data_path.resolve()], io=io, dtype="float32",
+        files=[model_path.resolve(), data_path.resolve(), *([mixed] if mixed else [])], io=io, dtype="float32",
         toolchain={"onnx": onnx.__version__, "opset": str(opset), "onnxruntime_contrib": f"{MS_DOMAIN}:1"},
     )
 

@@ -233,6 +233,7 @@ def export_onnx_reduced(spec, weights, target, shapes, out_dir: Path) -> ExportR
 
     from ..architectures import head_matrix
     from .onnx import export_onnx
+    from .onnx_mixed import write_mixed_graph
 
     out_dir = Path(out_dir)
     stage = out_dir / _STAGE
@@ -245,5 +246,7 @@ def export_onnx_reduced(spec, weights, target, shapes, out_dir: Path) -> ExportR
         files, tool, dtype = reduce_onnx(src, out_dir, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+    mixed = write_mixed_graph(next(p for p in files if p.suffix == ".onnx"))
+    files = [*files, *([mixed] if mixed else [])]
     return ExportResult(files=files, io=base.io, dtype=dtype, toolchain={**base.toolchain, **tool},
                         compatibility=dict(base.compatibility))

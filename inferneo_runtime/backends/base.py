@@ -127,6 +127,9 @@ class Backend(ABC):
     # False when `_forward_impl` runs several new tokens per row on a non-empty cache one row at a time (onnx's
     # GroupQueryAttention): the loop then verifies speculative drafts only while a single request runs.
     multi_token_batches: bool = True
+    # True when `forward_mixed` runs a decode step and a prompt chunk as one forward (onnx with its mixed-step
+    # graph, after `prepare_mixed_steps`); otherwise it runs them as two and the engine keeps them apart.
+    mixes_steps: bool = False
 
     def __init__(self, artifact_dir: Path, target: "TargetEntry", dims: "ModelDims", device: str = "cpu",
                  threads: int | None = None, host_cache: bool = True):
@@ -200,6 +203,23 @@ class Backend(ABC):
             params, uniforms = [GREEDY] * len(ids), np.zeros(len(ids))
         return self._tokens_impl(cache, start, ids, past, params, uniforms)
 
+    def prepare_mixed_steps(self) -> None:
+        """Load what a one-forward `forward_mixed` needs, if the target has it (an engine with a prefill budget
+        calls this once, so that the loading does not land inside a step); `mixes_steps` says whether it did."""
+
+    def forward_mixed(self, cache: KVCache, input_ids: np.ndarray, past_lengths: np.ndarray, chunk_slot: int,
+                      chunk_ids: np.ndarray, chunk_past: int) -> tuple[np.ndarray, np.ndarray]:
+        """One decode step of the rows [0, n) (`input_ids` [n, 1]) and a prompt chunk (`chunk_ids` [1, c]) in
+        `chunk_slot`, whose first `chunk_past` positions are filled: (the rows' logits [n, 1, vocab], the chunk's
+        last position's logits [1, 1, vocab]). The results are those of the two forwards; a backend that
+        `mixes_steps` runs them as one (a single pass over the weights)."""
+        ids, past = self._checked(cache, 0, input_ids, past_lengths)
+        if ids.shape[1] != 1 or 0 <= chunk_slot < len(ids):
+            raise RequestError(f"a mixed step takes one token per row and a chunk outside the rows' slots "
+                               f"(got {ids.shape[1]} tokens per row, chunk slot {chunk_slot} of rows [0, {len(ids)}))")
+        chunk, chunk_past_lengths = self._checked(cache, chunk_slot, chunk_ids, np.array([chunk_past], dtype=np.int64))
+        return self._mixed_impl(cache, ids, past, chunk_slot, chunk, chunk_past_lengths)
+
     def _checked(self, cache: KVCache, start: int, input_ids: np.ndarray,
                  past_lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self._require_loaded()
@@ -218,6 +238,11 @@ class Backend(ABC):
     def _tokens_impl(self, cache: KVCache, start: int, ids: np.ndarray, past: np.ndarray,
                      params: Sequence["SamplingParams"], uniforms: np.ndarray) -> np.ndarray:
         return draw_tokens(self._logits(cache, start, ids, past, last_only=True)[:, -1], params, uniforms)
+
+    def _mixed_impl(self, cache: KVCache, ids: np.ndarray, past: np.ndarray, chunk_slot: int, chunk: np.ndarray,
+                    chunk_past: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        chunk_logits = self._logits(cache, chunk_slot, chunk, chunk_past, last_only=True)
+        return self._logits(cache, 0, ids, past, last_only=False), chunk_logits
 
     # -- subclass hooks ---------------------------------------------------------------------------
     @abstractmethod

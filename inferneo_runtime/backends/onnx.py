@@ -17,6 +17,11 @@ from .base import Backend, KVCache, physical_cores, small_page_zeros
 
 __all__ = ["OnnxBackend", "physical_cores", "session_options"]
 
+# The mixed-step graph (inferneo_build/exporters/onnx_mixed.py): the target's decoder rewritten to decode the
+# rows [0, n) and prefill a chunk in slot n in one forward; the chunk's KV buffers have these names.
+MIXED_GRAPH = "model.mixed.onnx"
+CHUNK_PAST, CHUNK_PRESENT = "chunk_past_key_values.{}.{}", "chunk_present.{}.{}"
+
 # The built graph is already fused; ORT's extended/layout optimizations only add load time
 # (see shared/notes/FAST-DECODE.md section 6). BASIC keeps constant folding and redundant-node removal.
 GRAPH_OPTIMIZATION = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -59,6 +64,8 @@ class OnnxBackend(Backend):
             raise ManifestError(f"{model}: graph lacks KV inputs {missing[:2]}...; declared: {sorted(declared)[:6]}...")
         self._binding = None
         self._bound_key = None
+        self._mixed_session = self._mixed_binding = self._mixed_key = None
+        self.mixes_steps = False
         # Step inputs that never change are made once: a row of ones (sliced for a single sequence's mask),
         # the last-position index, and 0..S-1 per prompt length.
         bounds = self.target.shapes
@@ -67,10 +74,26 @@ class OnnxBackend(Backend):
         self._aranges: dict[int, np.ndarray] = {}
 
     def _model_path(self):
-        onnx_files = [f.path for f in self.target.files if f.path.endswith(".onnx")]
+        onnx_files = [f.path for f in self.target.files if f.path.endswith(".onnx") and not self._is_mixed(f.path)]
         if len(onnx_files) != 1:
             raise ManifestError(f"{self.artifact_dir}: expected one .onnx file in the onnx target, found {onnx_files}")
         return self.artifact_dir / onnx_files[0]
+
+    @staticmethod
+    def _is_mixed(path: str) -> bool:
+        return path.rsplit("/", 1)[-1] == MIXED_GRAPH
+
+    def prepare_mixed_steps(self) -> None:
+        """A second session, of the mixed-step graph, when the target has one. It holds its own pre-packed copy of
+        the weights (onnxruntime's Python API cannot share them between sessions), so it loads only for engines
+        that prefill in chunks."""
+        self._require_loaded()
+        mixed = [f.path for f in self.target.files if self._is_mixed(f.path)]
+        if self._mixed_session is None and mixed:
+            self._mixed_session = ort.InferenceSession(str(self.artifact_dir / mixed[0]),
+                                                       sess_options=session_options(self.threads),
+                                                       providers=self._providers())
+            self.mixes_steps = True
 
     def _providers(self) -> list[str]:
         if self.device.startswith("cuda"):
@@ -82,6 +105,8 @@ class OnnxBackend(Backend):
 
     def _close_impl(self) -> None:
         self._session = self._binding = self._bound_key = None
+        self._mixed_session = self._mixed_binding = self._mixed_key = None
+        self.mixes_steps = False
 
     def _zeros(self, shape: tuple) -> np.ndarray:
         return small_page_zeros(shape)
@@ -113,6 +138,43 @@ class OnnxBackend(Backend):
         binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         self._session.run_with_iobinding(binding)
         return logits
+
+    def _mixed_impl(self, cache: KVCache, ids: np.ndarray, past: np.ndarray, chunk_slot: int, chunk: np.ndarray,
+                    chunk_past: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n, c = len(ids), chunk.shape[1]
+        if self._mixed_session is None or chunk_slot != n:  # the graph's chunk slot is the one after the rows
+            return super()._mixed_impl(cache, ids, past, chunk_slot, chunk, chunk_past)
+        binding = self._bind_mixed(cache, n)
+        totals = past + 1
+        mask = self._ones[:, :int(totals[0])] if n == 1 else \
+            (np.arange(int(totals.max()))[None, :] < totals[:, None]).astype(np.int64)
+        chunk_mask = self._ones[:, :int(chunk_past[0]) + c]
+        picked = np.append(self._arange(n), n + c - 1)  # each row's token, then the chunk's last
+        for name, value in (("input_ids", ids), ("attention_mask", mask), ("chunk_ids", chunk),
+                            ("chunk_attention_mask", chunk_mask), ("logit_positions", picked)):
+            binding.bind_input(name, "cpu", 0, np.int64, value.shape, value.ctypes.data)
+        logits = np.empty((1, n + 1, self.dims.vocab), dtype=np.float32)
+        binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        self._mixed_session.run_with_iobinding(binding)
+        return logits[0, :n, None], logits[:, n:]
+
+    def _bind_mixed(self, cache: KVCache, n: int) -> ort.IOBinding:
+        """The mixed graph's KV: the rows' past/present on slots [0, n), the chunk's on slot n."""
+        data = cache.data
+        key = (data.ctypes.data, data.shape, n)
+        if key == self._mixed_key:
+            return self._mixed_binding
+        binding = self._mixed_session.io_binding()
+        binding.bind_output("logits", "cpu")
+        for idx, (past, present) in enumerate(self._kv_names):
+            layer, kv = idx // 2, ("key", "value")[idx % 2]
+            for (p, q), start, rows in (((past, present), 0, n),
+                                        ((CHUNK_PAST.format(layer, kv), CHUNK_PRESENT.format(layer, kv)), n, 1)):
+                view = data[layer, idx % 2, start:start + rows]
+                binding.bind_input(p, "cpu", 0, np.float32, view.shape, view.ctypes.data)
+                binding.bind_output(q, "cpu", 0, np.float32, view.shape, view.ctypes.data)
+        self._mixed_binding, self._mixed_key = binding, key
+        return binding
 
     def _arange(self, steps: int) -> np.ndarray:
         a = self._aranges.get(steps)
