@@ -22,7 +22,7 @@ import numpy as np
 
 from inferneo_runtime.backends.base import Backend
 from inferneo_runtime.generation import GenerationParams, SequenceOutput, generate_ids
-from inferneo_runtime.goldens import prefill_logits
+from inferneo_runtime.goldens import mixed_step_error, prefill_logits
 from inferneo_runtime.manifest import Tolerances, ValidationSummary
 
 @dataclass
@@ -236,34 +236,6 @@ def compare_target(name: str, backend: Backend, prompts: Sequence[str], prompt_i
         perplexity_delta=delta, evaluation_tokens=evaluation_tokens, kernel_path=kernel_path,
         mixed_step_error=mixed)
 
-
-def mixed_step_error(backend: Backend, prompt_ids: Sequence[list[int]]) -> Optional[float]:
-    """The largest difference, in logits or in the cache left behind, between the backend's one-forward mixed
-    step and the same step as two forwards; None when it has none (or the shapes allow no second slot). Rows
-    are the first validation prompts, each decoding its last token again; the chunk is the second half of all
-    prompts joined, its first half prefilled already."""
-    backend.prepare_mixed_steps()
-    bounds = backend.target.shapes
-    rows = [list(ids) for ids in prompt_ids[:2] if ids][:max(0, (bounds.max_batch if bounds else 1) - 1)]
-    joined = [t for ids in prompt_ids for t in ids][:(bounds.max_sequence if bounds else 64) - 1]
-    if not backend.mixes_steps or not rows or len(joined) < 2:
-        return None
-    half = len(joined) // 2
-    ids = np.array([[r[-1]] for r in rows], dtype=np.int64)
-    past = np.array([len(r) for r in rows], dtype=np.int64)
-    chunk = np.array([joined[half:]], dtype=np.int64)
-    caches = []
-    for _ in range(2):
-        cache = backend.allocate_cache(len(rows) + 1, max(len(joined), *(len(r) + 1 for r in rows)))
-        for slot, r in enumerate(rows):
-            backend.forward(cache, slot, np.array([r]), np.array([0]), last_only=True)
-        backend.forward(cache, len(rows), np.array([joined[:half]]), np.array([0]), last_only=True)
-        caches.append(cache)
-    mixed_rows, mixed_chunk = backend.forward_mixed(caches[0], ids, past, len(rows), chunk, half)
-    two_chunk = backend.forward(caches[1], len(rows), chunk, np.array([half]), last_only=True)
-    two_rows = backend.forward(caches[1], 0, ids, past)
-    return float(max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max()
-                     for a, b in ((mixed_rows, two_rows), (mixed_chunk, two_chunk), (caches[0].data, caches[1].data))))
 
 
 # -- encoders ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from .backends.base import Backend
 from .cpu_kernels import quantized_kernel_path
 from .errors import GoldenMismatch, InferneoError, IntegrityError, RequestError
 from .generation import SequenceOutput, generate_ids, stream_tokens
-from .goldens import teacher_forced_agreement
+from .goldens import mixed_step_error, teacher_forced_agreement
 from .sampling import SamplingParams
 from .prefix_cache import PrefixCache
 from .speculative import SpeculationStats
@@ -275,6 +275,7 @@ class Model:
         carries `agree` and `positions`); its own recorded greedy tokens are compared and reported (`match`)."""
         entry = self.manifest.targets[self.target]
         results = [self._replay(g) for g in entry.goldens or self.manifest.goldens]
+        self._check_mixed_step(entry)
         tolerance = entry.validation.tolerance
         if entry.goldens is None or tolerance is None or tolerance.top1_agreement is None:
             bad = [r for r in results if not r["match"]]
@@ -293,6 +294,19 @@ class Model:
                 f"(this host: {quantized_kernel_path()}; measured at build on "
                 f"{entry.validation.kernel_path or 'an unrecorded kernel path'})")
         return results
+
+    def _check_mixed_step(self, entry) -> None:
+        """A mixed step validated at build (one forward for a decode step and a prompt chunk) must still equal
+        its two forwards on this host, within the build's logits_atol (1e-3, the recipe default, where the
+        target's criterion recorded none)."""
+        if entry.validation.mixed_step_max_abs_error is None:
+            return
+        limit = entry.validation.logits_atol or 1e-3
+        error = mixed_step_error(self.backend, [g.prompt_ids for g in self.manifest.goldens])
+        if error is not None and not error <= limit:
+            raise GoldenMismatch(f"target {self.target!r}: the mixed decode + prefill step differs from its two "
+                                 f"forwards by {error:.3g} on this host (limit {limit:g}; build: "
+                                 f"{entry.validation.mixed_step_max_abs_error:.3g})")
 
     def _replay(self, golden) -> dict:
         got = self.generate_ids([golden.prompt_ids], SamplingParams(max_new_tokens=len(golden.tokens)))[0].token_ids

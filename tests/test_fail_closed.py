@@ -12,6 +12,7 @@ from conftest import run_cli, tiny_recipe_fields, write_recipe
 from inferneo_build import ValidationFailed, build
 from inferneo_build.recipe import Recipe
 from inferneo_runtime.artifact import TargetNotAvailable
+from inferneo_runtime.manifest import read_manifest
 
 
 def _perturbing(real_factory):
@@ -80,3 +81,61 @@ def test_unavailable_tensorrt_target(tmp_path, tiny_checkpoint):
     checked = json.loads(r.stdout)["targets"]
     assert checked["tensorrt"]["status"] == "skipped" and "TensorRT" in checked["tensorrt"]["skipped_reason"]
     assert checked["onnx"]["status"] == "ok"
+
+
+def test_a_mixed_step_that_differs_from_its_two_forwards_fails_the_build(tmp_path, tiny_checkpoint, monkeypatch):
+    """The mixed-step graph (a prompt chunk in the decode step's forward) is validated like the target itself:
+    here its chunk attends with the wrong scale, so the chunk's logits are not those of its own forward."""
+    import onnx
+
+    import inferneo_build.exporters.onnx as onnx_exporter
+    from inferneo_build.exporters.onnx_mixed import write_mixed_graph
+
+    def miswritten(model_path):
+        path = write_mixed_graph(model_path)
+        model = onnx.load(str(path), load_external_data=False)
+        for node in model.graph.node:
+            if node.name.endswith("/chunk/GroupQueryAttention"):
+                scale = next(a for a in node.attribute if a.name == "scale")
+                scale.f *= 1.5
+        onnx.save_model(model, str(path))
+        return path
+
+    monkeypatch.setattr(onnx_exporter, "write_mixed_graph", miswritten)
+    out = tmp_path / "art"
+    recipe = Recipe.model_validate(tiny_recipe_fields(tiny_checkpoint("llama"), "t", out, targets=("onnx",)))
+    with pytest.raises(ValidationFailed, match="mixed decode \\+ prefill step differs from its two forwards") as info:
+        build(recipe)
+    assert info.value.reports[0].mixed_step_error > 1e-3 and not out.exists()
+    monkeypatch.undo()
+    artifact = build(recipe).output  # written correctly, the same build passes and records the figure
+    validation = read_manifest(artifact).targets["onnx"].validation
+    assert validation.status == "passed" and validation.mixed_step_max_abs_error <= 1e-5
+
+
+def test_validate_on_the_deploy_host_rechecks_the_mixed_step(tiny_artifact, tmp_path):
+    """`inferneo validate` runs the mixed step against its two forwards again: a mixed-step graph that computes
+    otherwise on this host (here: rewritten, its checksum updated to match) fails the target."""
+    import hashlib
+    import shutil
+
+    import onnx
+
+    from inferneo_runtime.backends.onnx import MIXED_GRAPH
+    from inferneo_runtime.validate import validate_artifact
+
+    artifact = shutil.copytree(tiny_artifact("llama"), tmp_path / "art")
+    assert validate_artifact(artifact, "onnx", show_progress=False).targets["onnx"]["status"] == "passed"
+    path = artifact / "onnx" / MIXED_GRAPH
+    model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        if node.name.endswith("/chunk/GroupQueryAttention"):
+            next(a for a in node.attribute if a.name == "scale").f *= 1.5
+    onnx.save_model(model, str(path))
+    manifest = json.loads((artifact / "inferneo.json").read_text())
+    for f in manifest["targets"]["onnx"]["files"]:
+        if f["path"].endswith(MIXED_GRAPH):
+            f["sha256"], f["size"] = hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_size
+    (artifact / "inferneo.json").write_text(json.dumps(manifest))
+    result = validate_artifact(artifact, "onnx", show_progress=False).targets["onnx"]
+    assert result["status"] == "failed" and "mixed decode + prefill step differs" in result["reason"]
