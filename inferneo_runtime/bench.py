@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .backends.base import physical_cores
+from .backends.base import MIXED_GRAPH, physical_cores
 from .errors import InferneoError
 from .manifest import read_manifest
 
@@ -369,7 +369,8 @@ def _target_streamed_bytes(manifest, name: str) -> int:
     t = manifest.targets[name]
     element = 2 if t.dtype in ("float16", "bfloat16") else 4
     dims = manifest.model
-    return max(0, sum(f.size for f in t.files) - dims.vocab * dims.hidden * element)
+    weights = sum(f.size for f in t.files if not f.path.endswith(MIXED_GRAPH))  # a graph beside the weights
+    return max(0, weights - dims.vocab * dims.hidden * element)
 
 
 def _roofline_for(group: str, name: str, manifest, read_gb_s: Optional[float],

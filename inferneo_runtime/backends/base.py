@@ -34,6 +34,10 @@ if TYPE_CHECKING:  # annotations only
 CAPACITY_CHUNK = 256  # the cache grows in steps of this many positions
 
 
+# An onnx target's mixed-step graph (a prompt chunk in the decode step's forward), beside its model.onnx
+MIXED_GRAPH = "model.mixed.onnx"
+
+
 def rounded_capacity(positions: int, max_capacity: int) -> int:
     """Cache positions to allocate for `positions`: a multiple of CAPACITY_CHUNK, at most `max_capacity`."""
     return min(max_capacity, -(-max(positions, 1) // CAPACITY_CHUNK) * CAPACITY_CHUNK)

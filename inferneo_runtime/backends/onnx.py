@@ -13,13 +13,12 @@ import onnxruntime as ort
 
 from ..errors import ManifestError, RequestError
 from . import onnx_cache
-from .base import Backend, KVCache, physical_cores, small_page_zeros
+from .base import MIXED_GRAPH, Backend, KVCache, physical_cores, small_page_zeros
 
-__all__ = ["OnnxBackend", "physical_cores", "session_options"]
+__all__ = ["MIXED_GRAPH", "OnnxBackend", "physical_cores", "session_options"]
 
-# The mixed-step graph (inferneo_build/exporters/onnx_mixed.py): the target's decoder rewritten to decode the
-# rows [0, n) and prefill a chunk in slot n in one forward; the chunk's KV buffers have these names.
-MIXED_GRAPH = "model.mixed.onnx"
+# The mixed-step graph (MIXED_GRAPH, inferneo_build/exporters/onnx_mixed.py) decodes the rows [0, n) and
+# prefills a chunk in slot n in one forward; the chunk's KV buffers have these names.
 CHUNK_PAST, CHUNK_PRESENT = "chunk_past_key_values.{}.{}", "chunk_present.{}.{}"
 
 # The built graph is already fused; ORT's extended/layout optimizations only add load time

@@ -137,7 +137,9 @@ class ServerConfig(StrictModel):
     prefix_cache_mb: float = Field(0, ge=0, description="memory per model for the keys/values of "
                                    "prompt prefixes shared across requests (0: off)")
     prefill_chunk: Optional[int] = Field(None, ge=1, description="most prompt tokens prefilled per "
-                                         "engine step, so long prompts do not stall running streams (unset: whole)")
+                                         "engine step, so long prompts do not stall running streams (unset: whole); "
+                                         "onnx targets run each chunk in the streams' decode forward, with a second "
+                                         "session of the weights")
     gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1, description="share of the CUDA device's memory "
                                                     "for weights + KV caches (the memory budget); no effect on CPU")
     tensor_parallel_size: int = Field(1, ge=1, description="accepted; above 1 is refused (no backend shards)")
