@@ -115,7 +115,7 @@ def _eos_ids(root: Path, tokenizer: Tokenizer) -> list[int]:
 def _dims(spec: DecoderSpec) -> ModelDims:
     return ModelDims(model_type=spec.model_type, family=spec.family, num_layers=spec.num_layers, hidden=spec.hidden,
                      heads=spec.heads, kv_heads=spec.kv_heads, head_dim=spec.head_dim, vocab=spec.vocab,
-                     max_positions=spec.max_positions)
+                     max_positions=spec.max_positions, tied_embeddings=bool(spec.tied))
 
 
 def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Progress] = None,

@@ -36,6 +36,7 @@ class GenericSpec:
     model: Any = field(default=None, repr=False, compare=False)
     family: str = FAMILY
     sliding_window: Optional[int] = None
+    tied: bool = False  # the output head is the embedding table
 
 
 def generic_spec(model, reason: str) -> GenericSpec:
@@ -65,7 +66,13 @@ def generic_spec(model, reason: str) -> GenericSpec:
         model_type=config.model_type, num_layers=len(layers), hidden=int(config.hidden_size),
         heads=int(config.num_attention_heads), kv_heads=int(keys.shape[1]), head_dim=int(keys.shape[3]),
         vocab=int(out.logits.shape[-1]), max_positions=int(max_positions), reason=reason, model=model,
-        sliding_window=int(window) if isinstance(window, int) and window > 0 else None)
+        sliding_window=int(window) if isinstance(window, int) and window > 0 else None,
+        tied=_tied(model))
+
+
+def _tied(model) -> bool:
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embed is not None and head.weight is embed.weight
 
 
 def _cache_layers(cache) -> list[tuple]:

@@ -363,14 +363,17 @@ class Child:
 
 
 def _target_streamed_bytes(manifest, name: str) -> int:
-    """Bytes a decode step of target `name` reads: its files less the embedding table (only its rows are read;
-    float32 in every ONNX target, the compute dtype in a reduced TorchScript one). Quantized targets stream
-    fewer bytes per token, so each is measured against its own roofline."""
+    """Bytes a decode step of target `name` reads: its files less the embedding table where only its rows are
+    read (float32 in every ONNX target, the compute dtype in a reduced TorchScript one). A tied model's table is
+    also its output head, read whole every step: float32 ONNX and the torch targets store it once and read it
+    both ways; reduced ONNX targets quantize a head of their own. Quantized targets stream fewer bytes per
+    token, so each is measured against its own roofline."""
     t = manifest.targets[name]
     element = 2 if t.dtype in ("float16", "bfloat16") else 4
     dims = manifest.model
     weights = sum(f.size for f in t.files if not f.path.endswith(MIXED_GRAPH))  # a graph beside the weights
-    return max(0, weights - dims.vocab * dims.hidden * element)
+    head_is_table = dims.tied_embeddings and not (t.format == "onnx" and t.precision is not None)
+    return max(0, weights - (0 if head_is_table else dims.vocab * dims.hidden * element))
 
 
 def _roofline_for(group: str, name: str, manifest, read_gb_s: Optional[float],

@@ -139,6 +139,8 @@ class TargetEntry(_Model):
 
 
 class ModelDims(_Model):
+    _ADDED = frozenset({"tied_embeddings"})
+
     model_type: str
     family: str
     num_layers: Count
@@ -148,6 +150,7 @@ class ModelDims(_Model):
     head_dim: Count
     vocab: Count
     max_positions: Count
+    tied_embeddings: Optional[bool] = None  # the output head is the embedding table (None: not recorded)
 
 
 class AdapterInfo(_Model):

@@ -60,6 +60,30 @@ def test_roofline_is_measured(report, tiny_artifact):
     assert 0 < report["targets"]["onnx"]["roofline_fraction"]
 
 
+def test_a_tied_head_is_streamed_whole(tiny_artifact):
+    """A tied model's output head is its embedding table, read whole every step though stored once: the roofline
+    counts it, for the onnx and the torchscript target alike."""
+    import onnx
+    from onnx import numpy_helper
+
+    from inferneo_runtime.bench import _streamed_bytes, _target_streamed_bytes
+    from inferneo_runtime.manifest import read_manifest
+
+    art = tiny_artifact("qwen2")
+    m = read_manifest(art)
+    assert m.model.tied_embeddings
+    graph = onnx.load(str(art / "onnx" / "model.onnx")).graph
+    weights = {i.name: numpy_helper.to_array(i).nbytes for i in graph.initializer}
+    multiplied = {i for node in graph.node if node.op_type in ("MatMul", "Gemm") for i in node.input if i in weights}
+    head = sum(weights[i] for i in multiplied if i.startswith("lm_head"))
+    assert head == m.model.vocab * m.model.hidden * 4  # the Gemms read the whole table
+    expected = sum(weights[i] for i in multiplied)
+    assert _target_streamed_bytes(m, "onnx") == pytest.approx(expected, rel=0.06)
+    # the TorchScript file also holds the module's code: ~15% of a model this small
+    assert expected <= _target_streamed_bytes(m, "torchscript") <= 1.2 * expected
+    assert _streamed_bytes(m) == min(_target_streamed_bytes(m, t) for t in ("onnx", "torchscript"))
+
+
 def _peer_ran(report, peer) -> dict:
     p = report["peers"][peer]
     if "skipped" in p:

@@ -36,7 +36,7 @@ class Built:
     eos: set[int]
 
     def backend(self, **kw) -> OnnxBackend:
-        dims = ModelDims(**{k: getattr(self.spec, k) for k in ModelDims.model_fields})
+        dims = ModelDims(**{k: getattr(self.spec, k) for k in ModelDims.model_fields if hasattr(self.spec, k)})
         return OnnxBackend(self.artifact, self.target, dims, threads=1, **kw).load()
 
 
@@ -244,7 +244,7 @@ def test_sliding_window_matches_hf(checkpoints, tmp_path):
 
 
 def test_cuda_is_refused_clearly(built):
-    dims = ModelDims(**{k: getattr(built.spec, k) for k in ModelDims.model_fields})
+    dims = ModelDims(**{k: getattr(built.spec, k) for k in ModelDims.model_fields if hasattr(built.spec, k)})
     with pytest.raises(ValueError, match="cpu only"):
         OnnxBackend(built.artifact, built.target, dims, device="cuda").load()
 
