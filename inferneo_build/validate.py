@@ -237,7 +237,6 @@ def compare_target(name: str, backend: Backend, prompts: Sequence[str], prompt_i
         mixed_step_error=mixed)
 
 
-
 # -- encoders ----------------------------------------------------------------------------------------------
 @dataclass
 class EncoderReport:

@@ -163,6 +163,11 @@ class Model:
             out["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(index))
         return out
 
+    def mixed_step_bytes(self) -> int:
+        """Bytes of the mixed-step session's own copy of the weights (onnx, when an engine with a prefill budget
+        loaded it: onnxruntime packs the weights per session); a server's memory budget counts them."""
+        return preflight.weights_bytes(self.manifest.targets[self.target]) if self.backend.mixes_steps else 0
+
     def draft_bytes(self) -> int:
         """Bytes held by the draft models loaded for speculation: their weights and live KV caches (a server's
         memory budget counts them with this model's own)."""

@@ -120,8 +120,16 @@ class Entry:
         return measure() if callable(measure) else 0
 
     @property
+    def mixed_step_bytes(self) -> int:
+        """The weights once more, held by the mixed-step session an engine with a prefill budget loads (onnx)."""
+        measure = getattr(self.model, "mixed_step_bytes", None)
+        return measure() if callable(measure) else 0
+
+    @property
     def memory_bytes(self) -> int:
-        return self.weight_bytes + self.cache_bytes + self.draft_bytes if self.state != "unloaded" else 0
+        if self.state == "unloaded":
+            return 0
+        return self.weight_bytes + self.cache_bytes + self.draft_bytes + self.mixed_step_bytes
 
     @property
     def max_batch(self) -> Optional[int]:
@@ -492,7 +500,7 @@ class ModelRegistry:
                 "state": e.state, "kind": r.kind, "source": r.source, "validated": r.validated,
                 "notes": list(r.notes) + list(self.notes), "error": e.error, "weight_bytes": e.weight_bytes}
         memory = {"weights_bytes": e.weight_bytes, "kv_cache_bytes": e.cache_bytes,
-                  "resident_bytes": e.memory_bytes}
+                  "mixed_step_weights_bytes": e.mixed_step_bytes, "resident_bytes": e.memory_bytes}
         model = e.model
         if model is not None and hasattr(model, "memory"):
             try:

@@ -201,3 +201,24 @@ def test_prompt_logprobs_are_the_same_chunked_cached_or_whole(model):
         assert [lp.token_id for lp in scored[1:]] == prompt[1:]
         assert [lp.logprob for lp in scored[1:]] == pytest.approx(expected, abs=1e-4), kw
         assert all(len(lp.top) == 2 and lp.rank >= 1 for lp in scored[1:])
+
+
+def test_a_servers_memory_budget_counts_the_mixed_step_session(tiny_artifact):
+    """An engine with a prefill budget loads the onnx target's mixed-step graph as a second session, with its own
+    copy of the weights: the server's budget counts it from then on (and not otherwise)."""
+    from inferneo_runtime import preflight
+    from inferneo_runtime.manager import ModelManager
+    from inferneo_runtime.registry import ArtifactSource
+
+    sources = [ArtifactSource(str(tiny_artifact("llama")), "onnx")]
+    for options, extra in (({}, 0), ({"prefill_chunk": 8}, 1)):
+        manager = ModelManager(sources, engine_options=options)
+        try:
+            manager.load("tiny-llama")
+            entry = manager.entry("tiny-llama")
+            weights = preflight.weights_bytes(entry.resolved.manifest.targets["onnx"])
+            assert entry.mixed_step_bytes == extra * weights
+            assert manager.memory_used() == entry.weight_bytes + entry.cache_bytes + extra * weights
+            assert manager.describe(entry)["memory"]["mixed_step_weights_bytes"] == extra * weights
+        finally:
+            manager.close()
