@@ -40,11 +40,12 @@ def mixed_step_error(backend: Backend, prompt_ids: Sequence[list[int]]) -> Optio
     """The largest difference, in logits or in the cache left behind, between the backend's one-forward mixed
     step and the same step as two forwards; None when it has none (or the shapes allow no second slot). Rows
     are the first validation prompts, each decoding its last token again; the chunk is the second half of all
-    prompts joined, its first half prefilled already."""
+    prompts joined (twice over), its first half prefilled already."""
     backend.prepare_mixed_steps()
     bounds = backend.target.shapes
     rows = [list(ids) for ids in prompt_ids[:2] if ids][:max(0, (bounds.max_batch if bounds else 1) - 1)]
-    joined = [t for ids in prompt_ids for t in ids][:(bounds.max_sequence if bounds else 64) - 1]
+    joined = [t for ids in prompt_ids for t in ids] * 2  # a chunk of at least two tokens, after one
+    joined = joined[:(bounds.max_sequence if bounds else 64) - 1]
     if not backend.mixes_steps or not rows or len(joined) < 2:
         return None
     half = len(joined) // 2

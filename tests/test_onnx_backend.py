@@ -164,6 +164,14 @@ def test_mixed_step_equals_its_two_forwards(built, rows):
         backend.forward_mixed(caches[0], ids, past, 0, chunk, 10)
 
 
+def test_a_mixed_step_its_validation_did_not_cover_is_not_used(built):
+    passed = built.target.model_copy(update={"validation": ValidationSummary(status="passed")})
+    dims = ModelDims(**{k: getattr(built.spec, k) for k in ModelDims.model_fields if hasattr(built.spec, k)})
+    backend = OnnxBackend(built.artifact, passed, dims, threads=1).load()
+    backend.prepare_mixed_steps()
+    assert not backend.mixes_steps  # a chunk then runs as a forward of its own
+
+
 def test_backend_registered():
     assert backend_class("onnx") is OnnxBackend
 

@@ -88,6 +88,9 @@ class OnnxBackend(Backend):
         that prefill in chunks."""
         self._require_loaded()
         mixed = [f.path for f in self.target.files if self._is_mixed(f.path)]
+        v = self.target.validation
+        if v.status == "passed" and v.mixed_step_max_abs_error is None:
+            return  # fail closed: the target's validation did not cover its mixed step
         if self._mixed_session is None and mixed:
             self._mixed_session = ort.InferenceSession(str(self.artifact_dir / mixed[0]),
                                                        sess_options=session_options(self.threads),
