@@ -35,7 +35,6 @@ def teacher_forced_agreement(backend: Backend, prompt_ids: Sequence[int], tokens
     return int(np.sum(logits.argmax(-1) == np.asarray(tokens))), len(tokens)
 
 
-
 def mixed_step_error(backend: Backend, prompt_ids: Sequence[list[int]]) -> Optional[float]:
     """The largest difference, in logits or in the cache left behind, between the backend's one-forward mixed
     step and the same step as two forwards; None when it has none (or the shapes allow no second slot). Rows
@@ -44,7 +43,7 @@ def mixed_step_error(backend: Backend, prompt_ids: Sequence[list[int]]) -> Optio
     backend.prepare_mixed_steps()
     bounds = backend.target.shapes
     rows = [list(ids) for ids in prompt_ids[:2] if ids][:max(0, (bounds.max_batch if bounds else 1) - 1)]
-    joined = [t for ids in prompt_ids for t in ids] * 2  # a chunk of at least two tokens, after one
+    joined = [t for ids in prompt_ids for t in ids] * 2  # twice over: a prefilled half and a chunk, always
     joined = joined[:(bounds.max_sequence if bounds else 64) - 1]
     if not backend.mixes_steps or not rows or len(joined) < 2:
         return None
