@@ -7,6 +7,7 @@ import torch
 
 import inferneo_runtime
 from inferneo_runtime.generation import GenerationParams
+from inferneo_runtime.manifest import read_manifest
 
 FAMILIES = ["qwen3", "llama3", "phi3", "gemma", "gemma2", "gemma3_text", "granite", "olmo2", "smollm3", "ministral"]
 PROMPTS = ["The quick brown fox", "Hello world, this is a tiny tokenizer. Inferneo compiles"]
@@ -46,6 +47,13 @@ def test_family_greedy_matches_transformers(family, tiny_artifact, tiny_checkpoi
                 assert model.generate_ids([p], params)[0].token_ids == e, (family, target, "alone")
             batched = model.generate_ids(ids, params)
             assert [b.token_ids for b in batched] == expected, (family, target, "batch")
+            # in chunks of 3, the later prompts' chunks run in the earlier ones' decode steps (onnx: one forward)
+            model.prefill_chunk = 3
+            chunked = model.generate_ids(ids, params)
+            assert [c.token_ids for c in chunked] == expected, (family, target, "chunked")
+            assert model.backend.mixes_steps == (target == "onnx")
+    # the build checked the onnx target's mixed step against its two forwards
+    assert read_manifest(artifact).targets["onnx"].validation.mixed_step_max_abs_error <= 1e-4
 
 
 def test_tied_embedding_stored_once_in_torchscript(tiny_artifact):

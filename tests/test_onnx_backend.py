@@ -96,9 +96,7 @@ def greedy(backend, prompt: list[int], eos: set[int], n: int = NEW_TOKENS, capac
 # -- export ----------------------------------------------------------------------------------------
 def test_export_files_io_and_names(built):
     files = [built.artifact / f.path for f in built.target.files]
-    # the mixed-step graph, except for graphs that read position_ids (learned positions here)
-    mixed = [] if built.spec.positions == "learned" else [MIXED_GRAPH]
-    assert [f.name for f in files] == ["model.onnx", "model.onnx.data", *mixed]
+    assert [f.name for f in files] == ["model.onnx", "model.onnx.data", MIXED_GRAPH]
     assert all(f.parent == built.artifact for f in files)  # the target folder itself (exporters/__init__.py)
     io = built.target.io
     assert io.kv_layout == "per_layer"
@@ -129,16 +127,13 @@ def test_export_is_deterministic(checkpoints, tmp_path):
 @pytest.mark.parametrize("rows", [1, 3])
 def test_mixed_step_equals_its_two_forwards(built, rows):
     """Rows [0, n) decode and slot n takes a prompt chunk in one forward of the mixed-step graph: the same
-    logits and the same cache as the decode step and the chunk run apart. Without the graph (learned positions)
-    forward_mixed runs the two forwards itself."""
+    logits and the same cache as the decode step and the chunk run apart (learned positions included)."""
     backend = built.backend()
     backend.prepare_mixed_steps()
-    assert backend.mixes_steps == (built.spec.positions != "learned")
-    runs = []
-    if backend.mixes_steps:
-        session = backend._mixed_session
-        backend._mixed_session = SimpleNamespace(io_binding=session.io_binding,
-                                                 run_with_iobinding=lambda b: runs.append(session.run_with_iobinding(b)))
+    assert backend.mixes_steps
+    runs, session = [], backend._mixed_session
+    backend._mixed_session = SimpleNamespace(io_binding=session.io_binding,
+                                             run_with_iobinding=lambda b: runs.append(session.run_with_iobinding(b)))
     rows_prompts, long = prompts([7, 12, 5][:rows], seed=1), prompts([30], seed=2)[0]
     ids = np.array([[p[-1]] for p in rows_prompts])
     past = np.array([len(p) for p in rows_prompts])
@@ -151,7 +146,7 @@ def test_mixed_step_equals_its_two_forwards(built, rows):
         backend.forward(cache, rows, np.array([long[:10]]), np.array([0]))
         caches.append(cache)
     mixed_rows, mixed_chunk = backend.forward_mixed(caches[0], ids, past, rows, chunk, 10)
-    assert len(runs) == backend.mixes_steps  # one forward, of the mixed graph
+    assert len(runs) == 1  # one forward, of the mixed graph
     apart_chunk = backend.forward(caches[1], rows, chunk, np.array([10]), last_only=True)
     apart_rows = backend.forward(caches[1], 0, ids, past)
     assert mixed_rows.shape == apart_rows.shape == (rows, 1, built.spec.vocab)

@@ -13,7 +13,8 @@ forwards 45.5 ms, as one 31.1 ms; with an 8-token chunk 42.5 vs 26.5 ms.
 
 The graph is a rewrite of the target's finished decoder graph (float32 or quantized) and shares its weights
 file, so it adds ~150 KB to the artifact. Graphs that read `position_ids` (learned positions, partial rotary,
-LongRoPE, whose switch looks at each row's last position) get none; the runtime then runs two forwards.
+LongRoPE) take the rows' and the chunk's (`chunk_position_ids`) as one sequence too; LongRoPE's switch, which
+looks at each row's last position, is given each token's own row's.
 """
 from __future__ import annotations
 
@@ -32,12 +33,12 @@ _ACROSS_TOKENS = frozenset({"DynamicQuantizeLinear", "MatMulInteger", "DynamicQu
 
 def write_mixed_graph(model_path: Path) -> Optional[Path]:
     """Write MIXED_GRAPH next to `model_path` (a decoder graph of exporters.onnx, float32 or weight-only
-    quantized) and return its path; None for graphs it cannot serve exactly: those that read `position_ids`
-    (see above), quantize activations per tensor, or cast the cache on its way in."""
+    quantized) and return its path; None for graphs it cannot serve exactly: those that quantize activations
+    per tensor, or cast the cache on its way in."""
     model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
     inputs = {i.name: i for i in graph.input}
-    if "position_ids" in inputs or any(n.op_type in _ACROSS_TOKENS for n in graph.node):
+    if any(n.op_type in _ACROSS_TOKENS for n in graph.node):
         return None
     if any(x not in inputs for n in graph.node if n.op_type == "GroupQueryAttention" for x in n.input[3:5]):
         return None  # the cache is cast on its way in (fp16): the chunk's buffers could not be bound in place
@@ -95,6 +96,20 @@ def _rewrite(graph: onnx.GraphProto, inputs: dict) -> None:
     sizes = node("Concat", [rows, chunk], "sizes", axis=0)[0]
 
     renamed: dict[str, str] = {}
+    if "position_ids" in inputs:  # learned positions, rotary nodes: the joint sequence's positions
+        graph.input.append(helper.make_tensor_value_info("chunk_position_ids", TensorProto.INT64, [1, "chunk"]))
+        rows_positions = node("Reshape", ["position_ids", const("flat", [1, -1])], "positions/rows")[0]
+        renamed["position_ids"] = node("Concat", [rows_positions, "chunk_position_ids"], "positions", axis=1)[0]
+        # LongRoPE switches on each row's last position (a Slice of position_ids): per token, its own row's
+        chunk_last = node("Slice", ["chunk_position_ids", const("last", [-1]), const("end", [2**62]), axis1],
+                          "positions/chunk_last")[0]
+        chunk_last = node("Expand", [chunk_last, node("Shape", ["chunk_ids"], "positions/chunk_shape")[0]],
+                          "positions/chunk_lasts")[0]
+        row_lasts = node("Concat", [rows_positions, chunk_last], "positions/row_lasts", axis=1)[0]
+        for n in nodes:
+            if n.op_type == "Slice" and n.input[0] == "position_ids":
+                renamed[n.output[0]] = row_lasts
+        nodes = [n for n in nodes if not (n.op_type == "Slice" and n.input[0] == "position_ids")]
     rewritten = list(new)  # the bookkeeping above reads graph inputs only
     new.clear()
     for n in nodes:

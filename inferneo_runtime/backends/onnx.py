@@ -152,8 +152,11 @@ class OnnxBackend(Backend):
             (np.arange(int(totals.max()))[None, :] < totals[:, None]).astype(np.int64)
         chunk_mask = self._ones[:, :int(chunk_past[0]) + c]
         picked = np.append(self._arange(n), n + c - 1)  # each row's token, then the chunk's last
-        for name, value in (("input_ids", ids), ("attention_mask", mask), ("chunk_ids", chunk),
-                            ("chunk_attention_mask", chunk_mask), ("logit_positions", picked)):
+        inputs = [("input_ids", ids), ("attention_mask", mask), ("chunk_ids", chunk),
+                  ("chunk_attention_mask", chunk_mask), ("logit_positions", picked)]
+        if self._has_position_ids:  # (the arrays stay referenced by `inputs` until the run: bound by pointer)
+            inputs += [("position_ids", past.reshape(n, 1)), ("chunk_position_ids", chunk_past[:, None] + self._arange(c))]
+        for name, value in inputs:
             binding.bind_input(name, "cpu", 0, np.int64, value.shape, value.ctypes.data)
         logits = np.empty((1, n + 1, self.dims.vocab), dtype=np.float32)
         binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
