@@ -110,7 +110,7 @@ def test_a_mixed_step_that_differs_from_its_two_forwards_fails_the_build(tmp_pat
     monkeypatch.undo()
     artifact = build(recipe).output  # written correctly, the same build passes and records the figure
     validation = read_manifest(artifact).targets["onnx"].validation
-    assert validation.status == "passed" and validation.mixed_step_max_abs_error <= 1e-5
+    assert validation.status == "passed" and validation.mixed_step_max_abs_error <= 1e-4
 
 
 def test_validate_on_the_deploy_host_rechecks_the_mixed_step(tiny_artifact, tmp_path):
