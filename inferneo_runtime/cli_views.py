@@ -33,6 +33,11 @@ def show_manifest(m, out: Console) -> None:
     judged = {n: t for n, t in m.targets.items() if t.validation.criterion == "tolerance"}
     if judged:  # reduced precisions and encoders: each metric next to the threshold it had to meet
         out.print(_tolerance_table(judged, encoder=m.encoder is not None))
+    mixed = {n: t.validation.mixed_step_max_abs_error for n, t in m.targets.items()
+             if t.validation.mixed_step_max_abs_error is not None}
+    if mixed:  # chunked prefill in the decode step's forward (onnx's mixed-step graph)
+        out.print("mixed decode + prefill step, max-abs difference from its two forwards: "
+                  + ", ".join(f"{n} {e:.2g}" for n, e in mixed.items()), highlight=False)
     out.print(f"built {m.built_at} · schema {m.schema_version} · goldens {len(m.goldens)} · "
               f"torch {m.toolchain.get('torch')} · onnxruntime {m.toolchain.get('onnxruntime')}")
 

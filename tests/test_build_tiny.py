@@ -11,6 +11,7 @@ import torch
 import inferneo_runtime
 from conftest import PROMPTS, run_cli, tiny_recipe_fields, write_recipe
 from inferneo_runtime.generation import GenerationParams
+from inferneo_runtime.manifest import read_manifest
 
 MODEL_TYPES = ["llama", "gpt2", "qwen2", "mistral"]
 
@@ -83,6 +84,8 @@ def test_generate_and_inspect_cli(tiny_artifact):
     assert r.returncode == 0 and json.loads(r.stdout)["name"] == "tiny-llama"
     r = run_cli("inspect", str(artifact))
     assert r.returncode == 0 and "onnx" in r.stdout and "passed" in r.stdout
+    mixed = read_manifest(artifact).targets["onnx"].validation.mixed_step_max_abs_error
+    assert f"from its two forwards: onnx {mixed:.2g}" in " ".join(r.stdout.split())  # the mixed step's check
 
 
 def test_unknown_target_is_clear(tiny_artifact):
