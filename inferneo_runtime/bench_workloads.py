@@ -206,7 +206,7 @@ def interleave(model, long_tokens: int, chunk: int, steps: int, runs: int) -> di
 
 
 def run_workloads(artifact: Path, target: Optional[str] = None, runs: int = 3, new_tokens: int = 128,
-                  prefix_tokens: int = 1000, long_tokens: int = 1900, prefill_chunk: int = 128,
+                  prefix_tokens: int = 1000, long_tokens: int = 1900, prefill_chunk: int = 16,
                   spec: SpeculativeConfig = SpeculativeConfig(), threads: Optional[int] = None,
                   draft: Optional[str] = None, log: Callable[[str], None] = lambda _: None) -> dict:
     from . import load

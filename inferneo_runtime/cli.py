@@ -210,7 +210,8 @@ def bench(
     workloads: bool = typer.Option(False, "--workloads", help="instead: copy-heavy and chat tokens/s with n-gram "
                                    "speculation, chat with a draft model, TTFT with a cached 1,000-token prefix, inter-token latency while a "
                                    "long prompt arrives (one target: --target, default onnx)"),
-    prefill_chunk: int = typer.Option(128, "--prefill-chunk", min=1, help="with --workloads: the chunk size"),
+    prefill_chunk: int = typer.Option(16, "--prefill-chunk", min=1, help="with --workloads: the chunk size "
+                                      "(smaller: the running streams wait less, the long prompt more)"),
     speculative_tokens: int = typer.Option(4, "--speculative-tokens", min=1, max=16,
                                            help="with --workloads: most tokens drafted per step"),
     speculative_model: Optional[str] = typer.Option(None, "--speculative-model", help="with --workloads: the draft "
