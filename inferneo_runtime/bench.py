@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .backends.base import MIXED_GRAPH, physical_cores
+from .backends.base import is_mixed_graph, physical_cores
 from .errors import InferneoError
 from .manifest import read_manifest
 
@@ -371,7 +371,7 @@ def _target_streamed_bytes(manifest, name: str) -> int:
     t = manifest.targets[name]
     element = 2 if t.dtype in ("float16", "bfloat16") else 4
     dims = manifest.model
-    weights = sum(f.size for f in t.files if not f.path.endswith(MIXED_GRAPH))  # a graph beside the weights
+    weights = sum(f.size for f in t.files if not is_mixed_graph(f.path))  # a graph beside the weights
     head_is_table = dims.tied_embeddings and not (t.format == "onnx" and t.precision is not None)
     return max(0, weights - (0 if head_is_table else dims.vocab * dims.hidden * element))
 

@@ -38,6 +38,11 @@ CAPACITY_CHUNK = 256  # the cache grows in steps of this many positions
 MIXED_GRAPH = "model.mixed.onnx"
 
 
+def is_mixed_graph(path: str) -> bool:
+    """Whether a manifest file path (forward slashes) is a target's mixed-step graph."""
+    return path.rsplit("/", 1)[-1] == MIXED_GRAPH
+
+
 def rounded_capacity(positions: int, max_capacity: int) -> int:
     """Cache positions to allocate for `positions`: a multiple of CAPACITY_CHUNK, at most `max_capacity`."""
     return min(max_capacity, -(-max(positions, 1) // CAPACITY_CHUNK) * CAPACITY_CHUNK)

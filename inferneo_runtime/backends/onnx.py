@@ -13,7 +13,7 @@ import onnxruntime as ort
 
 from ..errors import ManifestError, RequestError
 from . import onnx_cache
-from .base import MIXED_GRAPH, Backend, KVCache, physical_cores, small_page_zeros
+from .base import MIXED_GRAPH, Backend, KVCache, is_mixed_graph, physical_cores, small_page_zeros
 
 __all__ = ["MIXED_GRAPH", "OnnxBackend", "physical_cores", "session_options"]
 
@@ -58,6 +58,8 @@ class OnnxBackend(Backend):
         layers = self.dims.num_layers
         self._kv_names = [(io.kv_input.format(l, kv), io.kv_output.format(l, kv))
                           for l in range(layers) for kv in ("key", "value")]
+        self._chunk_kv_names = [(CHUNK_PAST.format(l, kv), CHUNK_PRESENT.format(l, kv))
+                                for l in range(layers) for kv in ("key", "value")]
         missing = [p for p, _ in self._kv_names if p not in declared]
         if missing:
             raise ManifestError(f"{model}: graph lacks KV inputs {missing[:2]}...; declared: {sorted(declared)[:6]}...")
@@ -73,21 +75,17 @@ class OnnxBackend(Backend):
         self._aranges: dict[int, np.ndarray] = {}
 
     def _model_path(self):
-        onnx_files = [f.path for f in self.target.files if f.path.endswith(".onnx") and not self._is_mixed(f.path)]
+        onnx_files = [f.path for f in self.target.files if f.path.endswith(".onnx") and not is_mixed_graph(f.path)]
         if len(onnx_files) != 1:
             raise ManifestError(f"{self.artifact_dir}: expected one .onnx file in the onnx target, found {onnx_files}")
         return self.artifact_dir / onnx_files[0]
-
-    @staticmethod
-    def _is_mixed(path: str) -> bool:
-        return path.rsplit("/", 1)[-1] == MIXED_GRAPH
 
     def prepare_mixed_steps(self) -> None:
         """A second session, of the mixed-step graph, when the target has one. It holds its own pre-packed copy of
         the weights (onnxruntime's Python API cannot share them between sessions), so it loads only for engines
         that prefill in chunks."""
         self._require_loaded()
-        mixed = [f.path for f in self.target.files if self._is_mixed(f.path)]
+        mixed = [f.path for f in self.target.files if is_mixed_graph(f.path)]
         v = self.target.validation
         if v.status == "passed" and v.mixed_step_max_abs_error is None:
             return  # fail closed: the target's validation did not cover its mixed step
@@ -121,11 +119,7 @@ class OnnxBackend(Backend):
             return np.concatenate([self._forward_impl(cache, start + r, input_ids[r:r + 1], past_lengths[r:r + 1],
                                                       last_only) for r in range(n)])
         binding = self._bind_cache(cache, start, n)
-        if n == 1:
-            mask = self._ones[:, :int(past_lengths[0]) + steps]
-        else:
-            totals = past_lengths + steps
-            mask = (np.arange(int(totals.max()))[None, :] < totals[:, None]).astype(np.int64)  # right padding
+        mask = self._mask(past_lengths, steps)
         binding.bind_input("input_ids", "cpu", 0, np.int64, input_ids.shape, input_ids.ctypes.data)
         binding.bind_input("attention_mask", "cpu", 0, np.int64, mask.shape, mask.ctypes.data)
         if self._has_position_ids:
@@ -147,10 +141,7 @@ class OnnxBackend(Backend):
         if self._mixed_session is None or chunk_slot != n:  # the graph's chunk slot is the one after the rows
             return super()._mixed_impl(cache, ids, past, chunk_slot, chunk, chunk_past)
         binding = self._bind_mixed(cache, n)
-        totals = past + 1
-        mask = self._ones[:, :int(totals[0])] if n == 1 else \
-            (np.arange(int(totals.max()))[None, :] < totals[:, None]).astype(np.int64)
-        chunk_mask = self._ones[:, :int(chunk_past[0]) + c]
+        mask, chunk_mask = self._mask(past, 1), self._mask(chunk_past, c)
         picked = np.append(self._arange(n), n + c - 1)  # each row's token, then the chunk's last
         inputs = [("input_ids", ids), ("attention_mask", mask), ("chunk_ids", chunk),
                   ("chunk_attention_mask", chunk_mask), ("logit_positions", picked)]
@@ -171,15 +162,17 @@ class OnnxBackend(Backend):
             return self._mixed_binding
         binding = self._mixed_session.io_binding()
         binding.bind_output("logits", "cpu")
-        for idx, (past, present) in enumerate(self._kv_names):
-            layer, kv = idx // 2, ("key", "value")[idx % 2]
-            for (p, q), start, rows in (((past, present), 0, n),
-                                        ((CHUNK_PAST.format(layer, kv), CHUNK_PRESENT.format(layer, kv)), n, 1)):
-                view = data[layer, idx % 2, start:start + rows]
-                binding.bind_input(p, "cpu", 0, np.float32, view.shape, view.ctypes.data)
-                binding.bind_output(q, "cpu", 0, np.float32, view.shape, view.ctypes.data)
+        _bind_slots(binding, data, self._kv_names, 0, n)
+        _bind_slots(binding, data, self._chunk_kv_names, n, 1)
         self._mixed_binding, self._mixed_key = binding, key
         return binding
+
+    def _mask(self, past_lengths: np.ndarray, steps: int) -> np.ndarray:
+        """attention_mask for rows with `past_lengths` filled positions and `steps` new tokens each."""
+        if len(past_lengths) == 1:
+            return self._ones[:, :int(past_lengths[0]) + steps]
+        totals = past_lengths + steps
+        return (np.arange(int(totals.max()))[None, :] < totals[:, None]).astype(np.int64)  # right padding
 
     def _arange(self, steps: int) -> np.ndarray:
         a = self._aranges.get(steps)
@@ -196,11 +189,15 @@ class OnnxBackend(Backend):
         binding = self._session.io_binding()
         # logits first: bind order is output order, and a logits buffer of each step's shape is rebound per call
         binding.bind_output("logits", "cpu")
-        shape = (n, *cache.shape_tail[:1], cache.capacity, cache.shape_tail[1])
-        for idx, (past, present) in enumerate(self._kv_names):
-            view = data[idx // 2, idx % 2, start:start + n]
-            assert view.flags.c_contiguous and view.shape == shape
-            binding.bind_input(past, "cpu", 0, np.float32, shape, view.ctypes.data)
-            binding.bind_output(present, "cpu", 0, np.float32, shape, view.ctypes.data)
+        _bind_slots(binding, data, self._kv_names, start, n)
         self._binding, self._bound_key = binding, key
         return binding
+
+
+def _bind_slots(binding: ort.IOBinding, data: np.ndarray, names: list[tuple[str, str]], start: int, n: int) -> None:
+    """Bind each layer's (past, present) pair in `names` to the same memory: cache slots [start, start+n)."""
+    for idx, (past, present) in enumerate(names):
+        view = data[idx // 2, idx % 2, start:start + n]
+        assert view.flags.c_contiguous and view.shape[0] == n  # the slots lie inside the cache
+        binding.bind_input(past, "cpu", 0, np.float32, view.shape, view.ctypes.data)
+        binding.bind_output(present, "cpu", 0, np.float32, view.shape, view.ctypes.data)
