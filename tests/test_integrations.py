@@ -136,21 +136,25 @@ def test_ray_serve_replicas_answer_the_openai_client(ray_app, reference):
 
 
 def test_killing_a_replica_loses_no_request_that_had_not_started_streaming(ray_app, reference):
-    """24 long requests (half streamed) across both replicas; one replica is killed once streaming began.
-    Every request either answers correctly or failed after its response had started (a stream cut off);
-    Ray replaces the replica and the deployment serves again."""
+    """24 clients keep long requests (half streamed) running across both replicas until one replica has been
+    killed mid-stream, then send one more each. Every request either answers correctly or failed after its
+    response had started (a stream cut off); Ray replaces the replica and the deployment serves again.
+    The clients loop rather than send one request each: on a fast host a single wave can finish before the
+    kill lands, and then the test would prove nothing."""
     import ray
 
     client = _client(ray_app["url"], timeout=60)  # the official client, its default retries (2)
     expected = reference["long"]
-    streaming_started = threading.Event()
+    streaming_started, killed = threading.Event(), threading.Event()
+    victim = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                    if a["name"].startswith(f"SERVE_REPLICA::{APP}#"))[0]  # looked up before the load starts
 
     def one(i: int):
-        phase = "request"
+        phase, started = "request", time.monotonic()
         try:
             if i % 2:
                 r = client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=96, temperature=0)
-                return ("ok" if r.choices[0].text == expected else "wrong", phase, time.monotonic())
+                return ("ok" if r.choices[0].text == expected else "wrong", phase, started, time.monotonic())
             stream = client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=96, temperature=0,
                                                stream=True)
             phase = "started"  # the response head is in: the request runs on a replica and streams
@@ -158,25 +162,30 @@ def test_killing_a_replica_loses_no_request_that_had_not_started_streaming(ray_a
             for chunk in stream:
                 streaming_started.set()
                 text += chunk.choices[0].text
-            return ("ok" if text == expected else "wrong", phase, time.monotonic())
+            return ("ok" if text == expected else "wrong", phase, started, time.monotonic())
         except Exception as e:  # noqa: BLE001 - classified below
-            return (f"error {type(e).__name__}: {e}", phase, time.monotonic())
+            return (f"error {type(e).__name__}: {e}", phase, started, time.monotonic())
+
+    def client_loop(i: int) -> list:
+        results, deadline = [], time.monotonic() + 90
+        while not killed.is_set() and time.monotonic() < deadline:
+            results.append(one(i))
+        results.append(one(i))  # one more, sent after the kill
+        return results
 
     with ThreadPoolExecutor(24) as pool:
-        futures = [pool.submit(one, i) for i in range(24)]
+        futures = [pool.submit(client_loop, i) for i in range(24)]
         assert streaming_started.wait(60)
-        victim = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                        if a["name"].startswith(f"SERVE_REPLICA::{APP}#"))[0]
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         killed_at = time.monotonic()
-        results = [f.result(timeout=120) for f in futures]
-    finished = [r[2] for r in results]
+        killed.set()
+        results = [r for f in futures for r in f.result(timeout=180)]
 
     lost = [r for r in results if r[0] != "ok" and r[1] != "started"]
     assert not lost, f"requests lost before streaming began: {lost}"
     assert not [r for r in results if r[0] == "wrong"], results
-    assert sum(r[0] == "ok" for r in results) >= 12  # every non-streamed request, at least
-    assert any(t > killed_at for t in finished), "nothing was in flight when the replica died"
+    assert sum(r[0] == "ok" for r in results) >= 24  # every non-streamed request (two or more per odd client)
+    assert any(start < killed_at < end for _, _, start, end in results), "nothing was in flight when the replica died"
 
     def recovered():
         names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
