@@ -20,7 +20,14 @@ _X86_PATHS = (
 _ARM_PATHS = (("i8mm", ("i8mm",)), ("dotprod", ("asimddp",)), ("neon", ("asimd",)))
 
 
-def _flags() -> set[str]:
+# /proc/cpuinfo's names for the features that numpy's CPUID table names otherwise
+_CPUID_NAMES = {"sse4_1": "SSE41", "sse4_2": "SSE42", "popcnt": "POPCNT", "avx": "AVX", "avx2": "AVX2", "fma": "FMA3",
+                "f16c": "F16C", "avx512f": "AVX512F", "avx512bw": "AVX512BW", "avx512cd": "AVX512CD",
+                "avx512dq": "AVX512DQ", "avx512vl": "AVX512VL", "avx512_vnni": "AVX512VNNI",
+                "avx512_bf16": "AVX512BF16", "avx512_fp16": "AVX512FP16", "asimd": "ASIMD", "asimddp": "ASIMDDP"}
+
+
+def _proc_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -29,6 +36,29 @@ def _flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def _cpuid_features() -> dict[str, bool]:
+    """numpy's runtime CPUID table ({} where this numpy has none): what this process can execute."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__  # numpy 2
+    except ImportError:
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__  # numpy 1.x
+        except ImportError:
+            return {}
+    return dict(__cpu_features__)
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's instruction-set flags as /proc/cpuinfo names them; empty when unknown. Where CPUID (which
+    onnxruntime's kernels and compiled code go by) withholds a feature that /proc/cpuinfo lists, that file describes
+    another CPU: qemu-user emulating an AVX2 CPU passes the host's through. Then only CPUID's features count."""
+    proc, cpuid = _proc_flags(), _cpuid_features()
+    if not cpuid or all(cpuid.get(_CPUID_NAMES[f], False) for f in proc if f in _CPUID_NAMES):
+        return frozenset(proc)
+    return frozenset(f for f, name in _CPUID_NAMES.items() if cpuid.get(name))
 
 
 def kernel_path_for(machine: str, flags: set[str]) -> str:
@@ -41,4 +71,4 @@ def kernel_path_for(machine: str, flags: set[str]) -> str:
 @lru_cache(maxsize=1)
 def quantized_kernel_path() -> str:
     """This host's int8-activation kernel path, e.g. "x86_64 avx512vnni" ("x86_64 baseline" when unknown)."""
-    return kernel_path_for(platform.machine() or "unknown", _flags())
+    return kernel_path_for(platform.machine() or "unknown", set(cpu_flags()))

@@ -23,7 +23,6 @@ import importlib.metadata
 import importlib.util
 import os
 import re
-from pathlib import Path
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
@@ -168,16 +167,13 @@ class Host:
             self._providers = list(onnxruntime.get_available_providers())
         return self._providers
 
-    # the CPU's instruction-set flags (/proc/cpuinfo), for compiled CPU code (.pt2)
+    # the CPU's instruction-set flags (/proc/cpuinfo, less what CPUID withholds), for compiled CPU code (.pt2)
     def cpu_flags(self) -> Optional[set[str]]:
         """None when unknown (no /proc/cpuinfo)."""
         if self._cpu_flags is None:
-            try:
-                text = Path("/proc/cpuinfo").read_text()
-            except OSError:
-                return None
-            line = next((ln for ln in text.splitlines() if ln.split(":")[0].strip() in ("flags", "Features")), "")
-            self._cpu_flags = set(line.partition(":")[2].split())
+            from .cpu_kernels import cpu_flags
+
+            self._cpu_flags = set(cpu_flags()) or None
         return self._cpu_flags
 
     # host RAM

@@ -38,6 +38,34 @@ def test_kernel_paths_follow_the_cpu_flags():
     assert kernel_path_for("aarch64", {"asimd", "asimddp"}) == "aarch64 dotprod"
 
 
+def test_the_kernel_path_follows_cpuid_where_cpuinfo_says_more(monkeypatch):
+    """qemu-user emulating an AVX2 CPU passes the host's /proc/cpuinfo (AVX-512 VNNI here) through, while CPUID,
+    which onnxruntime's kernels read, says AVX2: the recorded path must be the one the kernels run."""
+    from inferneo_runtime import cpu_kernels
+
+    host = {"avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "sse4_2"}
+    monkeypatch.setattr(cpu_kernels, "_proc_flags", lambda: set(host))
+    cpuid = {"SSE42": True, "AVX": True, "AVX2": True, "FMA3": True, "AVX512F": False, "AVX512BW": False,
+             "AVX512VNNI": False}
+    monkeypatch.setattr(cpu_kernels, "_cpuid_features", lambda: dict(cpuid))
+    for cached in (cpu_kernels.cpu_flags, cpu_kernels.quantized_kernel_path):
+        cached.cache_clear()
+    try:
+        # the file describes another CPU: CPUID's features only (avx_vnni, which numpy's table lacks, goes too)
+        assert cpu_kernels.cpu_flags() == {"avx", "avx2", "fma", "sse4_2"}
+        assert cpu_kernels.quantized_kernel_path().endswith(" avx2")
+        cpuid.update(AVX512F=True, AVX512BW=True, AVX512VNNI=True)  # the two agree: the file's flags stand
+        cpu_kernels.cpu_flags.cache_clear()
+        assert cpu_kernels.cpu_flags() == host
+        monkeypatch.setattr(cpu_kernels, "_cpuid_features", dict)  # a numpy without the table: cpuinfo stands
+        cpu_kernels.cpu_flags.cache_clear()
+        assert cpu_kernels.cpu_flags() == host
+    finally:
+        monkeypatch.undo()
+        for cached in (cpu_kernels.cpu_flags, cpu_kernels.quantized_kernel_path):
+            cached.cache_clear()
+
+
 def test_the_shipped_text_is_prose_code_and_dialogue(tiny_quantized):
     names = [n for n, _ in shipped_documents()]
     assert names == ["code", "dialogue", "prose"]

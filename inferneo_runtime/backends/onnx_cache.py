@@ -54,14 +54,9 @@ def cache_dir() -> Path:
 
 def cpu_flags() -> str:
     """The CPU's instruction-set flags (the packed layout depends on them), or the platform's name for them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):  # x86 / arm64
-                    return " ".join(sorted(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return platform.processor()
+    from ..cpu_kernels import cpu_flags as flags
+
+    return " ".join(sorted(flags())) or platform.processor()
 
 
 def entry_key(files: Sequence[str], level: ort.GraphOptimizationLevel) -> str:
