@@ -88,6 +88,27 @@ def test_quantized_figures_come_from_the_evaluation_text_and_name_the_kernel_pat
     assert json.loads(r.stdout)["targets"]["onnx-int8"]["validation"]["kernel_path"] == quantized_kernel_path()
 
 
+def test_the_kernel_path_tool_scores_targets_as_the_build_did(tiny_quantized, tmp_path):
+    """tools/kernel_path_check.py (run under qemu for another CPU's kernels) scored natively: the float32 target
+    against its own logits is exact, and the int8 target's figures are the build's, over the same evaluation text
+    (the build's reference is PyTorch and also counts the prompts: close, not equal)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("kernel_path_check",
+                                                  Path(__file__).parents[1] / "tools" / "kernel_path_check.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool.write_reference(tiny_quantized.output, "onnx", tmp_path)
+    itself = tool.score(tiny_quantized.output, "onnx", tmp_path)
+    assert itself["top1_agreement"] == 1.0 and itself["mean_kl"] < 1e-9 and abs(itself["perplexity_delta"]) < 1e-6
+    got = tool.score(tiny_quantized.output, "onnx-int8", tmp_path)
+    v = tiny_quantized.manifest.targets["onnx-int8"].validation
+    assert got["positions"] == v.evaluation_tokens and got["kernel_path"] == v.kernel_path
+    assert abs(got["top1_agreement"] - v.top1_agreement) < 0.02 and got["top1_agreement"] < 1.0
+    assert abs(got["mean_kl"] - v.mean_kl) < 0.2 * v.mean_kl, (got, v)
+
+
 def test_a_recipe_names_its_own_evaluation_text(tiny_checkpoint, tmp_path):
     text = tmp_path / "domain.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
