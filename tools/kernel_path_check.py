@@ -3,7 +3,7 @@
 onnxruntime's MatMulNBits (`accuracy_level: 4`) quantizes activations with kernels that MLAS picks by CPUID, and
 no onnxruntime option makes one CPU run another path's kernel (README, "CPU kernel paths"). qemu-user can:
 `qemu-x86_64 -cpu Haswell-v4` runs this same Python and onnxruntime on an emulated AVX2 CPU (no AVX-512, no
-VNNI), so MLAS takes its AVX2 kernels, at about 1/140 of native speed (the path is reported from CPUID, which is
+VNNI), so MLAS takes its AVX2 kernels, 60-140x slower than native (the path is reported from CPUID, which is
 what the kernels follow).
 
     .venv/bin/python tools/kernel_path_check.py ARTIFACT [--targets onnx-int8,onnx-int4] [--cpu Haswell-v4]
@@ -12,7 +12,7 @@ Native: the logits of the artifact's float32 `onnx` target over the shipped eval
 matches the PyTorch reference within the build's logits_atol), and each listed target's figures against them on
 this host's path. Emulated: the same figures, and `inferneo validate` of each target (the deploy-host check), on
 the emulated CPU. Prints a table, or JSON with --json. Needs qemu-user (Debian: apt-get install qemu-user);
-about 15 minutes per SmolLM2-135M target on 2 cores.
+13-16 minutes per SmolLM2-135M target on 2 cores.
 """
 from __future__ import annotations
 
