@@ -28,48 +28,42 @@ from pathlib import Path
 import numpy as np
 
 
-def _windows(model) -> list[list[int]]:
-    from inferneo_build.evaluation import MAX_WINDOW, shipped_documents, windows
-
-    shapes = model.manifest.targets[model.target].shapes  # windows within the build's bound, as the build's were
-    size = min(shapes.max_sequence, MAX_WINDOW) if shapes else MAX_WINDOW
-    return [w for _, text in shipped_documents() for w in windows(model.tokenizer.encode(text), size)]
-
-
 def write_reference(artifact: Path, reference_target: str, out: Path) -> None:
-    """The reference target's logits for every evaluation window, as out/{i}.npy, and the windows."""
+    """The reference target's logits for every evaluation window (the build's windows of the shipped text, within
+    the target's sequence bound), as out/{i}.npy, and the windows."""
     import inferneo_runtime
-    from inferneo_runtime.goldens import prefill_logits
+    from inferneo_build.evaluation import MAX_WINDOW, EvaluationReference
+    from inferneo_build.recipe import Validation
 
     with inferneo_runtime.load(artifact, target=reference_target) as model:
-        wins = _windows(model)
-        for i, w in enumerate(wins):
-            np.save(out / f"{i}.npy", prefill_logits(model.backend, w))
-    (out / "windows.json").write_text(json.dumps(wins))
+        shapes = model.manifest.targets[model.target].shapes
+        reference = EvaluationReference.run(model.backend, model.tokenizer, Validation(prompts=["(unused)"]),
+                                            shapes.max_sequence if shapes else MAX_WINDOW)
+    try:
+        for i, logits in enumerate(reference.logits):
+            np.save(out / f"{i}.npy", logits)
+        (out / "windows.json").write_text(json.dumps(reference.windows))
+    finally:
+        reference.close()
 
 
 def score(artifact: Path, target: str, reference: Path) -> dict:
     """Top-1 agreement, mean KL and perplexity change of `target` against the saved reference, on this CPU."""
     import inferneo_runtime
-    from inferneo_build.validate import agreement, token_nll
+    from inferneo_build.evaluation import EvaluationReference
     from inferneo_runtime.cpu_kernels import quantized_kernel_path
-    from inferneo_runtime.goldens import prefill_logits
 
     wins = json.loads((reference / "windows.json").read_text())
-    positions = agree = predicted = 0
-    kl = nll = ref_nll = 0.0
+    logits = [np.load(reference / f"{i}.npy", mmap_mode="r") for i in range(len(wins))]
+    saved = EvaluationReference(str(reference), wins, logits, tmp=None)  # the files are the caller's to remove
     t0 = time.perf_counter()
     with inferneo_runtime.load(artifact, target=target, verify=False) as model:
-        for i, w in enumerate(wins):
-            ref = np.load(reference / f"{i}.npy", mmap_mode="r")
-            got = prefill_logits(model.backend, w)
-            a, k = agreement(ref, got)
-            positions, agree, kl = positions + len(w), agree + a, kl + k
-            nll, ref_nll, predicted = nll + token_nll(got, w), ref_nll + token_nll(ref, w), predicted + len(w) - 1
-    return {"target": target, "kernel_path": quantized_kernel_path(), "positions": positions,
-            "top1_agreement": agree / positions, "mean_kl": kl / positions,
-            "perplexity": float(np.exp(nll / predicted)), "reference_perplexity": float(np.exp(ref_nll / predicted)),
-            "perplexity_delta": float(np.exp((nll - ref_nll) / predicted) - 1), "seconds": time.perf_counter() - t0}
+        s = saved.score(model.backend)
+    ref = saved.reference.perplexity
+    return {"target": target, "kernel_path": quantized_kernel_path(), "positions": s.positions,
+            "top1_agreement": s.agree / s.positions, "mean_kl": s.kl_sum / s.positions, "perplexity": s.perplexity,
+            "reference_perplexity": ref, "perplexity_delta": s.perplexity / ref - 1,
+            "seconds": time.perf_counter() - t0}
 
 
 def _emulated(cpu: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
