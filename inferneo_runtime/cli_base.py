@@ -16,10 +16,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
-EXIT_CODES = """Exit codes: 0 ok; 1 unexpected error; 2 bad input (recipe, arguments, request); 3 bad or unreadable
-manifest; 4 integrity failure (checksum/size); 5 missing extra or toolchain; 6 goldens do not reproduce;
-7 validation failed at build (nothing published); 8 S3 error (missing bucket/key, access denied);
-9 signature missing, untrusted or invalid."""
+# one paragraph: the help's renderer keeps hard line breaks, so they would split lines mid-phrase
+EXIT_CODES = ("Exit codes: 0 ok; 1 unexpected error; 2 bad input (recipe, arguments, request); 3 bad or unreadable "
+              "manifest; 4 integrity failure (checksum/size); 5 missing extra or toolchain; 6 goldens do not "
+              "reproduce; 7 validation failed at build (nothing published); 8 S3 error (missing bucket/key, access "
+              "denied); 9 signature missing, untrusted or invalid.")
 
 TRUSTED_KEY_HELP = "Ed25519 public key the manifest must be signed with (repeatable; default $INFERNEO_TRUSTED_KEYS)"
 
