@@ -51,8 +51,9 @@ def _llguidance():
 
 @dataclass(frozen=True)
 class Constraint:
-    """What the output must match. `spec`: the JSON schema (as canonical JSON text), the regex, the choices (a
-    JSON list), or a Lark grammar; unused for json_object. `param`: the request field, for error messages."""
+    """What the output must match. `spec`: the JSON schema (as JSON text, in the request's key order: the output
+    writes an object's properties in the schema's order, as OpenAI's does), the regex, the choices (a JSON list),
+    or a Lark grammar; unused for json_object. `param`: the request field, for error messages."""
 
     kind: str
     spec: str = ""
@@ -113,7 +114,7 @@ def make_constraint(response_format: Any = None, guided_json: Any = None, guided
             if not isinstance(schema, dict):
                 raise ConstraintError("response_format: json_schema needs {'name': ..., 'schema': {...}}",
                                       "response_format")
-            asked.append(Constraint("json_schema", json.dumps(schema, sort_keys=True), "response_format"))
+            asked.append(Constraint("json_schema", json.dumps(schema), "response_format"))
         elif kind not in (None, "text"):
             raise ConstraintError(f"response_format: type {kind!r} is not supported; use text, json_object or "
                                   "json_schema", "response_format")
@@ -124,7 +125,7 @@ def make_constraint(response_format: Any = None, guided_json: Any = None, guided
             schema = None
         if not isinstance(schema, dict):
             raise ConstraintError("guided_json must be a JSON schema object", "guided_json")
-        asked.append(Constraint("json_schema", json.dumps(schema, sort_keys=True), "guided_json"))
+        asked.append(Constraint("json_schema", json.dumps(schema), "guided_json"))
     if guided_regex is not None:
         asked.append(Constraint("regex", guided_regex, "guided_regex"))
     if guided_choice is not None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -17,6 +18,17 @@ def _token_text(value) -> Optional[str]:
     if isinstance(value, dict):
         return value.get("content")
     return value
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
+
+
+@lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's (GPT-2's) printable character for each byte, inverted: character -> byte."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
 
 
 class Tokenizer:
@@ -70,6 +82,26 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @cached_property
+    def _byte_level(self) -> bool:
+        """Whether the decoder maps byte-level BPE's alphabet back to bytes (alone, or in a decoder Sequence)."""
+        return '"ByteLevel"' in json.dumps(json.loads(self._tok.to_str()).get("decoder"))
+
+    def token_bytes(self, token_id: int, text: Optional[str] = None) -> bytes:
+        """A token's own bytes (OpenAI's logprobs `bytes`, which join into the text). A token holding part of a
+        character decodes alone to U+FFFD, so its bytes come from its vocabulary entry: SentencePiece's byte
+        fallback `<0xNN>` or byte-level BPE's alphabet. Any other token: its text's UTF-8. `text`: its decoded
+        text, when the caller has it."""
+        text = self.decode([token_id], skip_special_tokens=False) if text is None else text
+        piece = self._tok.id_to_token(token_id) if "\ufffd" in text else None
+        if piece is not None:
+            if m := _BYTE_FALLBACK.fullmatch(piece):
+                return bytes([int(m.group(1), 16)])
+            alphabet = _byte_level_alphabet()
+            if self._byte_level and all(c in alphabet for c in piece):
+                return bytes(alphabet[c] for c in piece)
+        return text.encode("utf-8")
 
     # -- chat ---------------------------------------------------------------------------------------
     @cached_property

@@ -295,3 +295,68 @@ def test_settings_from_the_environment_and_their_errors(tmp_path, llama):
     (tmp_path / "bad.jinja").write_text("{% for m in messages %}")
     with pytest.raises(ConfigError, match="chat-template"):
         read_chat_template(load_server_config(overrides={"chat_template": str(tmp_path / "bad.jinja")}, env={}))
+
+
+# -- every bad parameter is a 400 naming it (`param`), as OpenAI's errors do ------------------------------------
+@pytest.mark.parametrize("endpoint,kwargs,param", [
+    ("completions", dict(prompt=PROMPT, stream_options={"include_usage": True}), "stream_options"),
+    ("chat", dict(messages=MESSAGES, stream_options={"include_usage": True}), "stream_options"),
+    ("chat", dict(messages=MESSAGES, top_logprobs=2), "top_logprobs"),
+    ("completions", dict(prompt=PROMPT, stop=""), "stop"),
+    ("chat", dict(messages=MESSAGES, stop=["ok", ""]), "stop"),
+    ("completions", dict(prompt=""), "prompt"),
+    ("completions", dict(prompt=[]), "prompt"),
+    ("completions", dict(prompt=[[]]), "prompt"),
+    ("chat", dict(messages=[{"role": "user", "content": [{"type": "image_url",
+                                                          "image_url": {"url": "https://a.example/x.png"}}]}]),
+     "messages"),
+])
+def test_bad_params_are_400s_naming_the_param(client, endpoint, kwargs, param):
+    create = client.completions.create if endpoint == "completions" else client.chat.completions.create
+    with pytest.raises(openai.BadRequestError) as e:
+        create(model=NAME, max_tokens=2, **kwargs)
+    assert e.value.body["param"] == param, e.value.body
+    assert greedy(client, n_tokens=2).usage.completion_tokens == 2  # and the server goes on serving
+
+
+def test_chat_logprobs_bytes_join_into_the_text(client):
+    """OpenAI's `bytes`: each token's own UTF-8 bytes, which join into the text even where a character spans
+    several tokens (a byte-level token's text alone is then U+FFFD). Streamed or not."""
+    text = "é€ 日本"  # several byte tokens per character in the tiny byte-level BPE
+    kw = dict(model=NAME, messages=MESSAGES, max_tokens=30, logprobs=True, top_logprobs=2,
+              extra_body={"guided_choice": [text]})
+    choice = client.chat.completions.create(**kw).choices[0]
+    assert choice.message.content == text and choice.finish_reason == "stop"
+    tokens = choice.logprobs.content
+    assert b"".join(bytes(t.bytes) for t in tokens).decode("utf-8") == text, [(t.token, t.bytes) for t in tokens]
+    assert all(t.bytes == top.bytes for t in tokens for top in t.top_logprobs if top.token == t.token
+               and top.logprob == t.logprob)
+    streamed = [t for ch in client.chat.completions.create(stream=True, **kw) if ch.choices and ch.choices[0].logprobs
+                for t in ch.choices[0].logprobs.content]
+    assert [t.bytes for t in streamed] == [t.bytes for t in tokens]
+    plain = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=4, logprobs=True,
+                                           extra_body={"guided_choice": [" the fox"]}).choices[0]
+    assert [bytes(t.bytes).decode() for t in plain.logprobs.content] == [t.token for t in plain.logprobs.content]
+
+
+@pytest.mark.parametrize("kind", ["byte-level BPE in a decoder Sequence", "SentencePiece byte fallback"])
+def test_token_bytes_join_into_the_text_for_either_byte_scheme(tmp_path, llama, kind):
+    """The two ways a token holds part of a character: byte-level BPE (here inside a decoder Sequence, as a GGUF
+    conversion writes it) and SentencePiece's `<0xNN>` byte fallback. Either way the tokens' bytes join."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models
+
+    text = "é€ 日本 ok"
+    if kind.startswith("byte-level"):
+        hf = HFTokenizer.from_file(str(llama / "tokenizer.json"))
+        hf.decoder = decoders.Sequence([decoders.ByteLevel()])
+    else:
+        vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(" ok")}}
+        vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+        hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer(tmp_path)
+    ids = tok.encode(text, add_special_tokens=False)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some token holds part of a character
+    assert b"".join(tok.token_bytes(i) for i in ids).decode("utf-8") == text

@@ -145,6 +145,20 @@ def test_guided_json_on_completions(client):
     jsonschema.validate(json.loads(r.choices[0].text), schema)
 
 
+def test_keys_come_in_the_schemas_order(client):
+    """OpenAI's structured outputs write an object's keys in the order of the schema's `properties`."""
+    keys = ["zeta", "mid", "alpha"]
+    schema = {"type": "object", "properties": {k: {"type": "boolean"} for k in keys}, "required": keys,
+              "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "ordered", "schema": schema, "strict": True}}
+    for seed, stream in ((0, False), (1, True)):
+        text, finish = _chat(client, stream=stream, response_format=fmt, temperature=1.0, seed=seed)
+        assert finish == "stop" and list(json.loads(text)) == keys, text
+    r = client.completions.create(model="tiny-structured", prompt="{", max_tokens=60, temperature=1.0, seed=2,
+                                  extra_body={"guided_json": schema})
+    assert list(json.loads(r.choices[0].text)) == keys, r.choices[0].text
+
+
 def test_invalid_constraints_are_400s_naming_the_field(client):
     bad = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "no-such-type"}}}
     with pytest.raises(openai.BadRequestError) as e:

@@ -116,6 +116,8 @@ def check_request(body, config) -> None:
     if len(stops) > config.max_stop:
         raise ParamError(f"{len(stops)} stop strings exceed this server's limit of {config.max_stop} (max_stop)",
                          param="stop")
+    if not all(stops):
+        raise ParamError("stop strings must be non-empty", param="stop")
     long = next((s for s in stops if len(s) > config.max_stop_chars), None)
     if long is not None:
         raise ParamError(f"a stop string of {len(long)} characters exceeds this server's limit of "

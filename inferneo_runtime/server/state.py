@@ -145,6 +145,8 @@ class ServerState:
             raise
 
     def check_context(self, job: Job, prompt_ids: list[int], params: SamplingParams, param: str) -> None:
+        if not prompt_ids:
+            raise ParamError(f"the {param} is empty after tokenization", param=param)
         max_seq = job.driver.max_sequence
         total = len(prompt_ids) + params.max_new_tokens
         if total > max_seq:

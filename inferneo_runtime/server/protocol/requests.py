@@ -5,12 +5,18 @@ import dataclasses
 import json
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
-from ...errors import RequestError
 from ...sampling import MAX_LOGPROBS, SamplingParams
 from .common import (COMPLETIONS_DEFAULT_MAX_TOKENS, MAX_MESSAGES, MODEL_HELP, OpenAIBaseModel, ParamError,
                      ShortText, StreamOptions, _Sampling, _SamplingExtensions)
+
+
+def _needs_stream(stream_options, info: ValidationInfo):
+    """stream_options only with stream: true (`stream` is declared before it, so it is in `info.data`)."""
+    if stream_options is not None and not info.data.get("stream"):
+        raise ValueError("stream_options is only allowed with stream: true")
+    return stream_options
 
 
 class _CompletionFields(OpenAIBaseModel):
@@ -34,13 +40,18 @@ class _CompletionFields(OpenAIBaseModel):
     top_p: Optional[float] = Field(None, gt=0, le=1)
     user: Optional[str] = Field(None, max_length=512)
 
-    @model_validator(mode="after")
-    def _check(self):
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed with stream: true")
-        if isinstance(self.prompt, list) and len(self.prompt) == 0:
+    # field validators (not one model validator), so the 400 names the field in `param`
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, v):
+        if isinstance(v, list) and len(v) == 0:
             raise ValueError("prompt must not be empty")
-        return self
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, v, info: ValidationInfo):
+        return _needs_stream(v, info)
 
     @property
     def samples(self) -> int:
@@ -131,7 +142,8 @@ class ChatMessage(OpenAIBaseModel):
         parts = []
         for part in self.content:
             if part.type != "text" or part.text is None:
-                raise RequestError(f"message content of type {part.type!r} is not supported; only text")
+                raise ParamError(f"message content of type {part.type!r} is not supported; only text",
+                                 param="messages")
             parts.append(part.text)
         return "".join(parts)
 
@@ -201,13 +213,18 @@ class _ChatFields(OpenAIBaseModel):
             raise ValueError('must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}')
         return v
 
-    @model_validator(mode="after")
-    def _check(self):
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed with stream: true")
-        if self.top_logprobs is not None and not self.logprobs:
+    # field validators (not one model validator), so the 400 names the field in `param`
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, v, info: ValidationInfo):
+        return _needs_stream(v, info)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, v, info: ValidationInfo):
+        if v is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs: true")
-        return self
+        return v
 
 
 class _ChatTemplateOptions(BaseModel):

@@ -183,12 +183,12 @@ def _prompt_logprobs(tokenizer, prompt: Optional[list[Optional[TokenLogprobs]]],
 def _chat_logprobs(tokenizer, lps: list[TokenLogprobs]) -> ChoiceLogprobs:
     def top(t: int, v: float) -> TopLogprob:
         s = _token_text(tokenizer, t)
-        return TopLogprob(token=s, logprob=v, bytes=list(s.encode("utf-8")))
+        return TopLogprob(token=s, logprob=v, bytes=list(tokenizer.token_bytes(t, s)))
 
     content = []
     for lp in lps:
         s = _token_text(tokenizer, lp.token_id)
-        content.append(ChatTokenLogprob(token=s, logprob=lp.logprob, bytes=list(s.encode("utf-8")),
+        content.append(ChatTokenLogprob(token=s, logprob=lp.logprob, bytes=list(tokenizer.token_bytes(lp.token_id, s)),
                                         top_logprobs=[top(t, v) for t, v in lp.top]))
     return ChoiceLogprobs(content=content)
 
