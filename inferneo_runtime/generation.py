@@ -245,6 +245,7 @@ class Engine:
         request.cancelled = True
         if request in self.waiting:
             self.waiting.remove(request)
+            request.out.finish_reason = "cancelled"  # as a prefilling or active one ends at the next step
 
     @property
     def has_work(self) -> bool:
@@ -344,6 +345,10 @@ class Engine:
         # A backend that verifies several tokens per row only one row at a time (onnx) would turn one batched
         # pass into n passes: there, requests speculate while they run alone.
         drafts = [r.draft() for r in self.active] if n == 1 or self.backend.multi_token_batches else [([], None)] * n
+        # every row is padded to the widest draft, so the padding of the row with the longest sequence must
+        # still fit within max_sequence (the cache's bound): cut the drafts to what that row has room for
+        fit = self.max_sequence - int(past.max()) - 1
+        drafts = [(d[:fit], None if q is None else q[:fit]) if len(d) > fit else (d, q) for d, q in drafts]
         width = 1 + max(len(d) for d, _ in drafts)
         ids = np.empty((n, width), dtype=np.int64)
         for row, (req, (draft, _)) in enumerate(zip(self.active, drafts)):

@@ -182,6 +182,20 @@ def test_a_prompt_cancelled_mid_prefill_frees_its_slot(model):
     assert after.out.token_ids == _run(model, [after.out.prompt_ids], after.params)[0].token_ids
 
 
+def test_a_request_cancelled_while_waiting_ends_cancelled(model):
+    """Cancelled before it got a slot, a request ends as one cancelled mid-prefill or mid-decode does: finished,
+    with finish_reason "cancelled" (it stayed unfinished forever: a loop waiting for it never ended)."""
+    engine = Engine(model.backend, model.eos_ids, model.tokenizer, prefill_chunk=8)
+    running = engine.add(model.tokenizer.encode(PROMPTS[1]), SamplingParams(max_new_tokens=6, ignore_eos=True))
+    doomed = engine.add(_prompts(model, 1)[0], SamplingParams(max_new_tokens=5, ignore_eos=True))
+    engine.cancel(doomed)
+    assert doomed.finished and doomed.out.finish_reason == "cancelled"
+    while engine.has_work:
+        engine.step()
+    assert not doomed.out.token_ids and doomed.out.finish_reason == "cancelled"
+    assert running.out.token_ids == _run(model, [running.out.prompt_ids], running.params)[0].token_ids
+
+
 def test_prompt_logprobs_are_the_same_chunked_cached_or_whole(model):
     """vLLM's prompt_logprobs: every prompt token scored given those before it, whatever way the prompt is
     prefilled; a prefix-cache hit does not skip scoring (the prompt is then prefilled whole)."""

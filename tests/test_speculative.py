@@ -158,6 +158,22 @@ def test_batched_requests_speculate_independently(model):
     assert stats.accepted > 0  # (onnx verifies drafts only while one request runs: the batch's tail)
 
 
+def test_batched_drafts_beside_a_request_at_the_context_limit(model):
+    """A step pads every row to the widest draft: the padding of a row near the artifact's max_sequence must not
+    run past the cache (it failed the whole batch with 'exceeds the artifact's max_sequence')."""
+    limit = model.backend.target.shapes.max_sequence
+    full = (model.tokenizer.encode(PROMPTS[2]) * 20)[:100]
+    echo = model.tokenizer.encode("a b a b a b a b a b")
+    params = [SamplingParams(max_new_tokens=limit - len(full), ignore_eos=True, speculative_tokens=0),
+              SamplingParams(max_new_tokens=60, ignore_eos=True, speculative_tokens=4)]
+    plain = model.generate_ids([full, echo], params)
+    stats = SpeculationStats()
+    got = inferneo_runtime.generation.generate_ids(model.backend, [full, echo], params, model.eos_ids,
+                                                   tokenizer=model.tokenizer, spec_stats=stats)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
+    assert [len(o.token_ids) for o in got] == [limit - len(full), 60] and stats.accepted > 0
+
+
 def test_sampled_speculation_is_seeded_and_reaches_the_api(model):
     kw = dict(max_new_tokens=30, temperature=0.8, seed=4, ignore_eos=True)
     a = model.generate(PROMPTS[0] + " " + PROMPTS[0], speculative="ngram", **kw)
