@@ -425,3 +425,24 @@ def test_custom_model_class_is_served_like_a_backend(tmp_path):
         assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == "echo: hello world"
         chat = c.chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi"}], max_tokens=40)
         assert chat.choices[0].message.content == "echo: user: hi\nassistant:"
+
+
+# -- an encoder beside a generation model ----------------------------------------------------------------------
+def test_metrics_answer_with_an_embedding_model_loaded(llama, tmp_path_factory, tmp_path):
+    """An encoder's driver runs no sequences: /metrics still answers (200) once it is loaded, reporting 0 sequences
+    in flight for it beside the generation model's gauges."""
+    from test_encoders import encoder_recipe, make_tiny_bert
+
+    from inferneo_build import build
+
+    bert = build(encoder_recipe({"path": str(make_tiny_bert(tmp_path_factory.mktemp("bert") / "ckpt"))},
+                                tmp_path_factory.mktemp("bert-art") / "tiny-bert", targets=[{"format": "onnx"}]))
+    with serve_cli(["--model", str(llama), "--model", str(bert.output), "--log-level", "warning"], tmp_path) as s:
+        r = httpx.post(f"{s.url}/v1/embeddings", json={"model": "tiny-bert", "input": "hello"}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert greedy(s.url, "tiny-llama", "hello")[1] == "tiny-llama@1"
+        r = httpx.get(f"{s.url}/metrics", timeout=30)
+        assert r.status_code == 200, r.text
+        assert 'inferneo_model_loaded{model="tiny-bert"} 1.0' in r.text
+        assert 'inferneo_sequences_in_flight{model="tiny-bert"} 0.0' in r.text
+        assert 'inferneo_sequences_in_flight{model="tiny-llama"} 0.0' in r.text

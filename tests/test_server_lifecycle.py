@@ -261,3 +261,83 @@ def test_a_second_signal_stops_the_server_at_once(llama, tmp_path):
         rc = s.proc.wait(60)
         assert s.held()  # the stream never finished: the process did not drain it
     assert rc == -signal.SIGTERM, (rc, s.log.read_text())
+
+
+# -- several models under one budget -------------------------------------------------------------------------------
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def test_requests_waiting_for_room_do_not_stall_requests_to_a_loaded_model(llama, tiny_artifact, tmp_path,
+                                                                            monkeypatch):
+    """max_models 1: a held stream keeps tiny-llama loaded and busy, so requests to tiny-qwen2 wait for room (up to
+    load_wait_s). More of them than the event loop's default worker threads must not stall a request to the loaded
+    model (here /tokenize, which tokenizes on a worker thread): it answers at once, not when the waits give up."""
+    qwen = tiny_artifact("qwen2")
+    monkeypatch.setenv("INFERNEO_LOAD_WAIT_S", "600")
+    workers = min(32, (os.cpu_count() or 1) + 4)  # asyncio's default executor on this host
+    waiting = workers + 4
+    with gated_serve(llama, tmp_path, "--model", str(qwen), "--max-models", "1", "--drain-timeout", "60") as s:
+        s.hold(0)  # no engine step runs: the stream to tiny-llama stays in flight
+        held = []
+        threading.Thread(target=lambda: held.append(httpx.post(
+            f"{s.url}/v1/completions", json={"model": "tiny-llama", "prompt": PROMPT, "max_tokens": 4},
+            timeout=120).status_code), daemon=True).start()
+        wait_until(lambda: _metric(s.url, "inferneo_requests_in_flight") == 1, 30, "tiny-llama's request not admitted")
+        for _ in range(waiting):
+            threading.Thread(target=lambda: held.append(httpx.post(
+                f"{s.url}/v1/completions", json={"model": "tiny-qwen2", "prompt": PROMPT, "max_tokens": 2},
+                timeout=120).status_code), daemon=True).start()
+        # admitted (queue room reserved), then waiting for room: at least as many as the default executor has threads
+        wait_until(lambda: _metric(s.url, "inferneo_requests_in_flight") >= 1 + workers, 60,
+                   "the requests to tiny-qwen2 were not admitted")
+        r = httpx.post(f"{s.url}/tokenize", json={"model": "tiny-llama", "prompt": PROMPT}, timeout=60)
+        assert r.status_code == 200 and r.json()["count"] > 0
+        assert _metric(s.url, "inferneo_model_loaded{model=\"tiny-qwen2\"}") == 0  # they were still waiting
+        s.release()  # the stream ends, tiny-llama is evicted, tiny-qwen2 loads and answers them all
+        wait_until(lambda: len(held) == 1 + waiting, 120, "the requests did not finish")
+        assert held == [200] * (1 + waiting), held
+        assert _metric(s.url, "inferneo_requests_in_flight") == 0
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(60) == 0, s.log.read_text()
+    assert "Traceback" not in s.log.read_text(), s.log.read_text()
+
+
+def test_an_env_alias_with_a_bad_value_is_named_in_the_error(llama, tmp_path):
+    """INFERNEO_DRAIN_TIMEOUT is read as graceful_timeout_s: a bad value is reported under the variable that was
+    set, not under INFERNEO_GRACEFUL_TIMEOUT_S (which the user never set)."""
+    for var, value, field in (("INFERNEO_DRAIN_TIMEOUT", "soon", "graceful_timeout_s"),
+                              ("INFERNEO_GPU_MEMORY_UTIL", "5", "gpu_memory_utilization")):
+        r = subprocess.run([sys.executable, "-m", "inferneo_runtime.cli", "serve", "--model", str(llama)],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, var: value})
+        assert r.returncode == 2 and f"environment ({var}): {field}:" in r.stderr, r.stderr
+
+
+def test_a_request_waiting_for_a_model_at_the_drain_timeout_gets_a_503(llama, tiny_artifact, tmp_path, monkeypatch):
+    """max_models 1: a held request keeps tiny-llama busy and one to tiny-qwen2 waits for room when SIGTERM comes.
+    At the drain timeout both end with a 503 (shutting_down), as documented, the waiting one too (it is not running
+    on the engine yet): not a cancelled task's 500 and a traceback in the log. Then the process exits 0."""
+    qwen = tiny_artifact("qwen2")
+    monkeypatch.setenv("INFERNEO_LOAD_WAIT_S", "600")
+    with gated_serve(llama, tmp_path, "--model", str(qwen), "--max-models", "1", "--drain-timeout", "1") as s:
+        s.hold(0)
+        answers = {}
+
+        def post(model: str) -> None:
+            r = httpx.post(f"{s.url}/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 4},
+                           timeout=120)
+            answers[model] = r
+
+        threading.Thread(target=post, args=("tiny-llama",), daemon=True).start()
+        wait_until(lambda: _metric(s.url, "inferneo_requests_in_flight") == 1, 30, "tiny-llama's request not admitted")
+        threading.Thread(target=post, args=("tiny-qwen2",), daemon=True).start()
+        wait_until(lambda: _metric(s.url, "inferneo_requests_in_flight") == 2, 30, "tiny-qwen2's request not admitted")
+        s.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: len(answers) == 2, 60, "the requests were not answered at the drain timeout")
+        for model, r in answers.items():
+            assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", (model, r.text)
+        s.release()  # the held engine step may end now (the evicting wait joins it)
+        assert s.proc.wait(60) == 0, s.log.read_text()
+    assert "Traceback" not in s.log.read_text(), s.log.read_text()

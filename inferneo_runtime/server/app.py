@@ -52,6 +52,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
         yield
         state.shutting_down = True  # uvicorn has already waited for in-flight requests; drain the engines
         await asyncio.to_thread(registry.close, config.graceful_timeout_s)
+        state.lease_waits.shutdown(wait=False)  # its waits ended: the closed registry refuses leases
 
     app = FastAPI(title="Inferneo", version=__version__, lifespan=lifespan)
     app.state.inferneo = state

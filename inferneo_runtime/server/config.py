@@ -258,16 +258,18 @@ def _normalize(values: dict) -> dict:
     return values
 
 
-def _from_env(env: Mapping[str, str]) -> dict:
-    values = {}
-    for var, name in ENV_ALIASES.items():
-        if env.get(var):
-            values[name] = env[var]
+def _env_variables(env: Mapping[str, str]) -> dict[str, str]:
+    """Setting -> the environment variable it is read from (an alias unless its own INFERNEO_<SETTING> is set)."""
+    names = {name: var for var, name in ENV_ALIASES.items() if env.get(var)}
     for name in ServerConfig.model_fields:
-        raw = env.get(ENV_PREFIX + name.upper())
-        if raw is not None and raw != "" and name != "routing":
-            values[name] = raw
-    return _normalize(values)
+        var = ENV_PREFIX + name.upper()
+        if env.get(var) is not None and env.get(var) != "" and name != "routing":
+            names[name] = var
+    return names
+
+
+def _from_env(env: Mapping[str, str]) -> dict:
+    return _normalize({name: env[var] for name, var in _env_variables(env).items()})
 
 
 def _from_file(path: Path) -> dict:
@@ -290,7 +292,8 @@ def load_server_config(config_file: Optional[Path] = None, overrides: Optional[M
     sources: list[tuple[str, dict]] = []
     if config_file is not None:
         sources.append((str(config_file), _from_file(config_file)))
-    sources.append(("environment", _from_env(os.environ if env is None else env)))
+    env = os.environ if env is None else env
+    sources.append(("environment", _from_env(env)))
     flags = {k: v for k, v in (overrides or {}).items() if v is not None and v != [] and v != ()}
     sources.append(("command line", _normalize(flags)))
     merged: dict = {}
@@ -305,7 +308,7 @@ def load_server_config(config_file: Optional[Path] = None, overrides: Optional[M
         loc, msg = pydantic_problem(e)
         field = str(loc[0]) if loc else "?"
         where = origin.get(field, "settings")
-        via = f" (INFERNEO_{field.upper()})" if where == "environment" else ""
+        via = f" ({_env_variables(env).get(field, ENV_PREFIX + field.upper())})" if where == "environment" else ""
         path = ".".join(str(p) for p in loc)
         raise ConfigError(f"{where}{via}: {path}: {msg}" if path else f"{where}: {msg}") from None
 

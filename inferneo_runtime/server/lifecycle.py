@@ -118,6 +118,7 @@ class DrainingServer(uvicorn.Server):
                     jobs = list(self.state.jobs)
                     for job in jobs:
                         job.abort(DriverStopped("the server shut down (drain timeout) before this request finished"))
+                    self.state.drain_expired.set()  # and those still waiting for a model (not jobs yet) get a 503
                     logger.warning("drain timeout (%.0fs): ending %d running generation request(s) with a 503",
                                    self.drain_timeout, len(jobs))
                 self.config.timeout_graceful_shutdown = max(left, 1.0)  # uvicorn's own wait for what is left

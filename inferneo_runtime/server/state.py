@@ -3,10 +3,12 @@ lease, then tokenizing and submitting off the event loop (`ServerState.open_job`
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from fastapi import Request
 
+from ..drivers import DriverStopped
 from ..registry import Entry, Lease, ModelRegistry
 from ..sampling import SamplingParams
 from .admin_guard import AdminGuard
@@ -33,7 +35,13 @@ class ServerState:
         self.metrics = Metrics(registry, lambda: self.in_flight, config.max_queue)
         self.router = Router(config.routing)
         self.streams = ClientStreams(config.max_streams_per_client)
+        # waits for a model's lease (loading it, or for busy models to free the budget: up to load_wait_s) run on
+        # threads of their own: in the default executor they would hold the threads that routing, tokenizing and
+        # /tokenize need, stalling requests to loaded models while others wait for room. Generation requests reserve
+        # queue room before they wait, so max_queue of them wait at most; the rest is for /tokenize, embeddings, admin.
+        self.lease_waits = ThreadPoolExecutor(config.max_queue + 16, thread_name_prefix="inferneo-lease")
         self.shutting_down = False  # from SIGTERM on (draining): /ready and new requests get 503
+        self.drain_expired = asyncio.Event()  # set at the drain timeout: requests still waiting for a model get 503
         self.starting = False  # models loading and warming up at startup: /ready is 503
         self.warmed: dict[str, float] = {}  # model -> seconds its warm-up generation took at startup
         self.defaults = {"max_tokens": config.default_max_tokens} if config.default_max_tokens else {}
@@ -135,14 +143,26 @@ class ServerState:
             raise ParamError(f"preparing this request (chat template, tokenizing) took longer than this server's "
                              f"limit of {budget:g}s (request_cpu_budget_s)", param="messages") from None
 
+    def wait_registry(self, fn: Callable, *args) -> asyncio.Future:
+        """Run a registry call that may load a model or wait for room (acquire, load) on a `lease_waits` thread."""
+        return asyncio.get_running_loop().run_in_executor(self.lease_waits, fn, *args)
+
     async def acquire(self, model: str) -> Lease:
-        """Load or wait for room on a worker thread; a lease won after this request was cancelled is given back."""
-        future = asyncio.get_running_loop().run_in_executor(None, self.registry.acquire, model)
+        """Load or wait for room on a worker thread; a lease won after this request was cancelled, or after the drain
+        timeout ended its wait (DriverStopped: a 503), is given back."""
+        future = self.wait_registry(self.registry.acquire, model)
+        drained = asyncio.ensure_future(self.drain_expired.wait())
         try:
-            return await asyncio.shield(future)
+            await asyncio.wait((future, drained), return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             future.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().release())
             raise
+        finally:
+            drained.cancel()
+        if not self.drain_expired.is_set():
+            return future.result()
+        future.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().release())
+        raise DriverStopped(f"the server shut down (drain timeout) while this request waited for model {model!r}")
 
     def check_context(self, job: Job, prompt_ids: list[int], params: SamplingParams, param: str) -> None:
         if not prompt_ids:

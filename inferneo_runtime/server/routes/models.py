@@ -73,7 +73,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             return error_response(status, info)
         if body.load:
             try:
-                await asyncio.to_thread(registry.load, entry.key)
+                await state.wait_registry(registry.load, entry.key)
             except BaseException as e:
                 await asyncio.to_thread(_forget, registry, entry.key)  # a model that failed to load is not kept
                 if isinstance(e, InferneoError) and not isinstance(e, (CapacityError, RegistryError)):
@@ -86,7 +86,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
               dependencies=[Depends(admin)])
     async def load_model(model_id: str):
         entry = registry.entry(model_id)
-        await asyncio.to_thread(registry.load, entry.key)
+        await state.wait_registry(registry.load, entry.key)
         return state.card(entry)
 
     @app.post("/v1/models/{model_id:path}/unload", response_model=ModelCard, responses=ADMIN_RESPONSES,
