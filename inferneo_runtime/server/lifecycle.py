@@ -158,6 +158,7 @@ def run_server(config: ServerConfig) -> None:
         logger.info("serving %s on http://%s:%d%s", ", ".join(registry.names), config.host, config.port,
                     f" ({', '.join(lazy)} load on first use)" if lazy else "")
 
+    state.starting = True  # before the thread runs: /ready must not answer 200 while nothing has started loading
     threading.Thread(target=start, name="inferneo-startup", daemon=True).start()
     server.run()
     if failed:
