@@ -84,6 +84,14 @@ def test_per_request_limits_are_400_naming_the_field(limited, body, param, words
     assert error["param"] == param and words in error["message"], error
 
 
+def test_the_max_tokens_limit_names_the_field_the_chat_request_used(limited):
+    for field in ("max_tokens", "max_completion_tokens"):
+        r = httpx.post(f"{limited.url}/v1/chat/completions", json={
+            "model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], field: 49}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+        assert f"{field}=49" in r.json()["error"]["message"]
+
+
 def test_hostile_bodies_are_4xx_and_the_server_stays_up(limited):
     url = limited.url
     raw = [b"[" * 30_000 + b"]" * 30_000,  # deeply nested JSON

@@ -82,8 +82,9 @@ def check_request(body, config) -> None:
                          param="best_of")
     requested = body.max_tokens if isinstance(body, CompletionRequest) else body.requested_max_tokens
     if config.max_tokens_limit is not None and requested is not None and requested > config.max_tokens_limit:
-        raise ParamError(f"max_tokens={requested} exceeds this server's limit of {config.max_tokens_limit} "
-                         f"(max_tokens_limit)", param="max_tokens")
+        field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+        raise ParamError(f"{field}={requested} exceeds this server's limit of {config.max_tokens_limit} "
+                         f"(max_tokens_limit)", param=field)
     if isinstance(body, CompletionRequest):
         prompts = body.prompts()
         if len(prompts) > config.max_prompts:
