@@ -147,8 +147,9 @@ def push(artifact: Union[str, Path], uri: str, jobs: int = s3.DEFAULT_JOBS, prog
         results = s3.run_parallel(pusher.file, entries, jobs)
     # Every listed file is now in S3 and verified: the signature (if any), then the manifest, then the pointer.
     sig = root / SIGNATURE_NAME
-    if sig.is_file():  # the signature may change without the manifest changing (re-signed): always rewrite it
-        pusher.small(loc.version_key(version, SIGNATURE_NAME), sig.read_bytes(), skip_if_present=False)
+    sig_bytes = sig.read_bytes() if sig.is_file() else None
+    # the signature may change without the manifest changing (re-signed): uploaded unless S3 holds these bytes
+    sig_uploaded = sig_bytes is not None and pusher.small(loc.version_key(version, SIGNATURE_NAME), sig_bytes)
     manifest_uploaded = pusher.small(loc.manifest_key(version), raw)
     latest_key = loc.latest_key
     try:
@@ -168,8 +169,11 @@ def push(artifact: Union[str, Path], uri: str, jobs: int = s3.DEFAULT_JOBS, prog
     return {
         "ok": True, "uri": loc.uri(), "version": version, "version_uri": loc.version_uri(version),
         "name": manifest.name, "files": len(entries) + 1,
-        "uploaded": len(uploaded) + int(manifest_uploaded), "skipped": len(entries) - len(uploaded) + int(not manifest_uploaded),
-        "bytes_uploaded": sum(e.size for e in uploaded) + (len(raw) if manifest_uploaded else 0),
+        "uploaded": len(uploaded) + int(manifest_uploaded) + int(sig_uploaded),
+        "skipped": len(entries) - len(uploaded) + int(not manifest_uploaded),
+        "bytes_uploaded": sum(e.size for e in uploaded) + (len(raw) if manifest_uploaded else 0)
+                          + (len(sig_bytes) if sig_uploaded else 0),
+        "signature_uploaded": sig_uploaded,
         "latest_updated": latest_updated, "previous_version": current, "verified": verified,
         "not_pushed": not_pushed,  # files in the directory that the manifest does not list (readers ignore them)
         "seconds": round(time.perf_counter() - t0, 3),

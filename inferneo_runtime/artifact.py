@@ -19,6 +19,7 @@ from .generation import SequenceOutput, generate_ids, stream_tokens
 from .goldens import mixed_step_error, teacher_forced_agreement
 from .sampling import SamplingParams
 from .prefix_cache import PrefixCache
+from .signing import SignatureError
 from .speculative import SpeculationStats
 from .manifest import Manifest, read_manifest, verify_files
 from .tokenizer import Tokenizer
@@ -336,7 +337,14 @@ def load(path: Union[str, Path], target: Optional[str] = None, device: str = "cp
     if uri:  # s3://bucket/prefix[/versions/<sha256>]: fetched once into the verified cache
         path = s3.fetch(uri)
     root = Path(path)
-    signed_by = check_signature(root, trusted_keys)
+    try:
+        signed_by = check_signature(root, trusted_keys)
+    except SignatureError:
+        # the cached version may have been re-signed since (another key; the version, the manifest's sha256,
+        # stays the same): check the signature S3 holds now before refusing
+        if uri is None or not _refreshed_signature(uri, root):
+            raise
+        signed_by = check_signature(root, trusted_keys)
     manifest = read_manifest(root)
     name = choose_target(manifest, target)
     preflight.check(manifest, name, device).raise_for_errors()  # versions, GPU, extras, memory: before any file is read
@@ -364,6 +372,17 @@ def load(path: Union[str, Path], target: Optional[str] = None, device: str = "cp
     backend.load()
     return Model(root, manifest, name, backend, tokenizer,
                  load_options={"device": device, "threads": threads, "verify": verify, "trusted_keys": trusted_keys})
+
+
+def _refreshed_signature(uri: str, root: Path) -> bool:
+    """True when S3 holds another signature for this cached version than the cache did (now written there); False
+    when not, or when S3 cannot say (offline: the cached signature's verdict stands)."""
+    from . import s3
+
+    try:
+        return s3.refresh_signature(uri, root)
+    except InferneoError:
+        return False
 
 
 def _draft_problem(model: Model, draft) -> Optional[str]:

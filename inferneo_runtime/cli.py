@@ -88,7 +88,8 @@ def generate(
                                   "finish_reason": c.finish_reason, "load_seconds": round(t_load, 3),
                                   "session_source": source, "generate_seconds": round(t_gen, 3), **extra}))
             else:
-                out.print(c.text, highlight=False, markup=False)
+                sys.stdout.write(c.text + "\n")  # the text as generated: no console wrapping, markup or emoji codes
+                sys.stdout.flush()
                 err.print(f"[dim]{model.name}/{model.target}: {len(c.token_ids)} tokens in {t_gen:.2f}s, "
                           f"finish_reason={c.finish_reason}, {load_note}[/dim]")
 

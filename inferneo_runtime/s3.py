@@ -374,6 +374,30 @@ def drop_entry(entry: Path) -> None:
         shutil.rmtree(entry, ignore_errors=True)
 
 
+def refresh_signature(uri: Union[str, PurePath], entry: Path) -> bool:
+    """Bring a cache entry's signature up to date with S3's; True when it changed.
+
+    A version is the sha256 of its manifest, which the signature is not part of: re-signing an artifact (a new
+    key) and pushing it again publishes the same version with another `inferneo.sig`, and a cache entry fetched
+    earlier keeps the old one (or none). The signature is verified by whoever loads the entry, not here."""
+    loc = parse_uri(uri)
+    key = loc.version_key(entry.name, SIGNATURE_NAME)
+    try:
+        body = make_client().get_object(Bucket=loc.bucket, Key=key)["Body"].read()
+    except Exception as e:
+        if is_not_found(e):
+            return False
+        raise s3_error(e, loc.bucket, key, "reading") from None
+    sig = entry / SIGNATURE_NAME
+    if sig.is_file() and sig.read_bytes() == body:
+        return False
+    with file_lock(entry.parent / f"{entry.name}.lock"):
+        tmp = entry / f".{SIGNATURE_NAME}.{uuid.uuid4().hex[:8]}"
+        tmp.write_bytes(body)
+        os.replace(tmp, sig)
+    return True
+
+
 def _download_version(client, loc: S3Location, version: str, dest: Path, progress: bool, jobs: int) -> None:
     key = loc.manifest_key(version)
     try:
@@ -434,6 +458,8 @@ def pull(uri: Union[str, PurePath], dest: Path, force: bool = False, progress: b
     """
     t0 = time.perf_counter()
     fetched = fetch_artifact(uri, progress=progress, jobs=jobs)
+    if not fetched.downloaded:
+        refresh_signature(uri, fetched.path)  # the version may have been re-signed since it was cached
     dest = Path(dest)
     entries = listed_files(read_manifest(fetched.path))
     summary = {"ok": True, "uri": normalize_uri(uri), "version": fetched.version, "version_uri": fetched.uri,
@@ -445,12 +471,17 @@ def pull(uri: Union[str, PurePath], dest: Path, force: bool = False, progress: b
         if same:
             try:
                 verify_files(dest, entries)
-                return {**summary, "up_to_date": True, "seconds": round(time.perf_counter() - t0, 3)}
+                if _same_signature(fetched.path, dest):
+                    return {**summary, "up_to_date": True, "seconds": round(time.perf_counter() - t0, 3)}
+                # else the right files without the version's current signature: copied again below
             except IntegrityError as e:
                 if not force:
                     raise IntegrityError(f"{dest} holds version {fetched.version[:12]}… but {e}; "
                                          "pass --force to replace it") from None
-        elif not dest.is_dir() or (any(dest.iterdir()) and not force):
+        elif not dest.is_dir():  # (--force replaces a directory's contents, never a file)
+            raise DestinationExists(f"{dest} exists and is not a directory; give the directory to write the "
+                                    "artifact to")
+        elif any(dest.iterdir()) and not force:
             raise DestinationExists(f"{dest} exists and is not version {fetched.version[:12]}… of this artifact; "
                                     "pass --force to replace it")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -458,10 +489,18 @@ def pull(uri: Union[str, PurePath], dest: Path, force: bool = False, progress: b
     staging = dest.parent / owned_name(f".{dest.name}.pull-")
     aside = None
     try:
-        for rel in [e.path for e in entries] + [MANIFEST_NAME]:
-            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(fetched.path / rel, staging / rel)
-        verify_files(staging, entries)
+        try:
+            _copy_verified(fetched.path, staging, entries)
+        except IntegrityError:
+            if fetched.downloaded:
+                raise
+            # a cache entry damaged after it was verified (a flipped byte keeps the size the cheap check sees):
+            # download it again, once, as load() does
+            shutil.rmtree(staging, ignore_errors=True)
+            drop_entry(fetched.path)
+            fetched = fetch_artifact(uri, progress=progress, jobs=jobs)
+            summary.update(cache=str(fetched.path), downloaded=True)
+            _copy_verified(fetched.path, staging, entries)
         if sha256_file(staging / MANIFEST_NAME) != fetched.version:
             raise IntegrityError(f"{staging / MANIFEST_NAME}: copy does not hash to {fetched.version[:12]}…")
         if dest.exists():
@@ -478,3 +517,18 @@ def pull(uri: Union[str, PurePath], dest: Path, force: bool = False, progress: b
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
     return {**summary, "up_to_date": False, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _same_signature(entry: Path, dest: Path) -> bool:
+    sig, there = entry / SIGNATURE_NAME, dest / SIGNATURE_NAME
+    if not sig.is_file():
+        return True  # an unsigned version: whatever signature DEST has is for load() to judge
+    return there.is_file() and there.read_bytes() == sig.read_bytes()
+
+
+def _copy_verified(entry: Path, staging: Path, entries: list[FileEntry]) -> None:
+    """Copy a cache entry's listed files, manifest and signature (if any) into `staging`; verify the files."""
+    for rel in [e.path for e in entries] + [n for n in (MANIFEST_NAME, SIGNATURE_NAME) if (entry / n).is_file()]:
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(entry / rel, staging / rel)
+    verify_files(staging, entries)

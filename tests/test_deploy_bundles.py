@@ -394,3 +394,58 @@ def test_kserve_inference_service_fields_are_ones_the_sdk_knows(artifact, tmp_pa
 def test_kserve_needs_an_s3_artifact(artifact):
     r = run_cli("deploy", "kserve", str(artifact), "--image", "x:1")
     assert r.returncode == 2 and "inferneo push" in r.stderr
+
+
+def test_lmi_do_sample_samples(artifact, tmp_path, monkeypatch):
+    """LMI's (TGI's) "do_sample": true draws from the distribution (temperature 1 unless given), as the schema the
+    handler documents says; false is greedy whatever the temperature."""
+    import inferneo_runtime
+
+    _deploy("lmi", str(artifact), str(tmp_path / "lmi"))
+    djl = types.ModuleType("djl_python")
+    djl.Input, djl.Output = _DJLInput, _DJLOutput
+    monkeypatch.setitem(sys.modules, "djl_python", djl)
+    handler = _load_module(tmp_path / "lmi" / "model.py", "lmi_do_sample_model")
+    properties = {"engine": "Python", "entryPoint": "model.py", "inferneo_target": "onnx",
+                  "model_dir": str(tmp_path / "lmi")}  # DJL gives the handler the model directory it serves
+
+    def ask(**parameters) -> str:
+        body = {"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 12, **parameters}}
+        return handler.handle(_DJLInput(properties, body)).items[0]["generated_text"]
+
+    with inferneo_runtime.load(artifact, target="onnx") as model:
+        sampled = {seed: model.generate(PROMPTS[0], max_new_tokens=12, temperature=1.0, seed=seed).text
+                   for seed in (1, 2, 3)}
+        greedy = model.generate(PROMPTS[0], max_new_tokens=12).text
+    assert set(sampled.values()) != {greedy}
+    try:
+        assert handler.handle(_DJLInput(properties)) is None
+        assert {seed: ask(do_sample=True, seed=seed) for seed in sampled} == sampled
+        assert ask(do_sample=False, temperature=1.0, seed=1) == ask() == greedy
+    finally:
+        if handler._model is not None:
+            handler._model.close()
+
+
+def test_serve_ray_refuses_a_bad_replicas_value_before_starting_ray(artifact):
+    """`inferneo serve --ray --replicas abc` is bad input (exit 2, naming the value), said before any Ray cluster is
+    started or even imported (here Ray is blocked, so reaching it would fail otherwise)."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "ray":
+                    raise ImportError(f"{{name}} is blocked in this test", name="ray")
+        sys.meta_path.insert(0, Block())
+        from inferneo_runtime.cli import main
+        sys.argv = ["inferneo", "serve", {str(artifact)!r}, "--ray", "--replicas", "abc"]
+        main()
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "'abc'" in r.stderr, (r.returncode, r.stdout + r.stderr)
+    r = subprocess.run([sys.executable, "-c", script.replace('"--replicas", "abc"', '"--replicas", "2"')],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 5 and "inferneo[ray]" in r.stderr, (r.returncode, r.stdout + r.stderr)  # the extra to install

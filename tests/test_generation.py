@@ -201,3 +201,22 @@ def test_cpu_cache_memory_is_zeroed_small_pages():
     assert half.dtype == np.uint16 and half.nbytes == 4 * 512 * 1024 * 2 and not half.any()
     small = small_page_zeros((2, 3))
     assert small.shape == (2, 3) and not small.any()
+
+
+def test_generate_cli_prints_the_text_as_generated(tiny_artifact):
+    """`inferneo generate` (no --json) writes the completion's text itself: not wrapped to a console width, nor with
+    its control characters dropped or `:name:` codes turned into emoji, when stdout is a file or a pipe."""
+    import json
+
+    from conftest import run_cli
+
+    args = ("generate", str(tiny_artifact("llama")), PROMPTS[2], "--max-new-tokens", "96", "--target", "onnx")
+    r = run_cli(*args, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = json.loads(r.stdout)["text"]
+    assert len(text) > 80, text  # longer than the width a console assumes when stdout is not a terminal
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == text + "\n"
+    r = run_cli(*args, "--stream")
+    assert r.returncode == 0 and r.stdout == text + "\n", r.stderr

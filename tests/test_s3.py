@@ -389,3 +389,102 @@ def test_a_killed_pulls_staging_is_removed_by_the_next_pull(s3env, bucket, artif
     assert r.returncode == 0, r.stdout + r.stderr
     assert not dead.exists() and alive.exists()  # a running process's staging is left alone
     assert sorted(p.name for p in pulls.iterdir()) == sorted(["out", alive.name])
+
+
+def _signed_copy(artifact: Path, dest: Path, key_dir: Path, name: str) -> tuple[Path, str]:
+    """A copy of `artifact` signed with a new key; returns (the copy, the key's public file)."""
+    from inferneo_runtime.signing import generate_keypair, sign_artifact
+
+    if not dest.exists():
+        shutil.copytree(artifact, dest)
+    private, public, _ = generate_keypair(key_dir / name)
+    sign_artifact(dest, private)
+    return dest, str(public)
+
+
+def test_a_pulled_signed_artifact_keeps_its_signature(s3env, bucket, artifact, tmp_path):
+    """`inferneo pull` of a signed artifact writes its inferneo.sig too, so the copy loads where signatures are
+    required (and a copy pulled without it is completed by the next pull, not called up to date)."""
+    signed, public = _signed_copy(artifact, tmp_path / "signed", tmp_path, "ci")
+    uri = f"s3://{bucket}/signed"
+    do_push(signed, uri)
+    dest = tmp_path / "pulled"
+    r = run_cli("pull", uri, str(dest), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (dest / "inferneo.sig").read_bytes() == (signed / "inferneo.sig").read_bytes()
+    r = run_cli("generate", str(dest), PROMPT, "--max-new-tokens", "4", "--trusted-key", public, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    (dest / "inferneo.sig").unlink()  # as an earlier pull left it
+    r = run_cli("pull", uri, str(dest), "--json")
+    assert r.returncode == 0 and not json.loads(r.stdout)["up_to_date"], r.stdout + r.stderr
+    assert (dest / "inferneo.sig").read_bytes() == (signed / "inferneo.sig").read_bytes()
+
+
+def test_a_re_signed_version_is_trusted_from_a_warm_cache(s3env, bucket, artifact, tmp_path):
+    """Re-signing (a new key) leaves the manifest, hence the version and its cache entry, unchanged: a load or pull
+    that requires the new key reads the signature S3 now holds instead of refusing the cached old one."""
+    import inferneo_runtime
+
+    signed, old = _signed_copy(artifact, tmp_path / "signed", tmp_path, "old")
+    uri = f"s3://{bucket}/rotated"
+    version = do_push(signed, uri)["version"]
+    with inferneo_runtime.load(uri, target="onnx", trusted_keys=[old]) as model:  # cached, with the old signature
+        expected = model.generate(PROMPT, max_new_tokens=4).token_ids
+    _, new = _signed_copy(artifact, signed, tmp_path, "new")
+    assert do_push(signed, uri)["version"] == version
+    with inferneo_runtime.load(uri, target="onnx", trusted_keys=[new]) as model:
+        assert model.generate(PROMPT, max_new_tokens=4).token_ids == expected
+    dest = tmp_path / "pulled"
+    r = run_cli("pull", uri, str(dest), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_cli("generate", str(dest), PROMPT, "--max-new-tokens", "4", "--trusted-key", new, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_pull_downloads_a_cache_entry_damaged_in_place_again(s3env, bucket, artifact, tmp_path):
+    """Like load, pull does not fail forever on a cache entry whose bytes changed after it was verified."""
+    from inferneo_runtime.s3 import artifacts_cache
+
+    uri = f"s3://{bucket}/damaged-pull"
+    version = do_push(artifact, uri)["version"]
+    first = tmp_path / "first"
+    assert run_cli("pull", uri, str(first)).returncode == 0
+    data = next(p for p in (artifacts_cache() / version / "onnx").iterdir() if p.suffix == ".data")
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    dest = tmp_path / "second"
+    r = run_cli("pull", uri, str(dest), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["downloaded"]
+    assert greedy(dest) == greedy(artifact)
+
+
+def test_re_signing_and_pushing_says_the_signature_was_uploaded(s3env, client, bucket, artifact, tmp_path):
+    """A push whose only change is a new signature uploads it and says so (not "nothing to upload"); pushing the
+    same signed artifact again uploads nothing."""
+    signed, _ = _signed_copy(artifact, tmp_path / "signed", tmp_path, "old")
+    uri = f"s3://{bucket}/resigned"
+    version = do_push(signed, uri)["version"]
+    again = do_push(signed, uri)
+    assert again["uploaded"] == 0 and again["bytes_uploaded"] == 0
+    _signed_copy(artifact, signed, tmp_path, "new")
+    r = run_cli("push", str(signed), uri)
+    assert r.returncode == 0 and "nothing to upload" not in r.stdout, r.stdout + r.stderr
+    r = run_cli("push", str(signed), uri, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["uploaded"] == 0, r.stdout + r.stderr
+    key = f"resigned/versions/{version}/inferneo.sig"
+    assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == (signed / "inferneo.sig").read_bytes()
+
+
+def test_pull_onto_a_file_says_what_is_wrong(s3env, bucket, artifact, tmp_path):
+    uri = f"s3://{bucket}/onto-file"
+    do_push(artifact, uri)
+    dest = tmp_path / "notes.txt"
+    dest.write_text("mine")
+    for extra in ((), ("--force",)):
+        r = run_cli("pull", uri, str(dest), *extra, "--json")
+        message = json.loads(r.stdout)["message"]
+        assert r.returncode == 2 and "not a directory" in message and "pass --force" not in message, r.stdout
+        assert dest.read_text() == "mine"

@@ -58,6 +58,8 @@ def sampling_params(parameters: dict):
               if parameters.get(name) is not None}
     if parameters.get("do_sample") is False:
         values["temperature"] = 0.0
+    elif parameters.get("do_sample") and "temperature" not in values:
+        values["temperature"] = 1.0  # LMI's (and TGI's) default temperature when sampling; ours is 0 (greedy)
     stop = parameters.get("stop")
     if stop:
         values["stop"] = tuple([stop] if isinstance(stop, str) else stop)

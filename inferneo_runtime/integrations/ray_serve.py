@@ -28,7 +28,7 @@ import sys
 import threading
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from ..errors import InferneoError, MissingExtraError
+from ..errors import InferneoError, MissingExtraError, RequestError
 
 logger = logging.getLogger("inferneo.integrations")
 
@@ -105,7 +105,7 @@ def parse_replicas(replicas: Union[int, str, None]) -> tuple[Optional[int], Opti
             raise ValueError
         return n, None
     except ValueError:
-        raise InferneoError(f"--replicas {text!r}: give a count (2), a range to autoscale in (1-4), or auto") from None
+        raise RequestError(f"--replicas {text!r}: give a count (2), a range to autoscale in (1-4), or auto") from None
 
 
 def deployment(artifacts: Sequence[str] = (), *, settings: Optional[Mapping[str, Any]] = None,
@@ -208,12 +208,13 @@ def serve_on_ray(config, replicas: Union[int, str, None] = None, *, wait: bool =
     application is deleted (Ray drains each replica) and a cluster this command started is shut down.
     Returns the base URL (with wait=False it returns once every replica is up, leaving it running).
     """
+    if not isinstance(replicas, int):
+        parse_replicas(replicas)  # a bad value is refused before a cluster starts
     local = not os.environ.get("RAY_ADDRESS")
     if local and config.host in LOOPBACK:
         _loopback_cluster()
+    serve = _serve_module()  # without ray[serve]: the extra to install (exit 5)
     import ray
-
-    serve = _serve_module()
     started_cluster = False
     if not ray.is_initialized():
         options: dict[str, Any] = {"logging_level": logging.WARNING}
