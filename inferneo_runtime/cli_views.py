@@ -1,8 +1,10 @@
 """How the CLI shows what the API returns: rich tables and one-line summaries for people (`--json` prints the
-objects themselves). Nothing here decides anything; it only draws."""
+objects themselves). Nothing here decides anything; it only draws. Text that comes from elsewhere (names, paths,
+reasons such as "pip install 'inferneo[torchscript]'") is escaped, or rich would read its brackets as markup."""
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 MARKS = {"ok": "[green]✓[/green]", "passed": "[green]✓[/green]", "incompatible": "[red]✗[/red]",
@@ -11,10 +13,11 @@ MARKS = {"ok": "[green]✓[/green]", "passed": "[green]✓[/green]", "incompatib
 
 def show_manifest(m, out: Console) -> None:
     """`inspect`: the model, its adapters or encoder head, one row per target, and the tolerance figures."""
-    out.print(f"[bold]{m.name}[/bold]  {m.task} · {m.architecture} · {m.model.num_layers} layers · hidden "
-              f"{m.model.hidden} · vocab {m.model.vocab} · source {m.source.kind}:{m.source.uri}", highlight=False)
+    out.print(f"[bold]{escape(m.name)}[/bold]  {m.task} · {m.architecture} · {m.model.num_layers} layers · hidden "
+              f"{m.model.hidden} · vocab {m.model.vocab} · source {m.source.kind}:{escape(str(m.source.uri))}",
+              highlight=False)
     for a in m.source.adapters:
-        out.print(f"  LoRA adapter {a.path} (sha256 {a.sha256[:12]}…, r={a.rank}, alpha={a.alpha:g}, "
+        out.print(f"  LoRA adapter {escape(str(a.path))} (sha256 {a.sha256[:12]}…, r={a.rank}, alpha={a.alpha:g}, "
                   f"{', '.join(a.target_modules)}) merged", highlight=False)
     if m.encoder is not None:
         e = m.encoder
@@ -73,7 +76,7 @@ def show_preflight(verdicts: dict, device: str, out: Console) -> None:
     """`inspect --check`: one line per target, with its findings."""
     for name, v in verdicts.items():
         facts = ", ".join(f"{k} {v.facts[k]}" for k in ("tensorrt", "gpu", "compute_capability") if v.facts.get(k))
-        out.print(f"{MARKS[v.status]} {name} ({v.format}) on {device}: {v.status}"
+        out.print(f"{MARKS[v.status]} {escape(name)} ({v.format}) on {escape(device)}: {v.status}"
                   + (f" [dim]({facts})[/dim]" if facts else ""), highlight=False)
         if v.skipped is not None:
             out.print(f"    skipped at build time: {v.skipped}", highlight=False, markup=False)
@@ -87,16 +90,16 @@ def show_validation(report, out: Console) -> None:
 
     checked = [n for n, r in report.targets.items() if r["status"] != "unavailable"]
     out.print(f"[green]✓[/green] checksums verified ({report.root_files} root files, targets: "
-              f"{', '.join(checked) or 'none'})")
+              f"{escape(', '.join(checked) or 'none')})")
     for name, r in report.targets.items():
-        out.print(f"{MARKS[r['status']]} {name}: {r['status']} ({describe_result(r)})", highlight=False)
+        out.print(f"{MARKS[r['status']]} {escape(name)}: {r['status']} ({escape(describe_result(r))})", highlight=False)
 
 
 def show_built(summary: dict, out: Console) -> None:
     """`build`: one line per recipe built, from cache, or already up to date."""
     verb = "up to date" if summary["cached"] == "output" else ("from cache" if summary["cached"] else "built")
-    out.print(f"[green]{verb}[/green] {summary['output']} in {summary['seconds']:.1f}s: "
-              + ", ".join(f"{t} {s['status']}" for t, s in summary["targets"].items()), highlight=False)
+    out.print(f"[green]{verb}[/green] {escape(str(summary['output']))} in {summary['seconds']:.1f}s: "
+              + escape(", ".join(f"{t} {s['status']}" for t, s in summary["targets"].items())), highlight=False)
 
 
 def show_versions(info: dict, out: Console) -> None:

@@ -43,3 +43,25 @@ def test_import_is_slim():
                         "print([m for m in ('torch','transformers','inferneo_build') if m in sys.modules])"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_validate_without_torch_names_the_extra_to_install(tiny_artifact):
+    """`inferneo validate` on a host without torch: the torchscript target is unavailable, and the line says which
+    extra installs it, brackets and all (the console once read `[torchscript]` as markup and dropped it)."""
+    artifact = tiny_artifact("llama")
+    script = textwrap.dedent("""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers", "inferneo_build"):
+                    raise ImportError(f"{name} is blocked in this test")
+        sys.meta_path.insert(0, Block())
+        from inferneo_runtime.cli import main
+        sys.argv = ["inferneo", *sys.argv[1:]]
+        sys.exit(main())
+    """)
+    r = subprocess.run([sys.executable, "-c", script, "validate", str(artifact)], capture_output=True, text=True,
+                       timeout=300, env={**__import__("os").environ, "COLUMNS": "300"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    line = next(s for s in r.stdout.splitlines() if "torchscript:" in s)
+    assert "unavailable" in line and "inferneo[torchscript]" in line, r.stdout
