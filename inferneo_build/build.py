@@ -33,6 +33,16 @@ class UnusableCheckpoint(BuildError):
     exit_code = 2
 
 
+class ShapesExceedModel(BuildError):
+    """The recipe's shapes.max_sequence is longer than the model's max_position_embeddings."""
+
+    exit_code = 2
+
+    def __init__(self, max_sequence: int, max_positions: int):
+        super().__init__(f"shapes.max_sequence {max_sequence} exceeds the model's max_position_embeddings "
+                         f"{max_positions}; set shapes.max_sequence to at most {max_positions} in the recipe")
+
+
 class QuantizedCheckpoint(BuildError):
     """The source is already quantized (GPTQ, AWQ, bitsandbytes, ...): its packed weights cannot be exported."""
 
@@ -126,6 +136,14 @@ def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Prog
     progress = progress or Progress(quiet=True)
     output = Path(output or recipe.output_dir).absolute()
     check_output(output, force)  # before any work: never replace what is not an artifact
+    if cache:  # a bad --cache or --sign is refused before the build, not after it published
+        from inferneo_runtime.s3 import parse_uri
+
+        parse_uri(cache)
+    if sign_key:
+        from inferneo_runtime.signing import load_private_key
+
+        load_private_key(sign_key)
     t_start = time.perf_counter()
 
     with progress.step(f"resolve source ({next(iter(recipe.source.model_dump(exclude={'tokenizer'}).values()))})"):
@@ -161,8 +179,7 @@ def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Prog
         except UnsupportedArchitecture as e:  # no fused entry: transformers' own modeling code, validated alike
             spec, generic_reason = None, str(e)
         if spec is not None and recipe.shapes.max_sequence > spec.max_positions:
-            raise BuildError(f"shapes.max_sequence {recipe.shapes.max_sequence} exceeds the model's "
-                             f"max_position_embeddings {spec.max_positions}")
+            raise ShapesExceedModel(recipe.shapes.max_sequence, spec.max_positions)
 
         with progress.step("load reference model (PyTorch)"):
             import torch
@@ -190,8 +207,7 @@ def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Prog
                 progress.log(f"generic path for model_type {config.model_type!r} ({generic_reason}): "
                              "transformers' own modeling code, traced into the torchscript target")
                 if recipe.shapes.max_sequence > spec.max_positions:
-                    raise BuildError(f"shapes.max_sequence {recipe.shapes.max_sequence} exceeds the model's "
-                                     f"max_position_embeddings {spec.max_positions}")
+                    raise ShapesExceedModel(recipe.shapes.max_sequence, spec.max_positions)
 
         def build_in(staging: Path) -> BuildResult:
             return build_task(DecoderTask(recipe, checkpoint, spec, model, weights), staging, recipe, checkpoint,
@@ -238,7 +254,10 @@ class DecoderTask:
         val = recipe.validation
         self.prompt_ids = prompt_ids = [tokenizer.encode(p) for p in val.prompts]
         for i, ids in enumerate(prompt_ids, 1):
-            if ids and max(ids) >= dims.vocab:  # a tokenizer from another model: the reference would index past its table
+            if not ids:  # nothing to condition the reference's decode on
+                raise UnusableCheckpoint(f"validation.prompts.{i - 1}: {val.prompts[i - 1]!r} encodes to no tokens; "
+                                         "give each validation prompt some text")
+            if max(ids) >= dims.vocab:  # a tokenizer from another model: the reference would index past its table
                 raise UnusableCheckpoint(f"validation prompt {i} encodes to token id {max(ids)}, but the checkpoint's vocabulary "
                                  f"has {dims.vocab} entries: its tokenizer belongs to another model")
 

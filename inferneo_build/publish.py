@@ -29,6 +29,9 @@ def check_output(output: Path, force: bool = False) -> None:
     """Refuse (unless `force`) an output a build would destroy: `/`, the working directory or one of its
     ancestors, or an existing directory (or file) that holds no inferneo.json."""
     output = Path(os.path.abspath(output))
+    blocker = next((p for p in output.parents if p.exists() or p.is_symlink()), None)
+    if blocker is not None and not blocker.is_dir():  # even --force replaces the output only, never a parent
+        raise OutputNotReplaceable(f"output {output}: {blocker} exists and is not a directory; choose another output")
     if force:
         return
     cwd = Path(os.path.abspath(os.getcwd()))
@@ -68,12 +71,20 @@ def _exchange(a: Path, b: Path) -> bool:
     return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
+def _remove(path: Path) -> None:
+    """Remove what a publish replaced: the old artifact directory, or (with --force) a file or a symlink."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def publish(staging: Path, output: Path) -> None:
-    if not output.exists():
+    if not output.exists() and not output.is_symlink():
         os.rename(staging, output)
         return
     if _exchange(staging, output):  # staging now holds the old artifact
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove(staging)
         return
     aside = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
     os.rename(output, aside)
@@ -82,7 +93,7 @@ def publish(staging: Path, output: Path) -> None:
     except OSError:
         os.rename(aside, output)
         raise
-    shutil.rmtree(aside, ignore_errors=True)
+    _remove(aside)
 
 
 @contextmanager

@@ -68,6 +68,7 @@ def resolve_checkpoint(recipe: Recipe, log: Callable[[str], None] = lambda _: No
     else:  # pragma: no cover - the recipe schema admits nothing else
         raise SourceError(f"unsupported source {src!r}")
     check_safe_to_load(directory, recipe)  # before hashing: a refused checkpoint costs nothing more
+    check_safetensors_readable(directory)
     if "weights_sha256" not in info:
         info["weights_sha256"] = _weights_sha256(directory)
     opted_in = {f: True for f in ("allow_pickle", "trust_remote_code") if getattr(recipe, f)}
@@ -96,6 +97,21 @@ def check_safe_to_load(directory: Path, recipe: Recipe) -> None:
         raise SourceError(f"{config_path}: the checkpoint ships its own Python code (auto_map: "
                           f"{', '.join(sorted(auto_map))}), which loading it would run; set `trust_remote_code: true` "
                           "in the recipe if you trust this checkpoint's code")
+
+
+def check_safetensors_readable(directory: Path) -> None:
+    """Refuse a truncated or corrupt *.safetensors file by name, before a load fails on it anonymously."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in _weight_files([p.name for p in directory.iterdir() if p.is_file()]):
+        if not name.endswith(".safetensors"):
+            continue
+        try:
+            with safe_open(str(directory / name), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise SourceError(f"{directory / name}: not a readable safetensors file ({e}); is it truncated or "
+                              "corrupt?") from None
 
 
 def pickle_only(names: list[str]) -> list[str]:
@@ -151,6 +167,22 @@ def _locate_in_package(package: str, relative: Path, field: str) -> Path:
 
 
 def _locate_gguf(src: GGUFSource) -> Path:
+    return _check_gguf_magic(_find_gguf(src))
+
+
+def _check_gguf_magic(path: Path) -> Path:
+    """A file that does not start with the GGUF magic is refused by name, before it is hashed or converted."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise SourceError(f"source.gguf: cannot read {path}: {e}") from None
+    if magic != b"GGUF":
+        raise SourceError(f"source.gguf: {path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    return path
+
+
+def _find_gguf(src: GGUFSource) -> Path:
     if src.package is None:
         return src.gguf
     try:
@@ -188,9 +220,12 @@ def _convert_gguf(gguf: Path, digest: str, log: Callable[[str], None]) -> Path:
 
         tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
         try:
-            with _no_progress_bars():  # the build draws its own progress; tqdm's would interleave with it
-                tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-                model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            try:
+                with _no_progress_bars():  # the build draws its own progress; tqdm's would interleave with it
+                    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            except (ValueError, EOFError) as e:  # the gguf reader's errors for a truncated or corrupt file
+                raise SourceError(f"source.gguf: cannot convert {gguf}: {e}") from None
             _drop_gguf_quantization_marker(model)
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
@@ -331,8 +366,25 @@ def copy_root_files(checkpoint: Checkpoint, dest: Path) -> list[Path]:
             copied.append(dest / name)
     if not (dest / "config.json").is_file() or not (dest / "tokenizer.json").is_file():
         raise SourceError(f"{checkpoint.directory}: needs config.json and a fast tokenizer (tokenizer.json)")
+    for path in copied:  # named by the checkpoint's file, not the staging copy a failed build removes
+        if path.suffix == ".json":
+            try:
+                if not isinstance(json.loads(path.read_text(encoding="utf-8")), dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError too
+                raise SourceError(f"{checkpoint.directory / path.name}: not a valid JSON object ({e})") from None
+    _check_tokenizer(dest / "tokenizer.json", checkpoint.directory / "tokenizer.json")
     _apply_tokenizer_overrides(dest, checkpoint.tokenizer)
     return copied
+
+
+def _check_tokenizer(path: Path, named: Path) -> None:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        HFTokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exception subclasses for bad files
+        raise SourceError(f"{named}: cannot load the tokenizer: {e}") from None
 
 
 def _apply_tokenizer_overrides(root: Path, fix: TokenizerOverrides) -> None:
@@ -354,6 +406,16 @@ def _apply_tokenizer_overrides(root: Path, fix: TokenizerOverrides) -> None:
     tok_path = root / "tokenizer.json"
     tok = json.loads(tok_path.read_text())
     vocab = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+    from tokenizers import Tokenizer as HFTokenizer
+
+    model_vocab = HFTokenizer.from_file(str(tok_path)).get_vocab(with_added_tokens=True)
+    for field in ("bos_token", "eos_token", "pad_token"):
+        token = changes.get(field)
+        if token is not None and token not in vocab:
+            if token not in model_vocab:
+                raise SourceError(f"source.tokenizer.{field}: {token!r} is not a token of the checkpoint's "
+                                  "tokenizer (tokenizer.json)")
+            vocab[token] = model_vocab[token]
     if fix.add_bos_token is False and _adds_bos(tok.get("post_processor")):
         tok["post_processor"] = None  # plain text gets no special token prepended
     elif fix.add_bos_token and fix.bos_token:

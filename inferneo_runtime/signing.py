@@ -64,7 +64,7 @@ def generate_keypair(path: Union[str, Path]) -> tuple[Path, Path, str]:
     return path, pub_path, key_id(private.public_key())
 
 
-def _load_private(path: Union[str, Path]):
+def load_private_key(path: Union[str, Path]):
     serialization, ed25519 = _crypto()
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
@@ -98,7 +98,7 @@ def load_public_key(spec: Union[str, Path]):
 def sign_artifact(root: Union[str, Path], private_key_path: Union[str, Path]) -> str:
     """Sign `root/inferneo.json`, writing `root/inferneo.sig`; returns the key id."""
     root = Path(root)
-    key = _load_private(private_key_path)
+    key = load_private_key(private_key_path)
     signature = key.sign((root / MANIFEST_NAME).read_bytes())
     kid = key_id(key.public_key())
     payload = {"algorithm": "ed25519", "key_id": kid, "signature": base64.b64encode(signature).decode()}

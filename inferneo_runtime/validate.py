@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 from . import preflight
 from .artifact import Model, check_signature
 from .backends import backend_class
-from .errors import GoldenMismatch, InferneoError, MissingExtraError
+from .errors import GoldenMismatch, InferneoError, MissingExtraError, RequestError
 from .manifest import Manifest, read_manifest, verify_files
 from .s3 import TransferBar  # rich bars with bytes and rate; drawn only on a terminal
 from .tokenizer import Tokenizer
@@ -42,10 +42,14 @@ def validate_artifact(artifact: Union[str, Path], target: Optional[str] = None, 
     """Check `artifact` on this host. Raises for a bad signature, manifest or root file; a target whose
     checksums or goldens fail is recorded in the report (and `report.failure`)."""
     artifact = Path(artifact)
+    try:  # a device no target could run on is a bad argument, not a host that cannot vouch for a target
+        preflight.parse_device(device)
+    except ValueError as e:
+        raise RequestError(f"--device: {e}") from None
     signed_by = check_signature(artifact, trusted_keys)
     m = read_manifest(artifact)
     if target and target not in m.targets:
-        raise ValueError(f"artifact {m.name!r} has no target {target!r}; it has: {', '.join(m.targets)}")
+        raise RequestError(f"artifact {m.name!r} has no target {target!r}; it has: {', '.join(m.targets)}")
     verify_files(artifact, m.root_files)
     report = ValidationReport(str(artifact), signed_by, len(m.root_files))
     for name in [target] if target else m.valid_targets():

@@ -46,3 +46,41 @@ def test_a_killed_builds_staging_is_removed_by_the_next_build(tiny_checkpoint, t
     (stale / "onnx" / "model.onnx.data").write_bytes(b"x" * 4096)
     build(Recipe.model_validate(tiny_recipe_fields(tiny_checkpoint("llama"), "art", out, targets=("onnx",))))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_output_below_a_file_is_refused_by_name(tiny_checkpoint, tmp_path):
+    """An output under a regular file failed with a bare "[Errno 17] File exists" and exit 1."""
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("precious\n")
+    recipe = write_recipe(tmp_path / "r.yaml", **tiny_recipe_fields(tiny_checkpoint("llama"), "tiny",
+                                                                    blocker / "art"))
+    for extra in ((), ("--force",)):
+        r = _build(recipe, tmp_path, *extra)
+        assert r.returncode == 2, (extra, r.returncode, r.stderr)
+        assert str(blocker) in r.stderr and "not a directory" in r.stderr, r.stderr
+    assert blocker.read_text() == "precious\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "r.yaml"]
+
+
+def test_force_over_a_file_leaves_no_stray_staging(tiny_checkpoint, tmp_path):
+    """--force replaced a file at the output, but the exchanged-out file stayed beside it as `.art.staging-*`
+    forever (rmtree cannot remove a file, and its error was ignored)."""
+    out = tmp_path / "art"
+    out.write_text("old\n")
+    build(Recipe.model_validate(tiny_recipe_fields(tiny_checkpoint("llama"), "art", out, targets=("torchscript",))),
+          force=True)
+    assert (out / "inferneo.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_bad_sign_key_or_cache_is_refused_before_building(tiny_checkpoint, tmp_path):
+    """With --force, a bad --sign key or --cache URI failed only after the whole build (and with --cache, after the
+    artifact was published): the error must come first, and nothing be written."""
+    out = tmp_path / "art"
+    recipe = write_recipe(tmp_path / "r.yaml", **tiny_recipe_fields(tiny_checkpoint("llama"), "art", out))
+    for extra, code, needle in ((("--sign", str(tmp_path / "r.yaml")), 9, "not a readable Ed25519 private key"),
+                                (("--cache", "not-a-uri"), 8, "not an s3:// URI")):
+        r = _build(recipe, tmp_path, "--force", *extra)
+        assert r.returncode == code, (extra, r.returncode, r.stderr)
+        assert needle in r.stderr and "export" not in r.stderr, r.stderr
+        assert not out.exists()

@@ -40,3 +40,18 @@ def test_missing_file_and_bad_manifest(tiny_artifact, tmp_path):
         inferneo_runtime.load(artifact)
     r = run_cli("inspect", str(tmp_path / "nowhere"))
     assert r.returncode == 3 and "no manifest" in r.stderr
+
+
+def test_validate_bad_arguments_are_input_errors(tiny_artifact):
+    """An unknown --target exited 1 (a bare ValueError); a --device no target can run on passed with exit 0 and
+    "targets: none", having checked no goldens at all."""
+    import json
+
+    art = str(tiny_artifact("llama"))
+    r = run_cli("validate", art, "--target", "nope", "--json")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "has no target 'nope'" in json.loads(r.stdout)["message"]
+    r = run_cli("validate", art, "--device", "tpu", "--json")
+    assert r.returncode == 2, r.stdout + r.stderr
+    payload = json.loads(r.stdout)
+    assert payload["ok"] is False and "--device" in payload["message"] and "'tpu'" in payload["message"]

@@ -128,3 +128,77 @@ def test_bundled_recipe_is_valid():
     recipe = load_recipe(REPO / "recipes" / "smollm2-135m.yaml")
     assert [t.format for t in recipe.targets] == ["onnx", "torchscript"]
     assert recipe.source.tokenizer.eos_token == "<|im_end|>"
+
+
+def _broken_copy(tiny_checkpoint, tmp_path, name: str, content: bytes | None = None, truncate: int | None = None):
+    """A copy of the tiny llama checkpoint with one file overwritten or truncated."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint("llama"), ckpt)
+    if content is not None:
+        (ckpt / name).write_bytes(content)
+    if truncate is not None:
+        with open(ckpt / name, "r+b") as f:
+            f.truncate(truncate)
+    return ckpt
+
+
+@pytest.mark.parametrize("truncate,content", [(1000, None), (None, b"garbage\n"), ("half", None)])
+def test_truncated_or_corrupt_safetensors_is_named(tmp_path, tiny_checkpoint, truncate, content):
+    """safetensors' own error ("Error while deserializing header") named no file and exited 1."""
+    if truncate == "half":  # the header intact, the data cut short
+        truncate = (tiny_checkpoint("llama") / "model.safetensors").stat().st_size // 2
+    ckpt = _broken_copy(tiny_checkpoint, tmp_path, "model.safetensors", content, truncate)
+    out = tmp_path / "out"
+    _cli_fails(write_recipe(tmp_path / "r.yaml", **tiny_recipe_fields(ckpt, "t", out)), out,
+               str(ckpt / "model.safetensors"), "not a readable safetensors file")
+
+
+@pytest.mark.parametrize("content,needle", [(b"name: not a gguf\n", "is not a GGUF file"), (b"", "is not a GGUF file"),
+                                            (b"GGUF\x03\x00\x00\x00" + b"\x05" + b"\x00" * 7 + b"\x02" + b"\x00" * 7
+                                             + b"\x01\x02", "cannot convert")])
+def test_a_file_that_is_not_a_gguf_is_named(tmp_path, tiny_checkpoint, content, needle):
+    """gguf's reader raised a bare ValueError ("GGUF magic invalid"): no file named, exit 1."""
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(content)
+    out = tmp_path / "out"
+    fields = tiny_recipe_fields(tiny_checkpoint("llama"), "t", out, source={"gguf": str(gguf)})
+    _cli_fails(write_recipe(tmp_path / "r.yaml", **fields), out, "source.gguf", str(gguf), needle)
+
+
+@pytest.mark.parametrize("name,content", [("generation_config.json", b"{bad"), ("tokenizer_config.json", b"[1, 2]"),
+                                          ("tokenizer.json", b"{bad"), ("tokenizer.json", b'{"model": 1}')])
+def test_unreadable_checkpoint_json_is_named(tmp_path, tiny_checkpoint, name, content):
+    """A broken generation_config.json exited 1 with a bare JSONDecodeError; a broken tokenizer.json exited 3 ("bad
+    manifest") naming the build's staging copy, a directory that no longer exists when the user reads it."""
+    ckpt = _broken_copy(tiny_checkpoint, tmp_path, name, content)
+    out = tmp_path / "out"
+    payload = _cli_fails(write_recipe(tmp_path / "r.yaml", **tiny_recipe_fields(ckpt, "t", out)), out,
+                         str(ckpt / name))
+    assert "staging" not in payload["message"]
+
+
+@pytest.mark.parametrize("field", ["bos_token", "eos_token"])
+def test_tokenizer_override_with_an_unknown_token_is_named(tmp_path, tiny_checkpoint, field):
+    """bos_token + add_bos_token with a token the tokenizer lacks crashed with KeyError (exit 1); an unknown eos_token
+    was written to tokenizer_config.json while generation kept the old end-of-sequence id."""
+    out = tmp_path / "out"
+    tokenizer = {field: "<nope>", **({"add_bos_token": True} if field == "bos_token" else {})}
+    fields = tiny_recipe_fields(tiny_checkpoint("llama"), "t", out,
+                                source={"path": str(tiny_checkpoint("llama")), "tokenizer": tokenizer})
+    _cli_fails(write_recipe(tmp_path / "r.yaml", **fields), out, f"source.tokenizer.{field}", "'<nope>'")
+
+
+def test_max_sequence_beyond_the_model_is_bad_input(tmp_path, tiny_checkpoint):
+    """A recipe asking for more positions than the model has exited 1 ("unexpected error"), not 2."""
+    out = tmp_path / "out"
+    fields = tiny_recipe_fields(tiny_checkpoint("llama"), "t", out, shapes={"max_batch": 2, "max_sequence": 4096})
+    _cli_fails(write_recipe(tmp_path / "r.yaml", **fields), out, "shapes.max_sequence 4096", "512")
+
+
+def test_a_prompt_that_encodes_to_nothing_is_named(tmp_path, tiny_checkpoint):
+    out = tmp_path / "out"
+    fields = tiny_recipe_fields(tiny_checkpoint("llama"), "t", out,
+                                validation={"prompts": ["hello", ""], "max_new_tokens": 4})
+    _cli_fails(write_recipe(tmp_path / "r.yaml", **fields), out, "validation.prompts.1", "no tokens")
