@@ -8,6 +8,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Collection, Optional, Sequence
 
+from jinja2.ext import Extension
 from tokenizers import Tokenizer as _HFTokenizer
 
 from .errors import ManifestError, RequestError
@@ -124,17 +125,21 @@ class Tokenizer:
         from .safe_template import render
 
         env, compiled = compile_chat_template(template) if template else self._compiled_template
+        final = None
+        if continue_final_message:
+            messages, final = _tag_final_message(messages)
         # the request's variables first: it may not replace the messages or the special tokens
         variables = {**(template_kwargs or {}), "messages": messages, "add_generation_prompt": add_generation_prompt,
                      "bos_token": self.bos_token or "", "eos_token": self.eos_token or ""}
         text = render(compiled, env, variables)
         if continue_final_message:
-            final = str(messages[-1]["content"]).strip() if messages else ""
-            at = text.rfind(final) if final else -1
-            if at < 0:
+            tag = _CONTINUE_TAG.strip()
+            if final.strip() not in text or tag not in text:
                 raise RequestError("continue_final_message: the chat template does not show the final message's "
                                    "content as is, so it cannot be continued")
-            text = text[:at + len(final)]
+            at = text.rindex(tag)
+            # the tag as written: the content's own trailing whitespace stays; trimmed by the template: cut there
+            text = text[:at] if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
         return text
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **options) -> list[int]:
@@ -142,6 +147,50 @@ class Tokenizer:
         # The template already places the special tokens, so none are added on top (as transformers does).
         text = self.apply_chat_template(messages, add_generation_prompt, **options)
         return self.encode(text, add_special_tokens=False)
+
+
+# transformers' continue_final_message marker: appended to the final message's text before rendering, the text is
+# cut where it shows up (so the message's own trailing whitespace, and text after it, are as transformers has them)
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _tag_final_message(messages: list[dict]) -> tuple[list[dict], str]:
+    """(messages with the tag after the final message's text (its last text block, for a list of parts), that
+    text); the caller's messages are left as they are."""
+    if not messages:
+        raise RequestError("continue_final_message: there is no final message to continue")
+    last = dict(messages[-1])
+    content = last["content"]
+    if isinstance(content, (list, tuple)):
+        blocks = [dict(b) if isinstance(b, dict) else b for b in content]
+        block = next((b for b in reversed(blocks) if isinstance(b, dict) and isinstance(b.get("text"), str)), None)
+        if block is None:
+            raise RequestError("continue_final_message: the final message has no text to continue")
+        final, block["text"] = block["text"], block["text"] + _CONTINUE_TAG
+        last["content"] = blocks
+    elif isinstance(content, str):
+        final = content
+        last["content"] = content + _CONTINUE_TAG
+    else:
+        raise RequestError("continue_final_message: the final message has no text to continue")
+    return [*messages[:-1], last], final
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    """transformers' tojson filter: JSON without Jinja's HTML escaping, with json.dumps' options (Kimi K2's
+    template writes `tools | tojson(separators=(',', ':'))`)."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _GenerationTag(Extension):
+    """transformers' `{% generation %}...{% endgeneration %}` (it marks assistant text for training masks;
+    SmolLM3's template has it): rendered as its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
 
 @lru_cache(maxsize=8)
@@ -153,8 +202,9 @@ def compile_chat_template(source: str):
     def raise_exception(message):
         raise RequestError(f"chat template: {message}")
 
-    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                             extensions=[_GenerationTag, "jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env, env.bounded(source)

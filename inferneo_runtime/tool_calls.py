@@ -6,11 +6,14 @@ Formats (what the models are trained to write, and what vLLM's parsers of the sa
                Hermes 2/3; whitespace inside the tags is free)
   llama3_json  the whole output is `{"name": "f", "parameters": {...}}` (or "arguments"), several joined by ";",
                optionally after `<|python_tag|>` (Llama 3.1 / 3.2 / 3.3 JSON tool calling)
-  mistral      `[TOOL_CALLS][{"name": "f", "arguments": {...}}, ...]` (Mistral / Mixtral instruct v3+)
+  mistral      `[TOOL_CALLS][{"name": "f", "arguments": {...}}, ...]` (Mistral / Mixtral instruct v3+, Nemo), or
+               `[TOOL_CALLS]f[ARGS]{...}` per call (tokenizer v11+: Mistral Small 3.2, Magistral, Devstral,
+               Ministral 3; its template writes `'[TOOL_CALLS]' + name + '[ARGS]' + arguments`)
 
 Which one a server uses: `--tool-call-parser NAME`, else `detect(template)` on the chat template's text:
-`<tool_call>` -> hermes, `[TOOL_CALLS]` -> mistral, `<|python_tag|>` or an `ipython` role with a "parameters"
-object -> llama3_json; none of these: tool calls are refused (400) until the flag names a parser.
+`<tool_call>` -> hermes, `[TOOL_CALLS]` -> mistral (its grammar writing the `[ARGS]` form when the template has
+`[ARGS]`), `<|python_tag|>` or an `ipython` role with a "parameters" object -> llama3_json; none of these: tool calls
+are refused (400) until the flag names a parser.
 
 Parsing is all or nothing: when every call block parses as JSON with a string `name` and an object of arguments,
 the calls are returned and `content` is the text before the first call (None when that is only whitespace; text
@@ -186,8 +189,15 @@ class Llama3JsonParser(ToolParser):
 
 
 class MistralParser(ToolParser):
+    """Both of Mistral's forms parse; `args_form` (a template writing `[ARGS]`): the grammar writes that form."""
+
     name = "mistral"
     marker = "[TOOL_CALLS]"
+    # tokenizer v11+: `name[ARGS]{...}` after each marker (Magistral may put `[CALL_ID]id` before `[ARGS]`)
+    _named = re.compile(r"\s*([A-Za-z0-9_.\-]+)(?:\[CALL_ID\][A-Za-z0-9]+)?\[ARGS\]")
+
+    def __init__(self, args_form: bool = False):
+        self.args_form = args_form
 
     def parse(self, text: str) -> Parsed:
         first = text.find(self.marker)
@@ -195,8 +205,12 @@ class MistralParser(ToolParser):
             return Parsed(text, [])
         decoder, calls = json.JSONDecoder(), []
         for part in text[first:].split(self.marker)[1:]:  # each marker opens a JSON list of calls (or one call)
+            named = self._named.match(part)
             try:
-                obj, end = decoder.raw_decode(part.strip())
+                if named:  # `name[ARGS]{...}`: the arguments object
+                    obj = {"name": named.group(1), "arguments": decoder.raw_decode(part, named.end())[0]}
+                else:
+                    obj, end = decoder.raw_decode(part.strip())
             except ValueError:
                 return Parsed(text, [])
             for item in obj if isinstance(obj, list) else [obj]:
@@ -209,6 +223,14 @@ class MistralParser(ToolParser):
         return Parsed(_content(text[:first]), calls)
 
     def grammar(self, tools, parallel):
+        if self.args_form:  # `[TOOL_CALLS]name[ARGS]{...}`, one per call
+            start = 'start: block+' if parallel else "start: block"
+            rules = [start, 'block: "[TOOL_CALLS]" call', f"call: {' | '.join(f'call_{i}' for i in range(len(tools)))}"]
+            for i, t in enumerate(tools):
+                fn = t["function"]
+                rules += [f"call_{i}: {json.dumps(fn['name'] + '[ARGS]')} args_{i}",
+                          f"args_{i}: {_json_rule(fn.get('parameters') or {'type': 'object'})}"]
+            return "\n".join(rules)
         # the list's items: any tool's call; one item unless parallel
         items = {"anyOf": [_call_schema(t, "arguments") for t in tools]}
         array = {"type": "array", "items": items, "minItems": 1, **({} if parallel else {"maxItems": 1})}
@@ -217,6 +239,7 @@ class MistralParser(ToolParser):
 
 for _parser in (HermesParser(), Llama3JsonParser(), MistralParser()):
     PARSERS[_parser.name] = _parser
+_MISTRAL_ARGS = MistralParser(args_form=True)  # detected from a template writing `[ARGS]`
 
 
 def get_parser(name: str) -> ToolParser:
@@ -233,7 +256,7 @@ def detect(template: Optional[str]) -> Optional[ToolParser]:
     if "<tool_call>" in template:
         return PARSERS["hermes"]
     if "[TOOL_CALLS]" in template:
-        return PARSERS["mistral"]
+        return _MISTRAL_ARGS if "[ARGS]" in template else PARSERS["mistral"]
     if "<|python_tag|>" in template or ("ipython" in template and '"parameters"' in template):
         return PARSERS["llama3_json"]
     return None

@@ -84,6 +84,35 @@ def test_mistral_parser():
         assert parsed.calls == [] and parsed.content == text, text
 
 
+def test_mistral_parser_reads_the_v11_args_form():
+    """Mistral Small 3.2 / Magistral / Devstral / Ministral 3 (tokenizer v11+) write `[TOOL_CALLS]name[ARGS]{...}`
+    per call (their templates render past calls so); it was left as content."""
+    p = get_parser("mistral")
+    parsed = p.parse('[TOOL_CALLS]get_weather[ARGS]{"city": "Lyon", "unit": "c"}')
+    assert parsed.content is None and _calls(parsed) == [("get_weather", {"city": "Lyon", "unit": "c"})]
+    parsed = p.parse('Checking.[TOOL_CALLS]add[ARGS]{"a": 1, "b": 2}[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e'
+                     '[ARGS]{"city": "Nice", "unit": "f"}')
+    assert parsed.content == "Checking." and _calls(parsed) == [("add", {"a": 1, "b": 2}),
+                                                                ("get_weather", {"city": "Nice", "unit": "f"})]
+    for text in ('[TOOL_CALLS]add[ARGS]{"a": 1', "[TOOL_CALLS]add[ARGS]", '[TOOL_CALLS]add[ARGS][1, 2]',
+                 '[TOOL_CALLS]add[ARGS]{"a": 1}[TOOL_CALLS]broken'):
+        parsed = p.parse(text)
+        assert parsed.calls == [] and parsed.content == text, text
+
+
+def test_mistral_v11_template_gets_the_args_form_grammar():
+    pytest.importorskip("llguidance")
+    from inferneo_runtime.structured import Constraint
+
+    template = "{{- '[TOOL_CALLS]' + tool['function']['name'] + '[ARGS]' + arguments }}"
+    parser = detect(template)
+    assert parser.name == "mistral" and detect("{{ '[TOOL_CALLS][' }}") is PARSERS["mistral"]
+    for parallel in (False, True):
+        grammar = parser.grammar(TOOLS, parallel)
+        assert '"get_weather[ARGS]"' in grammar and "[{" not in grammar
+        Constraint("grammar", grammar, "tools").grammar()
+
+
 def test_detect_from_the_chat_template():
     assert detect("{% for t in tools %}{{ t | tojson }}{% endfor %}<tool_call>") is PARSERS["hermes"]
     assert detect("{{ '[AVAILABLE_TOOLS]' }}{{ '[TOOL_CALLS]' }}") is PARSERS["mistral"]
@@ -107,6 +136,7 @@ def test_detect_from_the_chat_template():
     ("llama3_json", "Hello {not json}"),
     ("mistral", 'ok [TOOL_CALLS][{"name": "add", "arguments": {"a": 5, "b": 6}}]'),
     ("mistral", "[TOOL_CALL] almost"),
+    ("mistral", 'ok [TOOL_CALLS]add[ARGS]{"a": 5, "b": 6}[TOOL_CALLS]add[ARGS]{"a": 1, "b": 2}'),
 ])
 @pytest.mark.parametrize("step", [1, 3, 7])
 def test_streaming_reassembles_to_the_parse(name, text, step):
@@ -261,6 +291,7 @@ def test_required_calls_one_of_the_tools(client):
      '\n<tool_call>\n{"name":"get_weather","arguments":{"city":"Oslo","unit":"c"}}\n</tool_call>'),
     ("llama3_json", '{"name":"add","parameters":{"a":1,"b":2}}',
      '; {"name":"get_weather","parameters":{"city":"Oslo","unit":"c"}}'),
+    ("mistral [ARGS]", '[TOOL_CALLS]add[ARGS]{"a":1,"b":2}', '[TOOL_CALLS]get_weather[ARGS]{"city":"Oslo","unit":"c"}'),
 ])
 def test_grammars_accept_what_the_parsers_read(artifact, name, one, two):
     """The enforcing grammar, token by token on the tiny tokenizer: a call in the parser's format is accepted and
@@ -269,7 +300,7 @@ def test_grammars_accept_what_the_parsers_read(artifact, name, one, two):
     from inferneo_runtime.tokenizer import Tokenizer
 
     tok = Tokenizer(artifact)
-    parser = get_parser(name)
+    parser = detect("'[TOOL_CALLS]' + name + '[ARGS]'") if name == "mistral [ARGS]" else get_parser(name)
 
     def accepts(text: str, parallel: bool) -> bool:
         seq = sequence_constraint(Constraint("grammar", parser.grammar(TOOLS, parallel), "tools"), tok, [tok.eos_id])
@@ -284,7 +315,7 @@ def test_grammars_accept_what_the_parsers_read(artifact, name, one, two):
     assert accepts(one, False) and accepts(one, True) and accepts(one + two, True)
     assert not accepts(one + two, False)
     assert not accepts(one.replace('"b":2', '"b":200'), True)  # maximum 99
-    assert not accepts(one.replace('"add"', '"sub"'), True)  # not a tool
+    assert not accepts(one.replace("add", "sub"), True)  # not a tool
 
 
 def test_auto_and_none(server, client):
