@@ -119,6 +119,14 @@ def measure_device_bandwidth(device: str) -> dict:
             "device": torch.cuda.get_device_name(device)}
 
 
+def require_decoder(manifest) -> None:
+    """A BenchError (exit 2) for an artifact the bench cannot measure: it times text generation, and an encoder
+    artifact (feature-extraction, text-classification) generates none."""
+    if manifest.task != "text-generation":
+        raise BenchError(f"artifact {manifest.name!r} is a {manifest.task} model: `inferneo bench` measures text "
+                         "generation (decode tokens/s, TTFT), which an encoder does not do")
+
+
 def check_device(device: str) -> None:
     """A bench `device` this host can run, or a BenchError naming it (before any child starts): the torch
     backends' own device check (a host without torch gets the missing extra named)."""
@@ -382,8 +390,9 @@ def _roofline_for(group: str, name: str, manifest, read_gb_s: Optional[float],
     targets and peers stream the float32 model's; a quantized peer's bytes are not known here, so none."""
     if group == "peers":
         return None if name in QUANTIZED_PEERS else float32_roofline
-    if float32_roofline and read_gb_s and manifest.targets[name].precision is not None:
-        return round(read_gb_s * 1e9 / _target_streamed_bytes(manifest, name), 1)
+    own = _target_streamed_bytes(manifest, name) if manifest.targets[name].precision is not None else 0
+    if read_gb_s and own:  # with or without a float32 target beside it
+        return round(read_gb_s * 1e9 / own, 1)
     return float32_roofline
 
 
@@ -405,7 +414,13 @@ def run_bench(artifact: Path, targets: Optional[list[str]] = None, compare: tupl
 
     artifact = Path(artifact).resolve()
     manifest = read_manifest(artifact)
-    names = targets or manifest.valid_targets()
+    require_decoder(manifest)
+    names = list(dict.fromkeys(targets or manifest.valid_targets()))  # a name given twice is measured once
+    compare = tuple(dict.fromkeys(compare))
+    if not names:
+        raise BenchError(f"artifact {manifest.name!r} has no valid target to bench"
+                         + (f" (targets: {', '.join(f'{n} {t.status}' for n, t in manifest.targets.items())})"
+                            if manifest.targets else ""))
     unknown = [n for n in names if n not in manifest.targets]
     if unknown:
         raise BenchError(f"artifact {manifest.name!r} has no target {', '.join(unknown)}; it has: "

@@ -210,8 +210,10 @@ def run_workloads(artifact: Path, target: Optional[str] = None, runs: int = 3, n
                   spec: SpeculativeConfig = SpeculativeConfig(), threads: Optional[int] = None,
                   draft: Optional[str] = None, log: Callable[[str], None] = lambda _: None) -> dict:
     from . import load
+    from .bench import require_decoder
 
     with load(artifact, target=target, threads=threads) as model:
+        require_decoder(model.manifest)  # an encoder artifact generates no tokens to time
         bounds = model.backend.target.shapes
         limit = bounds.max_sequence if bounds else model.backend.dims.max_positions
         prefix_tokens, long_tokens = min(prefix_tokens, limit - 40), min(long_tokens, limit - 8)

@@ -134,6 +134,10 @@ def inspect(
         if html is not None:
             from .report import write_html_report
 
+            if html.is_dir() or not html.parent.is_dir():
+                raise typer.BadParameter(f"--html {html}: " + ("is a directory; name the file to write" if html.is_dir()
+                                                               else f"no directory {html.parent} to write it in"))
+
             path = write_html_report(artifact, m, html)
             if as_json:
                 print(json.dumps({"ok": True, "artifact": str(artifact), "html": str(path)}))
@@ -232,6 +236,8 @@ def bench(
     if workloads:
         if artifact is None:
             raise typer.BadParameter("--workloads needs an ARTIFACT directory")
+        if target and len(set(target)) > 1:
+            raise typer.BadParameter(f"--workloads measures one target; --target names {', '.join(target)}")
 
         def go_workloads():
             from .bench_workloads import print_workloads, run_workloads
@@ -284,11 +290,16 @@ def bench(
 
 
 def _require_plot(plot: Optional[Path]) -> None:
-    """With --plot, fail on a missing matplotlib before minutes of benchmarking, not after."""
+    """With --plot, fail on a missing matplotlib, or a directory that cannot be made (a file is there), before
+    minutes of benchmarking, not after."""
     if plot is not None:
         from .charts import require
 
         require("`inferneo bench --plot`")
+        try:
+            plot.mkdir(parents=True, exist_ok=True)  # where the charts go, made now rather than after the runs
+        except OSError as e:
+            raise typer.BadParameter(f"--plot {plot}: cannot write charts into it ({e.strerror or e})") from None
 
 
 def _peer_spawner():

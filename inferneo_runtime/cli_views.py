@@ -41,7 +41,8 @@ def show_manifest(m, out: Console) -> None:
     if mixed:  # chunked prefill in the decode step's forward (onnx's mixed-step graph)
         out.print("mixed decode + prefill step, max-abs difference from its two forwards: "
                   + ", ".join(f"{n} {e:.2g}" for n, e in mixed.items()), highlight=False)
-    out.print(f"built {m.built_at} · schema {m.schema_version} · goldens {len(m.goldens)} · "
+    goldens = len(m.goldens) + (len(m.encoder.goldens) if m.encoder is not None else 0)  # an encoder's are its own
+    out.print(f"built {m.built_at} · schema {m.schema_version} · goldens {goldens} · "
               f"torch {m.toolchain.get('torch')} · onnxruntime {m.toolchain.get('onnxruntime')}")
 
 
@@ -74,6 +75,8 @@ def _tolerance_table(judged: dict, encoder: bool) -> Table:
 
 def show_preflight(verdicts: dict, device: str, out: Console) -> None:
     """`inspect --check`: one line per target, with its findings."""
+    if not verdicts:
+        out.print(f"[red]✗[/red] no targets in this artifact: nothing to run on {escape(device)}", highlight=False)
     for name, v in verdicts.items():
         facts = ", ".join(f"{k} {v.facts[k]}" for k in ("tensorrt", "gpu", "compute_capability") if v.facts.get(k))
         out.print(f"{MARKS[v.status]} {escape(name)} ({v.format}) on {escape(device)}: {v.status}"

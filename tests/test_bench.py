@@ -135,6 +135,8 @@ def test_bad_names_are_input_errors(tiny_artifact):
     assert r.returncode == 2 and "--device: device 'tpu' is not supported" in json.loads(r.stdout)["message"]
     r = run_cli("bench", art, "--device", "cuda:0", "--workloads")
     assert r.returncode == 2 and "--device" in r.stderr
+    r = run_cli("bench", art, "--workloads", "--target", "onnx", "--target", "torchscript")  # measured onnx alone
+    assert r.returncode == 2 and "measures one target" in r.stderr and "torchscript" in r.stderr, r.stderr
 
 
 def test_a_device_this_host_lacks_is_named_before_anything_runs(tiny_artifact):
@@ -186,3 +188,87 @@ def test_contenders_take_turns_going_first(tiny_artifact):
     assert [m for m in logs if m.startswith("round ")] == [
         "round 1/3: onnx, torchscript", "round 2/3: torchscript, onnx", "round 3/3: onnx, torchscript"]
     assert all(t["decode_tok_s"]["n"] == 3 for t in report["targets"].values())
+
+
+def _copy_with_targets(art, dest, edit):
+    """A copy of artifact `art` whose manifest's targets `edit` rewrites (a manifest as a partial build leaves it)."""
+    import shutil
+
+    shutil.copytree(art, dest)
+    raw = json.loads((dest / "inferneo.json").read_text())
+    raw["targets"] = edit(raw["targets"])
+    (dest / "inferneo.json").write_text(json.dumps(raw))
+    return dest
+
+
+def test_an_artifact_with_no_valid_target_is_refused_before_anything_runs(tiny_artifact, tmp_path):
+    """No target to measure: exit 2 saying so, not a bandwidth measurement and empty tables with exit 0."""
+    empty = _copy_with_targets(tiny_artifact("llama"), tmp_path / "empty", lambda targets: {})
+    r = run_cli("bench", str(empty), "--runs", "1", "--json")
+    assert r.returncode == 2 and "no valid target" in json.loads(r.stdout)["message"], r.stdout + r.stderr
+    r = run_cli("bench", str(empty), "--runs", "1")
+    assert r.returncode == 2 and "no valid target" in r.stderr and "measuring" not in r.stderr, r.stdout + r.stderr
+    assert r.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def bert_artifact(tmp_path_factory):
+    from test_encoders import encoder_recipe, make_tiny_bert
+
+    from inferneo_build import build
+
+    tmp = tmp_path_factory.mktemp("bench-bert")
+    return build(encoder_recipe({"path": str(make_tiny_bert(tmp / "ckpt"))}, tmp / "bert",
+                                targets=[{"format": "onnx"}])).output
+
+
+def test_an_encoder_artifact_is_refused_with_its_task(bert_artifact):
+    """bench times generation; an encoder artifact was a row of AttributeErrors and exit 0 (--workloads: exit 1)."""
+    art = bert_artifact
+    for extra in ((), ("--workloads",)):
+        r = run_cli("bench", str(art), "--runs", "1", *extra, "--json")
+        reply = json.loads(r.stdout)
+        assert r.returncode == 2 and reply["error"] == "BenchError", r.stdout + r.stderr
+        assert "feature-extraction" in reply["message"] and "text generation" in reply["message"]
+
+
+def test_a_target_or_peer_named_twice_runs_once(tiny_artifact):
+    from inferneo_runtime.bench import BenchSettings, run_bench
+
+    logs: list[str] = []
+    report = run_bench(tiny_artifact("llama"), targets=["onnx", "onnx"], compare=("optimum", "optimum"),
+                       log=logs.append, settings=BenchSettings(runs=1, new_tokens=8, concurrency=(1,)),
+                       spawn_peers=lambda compare, *_: {p: {"skipped": "not here"} for p in compare})
+    assert logs.count("loading target onnx") == 1 and list(report["targets"]) == ["onnx"]
+    assert list(report["peers"]) == ["optimum"]
+
+
+def test_a_quantized_only_artifact_has_the_roofline_of_its_own_bytes(tiny_checkpoint, tmp_path):
+    """No float32 target beside it: the int8 target is still measured against its own weight bytes (it had none)."""
+    from conftest import tiny_recipe_fields
+
+    from inferneo_build import build
+    from inferneo_build.recipe import Recipe
+    from inferneo_runtime.bench import BenchSettings, _target_streamed_bytes, run_bench
+    from inferneo_runtime.manifest import read_manifest
+
+    fields = tiny_recipe_fields(tiny_checkpoint("llama"), "tiny-q8", tmp_path / "q8", targets=())
+    fields["targets"] = [{"format": "onnx", "precision": "int8",
+                          "tolerance": {"top1_agreement": 0.3, "mean_kl": 0.5, "perplexity_delta": 0.5}}]
+    art = build(Recipe.model_validate(fields)).output
+    report = run_bench(art, settings=BenchSettings(runs=1, new_tokens=8, concurrency=(1,)))
+    t, bw = report["targets"]["onnx-int8"], report["machine"]["bandwidth"]["read_gb_s"]
+    assert report["roofline_tok_s"] is None  # no float32 model to stream
+    assert t["roofline_tok_s"] == pytest.approx(bw * 1e9 / _target_streamed_bytes(read_manifest(art), "onnx-int8"),
+                                                rel=0.01)
+    assert t["roofline_fraction"] == pytest.approx(t["decode_tok_s"]["median"] / t["roofline_tok_s"], abs=1e-3)
+
+
+def test_inspect_counts_an_encoders_goldens(bert_artifact):
+    """An encoder's reference outputs are its goldens (`inspect --html` lists them); the summary said 0."""
+    from inferneo_runtime.manifest import read_manifest
+
+    m = read_manifest(bert_artifact)
+    assert not m.goldens and len(m.encoder.goldens) == 4
+    r = run_cli("inspect", str(bert_artifact))
+    assert r.returncode == 0 and "goldens 4" in r.stdout, r.stdout + r.stderr

@@ -298,3 +298,42 @@ def test_runtime_imports_without_matplotlib():
             "print('matplotlib' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
+
+
+def test_bench_plot_into_a_file_is_refused_before_the_bench(built, tmp_path):
+    """--plot naming a file (or a folder below one): exit 2 at once, not exit 1 after the whole bench."""
+    out, _, _ = built
+    (tmp_path / "taken").write_text("mine")
+    for plot in (tmp_path / "taken", tmp_path / "taken" / "charts"):
+        r = run_cli("bench", str(out), "--runs", "1", "--plot", str(plot))
+        assert r.returncode == 2 and f"--plot {plot}" in r.stderr, r.stdout + r.stderr
+        assert "measuring" not in r.stderr and r.stdout == ""  # nothing ran
+    r = run_cli("bench", str(out), "--runs", "1", "--workloads", "--plot", str(tmp_path / "taken"), "--json")
+    assert r.returncode == 2 and json.loads(r.stdout)["error"] == "BadParameter", r.stdout + r.stderr
+    assert (tmp_path / "taken").read_text() == "mine"
+
+
+def test_inspect_html_to_a_bad_path_is_an_input_error(built, tmp_path):
+    out, _, _ = built
+    for page, says in ((tmp_path / "missing" / "r.html", "no directory"), (tmp_path, "is a directory")):
+        r = run_cli("inspect", str(out), "--html", str(page), "--json")
+        reply = json.loads(r.stdout)
+        assert r.returncode == 2 and says in reply["message"] and str(page) in reply["message"], r.stdout
+    assert not (tmp_path / "missing").exists()
+
+
+def test_inspect_check_of_a_manifest_without_targets_says_so(built, tmp_path):
+    """`"targets": {}`: exit 5 as before, but with a line saying why (it printed nothing)."""
+    import shutil
+
+    out, _, _ = built
+    art = tmp_path / "art"
+    shutil.copytree(out, art)
+    raw = json.loads((art / "inferneo.json").read_text())
+    raw["targets"] = {}
+    (art / "inferneo.json").write_text(json.dumps(raw))
+    r = run_cli("inspect", str(art), "--check")
+    assert r.returncode == 5 and "no targets" in r.stdout, r.stdout + r.stderr
+    r = run_cli("inspect", str(art), "--check", "--json")
+    assert r.returncode == 5 and json.loads(r.stdout) == {"ok": False, "artifact": raw["name"], "device": "cpu",
+                                                          "targets": {}}
