@@ -18,8 +18,9 @@ def print_report(report: dict, console) -> None:
     if "read_gb_s" in bw:
         what = "memory read bandwidth" if device == "cpu" else f"{device} bandwidth ({bw.get('method')})"
         console.print(f"{what} {bw['read_gb_s']} GB/s (measured, best of before/after: "
-                      f"{bw['runs_gb_s']}) · weights streamed per token {report['weights_streamed_mb']} MB "
-                      f"→ decode roofline {report['roofline_tok_s']} tok/s", highlight=False)
+                      f"{bw['runs_gb_s']})" + (f" · weights streamed per token {report['weights_streamed_mb']} MB "
+                                               f"→ decode roofline {report['roofline_tok_s']} tok/s"
+                                               if report.get("roofline_tok_s") else ""), highlight=False)
     else:
         console.print(f"memory bandwidth: {bw.get('error')}", highlight=False)
 

@@ -262,6 +262,14 @@ def test_a_quantized_only_artifact_has_the_roofline_of_its_own_bytes(tiny_checkp
     assert t["roofline_tok_s"] == pytest.approx(bw * 1e9 / _target_streamed_bytes(read_manifest(art), "onnx-int8"),
                                                 rel=0.01)
     assert t["roofline_fraction"] == pytest.approx(t["decode_tok_s"]["median"] / t["roofline_tok_s"], abs=1e-3)
+    from rich.console import Console
+
+    from inferneo_runtime.bench_report import print_report
+
+    console = Console(record=True, width=300)
+    print_report(report, console)
+    text = console.export_text()
+    assert "roofline None" not in text and f"onnx-int8 {t['roofline_tok_s']:g} tok/s" in text, text
 
 
 def test_inspect_counts_an_encoders_goldens(bert_artifact):
