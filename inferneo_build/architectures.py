@@ -58,6 +58,7 @@ class ArchSpec:
     norm_offset: float = 0.0          # RMSNorm multiplies by (offset + w): Gemma's 1 + w
     embed_scale_sqrt_hidden: bool = False  # Gemma: embeddings * sqrt(hidden)
     qk_norm: Optional[Literal["head", "whole"]] = None  # RMSNorm of q and k per head (Qwen3, Gemma 3) or whole (OLMo 2)
+    attn_softcap: bool = True  # reads attn_logit_softcapping (Gemma 3's config has it, its modeling code drops it)
 
 
 _LLAMA_CONFIG = {
@@ -108,8 +109,11 @@ _PHI3_WEIGHTS |= {"layers.{}.qkv.weight": _LAYER + "self_attn.qkv_proj.weight",
                   "layers.{}.gate_up.weight": _LAYER + "mlp.gate_up_proj.weight"}
 
 _LLAMA = ArchSpec(family="llama", norm="rms", positions="rope", config_names=_LLAMA_CONFIG, weight_names=_LLAMA_WEIGHTS)
+# Gemma 2/3's MLP reads hidden_activation; Gemma (1)'s reads hidden_act (transformers 5 maps its legacy "gelu" to
+# "gelu_pytorch_tanh" itself; 4.x runs the exact GELU a config's hidden_act says, whatever hidden_activation says,
+# and so does the export: the gated_gelu MLP)
 _GEMMA_CONFIG = _LLAMA_CONFIG | {"activation": ("hidden_activation", "hidden_act")}
-_GEMMA = ArchSpec(family="llama", norm="rms", positions="rope", config_names=_GEMMA_CONFIG,
+_GEMMA = ArchSpec(family="llama", norm="rms", positions="rope", config_names=_LLAMA_CONFIG,
                   weight_names=_LLAMA_WEIGHTS, norm_offset=1.0, embed_scale_sqrt_hidden=True)
 
 _GPT2 = ArchSpec(
@@ -165,12 +169,13 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                        weight_names=_LLAMA_WEIGHTS | _SANDWICH, norm_offset=1.0, embed_scale_sqrt_hidden=True),
     "gemma3_text": ArchSpec(family="llama", norm="rms", positions="rope", config_names=_GEMMA_CONFIG,
                             weight_names=_LLAMA_WEIGHTS | _SANDWICH | _QK_NORM, norm_offset=1.0,
-                            embed_scale_sqrt_hidden=True, qk_norm="head"),
+                            embed_scale_sqrt_hidden=True, qk_norm="head", attn_softcap=False),
     "gpt2": _GPT2,
 }
 
 # HF activation name -> canonical MLP kind (gated for the Llama-shaped families, plain for GPT-2)
-_GATED_MLPS = {"silu": "gated_silu", "gelu_pytorch_tanh": "gated_gelu_tanh", "gelu_tanh": "gated_gelu_tanh"}
+_GATED_MLPS = {"silu": "gated_silu", "gelu": "gated_gelu", "gelu_pytorch_tanh": "gated_gelu_tanh",
+               "gelu_tanh": "gated_gelu_tanh"}
 _PLAIN_MLPS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
@@ -232,7 +237,7 @@ class DecoderSpec:
     family: Literal["llama", "gpt2"]
     norm: Literal["rms", "layer"]
     positions: Literal["rope", "learned"]
-    mlp: Literal["gated_silu", "gated_gelu_tanh", "gelu_tanh"]
+    mlp: Literal["gated_silu", "gated_gelu", "gated_gelu_tanh", "gelu_tanh"]
     num_layers: int
     hidden: int
     heads: int
@@ -276,8 +281,8 @@ class DecoderSpec:
     def non_uniform_features(self) -> list[str]:
         """Switches beyond plain Llama / GPT-2 in use (exporters that lack them refuse such a spec)."""
         out = []
-        if self.mlp == "gated_gelu_tanh":
-            out.append("GELU-tanh gated MLP")
+        if self.mlp in ("gated_gelu", "gated_gelu_tanh"):
+            out.append("GELU gated MLP")
         if len({(layer.window, layer.rope) for layer in self.layers}) > 1:
             out.append("per-layer attention types")
         if any(r.long_inv_freq is not None or 2 * len(r.inv_freq) != self.head_dim for r in self.ropes.values()):
@@ -337,7 +342,7 @@ def decoder_spec(config) -> DecoderSpec:
         rope_inv_freq=glob.inv_freq if glob else (), rope_attention_scaling=glob.attention_scaling if glob else 1.0,
         layers=layers, ropes=ropes, qk_norm=arch.qk_norm, embed_scale=embed_scale,
         attn_scale=float(attn_scale) if attn_scale is not None else None,
-        attn_softcap=_positive(getattr(config, "attn_logit_softcapping", None)),
+        attn_softcap=_positive(getattr(config, "attn_logit_softcapping", None)) if arch.attn_softcap else None,
         final_softcap=_positive(getattr(config, "final_logit_softcapping", None)),
         logits_divisor=float(getattr(config, "logits_scaling", None) or 1.0),
         tied=bool(getattr(config, "tie_word_embeddings", False)),

@@ -37,6 +37,9 @@ class GenericSpec:
     family: str = FAMILY
     sliding_window: Optional[int] = None
     tied: bool = False  # the output head is the embedding table
+    # the model masks each layer by its `layer_types` entry (a {layer type: mask} dict): the window applies to the
+    # sliding layers only; otherwise one mask, windowed when `sliding_window` is set, serves every layer
+    per_layer_type: bool = False
 
 
 def generic_spec(model, reason: str) -> GenericSpec:
@@ -62,12 +65,27 @@ def generic_spec(model, reason: str) -> GenericSpec:
     max_positions = (getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
                      or getattr(config, "max_sequence_length", None) or 2048)
     window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    per_layer_type = (isinstance(layer_types, (list, tuple)) and bool(layer_types)
+                      and set(layer_types) <= {"full_attention", "sliding_attention"} and _takes_mask_mapping(model))
     return GenericSpec(
         model_type=config.model_type, num_layers=len(layers), hidden=int(config.hidden_size),
         heads=int(config.num_attention_heads), kv_heads=int(keys.shape[1]), head_dim=int(keys.shape[3]),
         vocab=int(out.logits.shape[-1]), max_positions=int(max_positions), reason=reason, model=model,
         sliding_window=int(window) if isinstance(window, int) and window > 0 else None,
-        tied=_tied(model))
+        tied=_tied(model), per_layer_type=per_layer_type)
+
+
+def _takes_mask_mapping(model) -> bool:
+    """Whether the model's forward takes a {layer type: 4-D mask} dict, as transformers' models with per-layer
+    attention types (Ministral, OLMo 3, Cohere 2, ...) do: one 4-D mask would window their full-attention layers."""
+    import inspect
+
+    try:
+        source = inspect.getsource(type(model.base_model).forward)
+    except (OSError, TypeError):
+        return False
+    return "causal_mask_mapping" in source
 
 
 def _tied(model) -> bool:
@@ -131,10 +149,18 @@ def _wrapper(spec: GenericSpec):
             key_pos = (torch.ones_like(attention_mask).cumsum(1) - 1).unsqueeze(1)  # [n, 1, T]
             query_pos = position_ids.unsqueeze(2)  # [n, S, 1]
             visible = (key_pos <= query_pos) & (attention_mask.unsqueeze(1) == 1)
+            windowed = visible
             if spec.sliding_window is not None:
-                visible = visible & (query_pos - key_pos < spec.sliding_window)
+                windowed = visible & (query_pos - key_pos < spec.sliding_window)
             dtype = kv_cache.dtype
-            mask = torch.zeros_like(visible, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min).unsqueeze(1)
+
+            def additive(keep):
+                return torch.zeros_like(keep, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min).unsqueeze(1)
+
+            if spec.per_layer_type:
+                mask = {"full_attention": additive(visible), "sliding_attention": additive(windowed)}
+            else:
+                mask = additive(windowed)
             write_index = position_ids.view(n, 1, steps, 1).expand(n, spec.kv_heads, steps, spec.head_dim)
             cache = runtime_cache(kv_cache, write_index, attention_mask.shape[1])
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,

@@ -63,3 +63,44 @@ def test_tied_embedding_stored_once_in_torchscript(tiny_artifact):
     params = dict(module.named_parameters())
     vocab_sized = [name for name, p in params.items() if 512 in p.shape or p.numel() % 512 == 0 and p.numel() >= 512 * 64]
     assert vocab_sized == ["embed"], vocab_sized
+
+
+# Config settings transformers' modeling code reads differently from what the config's names suggest.
+_BASE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=1, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, head_dim=32)
+READ_AS_TRANSFORMERS = {
+    # Gemma 3's config keeps attn_logit_softcapping, its attention never applies it (either transformers major)
+    "gemma3-softcap": _BASE | dict(model_type="gemma3_text", sliding_window=6, query_pre_attn_scalar=24,
+                                   attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                                   layer_types=["sliding_attention", "full_attention"]),
+    # the official Gemma configs' pair: GemmaMLP reads hidden_act (4.x: the exact GELU; 5.x maps it to the tanh one);
+    # either way the fused exporters (onnx too) run what transformers runs
+    "gemma-legacy-gelu": _BASE | dict(model_type="gemma", hidden_act="gelu", hidden_activation="gelu_pytorch_tanh",
+                                      intermediate_size=512, tie_word_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(READ_AS_TRANSFORMERS))
+def test_config_read_as_transformers_reads_it(name, tiny_checkpoint, tmp_path):
+    """These failed their build's validation (the fused graph applied what transformers does not); each now builds
+    fused (an onnx target too) and decodes transformers' tokens."""
+    import tiny_models
+    from conftest import tiny_recipe_fields
+    from inferneo_build import build
+    from inferneo_build.recipe import Recipe
+
+    tiny_models.TINY_CONFIGS.setdefault(name, READ_AS_TRANSFORMERS[name])
+    tiny_models._VARIED.add(name)
+    checkpoint = tiny_checkpoint(name)
+    fields = tiny_recipe_fields(checkpoint, f"tiny-{name}", tmp_path / "out")
+    fields["targets"] = [{"format": "torchscript"}, {"format": "onnx", "optional": True}]
+    artifact = build(Recipe.model_validate(fields)).output
+    targets = read_manifest(artifact).targets
+    assert targets["onnx"].status == "valid", targets["onnx"]
+    params = GenerationParams(max_new_tokens=STEPS, ignore_eos=True)
+    for target in ("torchscript", "onnx"):
+        with inferneo_runtime.load(artifact, target=target) as model:
+            for prompt in PROMPTS:
+                ids = model.tokenizer.encode(prompt)
+                expected = hf_greedy(checkpoint, ids, STEPS)
+                assert model.generate_ids([ids], params)[0].token_ids == expected, (name, target, prompt)

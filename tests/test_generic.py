@@ -89,3 +89,34 @@ def test_generic_beside_fused(tiny_checkpoint, tmp_path):
         with inferneo_runtime.load(artifact, target=name) as model:
             outs[name] = model.generate_ids([model.tokenizer.encode(PROMPTS[1])], params)[0].token_ids
     assert outs["torchscript"] == outs["torchscript-generic"]
+
+
+# Per-layer attention types on the generic path: a window on the sliding layers only, wider than the validation
+# prompts' sequences (so validation alone cannot tell), crossed by a longer greedy decode.
+_ALTERNATING = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=1, head_dim=16, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                    sliding_window=40, layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=False)
+ALTERNATING_TYPES = {"olmo3-alternating": dict(model_type="olmo3"), "ministral-alternating": dict(model_type="ministral")}
+
+
+@pytest.mark.parametrize("name", sorted(ALTERNATING_TYPES))
+def test_generic_alternating_windows_match_transformers(name, tiny_checkpoint, tmp_path):
+    """OLMo 3 / Ministral mask each layer by its layer type; one windowed 4-D mask for every layer windowed the
+    full-attention layers too: validated, yet tokens past the window differed from transformers'."""
+    import tiny_models
+    from inferneo_build import build
+    from inferneo_build.recipe import Recipe
+
+    tiny_models.TINY_CONFIGS.setdefault(name, _ALTERNATING | ALTERNATING_TYPES[name])
+    tiny_models._VARIED.add(name)
+    checkpoint = tiny_checkpoint(name)
+    fields = tiny_recipe_fields(checkpoint, f"tiny-{name}", tmp_path / "out", targets=("torchscript",))
+    artifact = build(Recipe.model_validate(fields)).output
+    steps = 48  # prompt 0 (4 tokens) + 48 > the window of 40
+    with inferneo_runtime.load(artifact, target="torchscript") as model:
+        assert model.manifest.model.family == "generic"
+        ids = model.tokenizer.encode(PROMPTS[0])
+        expected = hf_greedy(checkpoint, ids, steps)
+        assert len(set(expected)) >= 4, expected
+        got = model.generate_ids([ids], GenerationParams(max_new_tokens=steps, ignore_eos=True))[0].token_ids
+    assert got == expected

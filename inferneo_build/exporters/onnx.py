@@ -385,7 +385,7 @@ def _lm_head(g: _GraphBuilder, spec: DecoderSpec, w, h: str, embed: str, output:
 
 def _mlp(g: _GraphBuilder, spec: DecoderSpec, w, p: str, c: str, h: str, linear, prefix_node,
          with_bias: bool = False) -> str:
-    if spec.mlp in ("gated_silu", "gated_gelu_tanh"):
+    if spec.mlp in ("gated_silu", "gated_gelu", "gated_gelu_tanh"):
         # gate and up packed into one MatMul, then act(gate) * up (same speed as two MatMuls, fewer nodes)
         name = prefix_node(f"{p}.mlp.gate_up_proj")
         packed = np.concatenate([w[f"{c}.gate.weight"], w[f"{c}.up.weight"]], axis=1)
@@ -395,8 +395,9 @@ def _mlp(g: _GraphBuilder, spec: DecoderSpec, w, p: str, c: str, h: str, linear,
         if spec.mlp == "gated_silu":
             # SiLU(x) = x * sigmoid(x) is QuickGelu with alpha 1: one fused node instead of Sigmoid + Mul
             act = g.node("QuickGelu", [gate], prefix_node(f"{p}.mlp.act_fn"), domain=MS_DOMAIN, alpha=1.0)[0]
-        else:  # Gemma: GELU with the tanh approximation
-            act = g.node("FastGelu", [gate], prefix_node(f"{p}.mlp.act_fn"), domain=MS_DOMAIN)[0]
+        else:  # Gemma: GELU with the tanh approximation (FastGelu), or exact (Gelu: Gemma 1's "gelu" on 4.x)
+            op = "Gelu" if spec.mlp == "gated_gelu" else "FastGelu"
+            act = g.node(op, [gate], prefix_node(f"{p}.mlp.act_fn"), domain=MS_DOMAIN)[0]
         y = g.node("Mul", [act, up], prefix_node(f"{p}.mlp"))[0]
     elif spec.mlp == "gelu_tanh":
         up = linear(f"{p}.mlp.up_proj", f"{c}.up", h, with_bias=False)

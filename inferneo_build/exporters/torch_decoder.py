@@ -108,8 +108,9 @@ def _optional_norm(weights: dict[str, np.ndarray], name: str, eps: float, portab
 class _MLP(nn.Module):
     def __init__(self, spec: DecoderSpec, weights: dict[str, np.ndarray], prefix: str, blocked: bool = True):
         super().__init__()
-        self.gated = spec.mlp in ("gated_silu", "gated_gelu_tanh")
+        self.gated = spec.mlp in ("gated_silu", "gated_gelu", "gated_gelu_tanh")
         self.silu = spec.mlp == "gated_silu"
+        self.gelu_approximate = "none" if spec.mlp == "gated_gelu" else "tanh"
         if self.gated:  # gate and up packed into one [hidden, 2 * intermediate] MatMul: one op fewer per layer
             packed = np.concatenate([weights[f"{prefix}.gate.weight"], weights[f"{prefix}.up.weight"]], axis=1)
             self.up = _Linear({f"{prefix}.gate_up.weight": packed}, f"{prefix}.gate_up", blocked)
@@ -120,7 +121,7 @@ class _MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
             gate, up = self.up(x).chunk(2, dim=-1)
-            gate = F.silu(gate) if self.silu else F.gelu(gate, approximate="tanh")
+            gate = F.silu(gate) if self.silu else F.gelu(gate, approximate=self.gelu_approximate)
             return self.down(gate * up)
         return self.down(F.gelu(self.up(x), approximate="tanh"))
 
