@@ -9,20 +9,28 @@ Formats (what the models are trained to write, and what vLLM's parsers of the sa
   mistral      `[TOOL_CALLS][{"name": "f", "arguments": {...}}, ...]` (Mistral / Mixtral instruct v3+, Nemo), or
                `[TOOL_CALLS]f[ARGS]{...}` per call (tokenizer v11+: Mistral Small 3.2, Magistral, Devstral,
                Ministral 3; its template writes `'[TOOL_CALLS]' + name + '[ARGS]' + arguments`)
+  qwen3_coder  `<tool_call>\n<function=f>\n<parameter=p>\nvalue\n</parameter>\n...</function>\n</tool_call>`, one
+               block per call (Qwen3-Coder, Qwen3.5): each value is raw text (one leading and one trailing newline
+               dropped), converted by the tool's schema for that parameter (`parse(text, tools)`: a string stays
+               text; integer / number / boolean / null / object / array are parsed, the text kept where that fails;
+               with no tools, or a parameter the schema does not declare, every value is text)
 
 Which one a server uses: `--tool-call-parser NAME`, else `detect(template)` on the chat template's text:
-`<tool_call>` -> hermes, `[TOOL_CALLS]` -> mistral (its grammar writing the `[ARGS]` form when the template has
-`[ARGS]`), `<|python_tag|>` or an `ipython` role with a "parameters" object -> llama3_json; none of these: tool calls
-are refused (400) until the flag names a parser.
+`<tool_call>` with `<function=` -> qwen3_coder, `<tool_call>` alone -> hermes, `[TOOL_CALLS]` -> mistral (its grammar
+writing the `[ARGS]` form when the template has `[ARGS]`), `<|python_tag|>` or an `ipython` role with a "parameters"
+object -> llama3_json; none of these: tool calls are refused (400) until the flag names a parser.
 
-Parsing is all or nothing: when every call block parses as JSON with a string `name` and an object of arguments,
-the calls are returned and `content` is the text before the first call (None when that is only whitespace; text
-after the calls is dropped, as vLLM's parsers do); otherwise (an unterminated block, invalid JSON, a call with no
-name) the whole output is returned as content, unchanged, and there are no calls.
+Parsing is all or nothing: when every call block parses (as JSON with a string `name` and an object of arguments;
+qwen3_coder: a `<function=name>` with its parameters), the calls are returned and `content` is the text before the
+first call (None when that is only whitespace; text after the calls is dropped, as vLLM's parsers do); otherwise (an
+unterminated block, invalid JSON, a call with no name) the whole output is returned as content, unchanged, and there
+are no calls. `parse(text, tools)`: the request's tools (only qwen3_coder reads them, for its values' types).
 """
 from __future__ import annotations
 
+import ast
 import json
+import math
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -71,15 +79,16 @@ def _content(text: str) -> Optional[str]:
 
 
 class ToolParser:
-    """`parse(text)`: the calls in a finished output. `start(text)`: where calls begin in a (partial) output, or
-    None; `may_start(text)`: whether more text could still make `start` find one (streaming holds that text back).
-    `grammar(tools, parallel)`: a Lark grammar (llguidance) whose every sentence parses as one call (or, parallel,
-    one or more) to one of `tools`, with arguments matching the tool's `parameters` schema."""
+    """`parse(text, tools)`: the calls in a finished output (`tools`: the request's, or None). `start(text)`: where
+    calls begin in a (partial) output, or None; `may_start(text)`: whether more text could still make `start` find
+    one (streaming holds that text back). `grammar(tools, parallel)`: a Lark grammar (llguidance) whose every
+    sentence parses as one call (or, parallel, one or more) to one of `tools`, with arguments matching the tool's
+    `parameters` schema."""
 
     name = ""
     marker = ""  # the text a call starts with
 
-    def parse(self, text: str) -> Parsed:
+    def parse(self, text: str, tools: Optional[Sequence[dict]] = None) -> Parsed:
         raise NotImplementedError
 
     def start(self, text: str) -> Optional[int]:
@@ -121,7 +130,7 @@ class HermesParser(ToolParser):
     marker = "<tool_call>"
     _block = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 
-    def parse(self, text: str) -> Parsed:
+    def parse(self, text: str, tools: Optional[Sequence[dict]] = None) -> Parsed:
         first = text.find(self.marker)
         if first < 0:
             return Parsed(text, [])
@@ -162,7 +171,7 @@ class Llama3JsonParser(ToolParser):
             return len(text)
         return 0
 
-    def parse(self, text: str) -> Parsed:
+    def parse(self, text: str, tools: Optional[Sequence[dict]] = None) -> Parsed:
         at = self.start(text)
         if at is None:
             return Parsed(text, [])
@@ -199,7 +208,7 @@ class MistralParser(ToolParser):
     def __init__(self, args_form: bool = False):
         self.args_form = args_form
 
-    def parse(self, text: str) -> Parsed:
+    def parse(self, text: str, tools: Optional[Sequence[dict]] = None) -> Parsed:
         first = text.find(self.marker)
         if first < 0:
             return Parsed(text, [])
@@ -237,7 +246,182 @@ class MistralParser(ToolParser):
         return "\n".join(['start: "[TOOL_CALLS]" calls', f"calls: {_json_rule(array)}"])
 
 
-for _parser in (HermesParser(), Llama3JsonParser(), MistralParser()):
+# qwen3_coder: what a parameter's schema says its value is (vLLM's type names included: "int", "float", "dict"...)
+_TEXT_TYPES = {"string", "str", "text", "varchar", "char", "enum"}
+
+
+def _value_kind(schema: Any) -> str:
+    """"text" (the value stays as written: a string, no type, or a type list with a string), "integer", "number",
+    "boolean", or "json" (object, array, null, a type list without string: JSON, else a Python literal)."""
+    if not isinstance(schema, dict) or "type" not in schema:
+        return "text"
+    types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+    names = {str(t).strip().lower() for t in types}
+    if not names or names & _TEXT_TYPES:
+        return "text"
+    if len(names) == 1:
+        name = next(iter(names))
+        if name.startswith(("int", "uint", "long", "short", "unsigned")):
+            return "integer"
+        if name.startswith(("num", "float")):
+            return "number"
+        if name in ("boolean", "bool", "binary"):
+            return "boolean"
+    return "json"
+
+
+def _json_value(value: Any) -> bool:
+    """Whether `value` is writable as strict JSON (no NaN / Infinity, no sets or bytes)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return True
+
+
+_INTEGER = re.compile(r"[-+]?[0-9]+")
+_NUMBER = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
+def _int(text: str) -> Optional[int]:
+    """An integer literal's value (None: not one, or past Python's digit limit for int())."""
+    try:
+        return int(text) if _INTEGER.fullmatch(text) else None
+    except ValueError:
+        return None
+
+
+def _convert(raw: str, schema: Any) -> Any:
+    """A parameter's value, by its schema (vLLM's qwen3_coder conversion: a value that does not parse as the type
+    stays the text; unlike vLLM, a string parameter written `null` stays "null" and a boolean that is neither true
+    nor false stays text rather than becoming false)."""
+    kind = _value_kind(schema)
+    if kind == "text":
+        return raw
+    text = raw.strip()
+    if text.lower() == "null":
+        return None
+    if kind in ("integer", "number"):
+        whole = _int(text)
+        if whole is not None:
+            return whole
+        if kind == "integer" or not _NUMBER.fullmatch(text):
+            return raw
+        number = float(text)
+        if not math.isfinite(number):
+            return raw
+        return int(number) if number.is_integer() else number  # 3.0 -> 3, as vLLM does
+    if kind == "boolean":
+        return text.lower() == "true" if text.lower() in ("true", "false") else raw
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        try:  # the template writes a list argument as Python does (`['a', 'b']`), True / False too
+            value = ast.literal_eval(text)
+        except Exception:  # noqa: BLE001 (SyntaxError, ValueError, MemoryError, RecursionError...)
+            return raw
+    return value if _json_value(value) else raw
+
+
+def _properties(tools: Optional[Sequence[dict]], name: str) -> dict:
+    """The `parameters.properties` of the tool called `name` ({} when there is none)."""
+    for tool in tools or ():
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(fn, dict) and fn.get("name") == name:
+            props = (fn.get("parameters") or {}).get("properties") if isinstance(fn.get("parameters"), dict) else None
+            return props if isinstance(props, dict) else {}
+    return {}
+
+
+_PARAM_CLOSE = "\n</parameter>\n"
+
+
+def _text_value_rule(schema: Any) -> str:
+    """A text parameter's value and the parameter's closing tag, as one terminal (a value regex then a literal would
+    be lexed greedily: the value would take the newline before `</parameter>`). No `<` in the value, so the closing
+    tag is where the parser finds it; an enum (or const) of strings as its choices, min/maxLength as a bound."""
+    schema = schema if isinstance(schema, dict) else {}
+    choices = [schema["const"]] if "const" in schema else schema.get("enum")
+    if isinstance(choices, list) and choices and all(isinstance(c, str) and "<" not in c for c in choices):
+        return " | ".join(json.dumps(c + _PARAM_CLOSE) for c in choices)
+    low, high = schema.get("minLength"), schema.get("maxLength")
+    low = low if isinstance(low, int) and low > 0 else 0
+    if isinstance(high, int) and high >= low:
+        repeat = f"{{{low},{high}}}"
+    else:
+        repeat = f"{{{low},}}" if low else "*"
+    return f"/[^<]{repeat}\\n<\\/parameter>\\n/"
+
+
+class Qwen3CoderParser(ToolParser):
+    """Qwen3-Coder's XML calls. Within a closed `<tool_call>` block each `<function=name>` (to `</function>`, or to
+    the block's end) is a call, and each `<parameter=key>` in it (to `</parameter>`, the next `<parameter=`, or the
+    function's end) one argument, as vLLM reads them."""
+
+    name = "qwen3_coder"
+    marker = "<tool_call>"
+    _block = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+    _function = re.compile(r"<function=(.*?)(?:</function>|\Z)", re.DOTALL)
+    _parameter = re.compile(r"<parameter=(.*?)(?:</parameter>|(?=<parameter=)|\Z)", re.DOTALL)
+
+    def _calls(self, block: str, tools: Optional[Sequence[dict]]) -> Optional[list[ToolCall]]:
+        calls = []
+        for function in self._function.findall(block):
+            name, sep, body = function.partition(">")
+            name = name.strip()
+            if not sep or not name:
+                return None
+            props, args = _properties(tools, name), {}
+            for parameter in self._parameter.findall(body):
+                key, sep, value = parameter.partition(">")
+                if not sep:
+                    return None
+                args[key] = _convert(value.removeprefix("\n").removesuffix("\n"), props.get(key))
+            calls.append(ToolCall(name, json.dumps(args, ensure_ascii=False)))
+        return calls or None
+
+    def parse(self, text: str, tools: Optional[Sequence[dict]] = None) -> Parsed:
+        first = text.find(self.marker)
+        if first < 0:
+            return Parsed(text, [])
+        calls = []
+        rest = text[first:]
+        for m in self._block.finditer(rest):
+            block_calls = self._calls(m.group(1), tools)
+            if block_calls is None:
+                return Parsed(text, [])
+            calls += block_calls
+        tail = self._block.sub("", rest)
+        if not calls or self.marker in tail:  # an unterminated block: plain text
+            return Parsed(text, [])
+        return Parsed(_content(text[:first]), calls)
+
+    def grammar(self, tools, parallel):
+        """Each call as the template writes it: the parameters in the schema's order, the required ones always, the
+        others optional; a text parameter as text without `<`, any other through %json with its schema."""
+        start = 'start: block ("\\n" block)*' if parallel else "start: block"
+        rules = [start, 'block: "<tool_call>\\n<function=" call "</function>\\n</tool_call>"',
+                 f"call: {' | '.join(f'call_{i}' for i in range(len(tools)))}"]
+        for i, t in enumerate(tools):
+            fn = t["function"]
+            params = fn.get("parameters") or {}
+            props = params.get("properties") or {}
+            required = set(params.get("required") or ())
+            body = [json.dumps(fn["name"] + ">\n")]
+            for j, (key, schema) in enumerate(props.items()):
+                opening = json.dumps(f"<parameter={key}>\n")
+                if _value_kind(schema) == "text":
+                    rules.append(f"param_{i}_{j}: {opening} value_{i}_{j}")
+                    rules.append(f"value_{i}_{j}: {_text_value_rule(schema)}")
+                else:
+                    rules.append(f"param_{i}_{j}: {opening} value_{i}_{j} {json.dumps(_PARAM_CLOSE)}")
+                    rules.append(f"value_{i}_{j}: {_json_rule(schema)}")
+                body.append(f"param_{i}_{j}" + ("" if key in required else "?"))
+            rules.append(f"call_{i}: {' '.join(body)}")
+        return "\n".join(rules)
+
+
+for _parser in (HermesParser(), Llama3JsonParser(), MistralParser(), Qwen3CoderParser()):
     PARSERS[_parser.name] = _parser
 _MISTRAL_ARGS = MistralParser(args_form=True)  # detected from a template writing `[ARGS]`
 
@@ -253,8 +437,8 @@ def detect(template: Optional[str]) -> Optional[ToolParser]:
     """The parser for a chat template's tool-call format, from the template's text (None: no known format)."""
     if not template:
         return None
-    if "<tool_call>" in template:
-        return PARSERS["hermes"]
+    if "<tool_call>" in template:  # Qwen3-Coder / Qwen3.5 write XML calls: their templates show `<function=`
+        return PARSERS["qwen3_coder" if "<function=" in template else "hermes"]
     if "[TOOL_CALLS]" in template:
         return _MISTRAL_ARGS if "[ARGS]" in template else PARSERS["mistral"]
     if "<|python_tag|>" in template or ("ipython" in template and '"parameters"' in template):
@@ -268,8 +452,9 @@ class ToolStream:
 
     Whitespace-only text is held too, so the streamed content matches `parse`'s (None for whitespace)."""
 
-    def __init__(self, parser: ToolParser):
+    def __init__(self, parser: ToolParser, tools: Optional[Sequence[dict]] = None):
         self.parser = parser
+        self.tools = tools  # the request's (parse's `tools`)
         self.text = ""
         self.sent = 0  # characters of `text` emitted as content
         self.held = False  # a call has started: the rest waits for the end
@@ -292,7 +477,7 @@ class ToolStream:
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         """(content not yet emitted, the calls) once the output has ended."""
-        parsed = self.parser.parse(self.text)
+        parsed = self.parser.parse(self.text, self.tools)
         if parsed.calls:
             return (parsed.content or "")[self.sent:], parsed.calls
         return self.text[self.sent:], []

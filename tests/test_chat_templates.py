@@ -811,6 +811,129 @@ MISTRAL_SMALL32 = r"""{%- set default_system_message = 'You are Mistral Small 3.
 {%- endfor %}
 """
 
+# Qwen/Qwen3-Coder-30B-A3B-Instruct (chat_template in tokenizer_config.json, the revision of 2025-08-07, as the model's
+# page at huggingface.co/Qwen/Qwen3-Coder-30B-A3B-Instruct shows it): XML calls in <tool_call> blocks,
+# `<function=name>` then `<parameter=key>\nvalue\n</parameter>` per argument (a dict as tojson, anything else as
+# `| string`); the tools as XML too
+QWEN3_CODER = r"""{% macro render_extra_keys(json_dict, handled_keys) %}
+    {%- if json_dict is mapping %}
+        {%- for json_key in json_dict if json_key not in handled_keys %}
+            {%- if json_dict[json_key] is mapping %}
+                {{- '\n<' ~ json_key ~ '>' ~ (json_dict[json_key] | tojson | safe) ~ '</' ~ json_key ~ '>' }}
+            {%- else %}
+                {{-'\n<' ~ json_key ~ '>' ~ (json_dict[json_key] | string) ~ '</' ~ json_key ~ '>' }}
+            {%- endif %}
+        {%- endfor %}
+    {%- endif %}
+{% endmacro %}
+
+{%- if messages[0]["role"] == "system" %}
+    {%- set system_message = messages[0]["content"] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+
+{%- if not tools is defined %}
+    {%- set tools = [] %}
+{%- endif %}
+
+{%- if system_message is defined %}
+    {{- "<|im_start|>system\n" + system_message }}
+{%- else %}
+    {%- if tools is iterable and tools | length > 0 %}
+        {{- "<|im_start|>system\nYou are Qwen, a helpful AI assistant that can interact with a computer to solve tasks." }}
+    {%- endif %}
+{%- endif %}
+{%- if tools is iterable and tools | length > 0 %}
+    {{- "\n\nYou have access to the following functions:\n\n" }}
+    {{- "<tools>" }}
+    {%- for tool in tools %}
+        {%- if tool.function is defined %}
+            {%- set tool = tool.function %}
+        {%- endif %}
+        {{- "\n<function>\n<name>" ~ tool.name ~ "</name>" }}
+        {%- if tool.description is defined %}
+            {{- '\n<description>' ~ (tool.description | trim) ~ '</description>' }}
+        {%- endif %}
+        {{- '\n<parameters>' }}
+        {%- if tool.parameters is defined and tool.parameters is mapping and tool.parameters.properties is defined and tool.parameters.properties is mapping %}
+            {%- for param_name, param_fields in tool.parameters.properties|items %}
+                {{- '\n<parameter>' }}
+                {{- '\n<name>' ~ param_name ~ '</name>' }}
+                {%- if param_fields.type is defined %}
+                    {{- '\n<type>' ~ (param_fields.type | string) ~ '</type>' }}
+                {%- endif %}
+                {%- if param_fields.description is defined %}
+                    {{- '\n<description>' ~ (param_fields.description | trim) ~ '</description>' }}
+                {%- endif %}
+                {%- set handled_keys = ['name', 'type', 'description'] %}
+                {{- render_extra_keys(param_fields, handled_keys) }}
+                {{- '\n</parameter>' }}
+            {%- endfor %}
+        {%- endif %}
+        {% set handled_keys = ['type', 'properties'] %}
+        {{- render_extra_keys(tool.parameters, handled_keys) }}
+        {{- '\n</parameters>' }}
+        {%- set handled_keys = ['type', 'name', 'description', 'parameters'] %}
+        {{- render_extra_keys(tool, handled_keys) }}
+        {{- '\n</function>' }}
+    {%- endfor %}
+    {{- "\n</tools>" }}
+    {{- '\n\nIf you choose to call a function ONLY reply in the following format with NO suffix:\n\n<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n</parameter>\n<parameter=example_parameter_2>\nThis is the value for the second parameter\nthat can span\nmultiple lines\n</parameter>\n</function>\n</tool_call>\n\n<IMPORTANT>\nReminder:\n- Function calls MUST follow the specified format: an inner <function=...></function> block must be nested within <tool_call></tool_call> XML tags\n- Required parameters MUST be specified\n- You may provide optional reasoning for your function call in natural language BEFORE the function call, but NOT after\n- If there is no function call available, answer the question like normal with your current knowledge and do not tell the user about function calls\n</IMPORTANT>' }}
+{%- endif %}
+{%- if system_message is defined %}
+    {{- '<|im_end|>\n' }}
+{%- else %}
+    {%- if tools is iterable and tools | length > 0 %}
+        {{- '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in loop_messages %}
+    {%- if message.role == "assistant" and message.tool_calls is defined and message.tool_calls is iterable and message.tool_calls | length > 0 %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content is defined and message.content is string and message.content | trim | length > 0 %}
+            {{- '\n' + message.content | trim + '\n' }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n<function=' + tool_call.name + '>\n' }}
+            {%- if tool_call.arguments is defined %}
+                {%- for args_name, args_value in tool_call.arguments|items %}
+                    {{- '<parameter=' + args_name + '>\n' }}
+                    {%- set args_value = args_value | tojson | safe if args_value is mapping else args_value | string %}
+                    {{- args_value }}
+                    {{- '\n</parameter>\n' }}
+                {%- endfor %}
+            {%- endif %}
+            {{- '</function>\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "user" or message.role == "system" or message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.previtem and loop.previtem.role != "tool" %}
+            {{- '<|im_start|>user\n' }}
+        {%- endif %}
+        {{- '<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>\n' }}
+        {%- if not loop.last and loop.nextitem.role != "tool" %}
+            {{- '<|im_end|>\n' }}
+        {%- elif loop.last %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- else %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+
 # -- the messages --------------------------------------------------------------------------------------------------
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city (°C) <b>now</b> & later",
@@ -832,7 +955,7 @@ CHATS = {
 }
 TEMPLATES = {"qwen3": QWEN3, "qwen2.5": QWEN25, "llama3.1": LLAMA31, "llama3.2": LLAMA32,
              "mistral_nemo": MISTRAL_NEMO, "mistral_small3.2": MISTRAL_SMALL32, "gemma2": GEMMA2, "gemma3": GEMMA3, "phi4": PHI4, "phi4_mini": PHI4_MINI,
-             "granite3.1": GRANITE31, "smollm3": SMOLLM3, "kimi_k2": KIMI_K2}
+             "granite3.1": GRANITE31, "smollm3": SMOLLM3, "kimi_k2": KIMI_K2, "qwen3_coder": QWEN3_CODER}
 
 
 @pytest.fixture(scope="module")
@@ -983,9 +1106,11 @@ def test_tojson_takes_json_dumps_options(make):
 # (the template's rendering of a past assistant tool call is the format the model was trained to write)
 DETECTED = {"qwen3": "hermes", "qwen2.5": "hermes", "smollm3": "hermes", "llama3.1": "llama3_json",
             "llama3.2": "llama3_json", "mistral_nemo": "mistral", "mistral_small3.2": "mistral", "gemma2": None,
-            "gemma3": None, "phi4": None, "phi4_mini": None, "granite3.1": None, "kimi_k2": None}
+            "gemma3": None, "phi4": None, "phi4_mini": None, "granite3.1": None, "kimi_k2": None,
+            "qwen3_coder": "qwen3_coder"}
 END_OF_TURN = {"qwen3": "<|im_end|>\n", "qwen2.5": "<|im_end|>\n", "llama3.1": "<|eot_id|>",
-               "llama3.2": "<|eot_id|>", "mistral_nemo": "</s>", "mistral_small3.2": "</s>"}
+               "llama3.2": "<|eot_id|>", "mistral_nemo": "</s>", "mistral_small3.2": "</s>",
+               "qwen3_coder": "<|im_end|>\n"}
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
@@ -1021,3 +1146,40 @@ def test_detected_parser_reads_the_templates_own_tool_calls(make, name, stream):
     assert [(c.name, json.loads(c.arguments)) for c in parsed] == [
         (c["function"]["name"], c["function"]["arguments"]) for c in calls]
     assert "<tool_call>" not in content and "[TOOL_CALLS]" not in content
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_qwen3_coder_reads_back_its_templates_typed_calls(make, stream):
+    """Qwen3-Coder's template writes each argument as text (a dict as JSON, anything else as Python's str: True,
+    ['a', 'b'], None): qwen3_coder, given the tools, reads back the values the call had, by each parameter's type."""
+    from inferneo_runtime.tool_calls import ToolStream, detect
+
+    props = {"city": {"type": "string"}, "days": {"type": "integer"}, "hourly": {"type": "boolean"},
+             "ratio": {"type": "number"}, "fields": {"type": "array", "items": {"type": "string"}},
+             "units": {"type": "object"}, "limit": {"type": ["integer", "null"]}, "note": {"type": "string"}}
+    tools = [{"type": "function", "function": {"name": "forecast", "description": "Forecast",
+                                               "parameters": {"type": "object", "properties": props,
+                                                              "required": ["city"]}}}]
+    args = [{"city": "Zürich", "days": 3, "hourly": True, "ratio": 0.5, "fields": ["temp", "wind"],
+             "units": {"temp": "C", "nested": [1, {"a": None}]}, "limit": None, "note": "line 1\n  line 2 <b>"},
+            {"city": "New York", "days": 10, "hourly": False, "fields": []}]
+    calls = [{"id": f"call{i}", "type": "function", "function": {"name": "forecast", "arguments": a}}
+             for i, a in enumerate(args)]
+    user = [{"role": "user", "content": "Weather?"}]
+    prompt, _ = _render(make, QWEN3_CODER, user, tools=tools)
+    turn = {"role": "assistant", "content": "Checking.", "tool_calls": calls}
+    full, ours = _render(make, QWEN3_CODER, user + [turn], tools=tools, add_generation_prompt=False)
+    assert full == ours and full.startswith(prompt) and full.endswith("<|im_end|>\n")
+    output = full[len(prompt):-len("<|im_end|>\n")]
+    assert "<parameter=hourly>\nTrue\n</parameter>" in output and "<parameter=fields>\n['temp', 'wind']\n" in output
+    parser = detect(QWEN3_CODER)
+    if stream:
+        tool_stream = ToolStream(parser, tools)
+        content = "".join(tool_stream.feed(output[i:i + 3]) for i in range(0, len(output), 3))
+        rest, parsed = tool_stream.finish()
+        content += rest
+    else:
+        result = parser.parse(output, tools)
+        content, parsed = result.content or "", result.calls
+    assert content.strip() == "Checking." and "<tool_call>" not in content
+    assert [(c.name, json.loads(c.arguments)) for c in parsed] == [("forecast", a) for a in args]

@@ -113,8 +113,79 @@ def test_mistral_v11_template_gets_the_args_form_grammar():
         Constraint("grammar", grammar, "tools").grammar()
 
 
+# -- qwen3_coder: Qwen3-Coder / Qwen3.5's XML calls ----------------------------------------------------------------
+SEARCH = {"type": "object", "properties": {
+    "query": {"type": "string", "maxLength": 12}, "limit": {"type": "integer", "minimum": 1, "maximum": 50},
+    "exact": {"type": "boolean"}, "score": {"type": "number"}, "tags": {"type": "array", "items": {"type": "string"}},
+    "filters": {"type": "object", "properties": {"lang": {"type": "string"}}, "required": ["lang"]},
+    "mode": {"enum": ["fast", "deep"]}}, "required": ["query", "exact"]}
+XML_TOOLS = TOOLS + [{"type": "function", "function": {"name": "search", "parameters": SEARCH}}]
+
+
+def _xml(name, **params):
+    """A call as Qwen3-Coder's template writes it."""
+    return (f"<tool_call>\n<function={name}>\n" + "".join(f"<parameter={k}>\n{v}\n</parameter>\n"
+                                                          for k, v in params.items()) + "</function>\n</tool_call>")
+
+
+@pytest.mark.parametrize("text,content,calls", [
+    (_xml("get_weather", city="Paris", unit="c"), None, [("get_weather", {"city": "Paris", "unit": "c"})]),
+    ("Let me check.\n\n" + _xml("add", a=1, b=2) + "\n" + _xml("get_weather", city="Oslo", unit="f"),
+     "Let me check.\n\n", [("add", {"a": 1, "b": 2}), ("get_weather", {"city": "Oslo", "unit": "f"})]),
+    # a value is the raw text, one newline dropped at each end: inner newlines, indentation, quotes, JSON-looking
+    # text of a string parameter, `<` that is no tag, all kept
+    (_xml("search", query="\n  def f():\n    return '{\"a\": 1}' < 2\n", exact="true"), None,
+     [("search", {"query": "\n  def f():\n    return '{\"a\": 1}' < 2\n", "exact": True})]),
+    # typed by the schema; a value that does not parse as its type stays text; undeclared parameters stay text
+    (_xml("search", query="42", exact="False", limit="7", score="2.5", tags='["a", "b"]', filters='{"lang": "en"}',
+          mode="deep", extra="3"), None,
+     [("search", {"query": "42", "exact": False, "limit": 7, "score": 2.5, "tags": ["a", "b"],
+                  "filters": {"lang": "en"}, "mode": "deep", "extra": "3"})]),
+    (_xml("search", query="null", exact="maybe", limit="ten", score="1e3", tags="['x', True]", filters="null"), None,
+     [("search", {"query": "null", "exact": "maybe", "limit": "ten", "score": 1000, "tags": ["x", True],
+                  "filters": None})]),
+    # a function the tools do not name: its values stay text; no parameters: {}
+    (_xml("unknown", n="1") + _xml("get_time"), None, [("unknown", {"n": "1"}), ("get_time", {})]),
+    # as vLLM reads them: whitespace around the tags, a missing </parameter> or </function>, two functions in a block
+    ("  \n<tool_call><function=add><parameter=a>1<parameter=b>\n2\n</function></tool_call>", None,
+     [("add", {"a": 1, "b": 2})]),
+    ("<tool_call>\n<function=add>\n<parameter=a>\n5\n</parameter>\n<parameter=b>\n6\n</parameter>\n</tool_call>",
+     None, [("add", {"a": 5, "b": 6})]),
+    ("<tool_call>\n<function=get_time>\n</function>\n<function=add>\n</function>\n</tool_call>", None,
+     [("get_time", {}), ("add", {})]),
+])
+def test_qwen3_coder_parses_calls(text, content, calls):
+    parsed = get_parser("qwen3_coder").parse(text, XML_TOOLS)
+    assert parsed.content == content and _calls(parsed) == calls
+    assert len({c.id for c in parsed.calls}) == len(parsed.calls)
+
+
+def test_qwen3_coder_values_are_text_without_the_tools():
+    parsed = get_parser("qwen3_coder").parse(_xml("add", a=1, b="null"))
+    assert _calls(parsed) == [("add", {"a": "1", "b": "null"})]
+
+
+@pytest.mark.parametrize("text", [
+    "Sure " + _xml("add", a=1, b=2)[:-len("</tool_call>")],  # unterminated
+    _xml("add", a=1, b=2) + " then <tool_call>\n<function=add>",  # a second, unterminated
+    "<tool_call>\n<function=>\n</function>\n</tool_call>",  # no name
+    "<tool_call>\n<function=add\n</tool_call>",  # the name not closed
+    "<tool_call>\n<function=add>\n<parameter=a\n1\n</function>\n</tool_call>",  # a parameter name not closed
+    '<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>',  # hermes JSON: no function
+    "<tool_call></tool_call>",
+    "<function=add>\n</function>",  # no <tool_call> block: text
+    "just text, no calls",
+    "",
+])
+def test_qwen3_coder_malformed_output_stays_content(text):
+    parsed = get_parser("qwen3_coder").parse(text, XML_TOOLS)
+    assert parsed.calls == [] and parsed.content == text
+
+
 def test_detect_from_the_chat_template():
     assert detect("{% for t in tools %}{{ t | tojson }}{% endfor %}<tool_call>") is PARSERS["hermes"]
+    assert detect("{{- '\\n<tool_call>\\n<function=' + tool_call.name + '>\\n' }}") is PARSERS["qwen3_coder"]
+    assert detect("<tool_call>{\"name\": <function-name>}</tool_call>") is PARSERS["hermes"]  # Qwen3's: hermes
     assert detect("{{ '[AVAILABLE_TOOLS]' }}{{ '[TOOL_CALLS]' }}") is PARSERS["mistral"]
     assert detect("{{- '<|python_tag|>' + tool_call.name }}") is PARSERS["llama3_json"]
     assert detect("{% if message.role == 'ipython' %}...Respond in the format {\"name\": function name, "
@@ -137,14 +208,18 @@ def test_detect_from_the_chat_template():
     ("mistral", 'ok [TOOL_CALLS][{"name": "add", "arguments": {"a": 5, "b": 6}}]'),
     ("mistral", "[TOOL_CALL] almost"),
     ("mistral", 'ok [TOOL_CALLS]add[ARGS]{"a": 5, "b": 6}[TOOL_CALLS]add[ARGS]{"a": 1, "b": 2}'),
+    ("qwen3_coder", "Let me look.\n" + _xml("add", a=1, b=2) + "\n" + _xml("get_weather", city="Oslo", unit="c")),
+    ("qwen3_coder", "\n\n" + _xml("search", query="a\nb <c>", exact="true", tags="[1]")),
+    ("qwen3_coder", "text that ends in <tool_c"),
+    ("qwen3_coder", "a <tool_ca but not a call, " + _xml("add", a=1)[:-3]),
 ])
 @pytest.mark.parametrize("step", [1, 3, 7])
 def test_streaming_reassembles_to_the_parse(name, text, step):
     """Fed in pieces, the content emitted (as it streams plus at the end) and the calls equal parse()'s; no text of
     a call is ever emitted as content."""
     parser = get_parser(name)
-    parsed = parser.parse(text)
-    stream, content = ToolStream(parser), ""
+    parsed = parser.parse(text, XML_TOOLS)
+    stream, content = ToolStream(parser, XML_TOOLS), ""
     for i in range(0, len(text), step):
         content += stream.feed(text[i:i + step])
         assert (parsed.content or "").startswith(content)  # never more than the content before the calls
@@ -292,30 +367,69 @@ def test_required_calls_one_of_the_tools(client):
     ("llama3_json", '{"name":"add","parameters":{"a":1,"b":2}}',
      '; {"name":"get_weather","parameters":{"city":"Oslo","unit":"c"}}'),
     ("mistral [ARGS]", '[TOOL_CALLS]add[ARGS]{"a":1,"b":2}', '[TOOL_CALLS]get_weather[ARGS]{"city":"Oslo","unit":"c"}'),
+    ("qwen3_coder", _xml("add", a=1, b=2), "\n" + _xml("get_weather", city="Oslo", unit="c")),
 ])
 def test_grammars_accept_what_the_parsers_read(artifact, name, one, two):
     """The enforcing grammar, token by token on the tiny tokenizer: a call in the parser's format is accepted and
     complete; a second call only when parallel; arguments outside the schema are refused."""
-    from inferneo_runtime.structured import Constraint, sequence_constraint
     from inferneo_runtime.tokenizer import Tokenizer
 
     tok = Tokenizer(artifact)
     parser = detect("'[TOOL_CALLS]' + name + '[ARGS]'") if name == "mistral [ARGS]" else get_parser(name)
 
     def accepts(text: str, parallel: bool) -> bool:
-        seq = sequence_constraint(Constraint("grammar", parser.grammar(TOOLS, parallel), "tools"), tok, [tok.eos_id])
-        for t in tok.encode(text, add_special_tokens=False):
-            if not seq.allowed(tok.vocab_size)[t]:
-                return False
-            seq.advance(t)
-        return bool(seq.allowed(tok.vocab_size)[tok.eos_id])  # complete: the sequence may end here
+        return _grammar_accepts(tok, parser.grammar(TOOLS, parallel), text)
 
-    assert _calls(parser.parse(one + two)) == [("add", {"a": 1, "b": 2}), ("get_weather", {"city": "Oslo",
-                                                                                             "unit": "c"})]
+    assert _calls(parser.parse(one + two, TOOLS)) == [("add", {"a": 1, "b": 2}), ("get_weather", {"city": "Oslo",
+                                                                                                    "unit": "c"})]
     assert accepts(one, False) and accepts(one, True) and accepts(one + two, True)
     assert not accepts(one + two, False)
-    assert not accepts(one.replace('"b":2', '"b":200'), True)  # maximum 99
+    b, too_big = ("\n2\n", "\n200\n") if name == "qwen3_coder" else ('"b":2', '"b":200')
+    assert b in one and not accepts(one.replace(b, too_big), True)  # maximum 99
     assert not accepts(one.replace("add", "sub"), True)  # not a tool
+
+
+def _grammar_accepts(tok, grammar: str, text: str) -> bool:
+    """Whether the grammar lets the tiny tokenizer's tokens of `text` through, one by one, and may end there."""
+    from inferneo_runtime.structured import Constraint, sequence_constraint
+
+    seq = sequence_constraint(Constraint("grammar", grammar, "tools"), tok, [tok.eos_id])
+    for t in tok.encode(text, add_special_tokens=False):
+        if not seq.allowed(tok.vocab_size)[t]:
+            return False
+        seq.advance(t)
+    return bool(seq.allowed(tok.vocab_size)[tok.eos_id])  # complete: the sequence may end here
+
+
+def test_qwen3_coder_grammar_writes_the_schemas_parameters(artifact):
+    """Parameters in the schema's order, the required ones mandatory and the optional ones optional; text values
+    without `<` (enum / maxLength kept), the others as JSON of their schema; what it allows parses back to
+    arguments the schema accepts."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from inferneo_runtime.tokenizer import Tokenizer
+
+    tok, parser = Tokenizer(artifact), get_parser("qwen3_coder")
+    grammar = parser.grammar(XML_TOOLS, True)
+    full = dict(query="two\nlines ok", limit="50", exact="false", score="-0.25", tags='["a","b"]',
+                filters='{"lang":"en"}', mode="fast")
+    good = [_xml("search", **full), _xml("search", query="", exact="true"),
+            _xml("search", query="q", limit="3", exact="true", mode="deep"), _xml("add", a=0, b=99)]
+    for text in good:
+        assert _grammar_accepts(tok, grammar, text), text
+        (call,) = parser.parse(text, XML_TOOLS).calls
+        jsonschema.validate(json.loads(call.arguments), {"search": SEARCH, "add": ADD}[call.name])
+    assert json.loads(parser.parse(good[0], XML_TOOLS).calls[0].arguments) == {
+        "query": "two\nlines ok", "limit": 50, "exact": False, "score": -0.25, "tags": ["a", "b"],
+        "filters": {"lang": "en"}, "mode": "fast"}
+    bad = [_xml("search", query="q"),  # exact is required
+           _xml("search", exact="true", query="q"),  # not in the schema's order
+           _xml("search", query="a <b>", exact="true"),  # `<` in a text value
+           _xml("search", query="thirteen char", exact="true"),  # maxLength 12
+           _xml("search", query="q", exact="yes"), _xml("search", query="q", limit="0", exact="true"),
+           _xml("search", query="q", exact="true", mode="slow"), _xml("search", query="q", exact="true", tags="[1]"),
+           _xml("search", query="q", exact="true", extra="1"), _xml("add", a=1)]
+    for text in bad:
+        assert not _grammar_accepts(tok, grammar, text), text
 
 
 def test_auto_and_none(server, client):
@@ -424,3 +538,20 @@ def test_a_template_with_no_known_format_needs_the_flag(artifact, tmp_path_facto
         r = client.chat.completions.create(model="tiny-tools", messages=MESSAGES, max_tokens=2, tools=TOOLS,
                                            tool_choice="none")
         assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_qwen3_coder_calls_through_the_server_are_typed_by_the_tools(artifact, tmp_path_factory):
+    """--tool-call-parser qwen3_coder: a forced call is written in Qwen3-Coder's XML form and comes back through the
+    official client with its values typed by the tool's schema (integers, not the text the model wrote)."""
+    openai = pytest.importorskip("openai")
+    jsonschema = pytest.importorskip("jsonschema")
+    with _serve(artifact, tmp_path_factory, "--tool-call-parser", "qwen3_coder") as s:
+        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        named = {"type": "function", "function": {"name": "add"}}
+        plain = _chat(client, stream=False, tool_choice=named)
+        content, calls, finish = plain
+        assert finish == "tool_calls" and content is None and [c[0] for c in calls] == ["add"], plain
+        arguments = json.loads(calls[0][1])
+        jsonschema.validate(arguments, ADD)
+        assert all(type(v) is int for v in arguments.values()), arguments
+        assert _chat(client, stream=True, tool_choice=named) == plain

@@ -164,8 +164,8 @@ class ServerConfig(StrictModel):
                                              "served under, instead of its own (as vLLM)")
     chat_template: Optional[str] = Field(None, description="a Jinja chat template file used instead "
                                          "of each model's own (rendered in the same sandbox)")
-    tool_call_parser: Optional[Literal["hermes", "llama3_json", "mistral"]] = Field(
-        None, description="hermes, llama3_json or mistral: the format model output is parsed for tool calls in (and forced calls "
+    tool_call_parser: Optional[Literal["hermes", "llama3_json", "mistral", "qwen3_coder"]] = Field(
+        None, description="hermes, llama3_json, mistral or qwen3_coder: the format model output is parsed for tool calls in (and forced calls "
         "are written in); unset: detected from each model's chat template (inferneo_runtime/tool_calls.py)")
     allowed_hosts: list[str] = Field(default_factory=list, description="Host names the management endpoints answer "
                                      "for, beside loopback names, IP addresses and the bind address (DNS rebinding)")

@@ -65,18 +65,20 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
     # -- chat completions --------------------------------------------------------------------------------
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response):
-        tooling = {"parser": None}  # the tool-call parser when the request offers tools (set by prepare)
+        tooling = {"parser": None, "tools": None}  # the parser and tools when the request offers tools (prepare)
 
         def prepare(job: Job) -> None:
             tools, parser, constraint = body.offered_tools(), None, None
             if tools is not None:
                 parser = state.tool_parser(job.tokenizer)
                 if parser is None:
+                    from ...tool_calls import PARSERS
+
                     raise ParamError("tools: this model's chat template shows no tool-call format this server "
-                                     "knows (hermes, llama3_json, mistral); start the server with "
+                                     f"knows ({', '.join(PARSERS)}); start the server with "
                                      "--tool-call-parser NAME", param="tools")
                 constraint = body.tool_constraint(parser, tools)
-                tooling["parser"] = parser
+                tooling.update(parser=parser, tools=tools)  # the tools type qwen3_coder's text values
             ids = state.encode_chat(job.tokenizer, body)
             job.prompt_tokens = len(ids)
             max_seq = job.driver.max_sequence
@@ -98,13 +100,13 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         model = state.model_field(body, job)
         if body.stream:
-            return EventStream(_stream_chat(job, rid, created, body, model, tooling["parser"]),
+            return EventStream(_stream_chat(job, rid, created, body, model, tooling["parser"], tooling["tools"]),
                                 on_close=partial(end_stream, job), headers=state.response_headers(job))
         await run_to_end(job, request)
         choices = []
         for i, s in enumerate(job.seqs):
             message, finish = ResponseMessage(content=s.text), s.finish_reason
-            parsed = tooling["parser"].parse(s.text) if tooling["parser"] is not None else None
+            parsed = tooling["parser"].parse(s.text, tooling["tools"]) if tooling["parser"] is not None else None
             if parsed is not None and parsed.calls:  # OpenAI's shape: the calls, the text before them, "tool_calls"
                 message = ResponseMessage(content=parsed.content, tool_calls=[c.to_openai() for c in parsed.calls])
                 finish = "tool_calls"
@@ -224,14 +226,15 @@ def _stream_completion(job: Job, rid: str, created: int, body: CompletionRequest
     return guarded(job, chunks())
 
 
-def _stream_chat(job: Job, rid: str, created: int, body: ChatCompletionRequest, model: str, parser=None):
+def _stream_chat(job: Job, rid: str, created: int, body: ChatCompletionRequest, model: str, parser=None,
+                 tools=None):
     """`parser`: the request offers tools; each choice's text goes through a tool_calls.ToolStream: content streams
     until a call's marker, the rest is held and sent at the end as `tool_calls` deltas (first the call's id, type
     and name, then its arguments), with finish_reason "tool_calls"."""
     from ...tool_calls import ToolStream
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    tool_streams = [ToolStream(parser) for _ in range(body.n)] if parser is not None else None
+    tool_streams = [ToolStream(parser, tools) for _ in range(body.n)] if parser is not None else None
 
     def chunk(choices, usage=None) -> str:
         return sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage))
