@@ -104,3 +104,27 @@ def test_config_read_as_transformers_reads_it(name, tiny_checkpoint, tmp_path):
                 ids = model.tokenizer.encode(prompt)
                 expected = hf_greedy(checkpoint, ids, STEPS)
                 assert model.generate_ids([ids], params)[0].token_ids == expected, (name, target, prompt)
+
+
+def test_an_onnx_target_the_model_cannot_take_is_skipped_when_optional(tiny_checkpoint, tmp_path):
+    """head_dim 24 (GroupQueryAttention wants a multiple of 16): an optional onnx target is skipped with the reason
+    and the torchscript target still builds; a required one is the recipe's error (exit 2), not an unexpected one."""
+    import tiny_models
+    from conftest import tiny_recipe_fields
+    from inferneo_build import build
+    from inferneo_build.exporters import TargetUnsupported
+    from inferneo_build.recipe import Recipe
+
+    name = "llama-head-dim-24"
+    tiny_models.TINY_CONFIGS.setdefault(name, _BASE | dict(model_type="llama", hidden_size=96, head_dim=24))
+    checkpoint = tiny_checkpoint(name)
+    fields = tiny_recipe_fields(checkpoint, "tiny-hd24", tmp_path / "out")
+    fields["targets"] = [{"format": "torchscript"}, {"format": "onnx", "optional": True}]
+    targets = read_manifest(build(Recipe.model_validate(fields)).output).targets
+    assert targets["torchscript"].status == "valid"
+    assert targets["onnx"].status == "skipped" and "multiple of 16" in targets["onnx"].validation.reason
+    fields["targets"] = [{"format": "onnx"}]
+    fields["output"] = str(tmp_path / "out-required")
+    with pytest.raises(TargetUnsupported, match="head_dim 24") as e:
+        build(Recipe.model_validate(fields))
+    assert e.value.exit_code == 2 and not (tmp_path / "out-required").exists()

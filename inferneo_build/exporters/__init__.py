@@ -26,6 +26,13 @@ class TargetUnavailable(RuntimeError):
     exit_code = 5
 
 
+class TargetUnsupported(TargetUnavailable):
+    """The model cannot take this target's format (e.g. a head_dim onnxruntime's attention kernel refuses): bad
+    input for the recipe (exit 2), or, with `optional: true`, a target skipped with the reason."""
+
+    exit_code = 2
+
+
 @dataclass
 class ExportResult:
     files: list[Path]              # absolute paths, all under out_dir

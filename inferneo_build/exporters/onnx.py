@@ -30,7 +30,7 @@ from onnx import TensorProto, helper
 from inferneo_runtime.manifest import IOSignature, TensorSpec
 
 from ..architectures import DecoderSpec
-from . import ExportResult
+from . import ExportResult, TargetUnsupported
 from .onnx_mixed import write_mixed_graph
 
 MS_DOMAIN = "com.microsoft"
@@ -151,9 +151,9 @@ def export_onnx(spec: DecoderSpec, weights: dict[str, np.ndarray], target, shape
     if opset < MIN_OPSET:
         raise ValueError(f"onnx opset {opset} is too old; the decoder graph needs opset >= {MIN_OPSET}")
     if spec.positions == "learned" and shapes.max_sequence > spec.max_positions:
-        raise ValueError(f"max_sequence {shapes.max_sequence} exceeds the model's {spec.max_positions} learned positions")
+        raise TargetUnsupported(f"max_sequence {shapes.max_sequence} exceeds the model's {spec.max_positions} learned positions")
     if spec.head_dim % 16:
-        raise ValueError(f"head_dim {spec.head_dim}: onnxruntime's GroupQueryAttention needs a multiple of 16 "
+        raise TargetUnsupported(f"head_dim {spec.head_dim}: onnxruntime's GroupQueryAttention needs a multiple of 16 "
                          "(use the torchscript target)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -404,7 +404,7 @@ def _mlp(g: _GraphBuilder, spec: DecoderSpec, w, p: str, c: str, h: str, linear,
         bias = [g.weight(f"{p}.mlp.up_proj.bias", w[f"{c}.up.bias"])] if f"{c}.up.bias" in w else []
         y = g.node("FastGelu", [up, *bias], prefix_node(f"{p}.mlp.act_fn"), domain=MS_DOMAIN)[0]
     else:
-        raise ValueError(f"mlp {spec.mlp!r} is not supported by the onnx exporter")
+        raise TargetUnsupported(f"mlp {spec.mlp!r} is not supported by the onnx exporter")
     return linear(f"{p}.mlp.down_proj", f"{c}.down", y, with_bias=with_bias)
 
 
