@@ -32,6 +32,8 @@ from .validate import EncoderReport, compare_encoder
 # share its HF interface (AutoModel / AutoModelForSequenceClassification with input_ids + attention_mask).
 ENCODERS: dict[str, bool] = {"bert": True, "electra": True, "roberta": False, "xlm-roberta": False,
                              "distilbert": False, "mpnet": False}
+# model types whose position ids count from padding_idx + 1 (transformers' create_position_ids_from_input_ids)
+_PADDING_IDX_POSITIONS = {"roberta", "xlm-roberta", "mpnet"}
 _POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
                  "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len"}
 _ST_MODULES = {"sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling",
@@ -125,10 +127,15 @@ def encoder_spec(config, recipe: Recipe, directory: Path) -> EncoderSpec:
     opts = recipe.encoder
     st_pooling, st_normalize, st_max, st_files = _sentence_transformers_config(directory)
     max_positions = int(config.max_position_embeddings)
-    max_length = (opts.max_length if opts and opts.max_length else None) or st_max or max_positions
-    if max_length > max_positions:
+    usable = max_positions
+    if model_type in _PADDING_IDX_POSITIONS:  # position ids start after padding_idx: roberta-base's 514 hold 512 tokens
+        padding_idx = config.pad_token_id if model_type != "mpnet" and config.pad_token_id is not None else 1
+        usable -= int(padding_idx) + 1
+    max_length = (opts.max_length if opts and opts.max_length else None) or st_max or usable
+    if max_length > usable:
         raise UnsupportedArchitecture(f"encoder.max_length {max_length} exceeds the model's max_position_embeddings "
-                                      f"{max_positions}")
+                                      f"{max_positions}" + (f" ({usable} tokens after padding_idx)"
+                                                            if usable != max_positions else ""))
     heads = int(config.num_attention_heads)
     dims = ModelDims(model_type=model_type, family="encoder", num_layers=int(config.num_hidden_layers),
                      hidden=int(config.hidden_size), heads=heads, kv_heads=heads,

@@ -65,6 +65,12 @@ def read_adapter(path: Path, allow_pickle: bool = False) -> Adapter:
     unsupported = {
         "use_dora": "DoRA adapters", "modules_to_save": "modules_to_save (fully trained extra modules)",
         "layers_to_transform": "layers_to_transform", "megatron_config": "megatron_config",
+        # LoRA variants whose effect is not `B @ A * scale` on the base weights (PEFT's own merge refuses aLoRA,
+        # Arrow and QALoRA, and merges BD-LoRA / KaSA / VeLoRA otherwise)
+        "alora_invocation_tokens": "aLoRA adapters (active only after their invocation tokens)",
+        "layer_replication": "layer_replication (the adapted model repeats base layers)",
+        "use_qalora": "QALoRA adapters", "use_bdlora": "block-diagonal LoRA (BD-LoRA) adapters",
+        "kasa_config": "KaSA adapters", "velora_config": "VeLoRA adapters", "arrow_config": "Arrow routing adapters",
     }
     for key, what in unsupported.items():
         if config.get(key):
@@ -125,7 +131,6 @@ def merge_adapters(model, adapters: list[Adapter]) -> list[str]:
 
     merged = []
     for adapter in adapters:
-        fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
         for name, (a, b) in sorted(adapter_pairs(adapter).items()):
             try:
                 module = model.get_submodule(name)
@@ -136,7 +141,7 @@ def merge_adapters(model, adapters: list[Adapter]) -> list[str]:
             if isinstance(module, Conv1D):
                 transpose = True  # Conv1D keeps [in, out]
             elif isinstance(module, torch.nn.Linear):
-                transpose = fan_in_fan_out
+                transpose = False  # PEFT overrides fan_in_fan_out=True to False on a Linear (it warns)
             else:
                 raise AdapterError(f"{adapter.path}: {name} is a {type(module).__name__}; LoRA merges into Linear "
                                    "and Conv1D weights only")

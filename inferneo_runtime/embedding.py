@@ -201,13 +201,17 @@ class EmbeddingModel:
         return vectors[0] if single else vectors
 
     def classify(self, texts: Union[str, Sequence[str]], batch_size: Optional[int] = None):
-        """One text -> {"label", "score", "scores"}; several -> a list of them (softmax over the logits)."""
+        """One text -> {"label", "score", "scores"}; several -> a list of them (softmax over the logits; a sigmoid
+        of a single logit, as transformers' text-classification pipeline scores one-label heads)."""
         if self.info.output != "logits":
             raise RequestError(f"{self.name} is a {self.task} model; use embed()")
         single = isinstance(texts, str)
         logits = self.forward([texts] if single else texts, batch_size).astype(np.float64)
-        probs = np.exp(logits - logits.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
+        if logits.shape[-1] == 1:  # a softmax over one logit is always 1.0
+            probs = 1.0 / (1.0 + np.exp(-logits))
+        else:
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
         labels = self.info.labels or [str(i) for i in range(logits.shape[-1])]
         out = [{"label": labels[int(p.argmax())], "score": float(p.max()),
                 "scores": {labels[i]: float(v) for i, v in enumerate(p)}} for p in probs]

@@ -173,6 +173,62 @@ def test_text_classification(tmp_path):
                 model.embed("x")
 
 
+def test_one_logit_classifier_scores_with_a_sigmoid_as_transformers(tmp_path):
+    """A one-label head (cross-encoder rerankers, binary scorers): softmax over one logit scored every text 1.0;
+    transformers' text-classification pipeline applies a sigmoid."""
+    from transformers import pipeline
+
+    ckpt = make_tiny_bert(tmp_path / "one-ckpt", classes=1)
+    built = build(encoder_recipe({"path": str(ckpt)}, tmp_path / "one", task="text-classification",
+                                 targets=[{"format": "onnx"}]))
+    expected = pipeline("text-classification", model=str(ckpt), device="cpu")(TEXTS)
+    with inferneo_runtime.load(built.output) as model:
+        got = model.classify(TEXTS)
+    assert [g["label"] for g in got] == [e["label"] for e in expected] == ["label_0"] * len(TEXTS)
+    assert np.allclose([g["score"] for g in got], [e["score"] for e in expected], atol=1e-5)
+    assert all(g["scores"] == {"label_0": g["score"]} for g in got)
+
+
+def test_roberta_long_text_is_truncated_to_the_usable_positions(tmp_path):
+    """RoBERTa's position ids start at padding_idx + 1: of max_position_embeddings 34, 32 tokens fit (roberta-base:
+    514 -> 512). Without sentence-transformers files max_length was 34, and a long text failed in the exported
+    graph (position index out of range) instead of being truncated as transformers truncates it."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import (AutoTokenizer, PreTrainedTokenizerFast, RobertaConfig,
+                              RobertaForSequenceClassification)
+
+    ckpt = tmp_path / "roberta-ckpt"
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(TEXTS * 20, trainers.WordPieceTrainer(
+        vocab_size=300, special_tokens=["[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]"], show_progress=False))
+    tok.post_processor = processors.BertProcessing(("[SEP]", 2), ("[CLS]", 0))
+    PreTrainedTokenizerFast(tokenizer_object=tok, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
+                            unk_token="[UNK]", mask_token="[MASK]").save_pretrained(ckpt)
+    config = RobertaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=34, pad_token_id=1, bos_token_id=0,
+                           eos_token_id=2, type_vocab_size=1, num_labels=2)
+    torch.manual_seed(0)
+    hf = RobertaForSequenceClassification(config).eval()
+    hf.save_pretrained(ckpt)
+    built = build(encoder_recipe({"path": str(ckpt)}, tmp_path / "roberta", task="text-classification",
+                                 targets=[{"format": "onnx"}]))
+    assert built.manifest.encoder.max_length == 32
+    texts = [TEXTS[0], "the quick brown fox jumps over the lazy dog " * 10]
+    with torch.no_grad():
+        batch = AutoTokenizer.from_pretrained(ckpt)(texts, padding=True, truncation=True, max_length=32,
+                                                    return_tensors="pt")
+        expected = hf(**batch).logits.numpy()
+    with inferneo_runtime.load(built.output) as model:
+        assert np.allclose(model.forward(texts), expected, atol=1e-4)
+    with pytest.raises(Exception, match=r"max_length 33 exceeds .* 34 \(32 tokens after padding_idx\)"):
+        build(encoder_recipe({"path": str(ckpt)}, tmp_path / "too-long", task="text-classification",
+                             targets=[{"format": "onnx"}], encoder={"max_length": 33}))
+
+
 def test_encoder_recipe_rules(tiny_bert):
     with pytest.raises(ValueError, match="builds onnx and torchscript targets only"):
         encoder_recipe({"path": str(tiny_bert)}, Path("/tmp/x"), targets=[{"format": "tensorrt"}])

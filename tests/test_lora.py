@@ -152,3 +152,44 @@ validation: {{prompts: [hi]}}
 """)
     with pytest.raises(RecipeError, match=r"r.yaml:5: source.adapters.0: .* not a PEFT adapter directory"):
         load_recipe(recipe)
+
+
+@pytest.mark.parametrize("extra, what", [({"alora_invocation_tokens": [5, 6]}, "aLoRA"),
+                                         ({"layer_replication": [[0, 1], [0, 1]]}, "layer_replication")])
+def test_adapters_peft_does_not_merge_as_b_at_a_are_refused(extra, what, tiny_checkpoint, tmp_path):
+    """aLoRA (PEFT itself refuses to merge it) and layer_replication (the adapted model repeats base layers, so
+    PEFT's merge differs from adding B @ A to the base's layers) were merged silently, as plain LoRA."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt = tiny_checkpoint("llama")
+    base = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                             lora_dropout=0.0, **extra)
+    peft.get_peft_model(base, config).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(AdapterError, match=rf"{tmp_path / 'adapter'}: {what}.* cannot be merged"):
+        read_adapter(tmp_path / "adapter")
+
+
+def test_fan_in_fan_out_on_linear_modules_merges_as_peft(tiny_checkpoint, tmp_path):
+    """PEFT ignores fan_in_fan_out=True on a torch.nn.Linear (it warns and uses B @ A as is); the merge transposed
+    the delta, silently wrong on a square weight (q_proj)."""
+    from transformers import AutoModelForCausalLM
+
+    from inferneo_build.lora import merge_adapters
+
+    ckpt = tiny_checkpoint("llama")
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
+                                              lora_dropout=0.0)).save_pretrained(tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "fan_in_fan_out": True}))
+
+    ours = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    merged = merge_adapters(ours, [read_adapter(tmp_path / "adapter")])
+    assert merged and all(name.endswith("q_proj") for name in merged)
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):
+        want = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32),
+                                              tmp_path / "adapter").merge_and_unload().state_dict()
+    got = ours.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
