@@ -184,7 +184,8 @@ class EngineDriver:
             for ticket in list(self._live.values()):
                 self._finish(ticket, e)
             self.engine = self._new_engine()
-            self.cache_bytes = 0
+            # the fresh engine holds no cache yet, but the prefix cache outlives the failed one: its blocks still count
+            self.cache_bytes = self.prefix_cache.nbytes if self.prefix_cache else 0
             return
         for event in events:
             ticket = self._live.get(event.request_id)

@@ -360,3 +360,22 @@ def test_token_bytes_join_into_the_text_for_either_byte_scheme(tmp_path, llama, 
     ids = tok.encode(text, add_special_tokens=False)
     assert any("\ufffd" in tok.decode([i]) for i in ids)  # some token holds part of a character
     assert b"".join(tok.token_bytes(i) for i in ids).decode("utf-8") == text
+
+
+# -- settings must be finite ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("setting,value", [("prefix_cache_mb", "inf"), ("memory_budget_gb", "inf"),
+                                           ("graceful_timeout_s", "1e999")])
+def test_infinite_settings_are_refused_naming_the_setting(tmp_path, llama, setting, value):
+    """inf passes a `ge=0` bound; it must be refused as the setting's error, from a flag, the environment or the
+    config file, not fail later (int(inf) when the prefix cache is sized, a time_t overflow at shutdown)."""
+    from conftest import run_cli
+    from inferneo_runtime.server.config import ConfigError, load_server_config
+
+    with pytest.raises(ConfigError, match=f"INFERNEO_{setting.upper()}.*{setting}: .*finite"):
+        load_server_config(env={f"INFERNEO_{setting.upper()}": value})
+    (tmp_path / "serve.yaml").write_text(f"{setting}: .inf\n")
+    with pytest.raises(ConfigError, match=f"serve.yaml: {setting}: .*finite"):
+        load_server_config(tmp_path / "serve.yaml", env={})
+    flag = "--drain-timeout" if setting == "graceful_timeout_s" else "--" + setting.replace("_", "-")
+    r = run_cli("serve", str(llama), "--port", str(free_port()), flag, value, timeout=120)
+    assert r.returncode == 2 and f"command line: {setting}: " in r.stderr and "finite" in r.stderr, r.stderr

@@ -582,3 +582,34 @@ def test_latency_benchmark_against_the_server(server):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["ok"] and [x["requests"] for x in out["runs"]] == [3, 2, 3]
+
+
+def test_prefix_cache_bytes_still_count_after_a_failed_step(llama, monkeypatch):
+    """A step that fails replaces the engine but keeps the prefix cache (it holds completed prefills only): its
+    blocks are still memory the model holds, so the model's KV-cache bytes (/metrics, the memory budget) still
+    count them."""
+    from inferneo_runtime.sampling import SamplingParams
+
+    with inproc_server(llama, prefix_cache_mb=1) as s:
+        driver = s.registry.entry("tiny-llama").driver
+        long_prompt = " ".join(PROMPTS)  # more than one 16-token block
+        assert client(s.url).completions.create(model="tiny-llama", prompt=long_prompt, max_tokens=2).choices
+        held = metric(s.url, "inferneo_prefix_cache_bytes", model="tiny-llama")
+        assert held > 0 and metric(s.url, "inferneo_kv_cache_bytes", model="tiny-llama") == held
+        backend = s.model.backend
+        real = backend.allocate_cache
+
+        def fail_once(*a, **k):
+            monkeypatch.setattr(backend, "allocate_cache", real)
+            raise MemoryError("cannot allocate the KV cache")
+
+        monkeypatch.setattr(backend, "allocate_cache", fail_once)
+        with pytest.raises(openai.InternalServerError):
+            client(s.url).completions.create(model="tiny-llama", prompt="hi", max_tokens=2)
+        # the driver thread has finished handling the failure once it answers a later item (an empty prompt,
+        # refused by the engine without a step)
+        answered = threading.Event()
+        driver.submit([], SamplingParams(max_new_tokens=1), lambda item: answered.set())
+        assert answered.wait(10)
+        assert metric(s.url, "inferneo_prefix_cache_bytes", model="tiny-llama") == held
+        assert metric(s.url, "inferneo_kv_cache_bytes", model="tiny-llama") == held

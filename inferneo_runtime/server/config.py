@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Literal, Mapping, Optional
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import InferneoError, pydantic_problem
 from ..model_config import (DTYPES, QUANTIZATIONS, ArtifactConfig, DTypeName, Format, ModelConfig,  # noqa: F401
@@ -87,6 +87,10 @@ class RoutingConfig(StrictModel):
 
 
 class ServerConfig(StrictModel):
+    # sizes and timeouts must be finite: inf would pass `ge=0` and then fail far from its setting (int(inf) when the
+    # prefix cache or the memory budget is sized, a time_t overflow at shutdown)
+    model_config = ConfigDict(allow_inf_nan=False)  # (merged with StrictModel's)
+
     artifacts: list[ModelConfig] = Field(default_factory=list, description="artifact directories or s3:// URIs to "
                                          "serve (older name of `models`; default: artifacts/smollm2-135m if built)")
     models: list[ModelConfig] = Field(default_factory=list, description="model to serve: artifact directory, s3:// "
