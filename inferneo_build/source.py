@@ -16,6 +16,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import struct
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -224,7 +225,7 @@ def _convert_gguf(gguf: Path, digest: str, log: Callable[[str], None]) -> Path:
                 with _no_progress_bars():  # the build draws its own progress; tqdm's would interleave with it
                     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
                     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            except (ValueError, EOFError) as e:  # the gguf reader's errors for a truncated or corrupt file
+            except (ValueError, EOFError, struct.error) as e:  # the gguf reader's errors for a truncated or corrupt file
                 raise SourceError(f"source.gguf: cannot convert {gguf}: {e}") from None
             _drop_gguf_quantization_marker(model)
             model.save_pretrained(tmp)
