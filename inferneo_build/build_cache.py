@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from inferneo_runtime.artifact import verify_artifact
-from inferneo_runtime.errors import InferneoError
+from inferneo_runtime.errors import InferneoError, IntegrityError, ManifestError
 from inferneo_runtime.manifest import Manifest, read_manifest, sha256_file
 
 from .fingerprint import code_sha256
@@ -22,9 +22,24 @@ from .publish import staged
 from .source import ROOT_FILES
 
 
+# sentence-transformers files an encoder build reads (its pooling, normalization and max length), besides each
+# module's `<path>/config.json` that modules.json names
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def _source_file_names(directory: Path) -> list[str]:
+    names = [*ROOT_FILES, *ST_FILES]
+    try:
+        modules = json.loads((directory / "modules.json").read_text(encoding="utf-8"))
+        names += [f"{m['path']}/config.json" for m in modules if m.get("path")]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass  # none (a decoder), or unreadable: the encoder build names that itself
+    return names
+
+
 def build_key(recipe, checkpoint, toolchain: dict[str, str]) -> str:
     source_files = {name: sha256_file(checkpoint.directory / name)
-                    for name in ROOT_FILES if (checkpoint.directory / name).is_file()}
+                    for name in _source_file_names(checkpoint.directory) if (checkpoint.directory / name).is_file()}
     payload = {
         "recipe": recipe.sha256(),
         "weights": checkpoint.info.weights_sha256,
@@ -32,6 +47,9 @@ def build_key(recipe, checkpoint, toolchain: dict[str, str]) -> str:
         "toolchain": {k: v for k, v in toolchain.items() if k != "python"} | {"python": toolchain["python"].rsplit(".", 1)[0]},
         "code": code_sha256(),  # changed exporters or validation under the same version string build again
     }
+    files = recipe.validation.evaluation_files  # the recipe names them; their text decides reduced precisions
+    if files:
+        payload["evaluation_files"] = [sha256_file(Path(f)) if Path(f).is_file() else None for f in files]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -57,16 +75,28 @@ def reuse(key: str, output: Path, cache: Optional[str], progress) -> Optional[tu
     from inferneo_runtime import s3
 
     uri = f"{cache.rstrip('/')}/{key}"
-    try:
-        fetched = s3.fetch(uri, progress=False)
-    except s3.NotPublished:
-        return None  # a miss; other S3 errors (no bucket, access denied) are the user's to see
-    with staged(output) as staging:
-        shutil.copytree(fetched, staging, dirs_exist_ok=True)
-        manifest = read_manifest(staging)
-        verify_artifact(staging, manifest, manifest.valid_targets())
-    progress.log(f"build cache hit: {uri} → {output}")
-    return manifest, uri
+    for attempt in (1, 2):
+        try:
+            fetched = s3.fetch(uri, progress=False)
+        except s3.NotPublished:
+            return None  # a miss; other S3 errors (no bucket, access denied) are the user's to see
+        except IntegrityError as e:  # damaged or incomplete in S3: never served, built again as on a miss
+            progress.log(f"build cache entry {uri} is damaged ({e}); rebuilding")
+            return None
+        try:
+            with staged(output) as staging:
+                shutil.copytree(fetched, staging, dirs_exist_ok=True)
+                manifest = read_manifest(staging)
+                verify_artifact(staging, manifest, manifest.valid_targets())
+        except (IntegrityError, ManifestError) as e:  # the local copy was damaged: fetch it once more
+            s3.drop_entry(fetched)
+            if attempt == 2:
+                progress.log(f"build cache entry {uri} does not verify ({e}); rebuilding")
+                return None
+            continue
+        progress.log(f"build cache hit: {uri} → {output}")
+        return manifest, uri
+    return None  # pragma: no cover - the loop returns
 
 
 def store(key: str, output: Path, cache: str) -> None:

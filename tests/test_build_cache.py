@@ -115,3 +115,99 @@ def test_two_jobs_started_together_compile_once(tmp_path, tiny_checkpoint, s3env
         results.append(json.loads(stdout))
     assert results[0]["build_key"] == results[1]["build_key"]
     assert sorted(str(r["cached"]) for r in results) == sorted(["None", f"{cache}/{results[0]['build_key']}"])
+
+
+def test_damaged_s3_cache_entry_is_rebuilt(tmp_path, tiny_checkpoint, s3env, bucket, client):
+    # an object of the cached artifact damaged in S3 (a bad re-upload, bit rot): the cache entry is not served,
+    # and not fatal either: the build compiles as on a miss
+    cache = f"s3://{bucket}/build-cache"
+    recipe = write_recipe(tmp_path / "r.yaml", **tiny_recipe_fields(tiny_checkpoint("llama"), "t", tmp_path / "a",
+                                                                     targets=("onnx",)))
+    first = _build(recipe, "--cache", cache)
+    version = json.loads(client.get_object(Bucket=bucket, Key=f"build-cache/{first['build_key']}/LATEST")
+                         ["Body"].read())["version"]
+    key = f"build-cache/{first['build_key']}/versions/{version}/onnx/model.onnx.data"
+    raw = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    raw[100] ^= 1
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(raw))
+    other = tmp_path / "b"
+    r = run_cli("build", str(recipe), "--json", "--cache", cache, "--output", str(other),
+                env={"INFERNEO_CACHE_DIR": str(tmp_path / "other-cache")})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["cached"] is None
+    assert run_cli("validate", str(other)).returncode == 0
+
+
+def test_damaged_local_copy_of_a_cache_entry_is_not_fatal(tmp_path, tiny_checkpoint, s3env, bucket):
+    # the local copy of a pulled cache entry damaged on disk (same size, other bytes): fetched again, not fatal
+    cache = f"s3://{bucket}/build-cache"
+    recipe = write_recipe(tmp_path / "r.yaml", **tiny_recipe_fields(tiny_checkpoint("llama"), "t", tmp_path / "a",
+                                                                     targets=("onnx",)))
+    first = _build(recipe, "--cache", cache)
+    assert _build(recipe, "--cache", cache, "--output", str(tmp_path / "b"))["cached"]
+    (data,) = (Path(os.environ["INFERNEO_CACHE_DIR"]) / "artifacts").rglob("model.onnx.data")
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 1
+    data.chmod(0o644)
+    data.write_bytes(bytes(raw))
+    result = _build(recipe, "--cache", cache, "--output", str(tmp_path / "c"))
+    assert result["cached"] == f"{cache}/{first['build_key']}"  # pulled again from S3
+    assert run_cli("validate", str(tmp_path / "c")).returncode == 0
+
+
+def test_changed_sentence_transformers_pooling_rebuilds(tmp_path):
+    # the same weights with another pooling (1_Pooling/config.json) make another artifact: not the cached one
+    from test_encoders import encoder_recipe, make_tiny_bert
+
+    from inferneo_build import build
+
+    ckpt = make_tiny_bert(tmp_path / "ckpt", pooling="mean")
+    recipe = encoder_recipe({"path": str(ckpt)}, tmp_path / "art", targets=[{"format": "onnx"}])
+    first = build(recipe)
+    pooling = ckpt / "1_Pooling" / "config.json"
+    config = json.loads(pooling.read_text())
+    config.update(pooling_mode_mean_tokens=False, pooling_mode_cls_token=True)
+    pooling.write_text(json.dumps(config))
+    again = build(recipe)
+    assert again.cached is None and again.manifest.build_key != first.manifest.build_key
+    assert json.loads((tmp_path / "art" / "1_Pooling" / "config.json").read_text())["pooling_mode_cls_token"]
+    assert build(recipe).cached == "output"  # and unchanged, it is reused
+
+
+def test_changed_evaluation_text_rebuilds(tmp_path, tiny_checkpoint):
+    # reduced precisions are judged on the evaluation text: other text is another validation, not the cached one
+    text = tmp_path / "eval.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    fields = tiny_recipe_fields(tiny_checkpoint("llama"), "t", tmp_path / "art", targets=())
+    fields["targets"] = [{"format": "onnx", "precision": "int8",
+                          "tolerance": {"top1_agreement": 0.0, "mean_kl": 100.0, "perplexity_delta": 100.0}}]
+    fields["validation"]["evaluation_files"] = [str(text)]
+    recipe = write_recipe(tmp_path / "r.yaml", **fields)
+    first = _build(recipe)
+    text.write_text("Hello world, this is another text entirely, about foxes and dogs. " * 8)
+    again = _build(recipe)
+    assert again["cached"] is None and again["build_key"] != first["build_key"]
+    assert _build(recipe)["cached"] == "output"
+
+
+def test_changed_shipped_evaluation_text_rebuilds(tmp_path, tiny_checkpoint):
+    # the shipped evaluation text (inferneo_build/eval_text/) judges reduced precisions as the code does
+    import inferneo_build
+    import inferneo_runtime
+
+    fields = tiny_recipe_fields(tiny_checkpoint("llama"), "t", tmp_path / "art", targets=())
+    fields["targets"] = [{"format": "onnx", "precision": "int8",
+                          "tolerance": {"top1_agreement": 0.0, "mean_kl": 100.0, "perplexity_delta": 100.0}}]
+    recipe = write_recipe(tmp_path / "r.yaml", **fields)
+    first = _build(recipe)
+    code = tmp_path / "code"
+    for package in (inferneo_build, inferneo_runtime):
+        src = Path(package.__file__).parent
+        shutil.copytree(src, code / src.name, ignore=shutil.ignore_patterns("__pycache__"))
+    prose = code / "inferneo_build" / "eval_text" / "prose.txt"
+    prose.write_text(prose.read_text()[: len(prose.read_text()) // 2])
+    r = subprocess.run([sys.executable, "-m", "inferneo_runtime.cli", "build", str(recipe), "--json"], cwd=code,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    edited = json.loads(r.stdout)
+    assert edited["cached"] is None and edited["build_key"] != first["build_key"]
