@@ -87,8 +87,9 @@ def read_adapter(path: Path, allow_pickle: bool = False) -> Adapter:
     digest = hashlib.sha256()
     digest.update(sha256_file(config_path).encode() + b"\0" + sha256_file(weights_file).encode())
     targets = config.get("target_modules") or []
-    info = AdapterInfo(path=str(path.resolve()), sha256=digest.hexdigest(), rank=int(config["r"]),
-                       alpha=float(config.get("lora_alpha", config["r"])),
+    # a key the config leaves out takes PEFT's LoraConfig default, as PEFT's own loading does (r 8, lora_alpha 8)
+    info = AdapterInfo(path=str(path.resolve()), sha256=digest.hexdigest(), rank=int(config.get("r", 8)),
+                       alpha=float(config.get("lora_alpha", 8)),
                        target_modules=[targets] if isinstance(targets, str) else sorted(targets),
                        base_model=config.get("base_model_name_or_path"))
     return Adapter(path=path, config=config, weights_file=weights_file, info=info)

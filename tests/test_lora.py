@@ -193,3 +193,28 @@ def test_fan_in_fan_out_on_linear_modules_merges_as_peft(tiny_checkpoint, tmp_pa
                                               tmp_path / "adapter").merge_and_unload().state_dict()
     got = ours.state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_config_without_lora_alpha_merges_with_peft_default(tiny_checkpoint, tmp_path):
+    """A hand-written adapter_config.json without lora_alpha: PEFT loads it with its default (8), not with r, so the
+    scale is 8 / r; the merge must equal PEFT's."""
+    from transformers import AutoModelForCausalLM
+
+    from inferneo_build.lora import merge_adapters
+
+    ckpt = tiny_checkpoint("llama")
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                              init_lora_weights=False, lora_dropout=0.0)).save_pretrained(tmp_path / "a")
+    config_path = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    del config["lora_alpha"]
+    config_path.write_text(json.dumps(config))
+
+    ours = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    assert merge_adapters(ours, [read_adapter(tmp_path / "a")])
+    want = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32),
+                                          tmp_path / "a").merge_and_unload().state_dict()
+    got = ours.state_dict()
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
