@@ -128,8 +128,10 @@ class Tokenizer:
         final = None
         if continue_final_message:
             messages, final = _tag_final_message(messages)
-        # the request's variables first: it may not replace the messages or the special tokens
-        variables = {**(template_kwargs or {}), "messages": messages, "add_generation_prompt": add_generation_prompt,
+        # transformers passes tools and documents (None when absent): a template may test `tools is not none`. Then
+        # the request's variables: it may not replace the messages or the special tokens
+        variables = {"tools": None, "documents": None, **(template_kwargs or {}), "messages": messages,
+                     "add_generation_prompt": add_generation_prompt,
                      "bos_token": self.bos_token or "", "eos_token": self.eos_token or ""}
         text = render(compiled, env, variables)
         if continue_final_message:

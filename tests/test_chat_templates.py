@@ -1183,3 +1183,15 @@ def test_qwen3_coder_reads_back_its_templates_typed_calls(make, stream):
         content, parsed = result.content or "", result.calls
     assert content.strip() == "Checking." and "<tool_call>" not in content
     assert [(c.name, json.loads(c.arguments)) for c in parsed] == [("forecast", a) for a in args]
+
+
+def test_tools_and_documents_are_none_when_absent(make):
+    """transformers passes tools=None and documents=None to every render: a template testing `is not none` or `is
+    defined` without the other renders alike (they were undefined here: `tools is not none` held without tools)."""
+    template = ("{% if tools is not none %}T{% endif %}{% if documents is defined %}D{% endif %}"
+                "{% for m in messages %}{{ m.content }}{% endfor %}")
+    chat = [{"role": "user", "content": "Hi"}]
+    ref, got = _render(make, template, chat)
+    assert ref == "DHi" and got == ref
+    ref, got = _render(make, template, chat, tools=TOOLS)
+    assert ref == "TDHi" and got == ref
