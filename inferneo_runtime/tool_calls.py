@@ -126,9 +126,20 @@ def _alternatives(tools: Sequence[dict], args_key: str) -> str:
 
 
 class HermesParser(ToolParser):
+    """Calls in `<tool_call>` blocks, each block a JSON call; `_block_calls` reads one block (Qwen3CoderParser reads
+    XML there instead)."""
+
     name = "hermes"
     marker = "<tool_call>"
     _block = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+
+    def _block_calls(self, block: str, tools: Optional[Sequence[dict]]) -> Optional[list[ToolCall]]:
+        """The calls in one block's text, or None when it does not parse."""
+        try:
+            call = _call(json.loads(block.strip()), ("arguments", "parameters"))
+        except ValueError:
+            return None
+        return None if call is None else [call]
 
     def parse(self, text: str, tools: Optional[Sequence[dict]] = None) -> Parsed:
         first = text.find(self.marker)
@@ -137,13 +148,10 @@ class HermesParser(ToolParser):
         calls = []
         rest = text[first:]
         for m in self._block.finditer(rest):
-            try:
-                call = _call(json.loads(m.group(1).strip()), ("arguments", "parameters"))
-            except ValueError:
-                call = None
-            if call is None:
+            found = self._block_calls(m.group(1), tools)
+            if found is None:
                 return Parsed(text, [])
-            calls.append(call)
+            calls += found
         # an unterminated block (an opening tag after the last closed one) makes the output plain text
         tail = self._block.sub("", rest)
         if not calls or self.marker in tail:
@@ -353,18 +361,16 @@ def _text_value_rule(schema: Any) -> str:
     return f"/[^<]{repeat}\\n<\\/parameter>\\n/"
 
 
-class Qwen3CoderParser(ToolParser):
-    """Qwen3-Coder's XML calls. Within a closed `<tool_call>` block each `<function=name>` (to `</function>`, or to
-    the block's end) is a call, and each `<parameter=key>` in it (to `</parameter>`, the next `<parameter=`, or the
-    function's end) one argument, as vLLM reads them."""
+class Qwen3CoderParser(HermesParser):
+    """Qwen3-Coder's XML calls, in Hermes's `<tool_call>` blocks (read by HermesParser.parse). Within a block each
+    `<function=name>` (to `</function>`, or to the block's end) is a call, and each `<parameter=key>` in it (to
+    `</parameter>`, the next `<parameter=`, or the function's end) one argument, as vLLM reads them."""
 
     name = "qwen3_coder"
-    marker = "<tool_call>"
-    _block = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
     _function = re.compile(r"<function=(.*?)(?:</function>|\Z)", re.DOTALL)
     _parameter = re.compile(r"<parameter=(.*?)(?:</parameter>|(?=<parameter=)|\Z)", re.DOTALL)
 
-    def _calls(self, block: str, tools: Optional[Sequence[dict]]) -> Optional[list[ToolCall]]:
+    def _block_calls(self, block: str, tools: Optional[Sequence[dict]]) -> Optional[list[ToolCall]]:
         calls = []
         for function in self._function.findall(block):
             name, sep, body = function.partition(">")
@@ -379,22 +385,6 @@ class Qwen3CoderParser(ToolParser):
                 args[key] = _convert(value.removeprefix("\n").removesuffix("\n"), props.get(key))
             calls.append(ToolCall(name, json.dumps(args, ensure_ascii=False)))
         return calls or None
-
-    def parse(self, text: str, tools: Optional[Sequence[dict]] = None) -> Parsed:
-        first = text.find(self.marker)
-        if first < 0:
-            return Parsed(text, [])
-        calls = []
-        rest = text[first:]
-        for m in self._block.finditer(rest):
-            block_calls = self._calls(m.group(1), tools)
-            if block_calls is None:
-                return Parsed(text, [])
-            calls += block_calls
-        tail = self._block.sub("", rest)
-        if not calls or self.marker in tail:  # an unterminated block: plain text
-            return Parsed(text, [])
-        return Parsed(_content(text[:first]), calls)
 
     def grammar(self, tools, parallel):
         """Each call as the template writes it: the parameters in the schema's order, the required ones always, the
