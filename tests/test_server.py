@@ -466,16 +466,20 @@ def test_disconnect_cancels_the_request_and_frees_its_slot(llama, endpoint):
         assert client(s.url).completions.create(model="tiny-llama", prompt="hi", max_tokens=2).choices
 
 
+def _fail_next_cache_allocation(backend, monkeypatch) -> None:
+    """The backend's next KV-cache allocation raises MemoryError; later ones succeed (a failed engine step)."""
+    real = backend.allocate_cache
+
+    def fail_once(*a, **k):
+        monkeypatch.setattr(backend, "allocate_cache", real)
+        raise MemoryError("cannot allocate the KV cache")
+
+    monkeypatch.setattr(backend, "allocate_cache", fail_once)
+
+
 def test_out_of_memory_is_503_and_the_server_stays_up(llama, monkeypatch):
     with inproc_server(llama) as s:
-        backend = s.model.backend
-        real = backend.allocate_cache
-
-        def fail_once(*a, **k):
-            monkeypatch.setattr(backend, "allocate_cache", real)
-            raise MemoryError("cannot allocate the KV cache")
-
-        monkeypatch.setattr(backend, "allocate_cache", fail_once)
+        _fail_next_cache_allocation(s.model.backend, monkeypatch)
         with pytest.raises(openai.InternalServerError) as e:
             client(s.url).completions.create(model="tiny-llama", prompt="hi", max_tokens=4)
         assert e.value.status_code == 503 and e.value.body["code"] == "out_of_memory"
@@ -596,14 +600,7 @@ def test_prefix_cache_bytes_still_count_after_a_failed_step(llama, monkeypatch):
         assert client(s.url).completions.create(model="tiny-llama", prompt=long_prompt, max_tokens=2).choices
         held = metric(s.url, "inferneo_prefix_cache_bytes", model="tiny-llama")
         assert held > 0 and metric(s.url, "inferneo_kv_cache_bytes", model="tiny-llama") == held
-        backend = s.model.backend
-        real = backend.allocate_cache
-
-        def fail_once(*a, **k):
-            monkeypatch.setattr(backend, "allocate_cache", real)
-            raise MemoryError("cannot allocate the KV cache")
-
-        monkeypatch.setattr(backend, "allocate_cache", fail_once)
+        _fail_next_cache_allocation(s.model.backend, monkeypatch)
         with pytest.raises(openai.InternalServerError):
             client(s.url).completions.create(model="tiny-llama", prompt="hi", max_tokens=2)
         # the driver thread has finished handling the failure once it answers a later item (an empty prompt,
