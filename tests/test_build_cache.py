@@ -52,24 +52,32 @@ def test_hits_and_misses(tmp_path, tiny_checkpoint):
 
 def test_changed_exporter_code_rebuilds(tmp_path, tiny_checkpoint):
     # the same version string with other code (a git pull, an editable install): the artifact is not reused
-    import inferneo_build
-    import inferneo_runtime
-
     out = tmp_path / "art"
     recipe = write_recipe(tmp_path / "r.yaml", **tiny_recipe_fields(tiny_checkpoint("llama"), "t", out, targets=("onnx",)))
     first = _build(recipe)
-    code = tmp_path / "code"
+
+    def edit(code: Path) -> None:
+        exporter = code / "inferneo_build" / "exporters" / "onnx.py"
+        exporter.write_text(exporter.read_text() + "\n# an edit\n")
+
+    edited = _build_with_edited_code(recipe, tmp_path / "code", edit)
+    assert edited["cached"] is None and edited["build_key"] != first["build_key"]
+
+
+def _build_with_edited_code(recipe: Path, code: Path, edit) -> dict:
+    """Build `recipe` (--json) with a copy of inferneo_build and inferneo_runtime under `code` that `edit` changed."""
+    import inferneo_build
+    import inferneo_runtime
+
     for package in (inferneo_build, inferneo_runtime):
         src = Path(package.__file__).parent
         shutil.copytree(src, code / src.name, ignore=shutil.ignore_patterns("__pycache__"))
-    exporter = code / "inferneo_build" / "exporters" / "onnx.py"
-    exporter.write_text(exporter.read_text() + "\n# an edit\n")
+    edit(code)
     # run from the copy's folder: `python -m` puts the working directory first on sys.path
     r = subprocess.run([sys.executable, "-m", "inferneo_runtime.cli", "build", str(recipe), "--json"], cwd=code,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    edited = json.loads(r.stdout)
-    assert edited["cached"] is None and edited["build_key"] != first["build_key"]
+    return json.loads(r.stdout)
 
 
 def test_damaged_output_is_rebuilt(tmp_path, tiny_checkpoint):
@@ -192,22 +200,15 @@ def test_changed_evaluation_text_rebuilds(tmp_path, tiny_checkpoint):
 
 def test_changed_shipped_evaluation_text_rebuilds(tmp_path, tiny_checkpoint):
     # the shipped evaluation text (inferneo_build/eval_text/) judges reduced precisions as the code does
-    import inferneo_build
-    import inferneo_runtime
-
     fields = tiny_recipe_fields(tiny_checkpoint("llama"), "t", tmp_path / "art", targets=())
     fields["targets"] = [{"format": "onnx", "precision": "int8",
                           "tolerance": {"top1_agreement": 0.0, "mean_kl": 100.0, "perplexity_delta": 100.0}}]
     recipe = write_recipe(tmp_path / "r.yaml", **fields)
     first = _build(recipe)
-    code = tmp_path / "code"
-    for package in (inferneo_build, inferneo_runtime):
-        src = Path(package.__file__).parent
-        shutil.copytree(src, code / src.name, ignore=shutil.ignore_patterns("__pycache__"))
-    prose = code / "inferneo_build" / "eval_text" / "prose.txt"
-    prose.write_text(prose.read_text()[: len(prose.read_text()) // 2])
-    r = subprocess.run([sys.executable, "-m", "inferneo_runtime.cli", "build", str(recipe), "--json"], cwd=code,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    edited = json.loads(r.stdout)
+
+    def edit(code: Path) -> None:
+        prose = code / "inferneo_build" / "eval_text" / "prose.txt"
+        prose.write_text(prose.read_text()[: len(prose.read_text()) // 2])
+
+    edited = _build_with_edited_code(recipe, tmp_path / "code", edit)
     assert edited["cached"] is None and edited["build_key"] != first["build_key"]
