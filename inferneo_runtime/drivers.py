@@ -61,6 +61,7 @@ class Driver(Protocol):
     name: str
     max_sequence: int  # prompt + generated tokens one sequence may reach
     cache_bytes: int  # memory held for cached keys/values (reported in /metrics)
+    in_flight: int  # sequences submitted and not yet done (reported in /metrics)
 
     @property
     def idle(self) -> bool:

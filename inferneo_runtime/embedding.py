@@ -255,6 +255,7 @@ class EmbeddingDriver:
         self.name, self.model = name, model
         self.max_sequence = model.info.max_length
         self.cache_bytes = 0
+        self.in_flight = 0  # requests run model.forward on the caller's thread: nothing is ever queued here
 
     @property
     def idle(self) -> bool:

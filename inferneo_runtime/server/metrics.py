@@ -50,7 +50,7 @@ class _RegistryCollector:
             "inferneo_model_weight_bytes": ("Bytes of the served target's files", lambda e: e.weight_bytes),
             "inferneo_kv_cache_bytes": ("Bytes of the model's KV cache now", lambda e: e.cache_bytes),
             "inferneo_sequences_in_flight": ("Sequences running or waiting in the model's engine",
-                                             lambda e: getattr(e.driver, "in_flight", 0)),  # (an encoder's: none)
+                                             lambda e: e.driver.in_flight if e.driver is not None else 0),
         }
         for name, (doc, value) in per_model.items():
             g = GaugeMetricFamily(name, doc, labels=["model"])
