@@ -374,24 +374,32 @@ def copy_root_files(checkpoint: Checkpoint, dest: Path) -> list[Path]:
                     raise ValueError("not a JSON object")
             except ValueError as e:  # JSONDecodeError and UnicodeDecodeError too
                 raise SourceError(f"{checkpoint.directory / path.name}: not a valid JSON object ({e})") from None
-    _check_tokenizer(dest / "tokenizer.json", checkpoint.directory / "tokenizer.json")
-    _apply_tokenizer_overrides(dest, checkpoint.tokenizer)
+    vocab = _tokenizer_vocab(dest / "tokenizer.json", checkpoint.directory / "tokenizer.json")
+    _apply_tokenizer_overrides(dest, checkpoint.tokenizer, vocab)
     return copied
 
 
-def _check_tokenizer(path: Path, named: Path) -> None:
+def _tokenizer_vocab(path: Path, named: Path) -> dict[str, int]:
+    """Every token of the tokenizer at `path` (added ones too) and its id; a file that does not load is named as
+    `named`, the checkpoint's own."""
     from tokenizers import Tokenizer as HFTokenizer
 
     try:
-        HFTokenizer.from_file(str(path))
+        return HFTokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
     except Exception as e:  # tokenizers raises plain Exception subclasses for bad files
         raise SourceError(f"{named}: cannot load the tokenizer: {e}") from None
 
 
-def _apply_tokenizer_overrides(root: Path, fix: TokenizerOverrides) -> None:
+def _apply_tokenizer_overrides(root: Path, fix: TokenizerOverrides, vocab: dict[str, int]) -> None:
+    """Write the recipe's `tokenizer:` fixes into the copied files; `vocab`: the tokenizer's tokens and ids."""
     changes = fix.model_dump(exclude_none=True)
     if not changes:
         return
+    for field in ("bos_token", "eos_token", "pad_token"):  # before anything is written
+        token = changes.get(field)
+        if token is not None and token not in vocab:
+            raise SourceError(f"source.tokenizer.{field}: {token!r} is not a token of the checkpoint's tokenizer "
+                              "(tokenizer.json)")
     config_path = root / "tokenizer_config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     config.update(changes)
@@ -406,17 +414,6 @@ def _apply_tokenizer_overrides(root: Path, fix: TokenizerOverrides) -> None:
 
     tok_path = root / "tokenizer.json"
     tok = json.loads(tok_path.read_text())
-    vocab = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
-    from tokenizers import Tokenizer as HFTokenizer
-
-    model_vocab = HFTokenizer.from_file(str(tok_path)).get_vocab(with_added_tokens=True)
-    for field in ("bos_token", "eos_token", "pad_token"):
-        token = changes.get(field)
-        if token is not None and token not in vocab:
-            if token not in model_vocab:
-                raise SourceError(f"source.tokenizer.{field}: {token!r} is not a token of the checkpoint's "
-                                  "tokenizer (tokenizer.json)")
-            vocab[token] = model_vocab[token]
     if fix.add_bos_token is False and _adds_bos(tok.get("post_processor")):
         tok["post_processor"] = None  # plain text gets no special token prepended
     elif fix.add_bos_token and fix.bos_token:
@@ -431,7 +428,7 @@ def _apply_tokenizer_overrides(root: Path, fix: TokenizerOverrides) -> None:
     tok_path.write_text(json.dumps(tok, ensure_ascii=False))
 
     gen_path = root / "generation_config.json"
-    if fix.eos_token and fix.eos_token in vocab and gen_path.is_file():
+    if fix.eos_token and gen_path.is_file():
         gen = json.loads(gen_path.read_text())
         gen["eos_token_id"] = vocab[fix.eos_token]
         gen_path.write_text(json.dumps(gen, indent=2) + "\n")
