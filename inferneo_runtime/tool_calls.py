@@ -12,8 +12,9 @@ Formats (what the models are trained to write, and what vLLM's parsers of the sa
   qwen3_coder  `<tool_call>\n<function=f>\n<parameter=p>\nvalue\n</parameter>\n...</function>\n</tool_call>`, one
                block per call (Qwen3-Coder, Qwen3.5): each value is raw text (one leading and one trailing newline
                dropped), converted by the tool's schema for that parameter (`parse(text, tools)`: a string stays
-               text; integer / number / boolean / null / object / array are parsed, the text kept where that fails;
-               with no tools, or a parameter the schema does not declare, every value is text)
+               text; integer / number / boolean / null / object / array, and a $ref or anyOf without a string
+               among them, are parsed, the text kept where that fails; with no tools, or a parameter the schema
+               does not declare, every value is text)
 
 Which one a server uses: `--tool-call-parser NAME`, else `detect(template)` on the chat template's text:
 `<tool_call>` with `<function=` -> qwen3_coder, `<tool_call>` alone -> hermes, `[TOOL_CALLS]` -> mistral (its grammar
@@ -111,9 +112,35 @@ def _json_rule(schema: dict) -> str:
     return "%json " + json.dumps({**schema, "x-guidance": {"whitespace_flexible": False}})
 
 
-def _call_schema(tool: dict, args_key: str) -> dict:
+# keywords whose value maps names to schemas, and keywords whose value is JSON data (not a schema)
+_NAMED_SCHEMAS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_DATA = ("const", "enum", "default", "examples")
+
+
+def _rebased(schema: Any, at: str) -> Any:
+    """`schema` (a tool's parameters) to be embedded at JSON pointer `at` of a call's schema: its local `$ref`s
+    ("#/$defs/X", "#") made to point where it now is, so its `$defs` still resolve (pydantic's nested models)."""
+    if isinstance(schema, list):
+        return [_rebased(s, at) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key] = "#" + at + value[1:]
+        elif key in _DATA:
+            out[key] = value
+        elif key in _NAMED_SCHEMAS and isinstance(value, dict):
+            out[key] = {name: _rebased(s, at) for name, s in value.items()}
+        else:
+            out[key] = _rebased(value, at)
+    return out
+
+
+def _call_schema(tool: dict, args_key: str, at: str = "") -> dict:
+    """The JSON schema of one call object to `tool` (embedded at pointer `at` of the grammar's schema)."""
     fn = tool["function"]
-    params = fn.get("parameters") or {"type": "object"}
+    params = _rebased(fn.get("parameters") or {"type": "object"}, f"{at}/properties/{args_key}")
     return {"type": "object", "properties": {"name": {"const": fn["name"]}, args_key: params},
             "required": ["name", args_key], "additionalProperties": False}
 
@@ -249,7 +276,7 @@ class MistralParser(ToolParser):
                           f"args_{i}: {_json_rule(fn.get('parameters') or {'type': 'object'})}"]
             return "\n".join(rules)
         # the list's items: any tool's call; one item unless parallel
-        items = {"anyOf": [_call_schema(t, "arguments") for t in tools]}
+        items = {"anyOf": [_call_schema(t, "arguments", f"/items/anyOf/{i}") for i, t in enumerate(tools)]}
         array = {"type": "array", "items": items, "minItems": 1, **({} if parallel else {"maxItems": 1})}
         return "\n".join(['start: "[TOOL_CALLS]" calls', f"calls: {_json_rule(array)}"])
 
@@ -258,11 +285,43 @@ class MistralParser(ToolParser):
 _TEXT_TYPES = {"string", "str", "text", "varchar", "char", "enum"}
 
 
-def _value_kind(schema: Any) -> str:
+def _deref(schema: Any, root: Any) -> Any:
+    """`schema` with a local `$ref` ("#/$defs/Addr") followed within `root` (the tool's parameters)."""
+    for _ in range(8):  # a chain of refs, never a cycle
+        ref = schema.get("$ref") if isinstance(schema, dict) else None
+        if not (isinstance(ref, str) and ref.startswith("#")):
+            break
+        target = root
+        for part in ref[1:].split("/")[1:]:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                target = target[int(part)]
+            else:
+                target = target.get(part) if isinstance(target, dict) else None
+        if not isinstance(target, dict):
+            break
+        schema = target
+    return schema
+
+
+def _value_kind(schema: Any, root: Any = None, depth: int = 0) -> str:
     """"text" (the value stays as written: a string, no type, or a type list with a string), "integer", "number",
-    "boolean", or "json" (object, array, null, a type list without string: JSON, else a Python literal)."""
-    if not isinstance(schema, dict) or "type" not in schema:
+    "boolean", or "json" (object, array, null, a type list without string: JSON, else a Python literal). A schema
+    without a type has its `$ref` followed in `root` and its anyOf / oneOf / allOf or enum read (pydantic writes
+    Optional[int] as anyOf integer / null, a nested model as a $ref): text only when a string fits."""
+    schema = _deref(schema, root)
+    if not isinstance(schema, dict) or depth > 8:
         return "text"
+    if "type" not in schema:
+        for key in ("anyOf", "oneOf", "allOf"):
+            if isinstance(schema.get(key), list) and schema[key]:
+                kinds = [_value_kind(b, root, depth + 1) for b in schema[key]]
+                text = "text" in kinds if key != "allOf" else all(k == "text" for k in kinds)
+                return "text" if text else "json"
+        values = [schema["const"]] if "const" in schema else schema.get("enum")
+        if isinstance(values, list) and values:
+            return "text" if all(isinstance(v, str) for v in values) else "json"
+        return "json" if "properties" in schema or "items" in schema else "text"
     types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
     names = {str(t).strip().lower() for t in types}
     if not names or names & _TEXT_TYPES:
@@ -299,11 +358,11 @@ def _int(text: str) -> Optional[int]:
         return None
 
 
-def _convert(raw: str, schema: Any) -> Any:
+def _convert(raw: str, schema: Any, root: Any = None) -> Any:
     """A parameter's value, by its schema (vLLM's qwen3_coder conversion: a value that does not parse as the type
     stays the text; unlike vLLM, a string parameter written `null` stays "null" and a boolean that is neither true
     nor false stays text rather than becoming false)."""
-    kind = _value_kind(schema)
+    kind = _value_kind(schema, root)
     if kind == "text":
         return raw
     text = raw.strip()
@@ -331,34 +390,51 @@ def _convert(raw: str, schema: Any) -> Any:
     return value if _json_value(value) else raw
 
 
-def _properties(tools: Optional[Sequence[dict]], name: str) -> dict:
-    """The `parameters.properties` of the tool called `name` ({} when there is none)."""
+def _parameters(tools: Optional[Sequence[dict]], name: str) -> tuple[dict, dict]:
+    """(`parameters.properties`, `parameters`) of the tool called `name` ({} when there is none)."""
     for tool in tools or ():
         fn = tool.get("function") if isinstance(tool, dict) else None
         if isinstance(fn, dict) and fn.get("name") == name:
-            props = (fn.get("parameters") or {}).get("properties") if isinstance(fn.get("parameters"), dict) else None
-            return props if isinstance(props, dict) else {}
-    return {}
+            params = fn.get("parameters") if isinstance(fn.get("parameters"), dict) else {}
+            props = params.get("properties")
+            return (props if isinstance(props, dict) else {}), params
+    return {}, {}
 
 
 _PARAM_CLOSE = "\n</parameter>\n"
+# The tags the parser ends a value (or its call) at: a text value may hold any other text, `<` included
+_CLOSING_TAGS = ("</parameter>", "<parameter=", "</function>", "</tool_call>")
+_NO_CLOSING_TAG = "~/(?s:.*)(" + "|".join(re.escape(t).replace("/", "\\/") for t in _CLOSING_TAGS) + ")(?s:.*)/"
 
 
 def _text_value_rule(schema: Any) -> str:
-    """A text parameter's value and the parameter's closing tag, as one terminal (a value regex then a literal would
-    be lexed greedily: the value would take the newline before `</parameter>`). No `<` in the value, so the closing
-    tag is where the parser finds it; an enum (or const) of strings as its choices, min/maxLength as a bound."""
+    """A text parameter's value and the parameter's closing tag, as one terminal's body (a value regex then a literal
+    would be lexed greedily: the value would take the newline before `</parameter>`). Any text without one of the
+    closing tags (`<` is fine), so the parser ends the value where the grammar does; an enum (or const) of strings as
+    its choices, min/maxLength as a bound."""
     schema = schema if isinstance(schema, dict) else {}
     choices = [schema["const"]] if "const" in schema else schema.get("enum")
-    if isinstance(choices, list) and choices and all(isinstance(c, str) and "<" not in c for c in choices):
+    if isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices):
         return " | ".join(json.dumps(c + _PARAM_CLOSE) for c in choices)
     low, high = schema.get("minLength"), schema.get("maxLength")
     low = low if isinstance(low, int) and low > 0 else 0
     if isinstance(high, int) and high >= low:
         repeat = f"{{{low},{high}}}"
     else:
-        repeat = f"{{{low},}}" if low else "*"
-    return f"/[^<]{repeat}\\n<\\/parameter>\\n/"
+        repeat = f"{{{low},}}"
+    return f"(/(?s:.){repeat}/ & {_NO_CLOSING_TAG}) {json.dumps(_PARAM_CLOSE)}"
+
+
+def _text_schema(schema: Any, root: dict) -> Any:
+    """The string schema a text value follows: of an anyOf / oneOf (Optional[str]), its first text branch, so its
+    enum and lengths still bound the value."""
+    schema = _deref(schema, root)
+    for key in ("anyOf", "oneOf"):
+        branches = schema.get(key) if isinstance(schema, dict) and "type" not in schema else None
+        for branch in branches if isinstance(branches, list) else ():
+            if _value_kind(branch, root) == "text":
+                return _deref(branch, root)
+    return schema
 
 
 class Qwen3CoderParser(HermesParser):
@@ -377,18 +453,19 @@ class Qwen3CoderParser(HermesParser):
             name = name.strip()
             if not sep or not name:
                 return None
-            props, args = _properties(tools, name), {}
+            (props, params), args = _parameters(tools, name), {}
             for parameter in self._parameter.findall(body):
                 key, sep, value = parameter.partition(">")
                 if not sep:
                     return None
-                args[key] = _convert(value.removeprefix("\n").removesuffix("\n"), props.get(key))
+                args[key] = _convert(value.removeprefix("\n").removesuffix("\n"), props.get(key), params)
             calls.append(ToolCall(name, json.dumps(args, ensure_ascii=False)))
         return calls or None
 
     def grammar(self, tools, parallel):
         """Each call as the template writes it: the parameters in the schema's order, the required ones always, the
-        others optional; a text parameter as text without `<`, any other through %json with its schema."""
+        others optional; a text parameter as text without a closing tag, any other through %json with its schema
+        (and the parameters' $defs, which its $refs name)."""
         start = 'start: block ("\\n" block)*' if parallel else "start: block"
         rules = [start, 'block: "<tool_call>\\n<function=" call "</function>\\n</tool_call>"',
                  f"call: {' | '.join(f'call_{i}' for i in range(len(tools)))}"]
@@ -397,15 +474,17 @@ class Qwen3CoderParser(HermesParser):
             params = fn.get("parameters") or {}
             props = params.get("properties") or {}
             required = set(params.get("required") or ())
+            defs = {k: params[k] for k in ("$defs", "definitions") if k in params}
             body = [json.dumps(fn["name"] + ">\n")]
             for j, (key, schema) in enumerate(props.items()):
                 opening = json.dumps(f"<parameter={key}>\n")
-                if _value_kind(schema) == "text":
-                    rules.append(f"param_{i}_{j}: {opening} value_{i}_{j}")
-                    rules.append(f"value_{i}_{j}: {_text_value_rule(schema)}")
+                if _value_kind(schema, params) == "text":
+                    rules.append(f"param_{i}_{j}: {opening} VALUE_{i}_{j}")  # a terminal: `&` and `~` need one
+                    rules.append(f"VALUE_{i}_{j}: {_text_value_rule(_text_schema(schema, params))}")
                 else:
                     rules.append(f"param_{i}_{j}: {opening} value_{i}_{j} {json.dumps(_PARAM_CLOSE)}")
-                    rules.append(f"value_{i}_{j}: {_json_rule(schema)}")
+                    uses_defs = "$ref" in json.dumps(schema)  # the $defs only where a $ref may need them
+                    rules.append(f"value_{i}_{j}: {_json_rule({**defs, **schema} if uses_defs else schema)}")
                 body.append(f"param_{i}_{j}" + ("" if key in required else "?"))
             rules.append(f"call_{i}: {' '.join(body)}")
         return "\n".join(rules)

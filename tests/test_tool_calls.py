@@ -403,8 +403,8 @@ def _grammar_accepts(tok, grammar: str, text: str) -> bool:
 
 def test_qwen3_coder_grammar_writes_the_schemas_parameters(artifact):
     """Parameters in the schema's order, the required ones mandatory and the optional ones optional; text values
-    without `<` (enum / maxLength kept), the others as JSON of their schema; what it allows parses back to
-    arguments the schema accepts."""
+    are any text but a closing tag (`<` in code or HTML is fine; enum / maxLength kept), the others as JSON of their
+    schema; what it allows parses back to arguments the schema accepts."""
     jsonschema = pytest.importorskip("jsonschema")
     from inferneo_runtime.tokenizer import Tokenizer
 
@@ -413,7 +413,8 @@ def test_qwen3_coder_grammar_writes_the_schemas_parameters(artifact):
     full = dict(query="two\nlines ok", limit="50", exact="false", score="-0.25", tags='["a","b"]',
                 filters='{"lang":"en"}', mode="fast")
     good = [_xml("search", **full), _xml("search", query="", exact="true"),
-            _xml("search", query="q", limit="3", exact="true", mode="deep"), _xml("add", a=0, b=99)]
+            _xml("search", query="q", limit="3", exact="true", mode="deep"), _xml("add", a=0, b=99),
+            _xml("search", query="a <b>", exact="true"), _xml("search", query="if a<b:\n</p", exact="true")]
     for text in good:
         assert _grammar_accepts(tok, grammar, text), text
         (call,) = parser.parse(text, XML_TOOLS).calls
@@ -421,9 +422,12 @@ def test_qwen3_coder_grammar_writes_the_schemas_parameters(artifact):
     assert json.loads(parser.parse(good[0], XML_TOOLS).calls[0].arguments) == {
         "query": "two\nlines ok", "limit": 50, "exact": False, "score": -0.25, "tags": ["a", "b"],
         "filters": {"lang": "en"}, "mode": "fast"}
+    assert [json.loads(parser.parse(t, XML_TOOLS).calls[0].arguments)["query"] for t in good[-2:]] == [
+        "a <b>", "if a<b:\n</p"]
     bad = [_xml("search", query="q"),  # exact is required
            _xml("search", exact="true", query="q"),  # not in the schema's order
-           _xml("search", query="a <b>", exact="true"),  # `<` in a text value
+           _xml("search", query="a</parameter>", exact="true"),  # a closing tag in a text value
+           _xml("search", query="<parameter=x", exact="true"), _xml("search", query="</function>", exact="true"),
            _xml("search", query="thirteen char", exact="true"),  # maxLength 12
            _xml("search", query="q", exact="yes"), _xml("search", query="q", limit="0", exact="true"),
            _xml("search", query="q", exact="true", mode="slow"), _xml("search", query="q", exact="true", tags="[1]"),
@@ -502,6 +506,19 @@ def test_bad_tool_requests_are_400s_naming_the_field(client, kwargs, param):
         assert "tools" in e.value.body["message"]
 
 
+def test_an_unsupported_schema_feature_is_a_400_naming_the_function_and_feature(client):
+    openai = pytest.importorskip("openai")
+    unique = {"type": "object", "properties": {"ids": {"type": "array", "items": {"type": "integer"},
+                                                       "uniqueItems": True}}}
+    tools = TOOLS + [{"type": "function", "function": {"name": "pick", "parameters": unique}}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny-tools", messages=MESSAGES, max_tokens=4, tools=tools,
+                                       tool_choice="required")
+    message = e.value.body["message"]
+    assert e.value.body["param"] == "tools" and "'pick'" in message and "uniqueItems" in message, message
+    assert "%json" not in message  # the schema's problem, not the generated grammar's text
+
+
 def test_bad_tool_call_arguments_in_messages_are_400s(client):
     openai = pytest.importorskip("openai")
     call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{not json"}}
@@ -540,18 +557,85 @@ def test_a_template_with_no_known_format_needs_the_flag(artifact, tmp_path_facto
         assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
 
 
-def test_qwen3_coder_calls_through_the_server_are_typed_by_the_tools(artifact, tmp_path_factory):
+@pytest.fixture(scope="module")
+def qwen_client(artifact, tmp_path_factory):
+    """A server started with --tool-call-parser qwen3_coder."""
+    openai = pytest.importorskip("openai")
+    with _serve(artifact, tmp_path_factory, "--tool-call-parser", "qwen3_coder") as s:
+        yield openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_qwen3_coder_calls_through_the_server_are_typed_by_the_tools(qwen_client):
     """--tool-call-parser qwen3_coder: a forced call is written in Qwen3-Coder's XML form and comes back through the
     official client with its values typed by the tool's schema (integers, not the text the model wrote)."""
-    openai = pytest.importorskip("openai")
     jsonschema = pytest.importorskip("jsonschema")
-    with _serve(artifact, tmp_path_factory, "--tool-call-parser", "qwen3_coder") as s:
-        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=120)
-        named = {"type": "function", "function": {"name": "add"}}
-        plain = _chat(client, stream=False, tool_choice=named)
-        content, calls, finish = plain
-        assert finish == "tool_calls" and content is None and [c[0] for c in calls] == ["add"], plain
-        arguments = json.loads(calls[0][1])
-        jsonschema.validate(arguments, ADD)
-        assert all(type(v) is int for v in arguments.values()), arguments
-        assert _chat(client, stream=True, tool_choice=named) == plain
+    named = {"type": "function", "function": {"name": "add"}}
+    plain = _chat(qwen_client, stream=False, tool_choice=named)
+    content, calls, finish = plain
+    assert finish == "tool_calls" and content is None and [c[0] for c in calls] == ["add"], plain
+    arguments = json.loads(calls[0][1])
+    jsonschema.validate(arguments, ADD)
+    assert all(type(v) is int for v in arguments.values()), arguments
+    assert _chat(qwen_client, stream=True, tool_choice=named) == plain
+
+
+# values a forced call can only write when `<` is allowed in text
+MARKUP = {"type": "object", "properties": {"html": {"type": "string", "enum": ["<div>", "<p>a < b</p>"]},
+                                           "code": {"const": "if a < b:\n    return '<br>'"},
+                                           "text": {"type": "string", "maxLength": 6}},
+          "required": ["html", "code", "text"], "additionalProperties": False}
+
+
+def test_qwen3_coder_forced_calls_can_write_code_and_html(qwen_client):
+    """A text value ends only at its closing tag: code and HTML with `<` come back whole (the grammar refused `<`,
+    so a forced call could not write these values at all)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    tools = [{"type": "function", "function": {"name": "render", "parameters": MARKUP}}]
+    for seed, stream in ((0, False), (1, True)):
+        content, calls, finish = _chat(qwen_client, stream=stream, tools=tools, tool_choice="required",
+                                       parallel_tool_calls=False, temperature=1.0, seed=seed)
+        assert finish == "tool_calls" and content is None and [c[0] for c in calls] == ["render"], calls
+        jsonschema.validate(json.loads(calls[0][1]), MARKUP)
+
+
+def _trip_tool():
+    """A tool as the openai client makes it from nested pydantic models: strict, with $defs and $refs, Optional
+    fields as anyOf with null, a Literal as an enum (lengths and ranges bounded for random weights)."""
+    openai = pytest.importorskip("openai")
+    from typing import Literal, Optional
+
+    from pydantic import BaseModel, Field
+
+    class Place(BaseModel):
+        city: str = Field(max_length=6)
+        zip: Optional[int] = Field(ge=0, le=99)
+
+    class Trip(BaseModel):
+        origin: Place
+        stop: Optional[Place]
+        days: Optional[int] = Field(ge=1, le=9)
+        mode: Literal["car", "train"]
+        note: Optional[str] = Field(max_length=6)
+
+    return Trip, openai.pydantic_function_tool(Trip, name="plan_trip")
+
+
+@pytest.mark.parametrize("fixture", ["client", "qwen_client"])
+def test_nested_model_tools_through_the_clients_helpers(request, fixture):
+    """The openai client's parse() and stream() helpers with a pydantic tool: a forced call validates against its
+    schema and parses into the model (its $refs into $defs were a 400 for the JSON formats, and qwen3_coder wrote
+    $ref and Optional parameters as free text)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    client = request.getfixturevalue(fixture)
+    Trip, tool = _trip_tool()
+    args = dict(model="tiny-tools", messages=MESSAGES, tools=[tool], max_tokens=300, temperature=1.0)
+    r = client.chat.completions.parse(tool_choice={"type": "function", "function": {"name": "plan_trip"}}, seed=1,
+                                      **args)
+    assert r.choices[0].finish_reason == "tool_calls"
+    (call,) = r.choices[0].message.tool_calls
+    with client.chat.completions.stream(tool_choice="required", parallel_tool_calls=False, seed=2, **args) as s:
+        streamed = s.get_final_completion().choices[0]
+    assert streamed.finish_reason == "tool_calls"
+    for call in (call, *streamed.message.tool_calls):
+        assert call.function.name == "plan_trip" and isinstance(call.function.parsed_arguments, Trip)
+        jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])

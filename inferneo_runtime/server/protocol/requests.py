@@ -302,6 +302,13 @@ class ChatCompletionRequest(_ChatTemplateOptions, _SamplingExtensions, _ChatFiel
             return None
         if isinstance(choice, dict):
             tools = [t for t in tools if t["function"]["name"] == choice["function"]["name"]]
+        for tool in tools:  # each schema alone first, so a 400 names the function and the schema's feature
+            fn = tool["function"]
+            try:
+                Constraint("json_schema", json.dumps(fn.get("parameters") or {}), "tools").grammar()
+            except ConstraintError as e:
+                raise ParamError(f"tools: the parameters of function {fn['name']!r} are not a JSON schema this server "
+                                 f"can enforce: {str(e).split(': ', 2)[-1]}", param="tools") from None
         parallel = self.parallel_tool_calls is not False and choice == "required"
         constraint = Constraint("grammar", parser.grammar(tools, parallel), "tools")
         try:
