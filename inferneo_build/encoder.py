@@ -34,11 +34,22 @@ ENCODERS: dict[str, bool] = {"bert": True, "electra": True, "roberta": False, "x
                              "distilbert": False, "mpnet": False}
 # model types whose position ids count from padding_idx + 1 (transformers' create_position_ids_from_input_ids)
 _PADDING_IDX_POSITIONS = {"roberta", "xlm-roberta", "mpnet"}
-_POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
-                 "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len"}
-_ST_MODULES = {"sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling",
-               "sentence_transformers.models.Normalize"}
-_ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+# sentence-transformers Pooling modes (its names -> the manifest's). ST >= 5 writes `pooling_mode`; older versions
+# one boolean per mode (the legacy keys, in ST's order).
+_POOLING_MODES = {"mean": "mean", "cls": "cls", "max": "max", "mean_sqrt_len_tokens": "mean_sqrt_len",
+                  "weightedmean": "weightedmean", "lasttoken": "lasttoken"}
+_LEGACY_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                        "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                        "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+# the module pipelines applied here, by class name: ST < 5 writes types as "sentence_transformers.models.Pooling",
+# ST >= 5 as the defining module ("sentence_transformers.sentence_transformer.modules.pooling.Pooling")
+_ST_PIPELINES = (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"])
+_ST_FILES = ("modules.json", "config_sentence_transformers.json")
+# the Transformer module's config, under the names ST has used for it (it reads the first that exists)
+_ST_TRANSFORMER_CONFIGS = ("sentence_bert_config.json", "sentence_roberta_config.json",
+                           "sentence_distilbert_config.json", "sentence_camembert_config.json",
+                           "sentence_albert_config.json", "sentence_xlm-roberta_config.json",
+                           "sentence_xlnet_config.json")
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,10 @@ class EncoderSpec:
     labels: Optional[list[str]]
     token_type_ids: bool
     st_files: tuple[str, ...]  # sentence-transformers config files to copy into the artifact (relative paths)
+    function_to_apply: Optional[str] = None  # see EncoderInfo: None unless it differs from softmax/one-logit sigmoid
+    lowercase: Optional[bool] = None
+    prompt: Optional[str] = None
+    include_prompt: Optional[bool] = None
 
     @property
     def input_names(self) -> list[str]:
@@ -65,7 +80,9 @@ class EncoderSpec:
 
     def info(self, goldens: list[EncoderGolden]) -> EncoderInfo:
         return EncoderInfo(output=self.output, pooling=self.pooling, normalize=self.normalize,
-                           max_length=self.max_length, dim=self.dim, labels=self.labels, goldens=goldens)
+                           max_length=self.max_length, dim=self.dim, labels=self.labels, goldens=goldens,
+                           function_to_apply=self.function_to_apply, lowercase=self.lowercase, prompt=self.prompt,
+                           include_prompt=self.include_prompt)
 
     def io(self) -> IOSignature:
         out_shape = ["batch", "sequence", self.dims.hidden] if self.output == "embedding" else ["batch", self.dim]
@@ -84,38 +101,101 @@ class EncoderSpec:
         return model.eval()
 
 
-def _sentence_transformers_config(directory: Path) -> tuple[Optional[str], bool, Optional[int], list[str]]:
-    """(pooling, normalize, max_seq_length, files) from the sentence-transformers files; (None, False, None, [])
-    when the checkpoint has none."""
+@dataclass(frozen=True)
+class _STConfig:
+    """What sentence-transformers' `encode` does around the encoder, read from its files."""
+    pooling: str
+    normalize: bool
+    max_seq_length: Optional[int]
+    lowercase: bool
+    prompt: Optional[str]  # the default prompt (config_sentence_transformers.json's default_prompt_name)
+    include_prompt: bool
+    files: list[str]
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _st_pooling(path: Path) -> tuple[str, bool]:
+    """(mode, include_prompt) from a Pooling module's config.json, resolved as ST's Pooling.load_config does."""
+    config = _read_json(path)
+    modes = config.get("pooling_mode")
+    if modes is None:
+        modes = [mode for key, mode in _LEGACY_POOLING_KEYS.items() if config.get(key)] or ["mean"]  # ST's default
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    if len(modes) != 1 or modes[0] not in _POOLING_MODES:
+        raise UnsupportedArchitecture(f"{path}: pooling {modes} is not supported; exactly one of "
+                                      f"{', '.join(_POOLING_MODES)}")
+    return _POOLING_MODES[modes[0]], config.get("include_prompt", True) is not False
+
+
+def _sentence_transformers_config(directory: Path, usable: int) -> Optional[_STConfig]:
+    """The sentence-transformers files' settings; None when the checkpoint has none. Anything that would make
+    `SentenceTransformer.encode` compute something else than tokenizer -> encoder -> pooling -> [normalize] is
+    refused, naming the file and value."""
     modules_path = directory / "modules.json"
     if not modules_path.is_file():
-        return None, False, None, []
+        return None
     files = [n for n in _ST_FILES if (directory / n).is_file()]
-    modules = json.loads(modules_path.read_text(encoding="utf-8"))
-    unsupported = sorted({m.get("type", "?") for m in modules} - _ST_MODULES)
-    if unsupported:
-        raise UnsupportedArchitecture(f"{modules_path}: sentence-transformers modules {', '.join(unsupported)} are not "
-                                      f"supported; supported: {', '.join(sorted(_ST_MODULES))}")
-    pooling = None
-    for m in modules:
-        if m["type"].endswith(".Pooling"):
-            config_rel = f"{m['path']}/config.json"
-            config = json.loads((directory / config_rel).read_text(encoding="utf-8"))
-            modes = [mode for key, mode in _POOLING_KEYS.items() if config.get(key)]
-            others = [k for k, v in config.items() if k.startswith("pooling_mode_") and v and k not in _POOLING_KEYS]
-            if len(modes) != 1 or others:
-                raise UnsupportedArchitecture(f"{directory / config_rel}: pooling {modes + others} is not supported; "
-                                              f"exactly one of {', '.join(sorted(set(_POOLING_KEYS.values())))}")
-            if config.get("include_prompt") is False:
-                raise UnsupportedArchitecture(f"{directory / config_rel}: include_prompt=false is not supported")
-            pooling = modes[0]
-            files.append(config_rel)
-    normalize = any(m["type"].endswith(".Normalize") for m in modules)
-    max_seq = None
-    bert_config = directory / "sentence_bert_config.json"
-    if bert_config.is_file():
-        max_seq = json.loads(bert_config.read_text(encoding="utf-8")).get("max_seq_length")
-    return pooling, normalize, max_seq, files
+    modules = _read_json(modules_path)
+    types = [str(m.get("type", "?")) for m in modules]
+    kinds = [t.rsplit(".", 1)[-1] if t.startswith("sentence_transformers.") else t for t in types]
+    if kinds not in _ST_PIPELINES:
+        raise UnsupportedArchitecture(f"{modules_path}: sentence-transformers modules {types} are not supported; "
+                                      f"supported: {' | '.join(' -> '.join(p) for p in _ST_PIPELINES)}")
+    if modules[0].get("path"):  # ST would load the encoder from that folder, not the checkpoint's root
+        raise UnsupportedArchitecture(f"{modules_path}: a Transformer module in {modules[0]['path']!r} is not "
+                                      f"supported; only the checkpoint's root (path \"\")")
+    pooling_rel = f"{modules[1]['path']}/config.json"
+    pooling, include_prompt = _st_pooling(directory / pooling_rel)
+    files.append(pooling_rel)
+
+    transformer = {}
+    for name in _ST_TRANSFORMER_CONFIGS:
+        if (directory / name).is_file():
+            transformer = _read_json(directory / name)
+            files.append(name)
+            break
+    task = transformer.get("transformer_task", "feature-extraction")
+    if task != "feature-extraction" or transformer.get("processing_kwargs"):
+        raise UnsupportedArchitecture(f"{directory / files[-1]}: transformer_task {task!r}, processing_kwargs "
+                                      f"{transformer.get('processing_kwargs')} are not supported; only "
+                                      f"feature-extraction without processing_kwargs")
+    max_seq = transformer.get("max_seq_length")
+    if max_seq is None:
+        # ST >= 5 keeps it as the tokenizer's model_max_length, which ST caps at the model's positions
+        tokenizer_config = directory / "tokenizer_config.json"
+        model_max = _read_json(tokenizer_config).get("model_max_length") if tokenizer_config.is_file() else None
+        max_seq = min(int(model_max), usable) if isinstance(model_max, (int, float)) else None
+
+    prompt = None
+    st_config = directory / "config_sentence_transformers.json"
+    if st_config.is_file():
+        config = _read_json(st_config)
+        name, prompts = config.get("default_prompt_name"), config.get("prompts") or {}
+        if name is not None and name not in prompts:
+            raise UnsupportedArchitecture(f"{st_config}: default_prompt_name {name!r} is not one of the prompts "
+                                          f"{sorted(prompts)}")
+        if name is not None:
+            prompt = prompts[name] or None  # "" is no prompt
+    return _STConfig(pooling=pooling, normalize=kinds[-1] == "Normalize", max_seq_length=max_seq,
+                     lowercase=bool(transformer.get("do_lower_case")), prompt=prompt, include_prompt=include_prompt,
+                     files=files)
+
+
+def _function_to_apply(config) -> Optional[str]:
+    """transformers' text-classification pipeline's default (TextClassificationPipeline.postprocess), when it
+    differs from the runtime's (softmax; a sigmoid for one logit)."""
+    if config.problem_type == "regression":
+        chosen = "none"
+    elif config.problem_type == "multi_label_classification" or config.num_labels == 1:
+        chosen = "sigmoid"
+    elif config.problem_type == "single_label_classification" or config.num_labels > 1:
+        chosen = "softmax"
+    else:
+        chosen = getattr(config, "function_to_apply", None) or "none"
+    return None if chosen == ("sigmoid" if config.num_labels == 1 else "softmax") else chosen
 
 
 def encoder_spec(config, recipe: Recipe, directory: Path) -> EncoderSpec:
@@ -125,13 +205,13 @@ def encoder_spec(config, recipe: Recipe, directory: Path) -> EncoderSpec:
         raise UnsupportedArchitecture(f"model_type {model_type!r} is not a supported encoder; supported: "
                                       f"{', '.join(sorted(ENCODERS))}")
     opts = recipe.encoder
-    st_pooling, st_normalize, st_max, st_files = _sentence_transformers_config(directory)
     max_positions = int(config.max_position_embeddings)
     usable = max_positions
     if model_type in _PADDING_IDX_POSITIONS:  # position ids start after padding_idx: roberta-base's 514 hold 512 tokens
         padding_idx = config.pad_token_id if model_type != "mpnet" and config.pad_token_id is not None else 1
         usable -= int(padding_idx) + 1
-    max_length = (opts.max_length if opts and opts.max_length else None) or st_max or usable
+    st = _sentence_transformers_config(directory, usable)
+    max_length = (opts.max_length if opts and opts.max_length else None) or (st and st.max_seq_length) or usable
     if max_length > usable:
         raise UnsupportedArchitecture(f"encoder.max_length {max_length} exceeds the model's max_position_embeddings "
                                       f"{max_positions}" + (f" ({usable} tokens after padding_idx)"
@@ -149,12 +229,16 @@ def encoder_spec(config, recipe: Recipe, directory: Path) -> EncoderSpec:
         labels = [str(config.id2label[i]) for i in range(config.num_labels)]
         return EncoderSpec(task=recipe.task, model_type=model_type, dims=dims, output="logits", pooling=None,
                            normalize=False, max_length=max_length, dim=len(labels), labels=labels,
-                           token_type_ids=ENCODERS[model_type], st_files=())
-    pooling = opts.pooling if opts and opts.pooling != "auto" else (st_pooling or "mean")
-    normalize = opts.normalize if opts and opts.normalize is not None else st_normalize
+                           token_type_ids=ENCODERS[model_type], st_files=(),
+                           function_to_apply=_function_to_apply(config))
+    pooling = opts.pooling if opts and opts.pooling != "auto" else (st.pooling if st else "mean")
+    normalize = opts.normalize if opts and opts.normalize is not None else bool(st and st.normalize)
+    prompt = st.prompt if st else None
     return EncoderSpec(task=recipe.task, model_type=model_type, dims=dims, output="embedding", pooling=pooling,
                        normalize=normalize, max_length=max_length, dim=dims.hidden, labels=None,
-                       token_type_ids=ENCODERS[model_type], st_files=tuple(st_files))
+                       token_type_ids=ENCODERS[model_type], st_files=tuple(st.files) if st else (),
+                       lowercase=True if st and st.lowercase else None, prompt=prompt,
+                       include_prompt=False if prompt and not st.include_prompt else None)
 
 
 # -- reference and build ---------------------------------------------------------------------------------------

@@ -28,27 +28,38 @@ def pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
     """Token states [n, S, H] and attention mask [n, S] -> one vector per row [n, H]."""
     hidden = hidden.astype(np.float32, copy=False)
     m = mask.astype(np.float32)[:, :, None]
-    if mode == "cls":
-        return hidden[:, 0]
+    if mode == "cls":  # the first unmasked token: 0, unless a prompt is left out of pooling (as ST >= 5)
+        return hidden[np.arange(len(hidden)), np.argmax(mask > 0, axis=1)]
     if mode == "max":
         return np.where(m > 0, hidden, np.float32(-1e9)).max(axis=1)
+    if mode == "lasttoken":  # the last unmasked token of each (right-padded) row
+        last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1] > 0, axis=1)  # a row with none: its last (zeroed)
+        return (hidden * m)[np.arange(len(hidden)), last]
+    if mode == "weightedmean":  # token i weighs i + 1
+        m = m * np.arange(1, hidden.shape[1] + 1, dtype=np.float32)[None, :, None]
+        return (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
     summed = (hidden * m).sum(axis=1)
     count = np.maximum(m.sum(axis=1), 1e-9)
     if mode == "mean":
         return summed / count
     if mode == "mean_sqrt_len":
         return summed / np.sqrt(count)
-    raise ManifestError(f"pooling {mode!r} is not supported; known: mean, cls, max, mean_sqrt_len")
+    raise ManifestError(f"pooling {mode!r} is not supported; known: mean, cls, max, mean_sqrt_len, weightedmean, "
+                        f"lasttoken")
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def finish(raw: np.ndarray, mask: np.ndarray, info: EncoderInfo) -> np.ndarray:
-    """A target's raw output -> what the artifact returns (pooled + normalized embeddings, or logits)."""
+def finish(raw: np.ndarray, mask: np.ndarray, info: EncoderInfo, prompt_length: int = 0) -> np.ndarray:
+    """A target's raw output -> what the artifact returns (pooled + normalized embeddings, or logits).
+    `prompt_length` leading tokens are left out of pooling (sentence-transformers' include_prompt=false)."""
     if info.output == "logits":
         return raw.astype(np.float32, copy=False)
+    if prompt_length:
+        mask = mask.copy()
+        mask[:, :prompt_length] = 0
     out = pool(raw, mask, info.pooling or "mean")
     return l2_normalize(out) if info.normalize else out
 
@@ -121,10 +132,20 @@ class EmbeddingModel:
             raise ManifestError(f"{self.root / 'tokenizer.json'}: cannot load tokenizer: {e}") from None
         tok.no_padding()
         tok.enable_truncation(max_length=info.max_length)
+        if info.lowercase:  # as sentence-transformers applies do_lower_case: a Lowercase normalizer in front
+            from tokenizers import normalizers
+
+            rest = [tok.normalizer] if tok.normalizer else []
+            tok.normalizer = normalizers.Sequence([normalizers.Lowercase()] + rest)
         pad_token = self._pad_token()
         pad_id = tok.token_to_id(pad_token) if pad_token else None
         tok.enable_padding(pad_id=pad_id if pad_id is not None else 0, pad_token=pad_token or "[PAD]")
         self._tok = tok
+        self._prompt_length = 0
+        if info.prompt and info.include_prompt is False:
+            # sentence-transformers' prompt length: the prompt's tokens, less a trailing special token
+            encoding = tok.encode(info.prompt)
+            self._prompt_length = len(encoding.ids) - (1 if encoding.special_tokens_mask[-1:] == [1] else 0)
         bounds = entry.shapes
         self.batch_size = bounds.max_batch if bounds else 32
 
@@ -172,7 +193,8 @@ class EmbeddingModel:
         """Padded (to the longest) and truncated (to max_length) feeds for one batch."""
         if any(not isinstance(t, str) for t in texts):
             raise RequestError("texts must be strings")
-        encodings = self._tok.encode_batch(list(texts))
+        prompt = self.info.prompt or ""  # sentence-transformers' default prompt, prepended as its encode() does
+        encodings = self._tok.encode_batch([prompt + t for t in texts])
         feeds = {"input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
                  "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
                  "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64)}
@@ -189,7 +211,7 @@ class EmbeddingModel:
         out = []
         for start in range(0, len(texts), size):
             feeds = self.tokenize(texts[start:start + size])
-            out.append(finish(self._runner(feeds), feeds["attention_mask"], self.info))
+            out.append(finish(self._runner(feeds), feeds["attention_mask"], self.info, self._prompt_length))
         return np.concatenate(out).astype(np.float32, copy=False)
 
     def embed(self, texts: Union[str, Sequence[str]], batch_size: Optional[int] = None) -> np.ndarray:
@@ -201,17 +223,21 @@ class EmbeddingModel:
         return vectors[0] if single else vectors
 
     def classify(self, texts: Union[str, Sequence[str]], batch_size: Optional[int] = None):
-        """One text -> {"label", "score", "scores"}; several -> a list of them (softmax over the logits; a sigmoid
-        of a single logit, as transformers' text-classification pipeline scores one-label heads)."""
+        """One text -> {"label", "score", "scores"}; several -> a list of them. Scored as transformers'
+        text-classification pipeline scores the checkpoint: the manifest's function_to_apply (sigmoid for
+        multi-label heads, none for regression), else a softmax over the logits, or a sigmoid of a single logit."""
         if self.info.output != "logits":
             raise RequestError(f"{self.name} is a {self.task} model; use embed()")
         single = isinstance(texts, str)
         logits = self.forward([texts] if single else texts, batch_size).astype(np.float64)
-        if logits.shape[-1] == 1:  # a softmax over one logit is always 1.0
+        function = self.info.function_to_apply or ("sigmoid" if logits.shape[-1] == 1 else "softmax")
+        if function == "sigmoid":
             probs = 1.0 / (1.0 + np.exp(-logits))
-        else:
+        elif function == "softmax":
             probs = np.exp(logits - logits.max(-1, keepdims=True))
             probs /= probs.sum(-1, keepdims=True)
+        else:
+            probs = logits
         labels = self.info.labels or [str(i) for i in range(logits.shape[-1])]
         out = [{"label": labels[int(p.argmax())], "score": float(p.max()),
                 "scores": {labels[i]: float(v) for i, v in enumerate(p)}} for p in probs]

@@ -191,12 +191,21 @@ class EncoderGolden(_Model):
 class EncoderInfo(_Model):
     """How an encoder artifact turns texts into its output (tasks feature-extraction, text-classification)."""
 
+    _ADDED = frozenset({"function_to_apply", "lowercase", "prompt", "include_prompt"})
+
     output: Literal["embedding", "logits"]
-    pooling: Optional[Literal["mean", "cls", "max", "mean_sqrt_len"]] = None  # embedding only
+    # embedding only
+    pooling: Optional[Literal["mean", "cls", "max", "mean_sqrt_len", "weightedmean", "lasttoken"]] = None
     normalize: bool = False  # L2-normalize embeddings
     max_length: Count  # tokens per text (longer texts are truncated)
     dim: Count  # embedding size, or number of labels
     labels: Optional[list[str]] = None  # text-classification: label of each logit
+    # text-classification scores, as transformers' pipeline picks them from problem_type / num_labels; unset: softmax
+    # (a sigmoid for one logit). Written only when it differs, so older runtimes refuse what they would score wrong.
+    function_to_apply: Optional[Literal["softmax", "sigmoid", "none"]] = None
+    lowercase: Optional[bool] = None  # lowercase texts before tokenizing (sentence-transformers do_lower_case)
+    prompt: Optional[str] = None  # prepended to every text (sentence-transformers default_prompt_name)
+    include_prompt: Optional[bool] = None  # False: the prompt's tokens are left out of pooling (as ST's Pooling)
     # the reference's outputs for the validation texts; a target must stay within its validation tolerance's cosine
     goldens: list[EncoderGolden] = []
 

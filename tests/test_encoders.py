@@ -25,24 +25,27 @@ def cosine(a, b):
 
 
 # -- a tiny random BERT with sentence-transformers files (fast) -------------------------------------------------
-def make_tiny_bert(out: Path, pooling: str = "mean", normalize: bool = True, classes: int = 0) -> Path:
+def make_tiny_bert(out: Path, pooling: str = "mean", normalize: bool = True, classes: int = 0, cased: bool = False,
+                   do_lower_case: bool = False, **config_extra) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
 
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.normalizer = normalizers.BertNormalizer(lowercase=not cased)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(TEXTS * 20 + ["the quick brown fox jumps over the lazy dog"] * 20,
+    corpus = TEXTS * 20 + ([t.lower() for t in TEXTS] * 20 if cased else [])  # cased: both spellings in the vocab
+    tok.train_from_iterator(corpus + ["the quick brown fox jumps over the lazy dog"] * 20,
                             trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials, show_progress=False))
     tok.post_processor = processors.BertProcessing(("[SEP]", tok.token_to_id("[SEP]")), ("[CLS]", tok.token_to_id("[CLS]")))
-    BertTokenizerFast(tokenizer_object=tok).save_pretrained(out)
+    BertTokenizerFast(tokenizer_object=tok, do_lower_case=not cased).save_pretrained(out)
     labels = {i: f"label_{i}" for i in range(classes)}
     config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, **({"id2label": labels} if classes else {}))
+                        intermediate_size=64, max_position_embeddings=64, **({"id2label": labels} if classes else {}),
+                        **config_extra)
     torch.manual_seed(0)
     (BertForSequenceClassification if classes else BertModel)(config).eval().save_pretrained(out)
     if not classes:
@@ -55,7 +58,8 @@ def make_tiny_bert(out: Path, pooling: str = "mean", normalize: bool = True, cla
         keys = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens"}
         (out / "1_Pooling" / "config.json").write_text(json.dumps(
             {"word_embedding_dimension": 32, **{k: k == keys[pooling] for k in keys.values()}}))
-        (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 48, "do_lower_case": False}))
+        (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 48,
+                                                                   "do_lower_case": do_lower_case}))
     return out
 
 
@@ -187,6 +191,118 @@ def test_one_logit_classifier_scores_with_a_sigmoid_as_transformers(tmp_path):
     assert [g["label"] for g in got] == [e["label"] for e in expected] == ["label_0"] * len(TEXTS)
     assert np.allclose([g["score"] for g in got], [e["score"] for e in expected], atol=1e-5)
     assert all(g["scores"] == {"label_0": g["score"]} for g in got)
+
+
+def test_multi_label_and_regression_heads_score_as_the_pipeline(tmp_path):
+    """problem_type multi_label_classification: the pipeline scores each label with a sigmoid (our softmax made
+    the labels' scores sum to 1); regression: the raw logits. The build records it, the runtime applies it."""
+    from transformers import pipeline
+
+    for problem_type, function in (("multi_label_classification", "sigmoid"), ("regression", "none")):
+        ckpt = make_tiny_bert(tmp_path / f"{problem_type}-ckpt", classes=3, problem_type=problem_type)
+        built = build(encoder_recipe({"path": str(ckpt)}, tmp_path / problem_type, task="text-classification",
+                                     targets=[{"format": "onnx"}]))
+        assert built.manifest.encoder.function_to_apply == function
+        expected = pipeline("text-classification", model=str(ckpt), device="cpu", top_k=None)(TEXTS)
+        with inferneo_runtime.load(built.output) as model:
+            got = model.classify(TEXTS)
+        for g, e in zip(got, expected):
+            want = {d["label"]: d["score"] for d in e}
+            assert g["scores"].keys() == want.keys() and g["label"] == max(want, key=want.get)
+            assert np.allclose([g["scores"][k] for k in want], list(want.values()), atol=1e-5), problem_type
+            assert np.isclose(g["score"], max(want.values()), atol=1e-5)
+
+
+def test_single_label_manifest_is_written_as_before(tiny_bert_artifact, tmp_path):
+    """Unset additions stay out of the JSON (older runtimes refuse unknown keys); an old manifest still loads."""
+    for key in ("function_to_apply", "lowercase", "prompt", "include_prompt"):
+        assert key not in json.loads((tiny_bert_artifact.output / "inferneo.json").read_text())["encoder"]
+
+
+def test_do_lower_case_is_applied_as_sentence_transformers(tmp_path):
+    """sentence_bert_config.json do_lower_case: sentence-transformers lowercases the texts before a cased
+    tokenizer sees them; the artifact tokenized them as written."""
+    st = pytest.importorskip("sentence_transformers")
+    ckpt = make_tiny_bert(tmp_path / "cased-ckpt", pooling="mean", cased=True, do_lower_case=True)
+    built = build(encoder_recipe({"path": str(ckpt)}, tmp_path / "cased", targets=[{"format": "onnx"}]))
+    assert built.manifest.encoder.lowercase is True
+    texts = TEXTS + ["HELLO A MAN"]
+    expected = st.SentenceTransformer(str(ckpt), device="cpu").encode(texts, convert_to_numpy=True)
+    with inferneo_runtime.load(built.output) as model:
+        got = model.embed(texts)
+    assert cosine(got, expected).min() >= 0.9999 and np.abs(got - expected).max() < 1e-4
+
+
+def test_checkpoint_saved_by_sentence_transformers_5(tmp_path):
+    """A checkpoint as `SentenceTransformer.save` writes it since ST 5: module types by their new module paths,
+    `pooling_mode` in the Pooling config, max_seq_length and do_lower_case in the tokenizer's files (not in
+    sentence_bert_config.json), and a default prompt left out of pooling. It was refused (module types), and
+    with those accepted it pooled mean over untruncated, prompt-less texts."""
+    st = pytest.importorskip("sentence_transformers")
+    from sentence_transformers.models import Normalize, Pooling, Transformer
+
+    base = make_tiny_bert(tmp_path / "base", cased=True)
+    (tmp_path / "base" / "modules.json").unlink()  # plain HF files: ST builds its default pipeline from them
+    modules = [Transformer(str(base), max_seq_length=12, do_lower_case=True),
+               Pooling(32, pooling_mode="weightedmean", include_prompt=False), Normalize()]
+    ckpt = tmp_path / "st5"
+    st.SentenceTransformer(modules=modules, prompts={"query": "query: A "}, default_prompt_name="query",
+                           device="cpu").save(str(ckpt))
+    built = build(encoder_recipe({"path": str(ckpt)}, tmp_path / "art", targets=[{"format": "onnx"}]))
+    e = built.manifest.encoder
+    assert (e.pooling, e.normalize, e.max_length, e.prompt, e.include_prompt) == (
+        "weightedmean", True, 12, "query: A ", False)
+    texts = TEXTS + ["HELLO a man " * 10]  # longer than 12 tokens
+    expected = st.SentenceTransformer(str(ckpt), device="cpu").encode(texts, convert_to_numpy=True)
+    with inferneo_runtime.load(built.output) as model:
+        got = model.embed(texts)
+        assert np.allclose(model.embed(texts, batch_size=1), got, atol=1e-5)
+    assert cosine(got, expected).min() >= 0.9999 and np.abs(got - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken"])
+def test_pooling_equals_sentence_transformers_pooling(mode):
+    """Every ST pooling mode over a right-padded batch, with and without a 2-token prompt left out of pooling,
+    against ST's own Pooling module."""
+    pytest.importorskip("sentence_transformers")
+    import torch
+    from sentence_transformers.models import Pooling
+
+    from inferneo_build.encoder import _POOLING_MODES
+    from inferneo_runtime.embedding import finish
+    from inferneo_runtime.manifest import EncoderInfo
+
+    rng = np.random.default_rng(0)
+    hidden = rng.standard_normal((3, 6, 8)).astype(np.float32)
+    mask = np.array([[1] * 6, [1] * 4 + [0] * 2, [1] * 3 + [0] * 3], dtype=np.int64)
+    info = EncoderInfo(output="embedding", pooling=_POOLING_MODES[mode], max_length=6, dim=8)
+    for include_prompt in (True, False):
+        features = {"token_embeddings": torch.from_numpy(hidden), "attention_mask": torch.from_numpy(mask),
+                    "prompt_length": 2}
+        expected = Pooling(8, pooling_mode=mode, include_prompt=include_prompt)(features)["sentence_embedding"]
+        got = finish(hidden, mask, info, prompt_length=0 if include_prompt else 2)
+        assert np.allclose(got, expected.numpy(), atol=1e-6), include_prompt
+
+
+def test_unsupported_sentence_transformers_modules_are_refused(tiny_bert, tmp_path):
+    """A Dense layer after pooling (or any module not applied here) is refused at build time, exit 2, naming
+    the file and the modules: never an artifact whose vectors differ from sentence-transformers'."""
+    ckpt = tmp_path / "dense"
+    shutil.copytree(tiny_bert, ckpt)
+    modules = json.loads((ckpt / "modules.json").read_text())
+    modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    (ckpt / "modules.json").write_text(json.dumps(modules))
+    from inferneo_build.architectures import UnsupportedArchitecture
+
+    with pytest.raises(UnsupportedArchitecture, match=r"modules\.json: .*'sentence_transformers\.models\.Dense'") as e:
+        build(encoder_recipe({"path": str(ckpt)}, tmp_path / "out", targets=[{"format": "onnx"}]))
+    assert e.value.exit_code == 2 and str(ckpt) in str(e.value) and not (tmp_path / "out").exists()
+    # an encoder ST loads from a subfolder is not the root checkpoint the build exports
+    del modules[2]
+    modules[0]["path"] = "0_Transformer"
+    (ckpt / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(UnsupportedArchitecture, match=r"modules\.json: a Transformer module in '0_Transformer'"):
+        build(encoder_recipe({"path": str(ckpt)}, tmp_path / "out", targets=[{"format": "onnx"}]))
 
 
 def test_roberta_long_text_is_truncated_to_the_usable_positions(tmp_path):
