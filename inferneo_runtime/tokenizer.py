@@ -21,6 +21,18 @@ def _token_text(value) -> Optional[str]:
     return value
 
 
+def clean_up_tokenization(text: str) -> str:
+    """transformers' clean_up_tokenization: what its decode does when tokenizer_config.json says
+    clean_up_tokenization_spaces (" ." -> ".", " n't" -> "n't", ...)."""
+    for before, after in _CLEAN_UP:
+        text = text.replace(before, after)
+    return text
+
+
+# in transformers' order: each replacement runs over the result of the previous one
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
 
 
@@ -49,13 +61,26 @@ class Tokenizer:
             self._tok = _HFTokenizer.from_file(str(root / "tokenizer.json"))
         except Exception as e:  # tokenizers raises plain Exception subclasses for bad files
             raise ManifestError(f"{root / 'tokenizer.json'}: cannot load tokenizer: {e}") from None
+        # transformers encodes without the file's truncation or padding unless a call asks for them
+        self._tok.no_truncation()
+        self._tok.no_padding()
         config_path = root / "tokenizer_config.json"
         self.config = json.loads(config_path.read_text(encoding="utf-8")) if usable(config_path.name) else {}
         template_file = root / "chat_template.jinja"
-        self.chat_template: Optional[str] = (template_file.read_text(encoding="utf-8") if usable(template_file.name)
-                                             else self.config.get("chat_template"))
+        template = (template_file.read_text(encoding="utf-8") if usable(template_file.name)
+                    else self.config.get("chat_template"))
+        # a list of named templates (Command R's, Hermes'): transformers renders "default", or "tool_use" when the
+        # request gives tools
+        self._named_templates = ({t["name"]: t["template"] for t in template} if isinstance(template, list)
+                                 else {})
+        self.chat_template: Optional[str] = self._named_templates.get("default") if self._named_templates else template
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
+        # transformers' decode cleans these spaces up after the tokenizer's own decoder where the config asks; as in
+        # transformers 5, never a BPE model's text, which it corrupts ("a != b" -> "a!= b"; also for artifacts whose
+        # config still says true, copied before builds wrote the value this rule gives)
+        self.clean_up_spaces = (bool(self.config.get("clean_up_tokenization_spaces", False))
+                                and type(self._tok.model).__name__ != "BPE")
 
     def token_id(self, token: Optional[str]) -> Optional[int]:
         return None if token is None else self._tok.token_to_id(token)
@@ -81,8 +106,11 @@ class Tokenizer:
         # not stall the server's event loop
         return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True, clean_up: Optional[bool] = None) -> str:
+        """As transformers' decode. `clean_up`: whether to clean up tokenization spaces; None: as the tokenizer's
+        config says (the incremental detokenizer decodes without, and cleans the joined text up itself)."""
+        text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return clean_up_tokenization(text) if (self.clean_up_spaces if clean_up is None else clean_up) else text
 
     @cached_property
     def _byte_level(self) -> bool:
@@ -94,7 +122,7 @@ class Tokenizer:
         character decodes alone to U+FFFD, so its bytes come from its vocabulary entry: SentencePiece's byte
         fallback `<0xNN>` or byte-level BPE's alphabet. Any other token: its text's UTF-8. `text`: its decoded
         text, when the caller has it."""
-        text = self.decode([token_id], skip_special_tokens=False) if text is None else text
+        text = self.decode([token_id], skip_special_tokens=False, clean_up=False) if text is None else text
         piece = self._tok.id_to_token(token_id) if "\ufffd" in text else None
         if piece is not None:
             if m := _BYTE_FALLBACK.fullmatch(piece):
@@ -124,6 +152,8 @@ class Tokenizer:
                 raise RequestError(f"messages[{i}] needs 'role' and 'content'")
         from .safe_template import render
 
+        if template is None and (template_kwargs or {}).get("tools") is not None:
+            template = self._named_templates.get("tool_use")
         env, compiled = compile_chat_template(template) if template else self._compiled_template
         final = None
         if continue_final_message:
