@@ -47,21 +47,35 @@ def generic_spec(model, reason: str) -> GenericSpec:
     import torch
     from transformers import DynamicCache
 
-    config = model.config
-    with torch.inference_mode():
-        out = model(input_ids=torch.tensor([[1, 2]]), past_key_values=DynamicCache(), use_cache=True)
-        changed = model(input_ids=torch.tensor([[1, 3]]), past_key_values=DynamicCache(), use_cache=True)
-    if not torch.allclose(out.logits[:, 0], changed.logits[:, 0], atol=1e-5):  # a later token moved an earlier logit
-        from .architectures import ARCHITECTURES, UnsupportedArchitecture
+    from .architectures import ARCHITECTURES, UnsupportedArchitecture
 
+    config = model.config
+    _check_experts_trace(model)
+    try:
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([[1, 2]]), past_key_values=DynamicCache(), use_cache=True)
+            changed = model(input_ids=torch.tensor([[1, 3]]), past_key_values=DynamicCache(), use_cache=True)
+    except MemoryError:
+        raise
+    except Exception as e:  # hybrid models (Mamba / linear-attention / convolution layers) want a cache of their own
+        raise UnsupportedArchitecture(
+            f"model_type {config.model_type!r} does not run on a key/value cache alone (transformers: "
+            f"{type(e).__name__}: {e}); the generic path exports decoders whose only state is attention keys and "
+            f"values, not recurrent, state-space or convolution state; fused: {', '.join(sorted(ARCHITECTURES))}"
+        ) from None
+    if not torch.allclose(out.logits[:, 0], changed.logits[:, 0], atol=1e-5):  # a later token moved an earlier logit
         raise UnsupportedArchitecture(
             f"model_type {config.model_type!r} is not causal (its first position's logits depend on the next token): "
             f"neither the generic path nor a fused entry takes it; fused: {', '.join(sorted(ARCHITECTURES))}")
     layers = _cache_layers(out.past_key_values)
-    keys = layers[0][0]
+    keys, values = layers[0]
     if keys.dim() != 4:
         raise TargetUnavailable(f"model_type {config.model_type!r}: its cache holds {keys.dim()}-D keys, not the "
                                 "[batch, kv_heads, seq, head_dim] the generic path runs")
+    if tuple(values.shape) != tuple(keys.shape):  # multi-head latent attention (DeepSeek) caches unequal K and V
+        raise UnsupportedArchitecture(
+            f"model_type {config.model_type!r} caches keys {list(keys.shape)} and values {list(values.shape)} of "
+            "different shapes; the generic path's cache holds keys and values of one [kv_heads, head_dim] shape")
     max_positions = (getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
                      or getattr(config, "max_sequence_length", None) or 2048)
     window = getattr(config, "sliding_window", None)
@@ -74,6 +88,34 @@ def generic_spec(model, reason: str) -> GenericSpec:
         vocab=int(out.logits.shape[-1]), max_positions=int(max_positions), reason=reason, model=model,
         sliding_window=int(window) if isinstance(window, int) and window > 0 else None,
         tied=_tied(model), per_layer_type=per_layer_type)
+
+
+# Expert implementations of transformers 5 (`config._experts_implementation`) that route with tensor ops only
+# (sort, histc, index, grouped / batched matmuls), so a trace keeps the routing for every input
+TRACEABLE_EXPERTS = ("grouped_mm", "batched_mm")
+
+
+def _check_experts_trace(model) -> None:
+    """Refuse a mixture-of-experts model whose experts run in a Python loop over the experts one input reaches
+    (transformers 4's MoE blocks, and a 5.x model on its "eager" experts): a trace would freeze that input's
+    experts into the graph. transformers 5's grouped_mm experts trace exactly."""
+    from .architectures import UnsupportedArchitecture
+
+    experts = [m for name, m in model.named_modules()
+               if name.rsplit(".", 1)[-1] == "experts" or type(m).__name__.endswith("Experts")]
+    if not experts:
+        return
+    implementation = getattr(model.config, "_experts_implementation", None)
+    if implementation in TRACEABLE_EXPERTS and all(hasattr(m, "_is_expert_parallel") for m in experts):
+        return  # every experts module dispatches on the config (transformers 5's use_experts_implementation)
+    import transformers
+
+    raise UnsupportedArchitecture(
+        f"model_type {model.config.model_type!r} is a mixture of experts whose experts run in a Python loop over "
+        f"the experts an input reaches (transformers {transformers.__version__}, experts implementation "
+        f"{implementation or 'eager'}); a traced graph would keep only the example's experts. The generic path "
+        f"traces MoE models through transformers 5's {' / '.join(TRACEABLE_EXPERTS)} experts: build with "
+        "transformers>=5")
 
 
 def _takes_mask_mapping(model) -> bool:

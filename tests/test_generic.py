@@ -120,3 +120,44 @@ def test_generic_alternating_windows_match_transformers(name, tiny_checkpoint, t
         assert len(set(expected)) >= 4, expected
         got = model.generate_ids([ids], GenerationParams(max_new_tokens=steps, ignore_eos=True))[0].token_ids
     assert got == expected
+
+
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+def test_moe_traces_through_tensor_routing_or_is_refused(tiny_checkpoint, tmp_path):
+    """transformers 5 routes MoE experts with tensor ops (grouped_mm): the trace keeps every input's routing and
+    greedy tokens equal transformers', alone and batched. transformers 4 loops in Python over the experts an input
+    reaches, which a trace would freeze: refused before export (exit 2), naming what to use instead."""
+    checkpoint = tiny_checkpoint("qwen3_moe")
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "recipe.yaml", **tiny_recipe_fields(checkpoint, "tiny-moe", out,
+                                                                         targets=("torchscript",)))
+    r = run_cli("build", str(recipe))
+    if _transformers_major() < 5:
+        assert r.returncode == 2, r.stderr
+        assert "mixture of experts" in r.stderr and "transformers>=5" in r.stderr, r.stderr
+        assert not out.exists()
+        return
+    assert r.returncode == 0, r.stderr
+    with inferneo_runtime.load(out, target="torchscript") as model:
+        ids = [model.tokenizer.encode(p) for p in PROMPTS]
+        expected = [hf_greedy(checkpoint, p, STEPS) for p in ids]
+        assert any(len(set(e)) >= 4 for e in expected), expected
+        params = GenerationParams(max_new_tokens=STEPS, ignore_eos=True)
+        assert [model.generate_ids([p], params)[0].token_ids for p in ids] == expected
+        assert [b.token_ids for b in model.generate_ids(ids, params)] == expected
+
+
+def test_hybrid_state_space_model_is_refused_naming_it(tiny_checkpoint, tmp_path):
+    """Mamba layers keep state a key/value cache cannot hold: exit 2 naming the model type, nothing written."""
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "recipe.yaml", **tiny_recipe_fields(tiny_checkpoint("bamba"), "tiny-bamba", out,
+                                                                         targets=("torchscript",)))
+    r = run_cli("build", str(recipe))
+    assert r.returncode == 2, r.stderr
+    assert "model_type 'bamba' does not run on a key/value cache alone" in r.stderr, r.stderr
+    assert not out.exists()

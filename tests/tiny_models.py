@@ -60,6 +60,11 @@ TINY_CONFIGS |= {
     "falcon": dict(model_type="falcon", vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_kv_heads=1, new_decoder_architecture=True, bos_token_id=1, eos_token_id=2,
                    max_position_embeddings=256),
+    # a mixture of experts: 16 experts, 2 per token, so most inputs reach experts a trace's example did not
+    "qwen3_moe": _GENERIC | dict(model_type="qwen3_moe", num_key_value_heads=2, head_dim=16, num_experts=16,
+                                 num_experts_per_tok=2, moe_intermediate_size=32, tie_word_embeddings=False),
+    # Mamba-2 layers beside attention: state beyond keys and values
+    "bamba": _GENERIC | dict(model_type="bamba", num_key_value_heads=2, attn_layer_indices=[1]),
 }
 _VARIED = set(TINY_CONFIGS) - {"llama", "qwen2", "mistral", "gpt2"}
 
