@@ -170,10 +170,9 @@ class Model:
         return preflight.weights_bytes(self.manifest.targets[self.target]) if self.backend.mixes_steps else 0
 
     def draft_bytes(self) -> int:
-        """Bytes held by the draft models loaded for speculation: their weights and live KV caches (a server's
-        memory budget counts them with this model's own)."""
-        drafts = list(self._drafts.values())
-        return sum(preflight.weights_bytes(d.manifest.targets[d.target]) + d._caches.nbytes for d in drafts)
+        """Bytes of the weights of the draft models loaded for speculation (a server's memory budget counts them
+        with this model's own; their KV caches are the drafting requests', counted in the driver's cache_bytes)."""
+        return sum(preflight.weights_bytes(d.manifest.targets[d.target]) for d in list(self._drafts.values()))
 
     @property
     def name(self) -> str:

@@ -95,7 +95,7 @@ class EngineDriver:
         self.engine = self._new_engine()
         self.max_sequence = self.engine.max_sequence
         self.max_batch = self.engine.max_batch
-        self.cache_bytes = 0  # the engine's KV-cache size after the last step (written by the driver thread)
+        self.cache_bytes = 0  # KV-cache bytes held after the last step (written by the driver thread): see _cache_bytes
         self.in_flight = 0  # tickets submitted and not yet done (changed under the lock)
         self.steps = 0
         self._cond = threading.Condition()
@@ -183,10 +183,11 @@ class EngineDriver:
         except Exception as e:  # noqa: BLE001 - every request in the batch gets it; the server stays up
             logger.error("model %s: engine step failed, failing %d request(s): %s", self.name, len(self._live), e)
             for ticket in list(self._live.values()):
+                if ticket.request.spec is not None:
+                    ticket.request.spec.close()  # its draft-model cache, which the ticket would keep alive
                 self._finish(ticket, e)
             self.engine = self._new_engine()
-            # the fresh engine holds no cache yet, but the prefix cache outlives the failed one: its blocks still count
-            self.cache_bytes = self.prefix_cache.nbytes if self.prefix_cache else 0
+            self.cache_bytes = self._cache_bytes()  # the prefix cache outlives the failed engine
             return
         for event in events:
             ticket = self._live.get(event.request_id)
@@ -196,7 +197,13 @@ class EngineDriver:
                 self._finish(ticket, event)
             else:
                 self._send(ticket, event)
-        self.cache_bytes = self.engine.cache_bytes + (self.prefix_cache.nbytes if self.prefix_cache else 0)
+        self.cache_bytes = self._cache_bytes()
+
+    def _cache_bytes(self) -> int:
+        """The engine's KV cache, the draft-model caches of its requests (speculation with a draft model: one per
+        request, on the draft model's backend) and the prefix cache's blocks."""
+        drafts = sum(r.spec.drafter.nbytes for r in self.engine.active if r.spec is not None)
+        return self.engine.cache_bytes + drafts + (self.prefix_cache.nbytes if self.prefix_cache else 0)
 
     def _send(self, ticket: Ticket, item) -> None:
         try:

@@ -9,9 +9,11 @@ knows each model's weight bytes before it is loaded; s3:// artifacts are fetched
 `acquire(name)` returns a Lease on a loaded model and its driver, loading it first if needed. The budget is a
 count (`max_models`) and/or bytes (`memory_budget_bytes`: weights + each engine's KV-cache bytes + the draft
 models it loaded for speculation). When loading would exceed it, idle models (no lease) are evicted, least
-recently used first. A model with leases is never evicted under its requests: the acquirer waits (up to
-`wait_s`) for leases to be released and then gives up with CapacityError. A model that cannot fit even alone
-fails at once. Loading happens outside the lock, so requests to models already loaded are not held up by it.
+recently used first; a load that brings more than its weights (a draft model, a mixed-step session) evicts the
+idle models that no longer fit beside it. A model with leases is never evicted under its requests: the acquirer
+waits (up to `wait_s`) for leases to be released and then gives up with CapacityError. A model that cannot fit
+even alone fails at once. Loading happens outside the lock, so requests to models already loaded are not held up
+by it; requests for a model being loaded wait for that one load, and get its error if it fails.
 `register`, `unregister`, `load` and `unload` change the set at run time; ModelManager (manager.py) adds
 persistence on top.
 """
@@ -92,6 +94,8 @@ class Entry:
     loads: int = 0
     evictions: int = 0
     error: Optional[str] = None  # the last load failure, if any
+    failures: int = 0  # loads that failed
+    failure: Optional[BaseException] = None  # the last one's error, for the requests that waited on that load
 
     @property
     def name(self) -> str:
@@ -115,7 +119,8 @@ class Entry:
 
     @property
     def draft_bytes(self) -> int:
-        """Weights and KV caches of the draft models this model loaded for speculation (0 for other model kinds)."""
+        """Weights of the draft models this model loaded for speculation (0 for other model kinds); their KV caches
+        are in cache_bytes."""
         measure = getattr(self.model, "draft_bytes", None)
         return measure() if callable(measure) else 0
 
@@ -332,6 +337,7 @@ class ModelRegistry:
         deadline = time.monotonic() + (self.wait_s if wait_s is None else wait_s)
         with self._cond:
             e = self.entry(name)
+            waited_on = None  # e.failures when this request began waiting for another request's load of `e`
             while True:
                 if self._closed:
                     raise CapacityError("the server is shutting down")
@@ -341,7 +347,12 @@ class ModelRegistry:
                     e.leases += 1
                     e.last_used = time.monotonic()
                     return Lease(self, e)
+                if e.state == "loading" and waited_on is None:
+                    waited_on = e.failures
                 if e.state == "unloaded":
+                    if waited_on is not None and e.failures != waited_on:
+                        # the load this request waited on failed: its error, rather than every waiter loading again
+                        raise e.failure
                     victims = self._plan_room(e)
                     if victims is not None:
                         for v in victims:
@@ -417,6 +428,20 @@ class ModelRegistry:
             resident.remove(victim)
         return victims
 
+    def _over_budget(self, e: Entry) -> list[Entry]:
+        """Idle models to evict (least recently used first) to bring the memory in use back within the budget,
+        with `e` loaded."""
+        if self.memory_budget_bytes is None:
+            return []
+        used = self.memory_used()
+        idle = sorted((r for r in self.entries.values() if r is not e and r.state == "loaded" and r.leases == 0),
+                      key=lambda r: r.last_used)
+        victims = []
+        while used > self.memory_budget_bytes and idle:
+            victims.append(idle.pop(0))
+            used -= victims[-1].memory_bytes
+        return victims
+
     def _no_room_message(self, e: Entry, waited: bool) -> str:
         budget = []
         if self.max_models is not None:
@@ -440,6 +465,7 @@ class ModelRegistry:
     def _load(self, e: Entry) -> Lease:
         """Load `e` (its state is already 'loading', so its weights count against the budget)."""
         t0 = time.perf_counter()
+        e.failure = None  # the last failure is for the requests that waited on it; it holds that load's frames
         try:
             model = self._load_model(e)
             name = self.display_id(e)
@@ -453,14 +479,26 @@ class ModelRegistry:
             with self._cond:
                 e.state = "unloaded"
                 e.error = str(exc) or type(exc).__name__
+                e.failures, e.failure = e.failures + 1, exc
                 self._cond.notify_all()
             raise
         with self._cond:
-            e.model, e.driver, e.state, e.error = model, driver, "loaded", None
-            e.loads += 1
-            e.leases += 1
-            e.last_used = time.monotonic()
+            closed = self._closed
+            if not closed:
+                e.model, e.driver, e.state, e.error = model, driver, "loaded", None
+                e.loads += 1
+                e.leases += 1
+                e.last_used = time.monotonic()
+                # a load can hold more than the weights the budget made room for (a draft model, a mixed-step
+                # session): idle models that no longer fit beside it go now
+                for victim in self._over_budget(e):
+                    self._evict(victim)
+            else:
+                e.state = "unloaded"
             self._cond.notify_all()
+        if closed:  # close() ran during the load and unloaded only what was loaded then
+            self._unload_parts(e, driver, model, timeout=None)
+            raise CapacityError("the server is shutting down")
         logger.info("model %s: loaded %s in %.2fs (%.1f MB of weights)", e.key, e.resolved.target or e.resolved.kind,
                     time.perf_counter() - t0, e.weight_bytes / 1e6)
         return Lease(self, e)
@@ -474,6 +512,10 @@ class ModelRegistry:
     def _unload(self, e: Entry, timeout: Optional[float]) -> None:
         driver, model = e.driver, e.model
         e.state, e.driver, e.model = "unloaded", None, None
+        self._unload_parts(e, driver, model, timeout)
+
+    @staticmethod
+    def _unload_parts(e: Entry, driver, model, timeout: Optional[float]) -> None:
         if driver is not None and not driver.stop(timeout):
             logger.warning("model %s: requests still running after %.0fs; closing anyway", e.key, timeout or 0)
         if model is not None:
@@ -499,14 +541,17 @@ class ModelRegistry:
                 "versions": [v.version for v in self.versions(e.name)], "loaded": e.state == "loaded",
                 "state": e.state, "kind": r.kind, "source": r.source, "validated": r.validated,
                 "notes": list(r.notes) + list(self.notes), "error": e.error, "weight_bytes": e.weight_bytes}
-        memory = {"weights_bytes": e.weight_bytes, "kv_cache_bytes": e.cache_bytes,
-                  "mixed_step_weights_bytes": e.mixed_step_bytes, "resident_bytes": e.memory_bytes}
+        memory = {"weights_bytes": e.weight_bytes}
         model = e.model
         if model is not None and hasattr(model, "memory"):
             try:
                 memory.update(model.memory())
             except Exception:  # noqa: BLE001 - memory figures are informative; never fail a listing on them
                 pass
+        # the KV-cache bytes the budget and /metrics count (the model's own figure leaves out the prefix cache and
+        # the draft-model caches of its requests)
+        memory.update(kv_cache_bytes=e.cache_bytes, mixed_step_weights_bytes=e.mixed_step_bytes,
+                      resident_bytes=e.memory_bytes)
         info["memory"] = memory
         if r.manifest is None:  # a custom model class
             impl = getattr(getattr(e, "model", None), "impl", None)

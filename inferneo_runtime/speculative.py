@@ -93,6 +93,11 @@ class Drafter:
     def propose(self, tokens: Sequence[int], k: int) -> tuple[list[int], Optional[np.ndarray]]:
         raise NotImplementedError
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of KV cache drafting holds for the request (a draft model's cache)."""
+        return 0
+
     def close(self) -> None:
         """The request ended: give back what drafting held for it."""
 
@@ -170,6 +175,10 @@ class ModelDrafter(Drafter):
         n = min(len(self.cached), len(tokens))
         differ = np.flatnonzero(np.asarray(self.cached[:n]) != np.asarray(tokens[:n]))
         return int(differ[0]) if differ.size else n
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.nbytes if self.cache is not None else 0
 
     def close(self) -> None:
         self.cache, self.cached = None, []

@@ -4,6 +4,7 @@ sampled output keeps the target's distribution, and the feature reaches the API,
 from __future__ import annotations
 
 import json
+import queue
 import shutil
 
 import numpy as np
@@ -232,15 +233,34 @@ def test_a_servers_memory_budget_counts_the_draft_models_it_loaded(draft_artifac
         plain.close()
     manager = ModelManager(sources, engine_options={"speculative": SpeculativeConfig(**DRAFT)})
     try:
-        manager.load("tiny-draft")
-        manager.generate("tiny-draft", PROMPTS[0], max_new_tokens=8, ignore_eos=True)
-        entry = manager.entry("tiny-draft")
+        with manager.acquire("tiny-draft") as lease:
+            entry, model = lease.entry, lease.model
+            events, measured = queue.Queue(), []
+
+            def sink(item):  # on the driver thread: the first step's figures against what is alive after the second
+                events.put(item)
+                if lease.driver.steps == 2 and not measured:  # (two steps give at most 11 of the 24 tokens)
+                    info = manager.get("tiny-draft")
+                    measured.append((entry.cache_bytes, model.memory(), manager.memory_used(), info))
+
+            ids = model.tokenizer.encode(PROMPTS[0])
+            lease.driver.submit(ids, SamplingParams(max_new_tokens=24, ignore_eos=True), sink)
+            while getattr(item := events.get(timeout=60), "finish_reason", "error") is None:
+                pass
+            assert not isinstance(item, BaseException), item
+        # mid-request, the request's draft-model cache is the model's KV cache too: in /metrics and the budget
+        cache, memory, used, info = measured[0]
+        assert memory["draft_kv_cache_bytes"] > 0
+        assert cache == memory["kv_cache_bytes"] + memory["draft_kv_cache_bytes"] == info["memory"]["kv_cache_bytes"]
         draft_weights = preflight.weights_bytes(entry.resolved.manifest.targets["onnx-int8"])
-        assert entry.draft_bytes >= draft_weights > 0
+        assert entry.draft_bytes == memory["draft_weights_bytes"] == draft_weights > 0
+        assert used == entry.weight_bytes + cache + draft_weights
         assert manager.memory_used() == entry.weight_bytes + entry.cache_bytes + entry.draft_bytes
         assert manager.get("tiny-draft")["memory"]["resident_bytes"] == manager.memory_used()
+        draft = model.draft_backend("onnx-int8")
     finally:
         manager.close()
+    assert manager.memory_used() == 0 and not draft._loaded  # the draft model is released with its model
 
 
 def test_bench_measures_chat_drafted_by_the_int8_target(model):

@@ -10,6 +10,8 @@ import math
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -302,6 +304,106 @@ def test_model_manager_python_api(llama, qwen, tmp_path):
     finally:
         restored.close()
     assert [r["version"] for r in json.loads(path.read_text())["models"]] == ["10", "1"]
+
+
+def gated_registry(artifact, **kw):
+    """A ModelRegistry over `artifact` whose (real) loads wait for `.gate`; `.models` lists what they loaded."""
+    from inferneo_runtime.registry import ArtifactSource, ModelRegistry
+
+    gate, models = threading.Event(), []
+
+    def load(root, **options):
+        gate.wait(60)
+        models.append(inferneo_runtime.load(root, **options))
+        return models[-1]
+
+    registry = ModelRegistry([ArtifactSource(str(artifact), "onnx")], loader=load, **kw)
+    registry.gate, registry.models = gate, models
+    return registry
+
+
+def acquire_in_thread(registry, name: str) -> tuple[threading.Thread, list]:
+    """registry.acquire(name) on a thread; the list gets its lease or its error."""
+    out: list = []
+
+    def run():
+        try:
+            out.append(registry.acquire(name))
+        except Exception as e:  # noqa: BLE001 - the outcome is what the test checks
+            out.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def wait_for(condition) -> None:
+    for _ in range(6000):
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+def test_a_load_that_fails_half_way_fails_each_request_waiting_on_it_once(llama):
+    """Two requests for a model that loads and then fails (its draft model does not exist): it is loaded once,
+    closed again, and both requests get that error; the next request tries again."""
+    from inferneo_runtime.errors import RequestError
+
+    registry = gated_registry(llama, engine_options={"speculative": "draft:no-such-target"})
+    try:
+        first, first_out = acquire_in_thread(registry, "tiny-llama")
+        wait_for(lambda: registry.entry("tiny-llama").state == "loading")
+        second, second_out = acquire_in_thread(registry, "tiny-llama")
+        wait_for(lambda: registry._cond._waiters)  # the second request waits on the first one's load
+        registry.gate.set()
+        first.join(60), second.join(60)
+        assert isinstance(first_out[0], RequestError) and "no-such-target" in str(first_out[0])
+        assert second_out == first_out
+        assert len(registry.models) == 1 and not registry.models[0].backend._loaded  # loaded once, released
+        assert registry.entry("tiny-llama").state == "unloaded" and registry.memory_used() == 0
+        with pytest.raises(RequestError, match="no-such-target"):
+            registry.acquire("tiny-llama")  # a later request loads again
+        assert len(registry.models) == 2 and not registry.models[1].backend._loaded
+    finally:
+        registry.close()
+
+
+def test_a_load_finishing_after_close_is_released(llama):
+    from inferneo_runtime.registry import CapacityError
+
+    registry = gated_registry(llama)
+    thread, out = acquire_in_thread(registry, "tiny-llama")
+    wait_for(lambda: registry.entry("tiny-llama").state == "loading")
+    registry.close()
+    registry.gate.set()
+    thread.join(60)
+    assert isinstance(out[0], CapacityError) and "shutting down" in str(out[0])
+    assert not registry.models[0].backend._loaded and registry.loaded() == [] and registry.memory_used() == 0
+    registry.close()  # a second close is a no-op
+
+
+def test_idle_models_are_evicted_when_a_load_brings_a_draft_model_past_the_budget(llama, qwen):
+    """The budget makes room for a model's weights; its draft model (speculative "draft": here the artifact's
+    torchscript target) loads with it, and an idle model that no longer fits beside both goes."""
+    from inferneo_runtime import preflight
+    from inferneo_runtime.registry import ArtifactSource, ModelRegistry
+
+    registry = ModelRegistry([ArtifactSource(str(llama), "onnx"), ArtifactSource(str(qwen), "onnx")],
+                             engine_options={"speculative": "draft:torchscript"})
+    try:
+        llama_e, qwen_e = registry.entry("tiny-llama"), registry.entry("tiny-qwen2")
+        drafts = {e.name: preflight.weights_bytes(e.resolved.manifest.targets["torchscript"])
+                  for e in (llama_e, qwen_e)}
+        # room for llama with its draft and qwen's weights: the budget lets qwen load without evicting llama
+        registry.memory_budget_bytes = llama_e.weight_bytes + drafts["tiny-llama"] + qwen_e.weight_bytes
+        registry.load("tiny-llama")
+        assert registry.memory_used() == llama_e.weight_bytes + drafts["tiny-llama"]
+        registry.load("tiny-qwen2")
+        assert registry.loaded() == ["tiny-qwen2"] and llama_e.evictions == 1
+        assert registry.memory_used() == qwen_e.weight_bytes + drafts["tiny-qwen2"] <= registry.memory_budget_bytes
+    finally:
+        registry.close()
 
 
 # -- routing and A/B tests ----------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """TorchScript target: export tiny checkpoints, run them through TorchScriptBackend, compare with HF."""
 from __future__ import annotations
 
+import gc
 import warnings
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +17,8 @@ from inferneo_build.architectures import canonical_weights, decoder_spec  # noqa
 from inferneo_build.exporters.torchscript import export_torchscript  # noqa: E402
 from inferneo_runtime.backends.base import KVCache  # noqa: E402
 from inferneo_runtime.backends.torchscript import TorchScriptBackend  # noqa: E402
+from inferneo_runtime.generation import generate_ids  # noqa: E402
+from inferneo_runtime.sampling import SamplingParams  # noqa: E402
 from inferneo_runtime.manifest import ModelDims, ShapeBounds, TargetEntry, ValidationSummary, file_entry  # noqa: E402
 
 from static_decode import (assert_caches_taking_turns_keep_their_steps, assert_padded_batches_leave_other_slots_alone,  # noqa: E402
@@ -198,3 +202,47 @@ def test_cuda_graphs_are_on_for_cuda_unless_turned_off(monkeypatch):
         assert default_mode(torch.device("cuda:1")) == "off"
     monkeypatch.setenv("INFERNEO_CUDA_GRAPHS", "1")
     assert default_mode(torch.device("cuda")) == "cuda"
+
+
+def test_close_lets_go_of_the_module_and_decode_graphs_at_once(case):
+    """close() drops what the backend made (the module's weights, the decode graphs and their static buffers:
+    on a GPU, device memory) right away: the graphs' steps are bound to the backend, a reference cycle that
+    would otherwise keep them until the next garbage collection."""
+    backend = TorchScriptBackend(case.out_dir, case.backend.target, case.backend.dims, threads=2).load()
+    backend.decode_graphs.mode = "static"  # builds the per-step buffers on the CPU, as mode "cuda" does on a GPU
+    generate_ids(backend, PROMPTS[:2], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    graphs = backend.decode_graphs
+    steps = [g for per_cache in graphs._graphs.values() for g in per_cache.values()]
+    assert graphs.built > 0 and steps
+    made = [backend._module, graphs, backend._last_position, *steps, *(t for g in steps for t in (g.ids, g.positions))]
+    refs = [weakref.ref(x) for x in made]
+    del made, steps, graphs
+    gc.disable()  # what close() lets go of must go now, not when a collection happens to run
+    try:
+        backend.close()
+        assert [r for r in refs if r() is not None] == []
+        backend.close()  # a second close is a no-op
+    finally:
+        gc.enable()
+    with pytest.raises(RuntimeError, match="before load"):
+        backend.forward(None, 0, np.array([[1]]), np.array([0]))
+
+
+def test_a_load_that_fails_half_way_keeps_nothing(case):
+    """The module loads, then its warm-up step fails (the manifest's dims do not match it): the backend drops the
+    module and its half-made state with the error, so they are freed at once, not at the next collection."""
+    dims = case.backend.dims.model_copy(update={"kv_heads": case.backend.dims.kv_heads + 1})
+    backend = TorchScriptBackend(case.out_dir, case.backend.target, dims, threads=2)
+    failed = False
+    gc.disable()
+    try:
+        try:
+            backend.load()
+        except Exception:  # noqa: BLE001 - whatever torch raises for the mismatched cache
+            failed = True
+        assert failed and not backend._loaded and backend._module is None
+        freed = weakref.ref(backend)
+        del backend
+        assert freed() is None
+    finally:
+        gc.enable()

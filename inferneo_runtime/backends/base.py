@@ -155,7 +155,11 @@ class Backend(ABC):
     # -- lifecycle --------------------------------------------------------------------------------
     def load(self) -> "Backend":
         if not self._loaded:
-            self._load_impl()
+            try:
+                self._load_impl()
+            except BaseException:
+                self._close_impl()  # what a load that failed half-way made (weights, sessions) goes now, not at gc
+                raise
             self._loaded = True
         return self
 

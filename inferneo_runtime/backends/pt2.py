@@ -47,6 +47,10 @@ class Pt2Backend(TorchScriptBackend):
         self._slot_offsets: dict[int, "torch.Tensor"] = {}
         self.decode_graphs = DecodeGraphs(self._static_step, default_mode(self._device))
 
+    def _close_impl(self) -> None:
+        self._slot_offsets = {}
+        super()._close_impl()
+
     def _call(self, ids, positions, mask, cache, start: int, logit_positions) -> "torch.Tensor":
         if not cache.is_contiguous():  # the graph computes addresses from the sizes alone
             raise InferneoError(".pt2 backend: the KV cache is not contiguous (allocate it with backend.allocate_cache)")

@@ -82,7 +82,11 @@ class TorchScriptBackend(Backend):
         self.decode_graphs = DecodeGraphs(self._static_step, default_mode(self._device))
 
     def _close_impl(self) -> None:
-        self._module = None
+        # Drop every tensor this backend made now: the decode graphs' steps are bound to this backend (a reference
+        # cycle), so they and their buffers (a GPU's graph memory pool) would otherwise wait for garbage collection.
+        self._module = self.decode_graphs = self._last_position = None
+        if getattr(self, "_device", None) is not None and self._device.type == "cuda":
+            torch.cuda.empty_cache()  # and hand the freed blocks back to the device, for the next model's load
 
     def _zeros(self, shape: tuple) -> "torch.Tensor":
         if self._device.type != "cpu":
