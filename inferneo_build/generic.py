@@ -50,7 +50,6 @@ def generic_spec(model, reason: str) -> GenericSpec:
     from .architectures import ARCHITECTURES, UnsupportedArchitecture
 
     config = model.config
-    _check_experts_trace(model)
     try:
         with torch.inference_mode():
             out = model(input_ids=torch.tensor([[1, 2]]), past_key_values=DynamicCache(), use_cache=True)
@@ -63,6 +62,7 @@ def generic_spec(model, reason: str) -> GenericSpec:
             f"{type(e).__name__}: {e}); the generic path exports decoders whose only state is attention keys and "
             f"values, not recurrent, state-space or convolution state; fused: {', '.join(sorted(ARCHITECTURES))}"
         ) from None
+    _check_experts_trace(model)  # after the probe: a hybrid MoE (Jamba, Qwen3-Next) is refused for its state first
     if not torch.allclose(out.logits[:, 0], changed.logits[:, 0], atol=1e-5):  # a later token moved an earlier logit
         raise UnsupportedArchitecture(
             f"model_type {config.model_type!r} is not causal (its first position's logits depend on the next token): "
