@@ -246,7 +246,9 @@ def write_lmi(artifact: str, out: Path, *, target: Optional[str] = None, device:
     (out / "model.py").write_text(_template("lmi_model.py"), encoding="utf-8")
     extras = "s3" if ref.s3_uri else None
     fmt = ref.manifest.targets[name].format
-    extras = ",".join(e for e in (extras, "torchscript" if fmt in ("torchscript", "pt2") else None,
+    # the base package names no onnxruntime (cpu / gpu extras); onnx targets run on the CPU wheel
+    extras = ",".join(e for e in (extras, "cpu" if fmt == "onnx" else None,
+                                  "torchscript" if fmt in ("torchscript", "pt2") else None,
                                   "tensorrt" if fmt == "tensorrt" else None) if e)
     requirement = f"inferneo[{extras}]" if extras else "inferneo"
     (out / "requirements.txt").write_text(f"{requirement}=={__version__}\n", encoding="utf-8")

@@ -31,6 +31,12 @@ class SignatureError(InferneoError):
     exit_code = 9
 
 
+class KeyExistsError(InferneoError):
+    """`keygen` was pointed at a key pair that already exists (bad input: it never overwrites a key)."""
+
+    exit_code = 2
+
+
 def _crypto():
     try:
         from cryptography.hazmat.primitives import serialization
@@ -50,15 +56,16 @@ def generate_keypair(path: Union[str, Path]) -> tuple[Path, Path, str]:
     """Write a private key (PEM, mode 0600) to `path` and its public key to `path.pub`."""
     serialization, ed25519 = _crypto()
     path = Path(path)
-    if path.exists():
-        raise InferneoError(f"{path} already exists; refusing to overwrite a key")
+    pub_path = path.with_name(path.name + ".pub")
+    for existing in (path, pub_path):
+        if existing.exists():
+            raise KeyExistsError(f"{existing} already exists; refusing to overwrite a key")
     private = ed25519.Ed25519PrivateKey.generate()
     pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
-    pub_path = path.with_name(path.name + ".pub")
     pub_path.write_bytes(private.public_key().public_bytes(serialization.Encoding.PEM,
                                                            serialization.PublicFormat.SubjectPublicKeyInfo))
     return path, pub_path, key_id(private.public_key())

@@ -347,6 +347,32 @@ def test_lmi_local_artifact_becomes_the_model_directory(artifact, tmp_path):
     verify_artifact(out, read_manifest(out), ["onnx"])
 
 
+def _installed_by(requirement_line: str) -> set[str]:
+    """The distributions `pip install -r` of this one inferneo requirement brings in: inferneo's own declared
+    requirements whose markers hold for the requested extras (pip's reading of them)."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    req = Requirement(requirement_line)
+    assert req.name == "inferneo"
+    names = set()
+    for line in requires("inferneo") or []:
+        dep = Requirement(line)
+        if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in req.extras or {""}):
+            names.add(dep.name.lower())
+    return names
+
+
+@pytest.mark.parametrize("target, needs", [("onnx", "onnxruntime"), ("torchscript", "torch")])
+def test_lmi_requirements_install_the_targets_runtime(artifact, tmp_path, target, needs):
+    # the base package names no onnxruntime (the cpu / gpu extras do), so an onnx bundle's requirements.txt
+    # must pick one, or the LMI container cannot load the target
+    _deploy("lmi", str(artifact), str(tmp_path / "lmi"), "--target", target)
+    (line,) = (tmp_path / "lmi" / "requirements.txt").read_text().split()
+    assert needs in _installed_by(line), line
+
+
 # -- KServe manifest ------------------------------------------------------------------------------------
 def test_kserve_inference_service_points_at_the_s3_artifact(artifact, tmp_path, s3env, client, bucket):
     uri = f"s3://{bucket}/models/tiny-llama"

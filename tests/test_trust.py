@@ -39,6 +39,20 @@ def signed(tiny_artifact, tmp_path, keys):
     return art
 
 
+def test_keygen_refuses_an_existing_key_pair_with_exit_2(keys, tmp_path):
+    # an existing key (or public key) is bad input, exit 2 (README's exit codes), and is left as it was
+    private = keys["ci"]["private_key"]
+    before = open(private, "rb").read()
+    r = run_cli("keygen", private, "--json")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert json.loads(r.stdout)["error"] == "KeyExistsError"
+    assert open(private, "rb").read() == before
+    (tmp_path / "lone.pub").write_text("someone's public key")
+    r = run_cli("keygen", str(tmp_path / "lone"))
+    assert r.returncode == 2 and "lone.pub already exists" in r.stderr, r.stderr
+    assert not (tmp_path / "lone").exists() and (tmp_path / "lone.pub").read_text() == "someone's public key"
+
+
 def test_signed_artifact_loads_with_its_key(signed, keys):
     pub = keys["ci"]["public_key"]
     with inferneo_runtime.load(signed, trusted_keys=[pub]) as m:
