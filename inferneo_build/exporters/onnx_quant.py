@@ -12,8 +12,9 @@ ONNX backend runs it unchanged.
   `mse` (int4_mse.py) or `affine` (nbits.py: each block's range with a float minimum, llama.cpp's Q4_1).
   `head_bits: 8` keeps the output head at 8 bits.
 - fp16: weights and compute in float16 (`onnxruntime.transformers.float16`), IO kept float32 by Casts at the
-  graph edges. Meant for GPU hosts (onnxruntime 1.32's CPU provider runs it, slowly); a host whose CPU provider
-  cannot run the float16 graph raises TargetUnavailable (skippable with `optional: true`).
+  graph edges; the RMSNorms written out in standard ops (q/k norms, norms on a branch's output) stay float32.
+  Meant for GPU hosts (onnxruntime 1.32's CPU provider runs it, slowly); a host whose CPU provider cannot run
+  the float16 graph raises TargetUnavailable (skippable with `optional: true`).
 Only MatMuls are quantized: a Gather (the embedding, also a tied lm_head's weight) keeps its float32 table.
 The quantizers work on any float32 ONNX file, so encoder exports use them too.
 """
@@ -165,11 +166,93 @@ def quantize_int8(src: Path, out_dir: Path, method: str = "weight_only", accurac
     return files
 
 
+def rms_norm_chains(model: onnx.ModelProto) -> list[list[str]]:
+    """Node names of every RMSNorm written out in standard ops (exporters.onnx._rms_norm: the q/k norms, the norms
+    on a branch's output, the first layer's), one list per norm: x * x, ReduceMean, Add eps, Sqrt, Reciprocal,
+    x * rstd, and the Mul by its weight."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    weights = {i.name for i in model.graph.initializer}
+
+    def only(tensor: str, op: str, also: str | None = None) -> onnx.NodeProto | None:
+        found = [n for n in consumers.get(tensor, []) if n.op_type == op and (also is None or also in n.input)]
+        return found[0] if len(found) == 1 else None
+
+    chains = []
+    for square in model.graph.node:
+        if square.op_type != "Mul" or len(square.input) != 2 or square.input[0] != square.input[1]:
+            continue
+        x, chain, node = square.input[0], [square], square
+        for op in ("ReduceMean", "Add", "Sqrt", "Reciprocal"):
+            node = only(node.output[0], op)
+            if node is None:
+                break
+            chain.append(node)
+        else:
+            normalize = only(node.output[0], "Mul", also=x)
+            scale = normalize and only(normalize.output[0], "Mul")
+            if scale is not None and any(i in weights for i in scale.input):
+                chains.append([n.name for n in (*chain, normalize, scale)])
+    return chains
+
+
+def _float32_norms(model: onnx.ModelProto, chains: list[list[str]]) -> None:
+    """In a float16 graph, compute each norm of `chains` (rms_norm_chains of its float32 graph) in float32: its input
+    cast up, its eps and weight float32, its output cast back to float16."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    by_name = {n.name: n for n in graph.node}
+    inits = {i.name: i for i in graph.initializer}
+    up: dict[str, str] = {}  # float16 initializer -> its float32 copy
+    before: dict[str, onnx.NodeProto] = {}
+    after: dict[str, onnx.NodeProto] = {}
+    for chain in chains:
+        nodes = [by_name[n] for n in chain]
+        square, scale = nodes[0], nodes[-1]
+        x = square.input[0]
+        x32 = f"{square.name}/float32"
+        before[square.name] = helper.make_node("Cast", [x], [x32], name=f"{square.name}/float32/Cast",
+                                               to=TensorProto.FLOAT)
+        for node in nodes:
+            for k, name in enumerate(node.input):
+                if name == x:
+                    node.input[k] = x32
+                elif name in inits and inits[name].data_type == TensorProto.FLOAT16:
+                    if name not in up:
+                        up[name] = f"{name}/float32"
+                        array = numpy_helper.to_array(inits[name]).astype(np.float32)
+                        graph.initializer.append(numpy_helper.from_array(array, up[name]))
+                    node.input[k] = up[name]
+        y = scale.output[0]
+        scale.output[0] = f"{y}/float32"
+        after[scale.name] = helper.make_node("Cast", [scale.output[0]], [y], name=f"{scale.name}/float16/Cast",
+                                             to=TensorProto.FLOAT16)
+    nodes = []
+    for node in graph.node:
+        nodes += [n for n in (before.get(node.name), node, after.get(node.name)) if n is not None]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
 def convert_fp16(src: Path, out_dir: Path) -> list[Path]:
-    """Float16 weights and compute; float32 graph inputs and outputs."""
+    """Float16 weights and compute; float32 graph inputs and outputs. The RMSNorms written out in standard ops stay
+    float32 (their input cast up, their output back), as transformers computes every norm: in float16, x * x overflows
+    once |x| > 256 (Gemma 2/3 and OLMo 2 normalize each branch's output, Qwen3, Gemma 3 and OLMo 2 their queries and
+    keys), and the norm returns x * 0. The fused Skip*Normalization ops are onnxruntime's own kernels."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, disable_shape_infer=True)
+    model = onnx.load(str(src))
+    chains = rms_norm_chains(model)
+    model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+    _float32_norms(model, chains)
     return _save(model, Path(out_dir))
 
 
