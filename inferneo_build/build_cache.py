@@ -17,14 +17,15 @@ from inferneo_runtime.artifact import verify_artifact
 from inferneo_runtime.errors import InferneoError, IntegrityError, ManifestError
 from inferneo_runtime.manifest import Manifest, read_manifest, sha256_file
 
+from .encoder import ST_TRANSFORMER_CONFIGS
 from .fingerprint import code_sha256
 from .publish import staged
 from .source import ROOT_FILES
 
 
-# sentence-transformers files an encoder build reads (its pooling, normalization and max length), besides each
-# module's `<path>/config.json` that modules.json names
-ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+# sentence-transformers files an encoder build reads (its pooling, normalization, max length, lowercasing and
+# prompt), besides each module's `<path>/config.json` that modules.json names
+ST_FILES = ("modules.json", "config_sentence_transformers.json", *ST_TRANSFORMER_CONFIGS)
 
 
 def _source_file_names(directory: Path) -> list[str]:

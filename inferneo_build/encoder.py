@@ -46,7 +46,7 @@ _LEGACY_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_token
 _ST_PIPELINES = (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"])
 _ST_FILES = ("modules.json", "config_sentence_transformers.json")
 # the Transformer module's config, under the names ST has used for it (it reads the first that exists)
-_ST_TRANSFORMER_CONFIGS = ("sentence_bert_config.json", "sentence_roberta_config.json",
+ST_TRANSFORMER_CONFIGS = ("sentence_bert_config.json", "sentence_roberta_config.json",
                            "sentence_distilbert_config.json", "sentence_camembert_config.json",
                            "sentence_albert_config.json", "sentence_xlm-roberta_config.json",
                            "sentence_xlnet_config.json")
@@ -152,7 +152,7 @@ def _sentence_transformers_config(directory: Path, usable: int) -> Optional[_STC
     files.append(pooling_rel)
 
     transformer = {}
-    for name in _ST_TRANSFORMER_CONFIGS:
+    for name in ST_TRANSFORMER_CONFIGS:
         if (directory / name).is_file():
             transformer = _read_json(directory / name)
             files.append(name)

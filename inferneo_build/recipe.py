@@ -279,7 +279,7 @@ class Encoder(_Strict):
     """Encoder tasks: how token states become one vector. `auto` reads the sentence-transformers files
     (modules.json, 1_Pooling/config.json) and falls back to mean pooling without normalization."""
 
-    pooling: Literal["auto", "mean", "cls", "max", "mean_sqrt_len"] = "auto"
+    pooling: Literal["auto", "mean", "cls", "max", "mean_sqrt_len", "weightedmean", "lasttoken"] = "auto"
     normalize: Optional[bool] = None
     max_length: Optional[int] = Field(None, ge=2, description="default: sentence_bert_config.json's max_seq_length, "
                                       "else the model's max_position_embeddings")

@@ -182,6 +182,23 @@ def test_changed_sentence_transformers_pooling_rebuilds(tmp_path):
     assert build(recipe).cached == "output"  # and unchanged, it is reused
 
 
+def test_changed_legacy_sentence_transformers_config_rebuilds(tmp_path):
+    # sentence-transformers reads its Transformer settings from sentence_<model>_config.json under older names too:
+    # a changed max_seq_length there is another artifact
+    from test_encoders import encoder_recipe, make_tiny_bert
+
+    from inferneo_build import build
+
+    ckpt = make_tiny_bert(tmp_path / "ckpt", pooling="mean")
+    legacy = ckpt / "sentence_distilbert_config.json"
+    (ckpt / "sentence_bert_config.json").rename(legacy)
+    recipe = encoder_recipe({"path": str(ckpt)}, tmp_path / "art", targets=[{"format": "onnx"}])
+    assert build(recipe).manifest.encoder.max_length == 48
+    legacy.write_text(json.dumps({**json.loads(legacy.read_text()), "max_seq_length": 24}))
+    again = build(recipe)
+    assert again.cached is None and again.manifest.encoder.max_length == 24
+
+
 def test_changed_evaluation_text_rebuilds(tmp_path, tiny_checkpoint):
     # reduced precisions are judged on the evaluation text: other text is another validation, not the cached one
     text = tmp_path / "eval.txt"

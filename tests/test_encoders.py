@@ -459,3 +459,13 @@ def test_embeddings_endpoint(tiny_bert_artifact):
     finally:
         server.should_exit = True
         thread.join(15)
+
+
+@pytest.mark.parametrize("mode", ["weightedmean", "lasttoken"])
+def test_recipe_pooling_override_takes_every_runtime_mode(mode, tiny_bert, tmp_path):
+    from transformers import AutoConfig
+
+    from inferneo_build.encoder import encoder_spec
+
+    recipe = encoder_recipe({"path": str(tiny_bert)}, tmp_path / "art", encoder={"pooling": mode})
+    assert encoder_spec(AutoConfig.from_pretrained(tiny_bert), recipe, tiny_bert).pooling == mode
