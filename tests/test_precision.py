@@ -305,3 +305,157 @@ def test_bench_rooflines_per_contender(tiny_reduced):
     assert _roofline_for("peers", "genai", m, gb_s, fp32) == fp32  # runs the float32 checkpoint
     assert _roofline_for("peers", "genai-int4", m, gb_s, fp32) is None  # its own bytes are unknown: no fraction
     assert _roofline_for("targets", "onnx-int4", m, None, None) is None  # bandwidth not measured
+
+
+# -- a block size that does not divide a MatMul's input width K ---------------------------------------------------
+# MatMulNBits holds ceil(K / block_size) blocks per column, the last one partial (SmolLM2's hidden 576 in blocks of
+# 128; the tiny models' 64 in blocks of 128). Every quantizer must quantize such a MatMul, not leave it float32.
+K_IN, K_HEAD, N_OUT = 200, 80, 48  # 200 = 1.56 blocks of 128, 6.25 of 32; the head's 80 = 2.5 blocks of 32
+
+
+def _two_matmuls(path):
+    """x [B, M, 200] @ W1 [200, 80] -> /lm_head/MatMul @ W2 [80, 48], float32, saved to `path`."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    w1 = rng.standard_normal((K_IN, K_HEAD)).astype(np.float32) * 0.1
+    w1[-1] *= 3  # the partial block's last input row stands out: a dropped or misplaced tail shows
+    w2 = rng.standard_normal((K_HEAD, N_OUT)).astype(np.float32) * 0.1
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="/model/layers.0/mlp/up_proj/MatMul"),
+             helper.make_node("MatMul", ["h", "w2"], ["logits"], name="/lm_head/MatMul")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "M", K_IN])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "M", N_OUT])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return {"/model/layers.0/mlp/up_proj/MatMul": w1, "/lm_head/MatMul": w2}
+
+
+def _dequantized(model) -> dict:
+    """{original MatMul name: (bits, [K, N] float32 weights)} read back from each MatMulNBits node's initializers
+    (packed integers, scales, uint8 or float zero points) plus an `affine` node's per-block offsets."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    by_name = {n.name: n for n in model.graph.node}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        k, n, bits, bs = a["K"], a["N"], a["bits"], a["block_size"]
+        nb = -(-k // bs)
+        packed = inits[node.input[1]].reshape(n, nb, -1)
+        q = packed if bits == 8 else np.stack([packed & 15, packed >> 4], -1).reshape(n, nb, bs)
+        scales = inits[node.input[2]].reshape(n, nb)
+        zero = np.full((n, nb), 1 << (bits - 1), np.float32)
+        if len(node.input) > 3 and node.input[3]:
+            z = inits[node.input[3]]
+            if z.dtype == np.uint8 and bits == 4:  # two per byte, by row
+                z = np.stack([z.reshape(n, -1) & 15, z.reshape(n, -1) >> 4], -1).reshape(n, -1)[:, :nb]
+            zero = z.reshape(n, nb).astype(np.float32)
+        w = (scales[..., None] * (q.astype(np.float32) - zero[..., None])).reshape(n, nb * bs)[:, :k].T
+        base = node.name.rsplit("_Q", 1)[0]
+        if f"{base}_offsets" in by_name:  # affine: + offset[block of k, n]
+            offsets = next(inits[i] for i in by_name[f"{base}_offsets"].input if i in inits)
+            w = w + offsets[np.arange(k) // bs]
+        out[base] = (bits, w)
+    return out
+
+
+def _session(path_or_model):
+    import onnxruntime as ort
+
+    model = path_or_model if isinstance(path_or_model, (str, bytes)) else path_or_model.SerializeToString()
+    return ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("path", ["int4-rtn", "int4-rtn-asymmetric", "int4-hqq", "int4-mse", "int4-affine",
+                                  "int4-rtn-head8", "int8-rtn", "int8-affine"])
+def test_block_size_not_dividing_k_still_quantizes_every_matmul(path, tmp_path):
+    """Each quantizer path, on MatMuls whose K its block size does not divide: every MatMul becomes MatMulNBits with
+    a partial last block; its stored weights are the float weights' to the bits' precision; onnxruntime runs them
+    exactly at accuracy_level 0 and, at accuracy_level 4 (int8 activations), tracks the float32 graph."""
+    import onnx
+
+    from inferneo_build.exporters.onnx_quant import quantize_int4, quantize_int8
+
+    weights = _two_matmuls(tmp_path / "fp32.onnx")
+    x = np.random.default_rng(8).standard_normal((2, 3, K_IN)).astype(np.float32)
+    (reference,) = _session(str(tmp_path / "fp32.onnx")).run(None, {"x": x})
+
+    def quantize(level):
+        out = tmp_path / f"q{level}"
+        if path.startswith("int8"):
+            quantize_int8(tmp_path / "fp32.onnx", out, "weight_only", level, [], path.split("-")[1])
+        else:
+            algorithm = path.split("-")[1]
+            quantize_int4(tmp_path / "fp32.onnx", out, 128, "asymmetric" not in path, level, [], algorithm,
+                          head_bits=8 if path.endswith("head8") or algorithm in ("mse", "affine") else 4)
+        return onnx.load(str(out / "model.onnx"))
+
+    model = quantize(4)
+    inits = {i.name for i in model.graph.initializer}
+    float_weights = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+                     and not n.name.endswith(("_block_sums", "_offsets"))]
+    assert float_weights == [], f"{path} left {float_weights} float32"
+    stored = _dequantized(model)
+    assert set(stored) == set(weights)
+    for name, w in weights.items():
+        bits, w_hat = stored[name]
+        assert w_hat.shape == w.shape
+        # 4 bits: ~10% relative error per weight matrix; 8 bits: ~0.5%
+        assert np.linalg.norm(w_hat - w) / np.linalg.norm(w) < (0.15 if bits == 4 else 0.01), (path, name, bits)
+    from inferneo_build.exporters.onnx_quant import matmul_census  # here: the checks above need no new API
+
+    census = matmul_census(model)
+    assert sum(census["quantized"].values()) == 2 and census["float32"] == {}
+    assert set(census["partial_block_k"]) <= {K_IN, K_HEAD} and census["partial_block_k"]
+
+    def relative(a, b):
+        return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+    (fast,) = _session(model).run(None, {"x": x})
+    through_stored = (x @ stored["/model/layers.0/mlp/up_proj/MatMul"][1]) @ stored["/lm_head/MatMul"][1]
+    assert relative(fast, through_stored) < 0.03, path  # int8 activations per block, the partial one too
+    assert relative(fast, reference) < (0.2 if path.startswith("int4") else 0.03), path
+
+    exact = quantize(0)  # float32 activations: the kernel computes the stored weights' product
+    stored0 = _dequantized(exact)
+    (y0,) = _session(exact).run(None, {"x": x})
+    want = (x @ stored0["/model/layers.0/mlp/up_proj/MatMul"][1]) @ stored0["/lm_head/MatMul"][1]
+    np.testing.assert_allclose(y0, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_tiny_int4_with_block_128_quantizes_its_64_wide_matmuls_and_says_so(tiny_checkpoint, tmp_path):
+    """The tiny Llama's hidden 64 in int4 blocks of 128 (SmolLM2's 576 is 4.5 blocks): every MatMul but the recipe's
+    `exclude` becomes MatMulNBits with one partial block, the target validates and runs through the runtime, and its
+    toolchain records how many MatMuls were quantized, at which bits, and which stayed float32 and why."""
+    import onnx
+
+    out = tmp_path / "block128"
+    fields = tiny_recipe_fields(tiny_checkpoint("llama"), "block128", out, targets=())
+    fields["targets"] = [{"format": "onnx", "precision": "int4", "tolerance": LENIENT,
+                          "int4": {"block_size": 128, "exclude": ["down_proj"]}}]
+    entry = build(Recipe.model_validate(fields)).manifest.targets["onnx-int4"]
+    assert entry.status == "valid" and entry.validation.status == "passed"
+
+    model = onnx.load(str(out / "onnx-int4" / "model.onnx"), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    floats = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+              and not n.name.endswith(("_block_sums", "_offsets"))]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nbits]
+    four = [a for a in attrs if a["bits"] == 4]
+    assert four and all(a["block_size"] == 128 and a["K"] % 128 for a in four)  # every one a partial block
+    assert [a["bits"] for a in attrs].count(8) == 1  # the head, 8-bit blocks of 32
+    assert floats and all("down_proj" in name for name in floats)
+    tool = entry.toolchain
+    assert tool["quantized_matmuls"].startswith(f"{len(nbits)} of {len(nbits) + len(floats)}: "
+                                                f"{len(four)} at 4 bits, 1 at 8 bits")
+    assert "block_size does not divide K = 64" in tool["quantized_matmuls"]
+    assert tool["float32_matmuls"] == f"{len(floats)}: {', '.join(floats)} (exclude: down_proj)"
+    with inferneo_runtime.load(out, target="onnx-int4") as runtime:
+        assert runtime.check_goldens()

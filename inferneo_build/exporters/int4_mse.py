@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .nbits import Blocks
+from .nbits import Blocks, pad_to_zero_point, padded_blocks
 
 LEVELS = 15  # 4 bits: integers 0..15
 # candidate scales, as multiples of the range's (max - min) / 15; 1.0 is plain asymmetric round-to-nearest
@@ -29,9 +29,12 @@ def _round_to(blocks: np.ndarray, scale: np.ndarray, lo: np.ndarray) -> tuple[np
 
 
 def quantize_blocks(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(q uint8 [N, K/bs, bs], scales float32 [N, K/bs], zero points uint8 [N, K/bs]) for float weights [N, K]."""
-    n, k = w.shape
-    blocks = w.astype(np.float32).reshape(n, k // block_size, block_size)
+    """(q uint8 [N, K/bs, bs], scales float32 [N, K/bs], zero points uint8 [N, K/bs]) for float weights [N, K]; a
+    partial last block (K/bs rounded up) is fitted to its real weights, its padding's integers the zero point."""
+    blocks, pad = padded_blocks(w, block_size)
+    real = np.ones(blocks.shape[1:], np.float32)  # [blocks, bs]: 0 on the last block's padding
+    if pad:
+        real[-1, -pad:] = 0.0
     lo, hi = np.minimum(blocks.min(-1), 0.0), np.maximum(blocks.max(-1), 0.0)  # the grid must hold 0 exactly
     span = np.maximum(hi - lo, 1e-12) / LEVELS
     best_err = np.full(lo.shape, np.inf)
@@ -39,20 +42,21 @@ def quantize_blocks(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndar
     for c in _CANDIDATES:
         scale = span * c
         q, zero = _round_to(blocks, scale, lo)
-        err = np.square(scale[..., None] * (q - zero[..., None]) - blocks).sum(-1)
+        err = (np.square(scale[..., None] * (q - zero[..., None]) - blocks) * real).sum(-1)
         better = err < best_err
         best_err, best_scale = np.where(better, err, best_err), np.where(better, scale, best_scale)
     q, zero = _round_to(blocks, best_scale, lo)
     # least-squares scale for the chosen integers; kept only where it lowers the error
-    centred = q - zero[..., None]
+    centred = (q - zero[..., None]) * real
     denom = np.square(centred).sum(-1)
     fitted = np.where(denom > 0, (blocks * centred).sum(-1) / np.maximum(denom, 1e-30), best_scale)
-    fitted_err = np.square(fitted[..., None] * centred - blocks).sum(-1)
+    fitted_err = (np.square(fitted[..., None] * centred - blocks) * real).sum(-1)
     use = (fitted > 0) & (fitted_err < best_err)
     scale = np.where(use, fitted, best_scale)
-    return q.astype(np.uint8), scale.astype(np.float32), zero.astype(np.uint8)
+    zero = zero.astype(np.uint8)
+    return pad_to_zero_point(q.astype(np.uint8), pad, zero), scale.astype(np.float32), zero
 
 
 def mse_blocks(w: np.ndarray, block_size: int) -> Blocks:
     q, scales, zero = quantize_blocks(w, block_size)
-    return Blocks(4, q, scales, zero)
+    return Blocks(4, q, scales, zero, k=w.shape[1] if w.shape[1] % block_size else None)

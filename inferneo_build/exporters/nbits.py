@@ -13,6 +13,12 @@ work, three more small nodes per quantized MatMul (block sums, offsets, add; abo
 decode on 2 cores). A source that is itself Q4_1 (the bundled SmolLM2 GGUF) is reproduced exactly this way,
 where any integer-zero-point layout re-rounds every block. With 8 bits, 255 steps hold Q4_1's 15 exactly too.
 
+A K that block_size does not divide (SmolLM2's hidden 576 in blocks of 128) has ceil(K / block_size) blocks per
+column, the last one partial, as onnxruntime's MatMulNBits defines it (its own quantizer pads the same way). Each
+quantizer sees the partial block's real weights only (its tail padded with a copy of the row's last weight, which
+leaves the block's range as it was; `mse` weighs the tail zero), and the tail's integers are the zero point, so
+the kernel's part of the padding is exactly 0 whatever it reads against it.
+
 Weights are [N, K] (output rows, input columns) here; the graph's MatMul initializers are [K, N].
 """
 from __future__ import annotations
@@ -30,41 +36,65 @@ class Blocks:
     """A [N, K] weight in blocks of `block_size` along K: w = scales * (q - zero) + offset."""
 
     bits: int
-    q: np.ndarray  # uint8 [N, K/bs, bs], integers 0..2^bits-1
+    q: np.ndarray  # uint8 [N, K/bs, bs] (K/bs rounded up), integers 0..2^bits-1
     scales: np.ndarray  # float32 [N, K/bs]
     zero: Optional[np.ndarray] = None  # uint8 [N, K/bs]; None: the kernel's default 2^(bits-1)
     offset: Optional[np.ndarray] = None  # float32 [N, K/bs], added to every weight of its block
+    k: int | None = None  # the weight's own width where the last block is partial (K/bs rounded up above)
 
     def dequantized(self) -> np.ndarray:
+        """The [N, K] weights these blocks hold (a partial last block's padding left out)."""
         z = (1 << (self.bits - 1)) if self.zero is None else self.zero[..., None].astype(np.float32)
         w = self.scales[..., None] * (self.q.astype(np.float32) - z)
         if self.offset is not None:
             w = w + self.offset[..., None]
-        return w.reshape(w.shape[0], -1)
+        return w.reshape(w.shape[0], -1)[:, :self.k]
+
+
+def padded_blocks(w: np.ndarray, block_size: int) -> tuple[np.ndarray, int]:
+    """[N, K] weights as float32 [N, ceil(K/bs), bs] blocks, and how many weights pad the last block (0 where bs
+    divides K). The padding repeats each row's last weight, so every block's min, max and max|w| are its real
+    weights'; `pad_to_zero_point` then sets the padding's integers to the zero point."""
+    n, k = w.shape
+    pad = -k % block_size
+    w = w.astype(np.float32)
+    if pad:
+        w = np.concatenate([w, np.repeat(w[:, -1:], pad, axis=1)], axis=1)
+    return w.reshape(n, -1, block_size), pad
+
+
+def pad_to_zero_point(q: np.ndarray, pad: int, zero) -> np.ndarray:
+    """q [N, blocks, bs] with the last block's `pad` trailing integers set to the zero point (an int, or [N, blocks]
+    zero points): the kernel dequantizes them to exactly 0."""
+    if pad:
+        q[:, -1, -pad:] = zero if np.isscalar(zero) else np.asarray(zero)[:, -1:]
+    return q
 
 
 def affine_blocks(w: np.ndarray, block_size: int, bits: int = 4) -> Blocks:
     """Round-to-nearest on each block's own range, [min, max] in 2^bits - 1 steps, the minimum kept as a float."""
-    n, k = w.shape
-    blocks = w.astype(np.float32).reshape(n, k // block_size, block_size)
+    blocks, pad = padded_blocks(w, block_size)
     top = (1 << bits) - 1
     lo, hi = blocks.min(-1), blocks.max(-1)
     scale = np.where(hi > lo, (hi - lo) / top, 1.0).astype(np.float32)
     q = np.clip(np.round((blocks - lo[..., None]) / scale[..., None]), 0, top).astype(np.uint8)
     mid = 1 << (bits - 1)
-    return Blocks(bits, q, scale, None, (lo + mid * scale).astype(np.float32))  # w = s * (q - mid) + (lo + mid s)
+    # w = s * (q - mid) + (lo + mid s); the padding's q = mid: the kernel's s * (q - mid) is 0 there, and the
+    # offset is added against the input's real block sums only
+    return Blocks(bits, pad_to_zero_point(q, pad, mid), scale, None, (lo + mid * scale).astype(np.float32),
+                  w.shape[1] if pad else None)
 
 
 def symmetric_blocks(w: np.ndarray, block_size: int, bits: int = 8) -> Blocks:
     """Round-to-nearest with scale max|w| / (2^(bits-1) - 1) and the default zero point: llama.cpp's Q8_0 layout
     for bits=8, so a Q8_0 source (a GGUF's embedding, tied to the head) is reproduced exactly."""
-    n, k = w.shape
-    blocks = w.astype(np.float32).reshape(n, k // block_size, block_size)
+    blocks, pad = padded_blocks(w, block_size)
     limit = (1 << (bits - 1)) - 1
     amax = np.abs(blocks).max(-1)
     scale = np.where(amax > 0, amax / limit, 1.0).astype(np.float32)
     q = np.clip(np.round(blocks / scale[..., None]), -limit, limit) + (1 << (bits - 1))
-    return Blocks(bits, q.astype(np.uint8), scale)
+    return Blocks(bits, pad_to_zero_point(q.astype(np.uint8), pad, 1 << (bits - 1)), scale,
+                  k=w.shape[1] if pad else None)
 
 
 def _pack(q: np.ndarray, bits: int) -> np.ndarray:
@@ -86,9 +116,9 @@ Plan = Callable[[str, np.ndarray], Optional[Blocks]]
 
 
 def quantize_matmuls(model: onnx.ModelProto, plan: Plan, block_size: int, accuracy_level: int) -> onnx.ModelProto:
-    """Replace each MatMul whose weight is a float32 initializer [K, N] (K divisible by block_size) and that
-    `plan` quantizes with a MatMulNBits node, plus the offset correction of affine blocks; the graph's inputs
-    and outputs are unchanged."""
+    """Replace each MatMul whose weight is a float32 initializer [K, N] and that `plan` quantizes with a
+    MatMulNBits node (ceil(K / block_size) blocks per column), plus the offset correction of affine blocks; the
+    graph's inputs and outputs are unchanged."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     users: dict[str, int] = {}
@@ -99,13 +129,13 @@ def quantize_matmuls(model: onnx.ModelProto, plan: Plan, block_size: int, accura
     for node in graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         blocks = None
-        if (weight is not None and weight.data_type == onnx.TensorProto.FLOAT and len(weight.dims) == 2
-                and weight.dims[0] % block_size == 0):
+        if weight is not None and weight.data_type == onnx.TensorProto.FLOAT and len(weight.dims) == 2:
             blocks = plan(node.name, numpy_helper.to_array(weight).T)
         if blocks is None:
             nodes.append(node)
             continue
         k, n = weight.dims
+        assert blocks.q.shape == (n, -(-k // block_size), block_size), (node.name, blocks.q.shape, k, block_size)
         base, x, y = node.input[1], node.input[0], node.output[0]
         inputs = [x, f"{base}_Q{blocks.bits}", f"{base}_scales"]
         added += [numpy_helper.from_array(_pack(blocks.q, blocks.bits), inputs[1]),
@@ -136,7 +166,7 @@ def _offset_nodes(name: str, base: str, x: str, product: str, y: str, offset: np
                   block_size: int, added: list) -> list[onnx.NodeProto]:
     """y = product + (x's block sums) @ offset^T. The block sums are a MatMul with a 0/1 [K, K/bs] matrix, which
     works for any input rank, where a Reshape + ReduceSum would need the rank."""
-    n_blocks = k // block_size
+    n_blocks = -(-k // block_size)  # a partial last block sums the inputs it has
     summer = f"nbits_block_sums_{k}x{block_size}"  # one per shape, shared by every MatMul of that K
     if not any(t.name == summer for t in added):
         indicator = np.zeros((k, n_blocks), np.float32)
