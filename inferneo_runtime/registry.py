@@ -412,6 +412,11 @@ class ModelRegistry:
                 return False
         return True
 
+    def _idle_by_age(self, e: Entry) -> list[Entry]:
+        """Eviction's candidates: the loaded models other than `e` that no request holds, least recently used first."""
+        return sorted((r for r in self.entries.values() if r is not e and r.state == "loaded" and r.leases == 0),
+                      key=lambda r: r.last_used)
+
     def _plan_room(self, e: Entry, evict: bool = True) -> Optional[list[Entry]]:
         """Idle models to evict (least recently used first) so that `e` fits; None if it cannot fit now.
         Raises CapacityError if it cannot fit even with every other model gone."""
@@ -419,7 +424,7 @@ class ModelRegistry:
             raise CapacityError(self._no_room_message(e, waited=False))
         resident = [r for r in self.entries.values() if r is not e and r.state != "unloaded"]
         victims: list[Entry] = []
-        idle = sorted((r for r in resident if r.state == "loaded" and r.leases == 0), key=lambda r: r.last_used)
+        idle = self._idle_by_age(e)
         while not self._fits(e, resident):
             if not evict or not idle:
                 return None
@@ -434,8 +439,7 @@ class ModelRegistry:
         if self.memory_budget_bytes is None:
             return []
         used = self.memory_used()
-        idle = sorted((r for r in self.entries.values() if r is not e and r.state == "loaded" and r.leases == 0),
-                      key=lambda r: r.last_used)
+        idle = self._idle_by_age(e)
         victims = []
         while used > self.memory_budget_bytes and idle:
             victims.append(idle.pop(0))

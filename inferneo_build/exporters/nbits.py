@@ -144,7 +144,7 @@ def quantize_matmuls(model: onnx.ModelProto, plan: Plan, block_size: int, accura
             inputs.append(f"{base}_zero_points")
             added.append(numpy_helper.from_array(_zero_points(blocks.zero, blocks.bits), inputs[3]))
         product = y if blocks.offset is None else f"{y}/nbits"
-        nodes.append(helper.make_node("MatMulNBits", inputs, [product], name=f"{node.name}_Q{blocks.bits}",
+        nodes.append(helper.make_node("MatMulNBits", inputs, [product], name=nbits_node_name(node.name, blocks.bits),
                                       domain="com.microsoft", K=k, N=n, bits=blocks.bits, block_size=block_size,
                                       accuracy_level=accuracy_level))
         if blocks.offset is not None:
@@ -162,6 +162,16 @@ def quantize_matmuls(model: onnx.ModelProto, plan: Plan, block_size: int, accura
     return model
 
 
+def nbits_node_name(matmul: str, bits: int) -> str:
+    """The MatMulNBits node that replaces MatMul `matmul`."""
+    return f"{matmul}_Q{bits}"
+
+
+def correction_matmuls(matmul: str) -> tuple[str, str]:
+    """The names of the two float32 MatMuls (block sums, offsets) of an affine MatMulNBits replacing `matmul`."""
+    return f"{matmul}_block_sums", f"{matmul}_offsets"
+
+
 def _offset_nodes(name: str, base: str, x: str, product: str, y: str, offset: np.ndarray, k: int,
                   block_size: int, added: list) -> list[onnx.NodeProto]:
     """y = product + (x's block sums) @ offset^T. The block sums are a MatMul with a 0/1 [K, K/bs] matrix, which
@@ -174,6 +184,7 @@ def _offset_nodes(name: str, base: str, x: str, product: str, y: str, offset: np
         added.append(numpy_helper.from_array(indicator, summer))
     added.append(numpy_helper.from_array(np.ascontiguousarray(offset.T), f"{base}_offsets"))
     sums, correction = f"{y}/block_sums", f"{y}/offset"
-    return [helper.make_node("MatMul", [x, summer], [sums], name=f"{name}_block_sums"),
-            helper.make_node("MatMul", [sums, f"{base}_offsets"], [correction], name=f"{name}_offsets"),
+    block_sums, offsets = correction_matmuls(name)
+    return [helper.make_node("MatMul", [x, summer], [sums], name=block_sums),
+            helper.make_node("MatMul", [sums, f"{base}_offsets"], [correction], name=offsets),
             helper.make_node("Add", [product, correction], [y], name=f"{name}_add_offsets")]

@@ -318,6 +318,8 @@ def matmul_census(model: onnx.ModelProto, exclude: list[str] = ()) -> dict:
     offset-correction MatMuls nbits.py adds beside an `affine` MatMulNBits are part of that node, not weights."""
     from onnx import helper
 
+    from .nbits import correction_matmuls, nbits_node_name
+
     inits = {i.name: i for i in model.graph.initializer}
     quantized: dict[int, int] = {}
     partial: set[int] = set()
@@ -331,8 +333,8 @@ def matmul_census(model: onnx.ModelProto, exclude: list[str] = ()) -> dict:
         if node.op_type == "MatMulNBits":
             if attrs["K"] % attrs["block_size"]:
                 partial.add(attrs["K"])
-            base = node.name.rsplit("_Q", 1)[0]
-            helpers |= {f"{base}_block_sums", f"{base}_offsets"}
+            matmul = node.name.removesuffix(nbits_node_name("", bits))  # the MatMul it replaced
+            helpers |= set(correction_matmuls(matmul))
     floats: dict[str, list[str]] = {}
     for node in model.graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
