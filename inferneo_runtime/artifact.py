@@ -18,6 +18,7 @@ from .errors import GoldenMismatch, InferneoError, IntegrityError, RequestError
 from .generation import SequenceOutput, generate_ids, stream_tokens
 from .goldens import mixed_step_error, teacher_forced_agreement
 from .sampling import SamplingParams
+from .sampling_defaults import read_sampling_defaults
 from .prefix_cache import PrefixCache
 from .signing import SignatureError
 from .speculative import SpeculationStats
@@ -133,6 +134,8 @@ class Model:
         # `model.prefix_cache = PrefixCache(max_bytes=256 << 20)`) and a per-step prompt-token budget.
         self.prefix_cache: Optional[PrefixCache] = None
         self.prefill_chunk: Optional[int] = None
+        # the model's own request defaults (its generation_config.json), which a server applies unless told not to
+        self.sampling_defaults = read_sampling_defaults(root)
         eos = list(manifest.generation.eos_token_ids)
         self.eos_ids = eos or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
         dims, entry = manifest.model, manifest.targets[target]

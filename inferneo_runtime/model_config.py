@@ -30,6 +30,10 @@ def _check_quantization(v: Optional[str]) -> Optional[str]:
     return v
 
 
+# how a model's <think> reasoning is split from its answer (inferneo_runtime/reasoning.py): auto-detected, never, or
+# always (vLLM's parser names for the <think> format are accepted too)
+ReasoningParserName = Literal["auto", "none", "think", "deepseek_r1", "qwen3"]
+
 # checked the same way wherever they appear (a `models:` entry, or the server-wide defaults)
 DTypeName = Annotated[str, AfterValidator(_check_dtype)]
 QuantizationName = Annotated[str, AfterValidator(_check_quantization)]
@@ -53,6 +57,8 @@ class ModelConfig(StrictModel):
     dtype: Optional[DTypeName] = None
     quantization: Optional[QuantizationName] = None
     adapters: Optional[list[str]] = Field(None, description="LoRA adapter directories (merged at compile time)")
+    reasoning_parser: Optional[ReasoningParserName] = Field(None, description="auto | none | think: whether the "
+                                                            "server splits <think> reasoning out of the answer")
 
 
 ArtifactConfig = ModelConfig  # the name this list had before it took more than artifacts

@@ -16,6 +16,8 @@ INFERNEO_TRUSTED_KEYS, INFERNEO_ADAPTERS) are comma-separated. A few other names
       - path: exports/model.onnx
         format: onnx
         tokenizer: artifacts/smollm2-135m
+      - path: artifacts/qwen3-0.6b
+        reasoning_parser: none    # <think> text stays in the content for this model
     host: 0.0.0.0
     port: 8000
     lazy: true
@@ -32,7 +34,7 @@ INFERNEO_TRUSTED_KEYS, INFERNEO_ADAPTERS) are comma-separated. A few other names
         - {name: compare, model_a: smollm2-135m, model_b: qwen, traffic_split: 0.3, sticky: user}
 
 Flags that apply to every model of the command (--model-type, --dtype, --quantization, --adapter, --tokenizer,
---model-class) are the defaults of each `models:` entry, which may set its own.
+--model-class, --reasoning-parser) are the defaults of each `models:` entry, which may set its own.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import InferneoError, pydantic_problem
 from ..model_config import (DTYPES, QUANTIZATIONS, ArtifactConfig, DTypeName, Format, ModelConfig,  # noqa: F401
-                            QuantizationName, StrictModel)
+                            QuantizationName, ReasoningParserName, StrictModel)
 
 DEFAULT_ARTIFACT = Path("artifacts/smollm2-135m")
 ENV_PREFIX = "INFERNEO_"
@@ -109,6 +111,10 @@ class ServerConfig(StrictModel):
     device: str = Field("cpu", description="cpu or cuda[:N]")
     default_max_tokens: Optional[int] = Field(None, ge=1, description="max_tokens when a request sets none (unset: "
                                               "OpenAI's 16 for completions, the rest of the context for chat)")
+    generation_config: Literal["auto", "none"] = Field("auto", description="auto: a request's unset temperature, "
+                                                       "top_p, top_k, min_p, repetition_penalty and max_tokens take "
+                                                       "the model's generation_config.json values (as vLLM); none: "
+                                                       "OpenAI's defaults")
     load_wait_s: float = Field(30.0, ge=0, description="how long a request waits for busy models to free the budget")
     graceful_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM: /ready turns 503 and running requests get "
                                       "this many seconds to finish; then they end with a 503")
@@ -171,6 +177,11 @@ class ServerConfig(StrictModel):
     tool_call_parser: Optional[Literal["hermes", "llama3_json", "mistral", "qwen3_coder"]] = Field(
         None, description="hermes, llama3_json, mistral or qwen3_coder: the format model output is parsed for tool calls in (and forced calls "
         "are written in); unset: detected from each model's chat template (inferneo_runtime/tool_calls.py)")
+    reasoning_parser: ReasoningParserName = Field("auto", description="auto: split <think> reasoning out of "
+                                                  "the answer (into `reasoning` and `reasoning_content`) for models "
+                                                  "whose chat template uses <think> and </think>; none: never; think "
+                                                  "(or vLLM's deepseek_r1, qwen3): always (inferneo_runtime/"
+                                                  "reasoning.py)")
     allowed_hosts: list[str] = Field(default_factory=list, description="Host names the management endpoints answer "
                                      "for, beside loopback names, IP addresses and the bind address (DNS rebinding)")
     model_roots: list[str] = Field(default_factory=list, description="directories and s3:// prefixes models may be "
@@ -358,5 +369,6 @@ def read_chat_template(config: ServerConfig) -> Optional[str]:
 def with_defaults(m: ModelConfig, config: ServerConfig) -> ModelConfig:
     """`m` with the command's flags filling the fields it leaves unset."""
     fill = {"format": config.model_type, "model_class": config.model_class, "tokenizer": config.tokenizer,
-            "dtype": config.dtype, "quantization": config.quantization, "adapters": list(config.adapters)}
+            "dtype": config.dtype, "quantization": config.quantization, "adapters": list(config.adapters),
+            "reasoning_parser": config.reasoning_parser}
     return m.model_copy(update={k: v for k, v in fill.items() if getattr(m, k) is None})

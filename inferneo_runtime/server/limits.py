@@ -100,8 +100,8 @@ def check_request(body, config) -> None:
         # so do the tools and earlier tool calls, which the chat template renders too
         chars = sum(len(m.role) + len(m.name or "") + (len(m.content) if isinstance(m.content, str) else
                     sum(len(p.text or "") + len(p.type) for p in m.content or ())) +
-                    sum(len(c.function.name) + len(c.function.arguments) for c in m.tool_calls or ())
-                    for m in body.messages)
+                    sum(len(c.function.name) + len(c.function.arguments) for c in m.tool_calls or ()) +
+                    len(m.reasoning_text() or "") for m in body.messages)
         chars += sum(len(json.dumps(t.model_dump(exclude_none=True))) for t in getattr(body, "tools", None) or ())
         param = "messages"
     texts = [p for p in body.prompts() if isinstance(p, str)] if isinstance(body, CompletionRequest) else [

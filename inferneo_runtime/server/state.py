@@ -3,6 +3,7 @@ lease, then tokenizing and submitting off the event loop (`ServerState.open_job`
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -19,6 +20,8 @@ from .limits import ClientStreams, check_request
 from .metrics import Metrics
 from .protocol import CompletionRequest, ModelCard, ParamError
 from .routing import Route, RouteContext, Router
+
+logger = logging.getLogger("inferneo.server")
 
 
 class ServerState:
@@ -45,6 +48,7 @@ class ServerState:
         self.starting = False  # models loading and warming up at startup: /ready is 503
         self.warmed: dict[str, float] = {}  # model -> seconds its warm-up generation took at startup
         self.defaults = {"max_tokens": config.default_max_tokens} if config.default_max_tokens else {}
+        self.told_defaults: set[str] = set()  # models whose generation_config defaults were logged
         self.card_extras: dict = {}
         self.chat_template = read_chat_template(config)  # --chat-template: used instead of each model's own
         if config.gpu_memory_utilization is not None:
@@ -209,6 +213,30 @@ class ServerState:
         if self.config.tool_call_parser:
             return get_parser(self.config.tool_call_parser)
         return detect(self.chat_template or getattr(tokenizer, "chat_template", None))
+
+    def sampling_defaults(self, job: Job) -> dict:
+        """What a request's unset sampling fields take: the server's default_max_tokens, then (generation_config
+        auto) the model's generation_config.json values; OpenAI's defaults for the rest."""
+        model = {} if self.config.generation_config == "none" else getattr(job.lease.model, "sampling_defaults", {})
+        if model and job.lease.name not in self.told_defaults:  # said once per model, as vLLM says it at start
+            self.told_defaults.add(job.lease.name)
+            logger.info("model %s: requests that leave them unset take %s from its generation_config.json "
+                        "(--generation-config none: OpenAI's defaults)", job.lease.name,
+                        ", ".join(f"{k}={v}" for k, v in model.items()))
+        return {**model, **self.defaults}
+
+    def reasoning(self, job: Job, prompt_ids: list[int]):
+        """A chat request's reasoning split (reasoning.Reasoning), or None when its model's reasoning_parser (its
+        `models:` entry's, else the server's) is none, or auto and the chat template shows no <think> format."""
+        from .. import reasoning
+
+        spec = job.lease.entry.spec
+        setting = getattr(spec, "reasoning_parser", None) or self.config.reasoning_parser
+        template = self.chat_template or getattr(job.tokenizer, "chat_template", None)
+        if not hasattr(job.tokenizer, "apply_chat_template") or not reasoning.enabled(setting, template,
+                                                                                      job.tokenizer):
+            return None
+        return reasoning.Reasoning(reasoning.prompt_opens_reasoning(job.tokenizer, prompt_ids))
 
     def card(self, e: Entry) -> ModelCard:
         return ModelCard(**{**self.registry.describe(e), **self.card_extras})

@@ -20,8 +20,9 @@ from .common import (API_DEFAULTS, COMPLETIONS_DEFAULT_MAX_TOKENS, MAX_MESSAGES,
 from .requests import (TOOL_CHOICES, ChatCompletionRequest, ChatMessage, ChatTool, CompletionRequest, ContentPart,
                        FunctionCall, FunctionDefinition, MessageToolCall, ResponseFormat)  # noqa: F401
 from .responses import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatTokenLogprob,
-                        ChoiceLogprobs, CompletionChoice, CompletionLogprobs, CompletionResponse, PromptLogprob,
-                        ResponseMessage, ResponseToolCall, ToolCallFunction, TopLogprob, UsageInfo)  # noqa: F401
+                        ChoiceLogprobs, CompletionChoice, CompletionLogprobs, CompletionResponse,
+                        CompletionTokensDetails, PromptLogprob, ResponseMessage, ResponseToolCall, ToolCallFunction,
+                        TopLogprob, UsageInfo)  # noqa: F401
 from .service import (ABTestRequest, DetokenizeRequest, DetokenizeResponse, Embedding, EmbeddingRequest,
                       EmbeddingResponse, EmbeddingUsage, ErrorInfo, ErrorResponse, ModelCard, ModelList, ModelPath,
                       RegisterModelRequest, RoutingRuleRequest, TokenizeChatRequest, TokenizeCompletionRequest,

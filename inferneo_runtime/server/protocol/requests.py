@@ -110,6 +110,10 @@ class ChatMessage(OpenAIBaseModel):
     name: Optional[ShortText] = None
     tool_calls: Optional[Annotated[list[MessageToolCall], Field(max_length=128)]] = None  # role assistant
     tool_call_id: Optional[ShortText] = None  # role tool: the call this message answers
+    # role assistant: its reasoning, under either name (vLLM's and OpenRouter's, DeepSeek's); the chat template
+    # reads `reasoning_content` (Qwen3's does)
+    reasoning: Optional[str] = None
+    reasoning_content: Optional[str] = None
 
     def to_template(self, index: int) -> dict:
         """The message as chat templates read it. A tool call's arguments become a dict, as vLLM passes them and
@@ -130,9 +134,15 @@ class ChatMessage(OpenAIBaseModel):
             out["tool_calls"] = calls
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
+        if self.reasoning_text() is not None:
+            out["reasoning_content"] = self.reasoning_text()
         if self.role == "tool" and self.name is not None:
             out["name"] = self.name
         return out
+
+    def reasoning_text(self) -> Optional[str]:
+        """The message's reasoning, by whichever name it came (reasoning_content when both)."""
+        return self.reasoning_content if self.reasoning_content is not None else self.reasoning
 
     def text(self) -> str:
         if self.content is None:
@@ -318,15 +328,20 @@ class ChatCompletionRequest(_ChatTemplateOptions, _SamplingExtensions, _ChatFiel
                              f"{str(e).split(': ', 1)[-1]}", param="tools") from None
         return constraint
 
+    def output_constraint(self, tool_constraint=None):
+        """The constraint on the output: a forced tool call's (tool_constraint()'s), else response_format's or a
+        guided_* field's; None: free text."""
+        return tool_constraint or self._constraint()
+
     def to_sampling_params(self, default_max_tokens: int, defaults: Optional[dict] = None,
-                           seed_offset: int = 0, tool_constraint=None,
+                           seed_offset: int = 0, constraint=None,
                            keep_special_tokens: bool = False) -> SamplingParams:
         """`default_max_tokens` (the rest of the context, or the server's default) applies when the request
-        sets none. `tool_constraint`: tool_constraint()'s; `keep_special_tokens`: the tool-call parser reads a
-        special token (mistral's [TOOL_CALLS]), so it stays in the text."""
+        sets none. `constraint`: output_constraint()'s (None: the request's own); `keep_special_tokens`: a parser
+        reads a special token (mistral's [TOOL_CALLS], a <think> tag that is one), so it stays in the text."""
         max_tokens = self.requested_max_tokens or default_max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        params = self._sampling_params(max_tokens, logprobs, defaults, seed_offset, constraint=tool_constraint)
+        params = self._sampling_params(max_tokens, logprobs, defaults, seed_offset, constraint=constraint)
         if keep_special_tokens:
             params = dataclasses.replace(params, skip_special_tokens=False)
         return params

@@ -8,10 +8,15 @@ from pydantic import BaseModel, Field
 
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0  # the output's tokens up to and including </think> (inferneo_runtime/reasoning.py)
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    completion_tokens_details: Optional[CompletionTokensDetails] = None  # chat, for models that reason
 
 
 class CompletionLogprobs(BaseModel):
@@ -78,6 +83,9 @@ class ResponseToolCall(BaseModel):
 class ResponseMessage(BaseModel):
     role: str = "assistant"
     content: Optional[str] = None
+    # a reasoning model's <think> text, under both names clients read: vLLM's and OpenRouter's, and DeepSeek's
+    reasoning: Optional[str] = None
+    reasoning_content: Optional[str] = None
     tool_calls: Optional[list[ResponseToolCall]] = None  # set when the output was parsed into tool calls
 
 
@@ -100,8 +108,8 @@ class ChatCompletionResponse(BaseModel):
 
 class ChatChunkChoice(BaseModel):
     index: int
-    delta: dict[str, Any]  # {"role": ...} first, then {"content": ...} or {"tool_calls": [...]}, {} with the
-    # finish_reason
+    delta: dict[str, Any]  # {"role": ...} first, then {"reasoning": ..., "reasoning_content": ...} (the same text),
+    # {"content": ...} or {"tool_calls": [...]}, {} with the finish_reason
     logprobs: Optional[ChoiceLogprobs] = None
     finish_reason: Optional[str] = None
 

@@ -13,7 +13,8 @@ from ..errors import ERROR_RESPONSES
 from ..jobs import Job
 from ..protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                         ChatTokenLogprob, ChoiceLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest,
-                        CompletionResponse, ParamError, PromptLogprob, ResponseMessage, TopLogprob)
+                        CompletionResponse, CompletionTokensDetails, ParamError, PromptLogprob, ResponseMessage,
+                        TopLogprob, UsageInfo)
 from ..state import ServerState
 from ..streaming import EventStream, end_stream, guarded, run_to_end, sse
 
@@ -29,7 +30,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         prompt_ids: list[list[int]] = []  # each prompt's tokens
 
         def prepare(job: Job) -> None:
-            ids_list, params = [], []
+            ids_list, params, defaults = [], [], state.sampling_defaults(job)
             for p in prompts:
                 ids = job.tokenizer.encode(p) if isinstance(p, str) else list(p)
                 job.prompt_tokens += len(ids)
@@ -38,7 +39,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
                     echoed.append(p if isinstance(p, str) else
                                   job.tokenizer.decode(ids, skip_special_tokens=body.skip_special_tokens))
                 for i in range(body.samples):  # sample p * samples + i draws with seed + i
-                    sp = body.to_sampling_params(state.defaults, seed_offset=i)
+                    sp = body.to_sampling_params(defaults, seed_offset=i)
                     state.check_context(job, ids, sp, "prompt")
                     ids_list.append(ids)
                     params.append(sp)
@@ -65,7 +66,9 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
     # -- chat completions --------------------------------------------------------------------------------
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response):
-        tooling = {"parser": None, "tools": None}  # the parser and tools when the request offers tools (prepare)
+        # what prepare finds out: the tool-call parser and tools when the request offers tools, the reasoning split
+        # (reasoning.Reasoning) when the model reasons, and whether the text keeps special tokens
+        chat = {"parser": None, "tools": None, "reasoning": None, "skip_special_tokens": body.skip_special_tokens}
 
         def prepare(job: Job) -> None:
             tools, parser, constraint = body.offered_tools(), None, None
@@ -78,20 +81,25 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
                                      f"knows ({', '.join(PARSERS)}); start the server with "
                                      "--tool-call-parser NAME", param="tools")
                 constraint = body.tool_constraint(parser, tools)
-                tooling.update(parser=parser, tools=tools)  # the tools type qwen3_coder's text values
+                chat.update(parser=parser, tools=tools)  # the tools type qwen3_coder's text values
             ids = state.encode_chat(job.tokenizer, body)
             job.prompt_tokens = len(ids)
+            reasoning = chat["reasoning"] = state.reasoning(job, ids)
+            constraint = _after_reasoning(body.output_constraint(constraint), reasoning, job.tokenizer)
             max_seq = job.driver.max_sequence
             room = max_seq - len(ids)
             if room < 1 and body.requested_max_tokens is None:
                 raise ParamError(f"This model's maximum context length is {max_seq} tokens. However, your messages "
                                  f"resulted in {len(ids)} tokens. Please reduce the length of the messages.",
                                  param="messages", code="context_length_exceeded")
-            default_max = min(room, config.default_max_tokens or config.max_chat_default_tokens)
-            params = [body.to_sampling_params(max(default_max, 1), state.defaults, seed_offset=i,
-                                              tool_constraint=constraint,
-                                              keep_special_tokens=parser is not None and parser.name == "mistral")
+            defaults = state.sampling_defaults(job)
+            default_max = min(room, defaults.get("max_tokens") or config.max_chat_default_tokens)
+            keep_special = (parser is not None and parser.name == "mistral") or (
+                reasoning is not None and _tags_are_special(job.tokenizer))
+            params = [body.to_sampling_params(max(default_max, 1), defaults, seed_offset=i,
+                                              constraint=constraint, keep_special_tokens=keep_special)
                       for i in range(body.n)]
+            chat["skip_special_tokens"] = params[0].skip_special_tokens
             for sp in params:
                 state.check_context(job, ids, sp, "messages")
             job.submit([ids] * body.n, params)
@@ -100,23 +108,61 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         model = state.model_field(body, job)
         if body.stream:
-            return EventStream(_stream_chat(job, rid, created, body, model, tooling["parser"], tooling["tools"]),
+            return EventStream(_stream_chat(job, rid, created, body, model, chat),
                                 on_close=partial(end_stream, job), headers=state.response_headers(job))
         await run_to_end(job, request)
         choices = []
         for i, s in enumerate(job.seqs):
-            message, finish = ResponseMessage(content=s.text), s.finish_reason
-            parsed = tooling["parser"].parse(s.text, tooling["tools"]) if tooling["parser"] is not None else None
+            thought, content = None, s.text
+            if chat["reasoning"] is not None:
+                split = chat["reasoning"].split(s.text)
+                thought, content = split.reasoning, split.content
+            message = ResponseMessage(content=content, reasoning=thought, reasoning_content=thought)
+            finish = s.finish_reason
+            parser = chat["parser"]
+            # tool calls are read from the answer only: a <tool_call> written while thinking is not a call
+            parsed = parser.parse(content, chat["tools"]) if parser is not None and content is not None else None
             if parsed is not None and parsed.calls:  # OpenAI's shape: the calls, the text before them, "tool_calls"
-                message = ResponseMessage(content=parsed.content, tool_calls=[c.to_openai() for c in parsed.calls])
+                message = message.model_copy(update={"content": parsed.content,
+                                                     "tool_calls": [c.to_openai() for c in parsed.calls]})
                 finish = "tool_calls"
             choices.append(ChatChoice(index=i, message=message, finish_reason=finish,
                                       logprobs=_chat_logprobs(job.tokenizer, s.logprobs) if body.logprobs else None))
         job.call.finish(200)
         response.headers.update(state.response_headers(job))
-        return ChatCompletionResponse(id=rid, created=created, model=model, choices=choices, usage=job.usage(),
+        return ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,
+                                      usage=_chat_usage(job, chat),
                                       prompt_logprobs=_prompt_logprobs(job.tokenizer, job.seqs[0].prompt_logprobs,
                                                                        body.prompt_logprobs))
+
+
+def _after_reasoning(constraint, reasoning, tokenizer):
+    """The output constraint, enforced after the model's reasoning when it reasons (vLLM's rule): a JSON answer or a
+    forced tool call follows the thinking instead of replacing it."""
+    if constraint is None or reasoning is None:
+        return constraint
+    from ...structured import ConstraintError
+
+    try:
+        return reasoning.constrain(constraint, tokenizer)
+    except ConstraintError as e:
+        raise ParamError(f"{e}; or start the server with --reasoning-parser none", param=e.param) from None
+
+
+def _tags_are_special(tokenizer) -> bool:
+    from ...reasoning import tags_are_special
+
+    return tags_are_special(tokenizer)
+
+
+def _chat_usage(job: Job, chat: dict) -> UsageInfo:
+    """The job's usage; for a model that reasons, with OpenAI's completion_tokens_details.reasoning_tokens."""
+    usage = job.usage()
+    reasoning = chat["reasoning"]
+    if reasoning is None:
+        return usage
+    count = sum(reasoning.token_count(job.tokenizer, s.token_ids, chat["skip_special_tokens"]) for s in job.seqs)
+    return usage.model_copy(update={"completion_tokens_details": CompletionTokensDetails(reasoning_tokens=count)})
 
 
 def _best_of(seqs: list, samples: int, n: int) -> list:
@@ -226,18 +272,32 @@ def _stream_completion(job: Job, rid: str, created: int, body: CompletionRequest
     return guarded(job, chunks())
 
 
-def _stream_chat(job: Job, rid: str, created: int, body: ChatCompletionRequest, model: str, parser=None,
-                 tools=None):
-    """`parser`: the request offers tools; each choice's text goes through a tool_calls.ToolStream: content streams
-    until a call's marker, the rest is held and sent at the end as `tool_calls` deltas (first the call's id, type
-    and name, then its arguments), with finish_reason "tool_calls"."""
+def _stream_chat(job: Job, rid: str, created: int, body: ChatCompletionRequest, model: str, chat: dict):
+    """`chat["reasoning"]`: the model reasons; each choice's text goes through a reasoning.ReasoningStream first:
+    its reasoning streams as `reasoning` and `reasoning_content` deltas, the rest as the answer.
+    `chat["parser"]`: the request offers tools; each choice's answer goes through a tool_calls.ToolStream: content
+    streams until a call's marker, the rest is held and sent at the end as `tool_calls` deltas (first the call's id,
+    type and name, then its arguments), with finish_reason "tool_calls"."""
     from ...tool_calls import ToolStream
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    tool_streams = [ToolStream(parser, tools) for _ in range(body.n)] if parser is not None else None
+    parser = chat["parser"]
+    tool_streams = [ToolStream(parser, chat["tools"]) for _ in range(body.n)] if parser is not None else None
+    reasoning_streams = ([chat["reasoning"].stream() for _ in range(body.n)] if chat["reasoning"] is not None
+                         else None)
 
     def chunk(choices, usage=None) -> str:
         return sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage))
+
+    def split(i: int, text: str, finished: bool) -> tuple[str, str]:
+        """(reasoning, answer) of a choice's new text."""
+        if reasoning_streams is None:
+            return "", text
+        thought, answer = reasoning_streams[i].feed(text) if text else ("", "")
+        if finished:
+            rest = reasoning_streams[i].finish()
+            thought, answer = thought + rest[0], answer + rest[1]
+        return thought, answer
 
     async def chunks():
         yield chunk([ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""}) for i in range(body.n)])
@@ -245,9 +305,14 @@ def _stream_chat(job: Job, rid: str, created: int, body: ChatCompletionRequest, 
             lp = _chat_logprobs(job.tokenizer, [ev.logprobs]) if ev.logprobs is not None else None
             if not ev.text and ev.finish_reason is None and lp is None:
                 continue
-            text, finish = ev.text, ev.finish_reason
+            finish = ev.finish_reason
+            thought, text = split(i, ev.text, finish is not None)
+            if thought:
+                yield chunk([ChatChunkChoice(index=i, delta={"reasoning": thought, "reasoning_content": thought},
+                                             logprobs=lp)])
+                lp = None
             if tool_streams is not None:
-                text = tool_streams[i].feed(ev.text) if ev.text else ""
+                text = tool_streams[i].feed(text) if text else ""
                 if finish is not None:
                     rest, calls = tool_streams[i].finish()
                     text += rest
@@ -262,11 +327,11 @@ def _stream_chat(job: Job, rid: str, created: int, body: ChatCompletionRequest, 
                             yield chunk([ChatChunkChoice(index=i, delta={"tool_calls": [head]})])
                             yield chunk([ChatChunkChoice(index=i, delta={"tool_calls": [
                                 {"index": k, "function": {"arguments": call.arguments}}]})])
-                if not text and finish is None and lp is None:
-                    continue
+            if not text and finish is None and lp is None:
+                continue
             delta = {"content": text} if text else {}
             yield chunk([ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=finish)])
         if include_usage:
-            yield chunk([], usage=job.usage())
+            yield chunk([], usage=_chat_usage(job, chat))
 
     return guarded(job, chunks())
