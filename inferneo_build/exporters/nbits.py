@@ -72,17 +72,57 @@ def pad_to_zero_point(q: np.ndarray, pad: int, zero) -> np.ndarray:
 
 
 def affine_blocks(w: np.ndarray, block_size: int, bits: int = 4) -> Blocks:
-    """Round-to-nearest on each block's own range, [min, max] in 2^bits - 1 steps, the minimum kept as a float."""
+    """Round-to-nearest on each block's own range, [min, max] in 2^bits - 1 steps (a multiple of the block's own
+    step count where it is already on a coarser grid), the minimum kept as a float."""
     blocks, pad = padded_blocks(w, block_size)
     top = (1 << bits) - 1
     lo, hi = blocks.min(-1), blocks.max(-1)
-    scale = np.where(hi > lo, (hi - lo) / top, 1.0).astype(np.float32)
+    # a block already on a coarser grid (a GGUF's Q4_0 or Q4_K block that uses 14 of its 16 levels, Q5_0 at 8 bits)
+    # keeps it: its span in steps times as many as fit in `top`, so the grid's levels are among ours
+    steps = _grid_steps(blocks, lo, hi, top)
+    steps = np.where(steps > 0, steps * (top // np.maximum(steps, 1)), top).astype(np.float32)
+    scale = np.where(hi > lo, (hi - lo) / steps, 1.0).astype(np.float32)
     q = np.clip(np.round((blocks - lo[..., None]) / scale[..., None]), 0, top).astype(np.uint8)
     mid = 1 << (bits - 1)
     # w = s * (q - mid) + (lo + mid s); the padding's q = mid: the kernel's s * (q - mid) is 0 there, and the
     # offset is added against the input's real block sums only
     return Blocks(bits, pad_to_zero_point(q, pad, mid), scale, None, (lo + mid * scale).astype(np.float32),
                   w.shape[1] if pad else None)
+
+
+def _grid_steps(blocks: np.ndarray, lo: np.ndarray, hi: np.ndarray, top: int) -> np.ndarray:
+    """Per block, the n <= `top` for which every weight is lo + k (hi - lo) / n with k an integer, else 0. Tried
+    first with n = `top` (a Q4_1 source at 4 bits: every block), then for the rest with the smallest gap between
+    the block's distinct values divided by 1..8 (levels the block does not use) as the step."""
+    span = hi - lo
+    found = np.where(_on_grid(blocks, lo, span, np.full(span.shape, float(top))), top, 0)
+    rest = np.nonzero(found == 0)
+    # a tensor is one source type: where its first 256 other blocks are on no grid (float weights), none is
+    probe = tuple(i[:256] for i in rest)
+    if rest[0].size and _searched_steps(blocks[probe], lo[probe], span[probe], top).any():
+        found[rest] = _searched_steps(blocks[rest], lo[rest], span[rest], top)
+    return found
+
+
+def _searched_steps(blocks: np.ndarray, lo: np.ndarray, span: np.ndarray, top: int) -> np.ndarray:
+    """`_grid_steps`' search for [blocks, bs] weights: the step is the smallest gap between distinct values / j."""
+    gaps = np.diff(np.sort(blocks, -1), axis=-1)
+    gap = np.where(gaps > span[:, None] * 1e-4, gaps, np.inf).min(-1)  # smaller gaps: equal values, float noise
+    found = np.zeros(span.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for j in range(1, 9):
+            n = np.round(j * span / gap)
+            idx = np.flatnonzero((found == 0) & np.isfinite(n) & (n >= 1) & (n <= top))
+            fits = _on_grid(blocks[idx], lo[idx], span[idx], n[idx])
+            found[idx[fits]] = n[idx][fits]
+    return found
+
+
+def _on_grid(blocks: np.ndarray, lo: np.ndarray, span: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Whether each block's weights are lo + k span / n, k an integer (to a thousandth of a step)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pos = (blocks - lo[..., None]) / (span / n).astype(np.float32)[..., None]
+        return (span > 0) & (np.abs(pos - np.round(pos)).max(-1) < 1e-3)
 
 
 def symmetric_blocks(w: np.ndarray, block_size: int, bits: int = 8) -> Blocks:
