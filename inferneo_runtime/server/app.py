@@ -37,7 +37,7 @@ from .errors import ENDPOINTS, add_error_handlers
 from .jobs import Call
 from .limits import BodyLimit
 from .middleware import RefuseWhileDraining, RequireAPIKey
-from .routes import generation, models, service
+from .routes import generation, models, responses, service
 from .state import ServerState
 
 
@@ -68,7 +68,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
             Call(state, ENDPOINTS[path]).finish(status)
 
     add_error_handlers(app, count_refused)
-    for routes in (service, models, generation):
+    for routes in (service, models, generation, responses):
         routes.add_routes(app, state)
     return app
 

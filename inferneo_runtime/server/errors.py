@@ -19,7 +19,8 @@ from .routing import RoutingError
 
 logger = logging.getLogger("inferneo.server")
 
-ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}  # path -> metrics label
+ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat",  # path -> metrics label
+             "/v1/responses": "responses"}
 ERROR_RESPONSES = {code: {"model": ErrorResponse, "description": text} for code, text in (
     (400, "invalid request (OpenAI's shape; `param` names the field)"), (404, "unknown model"),
     (413, "request body too large"), (429, "overloaded: queue full, too many requests or streams"),

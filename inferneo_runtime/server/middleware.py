@@ -41,7 +41,7 @@ class RequireAPIKey:
     management endpoints (which the admin guard keeps) are not affected. A middleware, so nothing of an
     unauthenticated request is parsed."""
 
-    PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize")
+    PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/tokenize", "/detokenize")
 
     def __init__(self, app, config: ServerConfig):
         self.app = app

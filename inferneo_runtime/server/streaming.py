@@ -80,8 +80,14 @@ def end_stream(job: Job) -> None:
     job.call.finish(499)  # a no-op when the stream already recorded how it ended
 
 
-async def guarded(job: Job, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Record the stream's outcome; an error after the headers went out becomes an error event."""
+def chat_error_event(info) -> str:
+    return sse(ErrorResponse(error=info))
+
+
+async def guarded(job: Job, chunks: AsyncIterator[str], error_event: Callable[..., str] = chat_error_event,
+                  done: str = "data: [DONE]\n\n") -> AsyncIterator[str]:
+    """Record the stream's outcome; an error after the headers went out becomes an error event (`error_event(info)`,
+    info an ErrorInfo), and the stream ends with `done` (the Responses API's streams have no [DONE])."""
     try:
         async for chunk in chunks:
             yield chunk
@@ -93,8 +99,10 @@ async def guarded(job: Job, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
         if status >= 500 and status != 503:
             logger.exception("stream failed", exc_info=e)
         job.call.finish(status)
-        yield sse(ErrorResponse(error=info))
-        yield "data: [DONE]\n\n"
+        yield error_event(info)
+        if done:
+            yield done
         return
     job.call.finish(200)
-    yield "data: [DONE]\n\n"
+    if done:
+        yield done

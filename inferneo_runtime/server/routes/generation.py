@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from functools import partial
 from typing import Optional
 
@@ -20,8 +21,6 @@ from ..streaming import EventStream, end_stream, guarded, run_to_end, sse
 
 
 def add_routes(app: FastAPI, state: ServerState) -> None:
-    config = state.config
-
     # -- completions -----------------------------------------------------------------------------------
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest, request: Request, response: Response):
@@ -66,44 +65,8 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
     # -- chat completions --------------------------------------------------------------------------------
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response):
-        # what prepare finds out: the tool-call parser and tools when the request offers tools, the reasoning split
-        # (reasoning.Reasoning) when the model reasons, and whether the text keeps special tokens
-        chat = {"parser": None, "tools": None, "reasoning": None, "skip_special_tokens": body.skip_special_tokens}
-
-        def prepare(job: Job) -> None:
-            tools, parser, constraint = body.offered_tools(), None, None
-            if tools is not None:
-                parser = state.tool_parser(job.tokenizer)
-                if parser is None:
-                    from ...tool_calls import PARSERS
-
-                    raise ParamError("tools: this model's chat template shows no tool-call format this server "
-                                     f"knows ({', '.join(PARSERS)}); start the server with "
-                                     "--tool-call-parser NAME", param="tools")
-                constraint = body.tool_constraint(parser, tools)
-                chat.update(parser=parser, tools=tools)  # the tools type qwen3_coder's text values
-            ids = state.encode_chat(job.tokenizer, body)
-            job.prompt_tokens = len(ids)
-            reasoning = chat["reasoning"] = state.reasoning(job, ids)
-            constraint = _after_reasoning(body.output_constraint(constraint), reasoning, job.tokenizer)
-            max_seq = job.driver.max_sequence
-            room = max_seq - len(ids)
-            if room < 1 and body.requested_max_tokens is None:
-                raise ParamError(f"This model's maximum context length is {max_seq} tokens. However, your messages "
-                                 f"resulted in {len(ids)} tokens. Please reduce the length of the messages.",
-                                 param="messages", code="context_length_exceeded")
-            defaults = state.sampling_defaults(job)
-            default_max = min(room, defaults.get("max_tokens") or config.max_chat_default_tokens)
-            keep_special = (parser is not None and parser.name == "mistral") or (
-                reasoning is not None and _tags_are_special(job.tokenizer))
-            params = [body.to_sampling_params(max(default_max, 1), defaults, seed_offset=i,
-                                              constraint=constraint, keep_special_tokens=keep_special)
-                      for i in range(body.n)]
-            chat["skip_special_tokens"] = params[0].skip_special_tokens
-            for sp in params:
-                state.check_context(job, ids, sp, "messages")
-            job.submit([ids] * body.n, params)
-
+        chat = new_chat(body)
+        prepare = partial(prepare_chat, state, body, chat)
         job = await state.open_job("chat", body, request, body.n, prepare)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         model = state.model_field(body, job)
@@ -113,27 +76,116 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         await run_to_end(job, request)
         choices = []
         for i, s in enumerate(job.seqs):
-            thought, content = None, s.text
-            if chat["reasoning"] is not None:
-                split = chat["reasoning"].split(s.text)
-                thought, content = split.reasoning, split.content
-            message = ResponseMessage(content=content, reasoning=thought, reasoning_content=thought)
-            finish = s.finish_reason
-            parser = chat["parser"]
-            # tool calls are read from the answer only: a <tool_call> written while thinking is not a call
-            parsed = parser.parse(content, chat["tools"]) if parser is not None and content is not None else None
-            if parsed is not None and parsed.calls:  # OpenAI's shape: the calls, the text before them, "tool_calls"
-                message = message.model_copy(update={"content": parsed.content,
-                                                     "tool_calls": [c.to_openai() for c in parsed.calls]})
-                finish = "tool_calls"
-            choices.append(ChatChoice(index=i, message=message, finish_reason=finish,
+            answer = chat_answer(chat, s)
+            message = ResponseMessage(content=answer.content, reasoning=answer.reasoning,
+                                      reasoning_content=answer.reasoning,
+                                      tool_calls=[c.to_openai() for c in answer.calls] or None)
+            choices.append(ChatChoice(index=i, message=message, finish_reason=answer.finish_reason,
                                       logprobs=_chat_logprobs(job.tokenizer, s.logprobs) if body.logprobs else None))
         job.call.finish(200)
         response.headers.update(state.response_headers(job))
         return ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,
-                                      usage=_chat_usage(job, chat),
+                                      usage=chat_usage(job, chat),
                                       prompt_logprobs=_prompt_logprobs(job.tokenizer, job.seqs[0].prompt_logprobs,
                                                                        body.prompt_logprobs))
+
+
+# -- the chat machinery, shared with /v1/responses (routes/responses.py) ------------------------------------------
+def new_chat(body: ChatCompletionRequest) -> dict:
+    """What prepare_chat finds out: the tool-call parser and tools when the request offers tools, the reasoning split
+    (reasoning.Reasoning) when the model reasons, whether the text keeps special tokens, and the first sequence's
+    SamplingParams."""
+    return {"parser": None, "tools": None, "reasoning": None, "skip_special_tokens": body.skip_special_tokens,
+            "params": None}
+
+
+def prepare_chat(state: ServerState, body: ChatCompletionRequest, chat: dict, job: Job) -> None:
+    """Render and tokenize a chat request, choose its sampling params and constraint, and submit it (on a worker
+    thread: ServerState.open_job's `prepare`)."""
+    tools, parser, constraint = body.offered_tools(), None, None
+    if tools is not None:
+        parser = state.tool_parser(job.tokenizer)
+        if parser is None:
+            from ...tool_calls import PARSERS
+
+            raise ParamError("tools: this model's chat template shows no tool-call format this server "
+                             f"knows ({', '.join(PARSERS)}); start the server with "
+                             "--tool-call-parser NAME", param="tools")
+        constraint = body.tool_constraint(parser, tools)
+        chat.update(parser=parser, tools=tools)  # the tools type qwen3_coder's text values
+    ids = state.encode_chat(job.tokenizer, body)
+    job.prompt_tokens = len(ids)
+    reasoning = chat["reasoning"] = state.reasoning(job, ids)
+    constraint = _after_reasoning(body.output_constraint(constraint), reasoning, job.tokenizer)
+    max_seq = job.driver.max_sequence
+    room = max_seq - len(ids)
+    if room < 1 and body.requested_max_tokens is None:
+        raise ParamError(f"This model's maximum context length is {max_seq} tokens. However, your messages "
+                         f"resulted in {len(ids)} tokens. Please reduce the length of the messages.",
+                         param="messages", code="context_length_exceeded")
+    defaults = state.sampling_defaults(job)
+    default_max = min(room, defaults.get("max_tokens") or state.config.max_chat_default_tokens)
+    keep_special = (parser is not None and parser.name == "mistral") or (
+        reasoning is not None and _tags_are_special(job.tokenizer))
+    params = [body.to_sampling_params(max(default_max, 1), defaults, seed_offset=i,
+                                      constraint=constraint, keep_special_tokens=keep_special)
+              for i in range(body.n)]
+    chat.update(skip_special_tokens=params[0].skip_special_tokens, params=params[0])
+    for sp in params:
+        state.check_context(job, ids, sp, "messages")
+    job.submit([ids] * body.n, params)
+
+
+@dataclass
+class Answer:
+    """One chat choice's finished output, split: its reasoning, its content and the tool calls parsed from it."""
+
+    reasoning: Optional[str]
+    content: Optional[str]
+    calls: list  # tool_calls.ToolCall
+    finish_reason: Optional[str]  # "tool_calls" when there are calls
+
+
+def chat_answer(chat: dict, seq) -> Answer:
+    """A finished sequence's reasoning, content and tool calls. Calls are read from the content only: a <tool_call>
+    written while thinking is not a call."""
+    thought, content = None, seq.text
+    if chat["reasoning"] is not None:
+        split = chat["reasoning"].split(seq.text)
+        thought, content = split.reasoning, split.content
+    parser = chat["parser"]
+    parsed = parser.parse(content, chat["tools"]) if parser is not None and content is not None else None
+    if parsed is not None and parsed.calls:  # OpenAI's shape: the calls, the text before them, "tool_calls"
+        return Answer(thought, parsed.content, parsed.calls, "tool_calls")
+    return Answer(thought, content, [], seq.finish_reason)
+
+
+class AnswerStream:
+    """One chat choice's streamed output, split as chat_answer splits it: `feed(text, finished)` -> (reasoning,
+    content, tool calls) to send now. With the reasoning split (reasoning.ReasoningStream) the thinking comes first;
+    with tools (tool_calls.ToolStream) content streams until a call's marker, the rest is held and the calls come
+    when the output ends."""
+
+    def __init__(self, chat: dict):
+        from ...tool_calls import ToolStream
+
+        self.reasoning = chat["reasoning"].stream() if chat["reasoning"] is not None else None
+        self.tools = ToolStream(chat["parser"], chat["tools"]) if chat["parser"] is not None else None
+
+    def feed(self, text: str, finished: bool) -> tuple[str, str, list]:
+        thought, answer = "", text
+        if self.reasoning is not None:
+            thought, answer = self.reasoning.feed(text) if text else ("", "")
+            if finished:
+                rest = self.reasoning.finish()
+                thought, answer = thought + rest[0], answer + rest[1]
+        calls = []
+        if self.tools is not None:
+            answer = self.tools.feed(answer) if answer else ""
+            if finished:
+                rest, calls = self.tools.finish()
+                answer += rest
+        return thought, answer, calls
 
 
 def _after_reasoning(constraint, reasoning, tokenizer):
@@ -155,7 +207,7 @@ def _tags_are_special(tokenizer) -> bool:
     return tags_are_special(tokenizer)
 
 
-def _chat_usage(job: Job, chat: dict) -> UsageInfo:
+def chat_usage(job: Job, chat: dict) -> UsageInfo:
     """The job's usage; for a model that reasons, with OpenAI's completion_tokens_details.reasoning_tokens."""
     usage = job.usage()
     reasoning = chat["reasoning"]
@@ -273,31 +325,14 @@ def _stream_completion(job: Job, rid: str, created: int, body: CompletionRequest
 
 
 def _stream_chat(job: Job, rid: str, created: int, body: ChatCompletionRequest, model: str, chat: dict):
-    """`chat["reasoning"]`: the model reasons; each choice's text goes through a reasoning.ReasoningStream first:
-    its reasoning streams as `reasoning` and `reasoning_content` deltas, the rest as the answer.
-    `chat["parser"]`: the request offers tools; each choice's answer goes through a tool_calls.ToolStream: content
-    streams until a call's marker, the rest is held and sent at the end as `tool_calls` deltas (first the call's id,
+    """Each choice's text goes through an AnswerStream: its reasoning streams as `reasoning` and `reasoning_content`
+    deltas, the answer as `content`; tool calls are sent at the end as `tool_calls` deltas (first the call's id,
     type and name, then its arguments), with finish_reason "tool_calls"."""
-    from ...tool_calls import ToolStream
-
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    parser = chat["parser"]
-    tool_streams = [ToolStream(parser, chat["tools"]) for _ in range(body.n)] if parser is not None else None
-    reasoning_streams = ([chat["reasoning"].stream() for _ in range(body.n)] if chat["reasoning"] is not None
-                         else None)
+    streams = [AnswerStream(chat) for _ in range(body.n)]
 
     def chunk(choices, usage=None) -> str:
         return sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage))
-
-    def split(i: int, text: str, finished: bool) -> tuple[str, str]:
-        """(reasoning, answer) of a choice's new text."""
-        if reasoning_streams is None:
-            return "", text
-        thought, answer = reasoning_streams[i].feed(text) if text else ("", "")
-        if finished:
-            rest = reasoning_streams[i].finish()
-            thought, answer = thought + rest[0], answer + rest[1]
-        return thought, answer
 
     async def chunks():
         yield chunk([ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""}) for i in range(body.n)])
@@ -306,32 +341,26 @@ def _stream_chat(job: Job, rid: str, created: int, body: ChatCompletionRequest, 
             if not ev.text and ev.finish_reason is None and lp is None:
                 continue
             finish = ev.finish_reason
-            thought, text = split(i, ev.text, finish is not None)
+            thought, text, calls = streams[i].feed(ev.text, finish is not None)
             if thought:
                 yield chunk([ChatChunkChoice(index=i, delta={"reasoning": thought, "reasoning_content": thought},
                                              logprobs=lp)])
                 lp = None
-            if tool_streams is not None:
-                text = tool_streams[i].feed(text) if text else ""
-                if finish is not None:
-                    rest, calls = tool_streams[i].finish()
-                    text += rest
-                    if calls:
-                        if text or lp is not None:
-                            yield chunk([ChatChunkChoice(index=i, delta={"content": text} if text else {},
-                                                         logprobs=lp)])
-                        text, lp, finish = "", None, "tool_calls"
-                        for k, call in enumerate(calls):
-                            head = {"index": k, "id": call.id, "type": "function",
-                                    "function": {"name": call.name, "arguments": ""}}
-                            yield chunk([ChatChunkChoice(index=i, delta={"tool_calls": [head]})])
-                            yield chunk([ChatChunkChoice(index=i, delta={"tool_calls": [
-                                {"index": k, "function": {"arguments": call.arguments}}]})])
+            if calls:
+                if text or lp is not None:
+                    yield chunk([ChatChunkChoice(index=i, delta={"content": text} if text else {}, logprobs=lp)])
+                text, lp, finish = "", None, "tool_calls"
+                for k, call in enumerate(calls):
+                    head = {"index": k, "id": call.id, "type": "function",
+                            "function": {"name": call.name, "arguments": ""}}
+                    yield chunk([ChatChunkChoice(index=i, delta={"tool_calls": [head]})])
+                    yield chunk([ChatChunkChoice(index=i, delta={"tool_calls": [
+                        {"index": k, "function": {"arguments": call.arguments}}]})])
             if not text and finish is None and lp is None:
                 continue
             delta = {"content": text} if text else {}
             yield chunk([ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=finish)])
         if include_usage:
-            yield chunk([], usage=_chat_usage(job, chat))
+            yield chunk([], usage=chat_usage(job, chat))
 
     return guarded(job, chunks())
