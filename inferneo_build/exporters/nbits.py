@@ -125,6 +125,24 @@ def _on_grid(blocks: np.ndarray, lo: np.ndarray, span: np.ndarray, n: np.ndarray
         return (span > 0) & (np.abs(pos - np.round(pos)).max(-1) < 1e-3)
 
 
+def source_grid(w: np.ndarray, samples: int = 4096) -> str:
+    """What a [N, K] weight's values say of its source: "4-bit" (every block of 32 on a grid of at most 16 levels:
+    a GGUF's Q4_0, Q4_1, Q4_K), "finer" (not that, but every 16-weight sub-block on a grid of at most 256 levels:
+    Q5_x, Q6_K's 16-weight sub-blocks, Q8_0) or "float" (no grid: float weights have finer steps near zero than
+    at their range's ends). Judged on up to `samples` evenly spread blocks of each size."""
+    def spread(blocks: np.ndarray) -> np.ndarray:
+        flat = blocks.reshape(-1, blocks.shape[-1])
+        return flat[np.linspace(0, len(flat) - 1, min(samples, len(flat))).astype(int)]
+
+    def on_grid(blocks: np.ndarray, top: int) -> np.ndarray:
+        lo, hi = blocks.min(-1), blocks.max(-1)
+        return (hi == lo) | (_grid_steps(blocks, lo, hi, top) > 0)  # a constant block is on every grid
+
+    if on_grid(spread(padded_blocks(w, 32)[0]), 15).all():
+        return "4-bit"
+    return "finer" if on_grid(spread(padded_blocks(w, 16)[0]), 255).all() else "float"
+
+
 def symmetric_blocks(w: np.ndarray, block_size: int, bits: int = 8) -> Blocks:
     """Round-to-nearest with scale max|w| / (2^(bits-1) - 1) and the default zero point: llama.cpp's Q8_0 layout
     for bits=8, so a Q8_0 source (a GGUF's embedding, tied to the head) is reproduced exactly."""

@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
+from onnx import numpy_helper
 
 from . import ExportResult, TargetUnavailable
 
@@ -110,8 +111,9 @@ def quantize_int4(src: Path, out_dir: Path, block_size: int = 32, symmetric: boo
     """MatMulNBits 4-bit weight-only quantization of every MatMul with a constant weight (except `exclude`):
     round-to-nearest per block (`rtn`), half-quadratic optimization of scales and zero points (`hqq`), a
     least-squares scale search per block with integer zero points (`mse`, int4_mse.py), or each block's own
-    range with a float minimum (`affine`, nbits.py). `head_bits: 8` quantizes the output head to 8 bits
-    (symmetric blocks of 32) instead."""
+    range with a float minimum (`affine`, nbits.py; what a mostly 4-bit source holds at more bits, e.g. Q4_K_M's
+    Q6_K tensors, in 8-bit affine blocks). `head_bits: 8` quantizes the output head to 8 bits (symmetric blocks
+    of 32) instead."""
     exclude = list(exclude)
     skip = exclude + ([HEAD] if head_bits == 8 else [])  # an 8-bit head is quantized in a second pass
     if algorithm in ("mse", "affine"):
@@ -119,8 +121,15 @@ def quantize_int4(src: Path, out_dir: Path, block_size: int = 32, symmetric: boo
         from .nbits import affine_blocks, quantize_matmuls
 
         blocks = {"mse": mse_blocks, "affine": affine_blocks}[algorithm]
-        model = quantize_matmuls(onnx.load(str(src)), lambda name, w: None if _named(name, skip)
-                                 else blocks(w, block_size), block_size, accuracy_level)
+        model = onnx.load(str(src))
+        finer = _finer_in_4_bit_source(model, skip) if algorithm == "affine" else set()
+
+        def plan(name, w):
+            if _named(name, skip):
+                return None
+            return affine_blocks(w, block_size, 8) if name in finer else blocks(w, block_size)
+
+        model = quantize_matmuls(model, plan, block_size, accuracy_level)
     else:
         model = _nbits(src, 4, block_size, symmetric, accuracy_level, skip, algorithm)
     if head_bits == 8:
@@ -129,6 +138,25 @@ def quantize_int4(src: Path, out_dir: Path, block_size: int = 32, symmetric: boo
         model = quantize_matmuls(model, lambda name, w: symmetric_blocks(w, 32, 8)
                                  if HEAD in name and not _named(name, exclude) else None, 32, accuracy_level)
     return _save(model, Path(out_dir))
+
+
+def _finer_in_4_bit_source(model: onnx.ModelProto, skip: list[str]) -> set[str]:
+    """The MatMuls that a mostly 4-bit source holds at more bits: a GGUF's Q4_K_M keeps attn_v and ffn_down in
+    Q6_K (and other mixes Q5_x or Q8_0) where 4 bits lose too much. `affine` keeps those at 8 bits instead of
+    re-rounding them to 4. Empty unless at least half of the MatMuls are on 4-bit grids (a float or Q8_0 source
+    is quantized to 4 bits throughout, as asked)."""
+    from .nbits import source_grid
+
+    inits = {i.name: i for i in model.graph.initializer}
+    grids: dict[str, str] = {}
+    for node in model.graph.node:
+        weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if weight is not None and weight.data_type == onnx.TensorProto.FLOAT and len(weight.dims) == 2 \
+                and not _named(node.name, skip):
+            grids[node.name] = source_grid(numpy_helper.to_array(weight).T)
+    if sum(g == "4-bit" for g in grids.values()) * 2 < len(grids):
+        return set()
+    return {name for name, grid in grids.items() if grid == "finer"}
 
 
 def _named(name: str, patterns: list[str]) -> bool:
@@ -287,7 +315,8 @@ def reduce_onnx(src: Path, out_dir: Path, target) -> tuple[list[Path], dict, str
         layout = {"hqq": "asymmetric", "mse": "asymmetric", "affine": "float minimum"}.get(
             o.algorithm, "symmetric" if o.symmetric else "asymmetric")
         method = (f"MatMulNBits bits=4 {o.algorithm} block_size={o.block_size} {layout} "
-                  f"accuracy_level={o.accuracy_level}" + (", lm_head bits=8 symmetric" if o.head_bits == 8 else ""))
+                  f"accuracy_level={o.accuracy_level}" + (", lm_head bits=8 symmetric" if o.head_bits == 8 else "")
+                  + (", bits=8 where a mostly 4-bit source holds more bits" if o.algorithm == "affine" else ""))
         kept, dtype = o.exclude, "int4"
     elif precision == "int8":
         o = target.int8 or _defaults("int8")
