@@ -202,6 +202,8 @@ class Engine:
         self._prefill_slot = 0
         self.cache: Optional[KVCache] = None
         self._ids = itertools.count()
+        # LongRoPE: a forward call longer than this rotates all its tokens with the long factors (backends/base.py)
+        self.rope_switch = getattr(backend, "rope_switch", None)
 
     # -- requests ---------------------------------------------------------------------------------
     def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -289,6 +291,11 @@ class Engine:
                 self.cache.copy_slot(self._prefill_slot, slot, length=req.past)
                 self._prefill_slot = slot
             take = int(min(budget, len(prompt) - req.past))
+            switch = self.rope_switch
+            if switch is not None and len(prompt) > switch and req.past + take <= switch:
+                # LongRoPE: the whole prompt's call rotates every token with the long factors; a chunk that ended
+                # before the switch would rotate its own with the short ones. The first chunk runs past it.
+                take = switch + 1 - req.past
             chunk = np.asarray(prompt[req.past:req.past + take], dtype=np.int64)[None, :]
             scored = req.params.prompt_logprobs is not None
             if self._mixes(scored):
@@ -318,7 +325,7 @@ class Engine:
             return  # the budget ran out mid-prompt; the next step goes on
         self.prefilling = None
         if self.prefix_cache is not None:
-            self.prefix_cache.store(self.cache, len(self.active), prompt, req.past)
+            self.prefix_cache.store(self.cache, len(self.active), prompt, req.past, self._rope_salt(len(prompt)))
         if self.keep_logits:
             req.out.prompt_logits = np.concatenate(req.prompt_logits)
             req.prompt_logits = []
@@ -334,7 +341,8 @@ class Engine:
         cache = self._ensure_cache(min(self.max_batch, slot + 1 + len(self.waiting)), need)
         # a prompt whose logprobs are asked for is prefilled whole: cached keys/values come without logits
         reuse = self.prefix_cache is not None and req.params.prompt_logprobs is None
-        req.past = self.prefix_cache.load(cache, slot, req.out.prompt_ids) if reuse else 0
+        prompt = req.out.prompt_ids
+        req.past = self.prefix_cache.load(cache, slot, prompt, self._rope_salt(len(prompt))) if reuse else 0
         self.prefilling, self._prefill_slot = req, slot
         return req
 
@@ -348,6 +356,10 @@ class Engine:
         # every row is padded to the widest draft, so the padding of the row with the longest sequence must
         # still fit within max_sequence (the cache's bound): cut the drafts to what that row has room for
         fit = self.max_sequence - int(past.max()) - 1
+        if self.rope_switch is not None and (past < self.rope_switch).any():
+            # LongRoPE: a row decoding alone rotates a token at position p with the long factors iff p >= switch,
+            # while one call rotates all its tokens alike: a call before the switch must end there
+            fit = min(fit, self.rope_switch - int(past[past < self.rope_switch].max()) - 1)
         drafts = [(d[:fit], None if q is None else q[:fit]) if len(d) > fit else (d, q) for d, q in drafts]
         width = 1 + max(len(d) for d, _ in drafts)
         ids = np.empty((n, width), dtype=np.int64)
@@ -376,17 +388,27 @@ class Engine:
             for i, token in enumerate(draft):
                 event = req.accept(logits[row, i], self.keep_logits, token, None if probs is None else probs[i])
                 events.append(event)
-                if event.token_id != token or req.finished:
+                if event.token_id != token:
                     break
+                # kept, even when it ends the request (a stop inside the draft): counted before leaving the loop
                 kept += 1
                 req.past += 1  # the draft's keys/values, written by this step, stay
+                if req.finished:
+                    break
             else:
                 events.append(req.accept(logits[row, len(draft)], self.keep_logits))
             if draft:
                 req.spec.update(len(draft), kept)
                 stats = self.spec_stats
-                stats.drafted, stats.accepted, stats.steps = stats.drafted + len(draft), stats.accepted + kept, stats.steps + 1
+                stats.drafted, stats.accepted = stats.drafted + len(draft), stats.accepted + kept
+        if any(draft for draft, _ in drafts):  # one verify forward, however many of its rows drafted
+            self.spec_stats.steps += 1
         self._compact([row for row, r in enumerate(self.active) if r.finished])
+
+    def _rope_salt(self, prompt: int) -> bytes:
+        """The prefix cache's salt for a prompt of this many tokens: LongRoPE prefills a prompt longer than its
+        switch with the long factors, so its cached keys are not a shorter prompt's (b"" for other models)."""
+        return b"long" if self.rope_switch is not None and prompt > self.rope_switch else b""
 
     def _drop_cancelled(self) -> None:
         if self.prefilling is not None and self.prefilling.cancelled:
@@ -404,7 +426,11 @@ class Engine:
                 req.spec.close()  # its draft model's cache
             if self.prefix_cache is not None and req.out.finish_reason != "cancelled":
                 # a chat's next turn starts with this one's prompt and answer
-                self.prefix_cache.store(self.cache, row, req.out.prompt_ids + req.out.token_ids, req.past)
+                length, prompt = req.past, len(req.out.prompt_ids)
+                if self.rope_switch is not None and prompt <= self.rope_switch:
+                    length = min(length, self.rope_switch)  # LongRoPE: the positions rotated as a short prompt's
+                self.prefix_cache.store(self.cache, row, req.out.prompt_ids + req.out.token_ids, length,
+                                        self._rope_salt(prompt))
             last = len(self.active) - 1
             if row != last:
                 self.cache.copy_slot(last, row, length=self.active[last].past)

@@ -39,8 +39,9 @@ class PrefixCache:
         self.lookup_tokens = 0  # prompt tokens looked up
         self.evictions = 0
 
-    def _keys(self, ids: Sequence[int], blocks: int) -> list[bytes]:
+    def _keys(self, ids: Sequence[int], blocks: int, salt: bytes = b"") -> list[bytes]:
         keys, h = [], hashlib.blake2b(digest_size=16)
+        h.update(salt)  # (empty: the keys of the token ids alone)
         arr = np.asarray(ids, dtype=np.int64)
         for b in range(blocks):
             h.update(arr[b * self.block_size:(b + 1) * self.block_size].tobytes())
@@ -50,14 +51,15 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def load(self, cache: KVCache, slot: int, ids: Sequence[int]) -> int:
+    def load(self, cache: KVCache, slot: int, ids: Sequence[int], salt: bytes = b"") -> int:
         """Copy the longest cached prefix of `ids` (whole blocks, leaving at least the last token to compute)
-        into `slot`; returns how many positions it filled."""
+        into `slot`; returns how many positions it filled. `salt`: blocks stored with the same salt only (keys
+        and values that depend on more than the token ids, e.g. LongRoPE's rotation; see Engine)."""
         bs = self.block_size
         with self._lock:
             self.lookup_tokens += len(ids)
             hits = []
-            for key in self._keys(ids, (len(ids) - 1) // bs):
+            for key in self._keys(ids, (len(ids) - 1) // bs, salt):
                 block = self._blocks.get(key)
                 if block is None:
                     break
@@ -69,10 +71,10 @@ class PrefixCache:
             cache.data[:, :, slot, :, b * bs:(b + 1) * bs] = block
         return len(hits) * bs
 
-    def store(self, cache: KVCache, slot: int, ids: Sequence[int], length: int) -> None:
+    def store(self, cache: KVCache, slot: int, ids: Sequence[int], length: int, salt: bytes = b"") -> None:
         """Remember the whole blocks of `ids` whose keys/values sit in `slot`'s first `length` positions."""
         bs = self.block_size
-        keys = self._keys(ids, min(length, len(ids)) // bs)
+        keys = self._keys(ids, min(length, len(ids)) // bs, salt)
         with self._lock:
             new = [(b, k) for b, k in enumerate(keys) if k not in self._blocks]
         copies = []

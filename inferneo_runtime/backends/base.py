@@ -16,6 +16,7 @@ sampler would (the loop's decode steps whose logits nothing else reads; on a GPU
 """
 from __future__ import annotations
 
+import json
 import mmap
 import os
 from abc import ABC, abstractmethod
@@ -173,6 +174,24 @@ class Backend(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @property
+    def rope_switch(self) -> int | None:
+        """LongRoPE's switch (None for every other model): a forward call whose sequence (past + new tokens) is
+        longer than this rotates all its tokens with the long factors, as the build's graphs do (transformers'
+        forward; inferneo_build.architectures.Rope). The engine keeps speculation, prefill chunks and cached
+        prefixes from changing which tokens a call rotates how. Read from the artifact's config.json."""
+        if not hasattr(self, "_rope_switch"):
+            self._rope_switch = None
+            try:
+                config = json.loads((self.artifact_dir / "config.json").read_text())
+            except (OSError, ValueError):
+                config = {}
+            for rope in (config.get("rope_scaling"), config.get("rope_parameters")):
+                if isinstance(rope, dict) and "longrope" in (rope.get("rope_type"), rope.get("type")):
+                    switch = config.get("original_max_position_embeddings") or config.get("max_position_embeddings")
+                    self._rope_switch = int(switch) if switch else None
+        return self._rope_switch
 
     def model_file(self, suffix: str) -> Path:
         """The target's file ending in `suffix`, as the manifest lists it (targets live in their own folder)."""
