@@ -67,6 +67,11 @@ def prompt_opens_reasoning(tokenizer, prompt_ids: Sequence[int]) -> bool:
     return tail.rstrip().endswith(OPEN)
 
 
+def text_opens_reasoning(text: str) -> bool:
+    """Whether `text` (an assistant message the model continues: continue_final_message) ends inside a <think>."""
+    return text.rfind(OPEN) > text.rfind(CLOSE)
+
+
 def _partial_suffix(text: str, tag: str) -> int:
     """How many characters at the end of `text` could be the start of `tag` (held back while streaming)."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):

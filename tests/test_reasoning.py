@@ -248,6 +248,16 @@ def _chat(client, stream: bool, messages=QUESTION, **kwargs) -> dict:
     return got
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_continued_message_that_opened_the_reasoning_continues_it(client, stream):
+    """continue_final_message on an assistant message that opened <think> (a prefill): the output starts inside
+    the reasoning, whatever the prompt's last token is."""
+    partial = [*QUESTION, {"role": "assistant", "content": "<think>two plus"}]
+    got = _chat(client, stream, messages=partial,
+                extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    assert (got["reasoning"], got["content"]) == (" two", "It is 4.")
+
+
 def _token_count(server, text: str) -> int:
     import httpx
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Optional
 
 from fastapi import Request
 
@@ -225,9 +225,10 @@ class ServerState:
                         ", ".join(f"{k}={v}" for k, v in model.items()))
         return {**model, **self.defaults}
 
-    def reasoning(self, job: Job, prompt_ids: list[int]):
+    def reasoning(self, job: Job, prompt_ids: list[int], continued: Optional[str] = None):
         """A chat request's reasoning split (reasoning.Reasoning), or None when its model's reasoning_parser (its
-        `models:` entry's, else the server's) is none, or auto and the chat template shows no <think> format."""
+        `models:` entry's, else the server's) is none, or auto and the chat template shows no <think> format.
+        `continued`: the assistant message the model continues (continue_final_message), which may open it."""
         from .. import reasoning
 
         spec = job.lease.entry.spec
@@ -236,7 +237,8 @@ class ServerState:
         if not hasattr(job.tokenizer, "apply_chat_template") or not reasoning.enabled(setting, template,
                                                                                       job.tokenizer):
             return None
-        return reasoning.Reasoning(reasoning.prompt_opens_reasoning(job.tokenizer, prompt_ids))
+        return reasoning.Reasoning(reasoning.prompt_opens_reasoning(job.tokenizer, prompt_ids) or (
+            continued is not None and reasoning.text_opens_reasoning(continued)))
 
     def card(self, e: Entry) -> ModelCard:
         return ModelCard(**{**self.registry.describe(e), **self.card_extras})

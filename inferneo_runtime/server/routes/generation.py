@@ -115,7 +115,8 @@ def prepare_chat(state: ServerState, body: ChatCompletionRequest, chat: dict, jo
         chat.update(parser=parser, tools=tools)  # the tools type qwen3_coder's text values
     ids = state.encode_chat(job.tokenizer, body)
     job.prompt_tokens = len(ids)
-    reasoning = chat["reasoning"] = state.reasoning(job, ids)
+    continued = body.messages[-1].text() if body.continue_final_message else None
+    reasoning = chat["reasoning"] = state.reasoning(job, ids, continued)
     constraint = _after_reasoning(body.output_constraint(constraint), reasoning, job.tokenizer)
     max_seq = job.driver.max_sequence
     room = max_seq - len(ids)
