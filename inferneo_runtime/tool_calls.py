@@ -18,8 +18,10 @@ Formats (what the models are trained to write, and what vLLM's parsers of the sa
 
 Which one a server uses: `--tool-call-parser NAME`, else `detect(template)` on the chat template's text:
 `<tool_call>` with `<function=` -> qwen3_coder, `<tool_call>` alone -> hermes, `[TOOL_CALLS]` -> mistral (its grammar
-writing the `[ARGS]` form when the template has `[ARGS]`), `<|python_tag|>` or an `ipython` role with a "parameters"
-object -> llama3_json; none of these: tool calls are refused (400) until the flag names a parser.
+writing the `[ARGS]` form when the template has `[ARGS]`), `<|tool|>` or `functools[` -> phi4_mini_json,
+`<|tool_call|>` -> granite, `[func_name1(` (the pythonic format spelled out) -> pythonic, `<|python_tag|>` or an
+`ipython` role with a "parameters" object -> llama3_json; none of these: tool calls are refused (400) until the flag
+names a parser. phi4_mini_json, granite and pythonic live in tool_formats.py (imported below: it registers them).
 
 Parsing is all or nothing: when every call block parses (as JSON with a string `name` and an object of arguments;
 qwen3_coder: a `<function=name>` with its parameters), the calls are returned and `content` is the text before the
@@ -493,6 +495,7 @@ class Qwen3CoderParser(HermesParser):
 for _parser in (HermesParser(), Llama3JsonParser(), MistralParser(), Qwen3CoderParser()):
     PARSERS[_parser.name] = _parser
 _MISTRAL_ARGS = MistralParser(args_form=True)  # detected from a template writing `[ARGS]`
+from . import tool_formats  # noqa: E402,F401  (phi4_mini_json, granite, pythonic: registers them in PARSERS)
 
 
 def get_parser(name: str) -> ToolParser:
@@ -510,6 +513,12 @@ def detect(template: Optional[str]) -> Optional[ToolParser]:
         return PARSERS["qwen3_coder" if "<function=" in template else "hermes"]
     if "[TOOL_CALLS]" in template:
         return _MISTRAL_ARGS if "[ARGS]" in template else PARSERS["mistral"]
+    if "<|tool|>" in template or "functools[" in template:  # Phi-4-mini: the tools between <|tool|> and <|/tool|>
+        return PARSERS["phi4_mini_json"]
+    if "<|tool_call|>" in template:  # Granite 3.x (Granite 4's `<tool_call>` is hermes, above)
+        return PARSERS["granite"]
+    if "[func_name1(" in template:  # a template spelling out the pythonic format (Llama 3.2 / 4, Gemma 3)
+        return PARSERS["pythonic"]
     if "<|python_tag|>" in template or ("ipython" in template and '"parameters"' in template):
         return PARSERS["llama3_json"]
     return None

@@ -1106,7 +1106,7 @@ def test_tojson_takes_json_dumps_options(make):
 # (the template's rendering of a past assistant tool call is the format the model was trained to write)
 DETECTED = {"qwen3": "hermes", "qwen2.5": "hermes", "smollm3": "hermes", "llama3.1": "llama3_json",
             "llama3.2": "llama3_json", "mistral_nemo": "mistral", "mistral_small3.2": "mistral", "gemma2": None,
-            "gemma3": None, "phi4": None, "phi4_mini": None, "granite3.1": None, "kimi_k2": None,
+            "gemma3": None, "phi4": None, "phi4_mini": "phi4_mini_json", "granite3.1": "granite", "kimi_k2": None,
             "qwen3_coder": "qwen3_coder"}
 END_OF_TURN = {"qwen3": "<|im_end|>\n", "qwen2.5": "<|im_end|>\n", "llama3.1": "<|eot_id|>",
                "llama3.2": "<|eot_id|>", "mistral_nemo": "</s>", "mistral_small3.2": "</s>",

@@ -389,6 +389,56 @@ def test_grammars_accept_what_the_parsers_read(artifact, name, one, two):
     assert not accepts(one.replace("add", "sub"), True)  # not a tool
 
 
+ADD_CALL, OSLO_CALL = ("add", {"a": 1, "b": 2}), ("get_weather", {"city": "Oslo", "unit": "c"})
+
+
+@pytest.mark.parametrize("name,one,two", [
+    ("phi4_mini_json", 'functools[{"name":"add","arguments":{"a":1,"b":2}}]',
+     'functools[{"name":"add","arguments":{"a":1,"b":2}},{"name":"get_weather","arguments":{"city":"Oslo","unit":"c"}}]'),
+    ("granite", '<|tool_call|>[{"name":"add","arguments":{"a":1,"b":2}}]',
+     '<|tool_call|>[{"name":"add","arguments":{"a":1,"b":2}},{"name":"get_weather","arguments":{"city":"Oslo",'
+     '"unit":"c"}}]'),
+    ("pythonic", "[add(a=1, b=2)]", '[add(a=1, b=2), get_weather(city="Oslo", unit="c")]'),
+])
+def test_tool_formats_grammars_accept_what_their_parsers_read(artifact, name, one, two):
+    """tool_formats.py's grammars (phi4_mini_json, granite, pythonic), token by token on the tiny tokenizer: one call
+    (both modes), two only when parallel, and nothing outside the tools' schemas."""
+    from inferneo_runtime.tokenizer import Tokenizer
+
+    tok, parser = Tokenizer(artifact), get_parser(name)
+    assert _calls(parser.parse(one, TOOLS)) == [ADD_CALL] and _calls(parser.parse(two, TOOLS)) == [ADD_CALL, OSLO_CALL]
+    assert _grammar_accepts(tok, parser.grammar(TOOLS, False), one)
+    assert not _grammar_accepts(tok, parser.grammar(TOOLS, False), two)
+    grammar = parser.grammar(TOOLS, True)
+    assert _grammar_accepts(tok, grammar, one) and _grammar_accepts(tok, grammar, two)
+    b = "b=2" if name == "pythonic" else '"b":2'
+    for bad in (one.replace(b, b + "00"), one.replace("add", "sub"), one.replace("Oslo", "Oslo, Norway"),
+                two.replace('"c"', '"k"')):
+        assert not _grammar_accepts(tok, grammar, bad) or bad == one, bad
+
+
+def test_pythonic_grammar_writes_keyword_arguments_in_the_schemas_order(artifact):
+    """pythonic: the required keyword arguments always, the optional ones optional, in the schema's order; each value
+    is JSON of its schema, which the parser reads back as the literal it is (quotes and brackets in strings too)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from inferneo_runtime.tokenizer import Tokenizer
+
+    tok, parser = Tokenizer(artifact), get_parser("pythonic")
+    grammar = parser.grammar(XML_TOOLS, False)
+    good = ['[search(query="q", exact=true)]', '[search(query="a\\"b)], x", limit=3, exact=false, mode="deep")]',
+            '[search(query="", exact=true, tags=["x"], filters={"lang":"en"})]', "[add(a=0, b=99)]"]
+    for text in good:
+        assert _grammar_accepts(tok, grammar, text), text
+        (call,) = parser.parse(text, XML_TOOLS).calls
+        jsonschema.validate(json.loads(call.arguments), {"search": SEARCH, "add": ADD}[call.name])
+    assert json.loads(parser.parse(good[1]).calls[0].arguments) == {"query": 'a"b)], x', "limit": 3, "exact": False,
+                                                                    "mode": "deep"}
+    for text in ['[search(exact=true)]', '[search(exact=true, query="q")]', '[search(query="q", exact=True)]',
+                 '[search(query="q", exact=true, extra=1)]', '[search(query="q", limit=0, exact=true)]',
+                 "[add(a=1)]", "[add(1, 2)]", '[search(query="q",exact=true)]']:
+        assert not _grammar_accepts(tok, grammar, text), text
+
+
 def _grammar_accepts(tok, grammar: str, text: str) -> bool:
     """Whether the grammar lets the tiny tokenizer's tokens of `text` through, one by one, and may end there."""
     from inferneo_runtime.structured import Constraint, sequence_constraint
@@ -540,6 +590,41 @@ def test_the_flag_chooses_the_format(artifact, tmp_path_factory, parser):
         assert plain[2] == "tool_calls" and [c[0] for c in plain[1]] == ["add"], plain
         jsonschema.validate(json.loads(plain[1][0][1]), ADD)
         assert _chat(client, stream=True, tool_choice=named) == plain
+
+
+@pytest.mark.parametrize("parser", ["phi4_mini_json", "granite", "pythonic"])
+def test_tool_formats_force_calls_through_the_server(artifact, tmp_path_factory, parser):
+    """tool_formats.py's formats through a real server and the official client: a named call, the same streamed
+    (as `delta.tool_calls`); "required" sampled, streamed and not; string arguments a random model writes (any
+    characters, escaped) come back as the JSON the schema accepts."""
+    openai = pytest.importorskip("openai")
+    jsonschema = pytest.importorskip("jsonschema")
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    with _serve(artifact, tmp_path_factory, "--tool-call-parser", parser) as s:
+        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        named = {"type": "function", "function": {"name": "add"}}
+        plain = _chat(client, stream=False, tool_choice=named)
+        assert plain[2] == "tool_calls" and plain[0] is None and [c[0] for c in plain[1]] == ["add"], plain
+        jsonschema.validate(json.loads(plain[1][0][1]), ADD)
+        assert _chat(client, stream=True, tool_choice=named) == plain
+        weather = {"type": "function", "function": {"name": "get_weather"}}
+        for seed, stream in ((0, False), (1, True)):
+            for choice in (weather, "required"):
+                content, calls, finish = _chat(client, stream=stream, tool_choice=choice, parallel_tool_calls=False,
+                                               temperature=1.0, seed=seed)
+                assert finish == "tool_calls" and content is None and len(calls) == 1, (content, calls)
+                jsonschema.validate(json.loads(calls[0][1]), schemas[calls[0][0]])
+        if parser == "pythonic":  # a required parameter no keyword argument can name: a 400, not a call without it
+            dashed = {"type": "object", "properties": {"first-name": {"type": "string"}}, "required": ["first-name"]}
+            with pytest.raises(openai.BadRequestError) as e:
+                _chat(client, stream=False, tools=[{"type": "function", "function": {"name": "greet",
+                                                                                     "parameters": dashed}}],
+                      tool_choice="required")
+            assert e.value.body["param"] == "tools" and "'first-name'" in e.value.body["message"], e.value.body
+            keyword = {"type": "object", "properties": {"from": {"type": "string"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}}}
+            _, calls, _ = _chat(client, stream=False, tools=[{"type": "function", "function": {
+                "name": "count", "parameters": keyword}}], tool_choice="required", parallel_tool_calls=False)
+            assert [c[0] for c in calls] == ["count"] and set(json.loads(calls[0][1])) <= {"n"}  # `from=` left out
 
 
 def test_a_template_with_no_known_format_needs_the_flag(artifact, tmp_path_factory):

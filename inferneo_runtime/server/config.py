@@ -174,9 +174,11 @@ class ServerConfig(StrictModel):
                                              "served under, instead of its own (as vLLM)")
     chat_template: Optional[str] = Field(None, description="a Jinja chat template file used instead "
                                          "of each model's own (rendered in the same sandbox)")
-    tool_call_parser: Optional[Literal["hermes", "llama3_json", "mistral", "qwen3_coder"]] = Field(
-        None, description="hermes, llama3_json, mistral or qwen3_coder: the format model output is parsed for tool calls in (and forced calls "
-        "are written in); unset: detected from each model's chat template (inferneo_runtime/tool_calls.py)")
+    tool_call_parser: Optional[Literal["hermes", "llama3_json", "mistral", "qwen3_coder", "phi4_mini_json", "granite",
+                                       "pythonic"]] = Field(
+        None, description="hermes, llama3_json, mistral, qwen3_coder, phi4_mini_json, granite or pythonic: the format "
+        "model output is parsed for tool calls in (and forced calls are written in); unset: detected from each "
+        "model's chat template (inferneo_runtime/tool_calls.py)")
     reasoning_parser: ReasoningParserName = Field("auto", description="auto: split <think> reasoning out of "
                                                   "the answer (into `reasoning` and `reasoning_content`) for models "
                                                   "whose chat template uses <think> and </think>; none: never; think "
