@@ -13,7 +13,7 @@ ORT    ?= cpu
 PARITY_TESTS ?= tests/test_build_tiny.py tests/test_rope_config.py tests/test_lora.py tests/test_s3_source.py \
 	tests/test_safe_loading.py tests/test_fail_closed.py tests/test_toolchain.py tests/test_smollm2.py \
 	tests/test_families.py tests/test_generic.py tests/test_recipe.py tests/test_bench.py tests/test_tokenizer_fidelity.py \
-	tests/test_gguf_sources.py
+	tests/test_gguf_sources.py tests/test_embedders_2026.py
 # The bench peers each CI stage must run, not skip (tests/test_bench.py): optimum needs transformers 4, genai's
 # model builder transformers 5.
 PEERS4 ?= optimum

@@ -31,7 +31,12 @@ from .validate import EncoderReport, compare_encoder
 # model_type -> whether the encoder takes token_type_ids. Only BERT is exercised by the test suite; the others
 # share its HF interface (AutoModel / AutoModelForSequenceClassification with input_ids + attention_mask).
 ENCODERS: dict[str, bool] = {"bert": True, "electra": True, "roberta": False, "xlm-roberta": False,
-                             "distilbert": False, "mpnet": False}
+                             "distilbert": False, "mpnet": False, "modernbert": False,
+                             # decoder backbones of embedding models: Qwen3-Embedding (causal, last-token pooling)
+                             # and EmbeddingGemma (gemma3_text with use_bidirectional_attention)
+                             "qwen3": False, "gemma3_text": False}
+# decoder backbones: exported as embedders only (their sequence-classification heads pool inside transformers)
+_EMBEDDING_ONLY = {"qwen3", "gemma3_text"}
 # model types whose position ids count from padding_idx + 1 (transformers' create_position_ids_from_input_ids)
 _PADDING_IDX_POSITIONS = {"roberta", "xlm-roberta", "mpnet"}
 # sentence-transformers Pooling modes (its names -> the manifest's). ST >= 5 writes `pooling_mode`; older versions
@@ -43,13 +48,33 @@ _LEGACY_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_token
                         "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
 # the module pipelines applied here, by class name: ST < 5 writes types as "sentence_transformers.models.Pooling",
 # ST >= 5 as the defining module ("sentence_transformers.sentence_transformer.modules.pooling.Pooling")
-_ST_PIPELINES = (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"])
+# Transformer -> Pooling -> Dense* -> [Normalize]; Dense modules (EmbeddingGemma's two projections) are exported
+# inside the target's graph, together with the pooling in front of them (see `EncoderSpec.dense`)
+_ST_PIPELINE_TEXT = "Transformer -> Pooling [-> Dense ...] [-> Normalize]"
+# sentence-transformers Dense activations (its config's fullname of the module) that the export applies
+DENSE_ACTIVATIONS = {"torch.nn.modules.linear.Identity": "identity", "torch.nn.modules.activation.Tanh": "tanh",
+                     "torch.nn.modules.activation.ReLU": "relu", "torch.nn.modules.activation.Sigmoid": "sigmoid",
+                     "torch.nn.modules.activation.GELU": "gelu", "torch.nn.modules.activation.SiLU": "silu"}
 _ST_FILES = ("modules.json", "config_sentence_transformers.json")
 # the Transformer module's config, under the names ST has used for it (it reads the first that exists)
 ST_TRANSFORMER_CONFIGS = ("sentence_bert_config.json", "sentence_roberta_config.json",
                            "sentence_distilbert_config.json", "sentence_camembert_config.json",
                            "sentence_albert_config.json", "sentence_xlm-roberta_config.json",
                            "sentence_xlnet_config.json")
+
+
+@dataclass(frozen=True)
+class DenseSpec:
+    """One sentence-transformers Dense module: linear (weights from its folder's model.safetensors) + activation."""
+    path: str  # the module's folder, relative to the checkpoint
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str  # a DENSE_ACTIVATIONS value
+
+    def describe(self) -> str:
+        return (f"Dense {self.in_features}->{self.out_features} ({self.activation}"
+                f"{'' if self.bias else ', no bias'})")
 
 
 @dataclass(frozen=True)
@@ -69,6 +94,21 @@ class EncoderSpec:
     lowercase: Optional[bool] = None
     prompt: Optional[str] = None
     include_prompt: Optional[bool] = None
+    prompts: Optional[dict[str, str]] = None
+    # sentence-transformers Dense modules after the pooling: when there are any, the graph pools and projects
+    # (output "sentence_embedding" [batch, dim]) and the runtime only normalizes
+    dense: tuple[DenseSpec, ...] = ()
+    source_dir: Optional[Path] = None  # where the Dense modules' weights are read from
+
+    @property
+    def pooled_in_graph(self) -> bool:
+        return bool(self.dense)
+
+    @property
+    def graph_modules(self) -> Optional[list[str]]:
+        if not self.dense:
+            return None
+        return [f"Pooling {self.pooling}"] + [d.describe() for d in self.dense]
 
     @property
     def input_names(self) -> list[str]:
@@ -76,16 +116,20 @@ class EncoderSpec:
 
     @property
     def output_name(self) -> str:
-        return "last_hidden_state" if self.output == "embedding" else "logits"
+        if self.output != "embedding":
+            return "logits"
+        return "sentence_embedding" if self.pooled_in_graph else "last_hidden_state"
 
     def info(self, goldens: list[EncoderGolden]) -> EncoderInfo:
         return EncoderInfo(output=self.output, pooling=self.pooling, normalize=self.normalize,
                            max_length=self.max_length, dim=self.dim, labels=self.labels, goldens=goldens,
                            function_to_apply=self.function_to_apply, lowercase=self.lowercase, prompt=self.prompt,
-                           include_prompt=self.include_prompt)
+                           include_prompt=self.include_prompt, graph_modules=self.graph_modules,
+                           prompts=self.prompts)
 
     def io(self) -> IOSignature:
-        out_shape = ["batch", "sequence", self.dims.hidden] if self.output == "embedding" else ["batch", self.dim]
+        token_states = self.output == "embedding" and not self.pooled_in_graph
+        out_shape = ["batch", "sequence", self.dims.hidden] if token_states else ["batch", self.dim]
         return IOSignature(inputs=[TensorSpec(name=n, dtype="int64", shape=["batch", "sequence"]) for n in self.input_names],
                            outputs=[TensorSpec(name=self.output_name, dtype="float32", shape=out_shape)], kv_layout="none")
 
@@ -111,6 +155,8 @@ class _STConfig:
     prompt: Optional[str]  # the default prompt (config_sentence_transformers.json's default_prompt_name)
     include_prompt: bool
     files: list[str]
+    dense: tuple[DenseSpec, ...] = ()
+    prompts: Optional[dict[str, str]] = None  # all named prompts
 
 
 def _read_json(path: Path) -> dict:
@@ -141,15 +187,17 @@ def _sentence_transformers_config(directory: Path, usable: int) -> Optional[_STC
     modules = _read_json(modules_path)
     types = [str(m.get("type", "?")) for m in modules]
     kinds = [t.rsplit(".", 1)[-1] if t.startswith("sentence_transformers.") else t for t in types]
-    if kinds not in _ST_PIPELINES:
+    middle = kinds[2:-1] if kinds[-1:] == ["Normalize"] else kinds[2:]
+    if kinds[:2] != ["Transformer", "Pooling"] or any(k != "Dense" for k in middle):
         raise UnsupportedArchitecture(f"{modules_path}: sentence-transformers modules {types} are not supported; "
-                                      f"supported: {' | '.join(' -> '.join(p) for p in _ST_PIPELINES)}")
+                                      f"supported: {_ST_PIPELINE_TEXT}")
     if modules[0].get("path"):  # ST would load the encoder from that folder, not the checkpoint's root
         raise UnsupportedArchitecture(f"{modules_path}: a Transformer module in {modules[0]['path']!r} is not "
                                       f"supported; only the checkpoint's root (path \"\")")
     pooling_rel = f"{modules[1]['path']}/config.json"
     pooling, include_prompt = _st_pooling(directory / pooling_rel)
     files.append(pooling_rel)
+    dense = tuple(_st_dense(directory, m, files) for m in modules[2:2 + len(middle)])
 
     transformer = {}
     for name in ST_TRANSFORMER_CONFIGS:
@@ -157,6 +205,7 @@ def _sentence_transformers_config(directory: Path, usable: int) -> Optional[_STC
             transformer = _read_json(directory / name)
             files.append(name)
             break
+    _refuse_chat_template(directory, transformer, files)
     task = transformer.get("transformer_task", "feature-extraction")
     if task != "feature-extraction" or transformer.get("processing_kwargs"):
         raise UnsupportedArchitecture(f"{directory / files[-1]}: transformer_task {task!r}, processing_kwargs "
@@ -169,7 +218,7 @@ def _sentence_transformers_config(directory: Path, usable: int) -> Optional[_STC
         model_max = _read_json(tokenizer_config).get("model_max_length") if tokenizer_config.is_file() else None
         max_seq = min(int(model_max), usable) if isinstance(model_max, (int, float)) else None
 
-    prompt = None
+    prompt, prompts = None, {}
     st_config = directory / "config_sentence_transformers.json"
     if st_config.is_file():
         config = _read_json(st_config)
@@ -179,9 +228,51 @@ def _sentence_transformers_config(directory: Path, usable: int) -> Optional[_STC
                                           f"{sorted(prompts)}")
         if name is not None:
             prompt = prompts[name] or None  # "" is no prompt
+    if dense and prompt and not include_prompt:  # the graph pools: it cannot leave a prompt's tokens out
+        raise UnsupportedArchitecture(f"{directory / pooling_rel}: include_prompt false with a default prompt in "
+                                      f"front of Dense modules is not supported")
     return _STConfig(pooling=pooling, normalize=kinds[-1] == "Normalize", max_seq_length=max_seq,
                      lowercase=bool(transformer.get("do_lower_case")), prompt=prompt, include_prompt=include_prompt,
-                     files=files)
+                     files=files, dense=dense,
+                     prompts={str(k): str(v) for k, v in prompts.items() if isinstance(v, str)} or None)
+
+
+def _refuse_chat_template(directory: Path, transformer: dict, files: list[str]) -> None:
+    """sentence-transformers >= 5.7 sends texts through the tokenizer's chat template (its "message" modality)
+    when the Transformer module's saved modality_config lists it (as it saves models whose tokenizer has a chat
+    template). A config without modality_config (saved before ST 5.7: Qwen3-Embedding, EmbeddingGemma) loads as
+    plain text. The artifact tokenizes the plain (prompted) text: refuse rather than embed differently."""
+    modalities = transformer.get("modality_config")
+    if isinstance(modalities, dict) and "message" in modalities:
+        config_name = next((f for f in files if f in ST_TRANSFORMER_CONFIGS), "sentence_bert_config.json")
+        raise UnsupportedArchitecture(f"{directory / config_name}: modality_config 'message' (sentence-transformers "
+                                      f"formats every text with the tokenizer's chat template) is not supported; "
+                                      f"only 'text' (drop the 'message' entry to embed plain texts)")
+
+
+def _st_dense(directory: Path, module: dict, files: list[str]) -> DenseSpec:
+    """A Dense module's config, read as sentence-transformers' Dense.load reads it (bias defaults to true, a
+    missing activation_function to Tanh); its weights must be a model.safetensors in its folder."""
+    rel = str(module.get("path") or "")
+    config_path = directory / rel / "config.json"
+    if not rel or not config_path.is_file():
+        raise UnsupportedArchitecture(f"{directory / 'modules.json'}: Dense module {module.get('name')!r} has no "
+                                      f"{config_path.relative_to(directory)}")
+    config = _read_json(config_path)
+    activation = config.get("activation_function", "torch.nn.modules.activation.Tanh")
+    if activation not in DENSE_ACTIVATIONS:
+        raise UnsupportedArchitecture(f"{config_path}: Dense activation_function {activation!r} is not supported; "
+                                      f"supported: {', '.join(DENSE_ACTIVATIONS)}")
+    for key in ("module_input_name", "module_output_name"):
+        if config.get(key) not in (None, "sentence_embedding"):
+            raise UnsupportedArchitecture(f"{config_path}: Dense {key} {config[key]!r} is not supported; only "
+                                          f"sentence_embedding")
+    if not (directory / rel / "model.safetensors").is_file():
+        raise UnsupportedArchitecture(f"{directory / rel}: the Dense module's weights must be model.safetensors "
+                                      f"(pytorch_model.bin is not read)")
+    files += [f"{rel}/config.json"]
+    return DenseSpec(path=rel, in_features=int(config["in_features"]), out_features=int(config["out_features"]),
+                     bias=config.get("bias", True) is not False, activation=DENSE_ACTIVATIONS[activation])
 
 
 def _function_to_apply(config) -> Optional[str]:
@@ -217,11 +308,15 @@ def encoder_spec(config, recipe: Recipe, directory: Path) -> EncoderSpec:
                                       f"{max_positions}" + (f" ({usable} tokens after padding_idx)"
                                                             if usable != max_positions else ""))
     heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or int(config.hidden_size) // heads)
     dims = ModelDims(model_type=model_type, family="encoder", num_layers=int(config.num_hidden_layers),
-                     hidden=int(config.hidden_size), heads=heads, kv_heads=heads,
-                     head_dim=int(config.hidden_size) // heads, vocab=int(config.vocab_size),
-                     max_positions=max_positions)
+                     hidden=int(config.hidden_size), heads=heads, kv_heads=kv_heads,
+                     head_dim=head_dim, vocab=int(config.vocab_size), max_positions=max_positions)
     if recipe.task == "text-classification":
+        if model_type in _EMBEDDING_ONLY:
+            raise UnsupportedArchitecture(f"model_type {model_type!r} is supported for feature-extraction (embedding "
+                                          f"models) only, not text-classification")
         heads_archs = [a for a in (config.architectures or []) if a.endswith("ForSequenceClassification")]
         if not heads_archs:
             raise UnsupportedArchitecture(f"{directory}: task text-classification needs a checkpoint with a sequence-"
@@ -234,11 +329,20 @@ def encoder_spec(config, recipe: Recipe, directory: Path) -> EncoderSpec:
     pooling = opts.pooling if opts and opts.pooling != "auto" else (st.pooling if st else "mean")
     normalize = opts.normalize if opts and opts.normalize is not None else bool(st and st.normalize)
     prompt = st.prompt if st else None
+    dense = st.dense if st else ()
+    width = dims.hidden
+    for d in dense:
+        if d.in_features != width:
+            raise UnsupportedArchitecture(f"{directory / d.path / 'config.json'}: Dense in_features {d.in_features} "
+                                          f"does not follow the {width} features in front of it")
+        width = d.out_features
     return EncoderSpec(task=recipe.task, model_type=model_type, dims=dims, output="embedding", pooling=pooling,
-                       normalize=normalize, max_length=max_length, dim=dims.hidden, labels=None,
+                       normalize=normalize, max_length=max_length, dim=width, labels=None,
                        token_type_ids=ENCODERS[model_type], st_files=tuple(st.files) if st else (),
                        lowercase=True if st and st.lowercase else None, prompt=prompt,
-                       include_prompt=False if prompt and not st.include_prompt else None)
+                       include_prompt=False if (prompt or (st and st.prompts)) and not st.include_prompt else None,
+                       prompts=st.prompts if st else None, dense=dense,
+                       source_dir=directory if dense else None)
 
 
 # -- reference and build ---------------------------------------------------------------------------------------

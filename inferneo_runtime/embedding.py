@@ -57,9 +57,12 @@ def finish(raw: np.ndarray, mask: np.ndarray, info: EncoderInfo, prompt_length: 
     `prompt_length` leading tokens are left out of pooling (sentence-transformers' include_prompt=false)."""
     if info.output == "logits":
         return raw.astype(np.float32, copy=False)
-    if prompt_length:
-        mask = mask.copy()
-        mask[:, :prompt_length] = 0
+    if info.graph_modules:  # the graph pooled (and projected) already
+        out = raw.astype(np.float32, copy=False)
+        return l2_normalize(out) if info.normalize else out
+    if prompt_length:  # after any left padding, as sentence-transformers' Pooling._exclude_prompt_from_mask
+        pads = np.argmax(mask > 0, axis=1)[:, None]
+        mask = np.where(np.arange(mask.shape[1])[None, :] < pads + prompt_length, 0, mask)
     out = pool(raw, mask, info.pooling or "mean")
     return l2_normalize(out) if info.normalize else out
 
@@ -137,24 +140,47 @@ class EmbeddingModel:
 
             rest = [tok.normalizer] if tok.normalizer else []
             tok.normalizer = normalizers.Sequence([normalizers.Lowercase()] + rest)
-        pad_token = self._pad_token()
+        pad_token, padding_side = self._pad_token()
         pad_id = tok.token_to_id(pad_token) if pad_token else None
-        tok.enable_padding(pad_id=pad_id if pad_id is not None else 0, pad_token=pad_token or "[PAD]")
+        # on the tokenizer's side, as sentence-transformers pads (left for Qwen3-Embedding's last-token pooling)
+        tok.enable_padding(pad_id=pad_id if pad_id is not None else 0, pad_token=pad_token or "[PAD]",
+                           direction="left" if padding_side == "left" else "right")
         self._tok = tok
-        self._prompt_length = 0
-        if info.prompt and info.include_prompt is False:
-            # sentence-transformers' prompt length: the prompt's tokens, less a trailing special token
-            encoding = tok.encode(info.prompt)
-            self._prompt_length = len(encoding.ids) - (1 if encoding.special_tokens_mask[-1:] == [1] else 0)
+        self._prompt_length = self._length_of(info.prompt)
         bounds = entry.shapes
         self.batch_size = bounds.max_batch if bounds else 32
 
-    def _pad_token(self) -> Optional[str]:
+    def _length_of(self, prompt: Optional[str]) -> int:
+        """The tokens pooling leaves out for `prompt` (0 unless the manifest's include_prompt is false):
+        sentence-transformers' prompt length, the prompt's tokens less a trailing special token."""
+        if not prompt or self.info.include_prompt is not False:
+            return 0
+        encoding = self._tok.encode(prompt)
+        return len(encoding.ids) - (1 if encoding.special_tokens_mask[-1:] == [1] else 0)
+
+    def _prompt(self, prompt_name: Optional[str]) -> tuple[str, int]:
+        """(prompt text, tokens left out of pooling) for a named prompt, or the default prompt (None)."""
+        if prompt_name is None:
+            return self.info.prompt or "", self._prompt_length
+        prompts = self.info.prompts or {}
+        if prompt_name not in prompts:
+            raise RequestError(f"{self.name}: prompt_name {prompt_name!r} is not one of the model's prompts "
+                               f"{sorted(prompts)}")
+        prompt = prompts[prompt_name]
+        length = self._length_of(prompt)
+        if length and self.info.graph_modules:
+            raise RequestError(f"{self.name}: prompt {prompt_name!r} is left out of pooling (include_prompt false), "
+                               f"which the graph's own pooling cannot do")
+        return prompt, length
+
+    def _pad_token(self) -> tuple[Optional[str], Optional[str]]:
+        """tokenizer_config.json's (pad_token, padding_side)."""
         import json
 
         path = self.root / "tokenizer_config.json"
-        value = json.loads(path.read_text(encoding="utf-8")).get("pad_token") if path.is_file() else None
-        return value.get("content") if isinstance(value, dict) else value
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        value = config.get("pad_token")
+        return (value.get("content") if isinstance(value, dict) else value), config.get("padding_side")
 
     @classmethod
     def open(cls, root: Path, manifest: Manifest, target: str, device: str = "cpu",
@@ -189,37 +215,44 @@ class EmbeddingModel:
         return Tokenizer(self.root, listed=self.manifest.listed_root_files() if self.manifest else None)
 
     # -- inference ----------------------------------------------------------------------------------------------
-    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """Padded (to the longest) and truncated (to max_length) feeds for one batch."""
+    def tokenize(self, texts: Sequence[str], prompt: Optional[str] = None) -> dict[str, np.ndarray]:
+        """Padded (to the longest) and truncated (to max_length) feeds for one batch, `prompt` (default: the
+        sentence-transformers default prompt) prepended to each text as its encode() does."""
         if any(not isinstance(t, str) for t in texts):
             raise RequestError("texts must be strings")
-        prompt = self.info.prompt or ""  # sentence-transformers' default prompt, prepended as its encode() does
+        prompt = (self.info.prompt or "") if prompt is None else prompt
         encodings = self._tok.encode_batch([prompt + t for t in texts])
         feeds = {"input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
                  "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
                  "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64)}
         return {k: v for k, v in feeds.items() if k in self.input_names}
 
-    def forward(self, texts: Sequence[str], batch_size: Optional[int] = None) -> np.ndarray:
-        """[len(texts), dim] float32: pooled embeddings or class logits, computed `batch_size` texts at a time."""
+    def forward(self, texts: Sequence[str], batch_size: Optional[int] = None,
+                prompt_name: Optional[str] = None) -> np.ndarray:
+        """[len(texts), dim] float32: pooled embeddings or class logits, computed `batch_size` texts at a time;
+        `prompt_name` picks one of sentence-transformers' named prompts instead of the default one."""
         if self._runner is None:
             raise RuntimeError(f"{self.name}/{self.target} is closed")
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         size = max(1, batch_size or self.batch_size)
+        prompt, prompt_length = self._prompt(prompt_name)
         out = []
         for start in range(0, len(texts), size):
-            feeds = self.tokenize(texts[start:start + size])
-            out.append(finish(self._runner(feeds), feeds["attention_mask"], self.info, self._prompt_length))
+            feeds = self.tokenize(texts[start:start + size], prompt)
+            out.append(finish(self._runner(feeds), feeds["attention_mask"], self.info, prompt_length))
         return np.concatenate(out).astype(np.float32, copy=False)
 
-    def embed(self, texts: Union[str, Sequence[str]], batch_size: Optional[int] = None) -> np.ndarray:
-        """One text -> [dim]; several -> [n, dim] (L2-normalized when the model's config says so)."""
+    def embed(self, texts: Union[str, Sequence[str]], batch_size: Optional[int] = None,
+              prompt_name: Optional[str] = None) -> np.ndarray:
+        """One text -> [dim]; several -> [n, dim] (L2-normalized when the model's config says so). `prompt_name`:
+        one of the model's sentence-transformers prompts (manifest `encoder.prompts`, e.g. Qwen3-Embedding's
+        "query"), as `SentenceTransformer.encode(prompt_name=...)`; default: the default prompt, if any."""
         if self.info.output != "embedding":
             raise RequestError(f"{self.name} is a {self.task} model; use classify()")
         single = isinstance(texts, str)
-        vectors = self.forward([texts] if single else texts, batch_size)
+        vectors = self.forward([texts] if single else texts, batch_size, prompt_name=prompt_name)
         return vectors[0] if single else vectors
 
     def classify(self, texts: Union[str, Sequence[str]], batch_size: Optional[int] = None):

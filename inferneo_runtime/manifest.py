@@ -191,7 +191,8 @@ class EncoderGolden(_Model):
 class EncoderInfo(_Model):
     """How an encoder artifact turns texts into its output (tasks feature-extraction, text-classification)."""
 
-    _ADDED = frozenset({"function_to_apply", "lowercase", "prompt", "include_prompt"})
+    _ADDED = frozenset({"function_to_apply", "lowercase", "prompt", "include_prompt", "graph_modules",
+                            "prompts"})
 
     output: Literal["embedding", "logits"]
     # embedding only
@@ -205,7 +206,13 @@ class EncoderInfo(_Model):
     function_to_apply: Optional[Literal["softmax", "sigmoid", "none"]] = None
     lowercase: Optional[bool] = None  # lowercase texts before tokenizing (sentence-transformers do_lower_case)
     prompt: Optional[str] = None  # prepended to every text (sentence-transformers default_prompt_name)
+    # sentence-transformers' named prompts (config_sentence_transformers.json), for embed(prompt_name=...)
+    prompts: Optional[dict[str, str]] = None
     include_prompt: Optional[bool] = None  # False: the prompt's tokens are left out of pooling (as ST's Pooling)
+    # the sentence-transformers modules the targets' graphs apply after the encoder, in order (e.g. "Pooling mean",
+    # "Dense 768->3072 (identity, no bias)"): the graph's output is then the pooled embedding [batch, dim] and the
+    # runtime only normalizes it. Unset: the graph returns token states, pooled by the runtime.
+    graph_modules: Optional[list[str]] = None
     # the reference's outputs for the validation texts; a target must stay within its validation tolerance's cosine
     goldens: list[EncoderGolden] = []
 

@@ -215,7 +215,7 @@ def test_multi_label_and_regression_heads_score_as_the_pipeline(tmp_path):
 
 def test_single_label_manifest_is_written_as_before(tiny_bert_artifact, tmp_path):
     """Unset additions stay out of the JSON (older runtimes refuse unknown keys); an old manifest still loads."""
-    for key in ("function_to_apply", "lowercase", "prompt", "include_prompt"):
+    for key in ("function_to_apply", "lowercase", "prompt", "include_prompt", "graph_modules", "prompts"):
         assert key not in json.loads((tiny_bert_artifact.output / "inferneo.json").read_text())["encoder"]
 
 
@@ -285,20 +285,29 @@ def test_pooling_equals_sentence_transformers_pooling(mode):
 
 
 def test_unsupported_sentence_transformers_modules_are_refused(tiny_bert, tmp_path):
-    """A Dense layer after pooling (or any module not applied here) is refused at build time, exit 2, naming
-    the file and the modules: never an artifact whose vectors differ from sentence-transformers'."""
+    """A module not applied here (a LayerNorm after pooling; a Dense module without its files) is refused at build
+    time, exit 2, naming the file and the modules: never an artifact whose vectors differ from sentence-transformers'.
+    (Dense modules themselves are exported: tests/test_embedders_2026.py.)"""
     ckpt = tmp_path / "dense"
     shutil.copytree(tiny_bert, ckpt)
     modules = json.loads((ckpt / "modules.json").read_text())
-    modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    modules.insert(2, {"idx": 2, "name": "2", "path": "2_LayerNorm", "type": "sentence_transformers.models.LayerNorm"})
     (ckpt / "modules.json").write_text(json.dumps(modules))
     from inferneo_build.architectures import UnsupportedArchitecture
 
-    with pytest.raises(UnsupportedArchitecture, match=r"modules\.json: .*'sentence_transformers\.models\.Dense'") as e:
+    with pytest.raises(UnsupportedArchitecture, match=r"modules\.json: .*'sentence_transformers\.models\.LayerNorm'") as e:
         build(encoder_recipe({"path": str(ckpt)}, tmp_path / "out", targets=[{"format": "onnx"}]))
     assert e.value.exit_code == 2 and str(ckpt) in str(e.value) and not (tmp_path / "out").exists()
+    modules[2].update(path="2_Dense", type="sentence_transformers.models.Dense")
+    (ckpt / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(UnsupportedArchitecture, match=r"modules\.json: Dense module '2' has no 2_Dense/config\.json"):
+        build(encoder_recipe({"path": str(ckpt)}, tmp_path / "out", targets=[{"format": "onnx"}]))
+    modules.insert(1, modules.pop(2))  # Dense in front of the Pooling: not sentence-transformers' embedding order
+    (ckpt / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(UnsupportedArchitecture, match=r"modules\.json: sentence-transformers modules .* are not"):
+        build(encoder_recipe({"path": str(ckpt)}, tmp_path / "out", targets=[{"format": "onnx"}]))
     # an encoder ST loads from a subfolder is not the root checkpoint the build exports
-    del modules[2]
+    del modules[1]
     modules[0]["path"] = "0_Transformer"
     (ckpt / "modules.json").write_text(json.dumps(modules))
     with pytest.raises(UnsupportedArchitecture, match=r"modules\.json: a Transformer module in '0_Transformer'"):

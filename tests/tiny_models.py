@@ -1,6 +1,7 @@
 """Tiny random-weight checkpoints (seconds to build) for the fast tests."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 TINY_CONFIGS = {
@@ -108,3 +109,46 @@ def _write_tokenizer(out_dir: Path, vocab_size: int) -> None:
     fast.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
                           "{% if add_generation_prompt %}<s>assistant: {% endif %}")
     fast.save_pretrained(out_dir)
+
+
+# Backbones of the 2026 embedding models (tests/test_embedders_2026.py): saved as AutoModel base models
+TINY_EMBEDDERS = {
+    # Qwen3-Embedding: a causal qwen3 decoder, pooled on its last token (the tokenizer pads left)
+    "qwen3": TINY_CONFIGS["qwen3"] | dict(max_position_embeddings=128),
+    # EmbeddingGemma: gemma3_text with bidirectional attention, windows shorter than the tests' texts
+    "gemma3_text": TINY_CONFIGS["gemma3_text"] | dict(use_bidirectional_attention=True, max_position_embeddings=128),
+    # ModernBERT: alternating global / local (window 8) attention, RoPE
+    "modernbert": dict(model_type="modernbert", vocab_size=512, hidden_size=64, intermediate_size=96,
+                       num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=128,
+                       global_attn_every_n_layers=2, local_attention=8, pad_token_id=0, bos_token_id=1,
+                       eos_token_id=2, cls_token_id=1, sep_token_id=2, mlp_dropout=0.0, attention_dropout=0.0),
+}
+
+
+def make_tiny_embedder(model_type: str, out_dir: Path, seed: int = 0, padding_side: str = "right") -> Path:
+    """A random-weight base model (AutoModel) plus the byte-level BPE tokenizer, with a pad token ("<unk>")
+    and `padding_side`; weights scaled up so that texts get clearly different embeddings."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    cfg = dict(TINY_EMBEDDERS[model_type])
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() < 2 and "norm" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+            elif p.dim() >= 2 and "embed" not in name:
+                p.mul_(3.0)
+    out_dir = Path(out_dir)
+    model.eval().save_pretrained(out_dir)
+    _write_tokenizer(out_dir, config.vocab_size)
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    tok.pad_token, tok.chat_template = "<unk>", None  # a chat template makes sentence-transformers 5.7 format texts
+    tok.save_pretrained(out_dir)
+    (out_dir / "chat_template.jinja").unlink(missing_ok=True)
+    config_path = out_dir / "tokenizer_config.json"  # as Qwen3-Embedding's: transformers reads it on load
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {
+        "padding_side": padding_side, "model_input_names": ["input_ids", "attention_mask"]}))
+    return out_dir
