@@ -158,7 +158,7 @@ class EmbeddingModel:
         encoding = self._tok.encode(prompt)
         return len(encoding.ids) - (1 if encoding.special_tokens_mask[-1:] == [1] else 0)
 
-    def _prompt(self, prompt_name: Optional[str]) -> tuple[str, int]:
+    def prompt_for(self, prompt_name: Optional[str]) -> tuple[str, int]:
         """(prompt text, tokens left out of pooling) for a named prompt, or the default prompt (None)."""
         if prompt_name is None:
             return self.info.prompt or "", self._prompt_length
@@ -237,7 +237,7 @@ class EmbeddingModel:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         size = max(1, batch_size or self.batch_size)
-        prompt, prompt_length = self._prompt(prompt_name)
+        prompt, prompt_length = self.prompt_for(prompt_name)
         out = []
         for start in range(0, len(texts), size):
             feeds = self.tokenize(texts[start:start + size], prompt)

@@ -56,7 +56,7 @@ def _check(ckpt: Path, built, dim: int, texts=TEXTS):
     return expected
 
 
-def _serve_and_compare(built, texts, expected):
+def _serve_and_compare(built, texts, expected, prompt_names: dict | None = None):
     pytest.importorskip("fastapi")
     openai = pytest.importorskip("openai")
     import socket
@@ -85,6 +85,13 @@ def _serve_and_compare(built, texts, expected):
         got = client.embeddings.create(model=built.manifest.name, input=texts)
         vectors = np.array([d.embedding for d in got.data])
         assert cosine(vectors, expected).min() >= 0.9999
+        for name, prompted in (prompt_names or {}).items():  # TEI's prompt_name, through extra_body
+            got = client.embeddings.create(model=built.manifest.name, input=texts, extra_body={"prompt_name": name})
+            assert cosine(np.array([d.embedding for d in got.data]), prompted).min() >= 0.9999
+        if prompt_names:
+            with pytest.raises(openai.BadRequestError, match="prompt_name 'passage' is not one of") as e:
+                client.embeddings.create(model=built.manifest.name, input=texts, extra_body={"prompt_name": "passage"})
+            assert e.value.body["param"] == "prompt_name"
     finally:
         server.should_exit = True
         thread.join(15)
@@ -125,7 +132,9 @@ def test_qwen3_embedding_equals_sentence_transformers(qwen3_embedding):
 
 def test_qwen3_embedding_served(qwen3_embedding):
     ckpt, built = qwen3_embedding
-    _serve_and_compare(built, TEXTS, st.SentenceTransformer(str(ckpt), device="cpu").encode(TEXTS))
+    reference = st.SentenceTransformer(str(ckpt), device="cpu")
+    _serve_and_compare(built, TEXTS, reference.encode(TEXTS),
+                       prompt_names={"document": reference.encode(TEXTS, prompt_name="document")})
 
 
 # -- 2. EmbeddingGemma -----------------------------------------------------------------------------------------

@@ -103,6 +103,9 @@ class EmbeddingRequest(OpenAIBaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Optional[int] = Field(None, ge=1, description="not supported: must be omitted or equal the model's")
     user: Optional[str] = Field(None, max_length=512)
+    prompt_name: Optional[str] = Field(None, max_length=128, description="Inferneo extension (as TEI's): one of the "
+                                       "model's sentence-transformers prompts, e.g. Qwen3-Embedding's \"query\"; "
+                                       "default: its default prompt, if any")
 
 
 class Embedding(BaseModel):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Optional
 
 import anyio
@@ -12,6 +13,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ... import __version__
+from ...errors import RequestError
 from ...registry import Lease
 from ..errors import ERROR_RESPONSES
 from ..metrics import CONTENT_TYPE
@@ -113,8 +115,12 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             if body.dimensions is not None and body.dimensions != model.dim:
                 raise ParamError(f"dimensions {body.dimensions} is not supported: {body.model!r} returns {model.dim}",
                                  param="dimensions")
-            vectors = await anyio.to_thread.run_sync(model.embed, texts)
-            tokens = int(model.tokenize(texts)["attention_mask"].sum())
+            try:
+                prompt, _ = model.prompt_for(body.prompt_name)
+            except RequestError as e:
+                raise ParamError(str(e), param="prompt_name") from None
+            vectors = await anyio.to_thread.run_sync(partial(model.embed, texts, prompt_name=body.prompt_name))
+            tokens = int(model.tokenize(texts, prompt)["attention_mask"].sum())
         finally:
             lease.release()
         data = [Embedding(index=i, embedding=base64.b64encode(v.astype("<f4").tobytes()).decode()
