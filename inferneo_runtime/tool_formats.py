@@ -1,5 +1,5 @@
-"""More tool-call formats, beside tool_calls.py's (which imports this module and so registers them in its PARSERS and
-`detect`); each reads what vLLM's parser of the same name reads:
+"""More tool-call formats, beside tool_calls.py's (which imports this module, so they are registered in PARSERS and
+`detect` knows them); each reads what vLLM's parser of the same name reads:
 
   phi4_mini_json  `functools[{"name": "f", "arguments": {...}}, ...]` (Phi-4-mini(-instruct), Phi-4-multimodal: their
                   template puts the tools in the system message between `<|tool|>` and `<|/tool|>`); text before the
@@ -28,7 +28,7 @@ import keyword
 import warnings
 from typing import Any, Optional, Sequence
 
-from .tool_calls import PARSERS, Parsed, ToolCall, ToolParser, _call, _call_schema, _content, _json_rule, _json_value
+from .tool_base import PARSERS, Parsed, ToolCall, ToolParser, _call, _call_schema, _content, _json_rule, _json_value
 
 _ARGS_KEYS = ("arguments", "parameters")
 
