@@ -97,6 +97,15 @@ def _serve_and_compare(built, texts, expected, prompt_names: dict | None = None)
         thread.join(15)
 
 
+def _cli_build(ckpt, tmp_path):
+    """`inferneo build` of `ckpt` as a feature-extraction onnx artifact, through the CLI (its exit code, stderr)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"name": "x", "task": "feature-extraction", "source": {"path": str(ckpt)},
+                                  "targets": [{"format": "onnx"}], "validation": {"prompts": ["hi"]},
+                                  "output": str(tmp_path / "out")}))
+    return run_cli("build", str(recipe))
+
+
 # -- 1. Qwen3-Embedding ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def qwen3_embedding(tmp_path_factory):
@@ -196,11 +205,7 @@ def test_unsupported_dense_is_refused(embedding_gemma, tmp_path):
     shutil.copytree(embedding_gemma[0], ckpt)
     config = json.loads((ckpt / "2_Dense" / "config.json").read_text())
     (ckpt / "2_Dense" / "config.json").write_text(json.dumps(config | {"activation_function": "my.Act"}))
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(json.dumps({"name": "x", "task": "feature-extraction", "source": {"path": str(ckpt)},
-                                  "targets": [{"format": "onnx"}], "validation": {"prompts": ["hi"]},
-                                  "output": str(tmp_path / "out")}))
-    r = run_cli("build", str(recipe))
+    r = _cli_build(ckpt, tmp_path)
     assert r.returncode == 2 and "2_Dense/config.json" in r.stderr and "'my.Act'" in r.stderr, r.stderr
 
 
@@ -239,11 +244,7 @@ def test_chat_template_formatting_is_refused(qwen3_embedding, tmp_path):
     (ckpt / "sentence_bert_config.json").write_text(json.dumps(st_config | {"modality_config": modalities}))
     templated = st.SentenceTransformer(str(ckpt), device="cpu").encode(TEXTS)
     assert cosine(templated, expected).min() < 0.99  # sentence-transformers really formats them
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(json.dumps({"name": "x", "task": "feature-extraction", "source": {"path": str(ckpt)},
-                                  "targets": [{"format": "onnx"}], "validation": {"prompts": ["hi"]},
-                                  "output": str(tmp_path / "out")}))
-    r = run_cli("build", str(recipe))
+    r = _cli_build(ckpt, tmp_path)
     assert r.returncode == 2 and "sentence_bert_config.json" in r.stderr and "chat template" in r.stderr, r.stderr
 
 

@@ -185,10 +185,8 @@ def quantize_matmuls(model: onnx.ModelProto, plan: Plan, block_size: int, accura
             users[name] = users.get(name, 0) + 1
     nodes, dropped, added = [], set(), []
     for node in graph.node:
-        weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        blocks = None
-        if weight is not None and weight.data_type == onnx.TensorProto.FLOAT and len(weight.dims) == 2:
-            blocks = plan(node.name, numpy_helper.to_array(weight).T)
+        weight = float_weight(node, inits)
+        blocks = None if weight is None else plan(node.name, numpy_helper.to_array(weight).T)
         if blocks is None:
             nodes.append(node)
             continue
@@ -218,6 +216,14 @@ def quantize_matmuls(model: onnx.ModelProto, plan: Plan, block_size: int, accura
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model
+
+
+def float_weight(node: onnx.NodeProto, inits: dict) -> Optional[onnx.TensorProto]:
+    """The float32 [K, N] initializer that MatMul `node` multiplies by (what a plan may quantize), else None."""
+    weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+    if weight is not None and weight.data_type == onnx.TensorProto.FLOAT and len(weight.dims) == 2:
+        return weight
+    return None
 
 
 def nbits_node_name(matmul: str, bits: int) -> str:

@@ -145,14 +145,13 @@ def _finer_in_4_bit_source(model: onnx.ModelProto, skip: list[str]) -> set[str]:
     Q6_K (and other mixes Q5_x or Q8_0) where 4 bits lose too much. `affine` keeps those at 8 bits instead of
     re-rounding them to 4. Empty unless at least half of the MatMuls are on 4-bit grids (a float or Q8_0 source
     is quantized to 4 bits throughout, as asked)."""
-    from .nbits import source_grid
+    from .nbits import float_weight, source_grid
 
     inits = {i.name: i for i in model.graph.initializer}
     grids: dict[str, str] = {}
     for node in model.graph.node:
-        weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if weight is not None and weight.data_type == onnx.TensorProto.FLOAT and len(weight.dims) == 2 \
-                and not _named(node.name, skip):
+        weight = float_weight(node, inits)
+        if weight is not None and not _named(node.name, skip):
             grids[node.name] = source_grid(numpy_helper.to_array(weight).T)
     if sum(g == "4-bit" for g in grids.values()) * 2 < len(grids):
         return set()

@@ -9,6 +9,7 @@ from typing import Optional
 
 from fastapi import FastAPI, Request, Response
 
+from ...reasoning import tags_are_special
 from ...sampling import TokenLogprobs
 from ..errors import ERROR_RESPONSES
 from ..jobs import Job
@@ -127,7 +128,7 @@ def prepare_chat(state: ServerState, body: ChatCompletionRequest, chat: dict, jo
     defaults = state.sampling_defaults(job)
     default_max = min(room, defaults.get("max_tokens") or state.config.max_chat_default_tokens)
     keep_special = (parser is not None and parser.name == "mistral") or (
-        reasoning is not None and _tags_are_special(job.tokenizer))
+        reasoning is not None and tags_are_special(job.tokenizer))
     params = [body.to_sampling_params(max(default_max, 1), defaults, seed_offset=i,
                                       constraint=constraint, keep_special_tokens=keep_special)
               for i in range(body.n)]
@@ -200,12 +201,6 @@ def _after_reasoning(constraint, reasoning, tokenizer):
         return reasoning.constrain(constraint, tokenizer)
     except ConstraintError as e:
         raise ParamError(f"{e}; or start the server with --reasoning-parser none", param=e.param) from None
-
-
-def _tags_are_special(tokenizer) -> bool:
-    from ...reasoning import tags_are_special
-
-    return tags_are_special(tokenizer)
 
 
 def chat_usage(job: Job, chat: dict) -> UsageInfo:
