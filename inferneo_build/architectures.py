@@ -24,6 +24,13 @@ Canonical weight names (all matrices are MatMul-ready, i.e. [in_features, out_fe
     final_norm.weight / .bias
     lm_head.weight             [hidden, vocab]            absent when tied to `embed` (stored once)
 
+Mixture-of-experts layers (`DecoderSpec.moe_layers`) have, instead of gate/up/down:
+    layers.{i}.router.weight           [hidden, experts]
+    layers.{i}.experts.gate.weight     [experts, hidden, expert_intermediate]   (.up the same)
+    layers.{i}.experts.down.weight     [experts, expert_intermediate, hidden]
+    layers.{i}.shared.gate.weight / .up / .down   a dense gated MLP beside the experts (Qwen2-MoE)
+    layers.{i}.shared_gate.weight      [hidden, 1]   its output is scaled by sigmoid(x @ shared_gate)
+
 Folded at load, so no exporter sees them: the norm weight offset (Gemma's 1 + w) and Granite's residual
 multiplier (into the o and down projections).
 """
@@ -59,6 +66,21 @@ class ArchSpec:
     embed_scale_sqrt_hidden: bool = False  # Gemma: embeddings * sqrt(hidden)
     qk_norm: Optional[Literal["head", "whole"]] = None  # RMSNorm of q and k per head (Qwen3, Gemma 3) or whole (OLMo 2)
     attn_softcap: bool = True  # reads attn_logit_softcapping (Gemma 3's config has it, its modeling code drops it)
+    moe: Optional["MoeNames"] = None  # sparse MLP layers: where the router and experts live
+
+
+@dataclass(frozen=True)
+class MoeNames:
+    """Where a family's sparse MLP keeps its weights (HF state-dict names; {} = layer, {e} = expert). transformers
+    4.x holds one module per expert; 5.x stacks them ([experts, 2 * intermediate, hidden] gate|up, and
+    [experts, hidden, intermediate] down). Routing, as every such family computes it: softmax over the router's
+    logits, the top k, renormalized to sum 1 where the config says so (Mixtral always)."""
+
+    routers: tuple[str, ...]               # the first name present wins
+    per_expert: tuple[str, str, str]       # gate, up, down (nn.Linear [out, in])
+    stacked: tuple[str, str]               # gate_up, down
+    shared: bool = False                   # Qwen2-MoE: a gated dense expert every token takes
+    always_normalize: bool = False         # Mixtral has no norm_topk_prob: it always renormalizes
 
 
 _LLAMA_CONFIG = {
@@ -109,6 +131,17 @@ _PHI3_WEIGHTS |= {"layers.{}.qkv.weight": _LAYER + "self_attn.qkv_proj.weight",
                   "layers.{}.gate_up.weight": _LAYER + "mlp.gate_up_proj.weight"}
 
 _LLAMA = ArchSpec(family="llama", norm="rms", positions="rope", config_names=_LLAMA_CONFIG, weight_names=_LLAMA_WEIGHTS)
+
+_QWEN_MOE = MoeNames(
+    routers=(_LAYER + "mlp.gate.weight",),
+    per_expert=tuple(_LAYER + f"mlp.experts.{{e}}.{n}_proj.weight" for n in ("gate", "up", "down")),
+    stacked=(_LAYER + "mlp.experts.gate_up_proj", _LAYER + "mlp.experts.down_proj"))
+_MIXTRAL_MOE = MoeNames(
+    routers=(_LAYER + "mlp.gate.weight", _LAYER + "block_sparse_moe.gate.weight"),
+    per_expert=tuple(_LAYER + f"block_sparse_moe.experts.{{e}}.{n}.weight" for n in ("w1", "w3", "w2")),
+    stacked=_QWEN_MOE.stacked, always_normalize=True)
+_SHARED_EXPERT = {f"layers.{{}}.shared.{n}.weight": _LAYER + f"mlp.shared_expert.{n}_proj.weight"
+                  for n in ("gate", "up", "down")} | {"layers.{}.shared_gate.weight": _LAYER + "mlp.shared_expert_gate.weight"}
 # Gemma 2/3's MLP reads hidden_activation; Gemma (1)'s reads hidden_act (transformers 5 maps its legacy "gelu" to
 # "gelu_pytorch_tanh" itself; 4.x runs the exact GELU a config's hidden_act says, whatever hidden_activation says,
 # and so does the export: the gated_gelu MLP)
@@ -171,6 +204,16 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                             weight_names=_LLAMA_WEIGHTS | _SANDWICH | _QK_NORM, norm_offset=1.0,
                             embed_scale_sqrt_hidden=True, qk_norm="head", attn_softcap=False),
     "gpt2": _GPT2,
+    # mixture of experts (dense layers, where the config keeps some, read the Llama names)
+    "mixtral": ArchSpec(family="llama", norm="rms", positions="rope", config_names=_LLAMA_CONFIG,
+                        weight_names=_LLAMA_WEIGHTS, moe=_MIXTRAL_MOE),
+    "qwen3_moe": ArchSpec(family="llama", norm="rms", positions="rope", config_names=_LLAMA_CONFIG,
+                          weight_names=_LLAMA_WEIGHTS | _QK_NORM, qk_norm="head", moe=_QWEN_MOE),
+    "qwen2_moe": ArchSpec(family="llama", norm="rms", positions="rope", config_names=_LLAMA_CONFIG,
+                          weight_names=_LLAMA_WEIGHTS | _SHARED_EXPERT,
+                          moe=MoeNames(_QWEN_MOE.routers, _QWEN_MOE.per_expert, _QWEN_MOE.stacked, shared=True)),
+    "olmoe": ArchSpec(family="llama", norm="rms", positions="rope", config_names=_LLAMA_CONFIG,
+                      weight_names=_LLAMA_WEIGHTS | _QK_NORM, qk_norm="whole", moe=_QWEN_MOE),
 }
 
 # HF activation name -> canonical MLP kind (gated for the Llama-shaped families, plain for GPT-2)
@@ -261,6 +304,13 @@ class DecoderSpec:
     final_softcap: Optional[float] = None  # logits = cap * tanh(logits / cap)
     logits_divisor: float = 1.0       # Granite logits_scaling
     tied: bool = False                # lm_head is `embed` (stored once)
+    # mixture of experts: which layers are sparse (the rest keep the dense MLP), and how tokens are routed
+    moe_layers: tuple[bool, ...] = ()
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    normalize_top_k: bool = False     # the top-k routing weights renormalized to sum 1
+    shared_expert_intermediate: int = 0
 
     def __post_init__(self):
         if not self.layers:
@@ -292,7 +342,12 @@ class DecoderSpec:
                 out.append(name)
         if self.embed_scale != 1.0 or self.logits_divisor != 1.0:
             out.append("embedding / logits multipliers")
+        if any(self.moe_layers):
+            out.append("mixture of experts")
         return out
+
+    def is_sparse(self, layer: int) -> bool:
+        return bool(self.moe_layers) and self.moe_layers[layer]
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("rope_inv_freq", "ropes", "layers")}
@@ -336,6 +391,7 @@ def decoder_spec(config) -> DecoderSpec:
     if getattr(config, "query_pre_attn_scalar", None):  # Gemma 2/3
         attn_scale = float(config.query_pre_attn_scalar) ** -0.5
     glob = ropes.get("global")
+    moe = _moe_settings(config, arch, dims["num_layers"], dims["intermediate"]) if arch.moe else {}
     return DecoderSpec(
         model_type=config.model_type, family=arch.family, norm=arch.norm, positions=arch.positions,
         mlp=mlp, head_dim=head_dim, sliding_window=uniform_window,
@@ -345,9 +401,28 @@ def decoder_spec(config) -> DecoderSpec:
         attn_softcap=_positive(getattr(config, "attn_logit_softcapping", None)) if arch.attn_softcap else None,
         final_softcap=_positive(getattr(config, "final_logit_softcapping", None)),
         logits_divisor=float(getattr(config, "logits_scaling", None) or 1.0),
-        tied=bool(getattr(config, "tie_word_embeddings", False)),
+        tied=bool(getattr(config, "tie_word_embeddings", False)), **moe,
         **{k: (float(v) if k == "norm_eps" else int(v)) for k, v in dims.items()},
     )
+
+
+def _moe_settings(config, arch: ArchSpec, num_layers: int, intermediate: int) -> dict:
+    """A sparse family's routing, read from its config as its modeling code reads it: a layer is sparse unless
+    `mlp_only_layers` names it or `decoder_sparse_step` skips it (Qwen2/3-MoE)."""
+    if getattr(config, "clip_qkv", None):  # OLMoE's optional clamp of q/k/v
+        raise UnsupportedArchitecture(f"{config.model_type} clip_qkv={config.clip_qkv} is not supported")
+    experts = int(_config_value(config, ("num_experts", "num_local_experts")) or 0)
+    step = int(getattr(config, "decoder_sparse_step", None) or 1)
+    dense = set(getattr(config, "mlp_only_layers", None) or ())
+    layers = tuple(experts > 0 and i not in dense and (i + 1) % step == 0 for i in range(num_layers))
+    return {
+        "moe_layers": layers, "experts": experts,
+        "experts_per_token": int(config.num_experts_per_tok),
+        "expert_intermediate": int(getattr(config, "moe_intermediate_size", None) or intermediate),
+        "normalize_top_k": arch.moe.always_normalize or bool(getattr(config, "norm_topk_prob", False)),
+        "shared_expert_intermediate": int(getattr(config, "shared_expert_intermediate_size", 0) or 0)
+        if arch.moe.shared else 0,
+    }
 
 
 def _positive(value) -> Optional[float]:
@@ -453,9 +528,15 @@ def canonical_weights(spec: DecoderSpec, state_dict: dict, dtype=np.float32, con
         for n in norms:
             put(f"layers.{{}}.{n}.weight"); put(f"layers.{{}}.{n}.bias")
         put("layers.{}.o.weight", True); put("layers.{}.o.bias")
-        put("layers.{}.gate.weight", True)
-        put("layers.{}.up.weight", True); put("layers.{}.up.bias")
-        put("layers.{}.down.weight", True); put("layers.{}.down.bias")
+        if spec.is_sparse(i):
+            out.update(_experts(spec, arch.moe, i, fetch, linear))
+            if spec.shared_expert_intermediate:  # None where absent: reported with the other missing weights
+                for n in ("shared.gate", "shared.up", "shared.down", "shared_gate"):
+                    out[f"layers.{i}.{n}.weight"] = linear(names[f"layers.{{}}.{n}.weight"].format(i))
+        else:
+            put("layers.{}.gate.weight", True)
+            put("layers.{}.up.weight", True); put("layers.{}.up.bias")
+            put("layers.{}.down.weight", True); put("layers.{}.down.bias")
         if "layers.{}.gate_up.weight" in names:  # Phi-3: [gate | up] along the output axis
             gate_up = linear(names["layers.{}.gate_up.weight"].format(i))
             out[f"layers.{i}.gate.weight"], out[f"layers.{i}.up.weight"] = (
@@ -480,6 +561,24 @@ def canonical_weights(spec: DecoderSpec, state_dict: dict, dtype=np.float32, con
     if missing:
         raise UnsupportedArchitecture(f"checkpoint lacks weights for {', '.join(missing)}")
     _fold(spec, arch, out, config)
+    return out
+
+
+def _experts(spec: DecoderSpec, moe: MoeNames, i: int, fetch, linear) -> dict[str, np.ndarray]:
+    """Layer i's router and experts in canonical form, from transformers 5's stacked experts or 4.x's modules."""
+    router = next((w for w in (linear(n.format(i)) for n in moe.routers) if w is not None), None)
+    out = {f"layers.{i}.router.weight": router}
+    gate_up, down = (fetch(n.format(i)) for n in moe.stacked)
+    if gate_up is None or down is None:
+        per_expert = [[fetch(n.format(i, e=e)) for n in moe.per_expert] for e in range(spec.experts)]
+        if any(w is None for ws in per_expert for w in ws):
+            out[f"layers.{i}.experts"] = None  # reported with the other missing weights
+            return out
+        gate_up = np.stack([np.concatenate(ws[:2]) for ws in per_expert])
+        down = np.stack([ws[2] for ws in per_expert])
+    gate, up = np.split(gate_up, 2, axis=1)  # [experts, intermediate, hidden] each
+    for name, w in (("gate", gate), ("up", up), ("down", down)):
+        out[f"layers.{i}.experts.{name}.weight"] = np.ascontiguousarray(w.transpose(0, 2, 1))
     return out
 
 

@@ -123,9 +123,12 @@ def _eos_ids(root: Path, tokenizer: Tokenizer) -> list[int]:
 
 
 def _dims(spec: DecoderSpec) -> ModelDims:
+    sparse = sum(map(bool, getattr(spec, "moe_layers", ())))  # the generic path's spec has no routing fields
+    moe = dict(experts=spec.experts, experts_per_token=spec.experts_per_token,
+               expert_parameters=sparse * spec.experts * 3 * spec.hidden * spec.expert_intermediate) if sparse else {}
     return ModelDims(model_type=spec.model_type, family=spec.family, num_layers=spec.num_layers, hidden=spec.hidden,
                      heads=spec.heads, kv_heads=spec.kv_heads, head_dim=spec.head_dim, vocab=spec.vocab,
-                     max_positions=spec.max_positions, tied_embeddings=bool(spec.tied))
+                     max_positions=spec.max_positions, tied_embeddings=bool(spec.tied), **moe)
 
 
 def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Progress] = None,

@@ -375,13 +375,17 @@ def _target_streamed_bytes(manifest, name: str) -> int:
     read (float32 in every ONNX target, the compute dtype in a reduced TorchScript one). A tied model's table is
     also its output head, read whole every step: float32 ONNX and the torch targets store it once and read it
     both ways; reduced ONNX targets quantize a head of their own. Quantized targets stream fewer bytes per
-    token, so each is measured against its own roofline."""
+    token, so each is measured against its own roofline. A mixture of experts' token reads only the experts it is
+    routed to (batch 1)."""
     t = manifest.targets[name]
     element = 2 if t.dtype in ("float16", "bfloat16") else 4
     dims = manifest.model
     weights = sum(f.size for f in t.files if not is_mixed_graph(f.path))  # a graph beside the weights
     head_is_table = dims.tied_embeddings and not (t.format == "onnx" and t.precision is not None)
-    return max(0, weights - (0 if head_is_table else dims.vocab * dims.hidden * element))
+    unread = 0 if head_is_table else dims.vocab * dims.hidden * element
+    if dims.expert_parameters:  # one token reads experts_per_token of each sparse layer's experts
+        unread += dims.expert_parameters * element * (dims.experts - dims.experts_per_token) // dims.experts
+    return max(0, weights - unread)
 
 
 def _roofline_for(group: str, name: str, manifest, read_gb_s: Optional[float],

@@ -139,7 +139,7 @@ class TargetEntry(_Model):
 
 
 class ModelDims(_Model):
-    _ADDED = frozenset({"tied_embeddings"})
+    _ADDED = frozenset({"tied_embeddings", "experts", "experts_per_token", "expert_parameters"})
 
     model_type: str
     family: str
@@ -151,6 +151,11 @@ class ModelDims(_Model):
     vocab: Count
     max_positions: Count
     tied_embeddings: Optional[bool] = None  # the output head is the embedding table (None: not recorded)
+    # mixture of experts: a token reads experts_per_token of each sparse layer's experts, whose weights together
+    # hold expert_parameters of the model's parameters (all sparse layers)
+    experts: Optional[Count] = None
+    experts_per_token: Optional[Count] = None
+    expert_parameters: Optional[Count] = None
 
 
 class AdapterInfo(_Model):

@@ -108,6 +108,7 @@ def html_report(root: Path, m: Manifest) -> str:
     rows = [("family", d.family), ("model type", d.model_type), ("layers", d.num_layers), ("hidden", d.hidden),
             ("heads / kv heads", f"{d.heads} / {d.kv_heads}"), ("head dim", d.head_dim), ("vocab", d.vocab),
             ("max positions", d.max_positions),
+            *([("experts (per token)", f"{d.experts} ({d.experts_per_token})")] if d.experts else []),
             ("source", f"{src.kind}:{src.uri}" + (f"@{src.revision}" if src.revision else "")),
             ("weights sha256", src.weights_sha256), ("recipe sha256", m.recipe_sha256), ("build key", m.build_key),
             ("eos token ids", m.generation.eos_token_ids)]

@@ -9,7 +9,8 @@ import inferneo_runtime
 from inferneo_runtime.generation import GenerationParams
 from inferneo_runtime.manifest import read_manifest
 
-FAMILIES = ["qwen3", "llama3", "phi3", "gemma", "gemma2", "gemma3_text", "granite", "olmo2", "smollm3", "ministral"]
+FAMILIES = ["qwen3", "llama3", "phi3", "gemma", "gemma2", "gemma3_text", "granite", "olmo2", "smollm3", "ministral",
+            "qwen3_moe-fused", "qwen2_moe", "mixtral", "olmoe"]
 PROMPTS = ["The quick brown fox", "Hello world, this is a tiny tokenizer. Inferneo compiles"]
 STEPS = 24
 
@@ -128,3 +129,4 @@ def test_an_onnx_target_the_model_cannot_take_is_skipped_when_optional(tiny_chec
     with pytest.raises(TargetUnsupported, match="head_dim 24") as e:
         build(Recipe.model_validate(fields))
     assert e.value.exit_code == 2 and not (tmp_path / "out-required").exists()
+

@@ -45,6 +45,16 @@ TINY_CONFIGS |= {
     "olmo2": _BASE | dict(model_type="olmo2", tie_word_embeddings=False),
     "smollm3": _BASE | dict(model_type="smollm3", no_rope_layers=[1, 0], tie_word_embeddings=True, pad_token_id=0),
     "ministral": _BASE | dict(model_type="mistral", sliding_window=5, num_key_value_heads=1, head_dim=32),
+    # mixtures of experts, fused: 8 experts, 2 per token, so the tests' tokens reach most of them
+    "qwen3_moe-fused": _BASE | dict(model_type="qwen3_moe", head_dim=32, num_experts=8, num_experts_per_tok=2,
+                                    moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1],
+                                    tie_word_embeddings=False),  # layer 1 keeps a dense MLP
+    "qwen2_moe": _BASE | dict(model_type="qwen2_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                              shared_expert_intermediate_size=48, tie_word_embeddings=True),
+    "mixtral": _BASE | dict(model_type="mixtral", num_local_experts=8, num_experts_per_tok=2, intermediate_size=64,
+                            num_key_value_heads=1, sliding_window=None),
+    "olmoe": _BASE | dict(model_type="olmoe", num_experts=8, num_experts_per_tok=2, intermediate_size=64,
+                          tie_word_embeddings=False),
 }
 
 # Outside the fused table: the generic path (transformers' own modeling code, traced)

@@ -155,6 +155,17 @@ def symmetric_blocks(w: np.ndarray, block_size: int, bits: int = 8) -> Blocks:
                   k=w.shape[1] if pad else None)
 
 
+def expert_blocks(w: np.ndarray, bits: int, block_size: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Stacked expert weights [E, N, K] as onnxruntime's QMoE holds them: symmetric round-to-nearest, (q - 2^(bits-1))
+    times a scale per block of `block_size` along K (scales [E, N, K / bs]) or per row where block_size is None
+    (scales [E, N]); bytes [E, N, K * bits / 8], for 4 bits the even element in the low nibble."""
+    experts, n, k = w.shape
+    parts = [symmetric_blocks(w[e], block_size or k, bits) for e in range(experts)]
+    packed = np.stack([_pack(b.q, bits).reshape(n, -1) for b in parts])
+    scales = np.stack([b.scales for b in parts])
+    return packed, (scales if block_size else scales[..., 0])
+
+
 def _pack(q: np.ndarray, bits: int) -> np.ndarray:
     """MatMulNBits' B: [N, K/bs, bs * bits / 8] bytes; for 4 bits the even element is the low nibble."""
     if bits == 8:

@@ -21,7 +21,9 @@ Node names are hierarchical and deterministic (`/model/layers.0/attn/qkv/MatMul`
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import onnx
@@ -34,6 +36,19 @@ from . import ExportResult, TargetUnsupported
 from .onnx_mixed import write_mixed_graph
 
 MS_DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class ExpertQuantization:
+    """How the quantized targets store a mixture of experts' experts (QMoE): symmetric round-to-nearest at `bits`,
+    a scale per block of `block_size` inputs, or per output row where block_size is None."""
+
+    bits: int
+    block_size: Optional[int]
+
+    def describe(self) -> str:
+        return (f"experts QMoE bits={self.bits} symmetric "
+                + (f"block_size={self.block_size}" if self.block_size else "per row"))
 MIN_OPSET = 17  # LayerNormalization
 MODEL_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
@@ -146,7 +161,10 @@ class _GraphBuilder:
         return self.node(op, [x], name, axes=axes, keepdims=keepdims)[0]
 
 
-def export_onnx(spec: DecoderSpec, weights: dict[str, np.ndarray], target, shapes, out_dir: Path) -> ExportResult:
+def export_onnx(spec: DecoderSpec, weights: dict[str, np.ndarray], target, shapes, out_dir: Path,
+                experts: Optional["ExpertQuantization"] = None) -> ExportResult:
+    """The float32 decoder graph; `experts` (the quantized targets) writes a mixture of experts' experts as
+    QMoE blocks instead, since the MatMul quantizers that reduce the rest of the graph cannot reach them."""
     opset = int(getattr(target, "opset", None) or MIN_OPSET)
     if opset < MIN_OPSET:
         raise ValueError(f"onnx opset {opset} is too old; the decoder graph needs opset >= {MIN_OPSET}")
@@ -161,7 +179,7 @@ def export_onnx(spec: DecoderSpec, weights: dict[str, np.ndarray], target, shape
 
     g = _GraphBuilder(data_path, opset)
     try:
-        _build_decoder(g, spec, weights, shapes.max_sequence)
+        _build_decoder(g, spec, weights, shapes.max_sequence, experts)
     finally:
         g.close()
 
@@ -185,7 +203,8 @@ def export_onnx(spec: DecoderSpec, weights: dict[str, np.ndarray], target, shape
     )
 
 
-def _build_decoder(g: _GraphBuilder, spec: DecoderSpec, w: dict[str, np.ndarray], max_sequence: int) -> None:
+def _build_decoder(g: _GraphBuilder, spec: DecoderSpec, w: dict[str, np.ndarray], max_sequence: int,
+                   experts: Optional["ExpertQuantization"] = None) -> None:
     """Emit the whole decoder; graph inputs/outputs carry the IO contract's names."""
     rms = spec.norm == "rms"
     eps = float(spec.norm_eps)
@@ -290,7 +309,10 @@ def _build_decoder(g: _GraphBuilder, spec: DecoderSpec, w: dict[str, np.ndarray]
         else:
             h = residual = add_residual(o, residual, bias, f"/model/layers.{i}/mlp_input")
         post = has(f"{c}.post_mlp_norm")
-        hidden = _mlp(g, spec, w, p, c, h, linear, prefix_node, with_bias=post)
+        if spec.is_sparse(i):
+            hidden = _sparse_mlp(g, spec, w, p, c, h, linear, prefix_node, experts)
+        else:
+            hidden = _mlp(g, spec, w, p, c, h, linear, prefix_node, with_bias=post)
         if post:
             hidden = plain_norm(f"{p}.post_mlp_norm", f"{c}.post_mlp_norm", hidden)
         pending_bias = None if post else out_bias(f"{p}.mlp.down_proj", f"{c}.down")
@@ -390,8 +412,8 @@ def _mlp(g: _GraphBuilder, spec: DecoderSpec, w, p: str, c: str, h: str, linear,
         name = prefix_node(f"{p}.mlp.gate_up_proj")
         packed = np.concatenate([w[f"{c}.gate.weight"], w[f"{c}.up.weight"]], axis=1)
         gate_up = g.node("MatMul", [h, g.weight(f"{p}.mlp.gate_up_proj.weight", packed)], name)[0]
-        gate, up = g.node("Split", [gate_up, g.const([spec.intermediate, spec.intermediate])], name, outputs=2,
-                          axis=-1)
+        width = w[f"{c}.gate.weight"].shape[1]
+        gate, up = g.node("Split", [gate_up, g.const([width, width])], name, outputs=2, axis=-1)
         if spec.mlp == "gated_silu":
             # SiLU(x) = x * sigmoid(x) is QuickGelu with alpha 1: one fused node instead of Sigmoid + Mul
             act = g.node("QuickGelu", [gate], prefix_node(f"{p}.mlp.act_fn"), domain=MS_DOMAIN, alpha=1.0)[0]
@@ -406,6 +428,44 @@ def _mlp(g: _GraphBuilder, spec: DecoderSpec, w, p: str, c: str, h: str, linear,
     else:
         raise TargetUnsupported(f"mlp {spec.mlp!r} is not supported by the onnx exporter")
     return linear(f"{p}.mlp.down_proj", f"{c}.down", y, with_bias=with_bias)
+
+
+def _sparse_mlp(g: _GraphBuilder, spec: DecoderSpec, w, p: str, c: str, h: str, linear, prefix_node,
+                quantized: Optional["ExpertQuantization"] = None) -> str:
+    """Mixture of experts as one com.microsoft MoE node (QMoE with `quantized`): it takes the router's logits per
+    row, applies softmax, picks the top k (renormalized where the spec says) and runs only those experts. Its CPU
+    kernel wants gate and up interleaved row by row in one [experts, 2 * intermediate, hidden] weight (SwiGLU with
+    alpha 1, beta 0 is silu(gate) * up) and down as [experts, hidden, intermediate]."""
+    name = prefix_node(f"{p}.mlp")
+    logits = g.node("MatMul", [h, g.weight(f"{p}.mlp.gate.weight", w[f"{c}.router.weight"])], f"{name}/router")[0]
+    rows = g.node("Reshape", [logits, g.const([-1, spec.experts])], f"{name}/router/rows")[0]
+    gate, up = (w[f"{c}.experts.{n}.weight"].transpose(0, 2, 1) for n in ("gate", "up"))  # [E, I, hidden]
+    fc1 = np.empty((spec.experts, 2 * gate.shape[1], spec.hidden), np.float32)
+    fc1[:, 0::2], fc1[:, 1::2] = gate, up
+    fc2 = np.ascontiguousarray(w[f"{c}.experts.down.weight"].transpose(0, 2, 1))  # [E, hidden, I]
+    routing = dict(k=spec.experts_per_token, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
+                   activation_beta=0.0, normalize_routing_weights=int(spec.normalize_top_k))
+    if quantized is None:
+        y = g.node("MoE", [h, rows, g.weight(f"{p}.mlp.experts.fc1", fc1), "",
+                           g.weight(f"{p}.mlp.experts.fc2", fc2)], f"{name}/experts", domain=MS_DOMAIN, **routing)[0]
+    else:
+        from .nbits import expert_blocks
+
+        inputs = [h, rows]
+        for fc, weight in (("fc1", fc1), ("fc2", fc2)):
+            packed, scales = expert_blocks(weight, quantized.bits, quantized.block_size)
+            inputs += [g.weight(f"{p}.mlp.experts.{fc}.quantized", packed), g.weight(f"{p}.mlp.experts.{fc}.scales", scales)]
+            if fc == "fc1":
+                inputs.append("")  # no fc1 bias
+        block = {"block_size": quantized.block_size} if quantized.block_size else {}
+        y = g.node("QMoE", inputs, f"{name}/experts", domain=MS_DOMAIN, expert_weight_bits=quantized.bits,
+                   **block, **routing)[0]
+    if not spec.shared_expert_intermediate:
+        return y
+    # Qwen2-MoE: a dense expert every token takes, scaled by sigmoid(x @ shared_gate)
+    shared = _mlp(g, spec, w, f"{p}.mlp.shared_expert", f"{c}.shared", h, linear, prefix_node)
+    scale = g.node("Sigmoid", [linear(f"{p}.mlp.shared_expert_gate", f"{c}.shared_gate", h)], f"{name}/shared_gate")[0]
+    return g.node("Add", [y, g.node("Mul", [shared, scale], f"{name}/shared")[0]], f"{name}/add_shared")[0]
 
 
 def _rms_norm(g: _GraphBuilder, name: str, x: str, gamma: str, eps: float) -> str:

@@ -34,7 +34,7 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper
 
-from . import ExportResult, TargetUnavailable
+from . import ExportResult, TargetUnavailable, TargetUnsupported
 
 MODEL_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
@@ -104,6 +104,7 @@ def _nbits(src: Path, bits: int, block_size: int, symmetric: bool, accuracy_leve
 
 
 HEAD = "/lm_head"  # the decoder exporters' output-head MatMuls: /lm_head, /lm_head/chunk.N
+ROUTER = "/mlp/router"  # a mixture of experts' router MatMuls: /model/layers.N/mlp/router
 
 
 def quantize_int4(src: Path, out_dir: Path, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 4,
@@ -300,30 +301,30 @@ def check_runs_on_cpu(model_path: Path, precision: str) -> None:
                                 f"or mark the target `optional: true`") from None
 
 
-def reduce_onnx(src: Path, out_dir: Path, target) -> tuple[list[Path], dict, str]:
-    """Write `target.precision`'s version of the float32 graph `src` into out_dir.
-    Returns (files, toolchain entries, weight dtype)."""
+def reduce_onnx(src: Path, out_dir: Path, target, keep_float: list[str] = ()) -> tuple[list[Path], dict, str]:
+    """Write `target.precision`'s version of the float32 graph `src` into out_dir; MatMuls named by `keep_float`
+    stay float32 besides the recipe's `exclude`. Returns (files, toolchain entries, weight dtype)."""
     import onnxruntime as ort
 
     precision = target.precision
     kept = ""
     if precision == "int4":
         o = target.int4 or _defaults("int4")
-        files = quantize_int4(src, out_dir, o.block_size, o.symmetric, o.accuracy_level, o.exclude, o.algorithm,
-                              o.head_bits)
+        files = quantize_int4(src, out_dir, o.block_size, o.symmetric, o.accuracy_level, [*o.exclude, *keep_float],
+                              o.algorithm, o.head_bits)
         layout = {"hqq": "asymmetric", "mse": "asymmetric", "affine": "float minimum"}.get(
             o.algorithm, "symmetric" if o.symmetric else "asymmetric")
         method = (f"MatMulNBits bits=4 {o.algorithm} block_size={o.block_size} {layout} "
                   f"accuracy_level={o.accuracy_level}" + (", lm_head bits=8 symmetric" if o.head_bits == 8 else "")
                   + (", bits=8 where a mostly 4-bit source holds more bits" if o.algorithm == "affine" else ""))
-        kept, dtype = o.exclude, "int4"
+        kept, dtype = [*o.exclude, *keep_float], "int4"
     elif precision == "int8":
         o = target.int8 or _defaults("int8")
-        files = quantize_int8(src, out_dir, o.method, o.accuracy_level, o.exclude, o.algorithm)
+        files = quantize_int8(src, out_dir, o.method, o.accuracy_level, [*o.exclude, *keep_float], o.algorithm)
         layout = "affine (float minimum), lm_head symmetric" if o.algorithm == "affine" else "symmetric"
         method = (f"MatMulNBits bits=8 block_size=32 {layout} accuracy_level={o.accuracy_level}"
                   if o.method == "weight_only" else "quantize_dynamic MatMulInteger per-tensor")
-        kept, dtype = o.exclude, "int8"
+        kept, dtype = [*o.exclude, *keep_float], "int8"
     elif precision == "fp16":
         files = convert_fp16(src, out_dir)
         method, dtype = "float16 weights and compute, float32 IO", "float16"
@@ -402,6 +403,24 @@ def _defaults(precision: str):
     return {"int4": Int4Options, "int8": Int8Options}[precision]()
 
 
+def _expert_quantization(spec, target):
+    """QMoE's layout for a mixture of experts' experts: int4 in the target's blocks, int8 per output row (its
+    8-bit kernel is exact per row; in blocks it is not, as measured against the blocks' own weights)."""
+    from .onnx import ExpertQuantization
+
+    if target.precision == "int8":
+        return ExpertQuantization(8, None)
+    if target.precision != "int4":
+        raise TargetUnsupported(f"mixture of experts: the onnx {target.precision} target is not built (onnxruntime's "
+                                "MoE kernels take float32 or 4/8-bit experts); use int4, int8 or float32")
+    block = (target.int4 or _defaults("int4")).block_size
+    widths = {spec.hidden, spec.expert_intermediate}
+    if any(k % block for k in widths):
+        raise TargetUnsupported(f"mixture of experts: int4 experts in blocks of {block} need the hidden size and "
+                                f"the experts' width ({spec.hidden}, {spec.expert_intermediate}) to be multiples of it")
+    return ExpertQuantization(4, block)
+
+
 def export_onnx_reduced(spec, weights, target, shapes, out_dir: Path) -> ExportResult:
     """The decoder's float32 graph (exporters.onnx), then reduced to the target's precision; same IO."""
     from dataclasses import replace
@@ -410,15 +429,19 @@ def export_onnx_reduced(spec, weights, target, shapes, out_dir: Path) -> ExportR
     from .onnx import export_onnx
     from .onnx_mixed import write_mixed_graph
 
+    experts = _expert_quantization(spec, target) if any(spec.moe_layers) else None
     out_dir = Path(out_dir)
     stage = out_dir / _STAGE
     if spec.tied:  # the quantizers reduce MatMuls: give the head its own [hidden, vocab] MatMul to quantize
         weights = {**weights, "lm_head.weight": head_matrix(spec, weights)}
         spec = replace(spec, tied=False)
     try:
-        base = export_onnx(spec, weights, target, shapes, stage)
+        base = export_onnx(spec, weights, target, shapes, stage, experts)
         src = next(p for p in base.files if p.suffix == ".onnx")
-        files, tool, dtype = reduce_onnx(src, out_dir, target)
+        # a router quantized could pick other experts: the routing stays float32
+        files, tool, dtype = reduce_onnx(src, out_dir, target, keep_float=[ROUTER] if experts else [])
+        if experts:
+            tool["quantization"] += f", {experts.describe()}, router float32"
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     mixed = write_mixed_graph(next(p for p in files if p.suffix == ".onnx"))

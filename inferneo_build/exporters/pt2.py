@@ -32,7 +32,7 @@ from torch import nn
 from inferneo_runtime.backends.pt2 import SLOT_OFFSET_BIAS
 from inferneo_runtime.manifest import IOSignature, TensorSpec
 
-from . import ExportResult, TargetUnavailable
+from . import ExportResult, TargetUnavailable, TargetUnsupported
 from .torch_decoder import Decoder, example_inputs, table_length, token_inputs
 from .torchscript_reduced import DTYPES, ReducedDecoder
 
@@ -87,6 +87,9 @@ def export_pt2(spec, weights, target, shapes, out_dir: Path) -> ExportResult:
     if target.device == "cpu" and shutil.which("g++") is None and shutil.which("c++") is None:
         raise TargetUnavailable("AOTInductor compiles the .pt2 target with a C++ compiler; none (g++ or c++) is on "
                                 "PATH (apt install g++)")
+    if any(spec.moe_layers):
+        raise TargetUnsupported("mixture of experts: torch.export traces the experts' grouped matmul only in bfloat16 "
+                                f"(torch {torch.__version__}); the onnx and torchscript targets take this model")
     device = torch.device(target.device)
     precision = getattr(target, "precision", "fp32")
     dtype = DTYPES.get(precision, torch.float32)

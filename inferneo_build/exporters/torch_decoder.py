@@ -126,6 +126,44 @@ class _MLP(nn.Module):
         return self.down(F.gelu(self.up(x), approximate="tanh"))
 
 
+class _SparseMLP(nn.Module):
+    """Mixture of experts, routed as transformers routes it: softmax over the router's logits (float32), the top
+    k, renormalized where the spec says. The (token, expert) pairs are sorted by expert and each expert multiplies
+    only its own rows, in two grouped matmuls over the stacked weights; every shape follows the input's, so a
+    trace keeps the routing for any input (no per-expert Python loop, no data-dependent shapes)."""
+
+    def __init__(self, spec: DecoderSpec, weights: dict[str, np.ndarray], prefix: str, blocked: bool = True):
+        super().__init__()
+        self.experts, self.top_k, self.normalize = spec.experts, spec.experts_per_token, spec.normalize_top_k
+        self.router = _param(weights[f"{prefix}.router.weight"])  # [hidden, experts]
+        self.gate_up = _param(np.concatenate([weights[f"{prefix}.experts.gate.weight"],
+                                              weights[f"{prefix}.experts.up.weight"]], axis=2))  # [E, hidden, 2I]
+        self.down = _param(weights[f"{prefix}.experts.down.weight"])  # [E, I, hidden]
+        self.shared = _MLP(spec, weights, f"{prefix}.shared", blocked) if spec.shared_expert_intermediate else None
+        self.shared_gate = _param(weights[f"{prefix}.shared_gate.weight"]) if self.shared is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = x.shape[-1]
+        rows = x.reshape(-1, hidden)
+        probs = torch.softmax(torch.matmul(rows, self.router).float(), dim=-1)
+        top, chosen = torch.topk(probs, self.top_k, dim=-1)  # [rows, k]
+        if self.normalize:
+            top = top / top.sum(dim=-1, keepdim=True)
+        pairs = chosen.reshape(-1)
+        order = torch.argsort(pairs, stable=True)
+        token = torch.div(order, self.top_k, rounding_mode="floor")
+        per_expert = torch.zeros(self.experts, dtype=torch.int64, device=x.device).index_add_(
+            0, pairs, torch.ones_like(pairs))
+        offsets = torch.cumsum(per_expert, 0).to(torch.int32)
+        gate, up = F.grouped_mm(rows[token], self.gate_up, offs=offsets).chunk(2, dim=-1)
+        y = F.grouped_mm(F.silu(gate) * up, self.down, offs=offsets)
+        y = y * top.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
+        out = torch.zeros_like(rows).index_add_(0, token, y)
+        if self.shared is not None:  # Qwen2-MoE: a dense expert every token takes, scaled by a sigmoid gate
+            out = out + torch.sigmoid(torch.matmul(rows, self.shared_gate)) * self.shared(rows)
+        return out.reshape(x.shape)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
     """HF apply_rotary_pos_emb: rotate_half over the first rotary_dim features (all of them unless partial)."""
     if rotary_dim < x.shape[-1]:
@@ -215,7 +253,7 @@ class _Block(nn.Module):
         self.attn = _Attention(spec, weights, prefix, i, writes_cache, portable)
         self.mlp_norm = _optional_norm(weights, f"{prefix}.mlp_norm", eps, portable)
         self.post_mlp_norm = _optional_norm(weights, f"{prefix}.post_mlp_norm", eps, portable)
-        self.mlp = _MLP(spec, weights, prefix, not portable)
+        self.mlp = (_SparseMLP if spec.is_sparse(i) else _MLP)(spec, weights, prefix, not portable)
         self.rope, self.window = spec.layers[i].rope, spec.layers[i].window
 
     def forward(self, x, cache, cos, sin, write_index, bias):
