@@ -30,12 +30,13 @@ _MARK = "@@inferneo-bench@@"  # = inferneo_runtime.bench.RESULT_MARK (this half 
 # -- parent side ------------------------------------------------------------------------------------------
 def checkpoint_for(manifest) -> Path:
     """The HF checkpoint directory an artifact was built from, as this host has it."""
-    from .source import SourceError, gguf_conversion_dir
+    from .gguf_source import gguf_conversion_dir
+    from .source_errors import SourceError
 
     src = manifest.source
     if src.kind == "path":
         directory = Path(src.uri)
-    elif src.kind == "gguf":  # converted once by inferneo_build.source._convert_gguf, keyed by the GGUF's sha256
+    elif src.kind == "gguf":  # converted once by inferneo_build.gguf_source.convert_gguf, keyed by the GGUF's sha256
         directory = gguf_conversion_dir(src.weights_sha256)
     elif src.kind == "hf":
         from huggingface_hub import snapshot_download

@@ -259,10 +259,10 @@ def test_gguf_conversion_bars_are_silenced():
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
-    from inferneo_build.source import _no_progress_bars
+    from inferneo_build.gguf_source import no_progress_bars
 
     before = gguf_utils.tqdm
-    with _no_progress_bars():
+    with no_progress_bars():
         assert gguf_utils.tqdm(range(2)).disable and not hf_logging.is_progress_bar_enabled()
     assert gguf_utils.tqdm is before
 
