@@ -155,7 +155,7 @@ class ModelDims(_Model):
     # hold expert_parameters of the model's parameters (all sparse layers)
     experts: Optional[Count] = None
     experts_per_token: Optional[Count] = None
-    expert_parameters: Optional[Count] = None
+    expert_parameters: Optional[Annotated[int, Field(ge=0, le=1 << 44)]] = None  # up to ~17e12 parameters
 
 
 class AdapterInfo(_Model):
