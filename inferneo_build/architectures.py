@@ -30,6 +30,8 @@ Mixture-of-experts layers (`DecoderSpec.moe_layers`) have, instead of gate/up/do
     layers.{i}.experts.down.weight     [experts, expert_intermediate, hidden]
     layers.{i}.shared.gate.weight / .up / .down   a dense gated MLP beside the experts (Qwen2-MoE)
     layers.{i}.shared_gate.weight      [hidden, 1]   its output is scaled by sigmoid(x @ shared_gate)
+    layers.{i}.router.bias / experts.{gate,up}.bias [experts, expert_intermediate] / experts.down.bias  (gpt-oss)
+    layers.{i}.sinks                   [heads]  a learned logit per head beside the keys (gpt-oss's attention sinks)
 
 Folded at load, so no exporter sees them: the norm weight offset (Gemma's 1 + w) and Granite's residual
 multiplier (into the o and down projections).
@@ -81,6 +83,11 @@ class MoeNames:
     stacked: tuple[str, str]               # gate_up, down
     shared: bool = False                   # Qwen2-MoE: a gated dense expert every token takes
     always_normalize: bool = False         # Mixtral has no norm_topk_prob: it always renormalizes
+    # gpt-oss: stacked MatMul-ready ([experts, hidden, 2 * intermediate], gate and up interleaved by column), with
+    # biases (router, gate_up, down) and its clamped SwiGLU. Its router takes the top k logits and a softmax over
+    # them: the softmax over all of them renormalized over the top k, the same weights.
+    stacked_in_out_interleaved: bool = False
+    biases: Optional[tuple[str, str, str]] = None  # router, gate_up, down
 
 
 _LLAMA_CONFIG = {
@@ -140,6 +147,10 @@ _MIXTRAL_MOE = MoeNames(
     routers=(_LAYER + "mlp.gate.weight", _LAYER + "block_sparse_moe.gate.weight"),
     per_expert=tuple(_LAYER + f"block_sparse_moe.experts.{{e}}.{n}.weight" for n in ("w1", "w3", "w2")),
     stacked=_QWEN_MOE.stacked, always_normalize=True)
+_GPT_OSS_MOE = MoeNames(
+    routers=(_LAYER + "mlp.router.weight",), per_expert=(), always_normalize=True,
+    stacked=(_LAYER + "mlp.experts.gate_up_proj", _LAYER + "mlp.experts.down_proj"), stacked_in_out_interleaved=True,
+    biases=(_LAYER + "mlp.router.bias", _LAYER + "mlp.experts.gate_up_proj_bias", _LAYER + "mlp.experts.down_proj_bias"))
 _SHARED_EXPERT = {f"layers.{{}}.shared.{n}.weight": _LAYER + f"mlp.shared_expert.{n}_proj.weight"
                   for n in ("gate", "up", "down")} | {"layers.{}.shared_gate.weight": _LAYER + "mlp.shared_expert_gate.weight"}
 # Gemma 2/3's MLP reads hidden_activation; Gemma (1)'s reads hidden_act (transformers 5 maps its legacy "gelu" to
@@ -214,6 +225,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                           moe=MoeNames(_QWEN_MOE.routers, _QWEN_MOE.per_expert, _QWEN_MOE.stacked, shared=True)),
     "olmoe": ArchSpec(family="llama", norm="rms", positions="rope", config_names=_LLAMA_CONFIG,
                       weight_names=_LLAMA_WEIGHTS | _QK_NORM, qk_norm="whole", moe=_QWEN_MOE),
+    # every layer sparse, attention sinks, q/k/v/o biases, alternating sliding / full layers, YaRN
+    "gpt_oss": ArchSpec(family="llama", norm="rms", positions="rope", config_names=_LLAMA_CONFIG,
+                        weight_names=_LLAMA_WEIGHTS | {"layers.{}.sinks": _LAYER + "self_attn.sinks"},
+                        moe=_GPT_OSS_MOE),
 }
 
 # HF activation name -> canonical MLP kind (gated for the Llama-shaped families, plain for GPT-2)
@@ -311,6 +326,11 @@ class DecoderSpec:
     expert_intermediate: int = 0
     normalize_top_k: bool = False     # the top-k routing weights renormalized to sum 1
     shared_expert_intermediate: int = 0
+    # the experts' activation: silu(gate) * up, or gpt-oss's (up + 1) * g * sigmoid(alpha * g) with gate and up
+    # clamped to `swiglu_limit` (g = min(gate, limit))
+    swiglu_alpha: float = 1.0
+    swiglu_limit: Optional[float] = None
+    attn_sinks: bool = False          # gpt-oss: layers.{i}.sinks
 
     def __post_init__(self):
         if not self.layers:
@@ -344,6 +364,8 @@ class DecoderSpec:
             out.append("embedding / logits multipliers")
         if any(self.moe_layers):
             out.append("mixture of experts")
+        if self.attn_sinks:
+            out.append("attention sinks")
         return out
 
     def is_sparse(self, layer: int) -> bool:
@@ -401,7 +423,8 @@ def decoder_spec(config) -> DecoderSpec:
         attn_softcap=_positive(getattr(config, "attn_logit_softcapping", None)) if arch.attn_softcap else None,
         final_softcap=_positive(getattr(config, "final_logit_softcapping", None)),
         logits_divisor=float(getattr(config, "logits_scaling", None) or 1.0),
-        tied=bool(getattr(config, "tie_word_embeddings", False)), **moe,
+        tied=bool(getattr(config, "tie_word_embeddings", False)), attn_sinks="layers.{}.sinks" in arch.weight_names,
+        **moe,
         **{k: (float(v) if k == "norm_eps" else int(v)) for k, v in dims.items()},
     )
 
@@ -422,6 +445,10 @@ def _moe_settings(config, arch: ArchSpec, num_layers: int, intermediate: int) ->
         "normalize_top_k": arch.moe.always_normalize or bool(getattr(config, "norm_topk_prob", False)),
         "shared_expert_intermediate": int(getattr(config, "shared_expert_intermediate_size", 0) or 0)
         if arch.moe.shared else 0,
+        # gpt-oss (transformers 4.57 hard-codes what 5.x reads from the config)
+        **({"swiglu_alpha": float(getattr(config, "swiglu_alpha", None) or 1.702),
+            "swiglu_limit": float(getattr(config, "swiglu_limit", None) or 7.0)}
+           if arch.moe.stacked_in_out_interleaved else {}),
     }
 
 
@@ -527,6 +554,8 @@ def canonical_weights(spec: DecoderSpec, state_dict: dict, dtype=np.float32, con
 
         for n in norms:
             put(f"layers.{{}}.{n}.weight"); put(f"layers.{{}}.{n}.bias")
+        if spec.attn_sinks:
+            out[f"layers.{i}.sinks"] = fetch(names["layers.{}.sinks"].format(i))
         put("layers.{}.o.weight", True); put("layers.{}.o.bias")
         if spec.is_sparse(i):
             out.update(_experts(spec, arch.moe, i, fetch, linear))
@@ -569,6 +598,15 @@ def _experts(spec: DecoderSpec, moe: MoeNames, i: int, fetch, linear) -> dict[st
     router = next((w for w in (linear(n.format(i)) for n in moe.routers) if w is not None), None)
     out = {f"layers.{i}.router.weight": router}
     gate_up, down = (fetch(n.format(i)) for n in moe.stacked)
+    if moe.stacked_in_out_interleaved:  # gpt-oss: [E, hidden, 2I] columns gate, up, gate, up, ...; down [E, I, hidden]
+        router_bias, gate_up_bias, down_bias = (fetch(n.format(i)) for n in moe.biases)
+        out |= {f"layers.{i}.router.bias": router_bias, f"layers.{i}.experts.down.weight": down,
+                f"layers.{i}.experts.down.bias": down_bias}
+        for kind, both in (("weight", gate_up), ("bias", gate_up_bias)):  # None where absent: reported as missing
+            for name, start in (("gate", 0), ("up", 1)):
+                out[f"layers.{i}.experts.{name}.{kind}"] = (
+                    None if both is None else np.ascontiguousarray(both[..., start::2]))
+        return out
     if gate_up is None or down is None:
         per_expert = [[fetch(n.format(i, e=e)) for n in moe.per_expert] for e in range(spec.experts)]
         if any(w is None for ws in per_expert for w in ws):

@@ -10,7 +10,7 @@ from inferneo_runtime.generation import GenerationParams
 from inferneo_runtime.manifest import read_manifest
 
 FAMILIES = ["qwen3", "llama3", "phi3", "gemma", "gemma2", "gemma3_text", "granite", "olmo2", "smollm3", "ministral",
-            "qwen3_moe-fused", "qwen2_moe", "mixtral", "olmoe"]
+            "qwen3_moe-fused", "qwen2_moe", "mixtral", "olmoe", "gpt_oss"]
 PROMPTS = ["The quick brown fox", "Hello world, this is a tiny tokenizer. Inferneo compiles"]
 STEPS = 24
 

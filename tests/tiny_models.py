@@ -53,6 +53,11 @@ TINY_CONFIGS |= {
                               shared_expert_intermediate_size=48, tie_word_embeddings=True),
     "mixtral": _BASE | dict(model_type="mixtral", num_local_experts=8, num_experts_per_tok=2, intermediate_size=64,
                             num_key_value_heads=1, sliding_window=None),
+    # gpt-oss: attention sinks, q/k/v/o biases, sliding (window 6) then full layers, YaRN, biased router and
+    # experts with the clamped SwiGLU
+    "gpt_oss": _BASE | dict(model_type="gpt_oss", head_dim=32, num_local_experts=8, num_experts_per_tok=2,
+                            intermediate_size=64, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+                            tie_word_embeddings=False),
     "olmoe": _BASE | dict(model_type="olmoe", num_experts=8, num_experts_per_tok=2, intermediate_size=64,
                           tie_word_embeddings=False),
 }
@@ -78,6 +83,7 @@ TINY_CONFIGS |= {
     "bamba": _GENERIC | dict(model_type="bamba", num_key_value_heads=2, attn_layer_indices=[1]),
 }
 _VARIED = set(TINY_CONFIGS) - {"llama", "qwen2", "mistral", "gpt2"}
+_RANDOM_BIASES = {"gpt_oss", "qwen2_moe"}  # biases (zero at init) and gpt-oss's sinks drawn too, so they matter
 
 
 def make_tiny_checkpoint(model_type: str, out_dir: Path, seed: int = 0) -> Path:
@@ -93,6 +99,8 @@ def make_tiny_checkpoint(model_type: str, out_dir: Path, seed: int = 0) -> Path:
         for name, p in model.named_parameters():
             if model_type in _VARIED and p.dim() < 2 and "norm" in name:
                 p.add_(torch.randn_like(p) * 0.5)  # norms (incl. Gemma's zero-initialized ones) that matter
+            elif model_type in _RANDOM_BIASES and (name.endswith(("bias", "sinks"))):
+                p.add_(torch.randn_like(p) * (2.0 if "sinks" in name else 0.5))
             elif p.dim() >= 2 and not (model_type in _VARIED and "embed" in name):
                 # a tied embedding at init scale, so the residual stream is not just the input token's echo
                 p.mul_(5.0)

@@ -369,6 +369,8 @@ def _attention(g: _GraphBuilder, spec: DecoderSpec, w, i: int, p: str, c: str, h
                 q, k = (t, k) if label == "q" else (q, t)
         qkv_inputs = [q, k, v]
     attn_name = f"{name}/GroupQueryAttention"
+    if spec.attn_sinks:  # gpt-oss: head_sink, after the unused cos/sin, position_ids and attention_bias inputs
+        rotary = (rotary or ["", ""]) + ["", "", g.weight(f"{p}.attn.sinks", w[f"{c}.sinks"])]
     return g.node("GroupQueryAttention",
                   [*qkv_inputs, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len, *rotary],
                   name, domain=MS_DOMAIN, outputs=[f"{attn_name}/output_0", f"present.{i}.key", f"present.{i}.value"],
@@ -437,26 +439,35 @@ def _sparse_mlp(g: _GraphBuilder, spec: DecoderSpec, w, p: str, c: str, h: str, 
     kernel wants gate and up interleaved row by row in one [experts, 2 * intermediate, hidden] weight (SwiGLU with
     alpha 1, beta 0 is silu(gate) * up) and down as [experts, hidden, intermediate]."""
     name = prefix_node(f"{p}.mlp")
-    logits = g.node("MatMul", [h, g.weight(f"{p}.mlp.gate.weight", w[f"{c}.router.weight"])], f"{name}/router")[0]
+    logits = linear(f"{p}.mlp.router", f"{c}.router", h)
     rows = g.node("Reshape", [logits, g.const([-1, spec.experts])], f"{name}/router/rows")[0]
     gate, up = (w[f"{c}.experts.{n}.weight"].transpose(0, 2, 1) for n in ("gate", "up"))  # [E, I, hidden]
     fc1 = np.empty((spec.experts, 2 * gate.shape[1], spec.hidden), np.float32)
     fc1[:, 0::2], fc1[:, 1::2] = gate, up
     fc2 = np.ascontiguousarray(w[f"{c}.experts.down.weight"].transpose(0, 2, 1))  # [E, hidden, I]
-    routing = dict(k=spec.experts_per_token, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
-                   activation_beta=0.0, normalize_routing_weights=int(spec.normalize_top_k))
+    biases = ["", ""]  # fc1 (interleaved like its weight), fc2
+    if f"{c}.experts.gate.bias" in w:  # gpt-oss
+        fc1_bias = np.empty((spec.experts, 2 * gate.shape[1]), np.float32)
+        fc1_bias[:, 0::2], fc1_bias[:, 1::2] = w[f"{c}.experts.gate.bias"], w[f"{c}.experts.up.bias"]
+        biases = [g.weight(f"{p}.mlp.experts.fc1.bias", fc1_bias),
+                  g.weight(f"{p}.mlp.experts.fc2.bias", w[f"{c}.experts.down.bias"])]
+    # SwiGLU: silu(gate) * up is alpha 1, beta 0; gpt-oss's is alpha 1.702, beta 1 (up + 1), clamped to the limit
+    routing = dict(k=spec.experts_per_token, activation_type="swiglu", swiglu_fusion=1,
+                   activation_alpha=float(spec.swiglu_alpha), activation_beta=0.0 if spec.swiglu_limit is None else 1.0,
+                   normalize_routing_weights=int(spec.normalize_top_k),
+                   **({"swiglu_limit": float(spec.swiglu_limit)} if spec.swiglu_limit is not None else {}))
     if quantized is None:
-        y = g.node("MoE", [h, rows, g.weight(f"{p}.mlp.experts.fc1", fc1), "",
-                           g.weight(f"{p}.mlp.experts.fc2", fc2)], f"{name}/experts", domain=MS_DOMAIN, **routing)[0]
+        y = g.node("MoE", [h, rows, g.weight(f"{p}.mlp.experts.fc1", fc1), biases[0],
+                           g.weight(f"{p}.mlp.experts.fc2", fc2), biases[1]], f"{name}/experts", domain=MS_DOMAIN,
+                   **routing)[0]
     else:
         from .nbits import expert_blocks
 
         inputs = [h, rows]
-        for fc, weight in (("fc1", fc1), ("fc2", fc2)):
+        for fc, weight, bias in (("fc1", fc1, biases[0]), ("fc2", fc2, biases[1])):
             packed, scales = expert_blocks(weight, quantized.bits, quantized.block_size)
-            inputs += [g.weight(f"{p}.mlp.experts.{fc}.quantized", packed), g.weight(f"{p}.mlp.experts.{fc}.scales", scales)]
-            if fc == "fc1":
-                inputs.append("")  # no fc1 bias
+            inputs += [g.weight(f"{p}.mlp.experts.{fc}.quantized", packed),
+                       g.weight(f"{p}.mlp.experts.{fc}.scales", scales), bias]
         block = {"block_size": quantized.block_size} if quantized.block_size else {}
         y = g.node("QMoE", inputs, f"{name}/experts", domain=MS_DOMAIN, expert_weight_bits=quantized.bits,
                    **block, **routing)[0]

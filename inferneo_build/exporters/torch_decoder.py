@@ -135,17 +135,26 @@ class _SparseMLP(nn.Module):
     def __init__(self, spec: DecoderSpec, weights: dict[str, np.ndarray], prefix: str, blocked: bool = True):
         super().__init__()
         self.experts, self.top_k, self.normalize = spec.experts, spec.experts_per_token, spec.normalize_top_k
+        self.alpha, self.limit = spec.swiglu_alpha, spec.swiglu_limit
         self.router = _param(weights[f"{prefix}.router.weight"])  # [hidden, experts]
         self.gate_up = _param(np.concatenate([weights[f"{prefix}.experts.gate.weight"],
                                               weights[f"{prefix}.experts.up.weight"]], axis=2))  # [E, hidden, 2I]
         self.down = _param(weights[f"{prefix}.experts.down.weight"])  # [E, I, hidden]
+        biased = f"{prefix}.experts.down.bias" in weights  # gpt-oss: router, gate|up and down biases
+        self.router_bias = _param(weights[f"{prefix}.router.bias"]) if biased else None
+        self.gate_up_bias = _param(np.concatenate([weights[f"{prefix}.experts.gate.bias"],
+                                                   weights[f"{prefix}.experts.up.bias"]], axis=1)) if biased else None
+        self.down_bias = _param(weights[f"{prefix}.experts.down.bias"]) if biased else None
         self.shared = _MLP(spec, weights, f"{prefix}.shared", blocked) if spec.shared_expert_intermediate else None
         self.shared_gate = _param(weights[f"{prefix}.shared_gate.weight"]) if self.shared is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = x.shape[-1]
         rows = x.reshape(-1, hidden)
-        probs = torch.softmax(torch.matmul(rows, self.router).float(), dim=-1)
+        logits = torch.matmul(rows, self.router)
+        if self.router_bias is not None:
+            logits = logits + self.router_bias
+        probs = torch.softmax(logits.float(), dim=-1)
         top, chosen = torch.topk(probs, self.top_k, dim=-1)  # [rows, k]
         if self.normalize:
             top = top / top.sum(dim=-1, keepdim=True)
@@ -155,8 +164,19 @@ class _SparseMLP(nn.Module):
         per_expert = torch.zeros(self.experts, dtype=torch.int64, device=x.device).index_add_(
             0, pairs, torch.ones_like(pairs))
         offsets = torch.cumsum(per_expert, 0).to(torch.int32)
-        gate, up = F.grouped_mm(rows[token], self.gate_up, offs=offsets).chunk(2, dim=-1)
-        y = F.grouped_mm(F.silu(gate) * up, self.down, offs=offsets)
+        gate_up = F.grouped_mm(rows[token], self.gate_up, offs=offsets)
+        expert = pairs[order]
+        if self.gate_up_bias is not None:
+            gate_up = gate_up + self.gate_up_bias[expert]
+        gate, up = gate_up.chunk(2, dim=-1)
+        if self.limit is None:
+            act = F.silu(gate) * up
+        else:  # gpt-oss: clamped, and (up + 1) * gate * sigmoid(alpha * gate)
+            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+            act = (up + 1) * gate * torch.sigmoid(gate * self.alpha)
+        y = F.grouped_mm(act, self.down, offs=offsets)
+        if self.down_bias is not None:
+            y = y + self.down_bias[expert]
         y = y * top.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
         out = torch.zeros_like(rows).index_add_(0, token, y)
         if self.shared is not None:  # Qwen2-MoE: a dense expert every token takes, scaled by a sigmoid gate
@@ -190,6 +210,7 @@ class _Attention(nn.Module):
         self.qk_norm = spec.qk_norm
         self.q_norm = _optional_norm(weights, f"{prefix}.q_norm", spec.norm_eps, portable)
         self.k_norm = _optional_norm(weights, f"{prefix}.k_norm", spec.norm_eps, portable)
+        self.sinks = _param(weights[f"{prefix}.sinks"]) if spec.attn_sinks else None  # gpt-oss [heads]
 
     def forward(self, x, cache, cos, sin, write_index, bias):
         # x [n, S, hidden]; cache [2, n, kv_heads, capacity, head_dim] (a view: written in place; read-only, any
@@ -230,7 +251,12 @@ class _Attention(nn.Module):
         if self.softcap is not None:  # Gemma 2
             scores = torch.tanh(scores / self.softcap) * self.softcap
         scores = scores + bias
+        if self.sinks is not None:  # gpt-oss: one more logit per head in the softmax, then dropped
+            sink = self.sinks.view(1, self.kv_heads, self.groups, 1, 1).expand(n, -1, -1, steps, -1)
+            scores = torch.cat((scores, sink.reshape(n, self.kv_heads, self.groups * steps, 1).to(scores.dtype)), -1)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)  # as HF: softmax in float32
+        if self.sinks is not None:
+            probs = probs[..., :-1]
         if apart:
             out = torch.matmul(probs[..., :total], values) + torch.matmul(probs[..., total:], v)
         else:
