@@ -49,17 +49,26 @@ class QuantizedCheckpoint(BuildError):
     exit_code = 2
 
 
-def check_not_quantized(config, directory: Path) -> None:
+def check_not_quantized(config, directory: Path) -> dict:
+    """Refuse a quantized checkpoint, except MXFP4 (gpt-oss's release format: its experts in 4-bit floats with a
+    power-of-two scale per 32), which transformers' own de-quantizer expands exactly. Returns the load options
+    that do so."""
     qc = getattr(config, "quantization_config", None)
     if qc is None:
-        return
+        return {}
     method = (qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)) or "unknown"
     method = getattr(method, "value", method)
+    if method == "mxfp4":
+        from transformers import Mxfp4Config
+
+        # explicit, so a host with MXFP4 kernels (a GPU with triton) does not keep the experts packed
+        return {"quantization_config": Mxfp4Config(dequantize=True)}
     raise QuantizedCheckpoint(
         f"{directory}: the checkpoint is quantized (quantization_config.quant_method={method}); Inferneo exports "
         "unquantized checkpoints only: float32/float16/bfloat16 weights as safetensors (or .bin with allow_pickle) "
-        "(source.path or source.hf), or GGUF (source.gguf, dequantized on load). Build from the original model and "
-        "add a target with `precision: int4` or `precision: int8` to quantize it for deployment.")
+        "(source.path or source.hf), MXFP4 (gpt-oss) or GGUF (source.gguf), both dequantized on load. Build from "
+        "the original model and add a target with `precision: int4` or `precision: int8` to quantize it for "
+        "deployment.")
 
 
 def _generic_exporter() -> Exporter:
@@ -163,7 +172,7 @@ def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Prog
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(checkpoint.directory, trust_remote_code=recipe.trust_remote_code)
-    check_not_quantized(config, checkpoint.directory)
+    dequantize = check_not_quantized(config, checkpoint.directory)
     if recipe.is_encoder:
         from .encoder import EncoderTask, encoder_spec
 
@@ -192,7 +201,10 @@ def build(recipe: Recipe, output: Optional[Path] = None, progress: Optional[Prog
             eager = {"attn_implementation": "eager"} if spec is not None and spec.attn_softcap is not None else {}
             model, loading = AutoModelForCausalLM.from_pretrained(
                 checkpoint.directory, dtype=torch.float32, output_loading_info=True,
-                **sources.load_options(recipe), **eager)
+                **sources.load_options(recipe), **eager, **dequantize)
+            if dequantize:  # transformers 4.57 leaves de-quantized MXFP4 experts in bfloat16 (exact: 4-bit floats)
+                model = model.float()
+                progress.log("MXFP4 experts de-quantized to float32 (transformers' own de-quantizer)")
             if loading.get("missing_keys"):  # transformers filled them with random values: nothing to compile
                 missing = sorted(loading["missing_keys"])
                 raise UnusableCheckpoint(f"{checkpoint.directory}: model_type {config.model_type!r} loaded as "

@@ -113,3 +113,47 @@ def test_qmoe_multiplies_exactly_the_blocks_written(bits, block):
     for w, d, s in ((fc1, d1, s1), (fc2, d2, s2)):
         step = np.repeat(s, block, axis=-1) if block else s[..., None]
         assert (np.abs(w - d) <= step / 2 + 1e-6).all()
+
+
+def test_gpt_oss_as_released_in_mxfp4_builds_from_its_dequantized_experts(tmp_path):
+    """gpt-oss ships its experts in MXFP4. The build de-quantizes them with transformers' own de-quantizer (exact:
+    4-bit floats times powers of two) instead of refusing the checkpoint as quantized, and the targets decode the
+    tokens transformers decodes from the same checkpoint. Any other quantization_config is still refused."""
+    import json
+
+    import torch
+    import tiny_models
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    import inferneo_runtime
+    from inferneo_build.build import QuantizedCheckpoint
+    from inferneo_runtime.generation import GenerationParams
+
+    checkpoint = tiny_models.make_tiny_mxfp4_checkpoint(tmp_path / "gpt-oss-mxfp4")
+    fields = tiny_recipe_fields(checkpoint, "tiny-gpt-oss-mxfp4", tmp_path / "out")
+    artifact = build(Recipe.model_validate(fields)).output
+    assert {n: t.status for n, t in read_manifest(artifact).targets.items()} == {"onnx": "valid", "torchscript": "valid"}
+
+    # transformers 4.57 leaves the de-quantized experts bfloat16 in a float32 model: cast, as the build does
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="eager",
+                                                 quantization_config=Mxfp4Config(dequantize=True)).float().eval()
+    params = GenerationParams(max_new_tokens=16, ignore_eos=True)
+    with inferneo_runtime.load(artifact, target="onnx") as runtime:
+        ids = runtime.tokenizer.encode("The quick brown fox")
+    expected, step_ids, past = [], torch.tensor([ids]), None
+    with torch.inference_mode():
+        for _ in range(16):
+            out = model(input_ids=step_ids, past_key_values=past, use_cache=True)
+            past, step_ids = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            expected.append(int(step_ids))
+    assert len(set(expected)) >= 4, expected
+    for target in ("onnx", "torchscript"):
+        with inferneo_runtime.load(artifact, target=target) as runtime:
+            assert runtime.generate_ids([ids], params)[0].token_ids == expected, target
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    fields["output"] = str(tmp_path / "out-awq")
+    with pytest.raises(QuantizedCheckpoint, match="quant_method=awq"):
+        build(Recipe.model_validate(fields))

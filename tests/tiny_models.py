@@ -170,3 +170,30 @@ def make_tiny_embedder(model_type: str, out_dir: Path, seed: int = 0, padding_si
     config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {
         "padding_side": padding_side, "model_input_names": ["input_ids", "attention_mask"]}))
     return out_dir
+
+
+def make_tiny_mxfp4_checkpoint(out_dir: Path, seed: int = 0) -> Path:
+    """The tiny gpt-oss checkpoint as OpenAI ships gpt-oss: its experts in MXFP4 (`*_blocks`: two 4-bit floats a
+    byte, 32 a block; `*_scales`: a power-of-two exponent per block, biased by 127) and a quantization_config
+    saying so. Random bytes: any 4-bit code is a valid value."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out_dir = make_tiny_checkpoint("gpt_oss", Path(out_dir), seed)
+    weights = load_file(str(out_dir / "model.safetensors"))
+    config = json.loads((out_dir / "config.json").read_text())
+    experts, hidden, inter = config["num_local_experts"], config["hidden_size"], config["intermediate_size"]
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{i}.mlp.experts."
+        for name, (rows, cols) in (("gate_up_proj", (2 * inter, hidden)), ("down_proj", (hidden, inter))):
+            del weights[prefix + name]
+            weights[prefix + name + "_blocks"] = torch.randint(0, 256, (experts, rows, cols // 32, 16),
+                                                               dtype=torch.uint8, generator=generator)
+            weights[prefix + name + "_scales"] = torch.randint(124, 129, (experts, rows, cols // 32),
+                                                               dtype=torch.uint8, generator=generator)
+    save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
