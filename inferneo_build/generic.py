@@ -63,7 +63,10 @@ def generic_spec(model, reason: str) -> GenericSpec:
             f"values, not recurrent, state-space or convolution state; fused: {', '.join(sorted(ARCHITECTURES))}"
         ) from None
     _check_experts_trace(model)  # after the probe: a hybrid MoE (Jamba, Qwen3-Next) is refused for its state first
-    if not torch.allclose(out.logits[:, 0], changed.logits[:, 0], atol=1e-5):  # a later token moved an earlier logit
+    # a later token moved an earlier logit: by far more than the float rounding a batch of another size can cause
+    # (a mixture of experts' grouped matmuls sum in another order; logits of hundreds move by ~1e-5 of them)
+    first = out.logits[:, 0]
+    if (first - changed.logits[:, 0]).abs().max() > 1e-4 * max(1.0, float(first.abs().max())):
         raise UnsupportedArchitecture(
             f"model_type {config.model_type!r} is not causal (its first position's logits depend on the next token): "
             f"neither the generic path nor a fused entry takes it; fused: {', '.join(sorted(ARCHITECTURES))}")
