@@ -13,8 +13,9 @@ MARKS = {"ok": "[green]✓[/green]", "passed": "[green]✓[/green]", "incompatib
 
 def show_manifest(m, out: Console) -> None:
     """`inspect`: the model, its adapters or encoder head, one row per target, and the tolerance figures."""
+    experts = f" · {m.model.experts} experts, {m.model.experts_per_token} per token" if m.model.experts else ""
     out.print(f"[bold]{escape(m.name)}[/bold]  {m.task} · {m.architecture} · {m.model.num_layers} layers · hidden "
-              f"{m.model.hidden} · vocab {m.model.vocab} · source {m.source.kind}:{escape(str(m.source.uri))}",
+              f"{m.model.hidden}{experts} · vocab {m.model.vocab} · source {m.source.kind}:{escape(str(m.source.uri))}",
               highlight=False)
     for a in m.source.adapters:
         out.print(f"  LoRA adapter {escape(str(a.path))} (sha256 {a.sha256[:12]}…, r={a.rank}, alpha={a.alpha:g}, "

@@ -38,6 +38,13 @@ def test_targets_that_cannot_hold_the_experts_are_refused_naming_them(tiny_check
     assert model.expert_parameters == 2 * 8 * 3 * 64 * 32  # 2 sparse layers, 8 experts of 3 [64, 32] matrices
     ts_bytes = sum(f.size for f in targets["torchscript"].files)
     assert _target_streamed_bytes(manifest, "torchscript") == ts_bytes - model.expert_parameters * 4 * 6 // 8
+    from rich.console import Console
+
+    from inferneo_runtime.cli_views import show_manifest
+
+    console = Console(record=True, width=200)
+    show_manifest(manifest, console)  # `inferneo inspect`
+    assert "8 experts, 2 per token" in console.export_text()
 
     fields["targets"] = [{"format": "onnx", "precision": "fp16"}]
     fields["output"] = str(tmp_path / "out-required")
