@@ -9,6 +9,7 @@ import inferneo_runtime
 from inferneo_runtime.generation import GenerationParams
 from inferneo_runtime.manifest import read_manifest
 
+MOE_FAMILIES = {"qwen3_moe-fused", "qwen2_moe", "mixtral", "olmoe", "gpt_oss"}
 FAMILIES = ["qwen3", "llama3", "phi3", "gemma", "gemma2", "gemma3_text", "granite", "olmo2", "smollm3", "ministral",
             "qwen3_moe-fused", "qwen2_moe", "mixtral", "olmoe", "gpt_oss"]
 PROMPTS = ["The quick brown fox", "Hello world, this is a tiny tokenizer. Inferneo compiles"]
@@ -52,9 +53,11 @@ def test_family_greedy_matches_transformers(family, tiny_artifact, tiny_checkpoi
             model.prefill_chunk = 3
             chunked = model.generate_ids(ids, params)
             assert [c.token_ids for c in chunked] == expected, (family, target, "chunked")
-            assert model.backend.mixes_steps == (target == "onnx")
+            # onnx decodes and prefills in one forward, except a mixture of experts (onnx_mixed._ROUTED)
+            assert model.backend.mixes_steps == (target == "onnx" and family not in MOE_FAMILIES)
     # the build checked the onnx target's mixed step against its two forwards
-    assert read_manifest(artifact).targets["onnx"].validation.mixed_step_max_abs_error <= 1e-4
+    mixed = read_manifest(artifact).targets["onnx"].validation.mixed_step_max_abs_error
+    assert mixed is None if family in MOE_FAMILIES else mixed <= 1e-4
 
 
 def test_tied_embedding_stored_once_in_torchscript(tiny_artifact):

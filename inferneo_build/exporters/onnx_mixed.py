@@ -29,16 +29,21 @@ from inferneo_runtime.backends.onnx import CHUNK_PAST, CHUNK_PRESENT, MIXED_GRAP
 _NAME = "/mixed"
 # ops whose result for one token depends on the others (per-tensor activation quantization, int8 `dynamic`)
 _ACROSS_TOKENS = frozenset({"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"})
+# A mixture of experts picks each token's experts by comparing router logits: float rounding of ~1e-6, which a
+# batch of another shape brings, flips a near tie and changes the token's output entirely. Measured on a random
+# 64-expert, top-8 qwen3_moe (int8): the mixed step's cache differed from its two forwards by 0.02 from layer 2
+# on, where float32 happened to stay within 4e-6. Such graphs prefill chunks as forwards of their own.
+_ROUTED = frozenset({"MoE", "QMoE"})
 
 
 def write_mixed_graph(model_path: Path) -> Optional[Path]:
     """Write MIXED_GRAPH next to `model_path` (a decoder graph of exporters.onnx, float32 or weight-only
     quantized) and return its path; None for graphs it cannot serve exactly: those that quantize activations
-    per tensor, or cast the cache on its way in."""
+    per tensor, route tokens to experts, or cast the cache on its way in."""
     model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
     inputs = {i.name: i for i in graph.input}
-    if any(n.op_type in _ACROSS_TOKENS for n in graph.node):
+    if any(n.op_type in _ACROSS_TOKENS or n.op_type in _ROUTED for n in graph.node):
         return None
     if any(x not in inputs for n in graph.node if n.op_type == "GroupQueryAttention" for x in n.input[3:5]):
         return None  # the cache is cast on its way in (fp16): the chunk's buffers could not be bound in place
