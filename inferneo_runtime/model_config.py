@@ -32,7 +32,8 @@ def _check_quantization(v: Optional[str]) -> Optional[str]:
 
 # how a model's <think> reasoning is split from its answer (inferneo_runtime/reasoning.py): auto-detected, never, or
 # always (vLLM's parser names for the <think> format are accepted too)
-ReasoningParserName = Literal["auto", "none", "think", "deepseek_r1", "qwen3"]
+# think (or vLLM's deepseek_r1, qwen3): <think> tags (reasoning.py); harmony (vLLM's openai_gptoss): gpt-oss (harmony.py)
+ReasoningParserName = Literal["auto", "none", "think", "deepseek_r1", "qwen3", "harmony", "openai_gptoss"]
 
 # checked the same way wherever they appear (a `models:` entry, or the server-wide defaults)
 DTypeName = Annotated[str, AfterValidator(_check_dtype)]
@@ -57,8 +58,9 @@ class ModelConfig(StrictModel):
     dtype: Optional[DTypeName] = None
     quantization: Optional[QuantizationName] = None
     adapters: Optional[list[str]] = Field(None, description="LoRA adapter directories (merged at compile time)")
-    reasoning_parser: Optional[ReasoningParserName] = Field(None, description="auto | none | think: whether the "
-                                                            "server splits <think> reasoning out of the answer")
+    reasoning_parser: Optional[ReasoningParserName] = Field(None, description="auto | none | think | harmony: "
+                                                            "whether and how the server splits reasoning out of "
+                                                            "the answer")
 
 
 ArtifactConfig = ModelConfig  # the name this list had before it took more than artifacts

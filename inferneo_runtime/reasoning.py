@@ -17,6 +17,8 @@ reasoning that never closes (max_tokens hit) is all reasoning, with no content. 
 Structured outputs and forced tool calls (`Reasoning.constrain`): the grammar applies after the reasoning, as vLLM
 does: it is prefixed with "reasoning text, `</think>`, whitespace" (optional, after an optional `<think>`, when the
 prompt does not open the reasoning).
+
+gpt-oss's harmony format has its own split with this one's interface (harmony.py), which also yields tool calls.
 """
 from __future__ import annotations
 
@@ -84,13 +86,20 @@ def _partial_suffix(text: str, tag: str) -> int:
 class Split:
     reasoning: Optional[str]  # None: the output has no reasoning
     content: Optional[str]  # None: no answer (the reasoning did not close, or nothing followed it)
+    calls: Sequence = ()  # tool_base.ToolCall: the tool calls of a format that marks them itself (harmony.py)
 
 
 class Reasoning:
     """One request's reasoning split: `starts_inside` when its prompt opened the reasoning."""
 
+    parses_tools = False  # tool calls come from a tool-call parser, reading the content (harmony.Harmony: True)
+
     def __init__(self, starts_inside: bool):
         self.starts_inside = starts_inside
+
+    def keeps_special(self, tokenizer) -> bool:
+        """Whether the output text must keep special tokens for the split to see the tags."""
+        return tags_are_special(tokenizer)
 
     def split(self, text: str) -> Split:
         """A finished output's reasoning and content."""
@@ -134,6 +143,8 @@ class Reasoning:
 class ReasoningStream:
     """Splits one choice's streamed text: `feed(delta)` -> (reasoning, content) to emit now; text that may be part
     of a tag is held until the next delta tells. Reassembled, the parts equal `Reasoning.split`'s."""
+
+    calls = ()  # no tool calls of its own (harmony.HarmonyStream has them)
 
     def __init__(self, starts_inside: bool):
         self.state = "reasoning" if starts_inside else "start"  # start -> reasoning -> after_close -> content
@@ -218,9 +229,15 @@ def after_reasoning(constraint: Constraint, tokenizer, starts_inside: bool) -> C
     reasoning = (f"reasoning: REASONING_TEXT {close_tag}" if close_is_token
                  else f"reasoning[lazy]: REASONING_TEXT {close_tag}")
     lark = f"start: {block} @answer\n{reasoning}\nREASONING_TEXT: /(.|\\n)*/\nGAP: /[ \\t\\r\\n]*/\n"
+    return composed_constraint(constraint, lark, grammars, "after_reasoning", "this model's reasoning")
+
+
+def composed_constraint(constraint: Constraint, lark: str, grammars: list[dict], name: str, what: str) -> Constraint:
+    """A constraint whose top grammar is `lark`, which refers to `grammars` (the request's, the first named
+    "answer"); checked now, so a grammar that cannot be composed is a 400 naming `what` it follows."""
     composed = json.dumps({"grammars": [{"lark_grammar": lark}, *grammars]})
     is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(composed)
     if is_error:
-        raise ConstraintError(f"{constraint.param}: cannot be enforced after this model's reasoning: "
+        raise ConstraintError(f"{constraint.param}: cannot be enforced after {what}: "
                               f"{messages[0] if messages else ''}", constraint.param)
-    return _AfterReasoning(f"after_reasoning:{constraint.kind}", composed, constraint.param)
+    return _AfterReasoning(f"{name}:{constraint.kind}", composed, constraint.param)

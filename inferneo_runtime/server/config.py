@@ -179,11 +179,12 @@ class ServerConfig(StrictModel):
         None, description="hermes, llama3_json, mistral, qwen3_coder, phi4_mini_json, granite or pythonic: the format "
         "model output is parsed for tool calls in (and forced calls are written in); unset: detected from each "
         "model's chat template (inferneo_runtime/tool_calls.py)")
-    reasoning_parser: ReasoningParserName = Field("auto", description="auto: split <think> reasoning out of "
-                                                  "the answer (into `reasoning` and `reasoning_content`) for models "
-                                                  "whose chat template uses <think> and </think>; none: never; think "
-                                                  "(or vLLM's deepseek_r1, qwen3): always (inferneo_runtime/"
-                                                  "reasoning.py)")
+    reasoning_parser: ReasoningParserName = Field("auto", description="auto: split reasoning out of the answer "
+                                                    "(into `reasoning` and `reasoning_content`) for models whose chat "
+                                                    "template uses gpt-oss's harmony format or <think> and </think>; "
+                                                    "none: never; think (or vLLM's deepseek_r1, qwen3): always "
+                                                    "<think>; harmony (or vLLM's openai_gptoss): always harmony "
+                                                    "(inferneo_runtime/reasoning.py, harmony.py)")
     allowed_hosts: list[str] = Field(default_factory=list, description="Host names the management endpoints answer "
                                      "for, beside loopback names, IP addresses and the bind address (DNS rebinding)")
     model_roots: list[str] = Field(default_factory=list, description="directories and s3:// prefixes models may be "

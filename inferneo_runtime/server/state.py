@@ -226,16 +226,21 @@ class ServerState:
         return {**model, **self.defaults}
 
     def reasoning(self, job: Job, prompt_ids: list[int], continued: Optional[str] = None):
-        """A chat request's reasoning split (reasoning.Reasoning), or None when its model's reasoning_parser (its
-        `models:` entry's, else the server's) is none, or auto and the chat template shows no <think> format.
+        """A chat request's reasoning split: harmony.Harmony for gpt-oss's format (reasoning_parser harmony, or
+        auto and the chat template shows it), else reasoning.Reasoning; None when its model's reasoning_parser (its
+        `models:` entry's, else the server's) is none, or auto and the chat template shows neither format.
         `continued`: the assistant message the model continues (continue_final_message), which may open it."""
-        from .. import reasoning
+        from .. import harmony, reasoning
 
         spec = job.lease.entry.spec
         setting = getattr(spec, "reasoning_parser", None) or self.config.reasoning_parser
         template = self.chat_template or getattr(job.tokenizer, "chat_template", None)
-        if not hasattr(job.tokenizer, "apply_chat_template") or not reasoning.enabled(setting, template,
-                                                                                      job.tokenizer):
+        if not hasattr(job.tokenizer, "apply_chat_template") or setting == "none":
+            return None
+        if setting in ("harmony", "openai_gptoss") or (setting in (None, "auto") and
+                                                       harmony.detect(template, job.tokenizer)):
+            return harmony.Harmony()
+        if not reasoning.enabled(setting, template, job.tokenizer):
             return None
         return reasoning.Reasoning(reasoning.prompt_opens_reasoning(job.tokenizer, prompt_ids) or (
             continued is not None and reasoning.text_opens_reasoning(continued)))

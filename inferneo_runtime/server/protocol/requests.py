@@ -111,7 +111,7 @@ class ChatMessage(OpenAIBaseModel):
     tool_calls: Optional[Annotated[list[MessageToolCall], Field(max_length=128)]] = None  # role assistant
     tool_call_id: Optional[ShortText] = None  # role tool: the call this message answers
     # role assistant: its reasoning, under either name (vLLM's and OpenRouter's, DeepSeek's); the chat template
-    # reads `reasoning_content` (Qwen3's does)
+    # reads `reasoning_content` (Qwen3's does) or `thinking` (gpt-oss's)
     reasoning: Optional[str] = None
     reasoning_content: Optional[str] = None
 
@@ -134,8 +134,8 @@ class ChatMessage(OpenAIBaseModel):
             out["tool_calls"] = calls
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
-        if self.reasoning_text() is not None:
-            out["reasoning_content"] = self.reasoning_text()
+        if self.reasoning_text() is not None:  # as `thinking` too: gpt-oss's template reads that name
+            out["reasoning_content"] = out["thinking"] = self.reasoning_text()
         if self.role == "tool" and self.name is not None:
             out["name"] = self.name
         return out

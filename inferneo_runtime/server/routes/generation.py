@@ -9,7 +9,6 @@ from typing import Optional
 
 from fastapi import FastAPI, Request, Response
 
-from ...reasoning import tags_are_special
 from ...sampling import TokenLogprobs
 from ..errors import ERROR_RESPONSES
 from ..jobs import Job
@@ -94,8 +93,8 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
 # -- the chat machinery, shared with /v1/responses (routes/responses.py) ------------------------------------------
 def new_chat(body: ChatCompletionRequest) -> dict:
     """What prepare_chat finds out: the tool-call parser and tools when the request offers tools, the reasoning split
-    (reasoning.Reasoning) when the model reasons, whether the text keeps special tokens, and the first sequence's
-    SamplingParams."""
+    (reasoning.Reasoning, or harmony.Harmony, which also splits out the tool calls) when the model reasons, whether
+    the text keeps special tokens, and the first sequence's SamplingParams."""
     return {"parser": None, "tools": None, "reasoning": None, "skip_special_tokens": body.skip_special_tokens,
             "params": None}
 
@@ -104,7 +103,14 @@ def prepare_chat(state: ServerState, body: ChatCompletionRequest, chat: dict, jo
     """Render and tokenize a chat request, choose its sampling params and constraint, and submit it (on a worker
     thread: ServerState.open_job's `prepare`)."""
     tools, parser, constraint = body.offered_tools(), None, None
-    if tools is not None:
+    ids = state.encode_chat(job.tokenizer, body)
+    job.prompt_tokens = len(ids)
+    continued = body.messages[-1].text() if body.continue_final_message else None
+    reasoning = chat["reasoning"] = state.reasoning(job, ids, continued)
+    if tools is not None and reasoning is not None and reasoning.parses_tools:  # harmony: calls come from the split
+        constraint = body.tool_constraint(reasoning.call_format(job.tokenizer), tools)
+        chat.update(tools=tools)
+    elif tools is not None:
         parser = state.tool_parser(job.tokenizer)
         if parser is None:
             from ...tool_calls import PARSERS
@@ -114,10 +120,6 @@ def prepare_chat(state: ServerState, body: ChatCompletionRequest, chat: dict, jo
                              "--tool-call-parser NAME", param="tools")
         constraint = body.tool_constraint(parser, tools)
         chat.update(parser=parser, tools=tools)  # the tools type qwen3_coder's text values
-    ids = state.encode_chat(job.tokenizer, body)
-    job.prompt_tokens = len(ids)
-    continued = body.messages[-1].text() if body.continue_final_message else None
-    reasoning = chat["reasoning"] = state.reasoning(job, ids, continued)
     constraint = _after_reasoning(body.output_constraint(constraint), reasoning, job.tokenizer)
     max_seq = job.driver.max_sequence
     room = max_seq - len(ids)
@@ -128,7 +130,7 @@ def prepare_chat(state: ServerState, body: ChatCompletionRequest, chat: dict, jo
     defaults = state.sampling_defaults(job)
     default_max = min(room, defaults.get("max_tokens") or state.config.max_chat_default_tokens)
     keep_special = (parser is not None and parser.name == "mistral") or (
-        reasoning is not None and tags_are_special(job.tokenizer))
+        reasoning is not None and reasoning.keeps_special(job.tokenizer))
     params = [body.to_sampling_params(max(default_max, 1), defaults, seed_offset=i,
                                       constraint=constraint, keep_special_tokens=keep_special)
               for i in range(body.n)]
@@ -150,11 +152,13 @@ class Answer:
 
 def chat_answer(chat: dict, seq) -> Answer:
     """A finished sequence's reasoning, content and tool calls. Calls are read from the content only: a <tool_call>
-    written while thinking is not a call."""
+    written while thinking is not a call. Harmony marks its calls itself: they come from the split."""
     thought, content = None, seq.text
     if chat["reasoning"] is not None:
         split = chat["reasoning"].split(seq.text)
         thought, content = split.reasoning, split.content
+        if split.calls:
+            return Answer(thought, content, list(split.calls), "tool_calls")
     parser = chat["parser"]
     parsed = parser.parse(content, chat["tools"]) if parser is not None and content is not None else None
     if parsed is not None and parsed.calls:  # OpenAI's shape: the calls, the text before them, "tool_calls"
@@ -164,9 +168,9 @@ def chat_answer(chat: dict, seq) -> Answer:
 
 class AnswerStream:
     """One chat choice's streamed output, split as chat_answer splits it: `feed(text, finished)` -> (reasoning,
-    content, tool calls) to send now. With the reasoning split (reasoning.ReasoningStream) the thinking comes first;
-    with tools (tool_calls.ToolStream) content streams until a call's marker, the rest is held and the calls come
-    when the output ends."""
+    content, tool calls) to send now. With the reasoning split (reasoning.ReasoningStream, or harmony.HarmonyStream,
+    whose calls come when the output ends) the thinking comes first; with tools (tool_calls.ToolStream) content
+    streams until a call's marker, the rest is held and the calls come when the output ends."""
 
     def __init__(self, chat: dict):
         from ...tool_calls import ToolStream
@@ -181,12 +185,12 @@ class AnswerStream:
             if finished:
                 rest = self.reasoning.finish()
                 thought, answer = thought + rest[0], answer + rest[1]
-        calls = []
+        calls = list(self.reasoning.calls) if finished and self.reasoning is not None else []
         if self.tools is not None:
             answer = self.tools.feed(answer) if answer else ""
             if finished:
-                rest, calls = self.tools.finish()
-                answer += rest
+                rest, parsed = self.tools.finish()
+                answer, calls = answer + rest, calls + parsed
         return thought, answer, calls
 
 
