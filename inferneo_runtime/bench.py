@@ -384,7 +384,8 @@ def _target_streamed_bytes(manifest, name: str) -> int:
     head_is_table = dims.tied_embeddings and not (t.format == "onnx" and t.precision is not None)
     unread = 0 if head_is_table else dims.vocab * dims.hidden * element
     if dims.expert_parameters:  # one token reads experts_per_token of each sparse layer's experts
-        unread += dims.expert_parameters * element * (dims.experts - dims.experts_per_token) // dims.experts
+        per_parameter = float(t.toolchain.get("expert_bytes_per_parameter", element))  # quantized: their bits
+        unread += int(dims.expert_parameters * per_parameter * (dims.experts - dims.experts_per_token) / dims.experts)
     return max(0, weights - unread)
 
 

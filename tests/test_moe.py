@@ -61,8 +61,11 @@ def test_quantized_targets_hold_the_experts_in_qmoe_and_route_in_float32(tiny_ch
     fields["targets"] = [{"format": "onnx"}, {"format": "onnx", "precision": "int8", "tolerance": LENIENT},
                          {"format": "onnx", "precision": "int4", "tolerance": LENIENT}]
     fields["validation"]["perplexity_text"] = TEXT
+    from inferneo_runtime.bench import _target_streamed_bytes
+
     artifact = build(Recipe.model_validate(fields)).output
-    targets = read_manifest(artifact).targets
+    manifest = read_manifest(artifact)
+    targets = manifest.targets
     for name, bits, block in (("onnx-int8", 8, None), ("onnx-int4", 4, 32)):
         assert targets[name].status == "valid", targets[name]
         graph = onnx.load(str(artifact / name / "model.onnx"), load_external_data=False).graph
@@ -75,6 +78,12 @@ def test_quantized_targets_hold_the_experts_in_qmoe_and_route_in_float32(tiny_ch
         assert [n.op_type for n in routers] == ["MatMul"], routers
         tool = targets[name].toolchain
         assert "router float32" in tool["quantization"] and "/mlp/router" in tool["float32_matmuls"], tool
+        # the bench's roofline: the bytes of the experts a token reads (2 of 8), at the target's bits and scales
+        per_parameter = {"onnx-int8": 1.0, "onnx-int4": 0.5 + 4 / 32}[name]
+        assert float(tool["expert_bytes_per_parameter"]) == per_parameter
+        files = sum(f.size for f in targets[name].files if not f.path.endswith("model.mixed.onnx"))
+        unread = int(manifest.model.expert_parameters * per_parameter * 6 / 8) + 512 * 64 * 4  # + the embedding table
+        assert 0 < _target_streamed_bytes(manifest, name) == files - unread
 
 
 @pytest.mark.parametrize("bits,block", [(4, 32), (4, 64), (8, None)])

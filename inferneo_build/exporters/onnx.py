@@ -46,6 +46,10 @@ class ExpertQuantization:
     bits: int
     block_size: Optional[int]
 
+    def bytes_per_parameter(self) -> float:
+        """What one expert weight costs in the file: its bits, and a float32 scale per block (per row: ~0)."""
+        return self.bits / 8 + (4 / self.block_size if self.block_size else 0.0)
+
     def describe(self) -> str:
         return (f"experts QMoE bits={self.bits} symmetric "
                 + (f"block_size={self.block_size}" if self.block_size else "per row"))

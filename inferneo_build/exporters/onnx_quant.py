@@ -440,8 +440,9 @@ def export_onnx_reduced(spec, weights, target, shapes, out_dir: Path) -> ExportR
         src = next(p for p in base.files if p.suffix == ".onnx")
         # a router quantized could pick other experts: the routing stays float32
         files, tool, dtype = reduce_onnx(src, out_dir, target, keep_float=[ROUTER] if experts else [])
-        if experts:
+        if experts:  # the bench's roofline counts the bytes of the experts a token reads
             tool["quantization"] += f", {experts.describe()}, router float32"
+            tool["expert_bytes_per_parameter"] = f"{experts.bytes_per_parameter():g}"
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     mixed = write_mixed_graph(next(p for p in files if p.suffix == ".onnx"))
