@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_reasoning import _chat, _serve, _token_count
+from test_reasoning import _chat, _serve, _token_count, accepted, memorize
 
 from inferneo_runtime.harmony import Harmony, detect
 
@@ -118,18 +118,13 @@ def test_detect_and_count(tokenizer):
 
 def test_constraints_apply_to_the_final_channel(tokenizer):
     pytest.importorskip("llguidance")
-    from inferneo_runtime.structured import Constraint, sequence_constraint
+    from inferneo_runtime.structured import Constraint
 
     constraint = Harmony().constrain(Constraint("regex", "[0-9]+"), tokenizer)
     call = Constraint("grammar", Harmony().call_format(tokenizer).grammar(TOOLS, False), "tools")
 
     def accepts(text: str, constraint=constraint) -> bool:
-        seq = sequence_constraint(constraint, tokenizer, [tokenizer.eos_id])
-        for t in tokenizer.encode(text, add_special_tokens=False):
-            if not seq.allowed(tokenizer.vocab_size)[t]:
-                return False
-            seq.advance(t)
-        return bool(seq.allowed(tokenizer.vocab_size)[tokenizer.eos_id])
+        return accepted(constraint, tokenizer, text)
 
     assert accepts(f"{ANALYSIS}<|start|>assistant<|channel|>final<|message|>4")
     assert accepts("<|channel|>final<|message|>42")
@@ -143,7 +138,6 @@ def test_constraints_apply_to_the_final_channel(tokenizer):
 # -- the server ------------------------------------------------------------------------------------------------------
 def _fine_tune(checkpoint, tokenizer_dir, out):
     """The checkpoint with the harmony tokenizer, trained to write REPLIES greedily (one batch, loss on replies)."""
-    import torch
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
@@ -152,22 +146,7 @@ def _fine_tune(checkpoint, tokenizer_dir, out):
     pairs = [(tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True, **v),
                   add_special_tokens=False).input_ids, tok(r, add_special_tokens=False).input_ids)
              for m, v, r in REPLIES]
-    width = max(len(p) + len(r) for p, r in pairs)
-    ids = torch.tensor([p + r + [0] * (width - len(p) - len(r)) for p, r in pairs])
-    labels = torch.tensor([[-100] * len(p) + r + [-100] * (width - len(p) - len(r)) for p, r in pairs])
-    mask = (torch.arange(width)[None, :] < torch.tensor([[len(p) + len(r)] for p, r in pairs])).long()
-    torch.manual_seed(0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: threads only contend
-    try:
-        model.train()
-        for _ in range(60):
-            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    finally:
-        torch.set_num_threads(threads)
+    memorize(model, pairs)
     # <|return|> and <|call|> end the turn, as in gpt-oss's generation_config
     model.generation_config.eos_token_id = [tok.convert_tokens_to_ids(t) for t in ("<|return|>", "<|call|>")]
     model.save_pretrained(out)

@@ -119,17 +119,11 @@ def test_constraints_apply_after_the_reasoning(tokenizer, thinking_artifact, kin
     """Each kind of constraint after the reasoning, with the tags as text (the tiny tokenizer) and as added tokens
     (the fine-tuned model's, which llguidance matches only as tokens)."""
     pytest.importorskip("llguidance")
-    from inferneo_runtime.structured import Constraint, sequence_constraint
+    from inferneo_runtime.structured import Constraint
     from inferneo_runtime.tokenizer import Tokenizer
 
     def accepts(tok, text: str, starts_inside: bool) -> bool:
-        constraint = Reasoning(starts_inside).constrain(Constraint(kind, spec), tok)
-        seq = sequence_constraint(constraint, tok, [tok.eos_id])
-        for t in tok.encode(text, add_special_tokens=False):
-            if not seq.allowed(tok.vocab_size)[t]:
-                return False
-            seq.advance(t)
-        return bool(seq.allowed(tok.vocab_size)[tok.eos_id])
+        return accepted(Reasoning(starts_inside).constrain(Constraint(kind, spec), tok), tok, text)
 
     for tok in (tokenizer, Tokenizer(thinking_artifact)):
         assert accepts(tok, f"two plus two</think>\n\n{answer}", True)
@@ -138,27 +132,28 @@ def test_constraints_apply_after_the_reasoning(tokenizer, thinking_artifact, kin
         assert not accepts(tok, answer, True)  # the prompt opened the reasoning: it must close first
 
 
-# -- the server ------------------------------------------------------------------------------------------------------
-def _fine_tune(checkpoint, out):
-    """The checkpoint with <think>/</think> tokens and TEMPLATE, trained to write REPLIES greedily."""
-    import torch
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+def accepted(constraint, tok, text: str) -> bool:
+    """Whether `constraint` lets `text`'s tokens through, then the end of the output."""
+    from inferneo_runtime.structured import sequence_constraint
 
-    tok = PreTrainedTokenizerFast.from_pretrained(checkpoint)
-    tok.add_tokens(["<think>", "</think>"])  # plain added tokens, as Qwen3's are (not special)
-    tok.chat_template = TEMPLATE
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)
-    model.resize_token_embeddings(len(tok))
-    prompts, replies = [], []
-    for messages, variables, reply in REPLIES:
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **variables)
-        prompts.append(tok(text, add_special_tokens=False).input_ids)
-        replies.append(tok(reply + tok.eos_token, add_special_tokens=False).input_ids)
-    # one right-padded batch; the loss is on the replies only
-    width = max(len(p) + len(r) for p, r in zip(prompts, replies))
-    ids = torch.tensor([p + r + [0] * (width - len(p) - len(r)) for p, r in zip(prompts, replies)])
-    labels = torch.tensor([[-100] * len(p) + r + [-100] * (width - len(p) - len(r)) for p, r in zip(prompts, replies)])
-    mask = (torch.arange(width)[None, :] < torch.tensor([[len(p) + len(r)] for p, r in zip(prompts, replies)])).long()
+    seq = sequence_constraint(constraint, tok, [tok.eos_id])
+    for t in tok.encode(text, add_special_tokens=False):
+        if not seq.allowed(tok.vocab_size)[t]:
+            return False
+        seq.advance(t)
+    return bool(seq.allowed(tok.vocab_size)[tok.eos_id])
+
+
+# -- the server ------------------------------------------------------------------------------------------------------
+def memorize(model, pairs) -> None:
+    """Train `model` on (prompt ids, reply ids) pairs until greedy decoding writes the replies: 60 Adam steps on one
+    right-padded batch, the loss on the replies only (~2 s)."""
+    import torch
+
+    width = max(len(p) + len(r) for p, r in pairs)
+    ids = torch.tensor([p + r + [0] * (width - len(p) - len(r)) for p, r in pairs])
+    labels = torch.tensor([[-100] * len(p) + r + [-100] * (width - len(p) - len(r)) for p, r in pairs])
+    mask = (torch.arange(width)[None, :] < torch.tensor([[len(p) + len(r)] for p, r in pairs])).long()
     torch.manual_seed(0)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     threads = torch.get_num_threads()
@@ -171,6 +166,23 @@ def _fine_tune(checkpoint, out):
             optimizer.zero_grad()
     finally:
         torch.set_num_threads(threads)
+
+
+def _fine_tune(checkpoint, out):
+    """The checkpoint with <think>/</think> tokens and TEMPLATE, trained to write REPLIES greedily."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(checkpoint)
+    tok.add_tokens(["<think>", "</think>"])  # plain added tokens, as Qwen3's are (not special)
+    tok.chat_template = TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    model.resize_token_embeddings(len(tok))
+    prompts, replies = [], []
+    for messages, variables, reply in REPLIES:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **variables)
+        prompts.append(tok(text, add_special_tokens=False).input_ids)
+        replies.append(tok(reply + tok.eos_token, add_special_tokens=False).input_ids)
+    memorize(model, list(zip(prompts, replies)))
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
