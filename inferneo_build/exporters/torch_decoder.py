@@ -161,8 +161,8 @@ class _SparseMLP(nn.Module):
         pairs = chosen.reshape(-1)
         order = torch.argsort(pairs, stable=True)
         token = torch.div(order, self.top_k, rounding_mode="floor")
-        per_expert = torch.zeros(self.experts, dtype=torch.int64, device=x.device).index_add_(
-            0, pairs, torch.ones_like(pairs))
+        # new_zeros: on the input's device when traced on one and run on another (a trace records x.device as is)
+        per_expert = pairs.new_zeros(self.experts).index_add_(0, pairs, torch.ones_like(pairs))
         offsets = torch.cumsum(per_expert, 0).to(torch.int32)
         gate_up = F.grouped_mm(rows[token], self.gate_up, offs=offsets)
         expert = pairs[order]
