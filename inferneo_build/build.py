@@ -17,7 +17,8 @@ from inferneo_runtime.tokenizer import Tokenizer
 
 from . import build_cache
 from . import source as sources
-from .architectures import DecoderSpec, UnsupportedArchitecture, canonical_weights, decoder_spec
+from .architectures import DecoderSpec, UnsupportedArchitecture, decoder_spec
+from .canonical_weights import canonical_weights
 from .exporters import Exporter, exporter_for
 from .pipeline import (BuildError, BuildResult, Progress, ValidationFailed, build_task,  # noqa: F401
                        dist_version, reference_label, toolchain_versions, validation_chart)

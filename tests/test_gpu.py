@@ -173,7 +173,8 @@ def test_tensorrt_reduced_precision_engine(precision, tiny_artifact, tiny_checkp
     """The exporter and backend directly (the build's tolerance rules belong to validate.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from inferneo_build.architectures import canonical_weights, decoder_spec
+    from inferneo_build.architectures import decoder_spec
+    from inferneo_build.canonical_weights import canonical_weights
     from inferneo_build.exporters.tensorrt import export_tensorrt
     from inferneo_build.recipe import Shapes
     from inferneo_runtime.backends.tensorrt import TensorRTBackend

@@ -13,7 +13,8 @@ import safetensors.torch
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from inferneo_build.architectures import DecoderSpec, canonical_weights, decoder_spec
+from inferneo_build.architectures import DecoderSpec, decoder_spec
+from inferneo_build.canonical_weights import canonical_weights
 from inferneo_build.exporters import exporter_for
 from inferneo_runtime.backends import backend_class
 from inferneo_runtime.backends.onnx import MIXED_GRAPH, OnnxBackend

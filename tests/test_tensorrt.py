@@ -28,7 +28,8 @@ _TORCH_DTYPES = {"int64": torch.int64, "float32": torch.float32, "float16": torc
 def _spec_and_weights(checkpoint):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from inferneo_build.architectures import canonical_weights, decoder_spec
+    from inferneo_build.architectures import decoder_spec
+    from inferneo_build.canonical_weights import canonical_weights
 
     spec = decoder_spec(AutoConfig.from_pretrained(checkpoint))
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()

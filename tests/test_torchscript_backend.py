@@ -13,7 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from inferneo_build.architectures import canonical_weights, decoder_spec  # noqa: E402
+from inferneo_build.architectures import decoder_spec  # noqa: E402
+from inferneo_build.canonical_weights import canonical_weights  # noqa: E402
 from inferneo_build.exporters.torchscript import export_torchscript  # noqa: E402
 from inferneo_runtime.backends.base import KVCache  # noqa: E402
 from inferneo_runtime.backends.torchscript import TorchScriptBackend  # noqa: E402

@@ -425,7 +425,7 @@ def export_onnx_reduced(spec, weights, target, shapes, out_dir: Path) -> ExportR
     """The decoder's float32 graph (exporters.onnx), then reduced to the target's precision; same IO."""
     from dataclasses import replace
 
-    from ..architectures import head_matrix
+    from ..canonical_weights import head_matrix
     from .onnx import export_onnx
     from .onnx_mixed import write_mixed_graph
 
