@@ -196,8 +196,7 @@ class EncoderGolden(_Model):
 class EncoderInfo(_Model):
     """How an encoder artifact turns texts into its output (tasks feature-extraction, text-classification)."""
 
-    _ADDED = frozenset({"function_to_apply", "lowercase", "prompt", "include_prompt", "graph_modules",
-                            "prompts"})
+    _ADDED = frozenset({"function_to_apply", "lowercase", "prompt", "include_prompt", "graph_modules", "prompts"})
 
     output: Literal["embedding", "logits"]
     # embedding only

@@ -99,7 +99,7 @@ def make_tiny_checkpoint(model_type: str, out_dir: Path, seed: int = 0) -> Path:
         for name, p in model.named_parameters():
             if model_type in _VARIED and p.dim() < 2 and "norm" in name:
                 p.add_(torch.randn_like(p) * 0.5)  # norms (incl. Gemma's zero-initialized ones) that matter
-            elif model_type in _RANDOM_BIASES and (name.endswith(("bias", "sinks"))):
+            elif model_type in _RANDOM_BIASES and name.endswith(("bias", "sinks")):
                 p.add_(torch.randn_like(p) * (2.0 if "sinks" in name else 0.5))
             elif p.dim() >= 2 and not (model_type in _VARIED and "embed" in name):
                 # a tied embedding at init scale, so the residual stream is not just the input token's echo

@@ -36,6 +36,12 @@ from . import ExportResult, TargetUnsupported
 from .onnx_mixed import write_mixed_graph
 
 MS_DOMAIN = "com.microsoft"
+MIN_OPSET = 17  # LayerNormalization
+MODEL_NAME = "model.onnx"
+DATA_NAME = "model.onnx.data"
+_INLINE_BYTES = 1024  # smaller initializers stay inside model.onnx
+_ALIGN = 4096  # offsets in the data file are page-aligned (lets ORT mmap them)
+_HEAD_CHUNK_BYTES = 32 << 20  # lm_head columns per initializer (bounds the raw + packed overlap at load)
 
 
 @dataclass(frozen=True)
@@ -53,12 +59,7 @@ class ExpertQuantization:
     def describe(self) -> str:
         return (f"experts QMoE bits={self.bits} symmetric "
                 + (f"block_size={self.block_size}" if self.block_size else "per row"))
-MIN_OPSET = 17  # LayerNormalization
-MODEL_NAME = "model.onnx"
-DATA_NAME = "model.onnx.data"
-_INLINE_BYTES = 1024  # smaller initializers stay inside model.onnx
-_ALIGN = 4096  # offsets in the data file are page-aligned (lets ORT mmap them)
-_HEAD_CHUNK_BYTES = 32 << 20  # lm_head columns per initializer (bounds the raw + packed overlap at load)
+
 
 # IO as data: name -> (dtype, shape). Strings are symbolic dims; "{kv}"/"{hd}"/"{vocab}" are filled per model.
 # The KV entries are per layer; past and present share one shape because the runtime binds them to one buffer.
@@ -166,7 +167,7 @@ class _GraphBuilder:
 
 
 def export_onnx(spec: DecoderSpec, weights: dict[str, np.ndarray], target, shapes, out_dir: Path,
-                experts: Optional["ExpertQuantization"] = None) -> ExportResult:
+                experts: Optional[ExpertQuantization] = None) -> ExportResult:
     """The float32 decoder graph; `experts` (the quantized targets) writes a mixture of experts' experts as
     QMoE blocks instead, since the MatMul quantizers that reduce the rest of the graph cannot reach them."""
     opset = int(getattr(target, "opset", None) or MIN_OPSET)
@@ -208,7 +209,7 @@ def export_onnx(spec: DecoderSpec, weights: dict[str, np.ndarray], target, shape
 
 
 def _build_decoder(g: _GraphBuilder, spec: DecoderSpec, w: dict[str, np.ndarray], max_sequence: int,
-                   experts: Optional["ExpertQuantization"] = None) -> None:
+                   experts: Optional[ExpertQuantization] = None) -> None:
     """Emit the whole decoder; graph inputs/outputs carry the IO contract's names."""
     rms = spec.norm == "rms"
     eps = float(spec.norm_eps)
@@ -437,7 +438,7 @@ def _mlp(g: _GraphBuilder, spec: DecoderSpec, w, p: str, c: str, h: str, linear,
 
 
 def _sparse_mlp(g: _GraphBuilder, spec: DecoderSpec, w, p: str, c: str, h: str, linear, prefix_node,
-                quantized: Optional["ExpertQuantization"] = None) -> str:
+                quantized: Optional[ExpertQuantization] = None) -> str:
     """Mixture of experts as one com.microsoft MoE node (QMoE with `quantized`): it takes the router's logits per
     row, applies softmax, picks the top k (renormalized where the spec says) and runs only those experts. Its CPU
     kernel wants gate and up interleaved row by row in one [experts, 2 * intermediate, hidden] weight (SwiGLU with
@@ -445,14 +446,11 @@ def _sparse_mlp(g: _GraphBuilder, spec: DecoderSpec, w, p: str, c: str, h: str, 
     name = prefix_node(f"{p}.mlp")
     logits = linear(f"{p}.mlp.router", f"{c}.router", h)
     rows = g.node("Reshape", [logits, g.const([-1, spec.experts])], f"{name}/router/rows")[0]
-    gate, up = (w[f"{c}.experts.{n}.weight"].transpose(0, 2, 1) for n in ("gate", "up"))  # [E, I, hidden]
-    fc1 = np.empty((spec.experts, 2 * gate.shape[1], spec.hidden), np.float32)
-    fc1[:, 0::2], fc1[:, 1::2] = gate, up
+    fc1 = _gate_up_rows(*(w[f"{c}.experts.{n}.weight"].transpose(0, 2, 1) for n in ("gate", "up")))
     fc2 = np.ascontiguousarray(w[f"{c}.experts.down.weight"].transpose(0, 2, 1))  # [E, hidden, I]
     biases = ["", ""]  # fc1 (interleaved like its weight), fc2
     if f"{c}.experts.gate.bias" in w:  # gpt-oss
-        fc1_bias = np.empty((spec.experts, 2 * gate.shape[1]), np.float32)
-        fc1_bias[:, 0::2], fc1_bias[:, 1::2] = w[f"{c}.experts.gate.bias"], w[f"{c}.experts.up.bias"]
+        fc1_bias = _gate_up_rows(w[f"{c}.experts.gate.bias"], w[f"{c}.experts.up.bias"])
         biases = [g.weight(f"{p}.mlp.experts.fc1.bias", fc1_bias),
                   g.weight(f"{p}.mlp.experts.fc2.bias", w[f"{c}.experts.down.bias"])]
     # SwiGLU: silu(gate) * up is alpha 1, beta 0; gpt-oss's is alpha 1.702, beta 1 (up + 1), clamped to the limit
@@ -481,6 +479,14 @@ def _sparse_mlp(g: _GraphBuilder, spec: DecoderSpec, w, p: str, c: str, h: str, 
     shared = _mlp(g, spec, w, f"{p}.mlp.shared_expert", f"{c}.shared", h, linear, prefix_node)
     scale = g.node("Sigmoid", [linear(f"{p}.mlp.shared_expert_gate", f"{c}.shared_gate", h)], f"{name}/shared_gate")[0]
     return g.node("Add", [y, g.node("Mul", [shared, scale], f"{name}/shared")[0]], f"{name}/add_shared")[0]
+
+
+def _gate_up_rows(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """Experts' gate and up ([E, I, ...] each) as one [E, 2I, ...] weight or bias, interleaved row by row (gate 0,
+    up 0, gate 1, ...): the SwiGLU layout onnxruntime's MoE kernels take."""
+    out = np.empty((gate.shape[0], 2 * gate.shape[1], *gate.shape[2:]), np.float32)
+    out[:, 0::2], out[:, 1::2] = gate, up
+    return out
 
 
 def _rms_norm(g: _GraphBuilder, name: str, x: str, gamma: str, eps: float) -> str:
